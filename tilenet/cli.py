@@ -1,0 +1,203 @@
+"""The ``tilenet`` command line. Thin: parse, build config, call one library function.
+
+Exit codes: 0 ok, 1 some items of a batch failed, 2 bad input or usage. A
+:class:`~tilenet.errors.TilenetError` prints one line on stderr (no traceback unless
+``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tilenet.errors import EXIT_OK, EXIT_USAGE, TilenetError
+
+__all__ = ["main", "run_guarded"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+DESCRIPTION = """\
+tilenet: deep learning on images too large for memory.
+
+Cut gigapixel images into overlapping patches (tile), train a fully convolutional network
+on streamed patches (python -m tilenet.train), and run seam-free tiled inference whose
+outputs open in QuPath, napari and QGIS (infer). Memory is bounded by the tile, never by
+the image.
+"""
+
+EPILOG = """\
+examples:
+  tilenet synth data/synth --size 2048 --count 4     # deterministic synthetic dataset
+  tilenet info data/synth/images/synth_000.tif       # what is in an image
+  tilenet convert scan.png scan.ome.tif               # any readable image -> pyramidal OME-TIFF
+exit codes: 0 ok, 1 some items of a batch failed, 2 bad input or usage.
+"""
+
+
+def _add_info(sub: Any) -> None:
+    p = sub.add_parser(
+        "info",
+        help="describe an image: format, shape, dtype, levels, chunking, compression",
+        description="Describe an image without decoding its pixels.",
+    )
+    p.add_argument("path", help="image file or zarr store")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(handler=_cmd_info)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from tilenet.io import open_image
+
+    with open_image(args.path) as img:
+        info = img.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    print(f"path:        {info['path']}")
+    print(f"format:      {info['format']}")
+    print(f"shape:       {' x '.join(map(str, info['shape']))}  (H x W x C)")
+    print(f"dtype:       {info['dtype']}")
+    print(f"compression: {info['compression'] or 'none'}")
+    if info["pixel_size"]:
+        print(f"pixel size:  {info['pixel_size'][0]:g} x {info['pixel_size'][1]:g} um")
+    print("levels:")
+    for i, (shape, ds, ch) in enumerate(
+        zip(info["levels"], info["downsamples"], info["chunks"], strict=True)
+    ):
+        chunk = f"tiles {ch[0]}x{ch[1]}" if ch else "untiled"
+        print(f"  {i}: {shape[0]} x {shape[1]}  (downsample {ds[0]:g}, {chunk})")
+    return EXIT_OK
+
+
+def _add_convert(sub: Any) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert any readable image to a tiled pyramidal OME-TIFF or OME-Zarr (streamed)",
+        description=(
+            "Convert an image to a tiled, pyramidal OME-TIFF (.tif/.tiff) or OME-Zarr (.zarr), "
+            "chunk by chunk, so any size works in bounded memory."
+        ),
+    )
+    p.add_argument("input", help="input image")
+    p.add_argument("output", help="output path ending in .tif, .tiff or .zarr")
+    p.add_argument("--tile", type=int, default=512, help="tile/chunk size (default 512)")
+    p.add_argument(
+        "--compression",
+        default=None,
+        help="TIFF compression: jpeg, zlib, zstd, lzw or none (default: jpeg for 8-bit RGB, "
+        "zlib otherwise)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(handler=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from tilenet.io import convert
+
+    out = convert(
+        args.input, args.output, tile=args.tile, compression=args.compression, force=args.force
+    )
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+def _add_synth(sub: Any) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="make a deterministic synthetic dataset (images + label maps)",
+        description=(
+            "Write OUT_DIR/images/*.tif (tiled pyramidal RGB) and OUT_DIR/labels/*.tif "
+            "(uint8 class maps: 0 background, 1 cell, 2 stroma), generated chunk by chunk."
+        ),
+    )
+    p.add_argument("out_dir", help="output directory")
+    p.add_argument("--size", type=int, default=2048, help="image side in pixels (default 2048)")
+    p.add_argument("--count", type=int, default=4, help="number of images (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(handler=_cmd_synth)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from tilenet.synth import synthesize
+
+    paths = synthesize(args.out_dir, size=args.size, count=args.count, seed=args.seed)
+    for img, lab in paths:
+        print(f"{img}  {lab}")
+    return EXIT_OK
+
+
+#: Subcommands in the order --help lists them.
+COMMANDS: list[Callable[[Any], None]] = [_add_info, _add_convert, _add_synth]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tilenet",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"tilenet {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def _version() -> str:
+    from tilenet import __version__
+
+    return __version__
+
+
+def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
+    """Run ``fn``; turn expected failures into one stderr line and an exit code."""
+    try:
+        return fn()
+    except TilenetError as exc:
+        if debug:
+            raise
+        print(f"tilenet: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("tilenet: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        if debug:
+            raise
+        print("tilenet: error: out of memory", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        if debug:
+            raise
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"tilenet: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # a bug: still one line, the traceback on --debug
+        if debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(
+            f"tilenet: error: unexpected {type(exc).__name__}: {first} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    handler: Handler = args.handler
+    return run_guarded(lambda: handler(args), debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Typed configuration: one dataclass per pipeline stage, loaded with omegaconf.
+
+``load_config("conf/x.yaml", ["train.lr=1e-3"])`` merges, in order, the structured defaults,
+the YAML file and the dotlist overrides. Every key is checked against the dataclasses: an
+unknown key is a :class:`~tilenet.errors.ConfigError` that names the key and lists the valid
+ones; a value of the wrong type or outside a ``Literal`` is one too. Values are never evaluated.
+
+A component receives its own section (``cfg.train``, ``cfg.infer``), never the whole tree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from tilenet.errors import ConfigError
+
+__all__ = [
+    "AugmentConfig",
+    "Config",
+    "DataConfig",
+    "InferConfig",
+    "JobsConfig",
+    "ModelConfig",
+    "ReaderConfig",
+    "TilingConfig",
+    "TrainConfig",
+    "load_config",
+    "save_config",
+    "to_yaml",
+]
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class ReaderConfig:
+    """How images are opened."""
+
+    #: Largest PNG/JPEG (pixels) read whole; above it, run ``tilenet convert`` first.
+    max_pixels_eager: int = 200_000_000
+    #: Largest level-0 size (pixels) accepted from any header; guards against crafted files.
+    max_pixels: int = 10**12
+
+
+@dataclass
+class TilingConfig:
+    """``tilenet tile``: images to a zarr patch store."""
+
+    patch: int = 256
+    overlap: int = 32
+    level: int = 0
+    min_foreground: float = 0.0
+    #: Pyramid level (or thumbnail side) used for the foreground mask.
+    mask_max_side: int = 2048
+    workers: int = 2
+    #: Patches per zarr chunk along N (one chunk = one contiguous training read).
+    chunk_patches: int = 64
+
+
+@dataclass
+class AugmentConfig:
+    """Joint image+mask augmentation (torchvision.transforms.v2)."""
+
+    hflip: float = 0.5
+    vflip: float = 0.5
+    rot90: bool = True
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.05
+    hue: float = 0.0
+    #: Random rescale range; (1.0, 1.0) disables it.
+    scale: tuple[float, float] = (1.0, 1.0)
+
+
+@dataclass
+class DataConfig:
+    """Training data: patch stores, or images + labels sampled on the fly."""
+
+    #: One or more patch stores written by ``tilenet tile``.
+    stores: list[str] = field(default_factory=list)
+    #: Alternative to stores: image and label directories read lazily.
+    images: str | None = None
+    labels: str | None = None
+    #: Held-out patch store(s) for validation.
+    val_stores: list[str] = field(default_factory=list)
+    patch: int = 256
+    batch_size: int = 16
+    num_workers: int = 0
+    shuffle_buffer: int = 1024
+    #: Crops per epoch when sampling from images directly.
+    samples_per_epoch: int = 1024
+    #: Oversample patches containing rare classes.
+    class_balance: bool = False
+    normalize: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    class_names: list[str] = field(default_factory=list)
+    #: Generate the synthetic dataset here first when it is missing (demo configs).
+    synth_dir: str | None = None
+    synth_size: int = 1024
+    synth_count: int = 4
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """Which registered model to build, and its options."""
+
+    name: str = "unet"
+    in_channels: int = 3
+    num_classes: int = 3
+    #: Extra keyword arguments for the model constructor (plain data only).
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    #: Optional local weights file (never downloaded).
+    weights: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """``python -m tilenet.train``."""
+
+    out_dir: str | None = None
+    device: str = "auto"
+    precision: Precision = "fp32"
+    channels_last: bool = True
+    compile: bool = False
+    deterministic: bool = False
+    seed: int = 0
+    steps: int = 1000
+    grad_accum: int = 1
+    grad_clip: float = 0.0
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    warmup_steps: int = 50
+    loss: Literal["ce", "dice", "ce+dice"] = "ce+dice"
+    class_weights: list[float] = field(default_factory=list)
+    ignore_index: int = 255
+    val_every: int = 100
+    val_images: list[str] = field(default_factory=list)
+    val_labels: list[str] = field(default_factory=list)
+    best_metric: str = "val_dice"
+    early_stop_patience: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    #: ``true`` resumes from ``out_dir/last.pt``; a path resumes from that checkpoint.
+    resume: Any = False
+    #: Stop after this many steps (used to simulate an interrupted run in tests).
+    max_steps_this_run: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class InferConfig:
+    """``tilenet infer``."""
+
+    tile: int = 1024
+    mode: Literal["crop", "gaussian", "linear"] = "crop"
+    overlap: float = 0.25
+    #: Crop-mode halo override in pixels; by default the model's receptive field.
+    halo: int | None = None
+    level: int = 0
+    batch: int = 4
+    device: str = "auto"
+    precision: Precision = "fp32"
+    tta: bool = False
+    outputs: list[str] = field(
+        default_factory=lambda: ["probabilities", "classes", "instances", "preview"]
+    )
+    probabilities_dtype: Literal["float16", "uint8"] = "float16"
+    min_foreground: float = 0.0
+    readers: int = 2
+    chunk: int = 1024
+
+
+@dataclass
+class JobsConfig:
+    """Batch jobs and distributed execution."""
+
+    workers: int = 0
+    scheduler: str | None = None
+    retry_failed: bool = False
+    force: bool = False
+    quiet: bool = False
+    log_json: bool = False
+
+
+@dataclass
+class Config:
+    """The whole tree. Components receive their own section."""
+
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+
+
+def _valid_keys(node: Any, key_path: str) -> list[str]:
+    """The valid keys at the dotted ``key_path`` of the schema (its parent section)."""
+    cls: Any = Config
+    parts = key_path.split(".")[:-1]
+    for part in parts:
+        hit = next((f for f in fields(cls) if f.name == part), None)
+        if hit is None or not is_dataclass(hit.default_factory()):  # type: ignore[misc]
+            break
+        cls = type(hit.default_factory())  # type: ignore[misc]
+    return sorted(f.name for f in fields(cls))
+
+
+def _config_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+    if isinstance(exc, ConfigKeyError):
+        valid = ", ".join(_valid_keys(None, str(key)))
+        return ConfigError(f"{source}: unknown config key {key!r}; valid keys here: {valid}")
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ConfigError(f"{source}: invalid value for {key!r}: {msg}")
+
+
+def load_config(
+    conf: str | os.PathLike[str] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> DictConfig:
+    """Load defaults, then the YAML file ``conf``, then dotlist ``overrides`` (``a.b=c``).
+
+    Returns a structured :class:`omegaconf.DictConfig` (typed, read-only keys).
+
+    >>> cfg = load_config(None, ["train.lr=0.01"])
+    >>> cfg.train.lr, cfg.model.name
+    (0.01, 'unet')
+    """
+    cfg = OmegaConf.structured(Config)
+    if conf is not None:
+        path = Path(conf)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # yaml errors come in many types
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"{path}: not a valid YAML config: {first}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: a config file must hold a mapping at the top level")
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
+        except OmegaConfBaseException as exc:
+            raise _config_error(exc, str(path)) from None
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} must look like key=value (e.g. train.lr=1e-3)")
+    if overrides:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as exc:
+            raise _config_error(exc, "command line") from None
+    try:
+        OmegaConf.resolve(cfg)
+    except (OmegaConfBaseException, ValidationError) as exc:
+        raise _config_error(exc, str(conf or "command line")) from None
+    assert isinstance(cfg, DictConfig)
+    return cfg
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML text."""
+    if is_dataclass(cfg) and not isinstance(cfg, type):
+        cfg = OmegaConf.structured(cfg)
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save_config(cfg: Any, directory: str | os.PathLike[str], name: str = "config.yaml") -> Path:
+    """Save the resolved config beside an output (atomically) and return its path."""
+    out = Path(directory) / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, out)
+    return out

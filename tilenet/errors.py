@@ -1,0 +1,69 @@
+"""Exception hierarchy.
+
+Every error tilenet raises on purpose derives from :class:`TilenetError`. Each subclass also
+inherits the matching built-in, so ``except FileNotFoundError`` still works for callers who
+do not know tilenet. The CLI turns a :class:`TilenetError` into one line on stderr and the
+class's ``exit_code``; messages name the offending file or value and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "CorruptImageError",
+    "ImageNotFoundError",
+    "ImageTooLargeError",
+    "InputError",
+    "ModelError",
+    "ShapeMismatchError",
+    "TilenetError",
+    "UnsupportedFormatError",
+]
+
+#: Exit codes shared by every command.
+EXIT_OK = 0
+EXIT_PARTIAL = 1  # some items of a batch failed
+EXIT_USAGE = 2  # bad input or usage
+
+
+class TilenetError(Exception):
+    """Root of every error tilenet raises on purpose."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputError(TilenetError, ValueError):
+    """Bad user input: a value, a path or an option that cannot work."""
+
+
+class ConfigError(InputError):
+    """A configuration key or value is invalid."""
+
+
+class ImageNotFoundError(TilenetError, FileNotFoundError):
+    """An input path does not exist, or is not a file/store."""
+
+
+class UnsupportedFormatError(InputError):
+    """The file exists but is not an image tilenet can read (or a layout it cannot read)."""
+
+
+class CorruptImageError(InputError):
+    """The file claims to be a supported image but its content is broken."""
+
+
+class ImageTooLargeError(InputError):
+    """An image is too large for a non-lazy reader, or claims an absurd size."""
+
+
+class ShapeMismatchError(InputError):
+    """Two inputs that must agree in size (e.g. image and labels) do not."""
+
+
+class ModelError(InputError):
+    """A model name, its options or its weights are invalid."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint file is missing, corrupt or not a tilenet checkpoint."""

@@ -1,0 +1,327 @@
+"""Pure tile geometry: windows, grids, halos, stride alignment, pyramid levels.
+
+No IO and no torch here. The tiler, the training sampler and the inference engine all cut
+images with :class:`TileGrid`, so training patches and inference tiles are cut the same way.
+
+Vocabulary
+----------
+*core*
+    The region of the image a tile owns in the output. Cores partition the image exactly.
+*halo*
+    Extra context read around the core on every side (the model's receptive field in
+    inference, half the overlap in the tiler).
+*read window*
+    core grown by the halo, then moved to respect the edge policy. This is what is read
+    from the image and fed to the model.
+*extent*
+    The image size rounded up to a multiple of ``align``. With ``align`` = the model's total
+    stride, a model accepts any window of the extent whose origin and size are multiples of
+    ``align``; the (at most ``align - 1``) rows and columns past the image are zero-filled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from tilenet.errors import InputError
+
+__all__ = [
+    "EdgePolicy",
+    "Tile",
+    "TileGrid",
+    "Window",
+    "ceil_to",
+    "coerce_pair",
+]
+
+EdgePolicy = Literal["clamp", "pad"]
+
+
+def ceil_to(value: int, multiple: int) -> int:
+    """Round ``value`` up to a multiple of ``multiple``.
+
+    >>> ceil_to(100, 32), ceil_to(96, 32), ceil_to(0, 8)
+    (128, 96, 0)
+    """
+    return -(-value // multiple) * multiple
+
+
+def coerce_pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
+    """Normalise an int or a pair to an ``(y, x)`` tuple of ints (the public edge).
+
+    >>> coerce_pair(256, "tile"), coerce_pair((128, 64), "tile")
+    ((256, 256), (128, 64))
+    """
+    if isinstance(value, bool):
+        raise InputError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return (value, value)
+    try:
+        y, x = value
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (y, x)):
+        raise InputError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return (int(y), int(x))
+
+
+@dataclass(frozen=True, order=True)
+class Window:
+    """A rectangle ``[y, y+h) x [x, x+w)`` in pixel coordinates of one pyramid level.
+
+    Origins may be negative or reach past the image (a padded read); sizes may not be negative.
+
+    >>> w = Window(10, 20, 30, 40)
+    >>> w.y1, w.x1, w.slices
+    (40, 60, (slice(10, 40, None), slice(20, 60, None)))
+    >>> w.intersect(Window(0, 0, 25, 25))
+    Window(y=10, x=20, h=15, w=5)
+    """
+
+    y: int
+    x: int
+    h: int
+    w: int
+
+    def __post_init__(self) -> None:
+        for name in ("y", "x", "h", "w"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise InputError(f"Window.{name} must be an int, got {v!r}")
+        if self.h < 0 or self.w < 0:
+            raise InputError(f"Window size must be non-negative, got h={self.h}, w={self.w}")
+
+    @property
+    def y1(self) -> int:
+        return self.y + self.h
+
+    @property
+    def x1(self) -> int:
+        return self.x + self.w
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.h, self.w)
+
+    @property
+    def area(self) -> int:
+        return self.h * self.w
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        """Slices for numpy/zarr indexing; only meaningful for a window inside the array."""
+        return (slice(self.y, self.y1), slice(self.x, self.x1))
+
+    def intersect(self, other: Window) -> Window:
+        """The overlap of two windows (size 0 when they do not overlap)."""
+        y0, x0 = max(self.y, other.y), max(self.x, other.x)
+        y1, x1 = min(self.y1, other.y1), min(self.x1, other.x1)
+        return Window(y0, x0, max(0, y1 - y0), max(0, x1 - x0))
+
+    def clip(self, height: int, width: int) -> Window:
+        """The part of this window inside an image of ``height`` x ``width``."""
+        return self.intersect(Window(0, 0, height, width))
+
+    def inside(self, height: int, width: int) -> bool:
+        """Whether the window lies entirely in ``[0, height) x [0, width)``."""
+        return self.y >= 0 and self.x >= 0 and self.y1 <= height and self.x1 <= width
+
+    def contains(self, other: Window) -> bool:
+        return (
+            other.y >= self.y and other.x >= self.x and other.y1 <= self.y1 and other.x1 <= self.x1
+        )
+
+    def shift(self, dy: int, dx: int) -> Window:
+        return Window(self.y + dy, self.x + dx, self.h, self.w)
+
+    def relative_to(self, outer: Window) -> Window:
+        """This window in the coordinates of ``outer`` (whose origin becomes (0, 0))."""
+        return self.shift(-outer.y, -outer.x)
+
+    def grow(self, dy: int, dx: int | None = None) -> Window:
+        """Grow by ``dy`` rows and ``dx`` columns on every side.
+
+        >>> Window(8, 8, 4, 4).grow(2)
+        Window(y=6, x=6, h=8, w=8)
+        """
+        dx = dy if dx is None else dx
+        return Window(self.y - dy, self.x - dx, self.h + 2 * dy, self.w + 2 * dx)
+
+    def to_level(self, downsample: float | tuple[float, float]) -> Window:
+        """Map a level-0 window to a level with the given downsample factor.
+
+        The result is the smallest window at that level covering this one.
+
+        >>> Window(100, 50, 300, 30).to_level(4)
+        Window(y=25, x=12, h=75, w=8)
+        """
+        fy, fx = (downsample, downsample) if isinstance(downsample, int | float) else downsample
+        y0, x0 = math.floor(self.y / fy), math.floor(self.x / fx)
+        y1, x1 = math.ceil(self.y1 / fy), math.ceil(self.x1 / fx)
+        return Window(y0, x0, y1 - y0, x1 - x0)
+
+    def from_level(self, downsample: float | tuple[float, float]) -> Window:
+        """Map a window at a level with the given downsample factor back to level 0.
+
+        >>> Window(25, 12, 75, 8).from_level(4)
+        Window(y=100, x=48, h=300, w=32)
+        """
+        fy, fx = (downsample, downsample) if isinstance(downsample, int | float) else downsample
+        y0, x0 = math.floor(self.y * fy), math.floor(self.x * fx)
+        y1, x1 = math.ceil(self.y1 * fy), math.ceil(self.x1 * fx)
+        return Window(y0, x0, y1 - y0, x1 - x0)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile of a :class:`TileGrid`.
+
+    ``read`` is what to read (it may reach past the image in ``pad`` mode, or past the image
+    into the aligned extent by less than ``align``); ``core`` is what the tile owns.
+    ``core_in_read`` is ``core`` in the coordinates of the read window, i.e. the crop to keep
+    from the model's output.
+    """
+
+    index: tuple[int, int]
+    read: Window
+    core: Window
+
+    @property
+    def core_in_read(self) -> Window:
+        return self.core.relative_to(self.read)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """A grid of tiles with halos over an image of ``shape`` = (H, W).
+
+    Each tile's core is ``core = tile - 2 * halo`` pixels on a side; core origins sit at
+    multiples of ``core``, so along an axis of length ``n`` there are ``ceil(n / core)``
+    tiles and ``len(grid) == ceil(H / core_h) * ceil(W / core_w)``. The last core on each
+    axis is cut at the image edge, so the cores partition the image exactly.
+
+    The read window of a tile is its core grown by ``halo``. Edge policy:
+
+    * ``"clamp"``: read windows are shifted to lie inside the *extent* ``[0, ceil_to(H, align))``
+      (the image itself when ``align == 1``), keeping their full ``tile`` size; where the
+      extent is smaller than a tile, the read window is the whole extent. Nothing past the
+      image is invented except the < ``align`` alignment rows.
+    * ``"pad"``: read windows keep their place and may reach up to ``halo`` pixels outside
+      the image on any side; the reader fills that area.
+
+    With ``align = s`` (a model's total stride), ``tile`` and ``halo`` must be multiples of
+    ``s``; then every read origin and every read size is a multiple of ``s`` in ``clamp``
+    mode, which is what makes tiled inference of a stride-``s`` network exact.
+
+    >>> g = TileGrid((100, 70), tile=64, halo=16)
+    >>> len(g), g.counts
+    (12, (4, 3))
+    >>> t = g[0, 2]
+    >>> t.core, t.read
+    (Window(y=0, x=64, h=32, w=6), Window(y=0, x=6, h=64, w=64))
+    """
+
+    shape: tuple[int, int]
+    tile: tuple[int, int]
+    halo: tuple[int, int] = (0, 0)
+    align: int = 1
+    edge: EdgePolicy = "clamp"
+    _core: tuple[int, int] = field(init=False, repr=False, compare=False)
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        tile: int | tuple[int, int],
+        halo: int | tuple[int, int] = 0,
+        *,
+        align: int = 1,
+        edge: EdgePolicy = "clamp",
+    ) -> None:
+        object.__setattr__(self, "shape", coerce_pair(tuple(shape), "shape"))  # type: ignore[arg-type]
+        object.__setattr__(self, "tile", coerce_pair(tile, "tile"))
+        object.__setattr__(self, "halo", coerce_pair(halo, "halo"))
+        object.__setattr__(self, "align", align)
+        object.__setattr__(self, "edge", edge)
+        self.__post_init__()
+
+    def __post_init__(self) -> None:
+        h, w = self.shape
+        if h <= 0 or w <= 0:
+            raise InputError(f"image shape must be positive, got {self.shape!r}")
+        if not isinstance(self.align, int) or self.align < 1:
+            raise InputError(f"align must be a positive int, got {self.align!r}")
+        if self.edge not in ("clamp", "pad"):
+            raise InputError(f"edge must be 'clamp' or 'pad', got {self.edge!r}")
+        for name, pair in (("tile", self.tile), ("halo", self.halo)):
+            if pair[0] < 0 or pair[1] < 0:
+                raise InputError(f"{name} must be non-negative, got {pair!r}")
+            if pair[0] % self.align or pair[1] % self.align:
+                raise InputError(
+                    f"{name}={pair!r} must be a multiple of align={self.align} "
+                    f"(the model's total stride); try {ceil_to(max(pair), self.align)}"
+                )
+        core = (self.tile[0] - 2 * self.halo[0], self.tile[1] - 2 * self.halo[1])
+        if core[0] <= 0 or core[1] <= 0:
+            raise InputError(
+                f"tile={self.tile!r} leaves no core after a halo of {self.halo!r} on each side; "
+                f"use a tile larger than {2 * max(self.halo) + self.align}"
+            )
+        object.__setattr__(self, "_core", core)
+
+    # -- sizes --------------------------------------------------------------------------
+    @property
+    def core(self) -> tuple[int, int]:
+        """Core size (y, x) = tile - 2 * halo."""
+        return self._core
+
+    @property
+    def extent(self) -> tuple[int, int]:
+        """Image size rounded up to ``align``: the area read windows may cover in clamp mode."""
+        return (ceil_to(self.shape[0], self.align), ceil_to(self.shape[1], self.align))
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """Tiles per axis: ``ceil(H / core_h), ceil(W / core_w)``."""
+        return (-(-self.shape[0] // self._core[0]), -(-self.shape[1] // self._core[1]))
+
+    def __len__(self) -> int:
+        ny, nx = self.counts
+        return ny * nx
+
+    # -- tiles --------------------------------------------------------------------------
+    def _axis(self, i: int, axis: int) -> tuple[int, int, int, int]:
+        """(core_start, core_len, read_start, read_len) of tile ``i`` along ``axis``."""
+        n, c, t, h = self.shape[axis], self._core[axis], self.tile[axis], self.halo[axis]
+        c0 = i * c
+        clen = min(c, n - c0)
+        r0, rlen = c0 - h, t
+        if self.edge == "clamp":
+            ext = self.extent[axis]
+            if ext <= t:
+                r0, rlen = 0, ext
+            else:
+                r0 = min(max(r0, 0), ext - t)
+        return c0, clen, r0, rlen
+
+    def __getitem__(self, index: tuple[int, int]) -> Tile:
+        iy, ix = index
+        ny, nx = self.counts
+        if not (0 <= iy < ny and 0 <= ix < nx):
+            raise IndexError(f"tile index {index!r} outside grid of {self.counts!r}")
+        cy, ch, ry, rh = self._axis(iy, 0)
+        cx, cw, rx, rw = self._axis(ix, 1)
+        return Tile(index=(iy, ix), read=Window(ry, rx, rh, rw), core=Window(cy, cx, ch, cw))
+
+    def __iter__(self) -> Iterator[Tile]:
+        """Tiles in row-major order."""
+        ny, nx = self.counts
+        for iy in range(ny):
+            for ix in range(nx):
+                yield self[iy, ix]
+
+    def row(self, iy: int) -> list[Tile]:
+        """All tiles of grid row ``iy`` (one band of cores)."""
+        return [self[iy, ix] for ix in range(self.counts[1])]

@@ -1,0 +1,153 @@
+"""The lazy image interface every reader implements.
+
+A :class:`LazyImage` knows its shape, dtype and pyramid without decoding pixels; ``read``
+decodes only what a window touches. Windows may reach outside the image: the part outside is
+filled with ``fill`` (zeros by default), so callers never special-case the edge.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tilenet.errors import CorruptImageError, InputError
+from tilenet.geometry import Window
+
+__all__ = ["LazyImage", "Level"]
+
+
+@dataclass(frozen=True)
+class Level:
+    """One pyramid level: its (H, W) and its downsample factors (y, x) relative to level 0."""
+
+    shape: tuple[int, int]
+    downsample: tuple[float, float] = (1.0, 1.0)
+    #: (tile_h, tile_w) of the storage chunking, or None for untiled/striped data.
+    chunks: tuple[int, int] | None = None
+
+
+@dataclass
+class LazyImage(ABC):
+    """A lazily read image (H, W, C). Subclasses implement :meth:`_read`."""
+
+    path: Path
+    format: str
+    dtype: np.dtype[Any]
+    channels: int
+    levels: list[Level]
+    compression: str | None = None
+    #: Physical pixel size (y, x) in micrometres at level 0, where the file says it.
+    pixel_size: tuple[float, float] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    # -- description --------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of level 0."""
+        h, w = self.levels[0].shape
+        return (h, w, self.channels)
+
+    @property
+    def chunks(self) -> tuple[int, int] | None:
+        return self.levels[0].chunks
+
+    def level_for_downsample(self, factor: float) -> int:
+        """The finest level whose downsample is <= ``factor`` (level 0 at worst)."""
+        best = 0
+        for i, lv in enumerate(self.levels):
+            if max(lv.downsample) <= factor * 1.001:
+                best = i
+        return best
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-ready description (used by ``tilenet info --json``)."""
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "shape": list(self.shape),
+            "dtype": str(np.dtype(self.dtype)),
+            "channels": self.channels,
+            "levels": [list(lv.shape) for lv in self.levels],
+            "downsamples": [list(lv.downsample) for lv in self.levels],
+            "chunks": [list(lv.chunks) if lv.chunks else None for lv in self.levels],
+            "compression": self.compression,
+            "pixel_size": list(self.pixel_size) if self.pixel_size else None,
+        }
+
+    # -- reading ------------------------------------------------------------------------
+    def read(self, window: Window, level: int = 0, *, fill: float = 0) -> np.ndarray:
+        """Decode ``window`` of ``level`` as a numpy array (h, w, C).
+
+        Only the storage tiles that intersect the window are decoded. The part of the window
+        outside the image is ``fill``.
+        """
+        if not 0 <= level < len(self.levels):
+            raise InputError(
+                f"{self.path}: level {level} does not exist; the image has levels "
+                f"0..{len(self.levels) - 1}"
+            )
+        h, w = self.levels[level].shape
+        inside = window.clip(h, w)
+        if inside.area == window.area:
+            return self._checked_read(window, level)
+        out = np.full((window.h, window.w, self.channels), fill, dtype=self.dtype)
+        if inside.area:
+            rel = inside.relative_to(window)
+            out[rel.slices] = self._checked_read(inside, level)
+        return out
+
+    def _checked_read(self, window: Window, level: int) -> np.ndarray:
+        try:
+            data = self._read(window, level)
+        except InputError:
+            raise
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CorruptImageError(
+                f"{self.path}: cannot decode window {window} at level {level}: {first}"
+            ) from exc
+        if data.ndim == 2:
+            data = data[:, :, None]
+        if data.shape != (window.h, window.w, self.channels):
+            raise CorruptImageError(
+                f"{self.path}: decoded {data.shape} for window {window} at level {level}, "
+                f"expected {(window.h, window.w, self.channels)}"
+            )
+        return data
+
+    @abstractmethod
+    def _read(self, window: Window, level: int) -> np.ndarray:
+        """Decode a window that lies inside level ``level``; return (h, w, C) or (h, w)."""
+
+    def to_dask(self, level: int = 0, chunks: tuple[int, int] | None = None) -> Any:
+        """A lazy dask array (H, W, C) of ``level``; each block is one :meth:`read`."""
+        import dask.array as da
+
+        h, w = self.levels[level].shape
+        ch, cw = chunks or self.levels[level].chunks or (1024, 1024)
+        ch, cw = max(ch, 256), max(cw, 256)
+        ych = tuple(min(ch, h - y) for y in range(0, h, ch))
+        xch = tuple(min(cw, w - x) for x in range(0, w, cw))
+
+        def block(block_info: Any = None) -> np.ndarray:
+            (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
+            return self.read(Window(y0, x0, y1 - y0, x1 - x0), level)
+
+        return da.map_blocks(
+            block, dtype=self.dtype, chunks=(ych, xch, (self.channels,)), meta=np.empty((0, 0, 0))
+        )
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles."""
+
+    def __enter__(self) -> LazyImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

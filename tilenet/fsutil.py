@@ -1,0 +1,87 @@
+"""Atomic outputs and safe output names.
+
+Everything tilenet writes goes to a temporary sibling first and is renamed into place when
+complete, so an interrupted run never leaves something that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tilenet.errors import InputError
+
+__all__ = ["atomic_output", "remove_path", "safe_stem", "tmp_sibling"]
+
+
+def tmp_sibling(path: str | os.PathLike[str]) -> Path:
+    """The temporary name used while ``path`` is being written (same directory, same fs).
+
+    >>> tmp_sibling("/out/classes.ome.zarr").name.startswith(".classes.ome.zarr.partial-")
+    True
+    """
+    p = Path(path)
+    return p.with_name(f".{p.name}.partial-{os.getpid()}")
+
+
+def remove_path(path: str | os.PathLike[str]) -> None:
+    """Remove a file or a directory tree if it exists."""
+    p = Path(path)
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write ``path`` (file or directory) into; rename on success.
+
+    On an exception the temporary is removed and ``path`` is untouched.
+    """
+    final = Path(path)
+    if final.exists() and not overwrite:
+        raise InputError(f"{final}: already exists (use --force to overwrite)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(final)
+    remove_path(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        remove_path(tmp)
+        raise
+    if final.exists():
+        remove_path(final)
+    os.replace(tmp, final)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_stem(name: str) -> str:
+    """A file-system-safe output name derived from an input name (no separators, no '..').
+
+    Output names made from input names must stay inside the output directory.
+
+    >>> safe_stem("slide 01.ome.tif")
+    'slide_01'
+    >>> safe_stem("../../etc/passwd")
+    'passwd'
+    >>> safe_stem("..")[:6]
+    'image-'
+    """
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".zarr", ".png",
+                   ".jpeg", ".jpg", ".svs", ".ndpi", ".scn", ".bif", ".vsi", ".mrxs"):
+        if base.lower().endswith(suffix) and len(base) > len(suffix):
+            base = base[: -len(suffix)]
+            break
+    stem = _UNSAFE.sub("_", base).strip("._")
+    if not stem:
+        stem = "image-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return stem[:200]

@@ -60,6 +60,10 @@ def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = True) -> It
     os.replace(tmp, final)
 
 
+_SUFFIXES = (
+    *(".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".zarr", ".png", ".jpeg", ".jpg"),
+    *(".svs", ".ndpi", ".scn", ".bif", ".vsi", ".mrxs"),
+)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -76,8 +80,7 @@ def safe_stem(name: str) -> str:
     'image-'
     """
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".zarr", ".png",
-                   ".jpeg", ".jpg", ".svs", ".ndpi", ".scn", ".bif", ".vsi", ".mrxs"):
+    for suffix in _SUFFIXES:
         if base.lower().endswith(suffix) and len(base) > len(suffix):
             base = base[: -len(suffix)]
             break

@@ -21,7 +21,7 @@ def test_malicious_pickle_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyP
     bad = tmp_path / "evil.pt"
     with open(bad, "wb") as f:
         pickle.dump({"format": "tilenet-checkpoint", "spec": _Evil()}, f)
-    with pytest.raises(CheckpointError, match="evil.pt"):
+    with pytest.raises(CheckpointError, match=r"evil\.pt"):
         load_checkpoint(bad)
     assert not (tmp_path / "pwned.txt").exists()
 
@@ -35,7 +35,7 @@ def test_bad_files(tmp_path: Path) -> None:
         load_checkpoint(empty)
     text = tmp_path / "text.pt"
     text.write_text("hello")
-    with pytest.raises(CheckpointError, match="text.pt"):
+    with pytest.raises(CheckpointError, match=r"text\.pt"):
         load_checkpoint(text)
     other = tmp_path / "other.pt"
     torch.save({"state": torch.zeros(2)}, other)

@@ -43,9 +43,9 @@ def test_unknown_key_in_yaml_lists_section_keys(tmp_path: Path) -> None:
 
 
 def test_bad_choice_and_type_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match="infer.mode"):
+    with pytest.raises(ConfigError, match=r"infer\.mode"):
         load_config(None, ["infer.mode=seamless"])
-    with pytest.raises(ConfigError, match="train.steps"):
+    with pytest.raises(ConfigError, match=r"train\.steps"):
         load_config(None, ["train.steps=many"])
 
 

@@ -209,8 +209,9 @@ class TileGrid:
       (the image itself when ``align == 1``), keeping their full ``tile`` size; where the
       extent is smaller than a tile, the read window is the whole extent. Nothing past the
       image is invented except the < ``align`` alignment rows.
-    * ``"pad"``: read windows keep their place and may reach up to ``halo`` pixels outside
-      the image on any side; the reader fills that area.
+    * ``"pad"``: read windows keep their place (core grown by ``halo``); they may reach
+      ``halo`` pixels before the image and, on the last tile, up to ``tile - 1`` pixels past
+      it; the reader fills that area.
 
     With ``align = s`` (a model's total stride), ``tile`` and ``halo`` must be multiples of
     ``s``; then every read origin and every read size is a multiple of ``s`` in ``clamp``
@@ -271,6 +272,35 @@ class TileGrid:
             )
         object.__setattr__(self, "_core", core)
 
+    @classmethod
+    def for_patches(
+        cls,
+        shape: tuple[int, int],
+        patch: int | tuple[int, int],
+        overlap: int | tuple[int, int] = 0,
+        *,
+        align: int = 1,
+    ) -> TileGrid:
+        """The tiler's grid: ``patch``-sized read windows that overlap by ``overlap`` pixels.
+
+        ``overlap = 2 * halo``, so patch origins step by ``patch - overlap`` and the last
+        patch on each axis is clamped inside the image (use :meth:`windows` for the patches).
+
+        >>> g = TileGrid.for_patches((300, 256), 256, 32)
+        >>> [(w.y, w.x) for w in g.windows()]
+        [(0, 0), (44, 0)]
+        """
+        py, px = coerce_pair(patch, "patch")
+        oy, ox = coerce_pair(overlap, "overlap")
+        if oy % 2 or ox % 2 or oy < 0 or ox < 0:
+            raise InputError(
+                f"overlap must be a non-negative even number of pixels (it is 2 x halo), "
+                f"got {overlap!r}; try {ceil_to(max(oy, ox, 0), 2)}"
+            )
+        if oy >= py or ox >= px:
+            raise InputError(f"overlap={overlap!r} must be smaller than patch={patch!r}")
+        return cls(shape, (py, px), (oy // 2, ox // 2), align=align, edge="clamp")
+
     # -- sizes --------------------------------------------------------------------------
     @property
     def core(self) -> tuple[int, int]:
@@ -321,6 +351,14 @@ class TileGrid:
         for iy in range(ny):
             for ix in range(nx):
                 yield self[iy, ix]
+
+    def windows(self) -> list[Window]:
+        """The distinct read windows in row-major order.
+
+        In clamp mode two neighbouring tiles near the far edge can clamp to the same read
+        window (their cores differ); a tiler wants each window once.
+        """
+        return list(dict.fromkeys(t.read for t in self))
 
     def row(self, iy: int) -> list[Tile]:
         """All tiles of grid row ``iy`` (one band of cores)."""

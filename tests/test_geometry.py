@@ -1,0 +1,177 @@
+"""Properties of the tile geometry, checked with hypothesis."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tilenet.errors import InputError
+from tilenet.geometry import TileGrid, Window, ceil_to, coerce_pair
+
+settings.register_profile("tilenet", max_examples=100, deadline=None)
+settings.load_profile("tilenet")
+
+
+@st.composite
+def grids(draw: st.DrawFn, edge: str | None = None) -> TileGrid:
+    """Random valid grids: align in {1, 2, 4, 8, 16}, tile and halo multiples of align."""
+    align = draw(st.sampled_from([1, 2, 4, 8, 16]))
+    hy = draw(st.integers(0, 4)) * align
+    hx = draw(st.integers(0, 4)) * align
+    cy = draw(st.integers(1, 6)) * align
+    cx = draw(st.integers(1, 6)) * align
+    shape = (draw(st.integers(1, 300)), draw(st.integers(1, 300)))
+    e = edge or draw(st.sampled_from(["clamp", "pad"]))
+    return TileGrid(shape, (cy + 2 * hy, cx + 2 * hx), (hy, hx), align=align, edge=e)  # type: ignore[arg-type]
+
+
+@given(grids())
+def test_cores_partition_the_image(g: TileGrid) -> None:
+    count = np.zeros(g.shape, dtype=np.int32)
+    for t in g:
+        assert t.core.area > 0
+        assert t.core.inside(*g.shape)
+        count[t.core.slices] += 1
+    assert (count == 1).all()
+
+
+@given(grids())
+def test_tile_count_matches_docstring_formula(g: TileGrid) -> None:
+    (h, w), (th, tw), (hy, hx) = g.shape, g.tile, g.halo
+    expected = math.ceil(h / (th - 2 * hy)) * math.ceil(w / (tw - 2 * hx))
+    assert len(g) == expected == len(list(g))
+
+
+@given(grids())
+def test_read_window_contains_core(g: TileGrid) -> None:
+    for t in g:
+        assert t.read.contains(t.core)
+        ci = t.core_in_read
+        assert ci.inside(*t.read.shape)
+
+
+@given(grids(edge="clamp"))
+def test_clamp_reads_inside_the_aligned_extent(g: TileGrid) -> None:
+    eh, ew = g.extent
+    assert eh - g.shape[0] < g.align and ew - g.shape[1] < g.align
+    for t in g:
+        assert t.read.inside(eh, ew)
+        # full tile size unless the extent itself is smaller than a tile
+        assert t.read.h == min(g.tile[0], eh) and t.read.w == min(g.tile[1], ew)
+
+
+@given(grids(edge="clamp"))
+def test_clamp_reads_inside_the_image_when_unaligned(g: TileGrid) -> None:
+    g1 = TileGrid(g.shape, g.tile, g.halo, align=1, edge="clamp")
+    for t in g1:
+        assert t.read.inside(*g1.shape)
+
+
+@given(grids(edge="clamp"))
+def test_alignment_holds(g: TileGrid) -> None:
+    s = g.align
+    for t in g:
+        assert t.read.y % s == 0 and t.read.x % s == 0
+        assert t.read.h % s == 0 and t.read.w % s == 0
+        assert t.core.y % s == 0 and t.core.x % s == 0
+
+
+@given(grids(edge="pad"))
+def test_pad_reads_are_core_grown_by_halo(g: TileGrid) -> None:
+    for t in g:
+        assert t.read.shape == g.tile
+        assert (t.read.y, t.read.x) == (t.core.y - g.halo[0], t.core.x - g.halo[1])
+
+
+@given(
+    st.tuples(st.integers(1, 400), st.integers(1, 400)),
+    st.integers(2, 64),
+    st.integers(0, 16),
+)
+def test_patch_windows_cover_image_with_full_patches(
+    shape: tuple[int, int], patch: int, half: int
+) -> None:
+    overlap = 2 * half
+    if overlap >= patch:
+        with pytest.raises(InputError):
+            TileGrid.for_patches(shape, patch, overlap)
+        return
+    g = TileGrid.for_patches(shape, patch, overlap)
+    wins = g.windows()
+    assert len(set(wins)) == len(wins) <= len(g)
+    seen = np.zeros(shape, dtype=bool)
+    for w in wins:
+        assert w.inside(*shape)
+        assert w.shape == (min(patch, shape[0]), min(patch, shape[1]))
+        seen[w.slices] = True
+    assert seen.all()
+    # neighbouring patch origins step by patch - overlap except where clamped at the far edge
+    ys = sorted({w.y for w in wins})
+    for a, b in itertools.pairwise(ys):
+        assert 0 < b - a <= patch - overlap
+
+
+def test_patch_grid_rejects_odd_overlap() -> None:
+    with pytest.raises(InputError, match="even"):
+        TileGrid.for_patches((100, 100), 32, 5)
+
+
+@given(
+    st.integers(-500, 500),
+    st.integers(-500, 500),
+    st.integers(0, 300),
+    st.integers(0, 300),
+    st.sampled_from([1, 2, 4, 8, 16, 32]),
+)
+def test_level_roundtrip(y: int, x: int, h: int, w: int, ds: int) -> None:
+    win = Window(y, x, h, w)
+    # level k -> level 0 -> level k is the identity for integer downsamples
+    assert win.from_level(ds).to_level(ds) == win
+    # level 0 -> level k covers the window when mapped back
+    assert win.to_level(ds).from_level(ds).contains(win)
+
+
+@given(st.integers(-100, 100), st.integers(-100, 100), st.integers(0, 50), st.integers(0, 50))
+def test_window_intersect_clip(y: int, x: int, h: int, w: int) -> None:
+    win = Window(y, x, h, w)
+    c = win.clip(40, 30)
+    assert c.area == 0 or (c.inside(40, 30) and win.contains(c))
+    a = np.zeros((40, 30), bool)
+    a[max(y, 0) : max(min(y + h, 40), 0), max(x, 0) : max(min(x + w, 30), 0)] = True
+    assert a.sum() == c.area
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"shape": (0, 10), "tile": 8}, "shape must be positive"),
+        ({"shape": (10, 10), "tile": 8, "halo": 4}, "no core"),
+        ({"shape": (10, 10), "tile": 12, "align": 8}, "multiple of align"),
+        ({"shape": (10, 10), "tile": 8, "edge": "wrap"}, "edge must be"),
+        ({"shape": (10, 10), "tile": -8}, "non-negative"),
+    ],
+)
+def test_grid_validates(kwargs: dict, match: str) -> None:
+    with pytest.raises(InputError, match=match):
+        TileGrid(**kwargs)
+
+
+def test_window_validates() -> None:
+    with pytest.raises(InputError):
+        Window(0, 0, -1, 2)
+    with pytest.raises(InputError):
+        Window(0.5, 0, 1, 2)  # type: ignore[arg-type]
+    with pytest.raises(InputError):
+        coerce_pair(True, "tile")  # type: ignore[arg-type]
+    assert ceil_to(33, 16) == 48
+
+
+def test_grid_is_frozen() -> None:
+    g = TileGrid((64, 64), 32, 8)
+    with pytest.raises(AttributeError):
+        g.align = 2  # type: ignore[misc]

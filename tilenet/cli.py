@@ -129,8 +129,62 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_tile(sub: Any) -> None:
+    p = sub.add_parser(
+        "tile",
+        help="cut images (+ label images) into a chunked zarr patch store for training",
+        description=(
+            "Cut images into PATCH x PATCH patches overlapping by OVERLAP pixels and write them "
+            "to a sharded zarr v3 store (images, labels, coords, plus statistics). Patches are "
+            "bit-exact copies of the source. Rerunning into an existing store skips images "
+            "already complete and appends new ones; an interrupted run resumes."
+        ),
+    )
+    p.add_argument("images", nargs="+", help="image files, directories or glob patterns")
+    p.add_argument(
+        "--labels",
+        default=None,
+        help="label images: a directory (matched to images by file name), a glob, or a "
+        "pattern with {stem} such as 'masks/{stem}_mask.tif'; same size as the images",
+    )
+    p.add_argument("--out", required=True, help="output store (.zarr)")
+    p.add_argument("--patch", type=int, default=256, help="patch side in pixels (default 256)")
+    p.add_argument(
+        "--overlap", type=int, default=32, help="overlap of neighbouring patches, even (default 32)"
+    )
+    p.add_argument("--level", type=int, default=0, help="pyramid level to cut (default 0)")
+    p.add_argument(
+        "--min-foreground",
+        type=float,
+        default=0.0,
+        help="drop patches whose foreground fraction (Otsu on a low-resolution level) is "
+        "below this, 0..1 (default 0: keep all)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="parallel dask threads (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_tile)
+
+
+def _cmd_tile(args: argparse.Namespace) -> int:
+    from tilenet.tiler import tile_images
+
+    out = tile_images(
+        args.images,
+        labels=args.labels,
+        out=args.out,
+        patch=args.patch,
+        overlap=args.overlap,
+        level=args.level,
+        min_foreground=args.min_foreground,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
 #: Subcommands in the order --help lists them.
-COMMANDS: list[Callable[[Any], None]] = [_add_info, _add_convert, _add_synth]
+COMMANDS: list[Callable[[Any], None]] = [_add_info, _add_convert, _add_synth, _add_tile]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,267 @@
+"""The tiler: pixel-exact patches, labels, background skipping, resume and append."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from tilenet import tiler
+from tilenet.errors import ImageNotFoundError, InputError, ShapeMismatchError
+from tilenet.geometry import TileGrid
+from tilenet.tiler import otsu_threshold, tile_images
+
+
+def _write_pyramid(path: Path, data: np.ndarray, *, levels: int = 2, **kw: object) -> None:
+    """A tiled pyramidal TIFF (SubIFDs), downsampled by 2 with nearest neighbour."""
+    with tifffile.TiffWriter(path) as tw:
+        opts = {"tile": (32, 32), **kw}
+        if data.ndim == 3:
+            opts["photometric"] = "rgb"
+        tw.write(data, subifds=levels - 1, **opts)
+        for k in range(1, levels):
+            tw.write(data[:: 2**k, :: 2**k], subfiletype=1, **opts)
+
+
+def _image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([yy, xx, yy + xx], axis=-1) % 256
+    return ((base + rng.integers(0, 30, (h, w, 3))) % 256).astype(np.uint8)
+
+
+@pytest.fixture
+def dataset(
+    tmp_path: Path, rng: np.random.Generator
+) -> tuple[list[Path], Path, list[np.ndarray], list[np.ndarray]]:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    imgs, labs, paths = [], [], []
+    for i, (h, w) in enumerate([(150, 130), (96, 170), (40, 50)]):
+        img = _image(rng, h, w)
+        lab = rng.integers(0, 3, (h, w)).astype(np.uint8)
+        p = tmp_path / "images" / f"img_{i}.tif"
+        _write_pyramid(p, img, compression="zlib")
+        _write_pyramid(tmp_path / "labels" / f"img_{i}.tif", lab, compression="zlib")
+        imgs.append(img)
+        labs.append(lab)
+        paths.append(p)
+    return paths, tmp_path / "labels", imgs, labs
+
+
+def _window(a: np.ndarray, y: int, x: int, p: int) -> np.ndarray:
+    """``a[y:y+p, x:x+p]`` zero-filled past the edge (what the reader returns)."""
+    out = np.zeros((p, p, *a.shape[2:]), a.dtype)
+    part = a[y : y + p, x : x + p]
+    out[: part.shape[0], : part.shape[1]] = part
+    return out
+
+
+def _check_exact(store: Path, imgs: list[np.ndarray], labs: list[np.ndarray] | None, p: int) -> int:
+    g = zarr.open_group(store, mode="r")
+    n = g.attrs["count"]
+    images, coords = g["images"][:n], g["coords"][:n]
+    labels = g["labels"][:n] if labs is not None else None
+    for k in range(n):
+        i, level, y, x = (int(v) for v in coords[k])
+        src = imgs[i][:: 2**level, :: 2**level]
+        np.testing.assert_array_equal(images[k], _window(src, y, x, p))
+        if labels is not None and labs is not None:
+            np.testing.assert_array_equal(
+                labels[k], _window(labs[i][:: 2**level, :: 2**level], y, x, p)
+            )
+    return n
+
+
+def test_pixel_exact_with_labels(tmp_path: Path, dataset: tuple) -> None:
+    paths, labdir, imgs, labs = dataset
+    out = tile_images(
+        [str(paths[0].parent)],
+        labels=labdir,
+        out=tmp_path / "s.zarr",
+        patch=64,
+        overlap=16,
+        workers=2,
+        chunk_patches=4,
+        progress=False,
+    )
+    n = _check_exact(out, imgs, labs, 64)
+    g = zarr.open_group(out, mode="r")
+    # every distinct grid window is stored once, and they cover each image
+    expected = sum(len(TileGrid.for_patches(a.shape[:2], 64, 16).windows()) for a in imgs)
+    assert n == expected
+    coords = g["coords"][:n]
+    for i, a in enumerate(imgs):
+        seen = np.zeros(a.shape[:2], bool)
+        for _, _, y, x in coords[coords[:, 0] == i]:
+            seen[y : y + 64, x : x + 64] = True
+        assert seen.all()
+    assert g["images"].shape == (n, 64, 64, 3) and g["images"].dtype == np.uint8
+    assert g["labels"].shape == (n, 64, 64) and g["coords"].shape == (n, 4)
+    at = g.attrs
+    assert (at["patch"], at["overlap"], at["level"]) == (64, 16, 0)
+    assert [s["path"] for s in at["sources"]] == [str(p.resolve()) for p in paths]
+    assert all(s["fingerprint"] and s["shape"][2] == 3 for s in at["sources"])
+    assert at["tilenet_version"]
+    # statistics over the stored pixels that lie inside the images (no zero padding here
+    # except for the small image, so compute the reference with a mask)
+    vals = []
+    for k in range(n):
+        i, _, y, x = coords[k]
+        h, w = imgs[i].shape[:2]
+        vals.append(g["images"][k][: h - y, : w - x].reshape(-1, 3))
+    ref = np.concatenate(vals).astype(np.float64)
+    np.testing.assert_allclose(at["mean"], ref.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(at["std"], ref.std(0), rtol=1e-5)
+    assert len(at["class_pixels"]) == 3 and sum(at["class_pixels"]) > 0
+    # sharded: fewer files than chunks
+    files = [f for f in (out / "images").rglob("*") if f.is_file() and f.name != "zarr.json"]
+    assert len(files) < -(-n // 4)
+
+
+def test_level_one_and_jpeg_pyramid(tmp_path: Path, rng: np.random.Generator) -> None:
+    img = _image(rng, 256, 192)
+    p = tmp_path / "scan.tif"
+    _write_pyramid(p, img, levels=3, compression="jpeg")
+    decoded = [tifffile.imread(p, series=0, level=k) for k in range(3)]
+    for level in (0, 1):
+        out = tile_images(
+            [p],
+            out=tmp_path / f"l{level}.zarr",
+            patch=48,
+            overlap=8,
+            level=level,
+            workers=1,
+            progress=False,
+        )
+        g = zarr.open_group(out, mode="r")
+        n = g.attrs["count"]
+        assert n == len(TileGrid.for_patches(decoded[level].shape[:2], 48, 8).windows())
+        for k in range(n):
+            _, lv, y, x = g["coords"][k]
+            assert lv == level
+            np.testing.assert_array_equal(g["images"][k], _window(decoded[level], y, x, 48))
+
+
+def test_min_foreground_drops_background(tmp_path: Path) -> None:
+    img = np.full((256, 256, 3), 235, np.uint8)
+    img[40:110, 150:230] = 60  # "tissue": dark on a bright slide
+    p = tmp_path / "slide.tif"
+    _write_pyramid(p, img, levels=3, compression="zlib")
+    kw = {"patch": 64, "overlap": 0, "workers": 1, "progress": False}
+    all_ = tile_images([p], out=tmp_path / "all.zarr", **kw)
+    fg = tile_images([p], out=tmp_path / "fg.zarr", min_foreground=0.25, mask_max_side=64, **kw)
+    n_all = zarr.open_group(all_, mode="r").attrs["count"]
+    g = zarr.open_group(fg, mode="r")
+    kept = g["coords"][: g.attrs["count"]]
+    assert n_all == 16
+    # tissue covers 4 patches (rows 0-1, cols 2-3); 3 of them with >= 25 % of their area
+    frac = [((img[y : y + 64, x : x + 64, 0] < 128).mean()) for _, _, y, x in kept]
+    assert len(kept) >= 1 and min(frac) >= 0.2
+    assert len(kept) == sum(
+        (img[y : y + 64, x : x + 64, 0] < 128).mean() >= 0.25
+        for y in range(0, 256, 64)
+        for x in range(0, 256, 64)
+    )
+
+
+def test_otsu_separates_two_modes(rng: np.random.Generator) -> None:
+    v = np.concatenate([rng.normal(50, 5, 500), rng.normal(200, 5, 500)])
+    assert 70 < otsu_threshold(v) < 180
+
+
+def test_resume_and_append(tmp_path: Path, dataset: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths, labdir, imgs, labs = dataset
+    out = tmp_path / "s.zarr"
+    kw = {
+        "labels": labdir,
+        "out": out,
+        "patch": 64,
+        "overlap": 16,
+        "chunk_patches": 4,
+        "workers": 2,
+        "progress": False,
+    }
+    tile_images([paths[0]], **kw)
+    g = zarr.open_group(out, mode="r")
+    n0 = g.attrs["count"]
+    first = g["images"][:n0]
+
+    # An interruption while writing the next images: nothing new is marked complete.
+    real = tiler._write_range
+
+    def crash(*a: object, **k: object) -> object:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiler, "_write_range", crash)
+    with pytest.raises(KeyboardInterrupt):
+        tile_images(paths, **kw)
+    g = zarr.open_group(out, mode="r")
+    assert g.attrs["count"] == n0 and len(g.attrs["sources"]) == 1
+    monkeypatch.setattr(tiler, "_write_range", real)
+
+    # Rerun: the first image is skipped (its rows unchanged), the others appended.
+    tile_images(paths, **kw)
+    g = zarr.open_group(out, mode="r")
+    assert len(g.attrs["sources"]) == 3
+    np.testing.assert_array_equal(g["images"][:n0], first)
+    n = _check_exact(out, imgs, labs, 64)
+    assert n == sum(s["count"] for s in g.attrs["sources"])
+    assert [s["start"] for s in g.attrs["sources"]] == [0, n0, n0 + g.attrs["sources"][1]["count"]]
+    # and a third run changes nothing
+    tile_images(paths, **kw)
+    assert zarr.open_group(out, mode="r").attrs["count"] == n
+
+
+def test_store_settings_must_match(tmp_path: Path, dataset: tuple) -> None:
+    paths, _, _, _ = dataset
+    out = tile_images([paths[2]], out=tmp_path / "s.zarr", patch=32, overlap=0, progress=False)
+    with pytest.raises(InputError, match="patch=32"):
+        tile_images([paths[0]], out=out, patch=64, overlap=0, progress=False)
+
+
+def test_label_errors(tmp_path: Path, dataset: tuple, rng: np.random.Generator) -> None:
+    paths, _, _, _ = dataset
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _write_pyramid(bad / "img_0.tif", rng.integers(0, 3, (10, 10)).astype(np.uint8))
+    with pytest.raises(ShapeMismatchError, match=r"img_0\.tif: label image is 10x10"):
+        tile_images([paths[0]], labels=bad, out=tmp_path / "x.zarr", progress=False)
+    with pytest.raises(ImageNotFoundError, match="no label image named img_1"):
+        tile_images([paths[1]], labels=bad, out=tmp_path / "x.zarr", progress=False)
+    assert not (tmp_path / "x.zarr").exists()
+    with pytest.raises(ImageNotFoundError, match="matches no files"):
+        tile_images([str(tmp_path / "nope*.tif")], out=tmp_path / "x.zarr", progress=False)
+    with pytest.raises(InputError, match="even"):
+        tile_images(paths, out=tmp_path / "x.zarr", overlap=3, progress=False)
+
+
+def test_cli_tile(tmp_path: Path, dataset: tuple, capsys: pytest.CaptureFixture[str]) -> None:
+    from tilenet.cli import main
+
+    paths, labdir, imgs, labs = dataset
+    pattern = str(paths[0].parent / "img_*.tif")
+    out = tmp_path / "c.zarr"
+    rc = main(
+        [
+            "tile",
+            pattern,
+            "--labels",
+            str(labdir),
+            "--out",
+            str(out),
+            "--patch",
+            "64",
+            "--overlap",
+            "16",
+            "--workers",
+            "1",
+        ]
+    )
+    assert rc == 0
+    assert _check_exact(out, imgs, labs, 64) > 0
+    rc = main(["tile", str(tmp_path / "missing.tif"), "--out", str(tmp_path / "d.zarr")])
+    assert rc == 2
+    assert "missing.tif: no such file" in capsys.readouterr().err

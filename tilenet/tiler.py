@@ -1,0 +1,687 @@
+"""Images (+ label images) to a chunked, sharded zarr v3 patch store.
+
+Layout of a store written by :func:`tile_images`::
+
+    STORE.zarr/
+      images  (N, P, P, C)  source dtype   chunks (chunk_patches, P, P, C), sharded
+      labels  (N, P, P)     uint8          (only when label images were given)
+      coords  (N, 4)        int64          image index, level, y, x (pixels of that level)
+      zarr.json attributes: sources, patch, overlap, level, count, mean, std, class_names, ...
+
+Patches are cut with :meth:`tilenet.geometry.TileGrid.for_patches` (the grid inference uses),
+read with :func:`tilenet.io.open_image` and stored bit for bit. Only the first ``count`` rows
+(the ``count`` attribute) are valid: an image is appended past ``count``, and ``count`` and
+its ``sources`` entry are updated only once all its patches are written, so an interrupted
+run never leaves a half-written image marked complete; rerunning resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tilenet.errors import (
+    ImageNotFoundError,
+    InputError,
+    ShapeMismatchError,
+)
+from tilenet.fsutil import safe_stem
+from tilenet.geometry import TileGrid, Window
+
+__all__ = [
+    "foreground_mask",
+    "match_labels",
+    "otsu_threshold",
+    "resolve_images",
+    "tile_images",
+]
+
+_IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".zarr", ".svs", ".ndpi")
+_LABEL_SUFFIXES = ("", "_label", "_labels", "_mask")
+_FORMAT = "tilenet-patch-store"
+_FORMAT_VERSION = 1
+#: Patches per shard = chunk_patches * this; one shard is written by exactly one task.
+_CHUNKS_PER_SHARD = 4
+
+
+# -- inputs ------------------------------------------------------------------------------
+def resolve_images(specs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Expand files, directories and glob patterns into a sorted list of image paths.
+
+    A directory contributes the images directly inside it (by suffix). Duplicates are dropped.
+    """
+    out: list[Path] = []
+    for spec in specs:
+        s = str(spec)
+        p = Path(s)
+        if p.is_dir() and p.suffix.lower() != ".zarr":
+            hits = sorted(c for c in p.iterdir() if c.name.lower().endswith(_IMAGE_SUFFIXES))
+            if not hits:
+                raise ImageNotFoundError(
+                    f"{p}: directory holds no images ({', '.join(_IMAGE_SUFFIXES)})"
+                )
+            out.extend(hits)
+        elif p.exists():
+            out.append(p)
+        elif glob.has_magic(s):
+            hits = sorted(Path(h) for h in glob.glob(s))
+            if not hits:
+                raise ImageNotFoundError(f"{s}: pattern matches no files")
+            out.extend(hits)
+        else:
+            raise ImageNotFoundError(f"{s}: no such file or directory")
+    seen: dict[Path, None] = {}
+    for p in out:
+        seen.setdefault(p.resolve(), None)
+    if not seen:
+        raise InputError("no input images given")
+    return list(seen)
+
+
+def match_labels(images: Sequence[Path], labels: str | os.PathLike[str]) -> list[Path]:
+    """The label image of each image, matched by name.
+
+    ``labels`` is a directory (a file with the image's stem, optionally followed by
+    ``_label``, ``_labels`` or ``_mask``), a glob pattern (matched the same way), or a
+    pattern with ``{stem}`` (``"masks/{stem}_mask.png"``).
+    """
+    spec = str(labels)
+    if "{stem}" in spec:
+        found = [Path(spec.replace("{stem}", safe_stem(p.name))) for p in images]
+        for img, lab in zip(images, found, strict=True):
+            if not lab.exists():
+                raise ImageNotFoundError(f"{lab}: label image for {img} not found")
+        return found
+    if Path(spec).is_dir():
+        candidates = [c for c in Path(spec).iterdir() if c.name.lower().endswith(_IMAGE_SUFFIXES)]
+    elif glob.has_magic(spec):
+        candidates = [Path(h) for h in glob.glob(spec)]
+    else:
+        raise ImageNotFoundError(
+            f"{spec}: --labels must be a directory or a pattern (glob or with {{stem}})"
+        )
+    by_stem = {safe_stem(c.name): c for c in sorted(candidates)}
+    out: list[Path] = []
+    for img in images:
+        stem = safe_stem(img.name)
+        hit = next((by_stem[stem + s] for s in _LABEL_SUFFIXES if stem + s in by_stem), None)
+        if hit is None:
+            raise ImageNotFoundError(
+                f"{img}: no label image named {stem}.* in {spec}; label images are matched "
+                "to images by file name"
+            )
+        out.append(hit)
+    return out
+
+
+def _class_names_near(labels: Sequence[Path]) -> list[str]:
+    """Class names from a ``classes.json`` beside the label directory, if there is one."""
+    if not labels:
+        return []
+    d = labels[0].parent
+    for cand in (d / "classes.json", d.parent / "classes.json"):
+        if cand.is_file():
+            try:
+                data = json.loads(cand.read_text())
+            except (OSError, ValueError):
+                return []
+            if isinstance(data, dict):
+                data = data.get("classes", data.get("class_names", data))
+            if isinstance(data, dict):  # {"0": "background", ...}
+                try:
+                    return [str(data[k]) for k in sorted(data, key=int)]
+                except (TypeError, ValueError):
+                    return []
+            if isinstance(data, list):
+                return [
+                    str(x if not isinstance(x, dict) else x.get("name", i))
+                    for i, x in enumerate(data)
+                ]
+    return []
+
+
+# -- foreground --------------------------------------------------------------------------
+def otsu_threshold(values: np.ndarray, *, bins: int = 256) -> float:
+    """Otsu's threshold of a 1-D sample (maximises the between-class variance).
+
+    >>> otsu_threshold(np.array([10.0] * 50 + [200.0] * 50))
+    105.0
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return lo
+    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m = np.cumsum(hist * centers)
+    mu0 = m / np.maximum(w0, 1)
+    mu1 = (m[-1] - m) / np.maximum(w1, 1)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    between = between[:-1]
+    # Between two separated modes the criterion is flat across the gap: take its middle.
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    i = int(best[len(best) // 2])
+    return float(edges[i + 1])
+
+
+def foreground_mask(image: Any, *, max_side: int = 2048) -> tuple[np.ndarray, tuple[float, float]]:
+    """A low-resolution boolean foreground mask and its downsample relative to level 0.
+
+    Uses the finest pyramid level no larger than ``max_side``; without one, a thumbnail is
+    made from the coarsest level by striding, band by band (never the whole level at once).
+    Foreground is darker than the Otsu threshold of the grey level: tissue on a bright slide.
+    """
+    levels = image.levels
+    pick = next((i for i, lv in enumerate(levels) if max(lv.shape) <= max_side), None)
+    level = pick if pick is not None else len(levels) - 1
+    h, w = levels[level].shape
+    step = 1 if pick is not None else math.ceil(max(h, w) / max_side)
+    band = step * max(1, 1024 // step)
+    rows = []
+    for y in range(0, h, band):
+        block = image.read(Window(y, 0, min(band, h - y), w), level)[::step, ::step]
+        rows.append(block.astype(np.float32).mean(axis=-1))
+    grey = np.concatenate(rows, axis=0)
+    thr = otsu_threshold(grey)
+    mask = grey < thr if grey.max() > grey.min() else np.ones_like(grey, dtype=bool)
+    h0, w0 = levels[0].shape
+    return mask, (h0 / mask.shape[0], w0 / mask.shape[1])
+
+
+def _foreground_fractions(
+    windows: Sequence[Window],
+    mask: np.ndarray,
+    mask_ds: tuple[float, float],
+    level_ds: tuple[float, float],
+) -> np.ndarray:
+    """Mean of ``mask`` under each window (given at a level with downsample ``level_ds``)."""
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
+    integral[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+    factor = (mask_ds[0] / level_ds[0], mask_ds[1] / level_ds[1])
+    out = np.empty(len(windows), dtype=np.float64)
+    for i, win in enumerate(windows):
+        m = win.to_level(factor).clip(*mask.shape)
+        if m.area == 0:
+            out[i] = 0.0
+            continue
+        s = integral[m.y1, m.x1] - integral[m.y, m.x1] - integral[m.y1, m.x] + integral[m.y, m.x]
+        out[i] = s / m.area
+    return out
+
+
+# -- planning ----------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """What to write for one image."""
+
+    path: Path
+    label: Path | None
+    shape: tuple[int, int, int]
+    dtype: str
+    fingerprint: str
+    windows: list[Window]
+    start: int = 0
+
+
+def _plan_image(
+    path: Path,
+    label: Path | None,
+    fp: str,
+    *,
+    patch: int,
+    overlap: int,
+    level: int,
+    min_foreground: float,
+    mask_max_side: int,
+) -> _Plan:
+    from tilenet.io import open_image
+
+    with open_image(path) as img:
+        if not 0 <= level < len(img.levels):
+            raise InputError(
+                f"{path}: has no pyramid level {level} (levels 0..{len(img.levels) - 1}); "
+                "use a smaller --level"
+            )
+        lh, lw = img.levels[level].shape
+        if label is not None:
+            with open_image(label) as lab:
+                if lab.shape[:2] != img.shape[:2]:
+                    raise ShapeMismatchError(
+                        f"{label}: label image is {lab.shape[0]}x{lab.shape[1]} but {path} is "
+                        f"{img.shape[0]}x{img.shape[1]}; labels must have the image's size"
+                    )
+                if lab.channels != 1:
+                    raise InputError(
+                        f"{label}: label image has {lab.channels} channels; expected one "
+                        "(a class index per pixel)"
+                    )
+                if level >= len(lab.levels) or lab.levels[level].shape != (lh, lw):
+                    raise ShapeMismatchError(
+                        f"{label}: has no level {level} of size {lh}x{lw} matching {path}; "
+                        "tile at --level 0 or write the labels with the same pyramid"
+                    )
+        grid = TileGrid.for_patches((lh, lw), patch, overlap)
+        # An image smaller than a patch gives one window of the whole image; read it as a
+        # full patch (the reader zero-fills past the edge) so every patch is P x P.
+        windows = [Window(w.y, w.x, patch, patch) for w in grid.windows()]
+        if min_foreground > 0:
+            mask, mask_ds = foreground_mask(img, max_side=mask_max_side)
+            frac = _foreground_fractions(windows, mask, mask_ds, img.levels[level].downsample)
+            windows = [w for w, f in zip(windows, frac, strict=True) if f >= min_foreground]
+        return _Plan(
+            path=path,
+            label=label,
+            shape=tuple(img.shape),  # type: ignore[arg-type]
+            dtype=str(np.dtype(img.dtype)),
+            fingerprint=fp,
+            windows=windows,
+        )
+
+
+def _write_range(
+    store: Any,
+    plans: list[_Plan],
+    src_index: list[int],
+    lo: int,
+    hi: int,
+    *,
+    level: int,
+    patch: int,
+    channels: int,
+) -> dict[int, np.ndarray]:
+    """Read patches ``lo:hi`` (global rows) of ``plans`` and write them; return partial stats.
+
+    Stats per plan position: [sum_c..., sumsq_c..., npix, class pixel counts(256),
+    class patch counts(256)] as float64.
+    """
+    import zarr
+
+    from tilenet.io import open_image
+
+    group = zarr.open_group(store, mode="r+")
+    arr_img = group["images"]
+    has_labels = "labels" in group
+    n = hi - lo
+    imgs = np.empty((n, patch, patch, channels), dtype=arr_img.dtype)
+    labs = np.zeros((n, patch, patch), dtype=np.uint8) if has_labels else None
+    coords = np.empty((n, 4), dtype=np.int64)
+    stats: dict[int, np.ndarray] = {}
+    row = lo
+    for k, plan in enumerate(plans):
+        a, b = max(lo, plan.start), min(hi, plan.start + len(plan.windows))
+        if a >= b:
+            continue
+        st = stats.setdefault(k, np.zeros(2 * channels + 1 + 512, dtype=np.float64))
+        img = open_image(plan.path)
+        lab = open_image(plan.label) if plan.label is not None else None
+        try:
+            for g in range(a, b):
+                win = plan.windows[g - plan.start]
+                i = g - lo
+                data = img.read(win, level)
+                imgs[i] = data
+                coords[i] = (src_index[k], level, win.y, win.x)
+                # stats over the part inside the image only (zero padding is not data)
+                inside = win.clip(*img.levels[level].shape).relative_to(win)
+                px = data[inside.slices].reshape(-1, channels).astype(np.float64)
+                st[:channels] += px.sum(0)
+                st[channels : 2 * channels] += (px * px).sum(0)
+                st[2 * channels] += px.shape[0]
+                if lab is not None and labs is not None:
+                    labs[i] = lab.read(win, level)[..., 0]
+                    counts = np.bincount(labs[i][inside.slices].ravel(), minlength=256)
+                    st[2 * channels + 1 : 2 * channels + 257] += counts
+                    st[2 * channels + 257 :] += counts > 0
+                row += 1
+        finally:
+            img.close()
+            if lab is not None:
+                lab.close()
+    assert row == hi
+    arr_img[lo:hi] = imgs
+    if labs is not None:
+        group["labels"][lo:hi] = labs
+    group["coords"][lo:hi] = coords
+    return stats
+
+
+# -- store -------------------------------------------------------------------------------
+def _create_store(
+    out: Path,
+    *,
+    patch: int,
+    channels: int,
+    dtype: str,
+    labels: bool,
+    chunk_patches: int,
+    attrs: dict[str, Any],
+) -> Any:
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    group = zarr.open_group(out, mode="w", attributes=attrs)
+    shard = chunk_patches * _CHUNKS_PER_SHARD
+    # zstd at a low level: ~2x smaller than raw for natural images and fast to decode,
+    # which the streaming loader needs more than the last few percent of ratio.
+    comp = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+    group.create_array(
+        "images",
+        shape=(0, patch, patch, channels),
+        chunks=(chunk_patches, patch, patch, channels),
+        shards=(shard, patch, patch, channels),
+        dtype=dtype,
+        compressors=comp,
+        dimension_names=("n", "y", "x", "c"),
+    )
+    if labels:
+        group.create_array(
+            "labels",
+            shape=(0, patch, patch),
+            chunks=(chunk_patches, patch, patch),
+            shards=(shard, patch, patch),
+            dtype="uint8",
+            compressors=comp,
+            dimension_names=("n", "y", "x"),
+        )
+    group.create_array(
+        "coords",
+        shape=(0, 4),
+        chunks=(shard, 4),
+        dtype="int64",
+        compressors=comp,
+        dimension_names=("n", "field"),
+    )
+    return group
+
+
+def _stats_attrs(sources: list[dict[str, Any]], channels: int) -> dict[str, Any]:
+    """Per-channel mean/std and class frequencies over all complete sources."""
+    s = np.zeros(channels)
+    ss = np.zeros(channels)
+    n = 0.0
+    cpix = np.zeros(256)
+    cpat = np.zeros(256)
+    for src in sources:
+        s += np.asarray(src["sum"])
+        ss += np.asarray(src["sumsq"])
+        n += src["npix"]
+        if src.get("class_pixels"):
+            cp = np.asarray(src["class_pixels"], dtype=np.float64)
+            cpix[: len(cp)] += cp
+            cq = np.asarray(src["class_patches"], dtype=np.float64)
+            cpat[: len(cq)] += cq
+    mean = s / max(n, 1)
+    std = np.sqrt(np.maximum(ss / max(n, 1) - mean**2, 0))
+    k = int(np.nonzero(cpix)[0].max()) + 1 if cpix.any() else 0
+    return {
+        "mean": [float(v) for v in mean],
+        "std": [float(max(v, 1e-6)) for v in std],
+        "class_pixels": [int(v) for v in cpix[:k]],
+        "class_patches": [int(v) for v in cpat[:k]],
+    }
+
+
+def tile_images(
+    images: Sequence[str | os.PathLike[str]],
+    *,
+    labels: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+    out: str | os.PathLike[str],
+    patch: int = 256,
+    overlap: int = 32,
+    level: int = 0,
+    min_foreground: float = 0.0,
+    workers: int = 2,
+    class_names: Sequence[str] | None = None,
+    chunk_patches: int = 64,
+    mask_max_side: int = 2048,
+    progress: bool = True,
+) -> Path:
+    """Cut ``images`` into ``patch`` x ``patch`` patches overlapping by ``overlap`` into ``out``.
+
+    ``images`` are files, directories or globs. ``labels`` is a directory or pattern (see
+    :func:`match_labels`) or an explicit list parallel to the resolved images. Patches whose
+    foreground fraction (from a low-resolution Otsu mask) is below ``min_foreground`` are
+    dropped. Work runs on ``workers`` dask threads; each task reads and writes one shard.
+
+    Rerunning into an existing store skips images already complete (same content
+    fingerprint) and appends new ones. Returns the store path.
+    """
+    import dask
+    import zarr
+
+    from tilenet import __version__
+
+    if not isinstance(patch, int) or patch < 2:
+        raise InputError(f"patch must be an int >= 2, got {patch!r}")
+    if not 0.0 <= float(min_foreground) <= 1.0:
+        raise InputError(f"min_foreground must be in [0, 1], got {min_foreground!r}")
+    if not isinstance(workers, int) or workers < 1:
+        raise InputError(f"workers must be a positive int, got {workers!r}")
+    TileGrid.for_patches((patch, patch), patch, overlap)  # validates overlap up front
+    out = Path(out)
+    paths = resolve_images(images)
+    if labels is None:
+        label_paths: list[Path | None] = [None] * len(paths)
+    elif isinstance(labels, str | os.PathLike):
+        label_paths = list(match_labels(paths, labels))
+    else:
+        label_paths = [Path(p) for p in labels]
+        if len(label_paths) != len(paths):
+            raise InputError(f"{len(label_paths)} label images given for {len(paths)} images")
+    has_labels = labels is not None
+    names = list(class_names) if class_names else _class_names_near([p for p in label_paths if p])
+
+    existing: dict[str, Any] | None = None
+    if out.exists():
+        try:
+            existing = dict(zarr.open_group(out, mode="r").attrs)
+        except Exception:
+            existing = None
+        if not existing or existing.get("format") != _FORMAT:
+            raise InputError(
+                f"{out}: exists and is not a tilenet patch store; choose another --out or remove it"
+            )
+        for key, want in (("patch", patch), ("overlap", overlap), ("level", level)):
+            if existing[key] != want:
+                raise InputError(
+                    f"{out}: store was tiled with {key}={existing[key]}, not {want}; "
+                    "use the same settings to resume/append, or a new --out"
+                )
+        if bool(existing.get("has_labels")) != has_labels:
+            raise InputError(
+                f"{out}: store {'has' if existing.get('has_labels') else 'has no'} labels; "
+                "append images with labels given the same way"
+            )
+
+    # Phase 1 (parallel): open each image, check it and its label, choose its patches.
+    from tilenet.io import fingerprint
+
+    done = {s["fingerprint"]: s for s in (existing or {}).get("sources", [])}
+    todo: list[tuple[Path, Path | None, str]] = []
+    for p, lab in zip(paths, label_paths, strict=True):
+        fp = str(fingerprint(p))
+        if fp not in done and fp not in {t[2] for t in todo}:
+            todo.append((p, lab, fp))
+    plan_tasks = [
+        dask.delayed(_plan_image)(
+            p,
+            lab,
+            fp,
+            patch=patch,
+            overlap=overlap,
+            level=level,
+            min_foreground=float(min_foreground),
+            mask_max_side=mask_max_side,
+        )
+        for p, lab, fp in todo
+    ]
+    plans: list[_Plan] = list(dask.compute(*plan_tasks, scheduler="threads", num_workers=workers))
+    if not plans:
+        if existing is None:
+            raise InputError("nothing to tile")
+        return out
+
+    channels = plans[0].shape[2]
+    dtype = plans[0].dtype
+    if existing is not None:
+        channels, dtype = existing["channels"], existing["dtype"]
+    for pl in plans:
+        if pl.shape[2] != channels or pl.dtype != dtype:
+            raise ShapeMismatchError(
+                f"{pl.path}: has {pl.shape[2]} channels of {pl.dtype}, but the store holds "
+                f"{channels} channels of {dtype}; a store holds one kind of image"
+            )
+
+    if existing is None:
+        attrs = {
+            "format": _FORMAT,
+            "format_version": _FORMAT_VERSION,
+            "tilenet_version": __version__,
+            "patch": patch,
+            "overlap": overlap,
+            "level": level,
+            "channels": channels,
+            "dtype": dtype,
+            "chunk_patches": chunk_patches,
+            "has_labels": has_labels,
+            "min_foreground": float(min_foreground),
+            "class_names": names,
+            "count": 0,
+            "sources": [],
+            **_stats_attrs([], channels),
+        }
+        group = _create_store(
+            out,
+            patch=patch,
+            channels=channels,
+            dtype=dtype,
+            labels=has_labels,
+            chunk_patches=chunk_patches,
+            attrs=attrs,
+        )
+    else:
+        group = zarr.open_group(out, mode="r+")
+        chunk_patches = int(existing["chunk_patches"])
+        if names and not existing.get("class_names"):
+            group.attrs["class_names"] = names
+
+    # Phase 2: write in groups of images; each group is committed when all its shards are.
+    shard = chunk_patches * _CHUNKS_PER_SHARD
+    sources: list[dict[str, Any]] = list(group.attrs["sources"])
+    count = int(group.attrs["count"])
+    total = sum(len(p.windows) for p in plans)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="patch", desc=f"tile {out.name}")
+    try:
+        batch: list[_Plan] = []
+        for i, plan in enumerate(plans):
+            batch.append(plan)
+            if sum(len(p.windows) for p in batch) >= 8 * shard * workers or i == len(plans) - 1:
+                count = _write_batch(
+                    out,
+                    group,
+                    batch,
+                    sources,
+                    count,
+                    shard=shard,
+                    level=level,
+                    patch=patch,
+                    channels=channels,
+                    workers=workers,
+                    bar=bar,
+                )
+                batch = []
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def _write_batch(
+    out: Path,
+    group: Any,
+    batch: list[_Plan],
+    sources: list[dict[str, Any]],
+    count: int,
+    *,
+    shard: int,
+    level: int,
+    patch: int,
+    channels: int,
+    workers: int,
+    bar: Any,
+) -> int:
+    import dask
+
+    start = count
+    src_index = []
+    for k, plan in enumerate(batch):
+        plan.start = start
+        start += len(plan.windows)
+        src_index.append(len(sources) + k)
+    end = start
+    # Rows past ``count`` may hold an interrupted run's leftovers: they are overwritten.
+    for name in ("images", "labels", "coords"):
+        if name in group:
+            arr = group[name]
+            arr.resize((end, *arr.shape[1:]))
+    ranges = [
+        (max(s, count), min(s + shard, end))
+        for s in range(count // shard * shard, end, shard)
+        if max(s, count) < min(s + shard, end)
+    ]
+
+    def tick(result: dict[int, np.ndarray], n: int) -> dict[int, np.ndarray]:
+        if bar is not None:
+            bar.update(n)
+        return result
+
+    tasks = [
+        dask.delayed(tick)(
+            dask.delayed(_write_range)(
+                str(out), batch, src_index, lo, hi, level=level, patch=patch, channels=channels
+            ),
+            hi - lo,
+        )
+        for lo, hi in ranges
+    ]
+    results = dask.compute(*tasks, scheduler="threads", num_workers=workers)
+    stats = [np.zeros(2 * channels + 1 + 512) for _ in batch]
+    for res in results:
+        for k, v in res.items():
+            stats[k] += v
+    for plan, st in zip(batch, stats, strict=True):
+        cp = st[2 * channels + 1 : 2 * channels + 257]
+        k = int(np.nonzero(cp)[0].max()) + 1 if cp.any() else 0
+        sources.append(
+            {
+                "path": str(plan.path),
+                "label": str(plan.label) if plan.label else None,
+                "shape": list(plan.shape),
+                "dtype": plan.dtype,
+                "fingerprint": plan.fingerprint,
+                "start": plan.start,
+                "count": len(plan.windows),
+                "sum": [float(v) for v in st[:channels]],
+                "sumsq": [float(v) for v in st[channels : 2 * channels]],
+                "npix": float(st[2 * channels]),
+                "class_pixels": [int(v) for v in cp[:k]],
+                "class_patches": [int(v) for v in st[2 * channels + 257 :][:k]],
+            }
+        )
+    # The commit point: written after every shard of the batch is on disk.
+    group.attrs.update({"sources": sources, "count": end, **_stats_attrs(sources, channels)})
+    return end

@@ -174,7 +174,8 @@ class InferConfig:
     outputs: list[str] = field(
         default_factory=lambda: ["probabilities", "classes", "instances", "preview"]
     )
-    probabilities_dtype: Literal["float16", "uint8"] = "float16"
+    #: float32 keeps the exact probabilities (for checks); float16/uint8 save space.
+    probabilities_dtype: Literal["float16", "uint8", "float32"] = "float16"
     min_foreground: float = 0.0
     readers: int = 2
     chunk: int = 1024

@@ -1,0 +1,565 @@
+"""Tiled inference: read tiles ahead in threads, run the model in batches, stitch out of core.
+
+``infer_image(input, model, out_dir, **options)`` is what ``tilenet infer`` runs. The
+checkpoint carries the model spec, normalisation and class names; the options are the
+fields of :class:`tilenet.config.InferConfig`.
+
+Geometry
+--------
+Tiles come from :class:`tilenet.geometry.TileGrid` with ``align`` = the model's total stride
+and ``edge="clamp"``. In crop mode the halo is ``ceil_to(receptive_field, stride)``; each
+tile's core is kept and its halo discarded. The model sees every read window exactly as it
+would see that part of the whole image: read origins and sizes are multiples of the stride,
+the < stride rows/columns past the image are zero *after* normalisation, and the network's
+own zero padding at the image border is what it gets at a clamped edge tile. So crop-mode
+output equals one forward pass over the whole image (zero-padded after normalisation to a
+multiple of the stride, then cropped) to float rounding, for any network whose layers act
+per pixel at inference (convolutions, eval-mode BatchNorm, pooling, interpolation).
+
+What breaks exactness: normalisation whose statistics are taken over the input (GroupNorm,
+InstanceNorm, LayerNorm over space) or global pooling, because a tile's statistics differ
+from the whole image's; a ``halo`` override below the receptive field; and reduced precision
+(bf16/fp16). Such models get a warning in crop mode; use ``mode="gaussian"`` for them.
+
+Test-time augmentation (``tta``) averages the softmax over the four flips. A flipped read
+window is still stride-aligned inside the flipped (stride-padded) image, so crop-mode TTA
+equals whole-image TTA too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tilenet.config import InferConfig
+from tilenet.errors import ConfigError, InputError
+from tilenet.fsutil import atomic_output, remove_path
+from tilenet.geometry import Tile, TileGrid, Window, ceil_to
+from tilenet.io.writers import OmeZarrWriter, write_ome_tiff, write_preview_png
+from tilenet.pipeline import BackgroundWriter, prefetch
+from tilenet.stitch import BlendStitcher, CropStitcher, OutputSink
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["OUTPUTS", "infer_image", "normalize", "plan_grid", "predict", "resolve_options"]
+
+log = logging.getLogger(__name__)
+
+#: Outputs ``--outputs`` may name.
+OUTPUTS = ("probabilities", "classes", "instances", "preview", "geojson")
+
+#: Width (pixels) of the vertical strips blend mode processes; bounds its open chunks.
+_BLEND_STRIP_PX = 8192
+
+
+# -- options --------------------------------------------------------------------------------
+def resolve_options(options: dict[str, Any] | InferConfig | None = None) -> InferConfig:
+    """Validate keyword options against :class:`InferConfig` (types, choices, unknown keys)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(options, InferConfig):
+        options = asdict(options)
+    options = dict(options or {})
+    valid = sorted(f.name for f in fields(InferConfig))
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown infer option {unknown[0]!r}; valid: {', '.join(valid)}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(InferConfig), options)
+        cfg: InferConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"invalid infer option {key!r}: {str(exc).splitlines()[0]}") from None
+    bad = [o for o in cfg.outputs if o not in OUTPUTS]
+    if bad:
+        raise ConfigError(f"unknown output {bad[0]!r}; choose from {', '.join(OUTPUTS)}")
+    if not 0 <= cfg.overlap < 1:
+        raise ConfigError(f"overlap must be a fraction of the tile in [0, 1), got {cfg.overlap!r}")
+    if cfg.tile <= 0 or cfg.batch <= 0:
+        raise ConfigError(f"tile and batch must be positive, got {cfg.tile!r}, {cfg.batch!r}")
+    if not 0 <= cfg.min_foreground <= 1:
+        raise ConfigError(f"min_foreground must be in [0, 1], got {cfg.min_foreground!r}")
+    return cfg
+
+
+def plan_grid(
+    shape: tuple[int, int], spec: dict[str, Any], cfg: InferConfig
+) -> tuple[TileGrid, int]:
+    """The tile grid for an image of ``shape`` and a model ``spec``; returns (grid, halo).
+
+    >>> spec = {"stride": 16, "receptive_field": 40}
+    >>> g, halo = plan_grid((1000, 700), spec, InferConfig(tile=256))
+    >>> halo, g.core, g.counts
+    (48, (160, 160), (7, 5))
+    """
+    stride = max(1, int(spec["stride"]))
+    rf = int(spec["receptive_field"])
+    if cfg.tile % stride:
+        raise InputError(
+            f"tile {cfg.tile} must be a multiple of the model's stride {stride}; "
+            f"try --tile {ceil_to(cfg.tile, stride)}"
+        )
+    if cfg.mode == "crop":
+        halo = ceil_to(cfg.halo if cfg.halo is not None else rf, stride)
+    else:
+        halo = ceil_to(round(cfg.overlap * cfg.tile / 2), stride)
+    if cfg.tile < 2 * halo + stride:
+        suggest = max(ceil_to(4 * halo, stride), 2 * halo + stride)
+        why = "receptive field" if cfg.mode == "crop" else "overlap"
+        raise InputError(
+            f"tile {cfg.tile} is too small for a halo of {halo} px on each side (the model's "
+            f"{why}); use --tile {suggest} or larger"
+        )
+    return TileGrid(shape, cfg.tile, halo, align=stride, edge="clamp"), halo
+
+
+# -- tensors --------------------------------------------------------------------------------
+def normalize(
+    raw: np.ndarray, valid: tuple[int, int], mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+    """(h, w, C) raw pixels -> float32 ``(raw - mean) / std``, zero outside ``valid`` (h, w).
+
+    Zeroing after normalisation makes the alignment rows past the image equal to the zero
+    padding the network applies at the image border (and to the reference whole-image pass).
+    """
+    x = raw.astype(np.float32)
+    x -= np.asarray(mean, np.float32)
+    x *= np.float32(1.0) / np.asarray(std, np.float32)
+    vh, vw = valid
+    x[vh:] = 0
+    x[:, vw:] = 0
+    return x
+
+
+_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
+
+
+def predict(model: torch.nn.Module, x: torch.Tensor, *, tta: bool = False) -> torch.Tensor:
+    """Softmax probabilities (float32) of a batch ``x`` (B, C, h, w); TTA averages 4 flips."""
+    import torch
+
+    if not tta:
+        return torch.softmax(model(x).float(), dim=1)
+    out = None
+    for dims in _FLIPS:
+        xi = torch.flip(x, dims) if dims else x
+        p = torch.softmax(model(xi).float(), dim=1)
+        p = torch.flip(p, dims) if dims else p
+        out = p if out is None else out + p
+    assert out is not None
+    return out / len(_FLIPS)
+
+
+def _device(name: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# -- model ----------------------------------------------------------------------------------
+def _resolve_model(
+    model: Any, device: torch.device
+) -> tuple[torch.nn.Module, dict[str, Any], str | None]:
+    """``model`` as a checkpoint path or a (module, spec) pair -> (module, spec, path)."""
+    from tilenet.checkpoint import load_model
+
+    if isinstance(model, str | os.PathLike):
+        module, spec = load_model(model, device=device)
+        return module, spec, str(model)
+    try:
+        module, spec = model
+    except (TypeError, ValueError):
+        raise InputError(
+            f"model must be a checkpoint path or a (module, spec) pair, got {type(model).__name__}"
+        ) from None
+    return module.eval().to(device), dict(spec), None
+
+
+def _is_exact(module: Any) -> bool:
+    """Whether the model's normalisation acts per pixel at inference (so crop mode is exact)."""
+    import torch
+
+    declared = getattr(module, "per_pixel_norm", None)
+    if declared is not None:
+        return bool(declared)
+    stats = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.modules.instancenorm._InstanceNorm)
+    return not any(isinstance(m, stats) for m in module.modules())
+
+
+# -- outputs --------------------------------------------------------------------------------
+def _foreground_fractions(tiles: Sequence[Tile], image: Any, level: int) -> np.ndarray:
+    """Fraction of each tile's core that is foreground on a low-resolution Otsu mask."""
+    from tilenet.tiler import foreground_mask
+
+    mask, (my, mx) = foreground_mask(image)
+    ly, lx = image.levels[level].downsample
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
+    integral[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+    out = np.empty(len(tiles))
+    for i, t in enumerate(tiles):
+        m = t.core.to_level((my / ly, mx / lx)).clip(*mask.shape)
+        s = integral[m.y1, m.x1] - integral[m.y, m.x1] - integral[m.y1, m.x] + integral[m.y, m.x]
+        out[i] = s / m.area if m.area else 0.0
+    return out
+
+
+# -- the engine -----------------------------------------------------------------------------
+def infer_image(
+    input: Any,
+    model: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    progress: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """Run tiled inference of ``model`` on ``input`` and write the outputs to ``out_dir``.
+
+    ``input`` is a path (or an open :class:`~tilenet.io.base.LazyImage`); ``model`` a
+    checkpoint path or a ``(module, spec)`` pair; ``options`` are :class:`InferConfig`
+    fields. Returns the summary also written to ``out_dir/summary.json``.
+    """
+    cfg = resolve_options(options)
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    if isinstance(input, str | os.PathLike):
+        from tilenet.io import open_image
+
+        image = open_image(input)
+    else:
+        image = input
+    try:
+        return _run(image, model, out, cfg, progress=progress, t_start=t_start)
+    finally:
+        if image is not input:
+            image.close()
+
+
+def _run(
+    image: Any, model: Any, out: Path, cfg: InferConfig, *, progress: bool, t_start: float
+) -> dict[str, Any]:
+    import torch
+
+    from tilenet import __version__
+
+    if not 0 <= cfg.level < len(image.levels):
+        raise InputError(
+            f"{image.path}: level {cfg.level} does not exist; the image has levels "
+            f"0..{len(image.levels) - 1}"
+        )
+    device = _device(cfg.device)
+    module, spec, ckpt_path = _resolve_model(model, device)
+    k = int(spec["num_classes"])
+    if int(spec["in_channels"]) != image.channels:
+        raise InputError(
+            f"{image.path}: image has {image.channels} channels but the model expects "
+            f"{spec['in_channels']}"
+        )
+    if k > 255:
+        raise InputError(f"model has {k} classes; class maps are uint8 (at most 255)")
+    exact = _is_exact(module)
+    if cfg.mode == "crop" and not exact:
+        log.warning(
+            "model %s normalises over each tile (GroupNorm/InstanceNorm or similar): crop mode "
+            "is not exact for it; prefer --mode gaussian",
+            spec["name"],
+        )
+    shape = image.levels[cfg.level].shape
+    grid, halo = plan_grid(shape, spec, cfg)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    module = module.to(memory_format=torch.channels_last)
+
+    names = [str(n) for n in (spec.get("class_names") or [f"class_{i}" for i in range(k)])]
+    ds = image.levels[cfg.level].downsample
+    pixel_size = None
+    if image.pixel_size:
+        pixel_size = (image.pixel_size[0] * ds[0], image.pixel_size[1] * ds[1])
+    want = set(cfg.outputs)
+    out.mkdir(parents=True, exist_ok=True)
+    spill = out / f".infer-spill-{os.getpid()}"
+    with contextlib.ExitStack() as stack:
+        # Writers live at temporary siblings until finalize() renames them; on an error
+        # their context exit removes them, so nothing half-written looks complete.
+        prob_w = None
+        if "probabilities" in want:
+            prob_w = stack.enter_context(
+                OmeZarrWriter(
+                    out / "probabilities.ome.zarr",
+                    shape=(k, *shape),
+                    dtype=cfg.probabilities_dtype,
+                    axes="cyx",
+                    chunks=grid.core[0],  # output chunk = tile core: one writer per chunk
+                    pixel_size=pixel_size,
+                    name="probabilities",
+                    channel_names=names,
+                    overwrite=True,
+                )
+            )
+        cls_w = stack.enter_context(
+            OmeZarrWriter(
+                out / "classes.ome.zarr",
+                shape=shape,
+                dtype="uint8",
+                axes="yx",
+                chunks=grid.core[0],
+                pixel_size=pixel_size,
+                name="classes",
+                overwrite=True,
+            )
+        )
+        stack.callback(remove_path, spill)
+        sink = OutputSink(
+            num_classes=k,
+            probabilities=prob_w.array if prob_w else None,
+            classes=cls_w.array,
+            probabilities_dtype=cfg.probabilities_dtype,
+        )
+        if cfg.mode == "crop":
+            stitcher: CropStitcher | BlendStitcher = CropStitcher(sink)
+            tiles = list(grid)
+        else:
+            strip = max(1, _BLEND_STRIP_PX // grid.core[1])
+            stitcher = BlendStitcher(grid, sink, mode=cfg.mode, spill_dir=spill, strip_tiles=strip)
+            tiles = stitcher.order
+        skip = np.zeros(len(tiles), dtype=bool)
+        if cfg.min_foreground > 0:
+            skip = _foreground_fractions(tiles, image, cfg.level) < cfg.min_foreground
+        t_model = time.perf_counter()
+        stats = _execute(image, module, spec, grid, tiles, skip, stitcher, cfg, device, progress)
+        stitcher.close()
+        t_written = time.perf_counter()
+        paths: dict[str, Path] = {}
+        if prob_w is not None:
+            paths["probabilities"] = prob_w.finalize(method="mean")
+        classes_path = cls_w.finalize(method="mode")
+        paths["classes"] = classes_path
+        n_instances = _extra_outputs(image, out, classes_path, cfg, k, pixel_size, paths)
+    t_end = time.perf_counter()
+
+    n_run = int((~skip).sum())
+    names = list(spec.get("class_names") or [f"class_{i}" for i in range(k)])
+    ds = image.levels[cfg.level].downsample
+    px_area = None
+    if image.pixel_size:
+        px_area = image.pixel_size[0] * ds[0] * image.pixel_size[1] * ds[1]
+    summary: dict[str, Any] = {
+        "tilenet_version": __version__,
+        "input": str(image.path),
+        "model": ckpt_path or spec["name"],
+        "model_name": spec["name"],
+        "shape": list(shape),
+        "level": cfg.level,
+        "mode": cfg.mode,
+        "exact": bool(exact and cfg.mode == "crop" and cfg.precision == "fp32"),
+        "tile": cfg.tile,
+        "halo": halo,
+        "stride": int(spec["stride"]),
+        "receptive_field": int(spec["receptive_field"]),
+        "tiles": len(tiles),
+        "tiles_run": n_run,
+        "tiles_skipped": len(tiles) - n_run,
+        "device": str(device),
+        "precision": cfg.precision,
+        "class_names": names,
+        "class_area_px": {n: int(a) for n, a in zip(names, sink.area, strict=False)},
+        "class_area_um2": (
+            {n: float(a * px_area) for n, a in zip(names, sink.area, strict=False)}
+            if px_area
+            else None
+        ),
+        "instances": n_instances,
+        "timings": {
+            "setup_s": round(t_model - t_start, 3),
+            "tiles_s": round(t_written - t_model, 3),
+            "finalize_s": round(t_end - t_written, 3),
+            "total_s": round(t_end - t_start, 3),
+            "model_s": round(stats["model_s"], 3),
+            "read_wait_s": round(stats["read_wait_s"], 3),
+        },
+        "tiles_per_s": round(len(tiles) / max(t_written - t_model, 1e-9), 3),
+        "outputs": {name: str(p) for name, p in paths.items()},
+    }
+    _write_text(out / "config.yaml", _config_yaml(cfg, ckpt_path))
+    _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    summary["outputs"]["summary"] = str(out / "summary.json")
+    summary["outputs"]["config"] = str(out / "config.yaml")
+    return summary
+
+
+def _batches(
+    items: Iterator[tuple[tuple[int, Tile, bool], np.ndarray | None]], size: int
+) -> Iterator[list[tuple[Tile, bool, np.ndarray | None]]]:
+    """Group consecutive tiles into batches of equal read shape (skipped tiles pass alone)."""
+    batch: list[tuple[Tile, bool, np.ndarray | None]] = []
+    for (_, tile, skipped), arr in items:
+        if batch and (
+            len(batch) >= size
+            or skipped
+            or batch[-1][1]
+            or batch[-1][0].read.shape != tile.read.shape
+        ):
+            yield batch
+            batch = []
+        batch.append((tile, skipped, arr))
+    if batch:
+        yield batch
+
+
+def _execute(
+    image: Any,
+    module: torch.nn.Module,
+    spec: dict[str, Any],
+    grid: TileGrid,
+    tiles: list[Tile],
+    skip: np.ndarray,
+    stitcher: CropStitcher | BlendStitcher,
+    cfg: InferConfig,
+    device: torch.device,
+    progress: bool,
+) -> dict[str, float]:
+    import torch
+    from tqdm.auto import tqdm
+
+    mean, std = spec.get("mean") or [0.0], spec.get("std") or [1.0]
+    h, w = grid.shape
+    k = int(spec["num_classes"])
+    crop = cfg.mode == "crop"
+    pin = device.type == "cuda"
+
+    def read(item: tuple[int, Tile, bool]) -> np.ndarray | None:
+        _, tile, skipped = item
+        if skipped:
+            return None
+        r = tile.read
+        raw = image.read(r, cfg.level)
+        return normalize(raw, (min(r.h, h - r.y), min(r.w, w - r.x)), mean, std)
+
+    def background(tile: Tile) -> np.ndarray:
+        win = tile.core if crop else tile.read.clip(h, w)
+        p = np.zeros((k, win.h, win.w), np.float32)
+        p[0] = 1.0
+        return p
+
+    def region(tile: Tile) -> Window:
+        # What the stitcher takes, in read-window coordinates.
+        return tile.core_in_read if crop else tile.read.clip(h, w).relative_to(tile.read)
+
+    stats = {"model_s": 0.0, "read_wait_s": 0.0}
+    items = [(i, t, bool(skip[i])) for i, t in enumerate(tiles)]
+    depth = max(2 * cfg.batch, 2 * cfg.readers)
+    bar = tqdm(total=len(tiles), unit="tile", disable=not progress, desc="infer")
+    with BackgroundWriter(lambda job: stitcher.add(*job), depth=2 * cfg.batch) as writer:
+        it = _batches(prefetch(items, read, workers=cfg.readers, depth=depth), cfg.batch)
+        t0 = time.perf_counter()
+        for batch in it:
+            stats["read_wait_s"] += time.perf_counter() - t0
+            if batch[0][1]:
+                for tile, _, _ in batch:
+                    writer.submit((tile, background(tile)))
+            else:
+                t1 = time.perf_counter()
+                x = torch.from_numpy(np.stack([a for _, _, a in batch]))  # (B, h, w, C)
+                if pin:
+                    x = x.pin_memory()
+                # NHWC memory viewed as NCHW is channels_last: no copy.
+                x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2)
+                with torch.inference_mode(), _autocast(device, cfg.precision):
+                    probs = predict(module, x, tta=cfg.tta)
+                for j, (tile, _, _) in enumerate(batch):
+                    ys, xs = region(tile).slices
+                    arr = probs[j, :, ys, xs].cpu().numpy()
+                    writer.submit((tile, np.ascontiguousarray(arr)))
+                stats["model_s"] += time.perf_counter() - t1
+            bar.update(len(batch))
+            t0 = time.perf_counter()
+    bar.close()
+    return stats
+
+
+def _extra_outputs(
+    image: Any,
+    out: Path,
+    classes_path: Path,
+    cfg: InferConfig,
+    k: int,
+    pixel_size: tuple[float, float] | None,
+    paths: dict[str, Path],
+) -> int | None:
+    """OME-TIFF, preview, instances and GeoJSON, all made from the finished class map.
+
+    Returns the instance count (None when instances were not made); adds to ``paths``.
+    """
+    import zarr
+
+    want = set(cfg.outputs)
+    classes = zarr.open_group(classes_path, mode="r")
+    if "classes" in want:
+        paths["classes_tiff"] = write_ome_tiff(
+            out / "classes.ome.tif",
+            classes["0"],
+            axes="yx",
+            compression="zlib",
+            method="mode",
+            pixel_size=pixel_size,
+        )
+    if "preview" in want:
+        # The overlay needs the image at the inferred level; only level 0 is addressable as
+        # its own source, so other levels preview the class map alone.
+        base = image if cfg.level == 0 else classes["0"]
+        paths["preview"] = write_preview_png(out / "preview.png", base, overlay=classes["0"])
+    if not want & {"instances", "geojson"}:
+        return None
+    try:
+        from tilenet import instances
+    except ImportError:
+        log.warning("instances/geojson requested but tilenet.instances is not available")
+        return None
+    result = instances.label_instances(
+        classes["0"], out / "instances.ome.zarr", foreground=tuple(range(1, k)), chunk=cfg.chunk
+    )
+    paths["instances"] = out / "instances.ome.zarr"
+    if "geojson" in want:
+        paths["geojson"] = instances.write_geojson(out / "instances.geojson", result)
+    count = getattr(result, "count", result)
+    return int(count) if isinstance(count, int | np.integer) else None
+
+
+def _config_yaml(cfg: InferConfig, checkpoint: str | None) -> str:
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(cfg)
+    text = OmegaConf.to_yaml(OmegaConf.create({"infer": node}), resolve=True)
+    return text + (f"# model: {checkpoint}\n" if checkpoint else "")
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)

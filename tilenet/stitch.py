@@ -46,9 +46,9 @@ def blend_weights(shape: tuple[int, int], mode: BlendMode, *, ramp: int = 0) -> 
     ``linear``: 1 in the middle, falling linearly to ``1 / (ramp + 1)`` over the ``ramp``
     pixels next to each edge (pytorch-toolbelt's "linear" blend).
 
-    >>> w = blend_weights((4, 6), "linear", ramp=2)
-    >>> w[0].round(3).tolist()
-    [0.111, 0.222, 0.333, 0.333, 0.222, 0.111]
+    >>> w = blend_weights((5, 6), "linear", ramp=2)
+    >>> [round(float(v), 3) for v in w[2]]
+    [0.333, 0.667, 1.0, 1.0, 0.667, 0.333]
     >>> float(blend_weights((64, 64), "gaussian").max())
     1.0
     """

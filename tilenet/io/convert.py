@@ -1,0 +1,84 @@
+"""``tilenet convert``: any readable image to a tiled pyramidal OME-TIFF or OME-Zarr, streamed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tilenet.errors import InputError
+from tilenet.geometry import Window
+from tilenet.io.writers import DownsampleMethod, OmeZarrWriter, write_ome_tiff
+
+__all__ = ["convert"]
+
+_TIFF_SUFFIXES = (".tif", ".tiff")
+_ZARR_SUFFIXES = (".zarr",)
+
+
+def _output_kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in _TIFF_SUFFIXES:
+        return "tiff"
+    if suffix in _ZARR_SUFFIXES:
+        return "zarr"
+    raise InputError(
+        f"{path}: unknown output format {suffix or '(no extension)'!r}; "
+        "name the output .tif, .tiff (OME-TIFF) or .zarr (OME-Zarr)"
+    )
+
+
+def convert(
+    input: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    tile: int = 512,
+    compression: str | None = None,
+    force: bool = False,
+    method: DownsampleMethod = "mean",
+) -> Path:
+    """Convert ``input`` to a tiled pyramidal OME-TIFF (.tif/.tiff) or OME-Zarr (.zarr).
+
+    Reads the input window by window (no eager-size limit, so a big PNG converts too: only a
+    PNG's own decoder holds it whole) and writes chunk by chunk; the pyramid is built with
+    ``method`` ("mean"; use "mode" for label maps). Refuses to overwrite unless ``force``.
+    ``compression`` is a TIFF codec (jpeg, zlib, zstd, lzw, none) or, for zarr, blosc, lz4,
+    zlib, zstd or none.
+    """
+    from tilenet.io import open_image
+
+    src, out = Path(input), Path(output)
+    kind = _output_kind(out)
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 16 or tile % 16:
+        raise InputError(f"tile must be a positive multiple of 16, got {tile!r}")
+    if out.exists():
+        if src.exists() and out.resolve() == src.resolve():
+            raise InputError(f"{out}: output is the input; choose another output path")
+        if not force:
+            raise InputError(f"{out}: already exists (use --force to overwrite)")
+    with open_image(src, max_pixels_eager=None) as img:
+        if kind == "tiff":
+            return write_ome_tiff(
+                out,
+                img,
+                tile=tile,
+                compression=compression,
+                pixel_size=img.pixel_size,
+                method=method,
+            )
+        h, w, c = img.shape
+        with OmeZarrWriter(
+            out,
+            shape=(h, w) if c == 1 else (h, w, c),
+            dtype=img.dtype,
+            axes="yx" if c == 1 else "yxc",
+            chunks=tile,
+            pixel_size=img.pixel_size,
+            name=src.name,
+            compression=compression,
+            overwrite=True,
+        ) as writer:
+            for y in range(0, h, tile):
+                for x in range(0, w, tile):
+                    window = Window(y, x, min(tile, h - y), min(tile, w - x))
+                    writer.write(y, x, img.read(window))
+            return writer.finalize(method=method)

@@ -67,6 +67,8 @@ class TilingConfig:
 class AugmentConfig:
     """Joint image+mask augmentation (torchvision.transforms.v2)."""
 
+    #: Master switch (validation never augments).
+    enabled: bool = True
     hflip: float = 0.5
     vflip: float = 0.5
     rot90: bool = True

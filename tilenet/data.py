@@ -1,0 +1,578 @@
+"""Streaming training data: patch stores (fast) or random crops of large images (no store).
+
+:class:`PatchStoreDataset` reads whole zarr chunks (``chunk_patches`` contiguous patches, one
+decode each), shuffles them through a buffer and shards the chunks across DataLoader
+workers and DDP ranks, so each patch is delivered exactly once per epoch across all of them
+(unless ``class_balance`` repeats rare-class patches on purpose). With ``batch_size`` it
+yields whole batches, which is what makes thousands of patches per second possible in Python:
+normalisation and flips run once per batch, not once per patch.
+
+Yields, in both datasets:
+
+* ``batch_size=None``: ``(image, mask)`` = float32 (C, P, P), int64 (P, P);
+* ``batch_size=B``: ``(images, masks)`` = float32 (B, C, P, P), int64 (B, P, P); the last
+  batch of a worker may be smaller. Use ``DataLoader(ds, batch_size=None)``.
+
+Masks are 0 where no labels exist; pixels that augmentation brings in from outside a
+patch are 255 (the training ``ignore_index``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from tilenet.augment import build_augment
+from tilenet.config import AugmentConfig, DataConfig
+from tilenet.errors import ImageNotFoundError, InputError
+from tilenet.geometry import Window
+
+__all__ = [
+    "PatchStoreDataset",
+    "RandomCropDataset",
+    "build_loader",
+    "repeat_factors",
+    "store_stats",
+]
+
+PathLike = str | os.PathLike[str]
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _as_list(paths: PathLike | Sequence[PathLike]) -> list[Path]:
+    if isinstance(paths, str | os.PathLike):
+        return [Path(paths)]
+    return [Path(p) for p in paths]
+
+
+def _open_store(path: Path) -> Any:
+    import zarr
+
+    if not path.exists():
+        raise ImageNotFoundError(f"{path}: patch store not found; make one with `tilenet tile`")
+    try:
+        group = zarr.open_group(path, mode="r")
+        attrs = dict(group.attrs)
+    except Exception as exc:
+        raise InputError(f"{path}: not a zarr patch store ({type(exc).__name__})") from None
+    if attrs.get("format") != "tilenet-patch-store":
+        raise InputError(f"{path}: not a tilenet patch store; make one with `tilenet tile`")
+    return group
+
+
+def _shard(items: list[Any], rank: int, world_size: int) -> list[Any]:
+    """This (rank, DataLoader worker)'s share of ``items``: disjoint, together complete.
+
+    Rank ``r`` owns every ``world_size``-th item from ``r``; its workers deal those out again.
+    """
+    info = get_worker_info()
+    wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+    return items[rank::world_size][wid::nw]
+
+
+def _worker_id(rank: int) -> int:
+    info = get_worker_info()
+    return rank * (info.num_workers if info else 1) + (info.id if info else 0)
+
+
+# -- statistics --------------------------------------------------------------------------
+def store_stats(stores: PathLike | Sequence[PathLike]) -> dict[str, Any]:
+    """Per-channel mean/std, class names and channel count of patch stores or image dirs.
+
+    For stores these come from the attributes the tiler wrote (combined, weighted by pixel
+    count). For images (files or directories) they are computed from a low-resolution
+    level, so this stays cheap for gigapixel images.
+    """
+    paths = _as_list(stores)
+    if not paths:
+        raise InputError("no patch stores or images given")
+    if all((p / "zarr.json").is_file() and _is_store(p) for p in paths):
+        s, ss, n, names, chans = None, None, 0.0, [], None
+        for p in paths:
+            at = dict(_open_store(p).attrs)
+            if chans is not None and at["channels"] != chans:
+                raise InputError(f"{p}: has {at['channels']} channels, other stores {chans}")
+            chans = at["channels"]
+            npix = sum(src["npix"] for src in at["sources"]) or 1.0
+            mean, std = np.asarray(at["mean"]), np.asarray(at["std"])
+            s = (s if s is not None else 0) + mean * npix
+            ss = (ss if ss is not None else 0) + (std**2 + mean**2) * npix
+            n += npix
+            names = names or list(at.get("class_names") or [])
+        assert s is not None and ss is not None and chans is not None
+        mean = s / n
+        std = np.sqrt(np.maximum(ss / n - mean**2, 1e-12))
+        return {"mean": mean.tolist(), "std": std.tolist(), "class_names": names, "channels": chans}
+    return _image_stats(paths)
+
+
+def _is_store(p: Path) -> bool:
+    try:
+        _open_store(p)
+    except InputError:
+        return False
+    return True
+
+
+def _image_stats(paths: list[Path], *, max_side: int = 1024) -> dict[str, Any]:
+    from tilenet.io import open_image
+    from tilenet.tiler import resolve_images
+
+    s = ss = None
+    n = 0
+    chans = None
+    for path in resolve_images([str(p) for p in paths]):
+        with open_image(path) as img:
+            lv = next(
+                (i for i, v in enumerate(img.levels) if max(v.shape) <= max_side),
+                len(img.levels) - 1,
+            )
+            h, w = img.levels[lv].shape
+            step = max(1, math.ceil(max(h, w) / max_side))
+            band = step * max(1, 512 // step)
+            for y in range(0, h, band):
+                px = img.read(Window(y, 0, min(band, h - y), w), lv)[::step, ::step]
+                px = px.reshape(-1, img.channels).astype(np.float64)
+                s = px.sum(0) + (s if s is not None else 0)
+                ss = (px * px).sum(0) + (ss if ss is not None else 0)
+                n += px.shape[0]
+            chans = img.channels
+    assert s is not None and ss is not None
+    mean = s / n
+    std = np.sqrt(np.maximum(ss / n - mean**2, 1e-12))
+    return {"mean": mean.tolist(), "std": std.tolist(), "class_names": [], "channels": chans}
+
+
+def repeat_factors(
+    class_patches: Sequence[int], total: int, *, threshold: float = 0.3
+) -> np.ndarray:
+    """Repeat factor per class: ``max(1, sqrt(threshold / f_c))``, f_c = share of patches with c.
+
+    Repeat-factor sampling (Gupta et al., LVIS 2019): a patch is repeated by the largest
+    factor of the classes it contains, so rare classes are seen more often while common
+    ones keep their rate.
+
+    >>> repeat_factors([100, 100, 1], 100).round(2).tolist()
+    [1.0, 1.0, 5.48]
+    """
+    f = np.asarray(class_patches, dtype=np.float64) / max(total, 1)
+    with np.errstate(divide="ignore"):
+        r = np.sqrt(threshold / np.where(f > 0, f, np.inf))
+    return np.maximum(1.0, r)
+
+
+# -- normalisation ------------------------------------------------------------------------
+class _Normalize:
+    """uint8/uint16/float (B, P, P, C) numpy -> float32 (B, C, P, P) tensor, (x - mean) / std."""
+
+    def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32)
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32, memory_format=torch.contiguous_format)
+        if self.mean is not None and self.std is not None:
+            x.sub_(self.mean.view(1, -1, 1, 1)).div_(self.std.view(1, -1, 1, 1))
+        return x
+
+
+class _Emitter:
+    """Turns (images (n,P,P,C) numpy, masks (n,P,P) numpy) into samples or fixed-size batches."""
+
+    def __init__(self, batch_size: int | None, norm: _Normalize, augment: Any) -> None:
+        self.batch_size = batch_size
+        self.norm = norm
+        self.augment = augment
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._n = 0
+
+    def _finish(self, images: np.ndarray, masks: np.ndarray) -> Batch:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        m = torch.from_numpy(np.ascontiguousarray(masks))
+        if self.augment is not None:
+            x, m = self.augment(x.contiguous(), m)
+        return self.norm(x), m.to(torch.int64)
+
+    def feed(self, images: np.ndarray, masks: np.ndarray) -> Iterator[Any]:
+        if self.batch_size is None:
+            for i in range(0, len(images), 64):
+                x, m = self._finish(images[i : i + 64], masks[i : i + 64])
+                yield from zip(x, m, strict=True)
+            return
+        self._pending.append((images, masks))
+        self._n += len(images)
+        while self._n >= self.batch_size:
+            yield self._take(self.batch_size)
+
+    def _take(self, k: int) -> Batch:
+        imgs, msks, got = [], [], 0
+        while got < k:
+            a, b = self._pending[0]
+            t = min(k - got, len(a))
+            imgs.append(a[:t])
+            msks.append(b[:t])
+            if t == len(a):
+                self._pending.pop(0)
+            else:
+                self._pending[0] = (a[t:], b[t:])
+            got += t
+        self._n -= k
+        cat = (lambda xs: xs[0]) if len(imgs) == 1 else np.concatenate
+        return self._finish(cat(imgs), cat(msks))
+
+    def flush(self) -> Iterator[Batch]:
+        if self.batch_size is not None and self._n:
+            yield self._take(self._n)
+
+
+# -- patch stores ------------------------------------------------------------------------
+class PatchStoreDataset(IterableDataset):
+    """Stream patches from one or more stores written by :func:`tilenet.tiler.tile_images`.
+
+    Each epoch the chunks of all stores are shuffled with ``(seed, epoch)`` (the same order
+    on every rank and worker) and dealt round-robin to the ``world_size x num_workers``
+    consumers, so every patch is delivered exactly once per epoch. Within a consumer, about
+    ``buffer`` patches (whole chunks) are loaded, permuted and emitted. Call
+    :meth:`set_epoch` before each epoch (as with ``DistributedSampler``); ranks may receive
+    up to one chunk more or less than each other.
+
+    ``class_balance`` repeats each patch by the largest repeat factor
+    (:func:`repeat_factors`) of the classes it contains, stochastically rounded: rare
+    classes are oversampled and exactly-once no longer holds.
+    """
+
+    def __init__(
+        self,
+        stores: PathLike | Sequence[PathLike],
+        *,
+        batch_size: int | None = None,
+        shuffle: bool = True,
+        buffer: int = 1024,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        augment: AugmentConfig | None = None,
+        normalize: bool = True,
+        class_balance: bool = False,
+    ) -> None:
+        super().__init__()
+        self.paths = _as_list(stores)
+        if not self.paths:
+            raise InputError("PatchStoreDataset needs at least one patch store")
+        if batch_size is not None and batch_size < 1:
+            raise InputError(f"batch_size must be positive or None, got {batch_size!r}")
+        if not 0 <= rank < world_size:
+            raise InputError(f"rank {rank} is outside world_size {world_size}")
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.buffer = max(1, int(buffer))
+        self.seed = int(seed)
+        self.rank = rank
+        self.world_size = world_size
+        self.augment_cfg = augment
+        self.class_balance = class_balance
+        self.epoch = 0
+        self.units: list[tuple[int, int, int]] = []  # (store, lo, hi)
+        self.counts: list[int] = []
+        self.has_labels: list[bool] = []
+        self.patch = None
+        class_patches = np.zeros(256)
+        for k, path in enumerate(self.paths):
+            at = dict(_open_store(path).attrs)
+            if self.patch is not None and at["patch"] != self.patch:
+                raise InputError(f"{path}: patch {at['patch']} differs from {self.patch}")
+            self.patch = at["patch"]
+            n, c = int(at["count"]), int(at["chunk_patches"])
+            self.counts.append(n)
+            self.has_labels.append(bool(at.get("has_labels")))
+            self.units += [(k, lo, min(lo + c, n)) for lo in range(0, n, c)]
+            cp = at.get("class_patches") or []
+            class_patches[: len(cp)] += cp
+        stats = store_stats(self.paths)
+        self.channels = int(stats["channels"])
+        self.class_names = stats["class_names"]
+        self.mean, self.std = stats["mean"], stats["std"]
+        self.normalize = normalize
+        self.class_repeat = repeat_factors(class_patches, sum(self.counts))
+        self._groups: list[Any] | None = None
+
+    def __len__(self) -> int:
+        """Patches (or batches) this rank delivers per epoch, summed over its workers.
+
+        Exact for patches; for batches an upper bound (workers may end on a partial batch).
+        """
+        n = sum(hi - lo for _, lo, hi in self._order()[self.rank :: self.world_size])
+        return n if self.batch_size is None else math.ceil(n / self.batch_size)
+
+    @property
+    def num_patches(self) -> int:
+        return sum(self.counts)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for ``epoch`` (same order on every rank: call it on all of them)."""
+        self.epoch = int(epoch)
+
+    def _order(self) -> list[tuple[int, int, int]]:
+        units = list(self.units)
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(units))
+            units = [units[i] for i in perm]
+        return units
+
+    def _read(self, unit: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        import zarr
+
+        if self._groups is None:  # opened lazily, once per worker process
+            self._groups = [zarr.open_group(p, mode="r") for p in self.paths]
+        k, lo, hi = unit
+        g = self._groups[k]
+        images = g["images"][lo:hi]
+        if self.has_labels[k]:
+            masks = g["labels"][lo:hi]
+        else:
+            masks = np.zeros(images.shape[:3], dtype=np.uint8)
+        return images, masks
+
+    def __iter__(self) -> Iterator[Any]:
+        mine = _shard(self._order(), self.rank, self.world_size)
+        rng = np.random.default_rng([self.seed, self.epoch, _worker_id(self.rank), 1])
+        norm = _Normalize(self.mean, self.std) if self.normalize else _Normalize(None, None)
+        emit = _Emitter(
+            self.batch_size, norm, build_augment(self.augment_cfg, channels=self.channels)
+        )
+        i = 0
+        while i < len(mine):
+            imgs, msks, got = [], [], 0
+            while i < len(mine) and (got == 0 or got < self.buffer):
+                a, b = self._read(mine[i])
+                imgs.append(a)
+                msks.append(b)
+                got += len(a)
+                i += 1
+            images = imgs[0] if len(imgs) == 1 else np.concatenate(imgs)
+            masks = msks[0] if len(msks) == 1 else np.concatenate(msks)
+            idx = np.arange(len(images))
+            if self.class_balance:
+                idx = self._balanced(masks, rng)
+            if self.shuffle:
+                idx = rng.permutation(idx)
+            if not (len(idx) == len(images) and (idx == np.arange(len(images))).all()):
+                images, masks = images[idx], masks[idx]
+            yield from emit.feed(images, masks)
+        yield from emit.flush()
+
+    def _balanced(self, masks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Indices with each patch repeated by its stochastically rounded repeat factor."""
+        r = self.class_repeat
+        factors = np.ones(len(masks))
+        for c in np.flatnonzero(r > 1):
+            has = (masks == c).reshape(len(masks), -1).any(1)
+            factors = np.where(has, np.maximum(factors, r[c]), factors)
+        reps = np.floor(factors + rng.random(len(masks))).astype(np.int64)
+        return np.repeat(np.arange(len(masks)), reps)
+
+
+# -- random crops from large images ------------------------------------------------------
+class RandomCropDataset(IterableDataset):
+    """Random ``patch`` x ``patch`` crops read lazily from large images; no store needed.
+
+    Crops are drawn uniformly over each image (images chosen in proportion to their area),
+    at pyramid ``level``; ``samples_per_epoch`` crops are split across ranks and workers.
+    Reads go through :func:`tilenet.io.open_image`, so only the crop is decoded.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[PathLike],
+        labels: Sequence[PathLike] | None,
+        *,
+        patch: int,
+        samples_per_epoch: int,
+        batch_size: int | None = None,
+        level: int = 0,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        augment: AugmentConfig | None = None,
+        normalize: bool = True,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        from tilenet.io import open_image
+
+        self.images = [Path(p) for p in images]
+        self.labels = [Path(p) for p in labels] if labels is not None else None
+        if not self.images:
+            raise InputError("RandomCropDataset needs at least one image")
+        if self.labels is not None and len(self.labels) != len(self.images):
+            raise InputError(f"{len(self.labels)} label images for {len(self.images)} images")
+        self.patch, self.level = int(patch), int(level)
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.batch_size = batch_size
+        self.seed, self.rank, self.world_size = int(seed), rank, world_size
+        self.augment_cfg = augment
+        self.epoch = 0
+        self.shapes = []
+        for i, p in enumerate(self.images):
+            with open_image(p) as img:
+                if level >= len(img.levels):
+                    raise InputError(f"{p}: has no pyramid level {level}")
+                self.shapes.append(img.levels[level].shape)
+                self.channels = img.channels
+            if self.labels is not None:
+                with open_image(self.labels[i]) as lab:
+                    if lab.shape[:2] != img.shape[:2]:
+                        raise InputError(
+                            f"{self.labels[i]}: label image is {lab.shape[0]}x{lab.shape[1]} "
+                            f"but {p} is {img.shape[0]}x{img.shape[1]}"
+                        )
+        if normalize and (mean is None or std is None):
+            st = store_stats(self.images)
+            mean, std = st["mean"], st["std"]
+        self.mean, self.std = (mean, std) if normalize else (None, None)
+        self._open: dict[int, tuple[Any, Any]] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = len(range(self.rank, self.samples_per_epoch, self.world_size))
+        return n if self.batch_size is None else math.ceil(n / self.batch_size)
+
+    def _handles(self, i: int) -> tuple[Any, Any]:
+        from tilenet.io import open_image
+
+        if i not in self._open:
+            lab = open_image(self.labels[i]) if self.labels is not None else None
+            self._open[i] = (open_image(self.images[i]), lab)
+        return self._open[i]
+
+    def windows(self, epoch: int | None = None) -> list[tuple[int, Window]]:
+        """All crops of an epoch as (image index, window at ``level``), before sharding."""
+        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, 7])
+        area = np.array([h * w for h, w in self.shapes], dtype=np.float64)
+        which = rng.choice(len(self.images), size=self.samples_per_epoch, p=area / area.sum())
+        out = []
+        for i in which:
+            h, w = self.shapes[i]
+            y = int(rng.integers(0, max(h - self.patch, 0) + 1))
+            x = int(rng.integers(0, max(w - self.patch, 0) + 1))
+            out.append((int(i), Window(y, x, self.patch, self.patch)))
+        return out
+
+    def __iter__(self) -> Iterator[Any]:
+        mine = _shard(self.windows(), self.rank, self.world_size)
+        emit = _Emitter(
+            self.batch_size,
+            _Normalize(self.mean, self.std),
+            build_augment(self.augment_cfg, channels=self.channels),
+        )
+        step = self.batch_size or 16
+        for s in range(0, len(mine), step):
+            crops, masks = [], np.zeros((len(mine[s : s + step]), self.patch, self.patch), np.uint8)
+            for j, (i, win) in enumerate(mine[s : s + step]):
+                img, lab = self._handles(i)
+                crops.append(img.read(win, self.level))
+                if lab is not None:
+                    masks[j] = lab.read(win, self.level)[..., 0]
+            yield from emit.feed(np.stack(crops), masks)
+        yield from emit.flush()
+
+
+# -- loaders -----------------------------------------------------------------------------
+def _synth_store(cfg: DataConfig, *, train: bool) -> list[str]:
+    """The demo path: synthesize (if missing) and tile the synthetic dataset once."""
+    from tilenet.synth import synthesize
+    from tilenet.tiler import tile_images
+
+    assert cfg.synth_dir is not None
+    root = Path(cfg.synth_dir) if train else Path(cfg.synth_dir) / "val"
+    count = cfg.synth_count if train else 1
+    seed = cfg.seed if train else cfg.seed + 1
+    if not (root / "images").is_dir():
+        synthesize(root, size=cfg.synth_size, count=count, seed=seed)
+    store = root / f"patches_{cfg.patch}.zarr"
+    tile_images(
+        [root / "images"],
+        labels=root / "labels",
+        out=store,
+        patch=cfg.patch,
+        overlap=0,
+        workers=max(1, cfg.num_workers),
+        progress=False,
+    )
+    return [str(store)]
+
+
+def build_loader(
+    data_cfg: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0
+) -> DataLoader:
+    """A DataLoader of batches ``(float32 (B, C, P, P), int64 (B, P, P))`` for ``data_cfg``.
+
+    Train uses ``stores`` (or ``images``/``labels`` via random crops, or the synthetic
+    dataset in ``synth_dir``) with shuffling, augmentation and optional class balance;
+    validation uses ``val_stores`` in a fixed order, unaugmented. The dataset is
+    ``loader.dataset``: call ``loader.dataset.set_epoch(e)`` each epoch.
+    """
+    cfg = data_cfg
+    if not isinstance(cfg, DataConfig):  # an omegaconf section: plain dataclasses pickle to workers
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    seed = int(seed) + int(cfg.seed)
+    stores = list(cfg.stores if train else cfg.val_stores)
+    if not stores and cfg.synth_dir and (train or not cfg.images):
+        stores = _synth_store(cfg, train=train)
+    ds: IterableDataset
+    if stores:
+        ds = PatchStoreDataset(
+            stores,
+            batch_size=cfg.batch_size,
+            shuffle=train,
+            buffer=cfg.shuffle_buffer,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            augment=cfg.augment if train else None,
+            normalize=cfg.normalize,
+            class_balance=cfg.class_balance and train,
+        )
+        if ds.patch != cfg.patch:
+            raise InputError(
+                f"{stores[0]}: store patches are {ds.patch} px but data.patch is {cfg.patch}"
+            )
+    elif cfg.images and train:
+        from tilenet.tiler import match_labels, resolve_images
+
+        images = resolve_images([cfg.images])
+        labels = match_labels(images, cfg.labels) if cfg.labels else None
+        ds = RandomCropDataset(
+            images,
+            labels,
+            patch=cfg.patch,
+            samples_per_epoch=cfg.samples_per_epoch,
+            batch_size=cfg.batch_size,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            augment=cfg.augment,
+            normalize=cfg.normalize,
+        )
+    else:
+        what = "data.stores, data.images or data.synth_dir" if train else "data.val_stores"
+        raise InputError(f"no {'training' if train else 'validation'} data configured; set {what}")
+    return DataLoader(
+        ds,
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if cfg.num_workers > 0 else None,
+    )

@@ -6,9 +6,11 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "open_image"]
+__all__ = ["__version__", "infer_image", "load_model", "open_image"]
 
 if TYPE_CHECKING:
+    from tilenet.checkpoint import load_model
+    from tilenet.infer import infer_image
     from tilenet.io import open_image
 
 
@@ -18,4 +20,12 @@ def __getattr__(name: str) -> Any:
         from tilenet.io import open_image
 
         return open_image
+    if name == "load_model":
+        from tilenet.checkpoint import load_model
+
+        return load_model
+    if name == "infer_image":
+        from tilenet.infer import infer_image
+
+        return infer_image
     raise AttributeError(f"module 'tilenet' has no attribute {name!r}")

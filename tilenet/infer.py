@@ -395,7 +395,13 @@ def _run(
             if px_area
             else None
         ),
-        "instances": n_instances,
+        "instances": n_instances
+        and {
+            "count": int(n_instances["count"]),
+            "per_class": {
+                names[int(c)]: int(n) for c, n in n_instances.get("per_class_counts", {}).items()
+            },
+        },
         "timings": {
             "setup_s": round(t_model - t_start, 3),
             "tiles_s": round(t_written - t_model, 3),
@@ -512,10 +518,10 @@ def _extra_outputs(
     k: int,
     pixel_size: tuple[float, float] | None,
     paths: dict[str, Path],
-) -> int | None:
+) -> dict[str, Any] | None:
     """OME-TIFF, preview, instances and GeoJSON, all made from the finished class map.
 
-    Returns the instance count (None when instances were not made); adds to ``paths``.
+    Returns the instance counts (None when instances were not made); adds to ``paths``.
     """
     import zarr
 
@@ -537,19 +543,17 @@ def _extra_outputs(
         paths["preview"] = write_preview_png(out / "preview.png", base, overlay=classes["0"])
     if not want & {"instances", "geojson"}:
         return None
-    try:
-        from tilenet import instances
-    except ImportError:
-        log.warning("instances/geojson requested but tilenet.instances is not available")
-        return None
+    from tilenet import instances
+
     result = instances.label_instances(
-        classes["0"], out / "instances.ome.zarr", foreground=tuple(range(1, k)), chunk=cfg.chunk
+        classes["0"], out / "instances.ome.zarr", foreground=range(1, k), chunk=cfg.chunk
     )
     paths["instances"] = out / "instances.ome.zarr"
     if "geojson" in want:
-        paths["geojson"] = instances.write_geojson(out / "instances.geojson", result)
-    count = getattr(result, "count", result)
-    return int(count) if isinstance(count, int | np.integer) else None
+        paths["geojson"] = instances.write_geojson(
+            out / "instances.geojson", paths["instances"], classes=classes["0"]
+        )
+    return result
 
 
 def _config_yaml(cfg: InferConfig, checkpoint: str | None) -> str:

@@ -44,7 +44,7 @@ import zarr
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from tilenet.errors import InputError, UnsupportedFormatError
+from tilenet.errors import ImageNotFoundError, InputError, UnsupportedFormatError
 from tilenet.fsutil import atomic_output
 from tilenet.io.writers import DEFAULT_PALETTE, OmeZarrWriter
 
@@ -63,9 +63,9 @@ def _open_2d(source: Any, what: str) -> tuple[Any, str]:
         p = Path(source)
         label = str(p)
         if not p.is_dir():
-            raise InputError(f"{p}: {what} not found; pass an OME-Zarr directory")
+            raise ImageNotFoundError(f"{p}: {what} not found; pass an OME-Zarr directory")
         try:
-            node = zarr.open(p, mode="r")
+            node: Any = zarr.open(p, mode="r")
         except Exception as exc:
             raise UnsupportedFormatError(f"{p}: not a zarr store ({exc})") from exc
         if isinstance(node, zarr.Group):
@@ -226,7 +226,8 @@ def label_instances(
     pairs: list[np.ndarray] = []
     edge_gid, edge_fp, edge_key = [], [], []
     next_base = 0
-    prev_bottom = prev_bottom_key = None
+    prev_bottom: np.ndarray | None = None
+    prev_bottom_key = left = left_key = np.zeros(0, np.int64)
     blocks_iter = ((i, j) for i in range(len(rows)) for j in range(nbx))
     for i, j in _progress(blocks_iter, progress, "instances 1/3", len(rows) * nbx):
         (y0, y1), (x0, x1) = rows[i], cols[j]
@@ -235,7 +236,7 @@ def label_instances(
             top_key = np.full(W, -1, np.int64)
             bottom = np.zeros(W, np.int64)
             bottom_key = np.full(W, -1, np.int64)
-            left = left_key = None
+            left = left_key = np.zeros(0, np.int64)
         lab, n, first, keys = labeller(read(y0, y1, x0, x1))
         base[i, j] = next_base
         gid = np.where(lab > 0, lab.astype(np.int64) + next_base, 0)
@@ -254,7 +255,7 @@ def label_instances(
             edge_key.append(keys[e - 1])
         top[x0:x1], top_key[x0:x1] = gid[0], pkey[0]
         bottom[x0:x1], bottom_key[x0:x1] = gid[-1], pkey[-1]
-        if left is not None:
+        if left.size:
             pairs += _face_pairs(left, gid[:, 0], left_key, pkey[:, 0], diag)
         left, left_key = gid[:, -1], pkey[:, -1]
         if j == nbx - 1:
@@ -314,6 +315,7 @@ def label_instances(
     writer = OmeZarrWriter(
         out, shape=(H, W), dtype=np.uint32, axes="yx", chunks=max(bh, bw), overwrite=True
     )
+    out_arr: Any = writer.array
     with writer:
         bands = _progress(range(len(rows)), progress, "instances 2/3", len(rows))
         for i in bands:
@@ -323,8 +325,8 @@ def label_instances(
             for j, (x0, x1) in enumerate(cols):
                 lab, n, first, keys = labeller(read(y0, y1, x0, x1))
                 gids = np.arange(1, n + 1, dtype=np.int64) + base[i, j]
-                pos = np.searchsorted(nodes, gids)
-                merged = (pos < nodes.size) & (nodes[np.minimum(pos, nodes.size - 1)] == gids)
+                pos = np.minimum(np.searchsorted(nodes, gids), max(nodes.size - 1, 0))
+                merged = nodes[pos] == gids if nodes.size else np.zeros(n, bool)
                 inner = np.flatnonzero(~merged)
                 w = x1 - x0
                 fps.append((y0 + first[inner] // w) * W + x0 + first[inner] % w)
@@ -350,7 +352,7 @@ def label_instances(
                 table = np.zeros(n + 1, np.uint32)
                 table[inner + 1] = chunk_ids[j]
                 table[merged_l + 1] = comp_id[merged_c]
-                writer.array[y0:y1, x0:x1] = table[lab]
+                out_arr[y0:y1, x0:x1] = table[lab]
         meta: dict[str, Any] = {
             "source": label,
             "per_class": per_class,
@@ -365,6 +367,295 @@ def label_instances(
                 for k in all_keys
                 if per_key[kidx[k]]
             }
-        writer.array.attrs[META_KEY] = meta
+        out_arr.attrs[META_KEY] = meta
         writer.finalize(method="nearest")
     return info
+
+
+# -- polygons ----------------------------------------------------------------------------------
+# Directed pixel edges: 0 = +x (top side of a pixel), 1 = +y (right), 2 = -x (bottom),
+# 3 = -y (left). Walking them keeps the object on the right in image (y-down) coordinates, so
+# an outer ring has a positive shoelace area and a hole a negative one.
+_DX = np.array([1, 0, -1, 0], np.int64)
+_DY = np.array([0, 1, 0, -1], np.int64)
+
+
+def _owners(pad: np.ndarray) -> np.ndarray:
+    """Edge-connected (4-) components of equal non-zero values: 1.. per component, 0 = none."""
+    idx = np.arange(pad.size, dtype=np.int64).reshape(pad.shape)
+    src, dst = [], []
+    for a, b, ia, ib in (
+        (pad[:, :-1], pad[:, 1:], idx[:, :-1], idx[:, 1:]),
+        (pad[:-1], pad[1:], idx[:-1], idx[1:]),
+    ):
+        m = (a == b) & (a > 0)
+        src.append(ia[m])
+        dst.append(ib[m])
+    s, d = np.concatenate(src), np.concatenate(dst)
+    graph = coo_matrix((np.ones(s.size, np.int8), (s, d)), shape=(pad.size, pad.size))
+    _, comp = connected_components(graph, directed=False)
+    fgm = pad.ravel() > 0
+    # renumber so that background is 0 and components are 1..n
+    _, inv = np.unique(comp[fgm], return_inverse=True)
+    out = np.zeros(pad.size, np.int64)
+    out[fgm] = inv + 1
+    return out.reshape(pad.shape)
+
+
+def _trace(labels: np.ndarray, keep: np.ndarray) -> Iterator[tuple[int, list[list[np.ndarray]]]]:
+    """Exact pixel-edge polygons of the objects ``keep`` (sorted ids) in ``labels``.
+
+    Yields ``(id, polygons)``; each polygon is a list of closed rings of (x, y) vertices in
+    ``labels`` pixel coordinates (corners only), the outer ring first, then its holes. An
+    object is one polygon per edge-connected piece: pieces that only touch diagonally (8-
+    connected objects) are separate polygons meeting at a corner, and a hole that touches
+    its outer ring diagonally touches it at one vertex, so the rings are simple (valid OGC).
+    """
+    pad = np.pad(np.where(np.isin(labels, keep), labels, 0), 1)
+    if not pad.any():
+        return
+    own = _owners(pad)
+    h, w = own.shape
+    # each owner's object id
+    flat_own, flat_lab = own.ravel(), pad.ravel()
+    owner_id = np.zeros(int(own.max()) + 1, np.int64)
+    owner_id[flat_own] = flat_lab
+    starts_x, starts_y, dirs, owner = [], [], [], []
+    inner = own[1:-1, 1:-1]
+    r, c = np.mgrid[1 : h - 1, 1 : w - 1]
+    neighbours = (own[:-2, 1:-1], own[1:-1, 2:], own[2:, 1:-1], own[1:-1, :-2])
+    offsets = ((0, 0), (1, 0), (1, 1), (0, 1))  # edge start relative to the pixel's corner
+    for d, (nb, (ox, oy)) in enumerate(zip(neighbours, offsets, strict=True)):
+        m = (inner > 0) & (nb != inner)
+        starts_x.append(c[m] + ox)
+        starts_y.append(r[m] + oy)
+        dirs.append(np.full(int(m.sum()), d, np.int64))
+        owner.append(inner[m])
+    sx, sy = np.concatenate(starts_x), np.concatenate(starts_y)
+    dr, ow = np.concatenate(dirs), np.concatenate(owner)
+    stride = w + 1
+    key = (sy * stride + sx) * 4 + dr
+    order = np.argsort(key)
+    sx, sy, dr, ow, key = sx[order], sy[order], dr[order], ow[order], key[order]
+    n = key.size
+    ex, ey = sx + _DX[dr], sy + _DY[dr]
+    nxt = np.full(n, -1, np.int64)
+    # At a vertex an owner has one outgoing edge, or two where it holds two diagonal pixels:
+    # then turn so that the two pixels join (preference: that turn, straight on, other turn).
+    for turn in (3, 0, 1):
+        todo = nxt < 0
+        cand = (ey * stride + ex) * 4 + (dr + turn) % 4
+        pos = np.minimum(np.searchsorted(key, cand), n - 1)
+        ok = todo & (key[pos] == cand) & (ow[pos] == ow)
+        nxt[ok] = pos[ok]
+    assert (nxt >= 0).all(), "pixel boundary is not closed"
+    graph = coo_matrix((np.ones(n, np.int8), (np.arange(n), nxt)), shape=(n, n))
+    nrings, ring = connected_components(graph, directed=True, connection="weak")
+    # order each ring from its lowest edge: list ranking by pointer doubling (log n steps)
+    first = _group_min(ring, np.arange(n, dtype=np.int64), nrings)
+    succ = np.where(nxt == first[ring], -1, nxt)
+    dist = (succ >= 0).astype(np.int64)
+    p = succ
+    while (p >= 0).any():
+        act = p >= 0
+        safe = np.where(act, p, 0)
+        dist = dist + np.where(act, dist[safe], 0)
+        p = np.where(act, p[safe], -1)
+    seq = np.lexsort((-dist, ring))
+    ring_s, dir_s = ring[seq], dr[seq]
+    bounds = np.flatnonzero(np.diff(ring_s)) + 1
+    ring_start = np.concatenate([[0], bounds])
+    prev = np.arange(n) - 1
+    prev[ring_start] = np.concatenate([bounds, [n]]) - 1  # first edge's predecessor: the last
+    corner = dir_s != dir_s[prev]
+    area2 = np.bincount(ring, weights=sx * ey - ex * sy, minlength=nrings)
+    ring_owner = ow[first]
+    vx, vy = sx[seq] - 1, sy[seq] - 1  # undo the padding
+    cs = np.flatnonzero(corner)
+    ring_of_corner = ring_s[cs]
+    cut = np.searchsorted(ring_of_corner, np.arange(nrings + 1))
+    by_owner: dict[int, list[np.ndarray]] = {}
+    for rid in np.argsort(-area2, kind="stable"):  # outer rings (positive area) first
+        sel = cs[cut[rid] : cut[rid + 1]]
+        pts = np.stack([vx[sel], vy[sel]], axis=1)
+        by_owner.setdefault(int(ring_owner[rid]), []).append(np.vstack([pts, pts[:1]]))
+    by_id: dict[int, list[list[np.ndarray]]] = {}
+    for o in sorted(by_owner):
+        by_id.setdefault(int(owner_id[o]), []).append(by_owner[o])
+    yield from sorted(by_id.items())
+
+
+def _class_names(class_names: Sequence[str] | Mapping[int, str] | None) -> dict[int, str]:
+    if class_names is None:
+        return {}
+    if isinstance(class_names, Mapping):
+        return {int(k): str(v) for k, v in class_names.items()}
+    return dict(enumerate(str(v) for v in class_names))
+
+
+class _Stats:
+    """Bounding box, pixel count and class histogram of objects, merged over blocks."""
+
+    def __init__(self) -> None:
+        self.box: dict[int, list[int]] = {}
+        self.count: dict[int, int] = {}
+        self.hist: dict[int, dict[int, int]] = {}
+
+    def add(self, i: int, box: list[int], count: int, hist: dict[int, int]) -> None:
+        if i not in self.box:
+            self.box[i], self.count[i], self.hist[i] = box, count, hist
+            return
+        b = self.box[i]
+        self.box[i] = [min(b[0], box[0]), min(b[1], box[1]), max(b[2], box[2]), max(b[3], box[3])]
+        self.count[i] += count
+        for k, v in hist.items():
+            self.hist[i][k] = self.hist[i].get(k, 0) + v
+
+
+def write_geojson(
+    instances: Any,
+    path: str | os.PathLike[str],
+    *,
+    class_map: Any = None,
+    class_names: Sequence[str] | Mapping[int, str] | None = None,
+    downsample: float = 1,
+    min_area: float = 0,
+) -> int:
+    """Write the instances as a GeoJSON FeatureCollection of polygons for QuPath; return count.
+
+    ``instances`` is an instance map (zarr array or OME-Zarr path, e.g. from
+    :func:`label_instances`); ``downsample`` is its pixel size in level-0 pixels, so the
+    coordinates are level-0 pixel coordinates (x right, y down). Each object becomes one
+    Feature (``objectType`` "detection") whose geometry is the exact outline of its pixels
+    (Polygon, or MultiPolygon when the object's pieces only touch diagonally), with
+    properties ``id``, ``area`` (level-0 pixels) and ``classification`` {"name", "color"}:
+    the object's most frequent class in ``class_map`` if given, else the class recorded by
+    :func:`label_instances` (``per_class=True``), else none. ``class_names`` maps class ids
+    to names (default "class <id>"). Objects with ``area < min_area`` are left out.
+
+    Works block by block: objects inside one block are traced from it; objects crossing
+    block edges are traced afterwards from a crop of their bounding box (grouped per
+    block). An object whose box exceeds ~16 blocks is traced from a strided crop, i.e. its
+    outline is approximate at that stride (its area is still exact).
+    """
+    inst = _open_2d(instances, "instance map")[0]
+    cmap = None
+    if class_map is not None:
+        cmap, clabel = _open_2d(class_map, "class map")
+        if tuple(cmap.shape) != tuple(inst.shape):
+            raise InputError(
+                f"{clabel}: class map shape {tuple(cmap.shape)} differs from the instance map "
+                f"shape {tuple(inst.shape)}"
+            )
+    if not downsample > 0 or not min_area >= 0:
+        raise InputError(f"downsample must be > 0 and min_area >= 0, got {downsample}, {min_area}")
+    names = _class_names(class_names)
+    ranges: dict[int, list[int]] = {}
+    meta: Any = inst.attrs.get(META_KEY) if isinstance(inst, zarr.Array) else None
+    if cmap is None and meta and meta.get("class_ranges"):
+        ranges = {int(k): v for k, v in meta["class_ranges"].items()}
+    range_cls = np.array(sorted(ranges), np.int64)
+    range_lo = np.array([ranges[k][0] for k in range_cls.tolist()], np.int64)
+    bh, bw = _block_shape(None, inst)
+    H, W = (int(s) for s in inst.shape)
+    max_crop = 16 * bh * bw
+    area_scale = float(downsample) ** 2
+
+    def classify(i: int, hist: dict[int, int] | None) -> int | None:
+        if hist:
+            return max(hist.items(), key=lambda kv: (kv[1], -kv[0]))[0]
+        if ranges:
+            t = int(np.searchsorted(range_lo, i, side="right")) - 1
+            if t >= 0 and i <= ranges[int(range_cls[t])][1]:
+                return int(range_cls[t])
+        return None
+
+    def feature(i: int, polys: list[list[np.ndarray]], count: int, cls: int | None, s: float):
+        coords = [[(ring * s).tolist() for ring in poly] for poly in polys]
+        geom = (
+            {"type": "Polygon", "coordinates": coords[0]}
+            if len(coords) == 1
+            else {"type": "MultiPolygon", "coordinates": coords}
+        )
+        props: dict[str, Any] = {"objectType": "detection", "id": i, "area": count * area_scale}
+        if cls is not None:
+            colour = DEFAULT_PALETTE[cls % len(DEFAULT_PALETTE)].tolist()
+            props["classification"] = {"name": names.get(cls, f"class {cls}"), "color": colour}
+        return json.dumps({"type": "Feature", "geometry": geom, "properties": props})
+
+    def block_stats(y0: int, y1: int, x0: int, x1: int):
+        lab = np.asarray(inst[y0:y1, x0:x1])
+        ids, inv = np.unique(lab, return_inverse=True)
+        inv = inv.reshape(lab.shape)
+        if ids[0] == 0:
+            ids, inv = ids[1:], inv - 1
+        counts = np.bincount(inv[inv >= 0].ravel(), minlength=ids.size)
+        boxes = ndi.find_objects(inv + 1, max_label=ids.size) if ids.size else []
+        hists: list[dict[int, int]] = [{} for _ in range(ids.size)]
+        if cmap is not None and ids.size:
+            cl = np.asarray(cmap[y0:y1, x0:x1]).astype(np.int64)
+            m = inv >= 0
+            nc = int(cl.max()) + 1
+            up, uc = np.unique(inv[m].astype(np.int64) * nc + cl[m], return_counts=True)
+            for p_, c_ in zip(up.tolist(), uc.tolist(), strict=True):
+                hists[p_ // nc][p_ % nc] = c_
+        return lab, ids, counts, boxes, hists
+
+    written = 0
+    border = _Stats()
+    final = Path(path)
+    with atomic_output(final) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write('{"type": "FeatureCollection", "features": [\n')
+
+        def emit(text: str) -> None:
+            nonlocal written
+            f.write((",\n" if written else "") + text)
+            written += 1
+
+        for y0, y1 in _blocks(H, bh):
+            for x0, x1 in _blocks(W, bw):
+                lab, ids, counts, boxes, hists = block_stats(y0, y1, x0, x1)
+                inside = []
+                for t, i in enumerate(ids.tolist()):
+                    sy, sx = boxes[t]
+                    box = [sy.start + y0, sx.start + x0, sy.stop + y0, sx.stop + x0]
+                    cut = (
+                        (box[0] == y0 and y0 > 0)
+                        or (box[2] == y1 and y1 < H)
+                        or (box[1] == x0 and x0 > 0)
+                        or (box[3] == x1 and x1 < W)
+                    )
+                    if cut:
+                        border.add(i, box, int(counts[t]), hists[t])
+                    elif counts[t] * area_scale >= min_area:
+                        inside.append(t)
+                if inside:
+                    keep = ids[inside]
+                    for (i, polys), t in zip(_trace(lab, keep), inside, strict=True):
+                        polys = [[r + np.array([x0, y0]) for r in poly] for poly in polys]
+                        emit(feature(i, polys, int(counts[t]), classify(i, hists[t]), downsample))
+        # objects crossing block edges: group those spanning at most 2x2 blocks by their
+        # top-left block and trace each group from one crop
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in sorted(border.box):
+            if border.count[i] * area_scale < min_area:
+                continue
+            y0, x0, y1, x1 = border.box[i]
+            by, bx = y0 // bh, x0 // bw
+            if y1 <= (by + 2) * bh and x1 <= (bx + 2) * bw:
+                groups.setdefault((by, bx), []).append(i)
+            else:
+                groups.setdefault((-1 - i, 0), []).append(i)  # alone
+        for members in groups.values():
+            boxes_m = np.array([border.box[i] for i in members])
+            y0, x0 = boxes_m[:, :2].min(axis=0)
+            y1, x1 = boxes_m[:, 2:].max(axis=0)
+            step = 1
+            while ((y1 - y0) // step) * ((x1 - x0) // step) > max_crop:
+                step *= 2
+            crop = np.asarray(inst[y0:y1:step, x0:x1:step])
+            for i, polys in _trace(crop, np.asarray(members)):
+                polys = [[r * step + np.array([x0, y0]) for r in poly] for poly in polys]
+                emit(feature(i, polys, border.count[i], classify(i, border.hist[i]), downsample))
+        f.write("\n]}\n")
+    return written

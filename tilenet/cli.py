@@ -257,8 +257,76 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_plan(sub: Any) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="parameters, receptive field, halo and memory of a model; the batch that fits",
+        description=(
+            "Explain what a model costs before running it: parameter count (and what a fully "
+            "connected layer on the same tile would need), receptive field, stride and the "
+            "halo that makes tiled inference exact, activation memory per tile (forward only "
+            "for inference, forward+backward for training) and the largest batch that fits a "
+            "memory budget per tile size and precision. With CUDA, also the peak memory "
+            "measured for one batch. The model comes from the config's 'model' section."
+        ),
+        epilog="example: tilenet plan conf=conf/demo.yaml model.name=unet_resnet34 --tile 2048",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="conf=PATH (a YAML config) and dotted overrides such as model.name=unet "
+        "or model.kwargs.depth=3",
+    )
+    p.add_argument(
+        "--memory", default=None, help="memory budget, e.g. 80GiB (default: the GPU's, else 16GiB)"
+    )
+    p.add_argument("--tile", type=int, default=1024, help="tile side in pixels (default 1024)")
+    p.add_argument("--batch", type=int, default=1, help="batch for the estimate (default 1)")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        action="append",
+        help="precision(s) to show (repeatable; default all three)",
+    )
+    p.add_argument(
+        "--no-measure", action="store_true", help="skip the CUDA measurement even with a GPU"
+    )
+    p.add_argument("--json", action="store_true", help="print the same figures as JSON")
+    p.set_defaults(handler=_cmd_plan)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from tilenet.config import load_config
+    from tilenet.errors import ConfigError
+    from tilenet.plan import format_plan, plan_model
+
+    conf = [o.split("=", 1)[1] for o in args.overrides if o.startswith("conf=")]
+    if len(conf) > 1:
+        raise ConfigError("give conf=PATH at most once")
+    rest = [o for o in args.overrides if not o.startswith("conf=")]
+    cfg = load_config(conf[0] if conf else None, rest)
+    result = plan_model(
+        cfg.model,
+        tile=args.tile,
+        batch=args.batch,
+        memory=args.memory,
+        precisions=args.precision,
+        measure=False if args.no_measure else None,
+    )
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return EXIT_OK
+
+
 #: Subcommands in the order --help lists them.
-COMMANDS: list[Callable[[Any], None]] = [_add_info, _add_convert, _add_synth, _add_tile, _add_infer]
+COMMANDS: list[Callable[[Any], None]] = [
+    _add_info,
+    _add_convert,
+    _add_synth,
+    _add_tile,
+    _add_infer,
+    _add_plan,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

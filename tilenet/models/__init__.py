@@ -1,0 +1,30 @@
+"""Fully convolutional segmentation models, each declaring its stride and receptive field.
+
+>>> from tilenet.models import create_model
+>>> m = create_model("tiny", in_channels=1, num_classes=2)
+>>> m.stride, m.receptive_field
+(2, 4)
+"""
+
+from __future__ import annotations
+
+from tilenet.models import resnet_unet, tiny, torchvision_seg, unet  # noqa: F401  (register)
+from tilenet.models.receptive import Analysis, analyze, model_memory
+from tilenet.models.registry import (
+    TileModel,
+    create_model,
+    create_model_from_config,
+    list_models,
+    register_model,
+)
+
+__all__ = [
+    "Analysis",
+    "TileModel",
+    "analyze",
+    "create_model",
+    "create_model_from_config",
+    "list_models",
+    "model_memory",
+    "register_model",
+]

@@ -1,0 +1,474 @@
+"""Analytic stride, receptive field and activation memory, computed from a model's layers.
+
+The model's ``_forward_impl`` is traced with :mod:`torch.fx` and its tensor shapes recorded
+once at a small stride-aligned size (:class:`~torch.fx.passes.shape_prop.ShapeProp`). Then,
+per spatial axis, every feature map gets a *jump* ``J`` (input pixels per feature position)
+and a dependency interval ``[a, b]``: feature position ``q`` depends only on input pixels
+``q*J + a .. q*J + b``. Each layer maps ``(J, a, b)`` exactly; for a conv with kernel ``k``,
+stride ``s``, padding ``p`` and dilation ``d``::
+
+    J' = s*J,  a' = a - p*J,  b' = b + (d*(k-1) - p)*J
+
+Skips (``cat``, ``+``) take the union. Every interval is also widened to hold the position's
+own cell ``[0, J'-1]``: then, when an output pixel's interval lies inside a tile, every
+feature position it reads at every level lies inside that tile's feature map, so it never
+reads zero padding (or a clamped bilinear neighbour) that the whole image would not. This is
+what makes crop-mode tiled inference with ``halo = ceil_to(receptive_field, stride)`` exact.
+
+An operation the analysis does not know raises :class:`~tilenet.errors.ModelError` rather
+than guess; a global pooling has no finite receptive field and is rejected the same way.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import operator
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from tilenet.errors import InputError, ModelError
+
+__all__ = [
+    "BYTES_PER_ELEMENT",
+    "Analysis",
+    "analyze",
+    "model_memory",
+]
+
+#: Activation bytes per element under each precision (autocast keeps activations in 16 bits).
+BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+# Layers that act on each pixel separately (or are the identity in space).
+_POINTWISE_MODULES = (
+    nn.BatchNorm2d,
+    nn.SyncBatchNorm,
+    nn.GroupNorm,  # spatially global statistics: flagged by per_pixel_norm, not here
+    nn.InstanceNorm2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+    nn.Softmax,
+    nn.LogSoftmax,
+)
+_POINTWISE_FUNCTIONS = {
+    operator.add,
+    operator.iadd,
+    operator.sub,
+    operator.mul,
+    operator.imul,
+    operator.truediv,
+    operator.neg,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.cat,
+    torch.concat,
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.leaky_relu,
+    F.dropout,
+    F.softmax,
+    F.log_softmax,
+}
+_POINTWISE_METHODS = {
+    "add",
+    "add_",
+    "mul",
+    "mul_",
+    "relu",
+    "relu_",
+    "sigmoid",
+    "contiguous",
+    "clone",
+    "float",
+    "half",
+    "to",
+    "type_as",
+    "softmax",
+}
+# Outputs that share storage with an input (no new memory).
+_ALIAS_METHODS = {"contiguous", "to", "type_as", "float", "add_", "mul_", "relu_"}
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """Jump and dependency interval of a feature map along one axis."""
+
+    jump: Fraction
+    lo: Fraction
+    hi: Fraction
+
+    def cell(self) -> _Axis:
+        """Widen to the position's own cell ``[0, J-1]`` (see module docstring)."""
+        return _Axis(self.jump, min(self.lo, Fraction(0)), max(self.hi, self.jump - 1))
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What :func:`analyze` finds.
+
+    ``interval`` is ``((lo_y, hi_y), (lo_x, hi_x))``: output pixel ``p`` depends on input
+    pixels ``p+lo .. p+hi``. ``receptive_field`` is the radius ``max(-lo, hi)`` over both axes.
+    ``activations`` lists, in execution order, ``(elements per input pixel, index of the last
+    activation computed before it is freed, alias)`` for every tensor the forward pass creates.
+    """
+
+    stride: int
+    receptive_field: int
+    interval: tuple[tuple[int, int], tuple[int, int]]
+    activations: tuple[tuple[float, int, bool], ...]
+    output_per_pixel: float
+    input_per_pixel: float
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    return (int(v[0]), int(v[1]))
+
+
+def _conv(ax: _Axis, k: int, s: int, p: int, d: int) -> _Axis:
+    j = ax.jump
+    return _Axis(j * s, ax.lo - p * j, ax.hi + (d * (k - 1) - p) * j).cell()
+
+
+def _transposed(ax: _Axis, k: int, s: int, p: int, d: int) -> _Axis:
+    # Output i reads input m with i = s*m - p + d*t: m in [(i+p-d(k-1))/s, (i+p)/s].
+    j = ax.jump / s
+    return _Axis(j, ax.lo + (p - d * (k - 1)) * j, ax.hi + p * j).cell()
+
+
+def _upsample(ax: _Axis, s: int, mode: str, align_corners: bool | None) -> _Axis:
+    j = ax.jump / s
+    if mode == "nearest":
+        offs = [(math.floor(r / s), math.floor(r / s)) for r in range(s)]
+    elif mode == "bilinear" and not align_corners:
+        # Source coordinate (i + 0.5)/s - 0.5 reads floor(src) and floor(src) + 1; with
+        # i = s*n + r that is n + floor((r + 0.5)/s - 0.5) (+1). Shift by s -> shift by 1.
+        offs = []
+        for r in range(s):
+            f = math.floor(Fraction(2 * r + 1, 2 * s) - Fraction(1, 2))
+            offs.append((f, f + 1))
+    else:
+        raise ModelError(
+            f"receptive field: upsampling mode {mode!r} (align_corners={align_corners}) "
+            "is not shift-equivariant; use nearest or bilinear with align_corners=False"
+        )
+    lo = min(f0 * ax.jump - r * j for r, (f0, _) in enumerate(offs))
+    hi = max(f1 * ax.jump - r * j for r, (_, f1) in enumerate(offs))
+    return _Axis(j, ax.lo + lo, ax.hi + hi).cell()
+
+
+def _union(axes: list[tuple[_Axis, _Axis]], what: str) -> tuple[_Axis, _Axis]:
+    out = []
+    for i in range(2):
+        js = {a[i].jump for a in axes}
+        if len(js) != 1:
+            raise ModelError(f"receptive field: {what} joins maps of different strides {js}")
+        out.append(_Axis(axes[0][i].jump, min(a[i].lo for a in axes), max(a[i].hi for a in axes)))
+    return (out[0], out[1])
+
+
+class _Body(nn.Module):
+    """Trace root: the model's forward without its input checks."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.m._forward_impl(x)  # type: ignore[operator]
+
+
+def _spatial(node: fx.Node) -> tuple[int, int] | None:
+    meta = node.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape") or len(meta.shape) != 4:
+        return None
+    return (int(meta.shape[2]), int(meta.shape[3]))
+
+
+def _numel(node: fx.Node) -> int:
+    meta = node.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        return 0
+    return math.prod(int(v) for v in meta.shape)
+
+
+def analyze(model: nn.Module, *, size: int | None = None) -> Analysis:
+    """Trace ``model`` and compute its stride, receptive field and activation sizes.
+
+    ``model`` must define ``_forward_impl(x)`` (the forward pass without input checks) and
+    ``in_channels``. ``size`` is the square trace size; by default the smallest multiple of
+    ``model.stride`` that is at least 64.
+    """
+    in_ch = int(model.in_channels)  # type: ignore[arg-type]
+    hint = int(getattr(model, "_stride_hint", 32))
+    size = size or max(64, 2 * hint)
+    size = -(-size // hint) * hint
+    try:
+        gm = fx.symbolic_trace(_Body(model))
+    except Exception as exc:
+        raise ModelError(f"receptive field: cannot trace {type(model).__name__}: {exc}") from None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(1, in_ch, size, size))
+    finally:
+        model.train(was_training)
+    modules = dict(gm.named_modules())
+    state: dict[fx.Node, tuple[_Axis, _Axis]] = {}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    acts: dict[fx.Node, list[Any]] = {}  # size, graph index, last user, alias
+    jumps: set[Fraction] = set()
+    px = size * size
+    out_node: fx.Node | None = None
+    for node in gm.graph.nodes:
+        tensor_args = [a for a in node.all_input_nodes if a in state]
+        if node.op == "placeholder":
+            one = _Axis(Fraction(1), Fraction(0), Fraction(0))
+            state[node] = (one, one)
+            acts[node] = [_numel(node) / px, order[node], _last(node, order), False]
+            continue
+        if node.op == "output":
+            out_node = node
+            continue
+        if not tensor_args:
+            continue  # shapes, constants
+        if not isinstance(node.meta.get("tensor_meta"), TensorMetadata):
+            continue  # x.shape and the like: not a feature map
+        if _spatial(node) is None:
+            raise ModelError(
+                f"receptive field: {node.format_node()} does not keep a 4-D feature map"
+            )
+        new, alias = _step(node, [state[a] for a in tensor_args], modules)
+        state[node] = new
+        jumps.update({new[0].jump, new[1].jump})
+        acts[node] = [_numel(node) / px, order[node], _last(node, order), alias]
+        if alias:
+            # An in-place result shares its input's storage: keep that alive as long.
+            root = tensor_args[0]
+            while acts[root][3]:
+                root = next(a for a in root.all_input_nodes if a in state)
+            acts[root][2] = max(acts[root][2], acts[node][2])
+    assert out_node is not None
+    outs = [a for a in out_node.all_input_nodes if a in state]
+    if len(outs) != 1:
+        raise ModelError("receptive field: the model must return one tensor")
+    final = state[outs[0]]
+    if final[0].jump != 1 or final[1].jump != 1 or _spatial(outs[0]) != (size, size):
+        raise ModelError("receptive field: the output is not at the input's resolution")
+    stride = 1
+    for j in jumps:
+        if j.denominator != 1:
+            raise ModelError(f"receptive field: a feature map has a fractional stride {j}")
+        stride = math.lcm(stride, int(j))
+    bounds = tuple((math.floor(ax.lo), math.ceil(ax.hi)) for ax in final)
+    rf = max(max(-lo, hi) for lo, hi in bounds)
+    return Analysis(
+        stride=stride,
+        receptive_field=rf,
+        interval=(bounds[0], bounds[1]),  # type: ignore[arg-type]
+        activations=_steps(list(acts.values())),
+        output_per_pixel=_numel(outs[0]) / px,
+        input_per_pixel=float(in_ch),
+    )
+
+
+def _last(node: fx.Node, order: dict[fx.Node, int]) -> int:
+    return max((order[u] for u in node.users), default=order[node])
+
+
+def _steps(
+    acts: list[list[Any]],
+) -> tuple[tuple[float, int, bool], ...]:
+    """Activations with their last user as an index into this list (when it is freed)."""
+    where = [g for _, g, _, _ in acts]
+    out = []
+    for per, _, last, alias in acts:
+        # The last user is the last tensor produced at or before it (or a non-tensor node).
+        out.append((per, max(0, bisect.bisect_right(where, last) - 1), alias))
+    return tuple(out)
+
+
+def _step(
+    node: fx.Node, ins: list[tuple[_Axis, _Axis]], modules: dict[str, nn.Module]
+) -> tuple[tuple[_Axis, _Axis], bool]:
+    """Map the input intervals through one graph node; also say whether it aliases."""
+    if node.op == "call_module":
+        mod = modules[str(node.target)]
+        (y, x) = ins[0]
+        if isinstance(mod, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
+            if isinstance(mod, nn.MaxPool2d) and mod.ceil_mode:
+                raise ModelError("receptive field: MaxPool2d(ceil_mode=True) is not supported")
+            k, p = _pair(mod.kernel_size), _pair(mod.padding)
+            s = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
+            d = _pair(getattr(mod, "dilation", 1))
+            if isinstance(p[0], str) or isinstance(mod.padding, str):
+                raise ModelError("receptive field: string padding is not supported")
+            return (_conv(y, k[0], s[0], p[0], d[0]), _conv(x, k[1], s[1], p[1], d[1])), False
+        if isinstance(mod, nn.ConvTranspose2d):
+            k, s, p, d = (
+                _pair(v) for v in (mod.kernel_size, mod.stride, mod.padding, mod.dilation)
+            )
+            return (
+                _transposed(y, k[0], s[0], p[0], d[0]),
+                _transposed(x, k[1], s[1], p[1], d[1]),
+            ), False
+        if isinstance(mod, nn.Upsample):
+            return _interp(node, ins[0], mod.mode, mod.align_corners), False
+        if isinstance(mod, _POINTWISE_MODULES):
+            alias = bool(getattr(mod, "inplace", False))
+            return ins[0], alias
+        raise ModelError(
+            f"receptive field: unsupported layer {type(mod).__name__} at {node.target!r}"
+        )
+    if node.op == "call_function":
+        if node.target is F.interpolate:
+            mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
+            ac = node.kwargs.get("align_corners", node.args[4] if len(node.args) > 4 else None)
+            return _interp(node, ins[0], str(mode), ac), False
+        if node.target in _POINTWISE_FUNCTIONS:
+            alias = node.target in (operator.iadd, operator.imul) or bool(
+                node.kwargs.get("inplace", False)
+            )
+            return _union(ins, str(node.target)), alias
+    if node.op == "call_method" and node.target in _POINTWISE_METHODS:
+        return _union(ins, str(node.target)), node.target in _ALIAS_METHODS
+    raise ModelError(f"receptive field: unsupported operation {node.format_node()}")
+
+
+def _interp(
+    node: fx.Node, ax: tuple[_Axis, _Axis], mode: str, align_corners: bool | None
+) -> tuple[_Axis, _Axis]:
+    src = _spatial(node.all_input_nodes[0])
+    dst = _spatial(node)
+    assert src is not None and dst is not None
+    out = []
+    for i in range(2):
+        if dst[i] % src[i]:
+            raise ModelError(
+                f"receptive field: {node.name} resizes {src[i]} -> {dst[i]}, not an integer factor"
+            )
+        out.append(_upsample(ax[i], dst[i] // src[i], mode, align_corners))
+    return (out[0], out[1])
+
+
+def _parse_precision(precision: str) -> int:
+    try:
+        return BYTES_PER_ELEMENT[precision]
+    except KeyError:
+        raise InputError(
+            f"precision {precision!r} is not one of {sorted(BYTES_PER_ELEMENT)}"
+        ) from None
+
+
+def model_memory(
+    model: nn.Module,
+    *,
+    tile: int,
+    batch: int = 1,
+    precision: str = "fp32",
+    training: bool = False,
+) -> dict[str, Any]:
+    """Estimate the device memory of one batch of ``tile`` x ``tile`` inputs, in bytes.
+
+    Activations come from the traced graph (sizes exact, linear in ``batch * tile**2``):
+
+    * inference (``no_grad``): the peak of the tensors alive at once, freeing each as soon
+      as its last consumer has run (skip connections stay alive, as they do in PyTorch);
+    * training: every activation is kept for backward; during backward each gradient is
+      alive from its first use until its producer's backward has run, and each saved
+      activation is freed once passed. The peak of that sum, plus the loss's log-softmax
+      and its gradient.
+
+    ``workspace_bytes`` allows for backend scratch buffers (one largest activation).
+    ``state_bytes`` adds the weights (fp32), and for training their gradients and two AdamW
+    moments. ``seed_rule_bytes`` is the seeds' rule of thumb, ``bytes * batch * Σ maps*H*W``
+    over all activations, doubled for training.
+    """
+    bpe = _parse_precision(precision)
+    stride = int(model.stride)  # type: ignore[arg-type]
+    if tile <= 0 or tile % stride:
+        raise InputError(f"tile {tile} must be a positive multiple of the model stride {stride}")
+    if batch < 1:
+        raise InputError(f"batch must be >= 1, got {batch}")
+    an: Analysis = model._analysis  # type: ignore[assignment]
+    px = batch * tile * tile
+    sizes = [0.0 if alias else per * px * bpe for per, _, alias in an.activations]
+    # The input tile itself stays fp32 (autocast casts a 16-bit copy for the first conv).
+    sizes[0] = an.input_per_pixel * px * 4
+    n = len(sizes)
+    last_use = [max(i, last) for i, (_, last, _) in enumerate(an.activations)]
+    # Forward: live set as tensors are produced and released.
+    live, peak_fwd = 0.0, 0.0
+    releases: dict[int, float] = {}
+    for i in range(n):
+        live += sizes[i]
+        peak_fwd = max(peak_fwd, live)
+        releases[last_use[i]] = releases.get(last_use[i], 0.0) + sizes[i]
+        live -= releases.pop(i, 0.0)
+    saved_total = sum(sizes)
+    params = sum(p.numel() for p in model.parameters())
+    param_bytes = params * 4
+    out_bytes = an.output_per_pixel * px * 4
+    if training:
+        # Backward in reverse order; activations 0..i are still saved at step i.
+        prefix = [0.0] * (n + 1)
+        for i in range(n):
+            prefix[i + 1] = prefix[i] + sizes[i]
+        full = [per * px * bpe for per, _, _ in an.activations]
+        # The gradient of tensor j is alive from its last user's backward to its own.
+        born = [0.0] * n
+        for j in range(n):
+            born[last_use[j]] += full[j]
+        peak_bwd, grads = 0.0, 0.0
+        for i in range(n - 1, -1, -1):
+            grads += born[i]
+            peak_bwd = max(peak_bwd, prefix[i + 1] + grads)
+            grads -= full[i]
+        activation = max(peak_bwd, saved_total) + 2 * out_bytes
+        state = param_bytes * 4  # weights, gradients, two AdamW moments
+    else:
+        activation = peak_fwd
+        state = param_bytes
+    # Backends add scratch buffers (cuDNN workspaces, oneDNN reorders) that no graph shows;
+    # allow one buffer the size of the largest activation.
+    workspace = max(per * px * bpe for per, _, _ in an.activations)
+    seed_rule = sum(per * px * bpe for per, _, _ in an.activations[1:]) * (2 if training else 1)
+    return {
+        "tile": tile,
+        "batch": batch,
+        "precision": precision,
+        "training": training,
+        "parameters": params,
+        "param_bytes": param_bytes,
+        "activation_bytes": int(activation),
+        "workspace_bytes": int(workspace),
+        "state_bytes": int(state),
+        "total_bytes": int(activation + workspace + state),
+        "seed_rule_bytes": int(seed_rule),
+    }

@@ -1,0 +1,215 @@
+"""The model registry and the contract every registered model keeps.
+
+``@register_model("name")`` registers a builder ``fn(*, in_channels, num_classes, **kwargs)``
+returning a :class:`TileModel`. :func:`create_model` builds it, then analyses its layers
+(:mod:`tilenet.models.receptive`) to set the attributes the tiler relies on:
+
+``stride``
+    Total downsampling; inputs must have H and W multiples of it.
+``receptive_field``
+    Radius in input pixels, analytic, zero padding included: crop-mode tiling with
+    ``halo = ceil_to(receptive_field, stride)`` reproduces a whole-image pass exactly.
+``spec``
+    Plain data ``{"name", "in_channels", "num_classes", "kwargs"}`` that rebuilds the model.
+``per_pixel_norm``
+    False when a layer's output at a pixel depends on statistics over the whole input
+    (GroupNorm, InstanceNorm, ...): crop-mode tiling is then not exact.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tilenet.errors import ModelError
+
+__all__ = [
+    "TileModel",
+    "create_model",
+    "create_model_from_config",
+    "list_models",
+    "register_model",
+]
+
+Builder = Callable[..., "TileModel"]
+_REGISTRY: dict[str, Builder] = {}
+
+# Normalisations whose output at a pixel depends on other pixels of the same input.
+_GLOBAL_NORMS = (nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm, nn.LocalResponseNorm)
+_GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+class TileModel(nn.Module):
+    """Base of registered models: checks input sizes, then runs ``_forward_impl``.
+
+    Subclasses set ``_stride_hint`` (their expected total stride) and implement
+    ``_forward_impl(x) -> logits`` at the input's resolution.
+    """
+
+    _stride_hint: int = 1
+    stride: int
+    receptive_field: int
+    spec: dict[str, Any]
+    per_pixel_norm: bool
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.stride = self._stride_hint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ModelError(
+                f"{self.spec['name'] if hasattr(self, 'spec') else type(self).__name__}: "
+                f"expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        h, w = x.shape[-2:]
+        if h % self.stride or w % self.stride:
+            raise ModelError(
+                f"input size {h}x{w} is not a multiple of the model stride {self.stride}; "
+                f"pad or crop to a multiple of {self.stride}"
+            )
+        return self._forward_impl(x)
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def load_pretrained(self, state: dict[str, Any], path: Path) -> None:
+        """Load a state dict from ``path``; subclasses may accept other layouts too."""
+        try:
+            self.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else str(exc)
+            raise ModelError(
+                f"{path}: weights do not fit model {self.spec['name']!r}: {first.strip()[:200]}"
+            ) from None
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator registering a model builder under ``name``."""
+
+    def deco(fn: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def list_models() -> list[str]:
+    """Registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _check_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelError(f"{what} must be a positive int, got {value!r}")
+    return value
+
+
+def create_model(
+    name: str,
+    *,
+    in_channels: int = 3,
+    num_classes: int = 2,
+    weights: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
+) -> TileModel:
+    """Build a registered model; optionally load weights from a local file (never downloads).
+
+    Unknown names, unknown or bad keyword arguments and missing weight files raise
+    :class:`~tilenet.errors.ModelError`.
+    """
+    from tilenet.models.receptive import analyze
+
+    if name not in _REGISTRY:
+        raise ModelError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
+    in_channels = _check_int(in_channels, "in_channels")
+    num_classes = _check_int(num_classes, "num_classes")
+    builder = _REGISTRY[name]
+    params = inspect.signature(builder).parameters
+    for key in kwargs:
+        if key not in params or key in ("in_channels", "num_classes"):
+            valid = sorted(k for k in params if k not in ("in_channels", "num_classes"))
+            raise ModelError(
+                f"model {name!r} has no option {key!r}; valid options: {', '.join(valid) or 'none'}"
+            )
+    try:
+        model = builder(in_channels=in_channels, num_classes=num_classes, **kwargs)
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, ModelError):
+            raise
+        raise ModelError(f"model {name!r}: bad option: {exc}") from None
+    model.spec = {
+        "name": name,
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "kwargs": _plain(kwargs),
+    }
+    an = analyze(model)
+    if an.stride != model._stride_hint:
+        raise ModelError(
+            f"model {name!r}: layers give stride {an.stride}, builder declared {model._stride_hint}"
+        )
+    model.stride = an.stride
+    model.receptive_field = an.receptive_field
+    model._analysis = an  # type: ignore[assignment]
+    model.per_pixel_norm = not any(
+        isinstance(m, _GLOBAL_NORMS + _GLOBAL_POOLS) for m in model.modules()
+    )
+    if weights is not None:
+        _load_weights(model, Path(weights))
+    return model
+
+
+def _plain(value: Any) -> Any:
+    """Kwargs as plain data (omegaconf containers and tuples become dicts and lists)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise ModelError(f"model option value {value!r} is not plain data")
+
+
+def _load_weights(model: TileModel, path: Path) -> None:
+    if not path.is_file():
+        raise ModelError(f"{path}: weights file not found; give an existing local path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{path}: not a loadable weights file: {first[:200]}") from None
+    if isinstance(state, dict) and state.get("format") == "tilenet-checkpoint":
+        state = state.get("model")
+    if not isinstance(state, dict):
+        raise ModelError(f"{path}: weights file does not hold a state dict")
+    model.load_pretrained(state, path)
+
+
+def create_model_from_config(model_cfg: Any) -> TileModel:
+    """Build from a :class:`~tilenet.config.ModelConfig` (or anything with its fields)."""
+    kwargs = _plain(getattr(model_cfg, "kwargs", None) or {})
+    return create_model(
+        str(model_cfg.name),
+        in_channels=int(model_cfg.in_channels),
+        num_classes=int(model_cfg.num_classes),
+        weights=model_cfg.weights or None,
+        **kwargs,
+    )

@@ -145,20 +145,38 @@ def normalize(
 _FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
 
 
-def predict(model: torch.nn.Module, x: torch.Tensor, *, tta: bool = False) -> torch.Tensor:
-    """Softmax probabilities (float32) of a batch ``x`` (B, C, h, w); TTA averages 4 flips."""
+def predict(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    *,
+    tta: bool = False,
+    regions: Sequence[Window] | None = None,
+) -> Any:
+    """Softmax probabilities (float32) of a batch ``x`` (B, C, h, w); TTA averages 4 flips.
+
+    Without ``regions`` returns a (B, K, h, w) tensor. With one window per batch item (in
+    ``x``'s coordinates) returns a list of (K, h_i, w_i) tensors: the softmax is computed only
+    there (a tile's core in crop mode), which saves most of its cost.
+    """
     import torch
 
-    if not tta:
-        return torch.softmax(model(x).float(), dim=1)
-    out = None
-    for dims in _FLIPS:
-        xi = torch.flip(x, dims) if dims else x
-        p = torch.softmax(model(xi).float(), dim=1)
-        p = torch.flip(p, dims) if dims else p
-        out = p if out is None else out + p
-    assert out is not None
-    return out / len(_FLIPS)
+    flips = _FLIPS if tta else ((),)
+    total: list[torch.Tensor] | None = None
+    for dims in flips:
+        logits = model(torch.flip(x, dims) if dims else x)
+        logits = torch.flip(logits, dims) if dims else logits
+        if regions is None:
+            parts = [torch.softmax(logits.float(), dim=1)]
+        else:
+            parts = [
+                torch.softmax(logits[j, :, r.y : r.y1, r.x : r.x1].float(), dim=0)
+                for j, r in enumerate(regions)
+            ]
+        total = parts if total is None else [t + p for t, p in zip(total, parts, strict=True)]
+    assert total is not None
+    if tta:
+        total = [t / len(flips) for t in total]
+    return total[0] if regions is None else total
 
 
 def _device(name: str) -> torch.device:
@@ -361,7 +379,7 @@ def _run(
             paths["probabilities"] = prob_w.finalize(method="mean")
         classes_path = cls_w.finalize(method="mode")
         paths["classes"] = classes_path
-        n_instances = _extra_outputs(image, out, classes_path, cfg, k, pixel_size, paths)
+        n_instances = _extra_outputs(image, out, classes_path, cfg, names, pixel_size, paths)
     t_end = time.perf_counter()
 
     n_run = int((~skip).sum())
@@ -497,12 +515,11 @@ def _execute(
                     x = x.pin_memory()
                 # NHWC memory viewed as NCHW is channels_last: no copy.
                 x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2)
+                regions = [region(tile) for tile, _, _ in batch]
                 with torch.inference_mode(), _autocast(device, cfg.precision):
-                    probs = predict(module, x, tta=cfg.tta)
-                for j, (tile, _, _) in enumerate(batch):
-                    ys, xs = region(tile).slices
-                    arr = probs[j, :, ys, xs].cpu().numpy()
-                    writer.submit((tile, np.ascontiguousarray(arr)))
+                    probs = predict(module, x, tta=cfg.tta, regions=regions)
+                for (tile, _, _), p in zip(batch, probs, strict=True):
+                    writer.submit((tile, p.contiguous().cpu().numpy()))
                 stats["model_s"] += time.perf_counter() - t1
             bar.update(len(batch))
             t0 = time.perf_counter()
@@ -515,7 +532,7 @@ def _extra_outputs(
     out: Path,
     classes_path: Path,
     cfg: InferConfig,
-    k: int,
+    names: list[str],
     pixel_size: tuple[float, float] | None,
     paths: dict[str, Path],
 ) -> dict[str, Any] | None:
@@ -546,13 +563,18 @@ def _extra_outputs(
     from tilenet import instances
 
     result = instances.label_instances(
-        classes["0"], out / "instances.ome.zarr", foreground=range(1, k), chunk=cfg.chunk
+        classes["0"], out / "instances.ome.zarr", foreground=range(1, len(names)), chunk=cfg.chunk
     )
     paths["instances"] = out / "instances.ome.zarr"
     if "geojson" in want:
-        paths["geojson"] = instances.write_geojson(
-            out / "instances.geojson", paths["instances"], classes=classes["0"]
+        ds = image.levels[cfg.level].downsample
+        instances.write_geojson(
+            paths["instances"],
+            out / "instances.geojson",
+            class_names=names,
+            downsample=float(ds[0]),
         )
+        paths["geojson"] = out / "instances.geojson"
     return result
 
 

@@ -32,6 +32,7 @@ the number of labels touching block edges) and the first-pixel table of one bloc
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -402,11 +403,20 @@ def _owners(pad: np.ndarray) -> np.ndarray:
     return out.reshape(pad.shape)
 
 
-def _trace(labels: np.ndarray, keep: np.ndarray) -> Iterator[tuple[int, list[list[np.ndarray]]]]:
+def _trace(
+    labels: np.ndarray,
+    keep: np.ndarray,
+    *,
+    origin: tuple[int, int] = (0, 0),
+    step: int = 1,
+    scale: float = 1,
+) -> Iterator[tuple[int, list[list[list[list[Any]]]]]]:
     """Exact pixel-edge polygons of the objects ``keep`` (sorted ids) in ``labels``.
 
-    Yields ``(id, polygons)``; each polygon is a list of closed rings of (x, y) vertices in
-    ``labels`` pixel coordinates (corners only), the outer ring first, then its holes. An
+    Yields ``(id, polygons)`` in id order; each polygon is a list of closed rings of [x, y]
+    vertices (corners only), the outer ring first, then its holes. Pixel (r, c) of
+    ``labels`` covers x in ``origin[0] + c * step + [0, step]`` (same for y), and every
+    coordinate is multiplied by ``scale``. An
     object is one polygon per edge-connected piece: pieces that only touch diagonally (8-
     connected objects) are separate polygons meeting at a corner, and a hole that touches
     its outer ring diagonally touches it at one vertex, so the rings are simple (valid OGC).
@@ -470,19 +480,31 @@ def _trace(labels: np.ndarray, keep: np.ndarray) -> Iterator[tuple[int, list[lis
     corner = dir_s != dir_s[prev]
     area2 = np.bincount(ring, weights=sx * ey - ex * sy, minlength=nrings)
     ring_owner = ow[first]
-    vx, vy = sx[seq] - 1, sy[seq] - 1  # undo the padding
+    ring_id = owner_id[ring_owner]
     cs = np.flatnonzero(corner)
-    ring_of_corner = ring_s[cs]
-    cut = np.searchsorted(ring_of_corner, np.arange(nrings + 1))
-    by_owner: dict[int, list[np.ndarray]] = {}
-    for rid in np.argsort(-area2, kind="stable"):  # outer rings (positive area) first
-        sel = cs[cut[rid] : cut[rid + 1]]
-        pts = np.stack([vx[sel], vy[sel]], axis=1)
-        by_owner.setdefault(int(ring_owner[rid]), []).append(np.vstack([pts, pts[:1]]))
-    by_id: dict[int, list[list[np.ndarray]]] = {}
-    for o in sorted(by_owner):
-        by_id.setdefault(int(owner_id[o]), []).append(by_owner[o])
-    yield from sorted(by_id.items())
+    cut = np.searchsorted(ring_s[cs], np.arange(nrings + 1)).tolist()
+    # level coordinates, undoing the padding; converted to Python numbers once
+    vx = (sx[seq][cs] - 1) * step + origin[0]
+    vy = (sy[seq][cs] - 1) * step + origin[1]
+    pts = (np.stack([vx, vy], axis=1) * scale).tolist()
+    order = np.lexsort((-area2, ring_owner, ring_id)).tolist()  # per owner: outer ring first
+    ids, owners = ring_id.tolist(), ring_owner.tolist()
+    polys: list[list[list[list[Any]]]] = []
+    cur_id = cur_owner = -1
+    for rid in order:
+        ring = pts[cut[rid] : cut[rid + 1]]
+        ring.append(ring[0])
+        if ids[rid] != cur_id:
+            if polys:
+                yield cur_id, polys
+            polys, cur_id, cur_owner = [], ids[rid], -1
+        if owners[rid] != cur_owner:
+            polys.append([ring])
+            cur_owner = owners[rid]
+        else:
+            polys[-1].append(ring)
+    if polys:
+        yield cur_id, polys
 
 
 def _class_names(class_names: Sequence[str] | Mapping[int, str] | None) -> dict[int, str]:
@@ -554,24 +576,26 @@ def write_geojson(
     meta: Any = inst.attrs.get(META_KEY) if isinstance(inst, zarr.Array) else None
     if cmap is None and meta and meta.get("class_ranges"):
         ranges = {int(k): v for k, v in meta["class_ranges"].items()}
-    range_cls = np.array(sorted(ranges), np.int64)
-    range_lo = np.array([ranges[k][0] for k in range_cls.tolist()], np.int64)
+    range_cls = sorted(ranges, key=lambda k: ranges[k][0])
+    range_lo = [ranges[k][0] for k in range_cls]
+    palette = DEFAULT_PALETTE.tolist()
     bh, bw = _block_shape(None, inst)
     H, W = (int(s) for s in inst.shape)
     max_crop = 16 * bh * bw
     area_scale = float(downsample) ** 2
+    # integer coordinates stay integers in the JSON
+    scale: float = int(downsample) if float(downsample).is_integer() else float(downsample)
 
     def classify(i: int, hist: dict[int, int] | None) -> int | None:
         if hist:
             return max(hist.items(), key=lambda kv: (kv[1], -kv[0]))[0]
         if ranges:
-            t = int(np.searchsorted(range_lo, i, side="right")) - 1
-            if t >= 0 and i <= ranges[int(range_cls[t])][1]:
-                return int(range_cls[t])
+            t = bisect.bisect_right(range_lo, i) - 1
+            if t >= 0 and i <= ranges[range_cls[t]][1]:
+                return range_cls[t]
         return None
 
-    def feature(i: int, polys: list[list[np.ndarray]], count: int, cls: int | None, s: float):
-        coords = [[(ring * s).tolist() for ring in poly] for poly in polys]
+    def feature(i: int, coords: list[Any], count: int, cls: int | None) -> str:
         geom = (
             {"type": "Polygon", "coordinates": coords[0]}
             if len(coords) == 1
@@ -579,7 +603,7 @@ def write_geojson(
         )
         props: dict[str, Any] = {"objectType": "detection", "id": i, "area": count * area_scale}
         if cls is not None:
-            colour = DEFAULT_PALETTE[cls % len(DEFAULT_PALETTE)].tolist()
+            colour = palette[cls % len(palette)]
             props["classification"] = {"name": names.get(cls, f"class {cls}"), "color": colour}
         return json.dumps({"type": "Feature", "geometry": geom, "properties": props})
 
@@ -631,9 +655,9 @@ def write_geojson(
                         inside.append(t)
                 if inside:
                     keep = ids[inside]
-                    for (i, polys), t in zip(_trace(lab, keep), inside, strict=True):
-                        polys = [[r + np.array([x0, y0]) for r in poly] for poly in polys]
-                        emit(feature(i, polys, int(counts[t]), classify(i, hists[t]), downsample))
+                    traced = _trace(lab, keep, origin=(x0, y0), scale=scale)
+                    for (i, polys), t in zip(traced, inside, strict=True):
+                        emit(feature(i, polys, int(counts[t]), classify(i, hists[t])))
         # objects crossing block edges: group those spanning at most 2x2 blocks by their
         # top-left block and trace each group from one crop
         groups: dict[tuple[int, int], list[int]] = {}
@@ -654,8 +678,8 @@ def write_geojson(
             while ((y1 - y0) // step) * ((x1 - x0) // step) > max_crop:
                 step *= 2
             crop = np.asarray(inst[y0:y1:step, x0:x1:step])
-            for i, polys in _trace(crop, np.asarray(members)):
-                polys = [[r * step + np.array([x0, y0]) for r in poly] for poly in polys]
-                emit(feature(i, polys, border.count[i], classify(i, border.hist[i]), downsample))
+            traced = _trace(crop, np.asarray(members), origin=(x0, y0), step=step, scale=scale)
+            for i, polys in traced:
+                emit(feature(i, polys, border.count[i], classify(i, border.hist[i])))
         f.write("\n]}\n")
     return written

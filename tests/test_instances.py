@@ -295,7 +295,7 @@ def test_geojson_class_map_majority(tmp_path: Path, blobs: np.ndarray) -> None:
 
 
 def test_geojson_huge_object_is_traced_strided(tmp_path: Path) -> None:
-    # a 200x300 object in 16x16 chunks exceeds 16 blocks: traced from a strided crop
+    # a 200x300 object in 16x16 chunks exceeds 4 blocks: traced from a strided crop
     inst = np.zeros((210, 310), np.uint32)
     inst[5:205, 5:305] = 7
     inst[20:40, 20:40] = 0

@@ -574,12 +574,16 @@ def write_ome_tiff(
     shapes = pyramid_shapes((h, w), min_side=min_side)
     pixel_size = pixel_size or getattr(getattr(src, "img", None), "pixel_size", None)
     rgb = c == 3 and dtype in (np.uint8, np.uint16)
+    workers = min(4, os.cpu_count() or 1)
     options: dict[str, Any] = {
         "tile": (tile, tile),
         "dtype": dtype,
         "photometric": "rgb" if rgb else "minisblack",
         "compression": comp,
-        "maxworkers": min(4, os.cpu_count() or 1),
+        "maxworkers": workers,
+        # tifffile buffers up to `buffersize` bytes of tiles per batch (512 MiB by default):
+        # keep a few tiles per worker so memory stays bounded by the tile.
+        "buffersize": 4 * workers * tile * tile * c * dtype.itemsize,
     }
     if c > 1:
         options["planarconfig"] = "contig"

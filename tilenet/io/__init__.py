@@ -1,0 +1,60 @@
+"""Image IO: :func:`open_image` for every readable format, and the writers.
+
+``open_image`` decides the format from the file's content (magic bytes), never from its
+name, and returns a :class:`LazyImage`: shape, dtype, pyramid and pixel size from the header,
+pixels only when a window is read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tilenet.io.base import LazyImage, Level
+from tilenet.io.sniff import fingerprint, sniff
+
+# isort: split
+# -- writers (maintained with tilenet/io/writers.py and tilenet/io/convert.py) ----------------
+from tilenet.io.convert import convert
+from tilenet.io.writers import OmeZarrWriter, write_ome_tiff, write_preview_png
+
+# -- end writers ---------------------------------------------------------------------------------
+
+__all__ = [
+    "LazyImage",
+    "Level",
+    "OmeZarrWriter",
+    "convert",
+    "fingerprint",
+    "open_image",
+    "write_ome_tiff",
+    "write_preview_png",
+]
+
+
+def open_image(
+    path: str | os.PathLike[str],
+    *,
+    max_pixels_eager: int | None = 200_000_000,
+    max_pixels: int | None = 10**12,
+) -> LazyImage:
+    """Open an image lazily: TIFF/BigTIFF/OME-TIFF, zarr/OME-Zarr, or PNG/JPEG (via Pillow).
+
+    Only the header is read here. ``max_pixels`` refuses headers that claim more pixels
+    (before anything is allocated). ``max_pixels_eager`` limits formats that must be decoded
+    whole (PNG, JPEG); ``None`` lifts it (``tilenet convert`` uses that). Errors are
+    :class:`~tilenet.errors.TilenetError` subclasses with a one-line message naming the file.
+    """
+    p = Path(path)
+    kind = sniff(p)
+    if kind == "tiff":
+        from tilenet.io.tiff import open_tiff
+
+        return open_tiff(p, max_pixels=max_pixels)
+    if kind == "zarr":
+        from tilenet.io.zarrio import open_zarr
+
+        return open_zarr(p, max_pixels=max_pixels)
+    from tilenet.io.pil import open_pil
+
+    return open_pil(p, max_pixels_eager=max_pixels_eager, max_pixels=max_pixels)

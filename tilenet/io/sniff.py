@@ -1,0 +1,165 @@
+"""Format detection by content, header guards shared by the readers, and input fingerprints.
+
+The format of a file is decided by its first bytes, never by its name: a text file renamed
+``.tif`` is reported as what it is. Every reader checks the sizes a header claims with
+:func:`check_pixels` and :func:`check_chunk` *before* it allocates anything, so a crafted
+header cannot make tilenet allocate memory it claims to need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Literal
+
+from tilenet.errors import (
+    CorruptImageError,
+    ImageNotFoundError,
+    ImageTooLargeError,
+    UnsupportedFormatError,
+)
+
+__all__ = [
+    "MAX_CHUNK_BYTES",
+    "Format",
+    "check_chunk",
+    "check_pixels",
+    "fingerprint",
+    "level_downsample",
+    "sniff",
+]
+
+Format = Literal["tiff", "zarr", "pil"]
+
+#: Largest single storage chunk (tile or strip), decoded, a reader will decode. A window read
+#: decodes whole chunks, so this bounds the memory of one read independently of the window.
+MAX_CHUNK_BYTES = 512 * 2**20
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# Formats Pillow reads and tilenet accepts (magic prefix -> name, for messages only).
+_PIL_MAGIC = {
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"BM": "BMP",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"RIFF": "WEBP",
+    b"P1": "PNM",
+    b"P2": "PNM",
+    b"P3": "PNM",
+    b"P4": "PNM",
+    b"P5": "PNM",
+    b"P6": "PNM",
+}
+_ZARR_META = (".zarray", ".zgroup", "zarr.json")
+_FINGERPRINT_META = (".zarray", ".zgroup", ".zattrs", ".zmetadata", "zarr.json")
+_MiB = 2**20
+
+
+def sniff(path: str | os.PathLike[str]) -> Format:
+    """Return which reader handles ``path``, judged by content (magic bytes), not by name.
+
+    Raises :class:`ImageNotFoundError` for a missing path and :class:`UnsupportedFormatError`
+    for an empty file, a directory that is not a zarr store, or unknown content.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageNotFoundError(f"{p}: no such file or directory")
+    if p.is_dir():
+        if any((p / name).is_file() for name in _ZARR_META):
+            return "zarr"
+        raise UnsupportedFormatError(
+            f"{p}: is a directory but not a zarr store (no .zarray, .zgroup or zarr.json)"
+        )
+    try:
+        with p.open("rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        raise ImageNotFoundError(f"{p}: cannot be read ({exc.strerror or exc})") from exc
+    if not head:
+        raise UnsupportedFormatError(f"{p}: empty file (0 bytes)")
+    if head[:4] in _TIFF_MAGIC:
+        return "tiff"
+    for magic in _PIL_MAGIC:
+        if head.startswith(magic):
+            return "pil"
+    hint = ""
+    suffix = p.suffix.lower()
+    if suffix in (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".zarr"):
+        hint = f" despite its {suffix} name"
+    raise UnsupportedFormatError(
+        f"{p}: not a TIFF, zarr, PNG or JPEG image{hint} (starts with {head[:8]!r})"
+    )
+
+
+def check_pixels(path: object, h: int, w: int, *, max_pixels: int | None) -> None:
+    """Refuse a header whose level-0 size is non-positive or above ``max_pixels``."""
+    if h <= 0 or w <= 0:
+        raise CorruptImageError(f"{path}: header claims an empty image of {h} x {w} pixels")
+    if max_pixels is not None and h * w > max_pixels:
+        raise ImageTooLargeError(
+            f"{path}: header claims {h} x {w} = {h * w:,} pixels, above the limit of "
+            f"{max_pixels:,}; if the file is genuine, raise max_pixels"
+        )
+
+
+def check_chunk(path: object, shape: tuple[int, ...], itemsize: int) -> None:
+    """Refuse storage chunks so large that decoding one would be an allocation hazard."""
+    n = itemsize
+    for s in shape:
+        if s <= 0:
+            raise CorruptImageError(f"{path}: invalid chunk shape {tuple(shape)}")
+        n *= int(s)
+    if n > MAX_CHUNK_BYTES:
+        raise ImageTooLargeError(
+            f"{path}: one storage chunk {tuple(shape)} would decode to {n / _MiB:,.0f} MiB "
+            f"(limit {MAX_CHUNK_BYTES // _MiB} MiB); re-save the image tiled, e.g. as a "
+            "tiled TIFF with 512x512 tiles"
+        )
+
+
+def fingerprint(path: str | os.PathLike[str]) -> str:
+    """A cheap content fingerprint (hex sha256) that changes when the input changes.
+
+    Files: the size plus the first and last MiB. Directories (zarr stores): the sorted
+    relative paths and contents of their metadata files. Cheap by design: a change confined
+    to the middle of a large file, or to zarr chunk data only, goes unnoticed.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageNotFoundError(f"{p}: no such file or directory")
+    digest = hashlib.sha256()
+    if p.is_dir():
+        digest.update(b"dir\0")
+        metas = sorted(f for f in p.rglob("*") if f.name in _FINGERPRINT_META and f.is_file())
+        for f in metas:
+            digest.update(f.relative_to(p).as_posix().encode() + b"\0")
+            digest.update(f.read_bytes())
+            digest.update(b"\0")
+        return digest.hexdigest()
+    size = p.stat().st_size
+    digest.update(f"file\0{size}\0".encode())
+    with p.open("rb") as fh:
+        digest.update(fh.read(_MiB))
+        if size > _MiB:
+            fh.seek(max(_MiB, size - _MiB))
+            digest.update(fh.read(_MiB))
+    return digest.hexdigest()
+
+
+def level_downsample(shape0: tuple[int, int], shape: tuple[int, int]) -> tuple[float, float]:
+    """Downsample factors (y, x) of a pyramid level from its shape and level 0's.
+
+    A level made with an integer factor ``f`` has ``ceil(H / f)`` or ``H // f`` rows; that
+    ``f`` is returned exactly, so rounding at odd sizes does not blur the factor.
+
+    >>> level_downsample((1001, 700), (501, 350))
+    (2.0, 2.0)
+    """
+    out = []
+    for n0, n in zip(shape0, shape, strict=True):
+        ratio = n0 / n
+        f = max(1, round(ratio))
+        out.append(float(f) if n in (-(-n0 // f), n0 // f) else ratio)
+    return (out[0], out[1])

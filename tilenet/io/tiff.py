@@ -1,0 +1,299 @@
+"""TIFF and BigTIFF reader: tifffile for the structure, its zarr store for the tiles.
+
+A window read goes through ``series.aszarr(level=...)`` opened with zarr, which decodes only
+the tiles (or strips) the window intersects. Uncompressed contiguous pages, which tifffile
+stores as one strip by default, are memory-mapped instead, so a window never decodes the
+whole strip. Pyramids are found as tifffile series levels (OME SubIFDs, COG reduced pages,
+SVS) or, for libvips-style files that store each level as its own page, as a run of
+following series with the same layout and decreasing size.
+
+Every storage layout is presented as (h, w, C): interleaved (``YXS``), planar (``SYX``), OME
+channels (``CYX``) and multi-page channel stacks (``QYX``) alike.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tilenet.errors import CorruptImageError, TilenetError, UnsupportedFormatError
+from tilenet.geometry import Window
+from tilenet.io.base import LazyImage, Level
+from tilenet.io.sniff import check_chunk, check_pixels, level_downsample
+
+__all__ = ["TiffImage", "open_tiff"]
+
+_MAX_CHANNELS = 4096
+# TIFF compression enum names -> the names tilenet reports (and accepts in convert).
+_COMPRESSION_NAMES = {
+    "NONE": None,
+    "ADOBE_DEFLATE": "deflate",
+    "DEFLATE": "deflate",
+    "LZW": "lzw",
+    "ZSTD": "zstd",
+    "JPEG": "jpeg",
+    "OJPEG": "jpeg",
+    "PACKBITS": "packbits",
+    "WEBP": "webp",
+    "JPEG2000": "jpeg2000",
+    "APERIO_JP2000_YCBC": "jpeg2000",
+    "APERIO_JP2000_RGB": "jpeg2000",
+    "LZMA": "lzma",
+    "JPEGXL": "jpegxl",
+}
+# Length units of OME PhysicalSize*Unit -> micrometres.
+_UNIT_UM = {
+    "pm": 1e-6,
+    "nm": 1e-3,
+    "µm": 1.0,
+    "um": 1.0,
+    "micron": 1.0,
+    "mm": 1e3,
+    "cm": 1e4,
+    "m": 1e6,
+}
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How one level's series axes map onto (h, w, C)."""
+
+    index: tuple[Any, ...]  # per series axis: "y", "x", slice(None) for channels, or 0
+    perm: tuple[int, ...]  # transposes the indexed result to (Y, X, channel axes...)
+    height: int
+    width: int
+    channels: int
+
+
+def _layout(path: object, axes: str, shape: tuple[int, ...]) -> _Layout:
+    if "Y" not in axes or "X" not in axes:
+        raise UnsupportedFormatError(f"{path}: TIFF series with axes {axes!r} has no Y and X")
+    iy, ix = axes.index("Y"), axes.index("X")
+    others = [i for i in range(len(axes)) if i not in (iy, ix)]
+    chan = [i for i in others if axes[i] in "SC"]
+    extra = [i for i in others if i not in chan and shape[i] > 1]
+    if not chan and len(extra) == 1:
+        # A stack of single-channel pages (tifffile calls the page axis Q or I): channels.
+        chan = extra
+    index: list[Any] = []
+    kept: list[int] = []
+    for i in range(len(axes)):
+        if i in (iy, ix) or i in chan:
+            index.append("y" if i == iy else "x" if i == ix else slice(None))
+            kept.append(i)
+        else:
+            index.append(0)  # further planes (Z, T, ...): the first one is the image
+    perm = tuple(kept.index(i) for i in (iy, ix, *chan))
+    channels = math.prod(shape[i] for i in chan)
+    if channels > _MAX_CHANNELS:
+        raise UnsupportedFormatError(
+            f"{path}: {channels} channels (axes {axes!r}, shape {shape}) is not an image layout "
+            "tilenet reads"
+        )
+    return _Layout(tuple(index), perm, int(shape[iy]), int(shape[ix]), int(channels))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _pyramid(tf: Any) -> list[Any]:
+    """The levels of the first series; separate same-layout smaller series count as levels."""
+    s0 = tf.series[0]
+    levels = list(s0.levels)
+    if len(levels) > 1 or len(tf.series) < 2:
+        return levels
+    iy, ix = s0.axes.index("Y"), s0.axes.index("X")
+    fixed = [n for i, n in enumerate(s0.shape) if i not in (iy, ix)]
+    for s in tf.series[1:]:
+        prev = levels[-1]
+        if (
+            s.axes != s0.axes
+            or s.dtype != s0.dtype
+            or len(s.levels) != 1
+            or [n for i, n in enumerate(s.shape) if i not in (iy, ix)] != fixed
+            or not (s.shape[iy] < prev.shape[iy] and s.shape[ix] < prev.shape[ix])
+        ):
+            break  # e.g. a slide's label or macro image, not a level
+        levels.append(s)
+    return levels
+
+
+def _check_pages(path: Path, level: Any, file_size: int) -> None:
+    """Tile tables must match the image size and point inside the file."""
+    for page in level.pages:
+        if page is None:
+            continue
+        keyframe = page.keyframe
+        expected = math.prod(keyframe.chunked)
+        offsets = np.asarray(page.dataoffsets, dtype=np.uint64)
+        counts = np.asarray(page.databytecounts, dtype=np.uint64)
+        if len(offsets) != expected or len(counts) != expected:
+            raise CorruptImageError(
+                f"{path}: page of {keyframe.imagelength} x {keyframe.imagewidth} pixels needs "
+                f"{expected:,} tiles/strips but lists {len(offsets):,} offsets and "
+                f"{len(counts):,} byte counts; the header is corrupt"
+            )
+        if expected and int((offsets + counts).max()) > file_size:
+            raise CorruptImageError(
+                f"{path}: tile data extends to byte {int((offsets + counts).max()):,} but the "
+                f"file has {file_size:,} bytes; it is truncated or its tile offsets are corrupt"
+            )
+
+
+def _pixel_size(tf: Any, page: Any) -> tuple[float, float] | None:
+    if tf.is_ome and tf.ome_metadata:
+        try:
+            root = ET.fromstring(tf.ome_metadata)
+        except ET.ParseError:
+            root = None
+        pixels = next((e for e in root.iter() if e.tag.endswith("Pixels")), None) if root else None
+        if pixels is not None:
+            sizes = []
+            for ax in ("Y", "X"):
+                value = pixels.get(f"PhysicalSize{ax}")
+                unit = _UNIT_UM.get(pixels.get(f"PhysicalSize{ax}Unit", "µm"))
+                if value is None or unit is None:
+                    break
+                sizes.append(float(value) * unit)
+            if len(sizes) == 2 and min(sizes) > 0:
+                return (sizes[0], sizes[1])
+    try:
+        xres, yres = page.resolution
+        unit = int(page.resolutionunit)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    if not (xres > 0 and yres > 0):
+        return None
+    # ResolutionUnit: 2 inch, 3 centimetre (4 mm and 5 µm are non-standard extensions).
+    per_unit_um = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}.get(unit)
+    if per_unit_um is None and unit == 1:
+        ij = tf.imagej_metadata or {}
+        if str(ij.get("unit", "")).lower() in ("micron", "um", "µm", "\\u00b5m"):
+            per_unit_um = 1.0
+    if per_unit_um is None:
+        return None
+    return (per_unit_um / yres, per_unit_um / xres)
+
+
+@dataclass
+class TiffImage(LazyImage):
+    """A TIFF or BigTIFF image read lazily through tifffile."""
+
+    _tf: Any = field(default=None, repr=False)
+    _series: list[Any] = field(default_factory=list, repr=False)
+    _layouts: list[_Layout] = field(default_factory=list, repr=False)
+    _arrays: dict[int, Any] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _array(self, level: int) -> Any:
+        """The level as an indexable array: a read-only memmap or a zarr view of the tiles."""
+        with self._lock:
+            arr = self._arrays.get(level)
+            if arr is None:
+                arr = self._arrays[level] = self._open_level(level)
+            return arr
+
+    def _open_level(self, level: int) -> Any:
+        series = self._series[level]
+        page = series.keyframe
+        if (
+            len(series.pages) == 1
+            and not page.is_tiled
+            and page.compression == 1
+            and page.is_memmappable
+        ):
+            dtype = np.dtype(series.dtype).newbyteorder(self._tf.byteorder)
+            return np.memmap(
+                self.path,
+                dtype=dtype,
+                mode="r",
+                offset=int(page.dataoffsets[0]),
+                shape=tuple(series.shape),
+            )
+        import zarr
+
+        return zarr.open_array(series.aszarr(), mode="r")
+
+    def _read(self, window: Window, level: int) -> np.ndarray:
+        lay = self._layouts[level]
+        ys, xs = slice(window.y, window.y1), slice(window.x, window.x1)
+        index = tuple(ys if i == "y" else xs if i == "x" else i for i in lay.index)
+        data = np.asarray(self._array(level)[index])
+        data = data.transpose(lay.perm).reshape(window.h, window.w, lay.channels)
+        # Native byte order (memmapped big-endian files) and bool -> uint8.
+        return data.astype(self.dtype, copy=False)
+
+    def close(self) -> None:
+        with self._lock:
+            self._arrays.clear()
+        if self._tf is not None:
+            self._tf.close()
+
+
+def open_tiff(path: str | os.PathLike[str], *, max_pixels: int | None = 10**12) -> TiffImage:
+    """Open a TIFF/BigTIFF lazily; only its header and tile tables are read."""
+    import tifffile
+
+    p = Path(path)
+    try:
+        tf = tifffile.TiffFile(p)
+    except Exception as exc:
+        raise CorruptImageError(f"{p}: not a readable TIFF: {_first_line(exc)}") from exc
+    try:
+        return _describe(p, tf, max_pixels=max_pixels)
+    except TilenetError:
+        tf.close()
+        raise
+    except Exception as exc:
+        tf.close()
+        raise CorruptImageError(f"{p}: corrupt TIFF structure: {_first_line(exc)}") from exc
+
+
+def _describe(p: Path, tf: Any, *, max_pixels: int | None) -> TiffImage:
+    if not tf.series:
+        raise CorruptImageError(f"{p}: TIFF contains no image")
+    levels = _pyramid(tf)
+    s0 = levels[0]
+    dtype = np.dtype(s0.dtype)
+    if dtype.kind not in "uifb" or dtype.itemsize > 8:
+        raise UnsupportedFormatError(f"{p}: unsupported TIFF sample type {dtype}")
+    layouts = [_layout(p, lv.axes, tuple(lv.shape)) for lv in levels]
+    check_pixels(p, layouts[0].height, layouts[0].width, max_pixels=max_pixels)
+    file_size = p.stat().st_size
+    out_levels = []
+    for lv, lay in zip(levels, layouts, strict=True):
+        if lay.channels != layouts[0].channels or np.dtype(lv.dtype) != dtype:
+            raise CorruptImageError(f"{p}: pyramid levels disagree in channels or dtype")
+        page = lv.keyframe
+        if page.compression != 1 or page.is_tiled:
+            check_chunk(p, tuple(page.chunks), dtype.itemsize)
+        _check_pages(p, lv, file_size)
+        shape = (lay.height, lay.width)
+        chunks = (int(page.tilelength), int(page.tilewidth)) if page.is_tiled else None
+        out_levels.append(
+            Level(shape, level_downsample((layouts[0].height, layouts[0].width), shape), chunks)
+        )
+    page0 = s0.keyframe
+    comp = _COMPRESSION_NAMES.get(page0.compression.name, page0.compression.name.lower())
+    return TiffImage(
+        path=p,
+        format="ome-tiff" if tf.is_ome else "bigtiff" if tf.is_bigtiff else "tiff",
+        dtype=dtype if dtype.kind != "b" else np.dtype(np.uint8),
+        channels=layouts[0].channels,
+        levels=out_levels,
+        compression=comp,
+        pixel_size=_pixel_size(tf, page0),
+        metadata={"axes": s0.axes, "series_kind": s0.kind},
+        _tf=tf,
+        _series=levels,
+        _layouts=layouts,
+    )

@@ -290,20 +290,10 @@ class OmeZarrWriter:
         stored_chunks = (min(chunks, h), min(chunks, w))
         if self.stored_axes == "cyx":
             stored_chunks = (c, *stored_chunks)
+        compressor = _zarr_compressor(compression)  # validate before creating anything
         self.tmp = tmp_sibling(self.path)
         remove_path(self.tmp)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        group = zarr.open_group(self.tmp, mode="w", zarr_format=2)
-        arr = group.create_array(
-            "0",
-            shape=stored_shape,
-            chunks=stored_chunks,
-            dtype=np.dtype(dtype),
-            fill_value=fill_value,
-            compressors=_zarr_compressor(compression),
-            chunk_key_encoding={"name": "v2", "separator": "/"},
-        )
-        arr.attrs["_ARRAY_DIMENSIONS"] = list(self.stored_axes)
         state = {
             "final": self.path.name,
             "pixel_size": list(pixel_size) if pixel_size else None,
@@ -311,7 +301,22 @@ class OmeZarrWriter:
             "channel_names": list(channel_names) if channel_names else None,
             "resumable": resumable,
         }
-        group.attrs[_WRITER_ATTR] = state
+        try:
+            group = zarr.open_group(self.tmp, mode="w", zarr_format=2)
+            arr = group.create_array(
+                "0",
+                shape=stored_shape,
+                chunks=stored_chunks,
+                dtype=np.dtype(dtype),
+                fill_value=fill_value,
+                compressors=compressor,
+                chunk_key_encoding={"name": "v2", "separator": "/"},
+            )
+            arr.attrs["_ARRAY_DIMENSIONS"] = list(self.stored_axes)
+            group.attrs[_WRITER_ATTR] = state
+        except BaseException:
+            remove_path(self.tmp)
+            raise
         self._open(group, state)
 
     def _open(self, group: zarr.Group, state: dict[str, Any]) -> None:
@@ -436,6 +441,8 @@ def _omero(channels: int, dtype: Any, names: Sequence[str] | None) -> dict[str, 
 class _Source:
     """A uniform (h, w, C) window reader over LazyImage, zarr arrays/groups and numpy arrays."""
 
+    pixel_size: tuple[float, float] | None = None
+
     def __init__(self, levels: list[Any], axes: str, dtype: Any, label: str) -> None:
         self._levels = levels
         self.axes = axes
@@ -470,6 +477,7 @@ class _LazySource(_Source):
         self.label = str(img.path)
         self.channels = img.channels
         self.level_shapes = [tuple(lv.shape) for lv in img.levels]
+        self.pixel_size = img.pixel_size
 
     def read(self, window: Window, level: int = 0) -> np.ndarray:
         return self.img.read(window, level)
@@ -512,7 +520,12 @@ def _as_source(source: Any, axes: str | None = None) -> _Source:
         if names not in ("yx", "cyx", "yxc"):
             raise UnsupportedFormatError(f"{source.store}: unsupported OME-Zarr axes {names!r}")
         levels = [source[d["path"]] for d in ms[0]["datasets"]]
-        return _Source(levels, names, levels[0].dtype, str(source.store))
+        src = _Source(levels, names, levels[0].dtype, str(source.store))
+        units = [a.get("unit") for a in ms[0]["axes"] if isinstance(a, dict)]
+        scale = ms[0]["datasets"][0].get("coordinateTransformations", [{}])[0].get("scale")
+        if "micrometer" in units and scale and len(scale) >= 2:
+            src.pixel_size = (float(scale[-2]), float(scale[-1]))
+        return src
     if isinstance(source, (zarr.Array, np.ndarray)):
         label = "array"
         attrs = source.attrs if isinstance(source, zarr.Array) else None
@@ -572,7 +585,7 @@ def write_ome_tiff(
     dtype = src.dtype
     comp = _tiff_compression(compression, dtype, c)
     shapes = pyramid_shapes((h, w), min_side=min_side)
-    pixel_size = pixel_size or getattr(getattr(src, "img", None), "pixel_size", None)
+    pixel_size = pixel_size or src.pixel_size
     rgb = c == 3 and dtype in (np.uint8, np.uint16)
     workers = min(4, os.cpu_count() or 1)
     options: dict[str, Any] = {
@@ -752,7 +765,7 @@ def write_preview_png(
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     img = img.resize(size, Image.Resampling.BOX).convert("RGB")
     if overlay is not None:
-        ov = _as_source(overlay, None if overlay is not source else axes)
+        ov = _as_source(overlay)
         if ov.shape[:2] != (h, w):
             raise InputError(f"overlay size {ov.shape[:2]} differs from image size {(h, w)}")
         classes = _read_small(ov, max_side)[:, :, 0]

@@ -1,0 +1,103 @@
+"""``convert``: any readable image to pyramidal OME-TIFF / OME-Zarr, pixel for pixel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from PIL import Image
+
+from tilenet.cli import main
+from tilenet.errors import InputError
+from tilenet.io import convert, open_image
+from tilenet.io.writers import downsample2
+
+
+@pytest.fixture
+def big_rgb(rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[0:300, 0:220]
+    base = np.stack([yy % 256, xx, (yy * 2 + xx) % 256], axis=-1)
+    return ((base + rng.integers(0, 20, size=base.shape)) % 256).astype(np.uint8)
+
+
+def test_png_to_ome_tiff_lossless(tmp_path: Path, big_rgb: np.ndarray) -> None:
+    src = tmp_path / "scan.png"
+    Image.fromarray(big_rgb).save(src)
+    out = convert(src, tmp_path / "scan.ome.tif", tile=64, compression="zlib")
+    with tifffile.TiffFile(out) as tif:
+        assert tif.is_ome and tif.pages[0].is_tiled
+        assert len(tif.pages[0].subifds) == 1  # 300 -> 150 <= 256
+        levels = [lv.asarray() for lv in tif.series[0].levels]
+    np.testing.assert_array_equal(levels[0], big_rgb)
+    np.testing.assert_array_equal(levels[1], downsample2(big_rgb))
+    with open_image(out) as img:
+        assert img.shape == (300, 220, 3)
+        assert len(img.levels) == 2
+
+
+def test_tiff_to_ome_zarr_pixel_equality(tmp_path: Path, rng: np.random.Generator) -> None:
+    data = rng.integers(0, 4000, size=(600, 130), dtype=np.uint16)
+    src = tmp_path / "plain.tif"
+    tifffile.imwrite(src, data, tile=(64, 64))
+    out = convert(src, tmp_path / "plain.ome.zarr", tile=32)
+    group = zarr.open_group(out, mode="r")
+    ms = group.attrs["multiscales"][0]
+    assert [a["name"] for a in ms["axes"]] == ["y", "x"]
+    np.testing.assert_array_equal(group["0"][:], data)
+    assert [group[d["path"]].shape for d in ms["datasets"]] == [(600, 130), (300, 65), (150, 33)]
+    with open_image(out) as img:
+        assert img.shape == (600, 130, 1)
+        np.testing.assert_array_equal(img.to_dask().compute()[:, :, 0], data)
+
+
+def test_ome_zarr_to_ome_tiff_round_trip(tmp_path: Path, big_rgb: np.ndarray) -> None:
+    src = tmp_path / "a.png"
+    Image.fromarray(big_rgb).save(src)
+    zarr_out = convert(src, tmp_path / "a.zarr", tile=64)
+    tif_out = convert(zarr_out, tmp_path / "a.tif", tile=64, compression="none")
+    np.testing.assert_array_equal(tifffile.imread(tif_out), big_rgb)
+
+
+def test_convert_refuses_overwrite_without_force(tmp_path: Path, big_rgb: np.ndarray) -> None:
+    src = tmp_path / "in.png"
+    Image.fromarray(big_rgb).save(src)
+    out = tmp_path / "out.tif"
+    out.write_bytes(b"precious")
+    with pytest.raises(InputError, match="already exists"):
+        convert(src, out)
+    assert out.read_bytes() == b"precious"
+    convert(src, out, force=True, tile=64)
+    assert tifffile.imread(out).shape == (300, 220, 3)
+
+
+def test_convert_rejects_unknown_extension_and_bad_options(
+    tmp_path: Path, big_rgb: np.ndarray
+) -> None:
+    src = tmp_path / "in.png"
+    Image.fromarray(big_rgb).save(src)
+    with pytest.raises(InputError, match=r"out\.jpg: unknown output format"):
+        convert(src, tmp_path / "out.jpg")
+    with pytest.raises(InputError, match="multiple of 16"):
+        convert(src, tmp_path / "out.tif", tile=10)
+    with pytest.raises(InputError, match="zarr compression"):
+        convert(src, tmp_path / "out.zarr", compression="jpeg")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+def test_cli_convert(
+    tmp_path: Path, big_rgb: np.ndarray, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "in.png"
+    Image.fromarray(big_rgb).save(src)
+    out = tmp_path / "out.tif"
+    assert main(["convert", str(src), str(out), "--tile", "64"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    with tifffile.TiffFile(out) as tif:
+        assert tif.pages[0].compression == tifffile.COMPRESSION.JPEG  # 8-bit RGB default
+    assert main(["convert", str(src), str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["convert", str(src), str(tmp_path / "x.bmp")]) == 2
+    assert main(["convert", str(tmp_path / "missing.png"), str(tmp_path / "y.tif")]) == 2

@@ -169,8 +169,13 @@ class _Labeller:
         return labels, n, np.concatenate(firsts), np.concatenate(keys)
 
 
-def _face_pairs(a: np.ndarray, b: np.ndarray, ka: np.ndarray, kb: np.ndarray, diag: bool):
-    """Equivalent (id_a, id_b) pairs between two touching pixel lines (ids, keys, 0 = none)."""
+def _face_pairs(
+    a: np.ndarray, b: np.ndarray, ka: np.ndarray, kb: np.ndarray, diag: bool
+) -> list[np.ndarray]:
+    """Equivalent (id_a, id_b) pairs between two touching pixel lines (ids, keys, 0 = none).
+
+    Deduplicated, so the merge table grows with the objects crossing a face, not its length.
+    """
     out = []
     shifts = [(slice(None), slice(None))]
     if diag:
@@ -180,7 +185,7 @@ def _face_pairs(a: np.ndarray, b: np.ndarray, ka: np.ndarray, kb: np.ndarray, di
         m = (x > 0) & (y > 0) & (ka[sa] == kb[sb])
         if m.any():
             out.append(np.stack([x[m], y[m]]))
-    return out
+    return [np.unique(np.concatenate(out, axis=1), axis=1)] if out else []
 
 
 def _group_min(groups: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:

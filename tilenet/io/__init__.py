@@ -16,7 +16,7 @@ from tilenet.io.sniff import fingerprint, sniff
 # isort: split
 # -- writers (maintained with tilenet/io/writers.py and tilenet/io/convert.py) ----------------
 from tilenet.io.convert import convert
-from tilenet.io.writers import OmeZarrWriter, write_ome_tiff, write_preview_png
+from tilenet.io.writers import OmeZarrWriter, build_pyramid, write_ome_tiff, write_preview_png
 
 # -- end writers ---------------------------------------------------------------------------------
 
@@ -24,6 +24,7 @@ __all__ = [
     "LazyImage",
     "Level",
     "OmeZarrWriter",
+    "build_pyramid",
     "convert",
     "fingerprint",
     "open_image",

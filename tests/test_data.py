@@ -19,6 +19,7 @@ from tilenet.data import (
     PatchStoreDataset,
     RandomCropDataset,
     build_loader,
+    normalize_batch,
     repeat_factors,
     store_stats,
 )
@@ -230,3 +231,17 @@ def test_build_loader_from_config(store: Path, tmp_path: Path) -> None:
         build_loader(DataConfig(stores=[str(store)], patch=256), train=True)
     with pytest.raises(ImageNotFoundError, match="not found"):
         PatchStoreDataset(tmp_path / "nope.zarr")
+
+
+def test_uint8_output_for_device_normalisation(store: Path) -> None:
+    images, labels = _rows(store)
+    raw = PatchStoreDataset(store, batch_size=9, shuffle=False, output="uint8")
+    flt = PatchStoreDataset(store, batch_size=9, shuffle=False)
+    (xu, mu), (xf, mf) = next(iter(raw)), next(iter(flt))
+    assert xu.dtype == torch.uint8 and mu.dtype == torch.uint8 and xu.shape == (9, 3, P, P)
+    np.testing.assert_array_equal(xu.permute(0, 2, 3, 1).numpy(), images[:9])
+    np.testing.assert_array_equal(mu.numpy(), labels[:9])
+    torch.testing.assert_close(normalize_batch(xu, raw.mean, raw.std), xf)
+    assert torch.equal(mu.long(), mf)
+    with pytest.raises(InputError, match="output"):
+        PatchStoreDataset(store, output="half")  # type: ignore[arg-type]

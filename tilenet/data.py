@@ -23,7 +23,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ __all__ = [
     "PatchStoreDataset",
     "RandomCropDataset",
     "build_loader",
+    "normalize_batch",
     "repeat_factors",
     "store_stats",
 ]
@@ -169,8 +170,21 @@ def repeat_factors(
 
 
 # -- normalisation ------------------------------------------------------------------------
+def normalize_batch(
+    x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
+    """``(x - mean) / std`` per channel of a (B, C, H, W) batch, as float32, on x's device.
+
+    For ``output="uint8"`` datasets: move the uint8 batch to the GPU first, then normalise
+    there (4x less to copy, and the CPU workers are spared the float conversion).
+    """
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return (x.to(torch.float32) - m) / s
+
+
 class _Normalize:
-    """uint8/uint16/float (B, P, P, C) numpy -> float32 (B, C, P, P) tensor, (x - mean) / std."""
+    """uint8 (B, C, P, P) tensor -> float32 (B, C, P, P), (x - mean) / std (or raw values)."""
 
     def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32)
@@ -179,53 +193,62 @@ class _Normalize:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float32, memory_format=torch.contiguous_format)
         if self.mean is not None and self.std is not None:
-            x.sub_(self.mean.view(1, -1, 1, 1)).div_(self.std.view(1, -1, 1, 1))
+            x.sub_(self.mean.view(1, -1, 1, 1)).mul_((1.0 / self.std).view(1, -1, 1, 1))
         return x
 
 
 class _Emitter:
-    """Turns (images (n,P,P,C) numpy, masks (n,P,P) numpy) into samples or fixed-size batches."""
+    """Turns buffers (images (n,P,P,C), masks (n,P,P), order) into samples or batches.
 
-    def __init__(self, batch_size: int | None, norm: _Normalize, augment: Any) -> None:
+    A batch is gathered straight from the buffer in the shuffled order (one copy), so
+    shuffling costs nothing extra; batches may span buffers.
+    """
+
+    def __init__(self, batch_size: int | None, norm: _Normalize | None, augment: Any) -> None:
         self.batch_size = batch_size
-        self.norm = norm
+        self.norm = norm  # None: raw uint8 images and uint8 masks
         self.augment = augment
-        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._n = 0
 
     def _finish(self, images: np.ndarray, masks: np.ndarray) -> Batch:
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        m = torch.from_numpy(np.ascontiguousarray(masks))
+        # NHWC -> NCHW is a view (channels-last strides); copied only where needed.
+        x = torch.from_numpy(images).permute(0, 3, 1, 2)
+        m = torch.from_numpy(masks)
         if self.augment is not None:
             x, m = self.augment(x.contiguous(), m)
+        if self.norm is None:
+            return x, m
         return self.norm(x), m.to(torch.int64)
 
-    def feed(self, images: np.ndarray, masks: np.ndarray) -> Iterator[Any]:
+    def feed(self, images: np.ndarray, masks: np.ndarray, order: np.ndarray) -> Iterator[Any]:
         if self.batch_size is None:
-            for i in range(0, len(images), 64):
-                x, m = self._finish(images[i : i + 64], masks[i : i + 64])
+            for i in range(0, len(order), 64):
+                idx = order[i : i + 64]
+                x, m = self._finish(images[idx], masks[idx])
                 yield from zip(x, m, strict=True)
             return
-        self._pending.append((images, masks))
-        self._n += len(images)
+        self._pending.append((images, masks, order))
+        self._n += len(order)
         while self._n >= self.batch_size:
             yield self._take(self.batch_size)
 
     def _take(self, k: int) -> Batch:
         imgs, msks, got = [], [], 0
         while got < k:
-            a, b = self._pending[0]
-            t = min(k - got, len(a))
-            imgs.append(a[:t])
-            msks.append(b[:t])
-            if t == len(a):
+            a, b, idx = self._pending[0]
+            t = min(k - got, len(idx))
+            imgs.append(a[idx[:t]])
+            msks.append(b[idx[:t]])
+            if t == len(idx):
                 self._pending.pop(0)
             else:
-                self._pending[0] = (a[t:], b[t:])
+                self._pending[0] = (a, b, idx[t:])
             got += t
         self._n -= k
-        cat = (lambda xs: xs[0]) if len(imgs) == 1 else np.concatenate
-        return self._finish(cat(imgs), cat(msks))
+        if len(imgs) == 1:
+            return self._finish(imgs[0], msks[0])
+        return self._finish(np.concatenate(imgs), np.concatenate(msks))
 
     def flush(self) -> Iterator[Batch]:
         if self.batch_size is not None and self._n:
@@ -242,6 +265,10 @@ class PatchStoreDataset(IterableDataset):
     ``buffer`` patches (whole chunks) are loaded, permuted and emitted. Call
     :meth:`set_epoch` before each epoch (as with ``DistributedSampler``); ranks may receive
     up to one chunk more or less than each other.
+
+    ``output="uint8"`` yields raw uint8 images (B, C, P, P) (channels-last strides) and uint8
+    masks instead, for normalising on the GPU with :func:`normalize_batch` and
+    ``ds.mean``/``ds.std``: a quarter of the bytes to move and no float work in the workers.
 
     ``class_balance`` repeats each patch by the largest repeat factor
     (:func:`repeat_factors`) of the classes it contains, stochastically rounded: rare
@@ -261,8 +288,12 @@ class PatchStoreDataset(IterableDataset):
         augment: AugmentConfig | None = None,
         normalize: bool = True,
         class_balance: bool = False,
+        output: Literal["float", "uint8"] = "float",
     ) -> None:
         super().__init__()
+        if output not in ("float", "uint8"):
+            raise InputError(f"output must be 'float' or 'uint8', got {output!r}")
+        self.output = output
         self.paths = _as_list(stores)
         if not self.paths:
             raise InputError("PatchStoreDataset needs at least one patch store")
@@ -343,9 +374,10 @@ class PatchStoreDataset(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         mine = _shard(self._order(), self.rank, self.world_size)
         rng = np.random.default_rng([self.seed, self.epoch, _worker_id(self.rank), 1])
-        norm = _Normalize(self.mean, self.std) if self.normalize else _Normalize(None, None)
         emit = _Emitter(
-            self.batch_size, norm, build_augment(self.augment_cfg, channels=self.channels)
+            self.batch_size,
+            self._norm(),
+            build_augment(self.augment_cfg, channels=self.channels),
         )
         i = 0
         while i < len(mine):
@@ -358,15 +390,18 @@ class PatchStoreDataset(IterableDataset):
                 i += 1
             images = imgs[0] if len(imgs) == 1 else np.concatenate(imgs)
             masks = msks[0] if len(msks) == 1 else np.concatenate(msks)
-            idx = np.arange(len(images))
+            order = np.arange(len(images))
             if self.class_balance:
-                idx = self._balanced(masks, rng)
+                order = self._balanced(masks, rng)
             if self.shuffle:
-                idx = rng.permutation(idx)
-            if not (len(idx) == len(images) and (idx == np.arange(len(images))).all()):
-                images, masks = images[idx], masks[idx]
-            yield from emit.feed(images, masks)
+                order = rng.permutation(order)
+            yield from emit.feed(images, masks, order)
         yield from emit.flush()
+
+    def _norm(self) -> _Normalize | None:
+        if self.output == "uint8":
+            return None
+        return _Normalize(self.mean, self.std) if self.normalize else _Normalize(None, None)
 
     def _balanced(self, masks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Indices with each patch repeated by its stochastically rounded repeat factor."""
@@ -483,7 +518,7 @@ class RandomCropDataset(IterableDataset):
                 crops.append(img.read(win, self.level))
                 if lab is not None:
                     masks[j] = lab.read(win, self.level)[..., 0]
-            yield from emit.feed(np.stack(crops), masks)
+            yield from emit.feed(np.stack(crops), masks, np.arange(len(crops)))
         yield from emit.flush()
 
 
@@ -544,6 +579,7 @@ def build_loader(
             augment=cfg.augment if train else None,
             normalize=cfg.normalize,
             class_balance=cfg.class_balance and train,
+            output=cfg.output,
         )
         if ds.patch != cfg.patch:
             raise InputError(

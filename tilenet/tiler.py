@@ -371,9 +371,9 @@ def _create_store(
 
     group = zarr.open_group(out, mode="w", attributes=attrs)
     shard = chunk_patches * _CHUNKS_PER_SHARD
-    # zstd at a low level: ~2x smaller than raw for natural images and fast to decode,
-    # which the streaming loader needs more than the last few percent of ratio.
-    comp = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+    # lz4 decodes ~3x faster than zstd here (measured: 130 vs 435 us per 256x256x3 patch),
+    # and decode speed bounds the streaming loader more than the ratio does.
+    comp = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
     group.create_array(
         "images",
         shape=(0, patch, patch, channels),

@@ -1,0 +1,426 @@
+"""Model registry: every model's contract, and its declared stride and receptive field.
+
+The receptive field is checked two ways against the real network (eval mode, random weights
+and random BatchNorm statistics so no layer is the identity):
+
+* gradient of one output pixel with respect to the input is zero beyond the declared
+  dependency interval and reaches close to it;
+* the property tiling needs: the output at the centre of a larger input equals the output of
+  a crop of ``2 * ceil_to(rf, stride) + stride`` around it, and a smaller crop differs.
+
+The ResNet-based models are checked along one axis with thin inputs (tall, ``2 * stride``
+wide, so the other axis is identical in both passes), which keeps them cheap on a CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from tilenet.errors import ModelError
+from tilenet.geometry import ceil_to
+from tilenet.models import (
+    TileModel,
+    analyze,
+    create_model,
+    create_model_from_config,
+    list_models,
+    model_memory,
+)
+
+ALL = [
+    "deeplabv3_resnet50",
+    "fcn_resnet50",
+    "tiny",
+    "unet",
+    "unet_resnet18",
+    "unet_resnet34",
+    "unet_resnet50",
+]
+STRIDES = {
+    "deeplabv3_resnet50": 8,
+    "fcn_resnet50": 8,
+    "tiny": 2,
+    "unet": 16,
+    "unet_resnet18": 32,
+    "unet_resnet34": 32,
+    "unet_resnet50": 32,
+}
+HEAVY = [n for n in ALL if "resnet" in n]
+# Small models checked fully in 2-D: (name, kwargs).
+LIGHT = [
+    ("tiny", {}),
+    ("unet", {"base": 4}),  # the default's layout (and receptive field), narrower
+    ("unet", {"depth": 3, "up": "transpose", "norm": "none"}),
+    ("unet", {"depth": 2, "base": 4}),
+]
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+
+
+@functools.cache
+def _prepared(name: str, kw: str = "{}") -> TileModel:
+    """An eval-mode float64 model with random BN statistics (shared by the RF tests)."""
+    torch.manual_seed(0)
+    model = create_model(name, in_channels=2, num_classes=3, **json.loads(kw))
+    _randomize_bn(model)
+    return model.double().eval()
+
+
+# -- registry and contract ------------------------------------------------------------------
+
+
+def test_list_models_is_sorted_and_complete() -> None:
+    assert list_models() == ALL
+
+
+def test_unknown_model_lists_the_available_ones() -> None:
+    with pytest.raises(ModelError, match=r"'nope'.*tiny, unet"):
+        create_model("nope")
+
+
+def test_unknown_option_is_named() -> None:
+    with pytest.raises(ModelError, match=r"'depht'.*valid options: base, depth, norm, up"):
+        create_model("unet", depht=3)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"norm": "layer"}, {"up": "pixelshuffle"}, {"depth": 0}, {"base": "16"}]
+)
+def test_bad_option_value_is_a_model_error(kwargs: dict) -> None:
+    with pytest.raises(ModelError, match=str(next(iter(kwargs.values())))):
+        create_model("unet", **kwargs)
+
+
+def test_bad_channels_are_rejected() -> None:
+    with pytest.raises(ModelError, match="in_channels"):
+        create_model("tiny", in_channels=0)
+
+
+def test_missing_weights_file_names_the_path(tmp_path) -> None:
+    path = tmp_path / "nope.pt"
+    with pytest.raises(ModelError, match=r"nope\.pt: weights file not found"):
+        create_model("tiny", weights=path)
+
+
+def test_weights_round_trip_state_dict_and_checkpoint(tmp_path) -> None:
+    from tilenet.checkpoint import make_spec, save_checkpoint
+
+    src = create_model("tiny", in_channels=1, num_classes=2)
+    _randomize_bn(src)
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    save_checkpoint(tmp_path / "c.pt", {"spec": make_spec(src), "model": src.state_dict()})
+    x = torch.randn(1, 1, 16, 16)
+    want = src.eval()(x)
+    for f in ("w.pt", "c.pt"):
+        got = create_model("tiny", in_channels=1, num_classes=2, weights=tmp_path / f).eval()
+        torch.testing.assert_close(got(x), want)
+
+
+def test_weights_that_do_not_fit_are_a_model_error(tmp_path) -> None:
+    torch.save(create_model("tiny", num_classes=5).state_dict(), tmp_path / "w.pt")
+    with pytest.raises(ModelError, match=r"w.pt: weights do not fit model 'tiny'"):
+        create_model("tiny", num_classes=2, weights=tmp_path / "w.pt")
+
+
+def test_weights_holding_code_are_refused(tmp_path) -> None:
+    torch.save({"x": nn.ReLU()}, tmp_path / "evil.pt")  # a pickled object, not plain data
+    with pytest.raises(ModelError, match=r"evil.pt: not a loadable weights file"):
+        create_model("tiny", weights=tmp_path / "evil.pt")
+
+
+def test_torchvision_resnet_weights_fill_the_encoder(tmp_path) -> None:
+    from torchvision.models import resnet18
+
+    ref = resnet18(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "r18.pt")
+    m = create_model("unet_resnet18", in_channels=2, weights=tmp_path / "r18.pt")
+    torch.testing.assert_close(m.encoder.layer3[0].conv1.weight, ref.layer3[0].conv1.weight)
+    # Two-channel first conv: the RGB filters averaged, repeated, scaled by 3/2.
+    want = ref.conv1.weight.mean(1, keepdim=True).repeat(1, 2, 1, 1) * 1.5
+    torch.testing.assert_close(m.encoder.conv1.weight, want)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_spec_is_plain_data_and_rebuilds_the_model(name: str) -> None:
+    kw = {"unet": {"depth": 3, "base": 8}, "tiny": {"width": 4}}.get(name, {})
+    m = create_model(name, in_channels=4, num_classes=5, **kw)
+    spec = json.loads(json.dumps(m.spec))
+    assert spec == {"name": name, "in_channels": 4, "num_classes": 5, "kwargs": kw}
+    again = create_model(spec["name"], in_channels=4, num_classes=5, **spec["kwargs"])
+    a, b = m.state_dict(), again.state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert m.stride == (8 if name == "unet" else STRIDES[name])
+    assert again.receptive_field == m.receptive_field
+    assert m.per_pixel_norm is True
+    assert not any(isinstance(x, nn.Linear) for x in m.modules()), "no dense layers"
+    assert not any(isinstance(x, nn.AdaptiveAvgPool2d) for x in m.modules()), "no global pool"
+
+
+def test_create_model_from_config() -> None:
+    from tilenet.config import load_config
+
+    cfg = load_config(None, ["model.name=unet", "model.kwargs.depth=2", "model.in_channels=1"])
+    m = create_model_from_config(cfg.model)
+    assert (m.stride, m.in_channels, m.num_classes) == (4, 1, cfg.model.num_classes)
+    assert m.spec["kwargs"] == {"depth": 2}
+
+
+def test_group_norm_is_flagged_as_not_per_pixel() -> None:
+    assert create_model("unet", norm="group").per_pixel_norm is False
+    assert create_model("unet", norm="batch").per_pixel_norm is True
+
+
+# -- forward passes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_runs_on_cpu_at_two_sizes(name: str) -> None:
+    s = STRIDES[name]
+    m = create_model(name, in_channels=1, num_classes=3)
+    with torch.no_grad():
+        for h, w in ((2 * s, 3 * s), (4 * s, 2 * s)):
+            y = m.eval()(torch.randn(1, 1, h, w))
+            assert y.shape == (1, 3, h, w) and torch.isfinite(y).all()
+        y = m.train()(torch.randn(2, 1, 2 * s, 2 * s))
+        assert y.shape == (2, 3, 2 * s, 2 * s)
+
+
+def test_input_not_a_multiple_of_the_stride_is_a_model_error() -> None:
+    m = create_model("unet")
+    with pytest.raises(ModelError, match=r"not a multiple of the model stride 16"):
+        m(torch.randn(1, 3, 40, 48))
+    with pytest.raises(ModelError, match=r"expected input \(N, 3, H, W\)"):
+        m(torch.randn(1, 4, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["tiny", "unet"])
+def test_channels_last_and_bf16_autocast(name: str) -> None:
+    m = create_model(name, in_channels=3, num_classes=2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = m(x)
+        cl = m.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+        torch.testing.assert_close(cl, ref, atol=1e-4, rtol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = m(x)
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
+
+
+# -- stride and receptive field ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
+def test_unet_receptive_field_matches_hand_derivation(depth: int) -> None:
+    # Derived on paper per axis: stem 2 convs (+-2), per level a 2x2 pool (+2^(i-1) right)
+    # and 2 convs (+-2^(i+1)); per decoder level bilinear x2 (-2J, +J) and 2 convs (+-2J),
+    # J = 2^(i-1). Sum: 2^(depth+3) - 6 either side. A 2x2 transposed conv (-J, 0): 7*2^depth-5.
+    bil = create_model("unet", depth=depth, base=2)
+    assert bil.stride == 2**depth
+    assert bil._analysis.interval == ((6 - 2 ** (depth + 3), 2 ** (depth + 3) - 6),) * 2
+    tr = create_model("unet", depth=depth, base=2, up="transpose")
+    assert tr.receptive_field == 7 * 2**depth - 5
+
+
+def test_tiny_receptive_field_matches_hand_derivation() -> None:
+    # conv3 (+-1), pool 2 (J=2, [-1, 2]), conv3 at J=2 ([-3, 4]), nearest x2 ([-4, 4]).
+    m = create_model("tiny")
+    assert (m.stride, m.receptive_field) == (2, 4)
+
+
+def _grad_support(model: TileModel, x: torch.Tensor, cy: int, cx: int) -> tuple[int, ...]:
+    x = x.clone().requires_grad_(True)
+    model(x)[0, :, cy, cx].sum().backward()
+    assert x.grad is not None
+    g = x.grad.abs().sum(dim=(0, 1))
+    ys, xs = torch.nonzero(g, as_tuple=True)
+    return (int(ys.min()) - cy, int(ys.max()) - cy, int(xs.min()) - cx, int(xs.max()) - cx)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), LIGHT)
+def test_receptive_field_bounds_the_gradient_2d(name: str, kwargs: dict) -> None:
+    m = _prepared(name, json.dumps(kwargs))
+    s, rf = m.stride, m.receptive_field
+    (ly, hy), (lx, hx) = m._analysis.interval
+    size = ceil_to(2 * rf + 4 * s, s)
+    x = torch.randn(1, 2, size, size, dtype=torch.float64)
+    emp = [0, 0, 0, 0]
+    for phase in (0, s - 1):  # interval is the union over positions within a stride cell
+        c = size // 2 + phase
+        got = _grad_support(m, x, c, c)
+        emp = [min(emp[0], got[0]), max(emp[1], got[1]), min(emp[2], got[2]), max(emp[3], got[3])]
+    assert ly <= emp[0] and emp[1] <= hy and lx <= emp[2] and emp[3] <= hx
+    # The analytic value is not wildly larger than what the network really reads.
+    assert max(-emp[0], emp[1], -emp[2], emp[3]) >= 0.5 * rf
+
+
+def _crop_gap(
+    model: TileModel, x: torch.Tensor, halo: int, axis: int, whole: torch.Tensor | None = None
+) -> float:
+    """Max |whole - crop| over the ``stride`` centre rows of a crop with ``halo`` context."""
+    s = model.stride
+    n = x.shape[2 + axis]
+    centre = ceil_to((n - s) // 2, s)
+    start = centre - halo  # crop origin: stride aligned, inside the image
+    assert start > 0 and start % s == 0 and start + 2 * halo + s < n
+    with torch.no_grad():
+        if whole is None:
+            whole = model(x)
+        part = model(x.narrow(2 + axis, start, 2 * halo + s)).narrow(2 + axis, halo, s)
+    return float((whole.narrow(2 + axis, centre, s) - part).abs().max())
+
+
+def _short(rf: int, s: int) -> int:
+    """A stride-aligned halo more than a stride short of the analytic reach."""
+    return max(0, (rf - 1) // s * s - s)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), LIGHT)
+def test_crop_with_halo_reproduces_the_whole_pass_2d(name: str, kwargs: dict) -> None:
+    m = _prepared(name, json.dumps(kwargs))
+    s, rf = m.stride, m.receptive_field
+    halo = ceil_to(rf, s)
+    size = 2 * halo + 5 * s
+    x = torch.randn(1, 2, size, size, dtype=torch.float64)
+    start = ceil_to((size - s) // 2, s) - halo
+    with torch.no_grad():
+        whole = m(x)[..., start + halo : start + halo + s, start + halo : start + halo + s]
+        crop = x[..., start : start + 2 * halo + s, start : start + 2 * halo + s]
+        part = m(crop)[..., halo : halo + s, halo : halo + s]
+    assert float((whole - part).abs().max()) < 1e-4
+    # The test can fail: a halo short of the reach changes the result (float64: exact is
+    # bit-equal or ~1e-16, a missing far pixel gives far more).
+    assert _crop_gap(m, x, _short(rf, s), axis=0) > 1e-12
+
+
+@pytest.mark.parametrize("name", ["unet", *HEAVY])
+def test_crop_with_halo_reproduces_the_whole_pass_thin(name: str) -> None:
+    m = _prepared(name)
+    s, rf = m.stride, m.receptive_field
+    assert s == STRIDES[name]
+    halo = ceil_to(rf, s)
+    x = torch.randn(1, 2, 2 * halo + 5 * s, 2 * s, dtype=torch.float64)
+    with torch.no_grad():
+        whole = m(x)
+    assert _crop_gap(m, x, halo, axis=0, whole=whole) < 1e-4
+    assert _crop_gap(m, x, _short(rf, s), axis=0, whole=whole) > 1e-12
+
+
+@pytest.mark.parametrize(
+    ("name", "axis"),
+    [("unet", 0), *(pytest.param(n, a, marks=pytest.mark.slow) for n in HEAVY for a in (0, 1))],
+)
+def test_receptive_field_bounds_the_gradient_thin(name: str, axis: int) -> None:
+    m = _prepared(name)
+    s, rf = m.stride, m.receptive_field
+    lo, hi = m._analysis.interval[axis]
+    n = ceil_to(2 * rf + 4 * s, s)
+    shape = (1, 2, n, 2 * s) if axis == 0 else (1, 2, 2 * s, n)
+    x = torch.randn(shape, dtype=torch.float64)
+    emp_lo = emp_hi = 0
+    for phase in (0, s - 1):
+        c = n // 2 + phase
+        got = _grad_support(m, x, *((c, s) if axis == 0 else (s, c)))
+        a, b = got[:2] if axis == 0 else got[2:]
+        emp_lo, emp_hi = min(emp_lo, a), max(emp_hi, b)
+    assert lo <= emp_lo and emp_hi <= hi
+    assert max(-emp_lo, emp_hi) >= 0.8 * rf
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", HEAVY)
+def test_crop_exact_along_the_other_axis(name: str) -> None:
+    m = _prepared(name)
+    halo = ceil_to(m.receptive_field, m.stride)
+    x = torch.randn(1, 2, 2 * m.stride, 2 * halo + 5 * m.stride, dtype=torch.float64)
+    assert _crop_gap(m, x, halo, axis=1) < 1e-4
+
+
+def test_shift_by_a_stride_shifts_the_output() -> None:
+    m = _prepared("unet", json.dumps({"depth": 2, "base": 4}))
+    s, halo = m.stride, ceil_to(m.receptive_field, m.stride)
+    x = torch.randn(1, 2, 2 * halo + 4 * s, 2 * halo + 4 * s, dtype=torch.float64)
+    with torch.no_grad():
+        a = m(x)[..., halo + s : -halo, halo : -halo - s]
+        b = m(x[..., s:, :-s])[..., halo:-halo, halo:-halo]
+    torch.testing.assert_close(a, b)
+
+
+def test_deeplab_has_a_local_aspp_pooling_branch() -> None:
+    m = create_model("deeplabv3_resnet50", num_classes=2)
+    aspp = m.net.classifier[0]
+    assert not any(isinstance(x, nn.AdaptiveAvgPool2d) for x in m.modules())
+    # Reaches as far as the widest atrous conv (rate 36 at stride 8) and no farther.
+    with_pool = m.receptive_field
+    without = create_model("deeplabv3_resnet50", num_classes=2, pool_radius=0)
+    assert without.receptive_field == with_pool
+    assert len(without.net.classifier[0].convs) == len(aspp.convs) - 1
+
+
+class _GlobalPool(TileModel):
+    def __init__(self) -> None:
+        super().__init__(1, 1)
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.pool(x)
+
+
+class _AlignedCorners(TileModel):
+    _stride_hint = 2
+
+    def __init__(self) -> None:
+        super().__init__(1, 1)
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.pool(x))
+
+
+@pytest.mark.parametrize(
+    ("cls", "match"),
+    [(_GlobalPool, "AdaptiveAvgPool2d"), (_AlignedCorners, "not shift-equivariant")],
+)
+def test_analysis_refuses_layers_without_a_finite_equivariant_field(
+    cls: type[TileModel], match: str
+) -> None:
+    with pytest.raises(ModelError, match=match):
+        analyze(cls())
+
+
+# -- memory estimate ----------------------------------------------------------------------------
+
+
+def test_memory_estimate_scales_and_orders_sensibly() -> None:
+    m = create_model("unet")
+    est = functools.partial(model_memory, m)
+    a = est(tile=256, batch=1)
+    b = est(tile=256, batch=2)
+    c = est(tile=512, batch=1)
+    assert b["activation_bytes"] == 2 * a["activation_bytes"]
+    assert c["activation_bytes"] == 4 * a["activation_bytes"]
+    half = est(tile=256, batch=1, precision="bf16")
+    assert half["activation_bytes"] < 0.55 * a["activation_bytes"]
+    train = est(tile=256, batch=1, training=True)
+    assert train["activation_bytes"] > 2 * a["activation_bytes"]
+    # The seeds' rule of thumb (every map kept, plus as much again) bounds the graph estimate.
+    assert train["activation_bytes"] <= train["seed_rule_bytes"]
+    assert a["parameters"] == sum(p.numel() for p in m.parameters())
+    with pytest.raises(ValueError, match="multiple of the model stride 16"):
+        est(tile=100)

@@ -13,6 +13,8 @@ channels (``CYX``) and multi-page channel stacks (``QYX``) alike.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import threading
@@ -98,6 +100,31 @@ def _layout(path: object, axes: str, shape: tuple[int, ...]) -> _Layout:
             "tilenet reads"
         )
     return _Layout(tuple(index), perm, int(shape[iy]), int(shape[ix]), int(channels))
+
+
+class _Collect(logging.Handler):
+    """Collects tifffile's log records from one thread (tifffile logs, not raises, some
+    structural problems, e.g. a cyclic IFD chain, which it then stops following)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _tifffile_log() -> Any:
+    logger = logging.getLogger("tifffile")
+    handler = _Collect()
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -221,7 +248,8 @@ class TiffImage(LazyImage):
             )
         import zarr
 
-        return zarr.open_array(series.aszarr(), mode="r")
+        # level=0 of a level series is itself; without it a pyramid opens as a zarr group.
+        return zarr.open_array(series.aszarr(level=0), mode="r")
 
     def _read(self, window: Window, level: int) -> np.ndarray:
         lay = self._layouts[level]
@@ -244,18 +272,24 @@ def open_tiff(path: str | os.PathLike[str], *, max_pixels: int | None = 10**12) 
     import tifffile
 
     p = Path(path)
-    try:
-        tf = tifffile.TiffFile(p)
-    except Exception as exc:
-        raise CorruptImageError(f"{p}: not a readable TIFF: {_first_line(exc)}") from exc
-    try:
-        return _describe(p, tf, max_pixels=max_pixels)
-    except TilenetError:
-        tf.close()
-        raise
-    except Exception as exc:
-        tf.close()
-        raise CorruptImageError(f"{p}: corrupt TIFF structure: {_first_line(exc)}") from exc
+    with _tifffile_log() as messages:
+        try:
+            tf = tifffile.TiffFile(p)
+        except Exception as exc:
+            raise CorruptImageError(f"{p}: not a readable TIFF: {_first_line(exc)}") from exc
+        try:
+            img = _describe(p, tf, max_pixels=max_pixels)
+            if any("circular" in m for m in messages):
+                raise CorruptImageError(f"{p}: corrupt TIFF: its chain of IFDs (pages) is cyclic")
+        except TilenetError:
+            tf.close()
+            raise
+        except Exception as exc:
+            tf.close()
+            raise CorruptImageError(f"{p}: corrupt TIFF structure: {_first_line(exc)}") from exc
+    if messages:
+        img.metadata["warnings"] = [m.splitlines()[0] for m in messages]
+    return img
 
 
 def _describe(p: Path, tf: Any, *, max_pixels: int | None) -> TiffImage:

@@ -13,7 +13,8 @@ window can be rendered on its own and the result does not depend on how the imag
 
 Classes: 0 background (light, faintly textured, with small debris specks), 1 cell (wobbly
 ellipses of radius 6-30 px in blue-purple hues, clustered and often touching, dark rim and
-chromatin texture), 2 stroma (pink fibrous texture in large regions of a low-frequency field).
+chromatin texture), 2 stroma (pink fibrous texture in large regions of a low-frequency field);
+a slow per-channel stain variation and per-pixel noise lie over everything.
 """
 
 from __future__ import annotations
@@ -320,6 +321,9 @@ def render(
         xs_i = np.arange(x0, x0 + w, dtype=np.int64)[None, :]
         nkey = _key(key, 8)
         for ch in range(3):
+            # slow stain variation across the slide (+-7 % per channel), as between scans
+            stain = _value_noise(y0, x0, h, w, 900, _key(key, 60 + ch))
+            rgb_f[:, :, ch] *= np.float32(0.93) + np.float32(0.14) * stain
             hsh = _hash(_key(nkey, ch), ys_i, xs_i)
             u1 = (hsh & _U64(0xFFFF)).astype(np.float32)
             u2 = ((hsh >> _U64(16)) & _U64(0xFFFF)).astype(np.float32)

@@ -294,7 +294,9 @@ def open_tiff(path: str | os.PathLike[str], *, max_pixels: int | None = 10**12) 
 
 def _describe(p: Path, tf: Any, *, max_pixels: int | None) -> TiffImage:
     if not tf.series:
-        raise CorruptImageError(f"{p}: TIFF contains no image")
+        raise CorruptImageError(
+            f"{p}: TIFF contains no readable image (corrupt or truncated header)"
+        )
     levels = _pyramid(tf)
     s0 = levels[0]
     dtype = np.dtype(s0.dtype)

@@ -1,0 +1,57 @@
+"""``tilenet info``: describes an image through open_image without decoding pixels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from tilenet.cli import main
+
+
+def _pyramid_tiff(path: Path) -> None:
+    data = np.random.default_rng(0).integers(0, 255, (2, 96, 128), dtype=np.uint16)
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        meta = {"axes": "CYX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25}
+        tw.write(data, subifds=1, tile=(32, 32), compression="zlib", metadata=meta)
+        tw.write(data[:, ::2, ::2], subfiletype=1, tile=(32, 32), compression="zlib")
+
+
+def test_info_json_pyramid_tiff(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "slide.ome.tif"
+    _pyramid_tiff(p)
+    assert main(["info", str(p), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["shape"] == [96, 128, 2]
+    assert info["dtype"] == "uint16"
+    assert info["levels"] == [[96, 128], [48, 64]]
+    assert info["downsamples"] == [[1.0, 1.0], [2.0, 2.0]]
+    assert info["chunks"] == [[32, 32], [32, 32]]
+    assert info["compression"] == "deflate"
+    assert info["format"] == "ome-tiff"
+    assert info["pixel_size"] == [0.25, 0.25]
+
+
+def test_info_json_zarr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "img.zarr"
+    z = zarr.create_array(p, shape=(3, 70, 90), chunks=(1, 32, 32), dtype="u1")
+    z[...] = 5
+    assert main(["info", str(p), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["shape"] == [70, 90, 3]
+    assert info["dtype"] == "uint8"
+    assert info["levels"] == [[70, 90]]
+
+
+def test_info_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "slide.ome.tif"
+    _pyramid_tiff(p)
+    assert main(["info", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "96 x 128 x 2" in out
+    assert "1: 48 x 64  (downsample 2, tiles 32x32)" in out
+    assert "pixel size:  0.25 x 0.25 um" in out

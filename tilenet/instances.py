@@ -52,7 +52,12 @@ import zarr
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from tilenet.errors import ImageNotFoundError, InputError, UnsupportedFormatError
+from tilenet.errors import (
+    ImageNotFoundError,
+    InputError,
+    ShapeMismatchError,
+    UnsupportedFormatError,
+)
 from tilenet.fsutil import atomic_output
 from tilenet.io.writers import DEFAULT_PALETTE, OmeZarrWriter
 
@@ -573,14 +578,15 @@ def write_geojson(
     Works block by block: objects inside one block are traced from it; objects crossing
     block edges are traced afterwards from a crop of their bounding box (grouped per
     block). An object whose box exceeds ~4 blocks is traced from a strided crop, i.e. its
-    outline is approximate at that stride (its area is still exact).
+    outline is approximate at that stride (its area is still exact). Features come in that
+    order (block by block), not in id order. Written to a temporary name, then renamed.
     """
     inst = _open_2d(instances, "instance map")[0]
     cmap = None
     if class_map is not None:
         cmap, clabel = _open_2d(class_map, "class map")
         if tuple(cmap.shape) != tuple(inst.shape):
-            raise InputError(
+            raise ShapeMismatchError(
                 f"{clabel}: class map shape {tuple(cmap.shape)} differs from the instance map "
                 f"shape {tuple(inst.shape)}"
             )

@@ -181,7 +181,7 @@ def build_pyramid(
     for key in list(group.array_keys()):
         if key.isdigit() and key != "0":
             del group[key]
-    prev = group["0"]
+    prev: Any = group["0"]  # zarr types items as Array | Group
     lead = prev.shape[:-2]
     shapes = pyramid_shapes(prev.shape[-2:], min_side=min_side)
     all_shapes: list[tuple[int, ...]] = [tuple(prev.shape)]
@@ -287,7 +287,7 @@ class OmeZarrWriter:
         axes, (h, w, c) = _normalise_axes(axes, shape)
         self.stored_axes = "yx" if axes == "yx" else "cyx"
         stored_shape = (h, w) if self.stored_axes == "yx" else (c, h, w)
-        stored_chunks = (min(chunks, h), min(chunks, w))
+        stored_chunks: tuple[int, ...] = (min(chunks, h), min(chunks, w))
         if self.stored_axes == "cyx":
             stored_chunks = (c, *stored_chunks)
         compressor = _zarr_compressor(compression)  # validate before creating anything
@@ -321,8 +321,9 @@ class OmeZarrWriter:
 
     def _open(self, group: zarr.Group, state: dict[str, Any]) -> None:
         self.group = group
-        self.array = group["0"]
-        self.stored_axes = "".join(self.array.attrs.get("_ARRAY_DIMENSIONS", ["y", "x"]))
+        self.array: Any = group["0"]
+        dims: Any = self.array.attrs.get("_ARRAY_DIMENSIONS", ["y", "x"])
+        self.stored_axes = "".join(dims)
         ps = state.get("pixel_size")
         self.pixel_size: tuple[float, float] | None = (ps[0], ps[1]) if ps else None
         self.name: str | None = state.get("name")
@@ -348,7 +349,7 @@ class OmeZarrWriter:
             remove_path(tmp)
             os.replace(newest, tmp)
         group = zarr.open_group(tmp, mode="r+", zarr_format=2)
-        state = dict(group.attrs.get(_WRITER_ATTR, {}))
+        state: dict[str, Any] = dict(group.attrs.get(_WRITER_ATTR) or {})  # type: ignore[arg-type]
         self = cls.__new__(cls)
         self.path = final
         self.tmp = tmp
@@ -513,13 +514,13 @@ def _as_source(source: Any, axes: str | None = None) -> _Source:
             raise UnsupportedFormatError(f"{p}: not a zarr store; pass an opened image instead")
         source = zarr.open(p, mode="r")
     if isinstance(source, zarr.Group):
-        ms = source.attrs.get("multiscales")
+        ms: Any = source.attrs.get("multiscales")
         if not ms:
             raise UnsupportedFormatError(f"{source.store}: zarr group without OME multiscales")
         names = "".join(a["name"] if isinstance(a, dict) else a for a in ms[0]["axes"])
         if names not in ("yx", "cyx", "yxc"):
             raise UnsupportedFormatError(f"{source.store}: unsupported OME-Zarr axes {names!r}")
-        levels = [source[d["path"]] for d in ms[0]["datasets"]]
+        levels: list[Any] = [source[d["path"]] for d in ms[0]["datasets"]]
         src = _Source(levels, names, levels[0].dtype, str(source.store))
         units = [a.get("unit") for a in ms[0]["axes"] if isinstance(a, dict)]
         scale = ms[0]["datasets"][0].get("coordinateTransformations", [{}])[0].get("scale")

@@ -291,7 +291,7 @@ def analyze(model: nn.Module, *, size: int | None = None) -> Analysis:
     return Analysis(
         stride=stride,
         receptive_field=rf,
-        interval=(bounds[0], bounds[1]),  # type: ignore[arg-type]
+        interval=(bounds[0], bounds[1]),
         activations=_steps(list(acts.values())),
         output_per_pixel=_numel(outs[0]) / px,
         input_per_pixel=float(in_ch),
@@ -350,7 +350,7 @@ def _step(
         if node.target is F.interpolate:
             mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
             ac = node.kwargs.get("align_corners", node.args[4] if len(node.args) > 4 else None)
-            return _interp(node, ins[0], str(mode), ac), False
+            return _interp(node, ins[0], str(mode), None if ac is None else bool(ac)), False
         if node.target in _POINTWISE_FUNCTIONS:
             alias = node.target in (operator.iadd, operator.imul) or bool(
                 node.kwargs.get("inplace", False)

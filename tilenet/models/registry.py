@@ -22,12 +22,15 @@ import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from tilenet.errors import ModelError
+
+if TYPE_CHECKING:
+    from tilenet.models.receptive import Analysis
 
 __all__ = [
     "TileModel",
@@ -57,6 +60,7 @@ class TileModel(nn.Module):
     receptive_field: int
     spec: dict[str, Any]
     per_pixel_norm: bool
+    _analysis: Analysis
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
         super().__init__()
@@ -161,7 +165,7 @@ def create_model(
         )
     model.stride = an.stride
     model.receptive_field = an.receptive_field
-    model._analysis = an  # type: ignore[assignment]
+    model._analysis = an
     model.per_pixel_norm = not any(
         isinstance(m, _GLOBAL_NORMS + _GLOBAL_POOLS) for m in model.modules()
     )

@@ -67,7 +67,8 @@ class TorchvisionSeg(TileModel):
     def __init__(self, net: nn.Module, *, in_channels: int, num_classes: int) -> None:
         super().__init__(in_channels, num_classes)
         if in_channels != 3:
-            net.backbone.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+            backbone: Any = net.backbone
+            backbone.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         self.net = net
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:

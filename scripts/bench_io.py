@@ -1,0 +1,211 @@
+"""Benchmark tilenet's lazy readers: window read throughput and memory.
+
+Makes (in a temporary directory) an 8192^2 RGB tiled TIFF with JPEG and one with deflate
+compression (512^2 tiles), reads 512x512 windows through ``tilenet.io.open_image`` with
+1..N threads, and reports Mpx/s for tile-aligned and random (unaligned, 4 tiles) windows.
+Then, in a fresh process, reads windows from a 30000^2 RGB JPEG-tiled TIFF (built from
+repeated pre-compressed tiles, so it is written in a second) and reports peak RSS.
+
+    python scripts/bench_io.py --threads 2 --out bench_results/bench_io.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TILE = 512
+WIN = 512
+
+
+def _tile_pixels(iy: int, ix: int, rng: np.random.Generator) -> np.ndarray:
+    """Smooth structure plus noise: compresses roughly like stained tissue, not like zeros."""
+    yy, xx = np.mgrid[0:TILE, 0:TILE].astype(np.float32)
+    yy += iy * TILE
+    xx += ix * TILE
+    base = np.stack(
+        [
+            128 + 80 * np.sin(yy / 37.0) * np.cos(xx / 53.0),
+            128 + 80 * np.cos((yy + xx) / 61.0),
+            128 + 60 * np.sin(xx / 29.0),
+        ],
+        axis=-1,
+    )
+    noise = rng.normal(0, 12, size=base.shape)
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def make_tiff(path: Path, size: int, compression: str) -> Path:
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    n = -(-size // TILE)
+    tiles = (_tile_pixels(iy, ix, rng) for iy in range(n) for ix in range(n))
+    tifffile.imwrite(
+        path,
+        tiles,
+        shape=(size, size, 3),
+        dtype=np.uint8,
+        tile=(TILE, TILE),
+        photometric="rgb",
+        compression=compression,
+        bigtiff=True,
+        metadata=None,
+    )
+    return path
+
+
+def make_big_jpeg_tiff(path: Path, size: int) -> Path:
+    """A size^2 RGB JPEG-tiled TIFF written from a few pre-compressed tiles, repeated."""
+    import imagecodecs
+    import tifffile
+
+    rng = np.random.default_rng(1)
+    encoded = [imagecodecs.jpeg8_encode(_tile_pixels(i, i, rng), level=90) for i in range(8)]
+    n = -(-size // TILE)
+    tifffile.imwrite(
+        path,
+        (encoded[i % len(encoded)] for i in range(n * n)),
+        shape=(size, size, 3),
+        dtype=np.uint8,
+        tile=(TILE, TILE),
+        photometric="rgb",
+        compression="jpeg",
+        bigtiff=True,
+        metadata=None,
+    )
+    return path
+
+
+def _windows(size: int, count: int, aligned: bool, seed: int) -> list[Any]:
+    from tilenet.geometry import Window
+
+    rng = np.random.default_rng(seed)
+    if aligned:
+        n = size // WIN
+        return [
+            Window(int(y) * WIN, int(x) * WIN, WIN, WIN) for y, x in rng.integers(0, n, (count, 2))
+        ]
+    ys = rng.integers(0, size - WIN, count)
+    xs = rng.integers(0, size - WIN, count)
+    return [Window(int(y), int(x), WIN, WIN) for y, x in zip(ys, xs, strict=True)]
+
+
+def throughput(path: Path, *, threads: int, count: int, aligned: bool) -> dict[str, float]:
+    from tilenet.io import open_image
+
+    with open_image(path) as img:
+        size = img.shape[0]
+        img.read(_windows(size, 1, aligned, 99)[0])  # warm: open the zarr view, page cache
+        wins = _windows(size, count, aligned, seed=threads)
+        t0 = time.perf_counter()
+        if threads == 1:
+            for w in wins:
+                img.read(w)
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(img.read, wins))
+        dt = time.perf_counter() - t0
+    mpx = count * WIN * WIN / 1e6
+    return {"windows": count, "seconds": round(dt, 4), "mpx_per_s": round(mpx / dt, 2)}
+
+
+def _rss_child(path: str, count: int, queue: Any) -> None:
+    from tilenet.io import open_image
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open_image(path) as img:
+        size = img.shape[0]
+        t0 = time.perf_counter()
+        for w in _windows(size, count, aligned=False, seed=7):
+            img.read(w)
+        dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put({"rss_before_mib": before / 1024, "peak_rss_mib": peak / 1024, "seconds": dt})
+
+
+def peak_rss(path: Path, count: int) -> dict[str, float]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_rss_child, args=(str(path), count, queue))
+    proc.start()
+    result = queue.get(timeout=600)
+    proc.join()
+    h = w = 30000
+    return {
+        "image": f"{h}x{w}x3 uint8 jpeg tiles {TILE}",
+        "image_mib_if_loaded": round(h * w * 3 / 2**20, 1),
+        "windows": count,
+        "rss_after_imports_mib": round(result["rss_before_mib"], 1),
+        "peak_rss_mib": round(result["peak_rss_mib"], 1),
+        "seconds": round(result["seconds"], 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", default="bench_results/bench_io.json", help="JSON result path")
+    ap.add_argument("--threads", type=int, default=1, help="measure with 1..N reader threads")
+    ap.add_argument("--size", type=int, default=8192, help="side of the throughput images")
+    ap.add_argument("--windows", type=int, default=200, help="windows per measurement")
+    ap.add_argument("--big", type=int, default=30000, help="side of the RSS image")
+    args = ap.parse_args(argv)
+
+    result: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "window": [WIN, WIN],
+        "tile": [TILE, TILE],
+        "throughput": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="bench_io_") as tmp:
+        big = make_big_jpeg_tiff(Path(tmp) / "big.tif", args.big)
+        result["memory"] = peak_rss(big, args.windows)
+        big.unlink()
+        for comp in ("jpeg", "zlib"):
+            t0 = time.perf_counter()
+            p = make_tiff(Path(tmp) / f"{comp}.tif", args.size, comp)
+            made = time.perf_counter() - t0
+            entry: dict[str, Any] = {
+                "image": f"{args.size}x{args.size}x3 uint8",
+                "file_mib": round(p.stat().st_size / 2**20, 1),
+                "write_seconds": round(made, 2),
+            }
+            for threads in range(1, args.threads + 1):
+                for aligned in (True, False):
+                    key = f"{'aligned' if aligned else 'random'}_threads{threads}"
+                    entry[key] = throughput(p, threads=threads, count=args.windows, aligned=aligned)
+            result["throughput"]["deflate" if comp == "zlib" else comp] = entry
+            p.unlink()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    tp = result["throughput"]
+    mem = result["memory"]
+    print(
+        f"bench_io: 512^2 windows, 1 thread: jpeg {tp['jpeg']['random_threads1']['mpx_per_s']} "
+        f"Mpx/s (aligned {tp['jpeg']['aligned_threads1']['mpx_per_s']}), deflate "
+        f"{tp['deflate']['random_threads1']['mpx_per_s']} Mpx/s (aligned "
+        f"{tp['deflate']['aligned_threads1']['mpx_per_s']}); peak RSS {mem['peak_rss_mib']} MiB "
+        f"reading {mem['windows']} windows of a {args.big}^2 RGB image "
+        f"({mem['image_mib_if_loaded']} MiB if loaded) -> {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -81,19 +81,30 @@ def loader_rate(
     n = 0
     epoch = 0
     t0 = None
+    c0 = 0.0
     while True:
         ds.set_epoch(epoch)
         for x, _m in loader:
             assert x.dtype == (torch.float32 if output == "float" else torch.uint8)
             if t0 is None:  # start the clock at the first batch (worker start-up excluded)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 continue
             n += len(x)
         epoch += 1
         if t0 is not None and time.perf_counter() - t0 >= min_seconds:
             break
     dt = time.perf_counter() - (t0 or 0)
-    return {"patches": n, "seconds": round(dt, 3), "patches_per_s": round(n / dt, 1)}
+    cpu = time.process_time() - c0
+    out = {
+        "patches": n,
+        "seconds": round(dt, 3),
+        "patches_per_s": round(n / dt, 1),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+    }
+    if workers == 0:
+        # Wall-clock rates suffer when other jobs share the cores; CPU time does not.
+        out["patches_per_cpu_s"] = round(n / max(cpu, 1e-9), 1)
+    return out
 
 
 def train_rate(*, batch: int, patch: int, steps: int) -> dict[str, float]:
@@ -167,9 +178,12 @@ def main() -> None:
                         min_seconds=args.seconds,
                     )
                     r.update(workers=workers, augment=augment, output=output)
+                    per_cpu = r.get("patches_per_cpu_s")
                     print(
                         f"workers={workers} augment={augment!s:5} output={output:5}: "
-                        f"{r['patches_per_s']:8.1f} patches/s",
+                        f"{r['patches_per_s']:8.1f} patches/s"
+                        + (f"  ({per_cpu:.0f} per CPU-second)" if per_cpu else "")
+                        + f"  load {r['load_avg_1min']}",
                         flush=True,
                     )
                     cases.append(r)
@@ -184,6 +198,7 @@ def main() -> None:
                 "platform": platform.platform(),
                 "torch": torch.__version__,
                 "cuda": torch.cuda.is_available(),
+                "load_avg_at_end": [round(v, 2) for v in os.getloadavg()],
             },
             "store_patches": n,
             "patch": 256,

@@ -310,3 +310,26 @@ def test_bounded_memory_30000_rgb(tmp_path: Path) -> None:
     for k in (0, n // 2, n - 1):
         _, _, y, x = (int(v) for v in g["coords"][k])
         np.testing.assert_array_equal(g["images"][k], z[y : y + 256, x : x + 256])
+
+
+def test_synthetic_dataset_end_to_end(tmp_path: Path) -> None:
+    """`tilenet synth` then `tilenet tile` (pyramidal OME-TIFFs with label pyramids)."""
+    from tilenet.cli import main
+
+    syn = tmp_path / "syn"
+    assert main(["synth", str(syn), "--size", "320", "--count", "2", "--seed", "1"]) == 0
+    out = tmp_path / "syn.zarr"
+    args = ["tile", str(syn / "images"), "--labels", str(syn / "labels"), "--out", str(out)]
+    assert main([*args, "--patch", "128", "--overlap", "32", "--level", "1", "--quiet"]) == 0
+    g = zarr.open_group(out, mode="r")
+    assert g.attrs["class_names"] == ["background", "cell", "stroma"]
+    imgs = [tifffile.imread(p, level=1) for p in sorted((syn / "images").glob("*.tif"))]
+    labs = [tifffile.imread(p, level=1) for p in sorted((syn / "labels").glob("*.tif"))]
+    n = g.attrs["count"]
+    assert n == sum(len(TileGrid.for_patches(a.shape[:2], 128, 32).windows()) for a in imgs)
+    for k in range(n):
+        i, level, y, x = (int(v) for v in g["coords"][k])
+        assert level == 1
+        np.testing.assert_array_equal(g["images"][k], _window(imgs[i], y, x, 128))
+        np.testing.assert_array_equal(g["labels"][k], _window(labs[i], y, x, 128))
+    assert set(np.unique(g["labels"][:n])) <= {0, 1, 2}

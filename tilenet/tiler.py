@@ -33,7 +33,7 @@ from tilenet.errors import (
     InputError,
     ShapeMismatchError,
 )
-from tilenet.fsutil import safe_stem
+from tilenet.fsutil import atomic_output, safe_stem
 from tilenet.geometry import TileGrid, Window
 
 __all__ = [
@@ -560,15 +560,18 @@ def tile_images(
             "sources": [],
             **_stats_attrs([], channels),
         }
-        group = _create_store(
-            out,
-            patch=patch,
-            channels=channels,
-            dtype=dtype,
-            labels=has_labels,
-            chunk_patches=chunk_patches,
-            attrs=attrs,
-        )
+        # The empty store appears atomically, so a crash here never leaves a half-made one.
+        with atomic_output(out) as tmp:
+            _create_store(
+                tmp,
+                patch=patch,
+                channels=channels,
+                dtype=dtype,
+                labels=has_labels,
+                chunk_patches=chunk_patches,
+                attrs=attrs,
+            )
+        group = zarr.open_group(out, mode="r+")
     else:
         group = zarr.open_group(out, mode="r+")
         chunk_patches = int(existing["chunk_patches"])

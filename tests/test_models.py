@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -71,13 +72,19 @@ def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
             m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=2)  # float64 ResNet50s are ~300 MB each: keep few alive
 def _prepared(name: str, kw: str = "{}") -> TileModel:
     """An eval-mode float64 model with random BN statistics (shared by the RF tests)."""
     torch.manual_seed(0)
     model = create_model(name, in_channels=2, num_classes=3, **json.loads(kw))
     _randomize_bn(model)
     return model.double().eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_models() -> Iterator[None]:
+    yield
+    _prepared.cache_clear()
 
 
 # -- registry and contract ------------------------------------------------------------------

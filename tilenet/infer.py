@@ -45,7 +45,7 @@ from tilenet.errors import ConfigError, InputError
 from tilenet.fsutil import atomic_output, remove_path
 from tilenet.geometry import Tile, TileGrid, Window, ceil_to
 from tilenet.io.writers import OmeZarrWriter, write_ome_tiff, write_preview_png
-from tilenet.pipeline import BackgroundWriter, prefetch
+from tilenet.pipeline import BackgroundWriter, limit_heap_growth, prefetch
 from tilenet.stitch import BlendStitcher, CropStitcher, OutputSink
 
 if TYPE_CHECKING:
@@ -293,6 +293,7 @@ def _run(
             f"0..{len(image.levels) - 1}"
         )
     device = _device(cfg.device)
+    limit_heap_growth()  # keeps peak RSS flat as the image grows (see its docstring)
     module, spec, ckpt_path = _resolve_model(model, device)
     k = int(spec["num_classes"])
     if int(spec["in_channels"]) != image.channels:
@@ -431,10 +432,10 @@ def _run(
         "tiles_per_s": round(len(tiles) / max(t_written - t_model, 1e-9), 3),
         "outputs": {name: str(p) for name, p in paths.items()},
     }
+    summary["outputs"]["config"] = str(out / "config.yaml")
+    summary["outputs"]["summary"] = str(out / "summary.json")
     _write_text(out / "config.yaml", _config_yaml(cfg, ckpt_path))
     _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    summary["outputs"]["summary"] = str(out / "summary.json")
-    summary["outputs"]["config"] = str(out / "config.yaml")
     return summary
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
-__all__ = ["BackgroundWriter", "prefetch"]
+__all__ = ["BackgroundWriter", "limit_heap_growth", "prefetch"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -48,6 +48,35 @@ def prefetch(
             # On an error or an abandoned generator, drop queued reads instead of running them.
             for _, fut in pending:
                 fut.cancel()
+
+
+_HEAP_TUNED = False
+
+
+def limit_heap_growth(threshold: int = 1 << 17) -> bool:
+    """Make glibc return large freed buffers to the OS (fixed ``M_MMAP_THRESHOLD``).
+
+    Tiled inference allocates and frees tile-sized buffers (MBs) in several threads. glibc
+    raises its mmap threshold after each such free, so later buffers come from per-thread
+    heaps that fragment and keep growing with the number of tiles: peak RSS grew ~50 MB per
+    extra 2048^2 of image in measurements. A fixed threshold keeps every large buffer in its
+    own mapping, and RSS flat. No-op (returns False) off glibc.
+    """
+    global _HEAP_TUNED
+    if _HEAP_TUNED:
+        return True
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3  # from <malloc.h>
+        _HEAP_TUNED = bool(libc.mallopt(m_mmap_threshold, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+    return _HEAP_TUNED
 
 
 class BackgroundWriter(Generic[T]):

@@ -1,0 +1,383 @@
+"""Tiled inference end to end: exactness against a whole-image pass, outputs, errors, memory.
+
+Images are real tiled TIFFs written with tifffile; models are registry models saved as real
+checkpoints. The reference is one forward pass over the whole image, zero-padded after
+normalisation to a multiple of the stride, then cropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+from tilenet.checkpoint import load_model, make_spec, save_checkpoint
+from tilenet.cli import main
+from tilenet.errors import CheckpointError, InputError
+from tilenet.geometry import ceil_to
+from tilenet.infer import infer_image, normalize, predict
+from tilenet.models import create_model, list_models
+
+MEAN, STD = [120.0, 110.0, 100.0], [60.0, 50.0, 70.0]
+
+#: ResNet-50-sized backbones: exactness is checked in the slow run only.
+HEAVY = {"unet_resnet34", "unet_resnet50", "fcn_resnet50", "deeplabv3_resnet50"}
+
+MEAN, STD = [120.0, 110.0, 100.0], [60.0, 50.0, 70.0]
+
+#: ResNet-50-sized backbones: exactness is checked in the slow run only.
+HEAVY = {"unet_resnet34", "unet_resnet50", "fcn_resnet50", "deeplabv3_resnet50"}
+
+#: Options per model for the exactness test: (model kwargs, image (H, W), tile override).
+#: Heavy backbones use small widths where the model allows it, and small images.
+HEAVY = {"unet_resnet50", "fcn_resnet50", "deeplabv3_resnet50", "unet_resnet34"}
+
+
+def _image(path: Path, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A structured RGB image (stripes + blobs + noise), written as a tiled TIFF."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack(
+        [
+            128 + 100 * np.sin(yy / 7.0),
+            128 + 100 * np.cos(xx / 11.0),
+            128 + 90 * np.sin((yy + xx) / 17.0),
+        ],
+        axis=-1,
+    )
+    arr = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+    tifffile.imwrite(path, arr, tile=(64, 64), photometric="rgb")
+    return arr
+
+
+def _checkpoint(path: Path, name: str, num_classes: int = 3, **kwargs: Any) -> Path:
+    torch.manual_seed(0)
+    model = create_model(name, in_channels=3, num_classes=num_classes, **kwargs)
+    # Non-trivial BatchNorm statistics, so eval-mode BN really is part of what is checked.
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    spec = make_spec(model, mean=MEAN, std=STD, class_names=[f"c{i}" for i in range(num_classes)])
+    return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
+
+
+def _reference(ckpt: Path, arr: np.ndarray, *, tta: bool = False) -> np.ndarray:
+    """Softmax of one whole-image forward pass, padded after normalisation to the stride."""
+    model, spec = load_model(ckpt)
+    h, w = arr.shape[:2]
+    s = int(spec["stride"])
+    x = np.zeros((ceil_to(h, s), ceil_to(w, s), 3), np.float32)
+    x[:h, :w] = normalize(arr, (h, w), spec["mean"], spec["std"])
+    with torch.inference_mode():
+        t = torch.from_numpy(x).permute(2, 0, 1)[None].contiguous()
+        return predict(model, t, tta=tta)[0, :, :h, :w].numpy()
+
+
+def _probs(out: Path) -> np.ndarray:
+    return np.asarray(zarr.open_group(out / "probabilities.ome.zarr", mode="r")["0"][:])
+
+
+def _classes(out: Path) -> np.ndarray:
+    return np.asarray(zarr.open_group(out / "classes.ome.zarr", mode="r")["0"][:])
+
+
+def _exactness_case(
+    name: str, tmp_path: Path, layout: str = "2d", **kwargs: Any
+) -> tuple[Path, Path, np.ndarray, int]:
+    """A checkpoint, an image and a tile size that make several tiles with clamped edges.
+
+    The tile leaves a core of at least the halo; the image is one and a half tiles plus a
+    few pixels along the tiled axes (never a multiple of the stride). ``tall``/``wide`` tile
+    one axis only and keep the other narrow: cheap even for ResNet-50 receptive fields.
+    """
+    ckpt = _checkpoint(tmp_path / f"{name}.pt", name, **kwargs)
+    _, spec = load_model(ckpt)
+    s, halo = int(spec["stride"]), ceil_to(int(spec["receptive_field"]), int(spec["stride"]))
+    tile = ceil_to(2 * halo + max(halo, 32), s)
+    core = tile - 2 * halo
+    long, narrow = tile + core // 2 + 3, 3 * s + 5
+    h, w = {"2d": (long, long + 2), "tall": (long, narrow), "wide": (narrow, long)}[layout]
+    img = tmp_path / "img.tif"
+    arr = _image(img, h, w)
+    return ckpt, img, arr, tile
+
+
+def _cases() -> list[Any]:
+    cases: list[Any] = []
+    for name in sorted(list_models()):
+        for layout in ("tall", "wide"):
+            # Both axes for the cheap models; one axis (the other in the slow run) otherwise.
+            slow = name in HEAVY or (layout == "wide" and name not in ("tiny", "unet"))
+            marks = [pytest.mark.slow] if slow else []
+            cases.append(pytest.param(name, layout, {}, marks=marks, id=f"{name}-{layout}"))
+    cases.append(pytest.param("tiny", "2d", {}, id="tiny-2d"))
+    cases.append(pytest.param("unet", "2d", {"base": 4}, id="unet-2d"))
+    return cases
+
+
+@pytest.mark.parametrize(("name", "layout", "kwargs"), _cases())
+def test_crop_mode_equals_whole_image_pass(
+    name: str, layout: str, kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    ckpt, img, arr, tile = _exactness_case(name, tmp_path, layout, **kwargs)
+    out = tmp_path / "out"
+    summary = infer_image(
+        img,
+        ckpt,
+        out,
+        tile=tile,
+        outputs=["probabilities", "classes"],
+        probabilities_dtype="float32",
+        batch=2,
+    )
+    assert summary["tiles"] >= (4 if layout == "2d" else 2)
+    got, ref = _probs(out), _reference(ckpt, arr)
+    assert got.shape == ref.shape
+    assert float(np.abs(got - ref).max()) < 1e-4
+    np.testing.assert_array_equal(_classes(out), ref.argmax(0))
+    assert summary["exact"] is True
+
+
+def test_crop_mode_exact_with_tta_and_fails_without_halo(tmp_path: Path) -> None:
+    ckpt, img, arr, tile = _exactness_case("tiny", tmp_path)
+    opts = {"tile": tile, "outputs": ["probabilities"], "probabilities_dtype": "float32"}
+    infer_image(img, ckpt, tmp_path / "tta", tta=True, **opts)
+    assert float(np.abs(_probs(tmp_path / "tta") - _reference(ckpt, arr, tta=True)).max()) < 1e-4
+    # With no halo the tile borders see zero padding instead of their neighbours: the check
+    # above would catch a wrong halo.
+    infer_image(img, ckpt, tmp_path / "nohalo", halo=0, **opts)
+    assert float(np.abs(_probs(tmp_path / "nohalo") - _reference(ckpt, arr)).max()) > 1e-3
+
+
+def test_image_smaller_than_tile_and_level(tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path / "m.pt", "tiny")
+    img = tmp_path / "small.tif"
+    arr = _image(img, 37, 51)
+    infer_image(img, ckpt, tmp_path / "out", tile=256, outputs=["probabilities"])
+    got = _probs(tmp_path / "out").astype(np.float32)
+    assert got.shape == (3, 37, 51)
+    assert float(np.abs(got - _reference(ckpt, arr)).max()) < 2e-3  # float16 storage
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "linear"])
+def test_blend_modes_close_to_whole_pass(mode: str, tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path / "m.pt", "tiny")
+    img = tmp_path / "img.tif"
+    arr = _image(img, 150, 130)
+    out = tmp_path / mode
+    s = infer_image(
+        img, ckpt, out, tile=64, mode=mode, overlap=0.25, outputs=["probabilities", "classes"]
+    )
+    assert s["halo"] == 8 and s["tiles"] > 4
+    got = _probs(out).astype(np.float32)
+    ref = _reference(ckpt, arr)
+    np.testing.assert_allclose(got.sum(0), 1.0, atol=2e-3)
+    # tiny's receptive field (6) fits in the 8-pixel overlap, so blending agrees closely.
+    assert float(np.abs(got - ref).mean()) < 5e-3
+    assert (_classes(out) == ref.argmax(0)).mean() > 0.99
+
+
+def test_outputs_and_summary(tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path / "m.pt", "tiny")
+    img = tmp_path / "img.tif"
+    _image(img, 300, 280)
+    out = tmp_path / "out"
+    s = infer_image(
+        img,
+        ckpt,
+        out,
+        tile=128,
+        outputs=["probabilities", "classes", "instances", "preview", "geojson"],
+        probabilities_dtype="uint8",
+    )
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(
+        [
+            "classes.ome.tif",
+            "classes.ome.zarr",
+            "config.yaml",
+            "instances.geojson",
+            "instances.ome.zarr",
+            "preview.png",
+            "probabilities.ome.zarr",
+            "summary.json",
+        ]
+    )  # and no temporaries left behind
+    prob = zarr.open_group(out / "probabilities.ome.zarr", mode="r")
+    ms = prob.attrs["multiscales"][0]
+    assert [d["path"] for d in ms["datasets"]][:2] == ["0", "1"]
+    assert prob["0"].dtype == np.uint8 and prob["0"].shape == (3, 300, 280)
+    cls = _classes(out)
+    assert cls.dtype == np.uint8 and cls.max() < 3
+    with tifffile.TiffFile(out / "classes.ome.tif") as tif:
+        assert tif.is_ome
+        assert tif.series[0].shape == (300, 280)
+        assert len(tif.series[0].levels) >= 2
+        np.testing.assert_array_equal(tif.series[0].asarray(), cls)
+    inst = zarr.open_group(out / "instances.ome.zarr", mode="r")["0"]
+    assert inst.dtype == np.uint32 and inst.shape == (300, 280)
+    assert ((np.asarray(inst[:]) > 0) == (cls > 0)).all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(s))
+    assert sum(summary["class_area_px"].values()) == 300 * 280
+    assert summary["class_area_px"]["c1"] == int((cls == 1).sum())
+    assert summary["instances"]["count"] == int(np.asarray(inst[:]).max())
+    assert summary["tilenet_version"] and summary["tiles_per_s"] > 0
+    features = json.loads((out / "instances.geojson").read_text())["features"]
+    assert len(features) == summary["instances"]["count"]
+    assert "mode: crop" in (out / "config.yaml").read_text()
+
+
+def test_min_foreground_skips_background_tiles(tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path / "m.pt", "tiny")
+    img = tmp_path / "half.tif"
+    arr = np.full((256, 512, 3), 245, np.uint8)  # bright empty slide...
+    rng = np.random.default_rng(1)
+    arr[:, :200] = rng.integers(40, 120, (256, 200, 3))  # ...with dark tissue on the left
+    tifffile.imwrite(img, arr, tile=(64, 64), photometric="rgb")
+    out = tmp_path / "out"
+    s = infer_image(
+        img, ckpt, out, tile=128, min_foreground=0.5, outputs=["probabilities", "classes"]
+    )
+    assert 0 < s["tiles_skipped"] < s["tiles"]
+    probs, cls = _probs(out), _classes(out)
+    # The empty right part is background with certainty; the tissue was really predicted.
+    assert (cls[:, 320:] == 0).all() and (probs[0, :, 320:] == 1).all()
+    ref = _reference(ckpt, arr)
+    np.testing.assert_allclose(probs[:, :, :120], ref[:, :, :120], atol=2e-3)
+
+
+def test_bad_input_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = _checkpoint(tmp_path / "m.pt", "tiny")
+    img = tmp_path / "img.tif"
+    _image(img, 64, 64)
+    with pytest.raises(CheckpointError, match="not found"):
+        infer_image(img, tmp_path / "missing.pt", tmp_path / "o")
+    with pytest.raises(InputError, match=r"too small .* use --tile \d+"):
+        infer_image(img, ckpt, tmp_path / "o", tile=8)
+    with pytest.raises(InputError, match="multiple of the model's stride 2; try --tile 66"):
+        infer_image(img, ckpt, tmp_path / "o", tile=65)
+    with pytest.raises(InputError, match="unknown infer option 'tiles'"):
+        infer_image(img, ckpt, tmp_path / "o", tiles=3)
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"II*\x00garbage")
+    rc = main(["infer", str(bad), "--model", str(ckpt), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "bad.tif" in err
+    rc = main(["infer", str(img), "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope.pt: checkpoint not found" in err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_cli_infer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = _checkpoint(tmp_path / "m.pt", "tiny")
+    img = tmp_path / "img.tif"
+    arr = _image(img, 100, 90)
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "infer",
+            str(img),
+            "--model",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--tile",
+            "64",
+            "--mode",
+            "linear",
+            "--overlap",
+            "0.5",
+            "--batch",
+            "3",
+            "--outputs",
+            "classes,preview",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    assert "classes.ome.zarr" in capsys.readouterr().out
+    assert (out / "preview.png").is_file() and not (out / "probabilities.ome.zarr").exists()
+    cfg = (out / "config.yaml").read_text()
+    assert "mode: linear" in cfg and "overlap: 0.5" in cfg and "batch: 3" in cfg
+    assert (_classes(out) == _reference(ckpt, arr).argmax(0)).mean() > 0.98
+
+
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys
+    import tilenet, tilenet.io, tilenet.instances, zarr, tifffile
+    from tilenet.infer import infer_image
+    img, ckpt, out = sys.argv[1:4]
+    def peak():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model = tilenet.load_model(ckpt)
+    before = peak()
+    infer_image(img, ckpt, out, tile=512, batch=2, outputs=["probabilities", "classes"],
+                probabilities_dtype="float32")
+    print(json.dumps({"before": before, "after": peak()}))
+    """
+)
+
+
+def _write_big(path: Path, side: int) -> None:
+    """A side x side RGB tiled TIFF, written tile by tile (never the whole image)."""
+    rng = np.random.default_rng(0)
+    tile = rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    n = (side // 256) ** 2
+    tifffile.imwrite(
+        path,
+        (tile for _ in range(n)),
+        shape=(side, side, 3),
+        dtype=np.uint8,
+        tile=(256, 256),
+        photometric="rgb",
+    )
+
+
+def test_memory_does_not_grow_with_image_size(tmp_path: Path) -> None:
+    """Peak RSS of a whole run is the same for 1024^2 and 2560^2 (6x the pixels)."""
+    ckpt = _checkpoint(tmp_path / "m.pt", "tiny", width=2)
+    peaks = {}
+    for side in (1024, 2560):
+        img = tmp_path / f"img{side}.tif"
+        _write_big(img, side)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        res = subprocess.run(
+            [sys.executable, "-c", _MEMORY_SCRIPT, str(img), str(ckpt), str(tmp_path / "o")],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        peaks[side] = r["after"] - r["before"]
+    # The outputs grow by 5.5 x 1024^2 x (3 x 4 + 1) bytes = 75 MB and the input by 16 MB;
+    # the run's peak must not follow (it is a few tiles and their model activations).
+    assert peaks[2560] - peaks[1024] < 20e6, peaks
+    assert peaks[2560] < 300e6, peaks
+
+
+def test_groupnorm_model_warns_in_crop_mode(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ckpt = _checkpoint(tmp_path / "gn.pt", "unet", base=4, depth=2, norm="group")
+    img = tmp_path / "img.tif"
+    _image(img, 40, 40)
+    with caplog.at_level("WARNING", logger="tilenet.infer"):
+        s = infer_image(img, ckpt, tmp_path / "out", tile=128, outputs=["classes"])
+    assert s["exact"] is False
+    assert "crop mode is not exact" in caplog.text and "gaussian" in caplog.text

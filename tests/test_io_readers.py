@@ -411,6 +411,9 @@ def test_window_reads_decode_only_intersecting_tiles(
             decoded.clear()
             img.read(Window(1024, 2048, 512, 512))
             assert decoded == [2 * row + 4]
+            decoded.clear()
+            img.read(Window(30_000, 20_100, 512, 512))  # same tiles: served from the cache
+            assert decoded == []
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

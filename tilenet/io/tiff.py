@@ -19,6 +19,7 @@ import math
 import os
 import threading
 import xml.etree.ElementTree as ET
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,10 @@ from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
 from tilenet.io.sniff import check_chunk, check_pixels, level_downsample
 
-__all__ = ["TiffImage", "open_tiff"]
+__all__ = ["TILE_CACHE_BYTES", "TiffImage", "open_tiff"]
+
+#: Budget of the per-image cache of decoded tiles (bounded, so many open images stay cheap).
+TILE_CACHE_BYTES = 16 * 2**20
 
 _MAX_CHANNELS = 4096
 # TIFF compression enum names -> the names tilenet reports (and accepts in convert).
@@ -239,6 +243,10 @@ class TiffImage(LazyImage):
     _arrays: dict[int, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _fd: int | None = field(default=None, repr=False)
+    _cache: OrderedDict[tuple[int, int], np.ndarray | None] = field(
+        default_factory=OrderedDict, repr=False
+    )
+    _cache_bytes: int = field(default=0, repr=False)
 
     def _array(self, level: int) -> Any:
         """The level as an indexable array: a read-only memmap or a zarr view of the tiles."""
@@ -290,7 +298,7 @@ class TiffImage(LazyImage):
             for ty in range(ty0, ty1 + 1):
                 for tx in range(tx0, tx1 + 1):
                     index = (plane * t.ny + ty) * t.nx + tx
-                    seg = self._decode_tile(t, index)
+                    seg = self._cached_tile(t, index)
                     if seg is None:
                         continue  # sparse tile: stays zero
                     y0, x0 = ty * t.th, tx * t.tw
@@ -300,6 +308,24 @@ class TiffImage(LazyImage):
                         0, ya - y0 : yb - y0, xa - x0 : xb - x0
                     ]
         return out.reshape(window.h, window.w, t.planes * t.spp)
+
+    def _cached_tile(self, t: _Tiles, index: int) -> np.ndarray | None:
+        """A small LRU of decoded tiles: neighbouring windows (overlap, halo, windows not
+        aligned to tiles) share edge tiles, which would otherwise be decoded again."""
+        key = (id(t), index)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        seg = self._decode_tile(t, index)
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = seg
+                self._cache_bytes += seg.nbytes if seg is not None else 0
+                while self._cache_bytes > TILE_CACHE_BYTES and len(self._cache) > 1:
+                    _, old = self._cache.popitem(last=False)
+                    self._cache_bytes -= old.nbytes if old is not None else 0
+        return seg
 
     def _decode_tile(self, t: _Tiles, index: int) -> np.ndarray | None:
         count = int(t.page.databytecounts[index])
@@ -331,6 +357,8 @@ class TiffImage(LazyImage):
     def close(self) -> None:
         with self._lock:
             self._arrays.clear()
+            self._cache.clear()
+            self._cache_bytes = 0
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None

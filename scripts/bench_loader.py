@@ -76,7 +76,7 @@ def loader_rate(
         batch_size=None,
         num_workers=workers,
         prefetch_factor=4 if workers else None,
-        persistent_workers=False,
+        persistent_workers=workers > 0,
     )
     n = 0
     epoch = 0

@@ -245,3 +245,16 @@ def test_uint8_output_for_device_normalisation(store: Path) -> None:
     assert torch.equal(mu.long(), mf)
     with pytest.raises(InputError, match="output"):
         PatchStoreDataset(store, output="half")  # type: ignore[arg-type]
+
+
+def test_set_epoch_reaches_persistent_workers(store: Path) -> None:
+    images, _ = _rows(store)
+    ds = PatchStoreDataset(store, batch_size=5, normalize=False, seed=2)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    epochs = []
+    for e in range(2):
+        ds.set_epoch(e)
+        got = [k for k, _ in _collect(loader, True)]
+        assert sorted(got) == sorted(a.tobytes() for a in images)
+        epochs.append(got)
+    assert epochs[0] != epochs[1]

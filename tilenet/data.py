@@ -83,6 +83,30 @@ def _worker_id(rank: int) -> int:
     return rank * (info.num_workers if info else 1) + (info.id if info else 0)
 
 
+class _EpochMixin:
+    """An epoch counter shared with DataLoader worker processes.
+
+    It lives in shared memory created before the workers start, so :meth:`set_epoch` in the
+    main process reaches ``persistent_workers=True`` workers too (a plain attribute would
+    stay at its value from when the workers were started).
+    """
+
+    _epoch_value: Any
+
+    def _init_epoch(self) -> None:
+        import multiprocessing as mp
+
+        self._epoch_value = mp.RawValue("q", 0)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch_value.value)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for ``epoch`` (same order on every rank: call it on all of them)."""
+        self._epoch_value.value = int(epoch)
+
+
 # -- statistics --------------------------------------------------------------------------
 def store_stats(stores: PathLike | Sequence[PathLike]) -> dict[str, Any]:
     """Per-channel mean/std, class names and channel count of patch stores or image dirs.
@@ -256,7 +280,7 @@ class _Emitter:
 
 
 # -- patch stores ------------------------------------------------------------------------
-class PatchStoreDataset(IterableDataset):
+class PatchStoreDataset(_EpochMixin, IterableDataset):
     """Stream patches from one or more stores written by :func:`tilenet.tiler.tile_images`.
 
     Each epoch the chunks of all stores are shuffled with ``(seed, epoch)`` (the same order
@@ -309,7 +333,7 @@ class PatchStoreDataset(IterableDataset):
         self.world_size = world_size
         self.augment_cfg = augment
         self.class_balance = class_balance
-        self.epoch = 0
+        self._init_epoch()
         self.units: list[tuple[int, int, int]] = []  # (store, lo, hi)
         self.counts: list[int] = []
         self.has_labels: list[bool] = []
@@ -345,10 +369,6 @@ class PatchStoreDataset(IterableDataset):
     @property
     def num_patches(self) -> int:
         return sum(self.counts)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle for ``epoch`` (same order on every rank: call it on all of them)."""
-        self.epoch = int(epoch)
 
     def _order(self) -> list[tuple[int, int, int]]:
         units = list(self.units)
@@ -415,7 +435,7 @@ class PatchStoreDataset(IterableDataset):
 
 
 # -- random crops from large images ------------------------------------------------------
-class RandomCropDataset(IterableDataset):
+class RandomCropDataset(_EpochMixin, IterableDataset):
     """Random ``patch`` x ``patch`` crops read lazily from large images; no store needed.
 
     Crops are drawn uniformly over each image (images chosen in proportion to their area),
@@ -454,7 +474,7 @@ class RandomCropDataset(IterableDataset):
         self.batch_size = batch_size
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
         self.augment_cfg = augment
-        self.epoch = 0
+        self._init_epoch()
         self.shapes = []
         for i, p in enumerate(self.images):
             with open_image(p) as img:
@@ -474,9 +494,6 @@ class RandomCropDataset(IterableDataset):
             mean, std = st["mean"], st["std"]
         self.mean, self.std = (mean, std) if normalize else (None, None)
         self._open: dict[int, tuple[Any, Any]] = {}
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         n = len(range(self.rank, self.samples_per_epoch, self.world_size))
@@ -555,7 +572,8 @@ def build_loader(
     Train uses ``stores`` (or ``images``/``labels`` via random crops, or the synthetic
     dataset in ``synth_dir``) with shuffling, augmentation and optional class balance;
     validation uses ``val_stores`` in a fixed order, unaugmented. The dataset is
-    ``loader.dataset``: call ``loader.dataset.set_epoch(e)`` each epoch.
+    ``loader.dataset``: call ``loader.dataset.set_epoch(e)`` each epoch. Workers are
+    persistent (started once, not every epoch).
     """
     cfg = data_cfg
     if not isinstance(cfg, DataConfig):  # an omegaconf section: plain dataclasses pickle to workers
@@ -611,4 +629,6 @@ def build_loader(
         num_workers=cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if cfg.num_workers > 0 else None,
+        # set_epoch reaches persistent workers through shared memory (see _EpochMixin)
+        persistent_workers=cfg.num_workers > 0,
     )

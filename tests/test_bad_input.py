@@ -91,6 +91,23 @@ def bad_claims_1e6_squared(tmp: Path) -> Path:
     return p
 
 
+def bad_absurd_tag_counts(tmp: Path) -> Path:
+    """Raw-patched IFD: 2^32-1 x 2^32-1 pixels and 2^32-1 tile offsets (32 GiB of table)."""
+    p = _small_tiff(tmp / "counts.tif")
+    data = bytearray(p.read_bytes())
+    (ifd,) = struct.unpack_from("<I", data, 4)
+    (n,) = struct.unpack_from("<H", data, ifd)
+    for i in range(n):
+        entry = ifd + 2 + 12 * i
+        tag, typ = struct.unpack_from("<HH", data, entry)
+        if tag in (324, 325):  # TileOffsets, TileByteCounts: the count
+            struct.pack_into("<I", data, entry + 4, 2**32 - 1)
+        if tag in (256, 257) and typ == 4:  # ImageWidth, ImageLength (LONG): the value
+            struct.pack_into("<I", data, entry + 8, 2**32 - 1)
+    p.write_bytes(bytes(data))
+    return p
+
+
 def bad_png_bomb(tmp: Path) -> Path:
     """A small PNG whose IHDR (with a valid CRC) claims 100000 x 100000 pixels."""
     p = tmp / "bomb.png"

@@ -186,9 +186,9 @@ def _describe(p: Path, node: Any, zarr: Any, *, max_pixels: int | None) -> ZarrI
         levels.append(Level(shape, ds, (int(arr.chunks[iy]), int(arr.chunks[ix]))))
     pixel_size = None
     if scales and scales[0] and units:
-        to_um = [_UNIT_UM.get(str(units[j]).lower()) if j < len(units) else None for j in (iy, ix)]
-        if all(to_um):
-            pixel_size = (float(scales[0][iy]) * to_um[0], float(scales[0][ix]) * to_um[1])
+        uy, ux = (_UNIT_UM.get(str(units[j]).lower()) if j < len(units) else None for j in (iy, ix))
+        if uy is not None and ux is not None:
+            pixel_size = (float(scales[0][iy]) * uy, float(scales[0][ix]) * ux)
     return ZarrImage(
         path=p,
         format=fmt,

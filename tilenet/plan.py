@@ -318,15 +318,20 @@ def format_plan(plan: dict[str, Any]) -> str:
         )
     lines.append("")
     lines.append(
-        f"memory for one batch of {mem['batch']} x {mem['tile']}x{mem['tile']} "
-        "(activations + backend workspace + weights[, grads, AdamW state])"
+        f"memory for one batch of {mem['batch']} x {mem['tile']}x{mem['tile']}: activations "
+        "(inference: forward; training: forward+backward), and the total with backend "
+        "workspace, weights (+ gradients and AdamW state for training)"
     )
-    lines.append(f"  {'precision':<10}{'inference':>14}{'training':>14}{'seed rule (train)':>20}")
+    lines.append(
+        f"  {'precision':<10}{'infer act':>12}{'infer total':>13}{'train act':>12}"
+        f"{'train total':>13}{'seed rule (train)':>19}"
+    )
     for p, est in mem["estimates"].items():
+        inf, tr = est["inference"], est["training"]
         lines.append(
-            f"  {p:<10}{_fmt_bytes(est['inference']['total_bytes']):>14}"
-            f"{_fmt_bytes(est['training']['total_bytes']):>14}"
-            f"{_fmt_bytes(est['training']['seed_rule_bytes']):>20}"
+            f"  {p:<10}{_fmt_bytes(inf['activation_bytes']):>12}"
+            f"{_fmt_bytes(inf['total_bytes']):>13}{_fmt_bytes(tr['activation_bytes']):>12}"
+            f"{_fmt_bytes(tr['total_bytes']):>13}{_fmt_bytes(tr['seed_rule_bytes']):>19}"
         )
     lines.append("")
     lines.append(

@@ -221,8 +221,8 @@ def analyze(model: nn.Module, *, size: int | None = None) -> Analysis:
     """Trace ``model`` and compute its stride, receptive field and activation sizes.
 
     ``model`` must define ``_forward_impl(x)`` (the forward pass without input checks) and
-    ``in_channels``. ``size`` is the square trace size; by default the smallest multiple of
-    ``model.stride`` that is at least 64.
+    ``in_channels``, and ``_stride_hint`` (its expected stride). ``size`` is the square trace
+    size, rounded up to that stride; by default ``max(64, 2 * stride)``.
     """
     in_ch = int(model.in_channels)  # type: ignore[arg-type]
     hint = int(getattr(model, "_stride_hint", 32))
@@ -324,11 +324,11 @@ def _step(
         if isinstance(mod, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
             if isinstance(mod, nn.MaxPool2d) and mod.ceil_mode:
                 raise ModelError("receptive field: MaxPool2d(ceil_mode=True) is not supported")
+            if isinstance(mod.padding, str):
+                raise ModelError("receptive field: string padding ('same') is not supported")
             k, p = _pair(mod.kernel_size), _pair(mod.padding)
             s = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
             d = _pair(getattr(mod, "dilation", 1))
-            if isinstance(p[0], str) or isinstance(mod.padding, str):
-                raise ModelError("receptive field: string padding is not supported")
             return (_conv(y, k[0], s[0], p[0], d[0]), _conv(x, k[1], s[1], p[1], d[1])), False
         if isinstance(mod, nn.ConvTranspose2d):
             k, s, p, d = (

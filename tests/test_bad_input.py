@@ -19,6 +19,9 @@ from tilenet.errors import ImageTooLargeError
 from tilenet.geometry import Window
 from tilenet.io import open_image
 
+# Nothing may hang on a broken file (a cyclic IFD chain, a truncated stream): fail fast.
+pytestmark = pytest.mark.timeout(60)
+
 
 def _small_tiff(path: Path) -> Path:
     data = np.random.default_rng(1).integers(0, 255, (256, 256), dtype=np.uint8)

@@ -94,6 +94,13 @@ def bad_claims_1e6_squared(tmp: Path) -> Path:
     return p
 
 
+def bad_absurd_tile_size(tmp: Path) -> Path:
+    """A consistent 2x2 tile table, but each tile would decode to 625 MB."""
+    p = _small_tiff(tmp / "big_tiles.tif")
+    _overwrite_tags(p, ImageWidth=50_016, ImageLength=50_016, TileWidth=25_008, TileLength=25_008)
+    return p
+
+
 def bad_absurd_tag_counts(tmp: Path) -> Path:
     """Raw-patched IFD: 2^32-1 x 2^32-1 pixels and 2^32-1 tile offsets (32 GiB of table)."""
     p = _small_tiff(tmp / "counts.tif")

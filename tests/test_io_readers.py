@@ -23,7 +23,7 @@ from PIL import Image
 
 from tilenet.errors import CorruptImageError, ImageTooLargeError, InputError
 from tilenet.geometry import Window
-from tilenet.io import LazyImage, fingerprint, open_image
+from tilenet.io import LazyImage, fingerprint, open_image, tiff
 from tilenet.io.tiff import TiffImage
 
 H, W = 100, 120
@@ -414,6 +414,9 @@ def test_window_reads_decode_only_intersecting_tiles(
             decoded.clear()
             img.read(Window(30_000, 20_100, 512, 512))  # same tiles: served from the cache
             assert decoded == []
+            for i in range(160):  # 40 MiB of distinct tiles: the tile cache stays bounded
+                img.read(Window(512 * (i // 40), 512 * (i % 40), 512, 512))
+            assert 0 < tiff._TILE_CACHE._bytes <= tiff.TILE_CACHE_BYTES
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

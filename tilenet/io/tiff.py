@@ -14,6 +14,7 @@ channels (``CYX``) and multi-page channel stacks (``QYX``) alike.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -33,8 +34,9 @@ from tilenet.io.sniff import check_chunk, check_pixels, level_downsample
 
 __all__ = ["TILE_CACHE_BYTES", "TiffImage", "open_tiff"]
 
-#: Budget of the per-image cache of decoded tiles (bounded, so many open images stay cheap).
-TILE_CACHE_BYTES = 16 * 2**20
+#: Budget of the process-wide cache of decoded tiles, shared by all open TIFFs, so many open
+#: images (a training set) cost no more than one.
+TILE_CACHE_BYTES = 32 * 2**20
 
 _MAX_CHANNELS = 4096
 # TIFF compression enum names -> the names tilenet reports (and accepts in convert).
@@ -215,6 +217,40 @@ def _pixel_size(tf: Any, page: Any) -> tuple[float, float] | None:
     return (per_unit_um / yres, per_unit_um / xres)
 
 
+class _TileCache:
+    """A process-wide LRU of decoded tiles, bounded in bytes. Neighbouring windows (overlap,
+    halo, windows not aligned to tiles) share edge tiles that would otherwise be decoded
+    again; the cached arrays are read-only."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple[int, int], np.ndarray | None] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: tuple[int, int]) -> tuple[bool, np.ndarray | None]:
+        with self._lock:
+            if key not in self._items:
+                return False, None
+            self._items.move_to_end(key)
+            return True, self._items[key]
+
+    def put(self, key: tuple[int, int], seg: np.ndarray | None) -> None:
+        if seg is not None:
+            seg.flags.writeable = False
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = seg
+            self._bytes += seg.nbytes if seg is not None else 0
+            while self._bytes > TILE_CACHE_BYTES and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.nbytes if old is not None else 0
+
+
+_TILE_CACHE = _TileCache()
+_TOKENS = itertools.count()
+
+
 class _Tiles:
     """Tile grid of one single-page level, decoded tile by tile with tifffile's decoder.
 
@@ -224,6 +260,7 @@ class _Tiles:
 
     def __init__(self, page: Any, planes: int, spp: int) -> None:
         self.page, self.planes, self.spp = page, planes, spp
+        self.token = next(_TOKENS)  # cache key; unlike id(), never reused
         self.th, self.tw = int(page.chunks[0]), int(page.chunks[1])
         self.ny = -(-int(page.imagelength) // self.th)
         self.nx = -(-int(page.imagewidth) // self.tw)
@@ -243,10 +280,6 @@ class TiffImage(LazyImage):
     _arrays: dict[int, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _fd: int | None = field(default=None, repr=False)
-    _cache: OrderedDict[tuple[int, int], np.ndarray | None] = field(
-        default_factory=OrderedDict, repr=False
-    )
-    _cache_bytes: int = field(default=0, repr=False)
 
     def _array(self, level: int) -> Any:
         """The level as an indexable array: a read-only memmap or a zarr view of the tiles."""
@@ -310,21 +343,10 @@ class TiffImage(LazyImage):
         return out.reshape(window.h, window.w, t.planes * t.spp)
 
     def _cached_tile(self, t: _Tiles, index: int) -> np.ndarray | None:
-        """A small LRU of decoded tiles: neighbouring windows (overlap, halo, windows not
-        aligned to tiles) share edge tiles, which would otherwise be decoded again."""
-        key = (id(t), index)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        seg = self._decode_tile(t, index)
-        with self._lock:
-            if key not in self._cache:
-                self._cache[key] = seg
-                self._cache_bytes += seg.nbytes if seg is not None else 0
-                while self._cache_bytes > TILE_CACHE_BYTES and len(self._cache) > 1:
-                    _, old = self._cache.popitem(last=False)
-                    self._cache_bytes -= old.nbytes if old is not None else 0
+        hit, seg = _TILE_CACHE.get((t.token, index))
+        if not hit:
+            seg = self._decode_tile(t, index)
+            _TILE_CACHE.put((t.token, index), seg)
         return seg
 
     def _decode_tile(self, t: _Tiles, index: int) -> np.ndarray | None:
@@ -357,8 +379,6 @@ class TiffImage(LazyImage):
     def close(self) -> None:
         with self._lock:
             self._arrays.clear()
-            self._cache.clear()
-            self._cache_bytes = 0
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None

@@ -381,12 +381,15 @@ class PatchStoreDataset(_EpochMixin, IterableDataset):
         import zarr
 
         if self._groups is None:  # opened lazily, once per worker process
-            self._groups = [zarr.open_group(p, mode="r") for p in self.paths]
+            self._groups = []
+            for p, labelled in zip(self.paths, self.has_labels, strict=True):
+                g = zarr.open_group(p, mode="r")
+                self._groups.append((g["images"], g["labels"] if labelled else None))
         k, lo, hi = unit
-        g = self._groups[k]
-        images = g["images"][lo:hi]
-        if self.has_labels[k]:
-            masks = g["labels"][lo:hi]
+        arr_images, arr_labels = self._groups[k]
+        images = arr_images[lo:hi]
+        if arr_labels is not None:
+            masks = arr_labels[lo:hi]
         else:
             masks = np.zeros(images.shape[:3], dtype=np.uint8)
         return images, masks

@@ -83,6 +83,18 @@ def _worker_id(rank: int) -> int:
     return rank * (info.num_workers if info else 1) + (info.id if info else 0)
 
 
+def _seed_worker_rng(seed: int, epoch: int, rank: int) -> None:
+    """In a DataLoader worker, reseed torch's RNG (augmentation) from (seed, epoch, worker).
+
+    Persistent workers keep their RNG from epoch to epoch, so without this an epoch's
+    augmentation would depend on every epoch before it and a resumed run could not replay
+    it. In the main process (``num_workers=0``) the RNG belongs to the trainer: untouched.
+    """
+    if get_worker_info() is not None:
+        ss = np.random.SeedSequence([seed, epoch, _worker_id(rank), 2])
+        torch.manual_seed(int(ss.generate_state(1, np.uint64)[0] >> 1))
+
+
 class _EpochMixin:
     """An epoch counter shared with DataLoader worker processes.
 
@@ -119,7 +131,8 @@ def store_stats(stores: PathLike | Sequence[PathLike]) -> dict[str, Any]:
     if not paths:
         raise InputError("no patch stores or images given")
     if all((p / "zarr.json").is_file() and _is_store(p) for p in paths):
-        s, ss, n, names, chans = None, None, 0.0, [], None
+        s, ss, n, chans = None, None, 0.0, None
+        names: list[str] = []
         for p in paths:
             at = dict(_open_store(p).attrs)
             if chans is not None and at["channels"] != chans:
@@ -176,7 +189,7 @@ def _image_stats(paths: list[Path], *, max_side: int = 1024) -> dict[str, Any]:
 
 
 def repeat_factors(
-    class_patches: Sequence[int], total: int, *, threshold: float = 0.3
+    class_patches: Sequence[int] | np.ndarray, total: int, *, threshold: float = 0.3
 ) -> np.ndarray:
     """Repeat factor per class: ``max(1, sqrt(threshold / f_c))``, f_c = share of patches with c.
 
@@ -397,6 +410,7 @@ class PatchStoreDataset(_EpochMixin, IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         mine = _shard(self._order(), self.rank, self.world_size)
         rng = np.random.default_rng([self.seed, self.epoch, _worker_id(self.rank), 1])
+        _seed_worker_rng(self.seed, self.epoch, self.rank)
         emit = _Emitter(
             self.batch_size,
             self._norm(),
@@ -525,6 +539,7 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         mine = _shard(self.windows(), self.rank, self.world_size)
+        _seed_worker_rng(self.seed, self.epoch, self.rank)
         emit = _Emitter(
             self.batch_size,
             _Normalize(self.mean, self.std),
@@ -582,7 +597,7 @@ def build_loader(
     if not isinstance(cfg, DataConfig):  # an omegaconf section: plain dataclasses pickle to workers
         from omegaconf import OmegaConf
 
-        cfg = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        cfg = OmegaConf.to_object(cfg)
     seed = int(seed) + int(cfg.seed)
     stores = list(cfg.stores if train else cfg.val_stores)
     if not stores and cfg.synth_dir and (train or not cfg.images):

@@ -309,7 +309,7 @@ def _write_range(
     from tilenet.io import open_image
 
     group = zarr.open_group(store, mode="r+")
-    arr_img = group["images"]
+    arr_img: Any = group["images"]
     has_labels = "labels" in group
     n = hi - lo
     imgs = np.empty((n, patch, patch, channels), dtype=arr_img.dtype)
@@ -349,9 +349,10 @@ def _write_range(
                 lab.close()
     assert row == hi
     arr_img[lo:hi] = imgs
+    arrays: dict[str, Any] = {name: group[name] for name in ("labels", "coords") if name in group}
     if labs is not None:
-        group["labels"][lo:hi] = labs
-    group["coords"][lo:hi] = coords
+        arrays["labels"][lo:hi] = labs
+    arrays["coords"][lo:hi] = coords
     return stats
 
 
@@ -580,8 +581,9 @@ def tile_images(
 
     # Phase 2: write in groups of images; each group is committed when all its shards are.
     shard = chunk_patches * _CHUNKS_PER_SHARD
-    sources: list[dict[str, Any]] = list(group.attrs["sources"])
-    count = int(group.attrs["count"])
+    store_attrs: Any = group.attrs
+    sources: list[dict[str, Any]] = list(store_attrs["sources"])
+    count = int(store_attrs["count"])
     total = sum(len(p.windows) for p in plans)
     bar = None
     if progress:

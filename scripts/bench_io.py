@@ -91,9 +91,9 @@ def make_big_jpeg_tiff(path: Path, size: int) -> Path:
 
 
 def _windows(size: int, count: int, aligned: bool | None, seed: int) -> list[Any]:
-    """Tile-aligned (1 tile each), random (4 tiles each) or, for ``aligned=None``, raster
-    order offset by half a tile (4 tiles each, shared with the neighbours, as tiled
-    inference with a halo reads)."""
+    """Tile-aligned (1 distinct tile each), random (4 tiles each) or, for ``aligned=None``,
+    raster order offset by half a tile (4 tiles each, shared with the neighbours, as tiled
+    inference with a halo reads; the decoded-tile cache serves the shared ones)."""
     from tilenet.geometry import Window
 
     rng = np.random.default_rng(seed)
@@ -102,10 +102,10 @@ def _windows(size: int, count: int, aligned: bool | None, seed: int) -> list[Any
         pos = [(r * WIN + WIN // 2, c * WIN + WIN // 2) for r in range(n) for c in range(n)]
         return [Window(y, x, WIN, WIN) for y, x in pos[:count]]
     if aligned:
+        # Distinct tiles, so the decoded-tile cache never answers: pure decode throughput.
         n = size // WIN
-        return [
-            Window(int(y) * WIN, int(x) * WIN, WIN, WIN) for y, x in rng.integers(0, n, (count, 2))
-        ]
+        cells = rng.permutation(n * n)[:count]
+        return [Window(int(c // n) * WIN, int(c % n) * WIN, WIN, WIN) for c in cells]
     ys = rng.integers(0, size - WIN, count)
     xs = rng.integers(0, size - WIN, count)
     return [Window(int(y), int(x), WIN, WIN) for y, x in zip(ys, xs, strict=True)]

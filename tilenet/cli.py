@@ -33,6 +33,7 @@ examples:
   tilenet synth data/synth --size 2048 --count 4     # deterministic synthetic dataset
   tilenet info data/synth/images/synth_000.tif       # what is in an image
   tilenet convert scan.png scan.ome.tif               # any readable image -> pyramidal OME-TIFF
+  tilenet tile data/synth/images --labels data/synth/labels --out patches.zarr
 exit codes: 0 ok, 1 some items of a batch failed, 2 bad input or usage.
 """
 

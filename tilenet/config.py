@@ -151,6 +151,8 @@ class TrainConfig:
     val_every: int = 100
     val_images: list[str] = field(default_factory=list)
     val_labels: list[str] = field(default_factory=list)
+    #: Also score val_images (tiled inference) every this many steps; 0: only at the end.
+    val_images_every: int = 0
     best_metric: str = "val_dice"
     early_stop_patience: int = 0
     log_every: int = 10

@@ -1,0 +1,304 @@
+"""python -m tilenet.train: run directory contract, exact resume, DDP under torchrun, configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tilenet.checkpoint import load_checkpoint, load_model
+from tilenet.config import Config, load_config
+from tilenet.synth import synthesize
+from tilenet.tiler import tile_images
+from tilenet.train import evaluate_images, main, prepare_demo_data, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 2-image training store (32 px patches, 4 per chunk) and a 1-image validation store."""
+    root = tmp_path_factory.mktemp("train-data")
+    synthesize(root / "train", size=128, count=2, seed=0, tile=64)
+    synthesize(root / "val", size=64, count=1, seed=1, tile=64)
+    out = {}
+    for name, chunk in (("train", 4), ("val", 2)):
+        out[name] = tile_images(
+            [root / name / "images"],
+            labels=root / name / "labels",
+            out=root / f"{name}.zarr",
+            patch=32,
+            overlap=0,
+            workers=1,
+            chunk_patches=chunk,
+            progress=False,
+        )
+    out["val_image"] = root / "val" / "images" / "synth_000.tif"
+    out["val_label"] = root / "val" / "labels" / "synth_000.tif"
+    return out
+
+
+def _overrides(stores: dict[str, Path], out: Path, **extra: object) -> list[str]:
+    base: dict[str, object] = {
+        "data.stores": f"[{stores['train']}]",
+        "data.val_stores": f"[{stores['val']}]",
+        "data.patch": 32,
+        "data.batch_size": 8,
+        "data.shuffle_buffer": 8,
+        "model.name": "tiny",
+        "model.kwargs.width": 4,
+        "model.num_classes": 3,
+        "train.device": "cpu",
+        "train.progress": False,
+        "train.steps": 6,
+        "train.warmup_steps": 2,
+        "train.lr": 0.01,
+        "train.val_every": 2,
+        "train.log_every": 1,
+        "train.checkpoint_every": 100,
+        "train.out_dir": out,
+        "infer.tile": 64,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- the command ------------------------------------------------------------------------------
+def test_help_explains_overrides_and_sections(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "conf=FILE" in text and "key=value" in text
+    for section in ("data", "model", "train", "infer"):
+        assert f"\n  {section} " in text
+
+
+def test_bad_arguments_and_configs_exit_2(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["not-a-key-value"])
+    assert exc.value.code == 2
+    assert main([f"conf={tmp_path / 'missing.yaml'}"]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert main(["train.no_such_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_key" in err and "valid keys" in err
+    assert main(["train.best_metric=accuracy"]) == 2
+    assert "not a metric" in capsys.readouterr().err
+
+
+def test_channel_mismatch_is_a_clear_error(stores, tmp_path: Path, capsys) -> None:
+    assert main(_overrides(stores, tmp_path / "r", **{"model.in_channels": 4})) == 2
+    assert "model.in_channels=4 but the training data has 3 channels" in capsys.readouterr().err
+
+
+def test_run_directory_contract(
+    stores, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)  # out_dir defaults to runs/<timestamp> under the cwd
+    args = _overrides(stores, "", **{"train.val_images": f"[{stores['val_image']}]"})
+    args = [a for a in args if not a.startswith("train.out_dir=")]
+    args.append(f"train.val_labels=[{stores['val_label']}]")
+    assert main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("run_dir: ")
+    run_dir = Path(lines[-1][len("run_dir: ") :])
+    assert run_dir.parent == Path("runs")
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "curves.png"):
+        assert (run_dir / name).is_file(), name
+    # the saved config is the resolved one and loads back
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.model.name == "tiny" and saved.train.steps == 6
+    recs = _records(run_dir)
+    train_lines = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train_lines] == [1, 2, 3, 4, 5, 6]
+    assert all(r["patches_per_s"] > 0 and r["lr"] > 0 for r in train_lines)
+    val_lines = [r for r in recs if "val_dice" in r]
+    assert [r["step"] for r in val_lines] == [2, 4, 6]
+    for r in val_lines:
+        assert r["val_patches"] == 4
+        assert set(r["val_dice_per_class"]) == {"background", "cell", "stroma"}
+    held = [r for r in recs if "heldout_dice" in r]
+    assert len(held) == 1 and held[0]["step"] == 6 and held[0]["heldout_pixels"] == 64 * 64
+    # checkpoints: complete training state, and alone enough for inference
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    for key in ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "rng", "config"):
+        assert key in ckpt, key
+    assert ckpt["step"] == 6
+    spec = ckpt["spec"]
+    assert spec["name"] == "tiny" and spec["stride"] == 2 and spec["in_channels"] == 3
+    assert spec["class_names"] == ["background", "cell", "stroma"]
+    assert len(spec["mean"]) == 3 and all(s > 0 for s in spec["std"])
+    model, spec2 = load_model(run_dir / "best.pt")
+    assert spec2["num_classes"] == 3
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_exact_resume_matches_uninterrupted_run(stores, tmp_path: Path, workers: int) -> None:
+    """Killed after step 3 and resumed == never interrupted (deterministic CPU).
+
+    2 accumulated batches per step and 4 batches per epoch: the interruption falls in the
+    middle of epoch 1, after a validation, with augmentation on.
+    """
+    common = {
+        "train.deterministic": True,
+        "train.grad_accum": 2,
+        "train.grad_clip": 1.0,
+        "data.num_workers": workers,
+    }
+    a = train(load_config(None, _overrides(stores, tmp_path / "a", **common)))
+    b = tmp_path / "b"
+    train(load_config(None, _overrides(stores, b, **common, **{"train.max_steps_this_run": 3})))
+    first = load_checkpoint(b / "last.pt")
+    assert first["step"] == 3 and first["data_pos"] == [[1, 2]]
+    assert not (b / "curves.png").exists()  # an interrupted run is not finished
+    train(load_config(None, _overrides(stores, b, **common, **{"train.resume": True})))
+    ca, cb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert cb["step"] == 6
+    assert ca["model"].keys() == cb["model"].keys()
+    for key, value in ca["model"].items():
+        assert torch.equal(value, cb["model"][key]), key
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    for i in sa:
+        for key in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][key]), torch.as_tensor(sb[i][key]))
+    # the same losses at every step; the resumed log has each step once
+    la = [(r["step"], r["loss"]) for r in _records(a) if "loss" in r]
+    lb = [(r["step"], r["loss"]) for r in _records(b) if "loss" in r]
+    assert la == lb
+    # and a different seed really does train differently
+    c = train(load_config(None, _overrides(stores, tmp_path / "c", **common, **{"train.seed": 1})))
+    cc = load_checkpoint(c / "last.pt")
+    assert not all(torch.equal(v, cc["model"][k]) for k, v in ca["model"].items())
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"train.precision": "bf16", "train.optimizer": "sgd", "train.schedule": "onecycle"},
+        {"train.precision": "fp16", "train.loss": "dice", "train.channels_last": False},
+    ],
+)
+def test_precisions_optimizers_schedules(stores, tmp_path: Path, opts: dict) -> None:
+    run = train(load_config(None, _overrides(stores, tmp_path / "r", **opts)))
+    recs = [r for r in _records(run) if "loss" in r]
+    assert all(np.isfinite(r["loss"]) for r in recs)
+    lrs = [r["lr"] for r in recs]
+    assert len(set(lrs)) > 1  # the schedule moves the learning rate
+    ckpt = load_checkpoint(run / "last.pt")
+    if opts["train.precision"] == "fp16":
+        assert "scale" in ckpt["scaler"]  # the GradScaler state is saved
+
+
+def test_early_stopping_and_best_by_loss(stores, tmp_path: Path) -> None:
+    # lr 0: nothing changes, so the first validation stays the best and patience runs out
+    over = {
+        "train.lr": 0.0,
+        "train.steps": 20,
+        "train.best_metric": "val_loss",
+        "train.early_stop_patience": 2,
+    }
+    run = train(load_config(None, _overrides(stores, tmp_path / "r", **over)))
+    recs = _records(run)
+    assert max(r["step"] for r in recs) == 6  # validations at 2 (best), 4, 6 (2 without gain)
+    best = load_checkpoint(run / "best.pt")
+    assert best["step"] == 2 and best["metrics"]["best"] == recs[1]["val_loss"]
+
+
+def test_heldout_scores_equal_a_whole_image_pass(stores) -> None:
+    from tilenet.io import open_image
+    from tilenet.metrics import confusion_matrix, scores_from_confusion
+    from tilenet.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny", in_channels=3, num_classes=3, width=4)
+    for m in model.modules():  # non-trivial BN statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    spec = {**model.spec, "stride": 2, "receptive_field": model.receptive_field}
+    spec.update(mean=[128.0] * 3, std=[50.0] * 3, class_names=["b", "c", "s"])
+    got = evaluate_images(
+        model, spec, [(stores["val_image"], stores["val_label"])], infer_options={"tile": 32}
+    )
+    with open_image(stores["val_image"]) as img, open_image(stores["val_label"]) as lab:
+        x = img.read(_full(img))
+        t = lab.read(_full(lab))[..., 0]
+    x = torch.from_numpy((x.astype(np.float32) - 128.0) / 50.0).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        pred = model(x).argmax(1)[0]
+    want = scores_from_confusion(confusion_matrix(pred, torch.from_numpy(t), 3))
+    assert got["pixels"] == want["pixels"] == 64 * 64
+    assert got["dice"] == pytest.approx(want["dice"], abs=1e-3)
+    assert model.training is False  # evaluation works on a copy, the model is untouched
+
+
+def _full(img):
+    from tilenet.geometry import Window
+
+    h, w = img.shape[:2]
+    return Window(0, 0, h, w)
+
+
+def test_prepare_demo_data_makes_and_reuses(tmp_path: Path) -> None:
+    cfg = OmegaConf.structured(Config).data
+    cfg.synth_dir = str(tmp_path / "demo")
+    cfg.synth_size, cfg.synth_count, cfg.patch = 64, 2, 32
+    got = prepare_demo_data(cfg)
+    assert [Path(p).name for p in got["stores"]] == ["patches_32.zarr"]
+    assert Path(got["val_images"][0]).is_file() and Path(got["val_labels"][0]).is_file()
+    image = Path(got["val_images"][0])
+    stamp = image.stat().st_mtime_ns
+    again = prepare_demo_data(cfg)
+    assert again == got and image.stat().st_mtime_ns == stamp  # not regenerated
+
+
+# -- configs ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["default", "demo", "pathology", "multiband"])
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_config(REPO / "conf" / f"{name}.yaml")
+    assert cfg.model.num_classes >= 2
+
+
+def test_default_yaml_lists_every_key_at_its_default() -> None:
+    shipped = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "default.yaml"))
+    defaults = OmegaConf.to_container(OmegaConf.structured(Config))
+    assert shipped == defaults, "regenerate conf/default.yaml from tilenet.config.Config"
+
+
+# -- DDP --------------------------------------------------------------------------------------
+def test_torchrun_two_gloo_processes(stores, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    conf = tmp_path / "ddp.yaml"
+    conf.write_text(OmegaConf.to_yaml(OmegaConf.from_dotlist(_overrides(stores, out))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "tilenet.train", f"conf={conf}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = [ln for ln in proc.stdout.splitlines() if ln.startswith("run_dir: ")]
+    assert printed == [f"run_dir: {out}"]  # rank 0 alone prints, and prints it last
+    assert proc.stdout.strip().splitlines()[-1] == printed[0]
+    recs = _records(out)
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4, 5, 6]  # one writer
+    val = [r for r in recs if "val_dice" in r]
+    # the 4 validation patches are split over the 2 ranks; all-reduced they are all counted
+    assert [r["val_patches"] for r in val] == [4, 4, 4]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert len(ckpt["data_pos"]) == 2 and len(ckpt["rng"]) == 2
+    assert not any(p.name.startswith(".") for p in out.iterdir())  # no temp files left

@@ -381,3 +381,15 @@ def test_groupnorm_model_warns_in_crop_mode(
         s = infer_image(img, ckpt, tmp_path / "out", tile=128, outputs=["classes"])
     assert s["exact"] is False
     assert "crop mode is not exact" in caplog.text and "gaussian" in caplog.text
+
+
+def test_uint16_image_is_exact_too(tmp_path: Path) -> None:
+    """Non-uint8 tiles are normalised through the same path (float32 before the device)."""
+    ckpt = _checkpoint(tmp_path / "m.pt", "tiny")
+    img = tmp_path / "img16.tif"
+    arr = (_image(tmp_path / "tmp.tif", 70, 90).astype(np.uint16) * 257)[:, :, ::-1].copy()
+    tifffile.imwrite(img, arr, tile=(32, 32), photometric="rgb")
+    opts = {"tile": 32, "outputs": ["probabilities"], "probabilities_dtype": "float32"}
+    s = infer_image(img, ckpt, tmp_path / "out", **opts)
+    assert s["tiles"] > 4
+    assert float(np.abs(_probs(tmp_path / "out") - _reference(ckpt, arr)).max()) < 1e-4

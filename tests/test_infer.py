@@ -160,7 +160,7 @@ def test_crop_mode_exact_with_tta_and_fails_without_halo(tmp_path: Path) -> None
     assert float(np.abs(_probs(tmp_path / "nohalo") - _reference(ckpt, arr)).max()) > 1e-3
 
 
-def test_image_smaller_than_tile_and_level(tmp_path: Path) -> None:
+def test_image_smaller_than_tile(tmp_path: Path) -> None:
     ckpt = _checkpoint(tmp_path / "m.pt", "tiny")
     img = tmp_path / "small.tif"
     arr = _image(img, 37, 51)
@@ -168,6 +168,27 @@ def test_image_smaller_than_tile_and_level(tmp_path: Path) -> None:
     got = _probs(tmp_path / "out").astype(np.float32)
     assert got.shape == (3, 37, 51)
     assert float(np.abs(got - _reference(ckpt, arr)).max()) < 2e-3  # float16 storage
+
+
+def test_pyramid_level(tmp_path: Path) -> None:
+    """--level runs on that pyramid level, exactly as a whole pass over that level."""
+    from tilenet.geometry import Window
+    from tilenet.io import open_image, write_ome_tiff
+
+    ckpt = _checkpoint(tmp_path / "m.pt", "tiny")
+    arr = _image(tmp_path / "flat.tif", 300, 260)
+    pyr = tmp_path / "pyr.ome.tif"
+    write_ome_tiff(pyr, arr, axes="yxc", tile=64, compression="zlib", min_side=64)
+    with open_image(pyr) as im:
+        assert len(im.levels) >= 2
+        lh, lw = im.levels[1].shape
+        level1 = im.read(Window(0, 0, lh, lw), 1)
+    opts = {"tile": 64, "outputs": ["probabilities"], "probabilities_dtype": "float32"}
+    s = infer_image(pyr, ckpt, tmp_path / "out", level=1, **opts)
+    assert s["shape"] == [lh, lw] and s["tiles"] > 4
+    assert float(np.abs(_probs(tmp_path / "out") - _reference(ckpt, level1)).max()) < 1e-4
+    with pytest.raises(InputError, match="level 9 does not exist"):
+        infer_image(pyr, ckpt, tmp_path / "out", level=9)
 
 
 @pytest.mark.parametrize("mode", ["gaussian", "linear"])

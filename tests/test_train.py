@@ -40,6 +40,8 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             chunk_patches=chunk,
             progress=False,
         )
+    out["train_images"] = root / "train" / "images"
+    out["train_labels"] = root / "train" / "labels"
     out["val_image"] = root / "val" / "images" / "synth_000.tif"
     out["val_label"] = root / "val" / "labels" / "synth_000.tif"
     return out
@@ -204,6 +206,30 @@ def test_precisions_optimizers_schedules(stores, tmp_path: Path, opts: dict) -> 
         assert "scale" in ckpt["scaler"]  # the GradScaler state is saved
 
 
+def test_trains_on_random_crops_of_images_and_resumes_exactly(stores, tmp_path: Path) -> None:
+    """No patch store: crops read lazily from image + label directories."""
+    common = {
+        "data.stores": "[]",
+        "data.images": stores["train_images"],
+        "data.labels": stores["train_labels"],
+        "data.samples_per_epoch": 16,
+        "train.deterministic": True,
+        "train.steps": 4,
+    }
+    a = train(load_config(None, _overrides(stores, tmp_path / "a", **common)))
+    b = tmp_path / "b"
+    train(load_config(None, _overrides(stores, b, **common, **{"train.max_steps_this_run": 3})))
+    train(
+        load_config(None, _overrides(stores, b, **common, **{"train.resume": str(b / "last.pt")}))
+    )
+    ca, cb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert ca["epoch"] == 1 and cb["step"] == 4
+    for key, value in ca["model"].items():
+        assert torch.equal(value, cb["model"][key]), key
+    # crops are normalised with statistics computed from the images
+    assert ca["spec"]["mean"] != [0.0, 0.0, 0.0]
+
+
 def test_early_stopping_and_best_by_loss(stores, tmp_path: Path) -> None:
     # lr 0: nothing changes, so the first validation stays the best and patience runs out
     over = {
@@ -216,7 +242,9 @@ def test_early_stopping_and_best_by_loss(stores, tmp_path: Path) -> None:
     recs = _records(run)
     assert max(r["step"] for r in recs) == 6  # validations at 2 (best), 4, 6 (2 without gain)
     best = load_checkpoint(run / "best.pt")
-    assert best["step"] == 2 and best["metrics"]["best"] == recs[1]["val_loss"]
+    first_val = next(r for r in recs if "val_loss" in r)
+    assert first_val["step"] == 2
+    assert best["step"] == 2 and best["metrics"]["best"] == first_val["val_loss"]
 
 
 def test_heldout_scores_equal_a_whole_image_pass(stores) -> None:
@@ -268,6 +296,32 @@ def test_prepare_demo_data_makes_and_reuses(tmp_path: Path) -> None:
     assert again == got and image.stat().st_mtime_ns == stamp  # not regenerated
 
 
+@pytest.mark.slow
+def test_torch_compile_path(stores, tmp_path: Path) -> None:
+    run = train(load_config(None, _overrides(stores, tmp_path / "r", **{"train.compile": True})))
+    assert all(np.isfinite(r["loss"]) for r in _records(run) if "loss" in r)
+    load_model(run / "last.pt")  # the state dict has no compile wrapper prefixes
+
+
+@pytest.mark.slow
+def test_demo_config_meets_the_quality_bar(tmp_path: Path, monkeypatch, capsys) -> None:
+    """conf/demo.yaml from scratch (synthesise, tile, train): held-out foreground Dice >= 0.90.
+
+    The issue's budget is 5 minutes on 2 CPU cores; wall time depends on the machine's load,
+    so it is printed rather than asserted.
+    """
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    t0 = time.perf_counter()
+    assert main([f"conf={REPO / 'conf' / 'demo.yaml'}", "train.progress=false"]) == 0
+    wall = time.perf_counter() - t0
+    run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1].split(": ", 1)[1])
+    held = [r for r in _records(run_dir) if "heldout_dice" in r][-1]
+    print(f"demo: held-out foreground Dice {held['heldout_dice']:.4f} in {wall:.0f} s")
+    assert held["heldout_dice"] >= 0.90
+
+
 # -- configs ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["default", "demo", "pathology", "multiband"])
 def test_shipped_configs_load(name: str) -> None:
@@ -275,10 +329,15 @@ def test_shipped_configs_load(name: str) -> None:
     assert cfg.model.num_classes >= 2
 
 
-def test_default_yaml_lists_every_key_at_its_default() -> None:
-    shipped = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "default.yaml"))
-    defaults = OmegaConf.to_container(OmegaConf.structured(Config))
-    assert shipped == defaults, "regenerate conf/default.yaml from tilenet.config.Config"
+def test_default_yaml_lists_every_key_at_its_default(capsys) -> None:
+    assert main(["--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == OmegaConf.to_yaml(OmegaConf.structured(Config))
+    shipped = OmegaConf.to_yaml(OmegaConf.load(REPO / "conf" / "default.yaml"))
+    assert shipped == printed, (
+        "conf/default.yaml is out of date with tilenet/config.py; regenerate it with "
+        "`python -m tilenet.train --print-config > conf/default.yaml`"
+    )
 
 
 # -- DDP --------------------------------------------------------------------------------------

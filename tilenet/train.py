@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tilenet.config import DataConfig, load_config, save_config
+from tilenet.config import DataConfig, load_config, save_config, to_yaml
 from tilenet.errors import CheckpointError, ConfigError, InputError
 
 __all__ = ["evaluate_images", "main", "prepare_demo_data", "train"]
@@ -73,7 +73,7 @@ the file. Unknown keys are errors that list the valid ones. Config sections:
   infer   tile/mode/batch used to score whole held-out images (train.val_images)
   tiling, reader, jobs: not used by training
 
-Every key with its default: conf/default.yaml.
+Every key with its default: conf/default.yaml (or --print-config with no arguments).
 """
 
 EPILOG = """\
@@ -106,6 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="conf=FILE | key=value",
         help="config file, then dotlist overrides such as train.lr=3e-4 data.batch_size=8",
     )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (defaults + file + overrides) as YAML and exit",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     args = parser.parse_args(argv)
     conf: str | None = None
@@ -120,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
         cfg = load_config(conf, overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
         run_dir = train(cfg)
         if _rank() == 0:
             print(f"run_dir: {run_dir}", flush=True)
@@ -586,9 +594,10 @@ def _plot_curves(records: list[dict[str, Any]], path: Path, *, metric: str = "va
 
     from tilenet.fsutil import atomic_output
 
+    other = "val_iou" if metric != "val_iou" else "val_dice"
     panels = [
         ("loss", [("loss", (31, 119, 180)), ("val_loss", (214, 39, 40))]),
-        (metric, [(metric, (44, 160, 44)), ("val_iou", (148, 103, 189))]),
+        ("validation", [(metric, (44, 160, 44)), (other, (148, 103, 189))]),
     ]
     pw, ph, pad = 480, 300, 44
     img = Image.new("RGB", (pw * len(panels), ph), "white")
@@ -710,8 +719,12 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
     from tilenet.models import create_model_from_config
 
     tc, mc = cfg.train, cfg.model
+    if tc.resume is True and not tc.out_dir:
+        raise ConfigError(
+            "train.resume=true continues the run in train.out_dir; set train.out_dir=DIR "
+            "or give the checkpoint: train.resume=DIR/last.pt"
+        )
     # -- data (rank 0 makes the demo data; the others wait for it)
-    held_out: list[tuple[Path, Path]] = []
     if cfg.data.synth_dir and not cfg.data.stores and not cfg.data.images:
         prepared = prepare_demo_data(cfg.data) if d.main else None
         prepared = _broadcast(prepared, d)
@@ -776,6 +789,8 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
     # -- run directory and resume
     run_dir = Path(_broadcast(str(_new_run_dir(tc.out_dir)) if d.main else None, d))
     ckpt_path = _resume_path(tc.resume, run_dir)
+    if tc.resume is True and ckpt_path is None and d.main:
+        print(f"train.resume: no {run_dir / 'last.pt'} yet; starting from step 0", flush=True)
     state = _Progress()
     stream = _BatchStream(loader, seed=int(tc.seed) + int(cfg.data.seed), rank=d.rank)
     if ckpt_path is not None:

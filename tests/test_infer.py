@@ -414,3 +414,15 @@ def test_uint16_image_is_exact_too(tmp_path: Path) -> None:
     s = infer_image(img, ckpt, tmp_path / "out", **opts)
     assert s["tiles"] > 4
     assert float(np.abs(_probs(tmp_path / "out") - _reference(ckpt, arr)).max()) < 1e-4
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    """`tilenet demo --out DIR`: synth, tile, train, infer, score (minutes on 2 CPU cores)."""
+    rc = main(["demo", "--out", str(tmp_path / "demo"), "--quiet"])
+    assert rc == 0
+    result = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert result["dice"] >= 0.90
+    assert 0 < result["seconds"] < 600
+    assert Path(result["outputs"]["classes"]).is_dir()
+    assert Path(result["outputs"]["preview"]).is_file()

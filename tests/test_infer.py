@@ -25,7 +25,7 @@ from tilenet.checkpoint import load_model, make_spec, save_checkpoint
 from tilenet.cli import main
 from tilenet.errors import CheckpointError, InputError
 from tilenet.geometry import ceil_to
-from tilenet.infer import infer_image, normalize, predict
+from tilenet.infer import infer_image, predict
 from tilenet.models import create_model, list_models
 
 MEAN, STD = [120.0, 110.0, 100.0], [60.0, 50.0, 70.0]
@@ -70,6 +70,18 @@ def _checkpoint(path: Path, name: str, num_classes: int = 3, **kwargs: Any) -> P
             m.running_var.uniform_(0.5, 2.0)
     spec = make_spec(model, mean=MEAN, std=STD, class_names=[f"c{i}" for i in range(num_classes)])
     return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
+
+
+def normalize(
+    raw: np.ndarray, valid: tuple[int, int], mean: list[float], std: list[float]
+) -> np.ndarray:
+    """(h, w, C) -> float32 (raw - mean) / std, zero outside ``valid`` (after normalising)."""
+    x = raw.astype(np.float32)
+    x -= np.asarray(mean, np.float32)
+    x *= np.float32(1.0) / np.asarray(std, np.float32)
+    x[valid[0] :] = 0
+    x[:, valid[1] :] = 0
+    return x
 
 
 def _reference(ckpt: Path, arr: np.ndarray, *, tta: bool = False) -> np.ndarray:

@@ -51,7 +51,7 @@ from tilenet.stitch import BlendStitcher, CropStitcher, OutputSink
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["OUTPUTS", "infer_image", "normalize", "plan_grid", "predict", "resolve_options"]
+__all__ = ["OUTPUTS", "infer_image", "plan_grid", "predict", "resolve_options"]
 
 log = logging.getLogger(__name__)
 
@@ -125,23 +125,6 @@ def plan_grid(
 
 
 # -- tensors --------------------------------------------------------------------------------
-def normalize(
-    raw: np.ndarray, valid: tuple[int, int], mean: Sequence[float], std: Sequence[float]
-) -> np.ndarray:
-    """(h, w, C) raw pixels -> float32 ``(raw - mean) / std``, zero outside ``valid`` (h, w).
-
-    Zeroing after normalisation makes the alignment rows past the image equal to the zero
-    padding the network applies at the image border (and to the reference whole-image pass).
-    """
-    x = raw.astype(np.float32)
-    x -= np.asarray(mean, np.float32)
-    x *= np.float32(1.0) / np.asarray(std, np.float32)
-    vh, vw = valid
-    x[vh:] = 0
-    x[:, vw:] = 0
-    return x
-
-
 _FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
 
 
@@ -234,19 +217,12 @@ def _is_exact(module: Any) -> bool:
 
 # -- outputs --------------------------------------------------------------------------------
 def _foreground_fractions(tiles: Sequence[Tile], image: Any, level: int) -> np.ndarray:
-    """Fraction of each tile's core that is foreground on a low-resolution Otsu mask."""
-    from tilenet.tiler import foreground_mask
+    """Fraction of each tile's core that is foreground on the tiler's low-resolution mask."""
+    from tilenet.tiler import _foreground_fractions, foreground_mask
 
-    mask, (my, mx) = foreground_mask(image)
-    ly, lx = image.levels[level].downsample
-    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
-    integral[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
-    out = np.empty(len(tiles))
-    for i, t in enumerate(tiles):
-        m = t.core.to_level((my / ly, mx / lx)).clip(*mask.shape)
-        s = integral[m.y1, m.x1] - integral[m.y, m.x1] - integral[m.y1, m.x] + integral[m.y, m.x]
-        out[i] = s / m.area if m.area else 0.0
-    return out
+    mask, mask_ds = foreground_mask(image)
+    ds = image.levels[level].downsample
+    return _foreground_fractions([t.core for t in tiles], mask, mask_ds, ds)
 
 
 # -- the engine -----------------------------------------------------------------------------

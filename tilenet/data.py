@@ -220,6 +220,23 @@ def normalize_batch(
     return (x.to(torch.float32) - m) / s
 
 
+def _torch_dtype(a: np.ndarray) -> torch.dtype:
+    return torch.from_numpy(a[:0]).dtype
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor; inside a DataLoader worker it is made in shared memory.
+
+    Sending a tensor that is already shared to the main process costs no copy (as in
+    torch's default_collate); otherwise it is copied into shared memory when sent.
+    """
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    proto = torch.empty(0, dtype=dtype)
+    storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
+    return proto.new(storage).resize_(*shape)
+
+
 class _Normalize:
     """uint8 (B, C, P, P) tensor -> float32 (B, C, P, P), (x - mean) / std (or raw values)."""
 
@@ -228,10 +245,11 @@ class _Normalize:
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.float32, memory_format=torch.contiguous_format)
+        out = _empty(tuple(x.shape), torch.float32)
+        out.copy_(x)  # one pass: uint8 (any strides) -> contiguous float32
         if self.mean is not None and self.std is not None:
-            x.sub_(self.mean.view(1, -1, 1, 1)).mul_((1.0 / self.std).view(1, -1, 1, 1))
-        return x
+            out.sub_(self.mean.view(1, -1, 1, 1)).mul_((1.0 / self.std).view(1, -1, 1, 1))
+        return out
 
 
 class _Emitter:
@@ -256,7 +274,9 @@ class _Emitter:
             x, m = self.augment(x.contiguous(), m)
         if self.norm is None:
             return x, m
-        return self.norm(x), m.to(torch.int64)
+        m64 = _empty(tuple(m.shape), torch.int64)
+        m64.copy_(m)
+        return self.norm(x), m64
 
     def feed(self, images: np.ndarray, masks: np.ndarray, order: np.ndarray) -> Iterator[Any]:
         if self.batch_size is None:
@@ -271,6 +291,8 @@ class _Emitter:
             yield self._take(self.batch_size)
 
     def _take(self, k: int) -> Batch:
+        if self.norm is None and self.augment is None:
+            return self._take_raw(k)
         imgs, msks, got = [], [], 0
         while got < k:
             a, b, idx = self._pending[0]
@@ -286,6 +308,26 @@ class _Emitter:
         if len(imgs) == 1:
             return self._finish(imgs[0], msks[0])
         return self._finish(np.concatenate(imgs), np.concatenate(msks))
+
+    def _take_raw(self, k: int) -> Batch:
+        """Gather ``k`` raw patches straight into the output tensors (shared in a worker)."""
+        a0, b0, _ = self._pending[0]
+        x = _empty((k, *a0.shape[1:]), torch.uint8 if a0.dtype == np.uint8 else _torch_dtype(a0))
+        m = _empty((k, *b0.shape[1:]), torch.uint8)
+        xn, mn = x.numpy(), m.numpy()
+        got = 0
+        while got < k:
+            a, b, idx = self._pending[0]
+            t = min(k - got, len(idx))
+            np.take(a, idx[:t], axis=0, out=xn[got : got + t])
+            np.take(b, idx[:t], axis=0, out=mn[got : got + t])
+            if t == len(idx):
+                self._pending.pop(0)
+            else:
+                self._pending[0] = (a, b, idx[t:])
+            got += t
+        self._n -= k
+        return x.permute(0, 3, 1, 2), m
 
     def flush(self) -> Iterator[Batch]:
         if self.batch_size is not None and self._n:

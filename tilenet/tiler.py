@@ -37,6 +37,7 @@ from tilenet.fsutil import atomic_output, safe_stem
 from tilenet.geometry import TileGrid, Window
 
 __all__ = [
+    "foreground_fractions",
     "foreground_mask",
     "match_labels",
     "otsu_threshold",
@@ -198,13 +199,16 @@ def foreground_mask(image: Any, *, max_side: int = 2048) -> tuple[np.ndarray, tu
     return mask, (h0 / mask.shape[0], w0 / mask.shape[1])
 
 
-def _foreground_fractions(
+def foreground_fractions(
     windows: Sequence[Window],
     mask: np.ndarray,
     mask_ds: tuple[float, float],
     level_ds: tuple[float, float],
 ) -> np.ndarray:
-    """Mean of ``mask`` under each window (given at a level with downsample ``level_ds``)."""
+    """Mean of ``mask`` under each window (given at a level with downsample ``level_ds``).
+
+    Uses an integral image, so it costs O(1) per window whatever the window size.
+    """
     integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
     integral[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
     factor = (mask_ds[0] / level_ds[0], mask_ds[1] / level_ds[1])
@@ -217,6 +221,10 @@ def _foreground_fractions(
         s = integral[m.y1, m.x1] - integral[m.y, m.x1] - integral[m.y1, m.x] + integral[m.y, m.x]
         out[i] = s / m.area
     return out
+
+
+#: Former private name, still imported by tilenet.infer.
+_foreground_fractions = foreground_fractions
 
 
 # -- planning ----------------------------------------------------------------------------
@@ -276,7 +284,7 @@ def _plan_image(
         windows = [Window(w.y, w.x, patch, patch) for w in grid.windows()]
         if min_foreground > 0:
             mask, mask_ds = foreground_mask(img, max_side=mask_max_side)
-            frac = _foreground_fractions(windows, mask, mask_ds, img.levels[level].downsample)
+            frac = foreground_fractions(windows, mask, mask_ds, img.levels[level].downsample)
             windows = [w for w, f in zip(windows, frac, strict=True) if f >= min_foreground]
         return _Plan(
             path=path,

@@ -767,7 +767,9 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
     # -- model, optimiser, schedule
     _seed_everything(int(tc.seed))
     if tc.deterministic:
-        torch.use_deterministic_algorithms(True)
+        # Some CUDA kernels (e.g. bilinear upsampling backward) have no deterministic
+        # version: warn there rather than refuse to train. CPU kernels all have one.
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True

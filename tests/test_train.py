@@ -168,6 +168,8 @@ def test_exact_resume_matches_uninterrupted_run(stores, tmp_path: Path, workers:
     first = load_checkpoint(b / "last.pt")
     assert first["step"] == 3 and first["data_pos"] == [[1, 2]]
     assert not (b / "curves.png").exists()  # an interrupted run is not finished
+    with open(b / "metrics.jsonl", "a") as fh:  # logged after the checkpoint, then killed
+        fh.write(json.dumps({"step": 4, "loss": -1.0}) + "\n")
     train(load_config(None, _overrides(stores, b, **common, **{"train.resume": True})))
     ca, cb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
     assert cb["step"] == 6

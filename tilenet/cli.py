@@ -197,9 +197,11 @@ def _add_infer(sub: Any) -> None:
             "models without GroupNorm/InstanceNorm; gaussian/linear blend overlapping tiles."
         ),
     )
-    p.add_argument("input", help="input image (TIFF/OME-TIFF/zarr/PNG/...)")
-    p.add_argument("--model", required=True, help="checkpoint (.pt) written by training")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("input", metavar="INPUT", help="input image (TIFF/OME-TIFF/zarr/PNG/...)")
+    p.add_argument(
+        "--model", required=True, metavar="CKPT", help="checkpoint (.pt) written by training"
+    )
+    p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory")
     p.add_argument("--tile", type=int, help="tile (read window) side in pixels (default 1024)")
     p.add_argument(
         "--mode",
@@ -331,7 +333,10 @@ def _add_demo(sub: Any) -> None:
         ),
     )
     p.add_argument(
-        "--out", default="tilenet-demo", help="directory for everything (default ./tilenet-demo)"
+        "--out",
+        default="tilenet-demo",
+        metavar="DIR",
+        help="directory for everything (default ./tilenet-demo)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=_cmd_demo)

@@ -109,7 +109,11 @@ def test_run_directory_contract(
     stores, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     monkeypatch.chdir(tmp_path)  # out_dir defaults to runs/<timestamp> under the cwd
-    args = _overrides(stores, "", **{"train.val_images": f"[{stores['val_image']}]"})
+    args = _overrides(
+        stores,
+        "",
+        **{"train.val_images": f"[{stores['val_image']}]", "train.val_images_every": 4},
+    )
     args = [a for a in args if not a.startswith("train.out_dir=")]
     args.append(f"train.val_labels=[{stores['val_label']}]")
     assert main(args) == 0
@@ -132,7 +136,10 @@ def test_run_directory_contract(
         assert r["val_patches"] == 4
         assert set(r["val_dice_per_class"]) == {"background", "cell", "stroma"}
     held = [r for r in recs if "heldout_dice" in r]
-    assert len(held) == 1 and held[0]["step"] == 6 and held[0]["heldout_pixels"] == 64 * 64
+    # scored every 4 steps during training, and once more when it ends
+    assert [r["step"] for r in held] == [4, 6]
+    assert held[0]["heldout_pixels"] == held[1]["heldout_pixels"] == 64 * 64
+    assert "val_dice" in held[0] and held[1]["train_s"] > 0
     # checkpoints: complete training state, and alone enough for inference
     ckpt = load_checkpoint(run_dir / "last.pt")
     for key in ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "rng", "config"):
@@ -343,15 +350,20 @@ def test_default_yaml_lists_every_key_at_its_default(capsys) -> None:
 
 
 # -- DDP --------------------------------------------------------------------------------------
+def _torchrun(conf: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "tilenet.train", f"conf={conf}", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_torchrun_two_gloo_processes(stores, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     conf = tmp_path / "ddp.yaml"
     conf.write_text(OmegaConf.to_yaml(OmegaConf.from_dotlist(_overrides(stores, out))))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "tilenet.train", f"conf={conf}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _torchrun(conf)
     printed = [ln for ln in proc.stdout.splitlines() if ln.startswith("run_dir: ")]
     assert printed == [f"run_dir: {out}"]  # rank 0 alone prints, and prints it last
     assert proc.stdout.strip().splitlines()[-1] == printed[0]
@@ -363,3 +375,19 @@ def test_torchrun_two_gloo_processes(stores, tmp_path: Path) -> None:
     ckpt = load_checkpoint(out / "last.pt")
     assert len(ckpt["data_pos"]) == 2 and len(ckpt["rng"]) == 2
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no temp files left
+
+
+@pytest.mark.slow
+def test_torchrun_resume_is_exact_per_rank(stores, tmp_path: Path) -> None:
+    """2 gloo ranks stopped after step 3 and resumed == an uninterrupted 2-rank run."""
+    conf = tmp_path / "ddp.yaml"
+    over = _overrides(stores, "unused", **{"train.deterministic": True})
+    conf.write_text(OmegaConf.to_yaml(OmegaConf.from_dotlist(over)))
+    a, b = tmp_path / "a", tmp_path / "b"
+    _torchrun(conf, f"train.out_dir={a}")
+    _torchrun(conf, f"train.out_dir={b}", "train.max_steps_this_run=3")
+    _torchrun(conf, f"train.out_dir={b}", "train.resume=true")
+    ca, cb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert cb["step"] == 6 and cb["data_pos"] == ca["data_pos"]
+    for key, value in ca["model"].items():
+        assert torch.equal(value, cb["model"][key]), key

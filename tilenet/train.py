@@ -873,7 +873,11 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
             rec.update(heldout())
         return rec
 
+    heldout_cache: dict[int, dict[str, Any]] = {}
+
     def heldout() -> dict[str, Any]:
+        if state.step in heldout_cache:  # already scored at this step (val_images_every)
+            return heldout_cache[state.step]
         res = None
         if d.main:
             with torch.random.fork_rng(
@@ -894,7 +898,9 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
                 "heldout_iou_per_class": dict(zip(s["class_names"], s["iou"], strict=True)),
                 "heldout_pixels": s["pixels"],
             }
-        return _broadcast(res, d)
+        heldout_cache.clear()
+        heldout_cache[state.step] = _broadcast(res, d)
+        return heldout_cache[state.step]
 
     # -- train
     total = int(tc.steps)

@@ -696,18 +696,18 @@ def train(cfg: Any) -> Path:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     outer_rng = _rng_state()
     prev_det = torch.are_deterministic_algorithms_enabled()
+    import torch.distributed as dist
+
+    had_group = dist.is_available() and dist.is_initialized()
     d, device = _init_distributed(str(tc.device))
-    own_group = d.enabled
+    own_group = d.enabled and not had_group  # a caller's process group is the caller's
     try:
         return _train(cfg, d, device)
     finally:
         torch.use_deterministic_algorithms(prev_det)
         _set_rng_state(outer_rng)
-        if own_group:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:

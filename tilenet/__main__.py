@@ -4,4 +4,6 @@ import sys
 
 from tilenet.cli import main
 
-sys.exit(main())
+# Guarded: dask worker processes (spawn) import the main module again.
+if __name__ == "__main__":
+    sys.exit(main())

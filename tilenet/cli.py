@@ -197,7 +197,15 @@ def _add_infer(sub: Any) -> None:
             "models without GroupNorm/InstanceNorm; gaussian/linear blend overlapping tiles."
         ),
     )
-    p.add_argument("input", metavar="INPUT", help="input image (TIFF/OME-TIFF/zarr/PNG/...)")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image files (TIFF/OME-TIFF/zarr/PNG/...), directories or glob patterns. One "
+        "file writes into OUT_DIR directly; several, a directory or a glob run a batch job: "
+        "OUT_DIR/<image stem>/ per image plus OUT_DIR/manifest.jsonl, and a rerun skips "
+        "images already done (exit 1 if any image failed)",
+    )
     p.add_argument(
         "--model", required=True, metavar="CKPT", help="checkpoint (.pt) written by training"
     )
@@ -236,10 +244,32 @@ def _add_infer(sub: Any) -> None:
     )
     p.add_argument("--readers", type=int, help="tile reader threads (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="batch on a dask LocalCluster of N worker processes (one per GPU with CUDA); "
+        "0 = in this process (default)",
+    )
+    p.add_argument("--scheduler", metavar="ADDRESS", help="batch on an existing dask cluster")
+    p.add_argument("--retry-failed", action="store_true", help="batch: retry earlier failures")
+    p.add_argument("--force", action="store_true", help="batch: redo every image")
+    p.add_argument(
+        "--log-json", action="store_true", help="batch: one JSON object per event on stderr"
+    )
+    p.add_argument(
+        "--region-tiles",
+        type=int,
+        default=256,
+        help="batch, crop mode: split images with more tiles into row bands of about this "
+        "many tiles, run in parallel and resumed band by band (default 256)",
+    )
     p.set_defaults(handler=_cmd_infer)
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from tilenet.infer import infer_image
 
     keys = ("tile", "mode", "overlap", "halo", "level", "batch", "device", "precision", "tta")
@@ -247,8 +277,28 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.outputs is not None:
         options["outputs"] = [o.strip() for o in args.outputs.split(",") if o.strip()]
+    job_flags = args.workers or args.scheduler or args.retry_failed or args.force or args.log_json
+    single = len(args.inputs) == 1 and Path(args.inputs[0]).is_file()
+    if job_flags or not single:
+        from tilenet.jobs import format_report, run_jobs
+
+        report = run_jobs(
+            args.inputs,
+            args.model,
+            args.out,
+            workers=args.workers,
+            scheduler=args.scheduler,
+            retry_failed=args.retry_failed,
+            force=args.force,
+            quiet=args.quiet,
+            log_json=args.log_json,
+            region_tiles=args.region_tiles,
+            **options,
+        )
+        print(format_report(report))
+        return report.exit_code
     summary = infer_image(
-        args.input,
+        args.inputs[0],
         args.model,
         args.out,
         progress=not args.quiet and sys.stderr.isatty(),

@@ -1,0 +1,218 @@
+"""Batch jobs: manifest, skip/retry/force, corrupt inputs, row-band regions, SIGKILL resume and
+dask.distributed bit-identity. Real tiled TIFFs, a real tiny checkpoint, a real LocalCluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+from tilenet.checkpoint import make_spec, save_checkpoint
+from tilenet.cli import main
+from tilenet.jobs import read_manifest, run_jobs, unique_stems
+from tilenet.models import create_model
+
+OPTS = {"tile": 64, "device": "cpu", "probabilities_dtype": "float32"}
+ARRAYS = ("probabilities.ome.zarr", "classes.ome.zarr", "instances.ome.zarr")
+
+
+def _image(path: Path, h: int, w: int, seed: int = 0) -> Path:
+    """A structured RGB tiled TIFF (blobs and stripes, so classes and instances vary)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack(
+        [128 + 100 * np.sin(yy / 9.0), 128 + 100 * np.cos(xx / 13.0), 128 + 90 * np.sin(xx / 5.0)],
+        axis=-1,
+    )
+    arr = np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+    tifffile.imwrite(path, arr, tile=(64, 64), photometric="rgb")
+    return path
+
+
+def _checkpoint(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = create_model("tiny", in_channels=3, num_classes=3)
+    spec = make_spec(model, mean=[120.0] * 3, std=[60.0] * 3, class_names=["bg", "a", "b"])
+    return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
+
+
+def _assert_same_outputs(a: Path, b: Path) -> None:
+    """Every level of every zarr output identical, bit for bit."""
+    for name in ARRAYS:
+        ga, gb = zarr.open_group(a / name, mode="r"), zarr.open_group(b / name, mode="r")
+        keys = sorted(ga.array_keys())
+        assert keys == sorted(gb.array_keys()) and keys, name
+        for k in keys:
+            x, y = np.asarray(ga[k][:]), np.asarray(gb[k][:])
+            assert x.dtype == y.dtype and x.shape == y.shape, (name, k)
+            assert x.tobytes() == y.tobytes(), f"{name} level {k} differs"
+
+
+def _mtimes(d: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file()}
+
+
+def test_unique_stems_stay_inside_and_differ() -> None:
+    stems = unique_stems(["a/x.tif", "b/x.tif", "../../x.tif", "c/x-2.tif"])
+    assert len(set(stems)) == 4
+    assert all("/" not in s and ".." not in s for s in stems)
+
+
+def test_batch_corrupt_skip_retry_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    src = tmp_path / "imgs"
+    src.mkdir()
+    _image(src / "one.tif", 100, 90, seed=1)
+    _image(src / "two.tif", 64, 70, seed=2)
+    (src / "bad.tif").write_bytes(b"II*\x00garbage that is no TIFF")
+    out = tmp_path / "out"
+    argv = ["infer", str(src), "--model", str(ckpt), "--out", str(out), "--tile", "64"]
+    argv += ["--device", "cpu", "--quiet"]
+
+    assert main(argv) == 1  # the corrupt one failed, the others finished
+    printed = capsys.readouterr().out
+    assert "2 done, 0 skipped, 1 failed" in printed and "bad.tif" in printed
+    table = printed.split("REASON", 1)[1]
+    assert "bad.tif" in table and "one.tif" not in table
+    recs = read_manifest(out / "manifest.jsonl")
+    assert {Path(k).name: r["status"] for k, r in recs.items()} == {
+        "one.tif": "done",
+        "two.tif": "done",
+        "bad.tif": "failed",
+    }
+    bad = recs[str((src / "bad.tif").resolve())]
+    assert "bad.tif" in bad["error"] and "\n" not in bad["error"]
+    done = recs[str((src / "one.tif").resolve())]
+    assert done["model_checksum"] and done["fingerprint"] and done["tilenet_version"]
+    assert Path(done["outputs"]["classes"]) == out / "one" / "classes.ome.zarr"
+    assert (out / "two" / "summary.json").is_file()
+
+    # Rerun: the finished images are skipped (nothing rewritten), the failure stays failed.
+    before = _mtimes(out / "one")
+    assert main([*argv, "--log-json"]) == 1
+    cap = capsys.readouterr()
+    events = [json.loads(line) for line in cap.err.splitlines() if line.startswith("{")]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("skipped") == 2
+    assert "0 done, 2 skipped, 1 failed" in cap.out
+    assert _mtimes(out / "one") == before
+
+    # A fixed input has a new fingerprint: it runs without --retry-failed.
+    _image(src / "bad.tif", 80, 80, seed=3)
+    assert main(argv) == 0
+    assert "1 done, 2 skipped, 0 failed" in capsys.readouterr().out
+    assert (out / "bad" / "classes.ome.zarr").is_dir()
+
+    # A changed model is not "the same job": everything is redone.
+    _checkpoint(ckpt, seed=5)
+    assert main(argv) == 0
+    assert "3 done, 0 skipped" in capsys.readouterr().out
+
+    # --force redoes everything; --retry-failed retries a failure of the same input.
+    (src / "bad.tif").write_bytes(b"II*\x00still garbage")
+    assert main(argv) == 1
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert "0 done, 2 skipped, 1 failed" in capsys.readouterr().out  # kept failed, not rerun
+    recs = read_manifest(out / "manifest.jsonl")
+    assert recs[str((src / "bad.tif").resolve())].get("previous") is True
+    assert main([*argv, "--retry-failed"]) == 1
+    assert "previous" not in read_manifest(out / "manifest.jsonl")[str((src / "bad.tif").resolve())]
+    before = _mtimes(out / "one")
+    assert main([*argv, "--force"]) == 1
+    assert "2 done, 0 skipped, 1 failed" in capsys.readouterr().out
+    assert _mtimes(out / "one") != before
+
+
+def test_regions_equal_whole_image(tmp_path: Path) -> None:
+    """Row bands computed separately into one store equal the single-pass result exactly."""
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    img = _image(tmp_path / "big.tif", 300, 260)
+    whole = run_jobs([img], ckpt, tmp_path / "whole", quiet=True, **OPTS)
+    split = run_jobs([img], ckpt, tmp_path / "split", quiet=True, region_tiles=10, **OPTS)
+    assert whole.exit_code == split.exit_code == 0
+    summary = json.loads((tmp_path / "split" / "big" / "summary.json").read_text())
+    assert summary["regions"] == 3 and summary["tiles"] == 30  # 6 x 5 tiles, 2 rows per band
+    _assert_same_outputs(tmp_path / "whole" / "big", tmp_path / "split" / "big")
+    ref = json.loads((tmp_path / "whole" / "big" / "summary.json").read_text())
+    assert summary["class_area_px"] == ref["class_area_px"]
+    assert summary["instances"] == ref["instances"]
+    assert not (tmp_path / "split" / "big" / ".regions").exists()
+    assert not [p for p in (tmp_path / "split" / "big").iterdir() if ".partial-" in p.name]
+
+
+def test_local_cluster_bit_identical_to_serial(tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for i, (h, w) in enumerate([(100, 90), (64, 64), (120, 70)]):
+        _image(src / f"small{i}.tif", h, w, seed=i)
+    _image(src / "split.tif", 300, 260, seed=9)  # 30 tiles -> 3 bands across the workers
+    serial = run_jobs([src], ckpt, tmp_path / "serial", quiet=True, region_tiles=10, **OPTS)
+    dist = run_jobs([src], ckpt, tmp_path / "dist", workers=2, quiet=True, region_tiles=10, **OPTS)
+    assert serial.exit_code == dist.exit_code == 0 and len(dist.done) == 4
+    assert dist.dashboard and dist.dashboard.startswith("http")
+    for stem in ("small0", "small1", "small2", "split"):
+        _assert_same_outputs(tmp_path / "serial" / stem, tmp_path / "dist" / stem)
+
+
+def _cli(src: Path, ckpt: Path, out: Path) -> list[str]:
+    opts = (
+        "--tile 64 --device cpu --quiet --log-json --region-tiles 37 --probabilities-dtype float32"
+    )
+    return [
+        *(sys.executable, "-m", "tilenet", "infer", str(src)),
+        *("--model", str(ckpt), "--out", str(out)),
+        *opts.split(),
+    ]
+
+
+def test_sigkill_resume_is_identical(tmp_path: Path) -> None:
+    """kill -9 after the first band is recorded; the rerun redoes only the missing bands."""
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    src = tmp_path / "imgs"
+    src.mkdir()
+    _image(src / "huge.tif", 1064, 2048)  # 19 x 37 tiles of core 56 -> 19 bands
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        _cli(src, ckpt, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    markers = out / "huge" / ".regions"
+    deadline = time.monotonic() + 120
+    try:
+        while not list(markers.glob("region-*.json")):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    kept = len(list(markers.glob("region-*.json")))
+    assert 1 <= kept < 19
+    assert not (out / "huge" / "classes.ome.zarr").exists()  # nothing looks finished
+    assert all(r["status"] != "done" for r in read_manifest(out / "manifest.jsonl").values())
+
+    rerun = subprocess.run(_cli(src, ckpt, out), env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    events = [json.loads(line) for line in rerun.stderr.splitlines() if line.startswith("{")]
+    assert sum(e["event"] == "region" for e in events) == 19 - kept  # finished bands reused
+    ref = run_jobs([src], ckpt, tmp_path / "ref", quiet=True, region_tiles=10**6, **OPTS)
+    assert ref.exit_code == 0
+    _assert_same_outputs(out / "huge", tmp_path / "ref" / "huge")
+    assert read_manifest(out / "manifest.jsonl")[str((src / "huge.tif").resolve())]["status"] == (
+        "done"
+    )

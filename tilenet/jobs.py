@@ -475,7 +475,24 @@ def _prepare_regions(
         state.mkdir(parents=True, exist_ok=True)
         with atomic_output(key_file) as tmp:
             tmp.write_text(json.dumps(job_key))
+    keep = {w.tmp.name for w in writers.values()}
+    for p in out.iterdir():  # e.g. a half-written OME-TIFF of a finalize that was killed
+        if (".partial-" in p.name and p.name not in keep) or p.name.startswith(".infer-spill-"):
+            remove_path(p)
     return {name: str(w.tmp) for name, w in writers.items()}
+
+
+def _remove_stale(out: Path) -> None:
+    """Drop what an interrupted earlier run left in ``out`` (partial stores, band state).
+
+    Safe because one batch owns its output directories; the final outputs are kept until
+    the new run replaces them.
+    """
+    if not out.is_dir():
+        return
+    for p in out.iterdir():
+        if p.name == _STATE_DIR or ".partial-" in p.name or p.name.startswith(".infer-spill-"):
+            remove_path(p)
 
 
 # -- executors --------------------------------------------------------------------------------
@@ -667,9 +684,13 @@ def run_jobs(
             rows, cols = grid.counts
             if cfg.mode == "crop" and len(grid) > region_tiles and rows > 1:
                 job["bands"] = _bands(rows, cols, region_tiles)
+                # The band layout is part of what a marker proves (rows differ per layout).
+                job["key"] = {**key, "band_rows": job["bands"][0][1]}
                 job["stores"] = _prepare_regions(
-                    item, spec, cfg, shape, grid, key, pixel_size=pixel_size, force=force
+                    item, spec, cfg, shape, grid, job["key"], pixel_size=pixel_size, force=force
                 )
+            else:
+                _remove_stale(Path(item.out))
         except Exception as exc:
             record(item, "failed", fingerprint=fp, error=_one_line(exc))
             continue
@@ -699,8 +720,9 @@ def run_jobs(
             job["pending"] = set()
             for i, rows in enumerate(job["bands"]):
                 marker = state / f"region-{i:05d}.json"
-                if marker.is_file() and json.loads(marker.read_text()).get("key") == job["key"]:
-                    events.tiles(json.loads(marker.read_text())["tiles"])
+                done = json.loads(marker.read_text()) if marker.is_file() else {}
+                if done.get("key") == job["key"] and done.get("rows") == list(rows):
+                    events.tiles(done["tiles"])
                     continue
                 job["pending"].add(i)
                 args = (item.path, model, options, rows, job["stores"], str(marker), job["key"])

@@ -116,10 +116,10 @@ def plan_grid(
         halo = ceil_to(round(cfg.overlap * cfg.tile / 2), stride)
     if cfg.tile < 2 * halo + stride:
         suggest = max(ceil_to(4 * halo, stride), 2 * halo + stride)
-        why = "receptive field" if cfg.mode == "crop" else "overlap"
+        why = "the model's receptive field" if cfg.mode == "crop" else "--overlap"
         raise InputError(
-            f"tile {cfg.tile} is too small for a halo of {halo} px on each side (the model's "
-            f"{why}); use --tile {suggest} or larger"
+            f"tile {cfg.tile} is too small for a halo of {halo} px on each side (from {why}); "
+            f"use --tile {suggest} or larger"
         )
     return TileGrid(shape, cfg.tile, halo, align=stride, edge="clamp"), halo
 

@@ -362,7 +362,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model = tilenet.load_model(ckpt)
     before = peak()
-    infer_image(img, ckpt, out, tile=512, batch=2, outputs=["probabilities", "classes"],
+    infer_image(img, ckpt, out, tile=256, batch=4, outputs=["probabilities", "classes"],
                 probabilities_dtype="float32")
     print(json.dumps({"before": before, "after": peak()}))
     """

@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 #: Outputs ``--outputs`` may name.
 OUTPUTS = ("probabilities", "classes", "instances", "preview", "geojson")
 
+#: Above this many tiles, fix glibc's mmap threshold (see pipeline.limit_heap_growth).
+_TUNE_HEAP_MIN_TILES = 64
+
 #: Width (pixels) of the vertical strips blend mode processes; bounds its open chunks.
 _BLEND_STRIP_PX = 8192
 
@@ -269,7 +272,6 @@ def _run(
             f"0..{len(image.levels) - 1}"
         )
     device = _device(cfg.device)
-    limit_heap_growth()  # keeps peak RSS flat as the image grows (see its docstring)
     module, spec, ckpt_path = _resolve_model(model, device)
     k = int(spec["num_classes"])
     if int(spec["in_channels"]) != image.channels:
@@ -288,6 +290,10 @@ def _run(
         )
     shape = image.levels[cfg.level].shape
     grid, halo = plan_grid(shape, spec, cfg)
+    if len(grid) > _TUNE_HEAP_MIN_TILES:
+        # Keeps peak RSS flat as the image grows, at some cost to CPU forward passes; the
+        # setting is process-wide, so small images (e.g. validation during training) skip it.
+        limit_heap_growth()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     module = module.to(memory_format=torch.channels_last)

@@ -16,10 +16,11 @@ import pytest
 import tifffile
 import torch
 import zarr
+from dask.distributed import Client, LocalCluster
 
 from tilenet.checkpoint import make_spec, save_checkpoint
 from tilenet.cli import main
-from tilenet.jobs import read_manifest, run_jobs, unique_stems
+from tilenet.jobs import _local_cluster, read_manifest, run_jobs, unique_stems
 from tilenet.models import create_model
 
 OPTS = {"tile": 64, "device": "cpu", "probabilities_dtype": "float32"}
@@ -164,6 +165,21 @@ def test_local_cluster_bit_identical_to_serial(tmp_path: Path) -> None:
     assert dist.dashboard and dist.dashboard.startswith("http")
     for stem in ("small0", "small1", "small2", "split"):
         _assert_same_outputs(tmp_path / "serial" / stem, tmp_path / "dist" / stem)
+    # --scheduler: an existing cluster (here one in-process worker, started by the test).
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
+        sched = run_jobs(
+            [src], ckpt, tmp_path / "sched", scheduler=cluster.scheduler_address, quiet=True,
+            region_tiles=10, **OPTS,
+        )  # fmt: skip
+    assert sched.exit_code == 0 and len(sched.done) == 4
+    _assert_same_outputs(tmp_path / "serial" / "split", tmp_path / "sched" / "split")
+
+
+def test_gpu_pinning_env_per_worker() -> None:
+    """The per-GPU cluster gives worker i CUDA_VISIBLE_DEVICES=i (checked without GPUs)."""
+    with _local_cluster(2, gpus=2) as cluster, Client(cluster) as client:
+        seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+    assert sorted(seen.values()) == ["0", "1"]
 
 
 def _cli(src: Path, ckpt: Path, out: Path) -> list[str]:
@@ -216,3 +232,25 @@ def test_sigkill_resume_is_identical(tmp_path: Path) -> None:
     assert read_manifest(out / "manifest.jsonl")[str((src / "huge.tif").resolve())]["status"] == (
         "done"
     )
+
+
+def test_tile_directory_with_corrupt_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``tilenet tile`` shares the batch behaviour: failures recorded, the others tiled."""
+    src = tmp_path / "imgs"
+    src.mkdir()
+    _image(src / "a.tif", 64, 64, seed=1)
+    _image(src / "b.tif", 64, 96, seed=2)
+    (src / "c.tif").write_bytes(b"II*\x00not a tiff")
+    store = tmp_path / "patches.zarr"
+    argv = ["tile", str(src), "--out", str(store), "--patch", "32", "--overlap", "0", "--quiet"]
+    assert main(argv) == 1
+    printed = capsys.readouterr().out
+    assert "2 done, 0 skipped, 1 failed" in printed and "c.tif" in printed.split("REASON")[1]
+    attrs = zarr.open_group(store, mode="r").attrs
+    assert attrs["count"] == 4 + 6 and len(attrs["sources"]) == 2
+    recs = read_manifest(tmp_path / "patches.zarr.manifest.jsonl")
+    assert sorted(r["status"] for r in recs.values()) == ["done", "done", "failed"]
+    assert main(argv) == 1
+    assert "0 done, 2 skipped, 1 failed" in capsys.readouterr().out

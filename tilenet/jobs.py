@@ -41,7 +41,15 @@ from typing import Any
 from tilenet.errors import EXIT_OK, EXIT_PARTIAL, InputError, TilenetError
 from tilenet.fsutil import atomic_output, remove_path, safe_stem
 
-__all__ = ["JobItem", "JobReport", "format_report", "read_manifest", "run_jobs", "unique_stems"]
+__all__ = [
+    "JobItem",
+    "JobReport",
+    "format_report",
+    "read_manifest",
+    "run_jobs",
+    "tile_jobs",
+    "unique_stems",
+]
 
 MANIFEST = "manifest.jsonl"
 _STATE_DIR = ".regions"
@@ -69,6 +77,8 @@ class JobReport:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    #: Seconds spent starting/connecting the dask cluster (part of ``seconds``).
+    cluster_start_s: float = 0.0
     dashboard: str | None = None
 
     @property
@@ -550,11 +560,14 @@ class _DaskExecutor:
             self.cluster.close()
 
 
-def _local_cluster(workers: int) -> Any:
-    """N worker processes of one thread; with CUDA, one worker per GPU pinned to it."""
+def _local_cluster(workers: int, *, gpus: int | None = None) -> Any:
+    """N worker processes of one thread; with CUDA, one worker per GPU pinned to it.
+
+    Pinning sets ``CUDA_VISIBLE_DEVICES`` per worker process, so each sees its GPU as cuda:0.
+    """
     from dask.distributed import LocalCluster
 
-    gpus = _cuda_count()
+    gpus = _cuda_count() if gpus is None else gpus
     if gpus:
         from dask.distributed import Nanny, Scheduler, SpecCluster
 
@@ -700,7 +713,9 @@ def run_jobs(
     n_cores = os.cpu_count() or 1
     threads: int | None = None
     if todo and (workers > 0 or scheduler):
+        t_cluster = time.time()
         executor = _DaskExecutor(workers=workers, scheduler=scheduler)
+        report.cluster_start_s = round(time.time() - t_cluster, 3)
         report.dashboard = executor.dashboard
         events.emit("dashboard", link=executor.dashboard)
         if not scheduler:
@@ -774,6 +789,72 @@ def run_jobs(
         skipped=len(report.skipped),
         failed=len(report.failed),
         seconds=report.seconds,
+    )
+    return report
+
+
+def tile_jobs(
+    images: Sequence[str | os.PathLike[str]],
+    *,
+    out: str | os.PathLike[str],
+    quiet: bool = False,
+    log_json: bool = False,
+    **tile_options: Any,
+) -> JobReport:
+    """``tilenet tile`` as a batch job: :func:`tilenet.tiler.tile_images` with failures recorded.
+
+    The patch store keeps its own per-image completion record (source fingerprints, committed
+    with the shards); this adds what batches share: ``<out>.manifest.jsonl`` with one line per
+    image (done / skipped / failed), one-line reasons, the failure table and exit code 1 when
+    an image failed, while the others are still tiled.
+    """
+    import zarr
+
+    from tilenet import __version__
+    from tilenet.io.sniff import fingerprint
+    from tilenet.tiler import resolve_images, tile_images
+
+    t0 = time.time()
+    store = Path(out)
+    paths = resolve_images(images)
+    manifest = _Manifest(store.with_name(store.name + ".manifest.jsonl"))
+    report = JobReport(out_dir=str(store), manifest=str(manifest.path))
+    events = _Events(quiet=True, log_json=log_json, total_images=len(paths))
+    events.emit("start", images=len(paths), out=str(store))
+
+    def sources() -> set[str]:
+        try:
+            attrs = zarr.open_group(store, mode="r").attrs
+        except Exception:
+            return set()
+        return {str(s["fingerprint"]) for s in attrs.get("sources", [])}  # type: ignore[union-attr]
+
+    before = sources() if store.exists() else set()
+    failures: dict[str, str] = {}
+    tile_images(
+        paths, out=store, failures=failures, progress=not quiet and not log_json, **tile_options
+    )
+    after = sources()
+    for p in paths:
+        rec: dict[str, Any] = {"image": str(p), "tilenet_version": __version__}
+        rec["time"] = round(time.time(), 3)
+        if str(p) in failures:
+            status = "failed"
+            rec["error"] = report.failed[str(p)] = failures[str(p)]
+        else:
+            fp = fingerprint(p)
+            rec["fingerprint"] = fp
+            rec["outputs"] = {"store": str(store)}
+            status = "skipped" if fp in before else "done" if fp in after else "failed"
+            if status == "failed":
+                rec["error"] = report.failed[str(p)] = "not in the store after tiling"
+            else:
+                (report.skipped if status == "skipped" else report.done).append(str(p))
+        manifest.append({**rec, "status": status})
+        events.emit(status, image=str(p), error=rec.get("error"))
+    report.seconds = round(time.time() - t0, 3)
+    events.emit(
+        "end", done=len(report.done), skipped=len(report.skipped), failed=len(report.failed)
     )
     return report
 

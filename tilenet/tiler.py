@@ -32,6 +32,7 @@ from tilenet.errors import (
     ImageNotFoundError,
     InputError,
     ShapeMismatchError,
+    TilenetError,
 )
 from tilenet.fsutil import atomic_output, safe_stem
 from tilenet.geometry import TileGrid, Window
@@ -239,6 +240,22 @@ class _Plan:
     fingerprint: str
     windows: list[Window]
     start: int = 0
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else ""
+    if isinstance(exc, TilenetError):
+        return first
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _plan_or_reason(*args: Any, **kwargs: Any) -> _Plan | str:
+    """:func:`_plan_image`, or the one-line reason it failed (batches go on without it)."""
+    try:
+        return _plan_image(*args, **kwargs)
+    except Exception as exc:
+        return _one_line(exc)
 
 
 def _plan_image(
@@ -454,6 +471,7 @@ def tile_images(
     chunk_patches: int = 64,
     mask_max_side: int = 2048,
     progress: bool = True,
+    failures: dict[str, str] | None = None,
 ) -> Path:
     """Cut ``images`` into ``patch`` x ``patch`` patches overlapping by ``overlap`` into ``out``.
 
@@ -463,7 +481,9 @@ def tile_images(
     dropped. Work runs on ``workers`` dask threads; each task reads and writes one shard.
 
     Rerunning into an existing store skips images already complete (same content
-    fingerprint) and appends new ones. Returns the store path.
+    fingerprint) and appends new ones. Returns the store path. With a ``failures`` dict an
+    unreadable image (or one of another kind than the store's) is recorded there as
+    ``{path: one-line reason}`` and left out instead of stopping the batch (tilenet.jobs).
     """
     import dask
     import zarr
@@ -518,11 +538,17 @@ def tile_images(
     done = {s["fingerprint"]: s for s in (existing or {}).get("sources", [])}
     todo: list[tuple[Path, Path | None, str]] = []
     for p, lab in zip(paths, label_paths, strict=True):
-        fp = str(fingerprint(p))
+        try:
+            fp = str(fingerprint(p))
+        except OSError as exc:
+            if failures is None:
+                raise
+            failures[str(p)] = _one_line(exc)
+            continue
         if fp not in done and fp not in {t[2] for t in todo}:
             todo.append((p, lab, fp))
     plan_tasks = [
-        dask.delayed(_plan_image)(
+        dask.delayed(_plan_image if failures is None else _plan_or_reason)(
             p,
             lab,
             fp,
@@ -535,6 +561,13 @@ def tile_images(
         for p, lab, fp in todo
     ]
     plans: list[_Plan] = list(dask.compute(*plan_tasks, scheduler="threads", num_workers=workers))
+    if failures is not None:
+        failures.update(
+            {str(t[0]): pl for t, pl in zip(todo, plans, strict=True) if isinstance(pl, str)}
+        )
+        plans = [pl for pl in plans if not isinstance(pl, str)]
+        if not plans and existing is None:
+            return out
     if not plans:
         if existing is None:
             raise InputError("nothing to tile")
@@ -544,12 +577,18 @@ def tile_images(
     dtype = plans[0].dtype
     if existing is not None:
         channels, dtype = existing["channels"], existing["dtype"]
-    for pl in plans:
+    for pl in list(plans):
         if pl.shape[2] != channels or pl.dtype != dtype:
-            raise ShapeMismatchError(
+            exc = ShapeMismatchError(
                 f"{pl.path}: has {pl.shape[2]} channels of {pl.dtype}, but the store holds "
                 f"{channels} channels of {dtype}; a store holds one kind of image"
             )
+            if failures is None:
+                raise exc
+            failures[str(pl.path)] = str(exc)
+            plans.remove(pl)
+    if not plans:
+        return out
 
     if existing is None:
         attrs = {

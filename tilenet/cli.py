@@ -138,7 +138,9 @@ def _add_tile(sub: Any) -> None:
             "Cut images into PATCH x PATCH patches overlapping by OVERLAP pixels and write them "
             "to a sharded zarr v3 store (images, labels, coords, plus statistics). Patches are "
             "bit-exact copies of the source. Rerunning into an existing store skips images "
-            "already complete and appends new ones; an interrupted run resumes."
+            "already complete and appends new ones; an interrupted run resumes. An unreadable "
+            "image is recorded as failed in OUT.manifest.jsonl and the others are still tiled "
+            "(exit 1)."
         ),
     )
     p.add_argument("images", nargs="+", help="image files, directories or glob patterns")
@@ -163,13 +165,14 @@ def _add_tile(sub: Any) -> None:
     )
     p.add_argument("--workers", type=int, default=2, help="parallel dask threads (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--log-json", action="store_true", help="one JSON object per event on stderr")
     p.set_defaults(handler=_cmd_tile)
 
 
 def _cmd_tile(args: argparse.Namespace) -> int:
-    from tilenet.tiler import tile_images
+    from tilenet.jobs import format_report, tile_jobs
 
-    out = tile_images(
+    report = tile_jobs(
         args.images,
         labels=args.labels,
         out=args.out,
@@ -178,10 +181,12 @@ def _cmd_tile(args: argparse.Namespace) -> int:
         level=args.level,
         min_foreground=args.min_foreground,
         workers=args.workers,
-        progress=not args.quiet,
+        quiet=args.quiet,
+        log_json=args.log_json,
     )
-    print(f"wrote {out}")
-    return EXIT_OK
+    print(f"wrote {args.out}")
+    print(format_report(report))
+    return report.exit_code
 
 
 def _add_infer(sub: Any) -> None:

@@ -539,10 +539,11 @@ class _DaskExecutor:
             self.client = Client(self.cluster)
         self.dashboard: str | None = self.client.dashboard_link
         self._ac = as_completed()
+        self._tags: dict[Any, tuple[Any, Any]] = {}  # to attribute a lost worker's failure
 
     def submit(self, *args: Any) -> None:
         fut = self.client.submit(_guarded, *args, pure=False)
-        fut._tilenet_tag = args[:2]  # to attribute a lost worker's failure
+        self._tags[fut.key] = (args[0], args[1])
         self._ac.add(fut)
 
     def results(self) -> Iterator[dict[str, Any]]:
@@ -550,7 +551,7 @@ class _DaskExecutor:
             try:
                 yield fut.result()
             except Exception as exc:  # a worker died (killed, out of memory)
-                kind, key = getattr(fut, "_tilenet_tag", ("?", None))
+                kind, key = self._tags[fut.key]
                 yield {"kind": kind, "key": key, "ok": False, "error": _one_line(exc)}
             fut.release()
 
@@ -613,6 +614,7 @@ def run_jobs(
     quiet: bool = False,
     log_json: bool = False,
     region_tiles: int = 256,
+    threads: int | None = None,
     **options: Any,
 ) -> JobReport:
     """Infer every image of ``inputs`` (files, directories, globs) into ``out_dir/<stem>/``.
@@ -621,6 +623,10 @@ def run_jobs(
     GPU with CUDA); ``scheduler`` submits to an existing dask cluster (which must see the same
     file system). ``options`` are :class:`tilenet.config.InferConfig` fields. Crop-mode images
     with more than ``region_tiles`` tiles are split into row bands (see the module doc).
+    ``threads`` is torch's intra-op threads per process (this one when serial, else each
+    worker); by default torch's own in serial and ``cores // workers`` on a LocalCluster.
+    Outputs are bit-identical across serial and distributed runs at equal ``threads``: CPU
+    kernels round differently with another thread count (last float bit).
     """
     from tilenet import __version__
     from tilenet.checkpoint import file_checksum, load_checkpoint
@@ -711,17 +717,21 @@ def run_jobs(
 
     executor: _SerialExecutor | _DaskExecutor
     n_cores = os.cpu_count() or 1
-    threads: int | None = None
+    restore: int | None = None
     if todo and (workers > 0 or scheduler):
         t_cluster = time.time()
         executor = _DaskExecutor(workers=workers, scheduler=scheduler)
         report.cluster_start_s = round(time.time() - t_cluster, 3)
         report.dashboard = executor.dashboard
         events.emit("dashboard", link=executor.dashboard)
-        if not scheduler:
+        if not scheduler and threads is None:
             threads = max(1, n_cores // max(1, workers))  # each worker its share of cores
     else:
         executor = _SerialExecutor()
+        if threads:
+            import torch
+
+            restore = torch.get_num_threads()
     by_stem = {item.stem: (item, job) for item, job in todo}
     try:
         for item, job in todo:
@@ -782,6 +792,7 @@ def run_jobs(
     finally:
         executor.close()
         events.close()
+        _set_threads(restore)  # a serial run leaves the caller's torch threads as they were
     report.seconds = round(time.time() - t0, 3)
     events.emit(
         "end",
@@ -827,7 +838,8 @@ def tile_jobs(
             attrs = zarr.open_group(store, mode="r").attrs
         except Exception:
             return set()
-        return {str(s["fingerprint"]) for s in attrs.get("sources", [])}  # type: ignore[union-attr]
+        found: Any = attrs.get("sources", [])
+        return {str(s["fingerprint"]) for s in found}
 
     before = sources() if store.exists() else set()
     failures: dict[str, str] = {}

@@ -579,13 +579,13 @@ def tile_images(
         channels, dtype = existing["channels"], existing["dtype"]
     for pl in list(plans):
         if pl.shape[2] != channels or pl.dtype != dtype:
-            exc = ShapeMismatchError(
+            err = ShapeMismatchError(
                 f"{pl.path}: has {pl.shape[2]} channels of {pl.dtype}, but the store holds "
                 f"{channels} channels of {dtype}; a store holds one kind of image"
             )
             if failures is None:
-                raise exc
-            failures[str(pl.path)] = str(exc)
+                raise err
+            failures[str(pl.path)] = str(err)
             plans.remove(pl)
     if not plans:
         return out

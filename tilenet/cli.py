@@ -269,6 +269,12 @@ def _add_infer(sub: Any) -> None:
         help="batch, crop mode: split images with more tiles into row bands of about this "
         "many tiles, run in parallel and resumed band by band (default 256)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="batch: torch threads per process (default: all cores serially, cores/N per "
+        "worker); serial and distributed outputs are bit-identical at equal --threads",
+    )
     p.set_defaults(handler=_cmd_infer)
 
 
@@ -298,6 +304,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             quiet=args.quiet,
             log_json=args.log_json,
             region_tiles=args.region_tiles,
+            threads=args.threads,
             **options,
         )
         print(format_report(report))

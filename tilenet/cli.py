@@ -34,6 +34,7 @@ examples:
   tilenet info data/synth/images/synth_000.tif       # what is in an image
   tilenet convert scan.png scan.ome.tif               # any readable image -> pyramidal OME-TIFF
   tilenet tile data/synth/images --labels data/synth/labels --out patches.zarr
+  tilenet infer slides/ --model best.pt --out results --workers 2   # batch, resumable
 exit codes: 0 ok, 1 some items of a batch failed, 2 bad input or usage.
 """
 
@@ -265,7 +266,6 @@ def _add_infer(sub: Any) -> None:
     p.add_argument(
         "--region-tiles",
         type=int,
-        default=256,
         help="batch, crop mode: split images with more tiles into row bands of about this "
         "many tiles, run in parallel and resumed band by band (default 256)",
     )
@@ -289,6 +289,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     if args.outputs is not None:
         options["outputs"] = [o.strip() for o in args.outputs.split(",") if o.strip()]
     job_flags = args.workers or args.scheduler or args.retry_failed or args.force or args.log_json
+    job_flags = job_flags or args.region_tiles is not None or args.threads is not None
     single = len(args.inputs) == 1 and Path(args.inputs[0]).is_file()
     if job_flags or not single:
         from tilenet.jobs import format_report, run_jobs
@@ -303,7 +304,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             force=args.force,
             quiet=args.quiet,
             log_json=args.log_json,
-            region_tiles=args.region_tiles,
+            region_tiles=256 if args.region_tiles is None else args.region_tiles,
             threads=args.threads,
             **options,
         )

@@ -159,11 +159,8 @@ class _Events:
         self.total_images = total_images
         self.images_done = 0
         self.bar: Any = None
-        if not quiet and not log_json:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=0, unit="tile", desc="infer", dynamic_ncols=True)
-            self._postfix()
+        # A bar redrawn with carriage returns is noise in a log file: only on a terminal.
+        self.show = not quiet and not log_json and sys.stderr.isatty()
 
     def _postfix(self) -> None:
         if self.bar is not None:
@@ -173,6 +170,11 @@ class _Events:
         if self.bar is not None:
             self.bar.total += n
             self.bar.refresh()
+        elif self.show:  # made at the first work (tqdm disables itself at total=0)
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=n, unit="tile", desc="infer", dynamic_ncols=True)
+            self._postfix()
 
     def tiles(self, n: int) -> None:
         if self.bar is not None:

@@ -28,6 +28,7 @@ neighbouring rows, so those modes are never split (one task per image).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -725,7 +726,10 @@ def run_jobs(
         executor = _DaskExecutor(workers=workers, scheduler=scheduler)
         report.cluster_start_s = round(time.time() - t_cluster, 3)
         report.dashboard = executor.dashboard
-        events.emit("dashboard", link=executor.dashboard)
+        link = executor.dashboard
+        if not scheduler and importlib.util.find_spec("bokeh") is None:
+            link = f"{link} (pip install bokeh to serve it)"  # a local scheduler needs it
+        events.emit("dashboard", link=link)
         if not scheduler and threads is None:
             threads = max(1, n_cores // max(1, workers))  # each worker its share of cores
     else:

@@ -254,3 +254,47 @@ def test_tile_directory_with_corrupt_file(
     assert sorted(r["status"] for r in recs.values()) == ["done", "done", "failed"]
     assert main(argv) == 1
     assert "0 done, 2 skipped, 1 failed" in capsys.readouterr().out
+
+
+def _interrupted_run(img: Path, ckpt: Path, out: Path) -> None:
+    """State as a run killed after band 0 of 3 leaves it: partial stores and one marker."""
+    from tilenet import __version__
+    from tilenet.checkpoint import file_checksum, load_checkpoint
+    from tilenet.infer import plan_grid, resolve_options
+    from tilenet.io.sniff import fingerprint
+    from tilenet.jobs import JobItem, _options_hash, _prepare_regions, _task_region
+
+    opts = {k: v for k, v in OPTS.items() if k != "threads"}
+    cfg = resolve_options(opts)
+    spec = load_checkpoint(ckpt)["spec"]
+    grid, _ = plan_grid((300, 260), spec, cfg)
+    key = {"fingerprint": fingerprint(img), "tilenet_version": __version__}
+    key |= {"model_checksum": file_checksum(ckpt), "options_hash": _options_hash(cfg)}
+    key["band_rows"] = 2
+    item = JobItem(str(img), "big", str(out / "big"))
+    stores = _prepare_regions(item, spec, cfg, (300, 260), grid, key, pixel_size=None, force=False)
+    marker = out / "big" / ".regions" / "region-00000.json"
+    _task_region(str(img), str(ckpt), opts, (0, 2), stores, str(marker), key, 1)
+    assert marker.is_file()
+
+
+def _bands_run(img: Path, ckpt: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> int:
+    capsys.readouterr()
+    report = run_jobs([img], ckpt, out, log_json=True, region_tiles=10, **OPTS)
+    assert report.exit_code == 0
+    return capsys.readouterr().err.count('"event": "region"')
+
+
+def test_partial_bands_reused_only_for_the_same_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    img = _image(tmp_path / "big.tif", 300, 260, seed=0)
+    _interrupted_run(img, ckpt, tmp_path / "same")
+    assert _bands_run(img, ckpt, tmp_path / "same", capsys) == 2  # band 0 reused
+
+    _interrupted_run(img, ckpt, tmp_path / "changed")
+    _image(img, 300, 260, seed=7)  # the input changes before the rerun
+    assert _bands_run(img, ckpt, tmp_path / "changed", capsys) == 3  # nothing reused
+    assert run_jobs([img], ckpt, tmp_path / "fresh", quiet=True, **OPTS).exit_code == 0
+    _assert_same_outputs(tmp_path / "changed" / "big", tmp_path / "fresh" / "big")

@@ -429,8 +429,9 @@ def _prepare_regions(
     """Open (resume) or create the partial stores of a split image; returns their paths.
 
     The partial state is reused only when ``key.json`` matches ``job_key`` and every store is
-    there; otherwise markers and stores are discarded first (key file first, so a kill here
-    leaves state that is discarded again next time).
+    there, untouched by a finalize; otherwise markers and stores are discarded first (key
+    file first, so a kill here leaves state that is discarded again next time). So a kill
+    during finalize costs the bands (they are recomputed), never correctness.
     """
     from tilenet.io.writers import OmeZarrWriter
 
@@ -446,7 +447,9 @@ def _prepare_regions(
     if same:
         for name, final in finals.items():
             w = OmeZarrWriter.open_partial(final)
-            if w is None:
+            # Not resumable: a finalize that was killed already replaced the writer's state
+            # (pixel size, names); the store must be remade so the metadata is right.
+            if w is None or not w.resumable:
                 same = False
                 break
             writers[name] = w

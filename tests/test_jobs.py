@@ -256,8 +256,8 @@ def test_tile_directory_with_corrupt_file(
     assert "0 done, 2 skipped, 1 failed" in capsys.readouterr().out
 
 
-def _interrupted_run(img: Path, ckpt: Path, out: Path) -> None:
-    """State as a run killed after band 0 of 3 leaves it: partial stores and one marker."""
+def _interrupted_run(img: Path, ckpt: Path, out: Path, bands: int = 1) -> None:
+    """State as a run killed after ``bands`` of 3 bands leaves it: partial stores, markers."""
     from tilenet import __version__
     from tilenet.checkpoint import file_checksum, load_checkpoint
     from tilenet.infer import plan_grid, resolve_options
@@ -273,9 +273,11 @@ def _interrupted_run(img: Path, ckpt: Path, out: Path) -> None:
     key["band_rows"] = 2
     item = JobItem(str(img), "big", str(out / "big"))
     stores = _prepare_regions(item, spec, cfg, (300, 260), grid, key, pixel_size=None, force=False)
-    marker = out / "big" / ".regions" / "region-00000.json"
-    _task_region(str(img), str(ckpt), opts, (0, 2), stores, str(marker), key, 1)
-    assert marker.is_file()
+    for i in range(bands):
+        marker = out / "big" / ".regions" / f"region-{i:05d}.json"
+        rows = (2 * i, min(6, 2 * i + 2))
+        _task_region(str(img), str(ckpt), opts, rows, stores, str(marker), key, 1)
+        assert marker.is_file()
 
 
 def _bands_run(img: Path, ckpt: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> int:
@@ -298,3 +300,23 @@ def test_partial_bands_reused_only_for_the_same_input(
     assert _bands_run(img, ckpt, tmp_path / "changed", capsys) == 3  # nothing reused
     assert run_jobs([img], ckpt, tmp_path / "fresh", quiet=True, **OPTS).exit_code == 0
     _assert_same_outputs(tmp_path / "changed" / "big", tmp_path / "fresh" / "big")
+
+
+def test_kill_during_finalize_keeps_the_bands(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Killed after probabilities were renamed into place: the rerun only finalizes."""
+    from tilenet.jobs import _finalize_store
+
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    img = _image(tmp_path / "big.tif", 300, 260, seed=0)
+    out = tmp_path / "out"
+    _interrupted_run(img, ckpt, out, bands=3)
+    _finalize_store(out / "big", "probabilities", "mean")
+    assert (out / "big" / "probabilities.ome.zarr").is_dir()
+    assert _bands_run(img, ckpt, out, capsys) == 0
+    assert run_jobs([img], ckpt, tmp_path / "fresh", quiet=True, **OPTS).exit_code == 0
+    _assert_same_outputs(out / "big", tmp_path / "fresh" / "big")
+    for name in ARRAYS:
+        attrs = zarr.open_group(out / "big" / name, mode="r").attrs.asdict()
+        assert attrs == zarr.open_group(tmp_path / "fresh" / "big" / name, mode="r").attrs.asdict()

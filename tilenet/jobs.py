@@ -18,7 +18,8 @@ bands write disjoint chunks of the same partial stores: workers need no locks. A
 marker (``<stem>/.regions/region-NNNNN.json``) is written atomically only after all its chunks
 are written, and holds the job key (fingerprint + model checksum + options hash), so a
 changed input, model or options invalidates the partial state. After a SIGKILL a rerun
-redoes only the bands without a marker. When all bands are done one finalize step builds the
+redoes only the bands without a marker; a kill during finalize redoes only the finalize (a
+store already renamed into place is kept). When all bands are done one finalize step builds the
 pyramids, renames the stores into place, and makes the OME-TIFF, preview and instances from
 the finished class map (instance labelling is global there, so the result equals a
 single-worker run). Gaussian/linear blending writes each chunk from several tiles of
@@ -313,7 +314,6 @@ def _task_finalize(
     from tilenet.checkpoint import load_checkpoint
     from tilenet.infer import _config_yaml, _extra_outputs, _write_text, plan_grid, resolve_options
     from tilenet.io import open_image
-    from tilenet.io.writers import OmeZarrWriter
 
     cfg = resolve_options(options)
     spec = load_checkpoint(model)["spec"]
@@ -333,15 +333,8 @@ def _task_finalize(
         if image.pixel_size:
             pixel_size = (image.pixel_size[0] * ds[0], image.pixel_size[1] * ds[1])
         if "probabilities" in cfg.outputs:
-            w = OmeZarrWriter.open_partial(outp / "probabilities.ome.zarr")
-            if w is None:
-                raise InputError(f"{outp}: partial probabilities store vanished; rerun")
-            paths["probabilities"] = w.finalize(method="mean")
-        w = OmeZarrWriter.open_partial(outp / "classes.ome.zarr")
-        if w is None:
-            raise InputError(f"{outp}: partial classes store vanished; rerun")
-        classes_path = w.finalize(method="mode")
-        paths["classes"] = classes_path
+            paths["probabilities"] = _finalize_store(outp, "probabilities", "mean")
+        classes_path = paths["classes"] = _finalize_store(outp, "classes", "mode")
         n_inst = _extra_outputs(image, outp, classes_path, cfg, names, pixel_size, paths)
         px_area = None
         if image.pixel_size:
@@ -394,6 +387,26 @@ def _task_finalize(
     return summary
 
 
+def _finalize_store(out: Path, name: str, method: Any) -> Path:
+    """Pyramid + rename of one partial store, once: a marker says it is done.
+
+    The marker is written before the rename: killed in between, the partial store is still
+    there and is finalized again (:func:`build_pyramid` replaces levels >= 1).
+    """
+    from tilenet.io.writers import OmeZarrWriter
+
+    final = out / f"{name}.ome.zarr"
+    marker = out / _STATE_DIR / f"finalized-{name}"
+    w = OmeZarrWriter.open_partial(final)
+    if w is None:
+        if marker.is_file() and final.exists():
+            return final
+        raise InputError(f"{out}: partial {name} store vanished; rerun")
+    with atomic_output(marker) as tmp:
+        tmp.write_text("")
+    return w.finalize(method=method)
+
+
 # -- planning (client) -----------------------------------------------------------------------
 def _options_hash(cfg: Any) -> str:
     d = {k: v for k, v in asdict(cfg).items() if k not in _NOT_HASHED}
@@ -430,8 +443,9 @@ def _prepare_regions(
 
     The partial state is reused only when ``key.json`` matches ``job_key`` and every store is
     there, untouched by a finalize; otherwise markers and stores are discarded first (key
-    file first, so a kill here leaves state that is discarded again next time). So a kill
-    during finalize costs the bands (they are recomputed), never correctness.
+    file first, so a kill here leaves state that is discarded again next time). A store that
+    a killed finalize already renamed into place (its ``finalized-<name>`` marker is there,
+    its partial gone) counts as finished.
     """
     from tilenet.io.writers import OmeZarrWriter
 
@@ -444,9 +458,15 @@ def _prepare_regions(
         finals["probabilities"] = out / "probabilities.ome.zarr"
     same = not force and key_file.is_file() and json.loads(key_file.read_text()) == job_key
     writers = {}
+    finished: dict[str, Path] = {}
     if same:
         for name, final in finals.items():
             w = OmeZarrWriter.open_partial(final)
+            if w is None and (state / f"finalized-{name}").is_file() and final.exists():
+                # No partial left and our marker (this state's): renamed into place by a
+                # finalize that was killed later on.
+                finished[name] = final
+                continue
             # Not resumable: a finalize that was killed already replaced the writer's state
             # (pixel size, names); the store must be remade so the metadata is right.
             if w is None or not w.resumable:
@@ -454,6 +474,7 @@ def _prepare_regions(
                 break
             writers[name] = w
     if not same:
+        finished = {}
         remove_path(key_file)
         remove_path(state)
         for final in finals.values():
@@ -495,7 +516,11 @@ def _prepare_regions(
     for p in out.iterdir():  # e.g. a half-written OME-TIFF of a finalize that was killed
         if (".partial-" in p.name and p.name not in keep) or p.name.startswith(".infer-spill-"):
             remove_path(p)
-    return {name: str(w.tmp) for name, w in writers.items()}
+    # Finished stores only exist once every band is done, so no band task will ask for them.
+    return {
+        **{n: str(p) for n, p in finished.items()},
+        **{n: str(w.tmp) for n, w in writers.items()},
+    }
 
 
 def _remove_stale(out: Path) -> None:

@@ -272,7 +272,9 @@ def _interrupted_run(img: Path, ckpt: Path, out: Path, bands: int = 1) -> None:
     key |= {"model_checksum": file_checksum(ckpt), "options_hash": _options_hash(cfg)}
     key["band_rows"] = 2
     item = JobItem(str(img), "big", str(out / "big"))
-    stores = _prepare_regions(item, spec, cfg, (300, 260), grid, key, pixel_size=None, force=False)
+    stores = _prepare_regions(
+        item, spec, cfg, (300, 260), grid, key, pixel_size=None, n_bands=3, force=False
+    )
     for i in range(bands):
         marker = out / "big" / ".regions" / f"region-{i:05d}.json"
         rows = (2 * i, min(6, 2 * i + 2))

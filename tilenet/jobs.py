@@ -437,6 +437,7 @@ def _prepare_regions(
     job_key: dict[str, str],
     *,
     pixel_size: tuple[float, float] | None,
+    n_bands: int,
     force: bool,
 ) -> dict[str, str]:
     """Open (resume) or create the partial stores of a split image; returns their paths.
@@ -473,6 +474,8 @@ def _prepare_regions(
                 same = False
                 break
             writers[name] = w
+    if same and finished and len(list(state.glob("region-*.json"))) < n_bands:
+        same = False  # band markers went missing after finalize began: start over
     if not same:
         finished = {}
         remove_path(key_file)
@@ -737,8 +740,9 @@ def run_jobs(
                 # The band layout is part of what a marker proves (rows differ per layout).
                 job["key"] = {**key, "band_rows": job["bands"][0][1]}
                 job["stores"] = _prepare_regions(
-                    item, spec, cfg, shape, grid, job["key"], pixel_size=pixel_size, force=force
-                )
+                    item, spec, cfg, shape, grid, job["key"], pixel_size=pixel_size,
+                    n_bands=len(job["bands"]), force=force,
+                )  # fmt: skip
             else:
                 _remove_stale(Path(item.out))
         except Exception as exc:

@@ -265,8 +265,16 @@ def _task_region(
     import torch
     import zarr
 
-    from tilenet.infer import _device, _execute, _foreground_fractions, plan_grid, resolve_options
+    from tilenet.infer import (
+        _TUNE_HEAP_MIN_TILES,
+        _device,
+        _execute,
+        _foreground_fractions,
+        plan_grid,
+        resolve_options,
+    )
     from tilenet.io import open_image
+    from tilenet.pipeline import limit_heap_growth
     from tilenet.stitch import CropStitcher, OutputSink
 
     _set_threads(threads)
@@ -278,6 +286,8 @@ def _task_region(
     with open_image(path) as image:
         grid, _ = plan_grid(image.levels[cfg.level].shape, spec, cfg)
         tiles = [t for r in range(*rows) for t in grid.row(r)]
+        if len(grid) > _TUNE_HEAP_MIN_TILES:
+            limit_heap_growth()  # as infer does for big images: flat RSS over many bands
         skip = np.zeros(len(tiles), dtype=bool)
         if cfg.min_foreground > 0:
             skip = _foreground_fractions(tiles, image, cfg.level) < cfg.min_foreground

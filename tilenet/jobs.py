@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import sys
 import time
@@ -602,7 +603,15 @@ class _DaskExecutor:
     def close(self) -> None:
         self.client.close()
         if self.cluster is not None:
-            self.cluster.close()
+            # A worker that ran torch can take > 4 s to exit on a busy machine; the nanny then
+            # kills it (harmless: its work is done) and warns. Keep that warning out of logs.
+            nanny = logging.getLogger("distributed.nanny")
+            level = nanny.level
+            nanny.setLevel(logging.ERROR)
+            try:
+                self.cluster.close()
+            finally:
+                nanny.setLevel(level)
 
 
 def _local_cluster(workers: int, *, gpus: int | None = None) -> Any:
@@ -690,7 +699,7 @@ def run_jobs(
         "options_hash": _options_hash(cfg),
     }
     paths = resolve_images(inputs)
-    out = Path(out_dir)
+    out = Path(out_dir).absolute()  # workers may run elsewhere (another cwd)
     out.mkdir(parents=True, exist_ok=True)
     items = [
         JobItem(str(p), s, str(out / s)) for p, s in zip(paths, unique_stems(paths), strict=True)

@@ -10,6 +10,11 @@ Rerunning skips images whose last record is done/skipped with the same fingerpri
 options and whose outputs all exist; failures stay failed unless ``retry_failed``; ``force``
 redoes everything. A failure of one image never stops the others.
 
+Progress is one tqdm bar over all tiles of all images (tiles/s, ETA, images done/total; on a
+terminal, advanced as images and bands finish). ``log_json`` writes one JSON object per event
+to stderr instead: ``start``, ``dashboard``, ``region``, ``done``, ``skipped``, ``failed``,
+``end``.
+
 Regions
 -------
 A crop-mode image with more than ``region_tiles`` tiles is split into bands of whole grid

@@ -24,7 +24,8 @@ them). The max abs difference of the softmax probabilities from ``whole`` is com
 row strips afterwards. MONAI and pytorch-toolbelt come from the ``bench`` extra
 (``pip install -e .[bench]``).
 
-    python scripts/bench_peers.py                    # 2048², 4096², 8192² (about 15 min on 2 cores)
+    python scripts/bench_peers.py        # 2048², 4096² (2 rounds), 8192²: ~10 min on 2 idle cores
+    python scripts/bench_peers.py --sizes 4096 --contenders monai,monai_cl,tilenet_gauss
     python scripts/bench_peers.py --quick            # 256² smoke run
 """
 
@@ -44,9 +45,20 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _benchutil as bu  # noqa: E402
+import _benchutil as bu
 
-ALL = ("model_crop", "tilenet_crop", "monai", "model_gauss", "tilenet_gauss", "toolbelt", "whole")
+ALL = (
+    "model_crop",
+    "tilenet_crop",
+    "monai",
+    "model_gauss",
+    "tilenet_gauss",
+    "toolbelt",
+    "whole",
+    "monai_cl",
+)
+#: Run by default (monai_cl, MONAI with a channels_last model, on request).
+DEFAULT = ALL[:-1]
 
 
 # -- children -------------------------------------------------------------------------------
@@ -79,8 +91,8 @@ def child_tilenet(a: dict[str, Any]) -> dict[str, Any]:
     import tifffile  # noqa: F401
     import zarr  # noqa: F401
 
-    import tilenet.io  # noqa: F401
-    import tilenet.io.writers  # noqa: F401
+    import tilenet.io
+    import tilenet.io.writers
     import tilenet.models  # noqa: F401
     from tilenet.infer import infer_image
 
@@ -94,10 +106,16 @@ def child_tilenet(a: dict[str, Any]) -> dict[str, Any]:
         "outputs": ["probabilities"],
         "probabilities_dtype": "float32",
     }
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     s = infer_image(a["image"], a["ckpt"], a["out"], **opts)
-    wall = time.perf_counter() - t0
-    return {"wall_s": wall, "summary": s, "tiles": s["tiles"], "halo": s["halo"]}
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {
+        "wall_s": wall,
+        "cpu_timed_s": cpu,
+        "summary": s,
+        "tiles": s["tiles"],
+        "halo": s["halo"],
+    }
 
 
 def child_model(a: dict[str, Any]) -> dict[str, Any]:
@@ -129,14 +147,14 @@ def child_model(a: dict[str, Any]) -> dict[str, Any]:
     with torch.inference_mode():
         b, (h, w) = batches[0]
         model(torch.randn(b, 3, h, w).to(memory_format=torch.channels_last))  # warm-up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for b, (h, w) in batches:
             if (b, h, w) not in cache:
                 cache[(b, h, w)] = torch.randn(b, 3, h, w).to(memory_format=torch.channels_last)
             model(cache[(b, h, w)])
             px += b * h * w
-        wall = time.perf_counter() - t0
-    return {"wall_s": wall, "tiles": len(shapes), "model_px": px}
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"wall_s": wall, "cpu_timed_s": cpu, "tiles": len(shapes), "model_px": px}
 
 
 def child_monai(a: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +168,7 @@ def child_monai(a: dict[str, Any]) -> dict[str, Any]:
     def predictor(x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(model(x), dim=1)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     x = torch.from_numpy(_read_normalised(a["image"])).permute(2, 0, 1)[None].contiguous()
     with torch.inference_mode():
         y = sliding_window_inference(
@@ -161,10 +179,10 @@ def child_monai(a: dict[str, Any]) -> dict[str, Any]:
             overlap=a["overlap"],
             mode="gaussian",
         )
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if a.get("save"):
         _save(a["save"], y[0])
-    return {"wall_s": wall}
+    return {"wall_s": wall, "cpu_timed_s": cpu}
 
 
 def child_toolbelt(a: dict[str, Any]) -> dict[str, Any]:
@@ -172,7 +190,7 @@ def child_toolbelt(a: dict[str, Any]) -> dict[str, Any]:
     from pytorch_toolbelt.inference.tiles import ImageSlicer, TileMerger
 
     model, _ = _load(a["ckpt"])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     img = _read_normalised(a["image"])
     slicer = ImageSlicer(img.shape, tile_size=a["tile"], tile_step=a["step"], weight="pyramid")
     tiles = slicer.split(img)
@@ -184,10 +202,10 @@ def child_toolbelt(a: dict[str, Any]) -> dict[str, Any]:
             merger.integrate_batch(pred, slicer.crops[i : i + a["batch"]])
     merged = merger.merge().permute(1, 2, 0).numpy()
     probs = slicer.crop_to_orignal_size(merged)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if a.get("save"):
         _save(a["save"], probs.transpose(2, 0, 1))
-    return {"wall_s": wall, "tiles": len(tiles)}
+    return {"wall_s": wall, "cpu_timed_s": cpu, "tiles": len(tiles)}
 
 
 def child_whole(a: dict[str, Any]) -> dict[str, Any]:
@@ -196,7 +214,7 @@ def child_whole(a: dict[str, Any]) -> dict[str, Any]:
     model, spec = _load(a["ckpt"])
     model = model.to(memory_format=torch.channels_last)
     s = int(spec["stride"])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     img = _read_normalised(a["image"])
     h, w = img.shape[:2]
     x = torch.zeros(1, 3, -(-h // s) * s, -(-w // s) * s)
@@ -204,10 +222,10 @@ def child_whole(a: dict[str, Any]) -> dict[str, Any]:
     del img
     with torch.inference_mode():
         y = torch.softmax(model(x.to(memory_format=torch.channels_last)), dim=1)[0, :, :h, :w]
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if a.get("save"):
         _save(a["save"], y)
-    return {"wall_s": wall}
+    return {"wall_s": wall, "cpu_timed_s": cpu}
 
 
 CHILDREN = {
@@ -261,6 +279,7 @@ def bench_size(
             "readers": opt.readers,
         },
         "monai": {**common, "tile": opt.tile, "overlap": opt.overlap},
+        "monai_cl": {**common, "tile": opt.tile, "overlap": opt.overlap, "channels_last": True},
         "model_gauss": {**common, "tile": opt.tile, "mode": "gaussian", "overlap": opt.overlap},
         "tilenet_gauss": {
             **common,
@@ -278,6 +297,7 @@ def bench_size(
         "model_gauss": "model",
         "tilenet_crop": "tilenet",
         "tilenet_gauss": "tilenet",
+        "monai_cl": "monai",
     }
     wanted = [c for c in opt.contenders if c != "whole" or side <= opt.whole_max]
     saved: dict[str, Path] = {}
@@ -292,7 +312,7 @@ def bench_size(
                 shutil.rmtree(a["out"], ignore_errors=True)
                 if last:
                     saved[c] = Path(a["out"]) / "probabilities.ome.zarr"
-            elif c in ("monai", "toolbelt", "whole") and last and side <= opt.whole_max:
+            elif c in ("monai", "monai_cl", "toolbelt", "whole") and last and side <= opt.whole_max:
                 a["save"] = str(work / f"probs_{side}_{c}.npy")
                 saved[c] = Path(a["save"])
             r = _run(kinds.get(c, c), a)
@@ -312,6 +332,7 @@ def bench_size(
             "wall_s_median": round(wall, 3),
             "mpx_per_s": round(mpx / wall, 3),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+            "cpu_timed_s": [round(r["cpu_timed_s"], 2) for r in rs],
         }
         if "tiles" in rs[-1]:
             row["tiles"] = rs[-1]["tiles"]
@@ -320,6 +341,7 @@ def bench_size(
             row["halo"] = s["halo"]
             row["tile"] = s["tile"]
             row["tile_phase_s"] = [r["summary"]["timings"]["tiles_s"] for r in rs]
+            row["tile_phase_cpu_s"] = [r["summary"]["timings"]["tiles_cpu_s"] for r in rs]
             row["timings_last"] = s["timings"]
         if c.startswith("model"):
             row["recompute"] = round(rs[-1]["model_px"] / (side * side), 3)
@@ -347,8 +369,13 @@ def bench_size(
         if m in table and t in table:
             phase = statistics.median(table[t]["tile_phase_s"])
             ratios[f"efficiency_{mode}_tile_phase"] = round(table[m]["wall_s_median"] / phase, 3)
+            # CPU seconds are robust to other jobs on a shared machine (wall time is not).
+            m_cpu = statistics.median(table[m]["cpu_timed_s"])
+            t_cpu = statistics.median(table[t]["cpu_timed_s"])
+            ratios[f"efficiency_{mode}_cpu"] = round(m_cpu / t_cpu, 3)
     ratios["gauss_vs_monai_throughput"] = ratio("monai", "tilenet_gauss")
     ratios["crop_vs_monai_throughput"] = ratio("monai", "tilenet_crop")
+    ratios["gauss_vs_monai_cl_throughput"] = ratio("monai_cl", "tilenet_gauss")
     ratios["gauss_vs_monai_rss"] = ratio("tilenet_gauss", "monai", "peak_rss_mb")
     ratios["crop_vs_monai_rss"] = ratio("tilenet_crop", "monai", "peak_rss_mb")
     return {
@@ -373,7 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readers", type=int, default=2, help="tilenet reader threads")
     ap.add_argument("--repeats", default="1,2,1", help="rounds per size (one value or per size)")
     ap.add_argument("--whole-max", type=int, default=4096, help="largest side for 'whole'")
-    ap.add_argument("--contenders", default=",".join(ALL), help="subset, in run order")
+    ap.add_argument(
+        "--contenders",
+        default=",".join(DEFAULT),
+        help=f"in run order, from: {', '.join(ALL)} (monai_cl: MONAI with a channels_last model)",
+    )
     ap.add_argument("--workdir", default=None, help="images and outputs (default: a temp dir)")
     ap.add_argument("--out", default="bench_results/bench_peers.json")
     ap.add_argument("--quick", action="store_true", help="256² smoke run with the tiny model")
@@ -436,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in result["sizes"]:
         r, t = s["ratios"], s["contenders"]
         bits = [f"{s['side']}²:"]
-        for c in ("tilenet_crop", "tilenet_gauss", "monai", "toolbelt", "whole"):
+        for c in ("tilenet_crop", "tilenet_gauss", "monai", "monai_cl", "toolbelt", "whole"):
             if c in t:
                 bits.append(f"{c} {t[c]['mpx_per_s']} Mpx/s {t[c]['peak_rss_mb']:.0f} MB")
         bits.append(

@@ -4,7 +4,7 @@ For each side (default 8192, 16384, 32768) a synthetic RGB JPEG-tiled TIFF (512�
 written tile by tile from a few pre-encoded tiles (seconds even at 32768², 1 Gpx; decoding
 cost per tile is that of a real tile), then ``tilenet.infer_image`` runs on it in a fresh
 subprocess that reports its own peak RSS (``VmHWM``). A small fast model is the default
-(``tiny``, width 4; stride 2) so that 32768² finishes in minutes on a 2-core CPU: memory is
+(``tiny``, width 2; stride 2) so that 32768² finishes in minutes on a 2-core CPU: memory is
 what is measured here; for model-bound throughput see bench_peers.py. Outputs: the class map
 (OME-Zarr + pyramids); ``--outputs probabilities,classes`` adds the float16 probabilities.
 
@@ -34,11 +34,22 @@ def child(a: dict[str, Any]) -> dict[str, Any]:
     import omegaconf  # noqa: F401
     import zarr  # noqa: F401
 
+    import tilenet.infer
     import tilenet.io
     import tilenet.io.writers
-    import tilenet.models  # noqa: F401
+    import tilenet.models
     from tilenet.infer import infer_image
 
+    if a.get("allocator") == "keep":
+        # Experiment: glibc never mmaps and never trims, so freed activation buffers stay
+        # mapped and are reused (no page faults) instead of tilenet's fixed mmap threshold.
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX
+        libc.mallopt(-1, 1 << 40)  # M_TRIM_THRESHOLD
+        if hasattr(tilenet.infer, "limit_heap_growth"):
+            tilenet.infer.limit_heap_growth = lambda *_, **__: True  # type: ignore[attr-defined]
     before = bu.peak_rss_bytes()
     t0 = time.perf_counter()
     s = infer_image(a["image"], a["ckpt"], a["out"], **a["opts"])
@@ -57,12 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", metavar="JSON", help=argparse.SUPPRESS)
     ap.add_argument("--sizes", default="8192,16384,32768", help="image sides (px)")
     ap.add_argument("--model", default="tiny")
-    ap.add_argument("--model-kwargs", default='{"width": 4}', help="JSON kwargs")
+    ap.add_argument("--model-kwargs", default='{"width": 2}', help="JSON kwargs")
     ap.add_argument("--tile", type=int, default=1024)
     ap.add_argument("--mode", default="crop", choices=("crop", "gaussian", "linear"))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--readers", type=int, default=2)
     ap.add_argument("--outputs", default="classes", help="comma-separated infer outputs")
+    ap.add_argument(
+        "--allocator",
+        default="tilenet",
+        choices=("tilenet", "keep"),
+        help="tilenet: the engine's own glibc setting; keep: experiment, freed memory stays "
+        "mapped (M_MMAP_MAX=0, no trimming)",
+    )
     ap.add_argument("--workdir", default=None, help="images and outputs (default: a temp dir)")
     ap.add_argument("--keep-images", action="store_true", help="keep the TIFFs in --workdir")
     ap.add_argument("--out", default="bench_results/bench_scaling.json")
@@ -90,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "machine": bu.machine_info(),
         "model": {"name": opt.model, "kwargs": kwargs},
-        "settings": {**opts, "image": "RGB uint8, JPEG-tiled TIFF (512² tiles)"},
+        "settings": {
+            **opts,
+            "allocator": opt.allocator,
+            "image": "RGB uint8, JPEG-tiled TIFF (512² tiles)",
+        },
         "sizes": [],
     }
     try:
@@ -105,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
                     __file__,
                     "--child",
                     json.dumps(
-                        {"image": str(img), "ckpt": str(ckpt), "out": str(out), "opts": opts}
+                        {
+                            "image": str(img),
+                            "ckpt": str(ckpt),
+                            "out": str(out),
+                            "opts": opts,
+                            "allocator": opt.allocator,
+                        }
                     ),
                 ]
             )

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "GpuSampler",
     "child_report",
     "machine_info",
     "make_checkpoint",
@@ -177,6 +178,57 @@ def machine_info() -> dict[str, Any]:
         except ImportError:
             info[mod] = None
     return info
+
+
+class GpuSampler:
+    """Samples GPU utilisation with ``nvidia-smi -lms`` while the block runs (GPU busy %).
+
+    Disabled (or without nvidia-smi) ``mean()`` is None. Written for GPU runs; unmeasured
+    so far (no GPU on the development machine).
+    """
+
+    def __init__(self, *, enabled: bool = True, interval_ms: int = 100) -> None:
+        self.enabled = enabled
+        self.interval_ms = interval_ms
+        self.samples: list[float] = []
+        self._proc: subprocess.Popen[str] | None = None
+        self._thread: Any = None
+
+    def __enter__(self) -> GpuSampler:
+        import shutil
+        import threading
+
+        if self.enabled and shutil.which("nvidia-smi"):
+            self._proc = subprocess.Popen(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=utilization.gpu",
+                    "--format=csv,noheader,nounits",
+                    f"-lms={self.interval_ms}",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            self._thread = threading.Thread(target=self._read, daemon=True)
+            self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            first = line.strip().split(",")[0].strip()
+            if first.isdigit():
+                self.samples.append(float(first))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+            self._thread.join(timeout=10)
+
+    def mean(self) -> float | None:
+        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:

@@ -62,10 +62,40 @@ DEFAULT = ALL[:-1]
 
 
 # -- children -------------------------------------------------------------------------------
-def _load(ckpt: str) -> tuple[Any, dict[str, Any]]:
+def _load(ckpt: str, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
     from tilenet.checkpoint import load_model
 
-    return load_model(ckpt, device="cpu")
+    return load_model(ckpt, device=device)
+
+
+def _autocast(a: dict[str, Any]) -> Any:
+    """bf16 autocast on ``a["device"]`` when ``a["precision"]`` asks for it."""
+    import contextlib
+
+    import torch
+
+    if a.get("precision", "fp32") == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=a["device"].split(":")[0], dtype=torch.bfloat16)
+
+
+def _sync(a: dict[str, Any]) -> None:
+    import torch
+
+    if a.get("device", "cpu").startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _gpu_report(a: dict[str, Any], sampler: Any) -> dict[str, Any]:
+    """GPU busy fraction (nvidia-smi samples) and peak GPU memory; empty on CPU."""
+    import torch
+
+    if not a.get("device", "cpu").startswith("cuda"):
+        return {}
+    return {
+        "gpu_busy_pct": sampler.mean(),
+        "gpu_peak_mem_mb": round(torch.cuda.max_memory_allocated() / 1e6, 1),
+    }
 
 
 def _read_normalised(img: str) -> np.ndarray:
@@ -102,14 +132,17 @@ def child_tilenet(a: dict[str, Any]) -> dict[str, Any]:
         "overlap": a["overlap"],
         "batch": a["batch"],
         "device": a["device"],
+        "precision": a.get("precision", "fp32"),
         "readers": a["readers"],
         "outputs": ["probabilities"],
         "probabilities_dtype": "float32",
     }
-    t0, c0 = time.perf_counter(), time.process_time()
-    s = infer_image(a["image"], a["ckpt"], a["out"], **opts)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    with bu.GpuSampler(enabled=a["device"].startswith("cuda")) as gpu:
+        t0, c0 = time.perf_counter(), time.process_time()
+        s = infer_image(a["image"], a["ckpt"], a["out"], **opts)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {
+        **_gpu_report(a, gpu),
         "wall_s": wall,
         "cpu_timed_s": cpu,
         "summary": s,
@@ -125,7 +158,8 @@ def child_model(a: dict[str, Any]) -> dict[str, Any]:
 
     from tilenet.infer import plan_grid, resolve_options
 
-    model, spec = _load(a["ckpt"])
+    dev = a.get("device", "cpu")
+    model, spec = _load(a["ckpt"], dev)
     model = model.to(memory_format=torch.channels_last)
     cfg = resolve_options(
         {"tile": a["tile"], "mode": a["mode"], "overlap": a["overlap"], "batch": a["batch"]}
@@ -144,15 +178,21 @@ def child_model(a: dict[str, Any]) -> dict[str, Any]:
         i = j
     cache: dict[tuple[int, int, int], Any] = {}
     px = 0
-    with torch.inference_mode():
+
+    def make(b: int, h: int, w: int) -> Any:
+        return torch.randn(b, 3, h, w, device=dev).to(memory_format=torch.channels_last)
+
+    with torch.inference_mode(), _autocast(a):
         b, (h, w) = batches[0]
-        model(torch.randn(b, 3, h, w).to(memory_format=torch.channels_last))  # warm-up
+        model(make(b, h, w))  # warm-up
+        _sync(a)
         t0, c0 = time.perf_counter(), time.process_time()
         for b, (h, w) in batches:
             if (b, h, w) not in cache:
-                cache[(b, h, w)] = torch.randn(b, 3, h, w).to(memory_format=torch.channels_last)
+                cache[(b, h, w)] = make(b, h, w)
             model(cache[(b, h, w)])
             px += b * h * w
+        _sync(a)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"wall_s": wall, "cpu_timed_s": cpu, "tiles": len(shapes), "model_px": px}
 
@@ -161,16 +201,18 @@ def child_monai(a: dict[str, Any]) -> dict[str, Any]:
     import torch
     from monai.inferers import sliding_window_inference
 
-    model, _ = _load(a["ckpt"])
+    dev = a.get("device", "cpu")
+    model, _ = _load(a["ckpt"], dev)
     if a.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(model(x), dim=1)
+        return torch.softmax(model(x).float(), dim=1)
 
     t0, c0 = time.perf_counter(), time.process_time()
     x = torch.from_numpy(_read_normalised(a["image"])).permute(2, 0, 1)[None].contiguous()
-    with torch.inference_mode():
+    # On a GPU the windows run there and the output stays in host RAM (as for a slide).
+    with torch.inference_mode(), _autocast(a), bu.GpuSampler(enabled=dev != "cpu") as gpu:
         y = sliding_window_inference(
             x,
             roi_size=(a["tile"], a["tile"]),
@@ -178,28 +220,32 @@ def child_monai(a: dict[str, Any]) -> dict[str, Any]:
             predictor=predictor,
             overlap=a["overlap"],
             mode="gaussian",
+            sw_device=dev,
+            device="cpu",
         )
+        _sync(a)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if a.get("save"):
         _save(a["save"], y[0])
-    return {"wall_s": wall, "cpu_timed_s": cpu}
+    return {**_gpu_report(a, gpu), "wall_s": wall, "cpu_timed_s": cpu}
 
 
 def child_toolbelt(a: dict[str, Any]) -> dict[str, Any]:
     import torch
     from pytorch_toolbelt.inference.tiles import ImageSlicer, TileMerger
 
-    model, _ = _load(a["ckpt"])
+    dev = a.get("device", "cpu")
+    model, _ = _load(a["ckpt"], dev)
     t0, c0 = time.perf_counter(), time.process_time()
     img = _read_normalised(a["image"])
     slicer = ImageSlicer(img.shape, tile_size=a["tile"], tile_step=a["step"], weight="pyramid")
     tiles = slicer.split(img)
     merger = TileMerger(slicer.target_shape, channels=a["classes"], weight=slicer.weight)
-    with torch.inference_mode():
+    with torch.inference_mode(), _autocast(a):
         for i in range(0, len(tiles), a["batch"]):
             batch = np.stack(tiles[i : i + a["batch"]]).transpose(0, 3, 1, 2)
-            pred = torch.softmax(model(torch.from_numpy(batch)), dim=1)
-            merger.integrate_batch(pred, slicer.crops[i : i + a["batch"]])
+            pred = torch.softmax(model(torch.from_numpy(batch).to(dev)).float(), dim=1)
+            merger.integrate_batch(pred.cpu(), slicer.crops[i : i + a["batch"]])
     merged = merger.merge().permute(1, 2, 0).numpy()
     probs = slicer.crop_to_orignal_size(merged)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -211,7 +257,8 @@ def child_toolbelt(a: dict[str, Any]) -> dict[str, Any]:
 def child_whole(a: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    model, spec = _load(a["ckpt"])
+    dev = a.get("device", "cpu")
+    model, spec = _load(a["ckpt"], dev)
     model = model.to(memory_format=torch.channels_last)
     s = int(spec["stride"])
     t0, c0 = time.perf_counter(), time.process_time()
@@ -220,8 +267,9 @@ def child_whole(a: dict[str, Any]) -> dict[str, Any]:
     x = torch.zeros(1, 3, -(-h // s) * s, -(-w // s) * s)
     x[0, :, :h, :w] = torch.from_numpy(img).permute(2, 0, 1)
     del img
-    with torch.inference_mode():
-        y = torch.softmax(model(x.to(memory_format=torch.channels_last)), dim=1)[0, :, :h, :w]
+    with torch.inference_mode(), _autocast(a):
+        x = x.to(dev).to(memory_format=torch.channels_last)
+        y = torch.softmax(model(x).float(), dim=1)[0, :, :h, :w].cpu()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if a.get("save"):
         _save(a["save"], y)
@@ -267,7 +315,13 @@ def bench_size(
     gcfg = resolve_options({"tile": opt.tile, "mode": "gaussian", "overlap": opt.overlap})
     _, halo = plan_grid((side, side), spec, gcfg)
     step = opt.tile - 2 * halo
-    common = {"image": str(img), "ckpt": str(ckpt), "batch": opt.batch}
+    common = {
+        "image": str(img),
+        "ckpt": str(ckpt),
+        "batch": opt.batch,
+        "device": opt.device,
+        "precision": opt.precision,
+    }
     runs: dict[str, dict[str, Any]] = {
         "model_crop": {**common, "tile": opt.crop_tile, "mode": "crop", "overlap": 0.0},
         "tilenet_crop": {
@@ -275,7 +329,6 @@ def bench_size(
             "tile": opt.crop_tile,
             "mode": "crop",
             "overlap": 0.0,
-            "device": "cpu",
             "readers": opt.readers,
         },
         "monai": {**common, "tile": opt.tile, "overlap": opt.overlap},
@@ -286,7 +339,6 @@ def bench_size(
             "tile": opt.tile,
             "mode": "gaussian",
             "overlap": opt.overlap,
-            "device": "cpu",
             "readers": opt.readers,
         },
         "toolbelt": {**common, "tile": opt.tile, "step": step, "classes": spec["num_classes"]},
@@ -398,6 +450,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overlap", type=float, default=0.25)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--readers", type=int, default=2, help="tilenet reader threads")
+    ap.add_argument(
+        "--device", default="cpu", help="cpu or cuda[:N] for every contender (GPU: unmeasured)"
+    )
+    ap.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16"),
+        help="bf16 = autocast for every contender (use with --device cuda)",
+    )
     ap.add_argument("--repeats", default="1,2,1", help="rounds per size (one value or per size)")
     ap.add_argument("--whole-max", type=int, default=4096, help="largest side for 'whole'")
     ap.add_argument(
@@ -447,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
             "overlap": opt.overlap,
             "batch": opt.batch,
             "readers": opt.readers,
-            "dtype": "fp32",
+            "device": opt.device,
+            "dtype": opt.precision,
             "image": "RGB uint8, JPEG-tiled TIFF (512² tiles)",
         },
         "sizes": [],

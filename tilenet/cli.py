@@ -283,8 +283,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
     from tilenet.infer import infer_image
 
-    keys = ("tile", "mode", "overlap", "halo", "level", "batch", "device", "precision", "tta")
-    keys += ("probabilities_dtype", "min_foreground", "readers")
+    keys: tuple[str, ...] = ("tile", "mode", "overlap", "halo", "level", "batch", "device")
+    keys += ("precision", "tta", "probabilities_dtype", "min_foreground", "readers")
     options = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.outputs is not None:
         options["outputs"] = [o.strip() for o in args.outputs.split(",") if o.strip()]

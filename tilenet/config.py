@@ -213,22 +213,22 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
 
 
-def _valid_keys(node: Any, key_path: str) -> list[str]:
+def _valid_keys(key_path: str) -> list[str]:
     """The valid keys at the dotted ``key_path`` of the schema (its parent section)."""
     cls: Any = Config
-    parts = key_path.split(".")[:-1]
-    for part in parts:
+    for part in key_path.split(".")[:-1]:
         hit = next((f for f in fields(cls) if f.name == part), None)
-        if hit is None or not is_dataclass(hit.default_factory()):  # type: ignore[misc]
+        factory: Any = None if hit is None else hit.default_factory
+        if not (callable(factory) and is_dataclass(factory)):
             break
-        cls = type(hit.default_factory())  # type: ignore[misc]
+        cls = factory
     return sorted(f.name for f in fields(cls))
 
 
 def _config_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
     if isinstance(exc, ConfigKeyError):
-        valid = ", ".join(_valid_keys(None, str(key)))
+        valid = ", ".join(_valid_keys(str(key)))
         return ConfigError(f"{source}: unknown config key {key!r}; valid keys here: {valid}")
     msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return ConfigError(f"{source}: invalid value for {key!r}: {msg}")

@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -478,7 +478,7 @@ def _execute(
 
     def to_input(batch: list[tuple[Tile, bool, np.ndarray | None]]) -> torch.Tensor:
         """Raw (B, h, w, C) tiles -> normalised channels_last (B, C, h, w) on the device."""
-        x = torch.from_numpy(np.stack([a for _, _, a in batch]))
+        x = torch.from_numpy(np.stack([cast(np.ndarray, a) for _, _, a in batch]))
         if pin:
             x = x.pin_memory()
         # NHWC memory viewed as NCHW is channels_last: no copy, and the ops below keep it.
@@ -506,7 +506,9 @@ def _execute(
     items = [(i, t, bool(skip[i])) for i, t in enumerate(tiles)]
     depth = max(2 * cfg.batch, 2 * cfg.readers)
     bar = tqdm(total=len(tiles), unit="tile", disable=not progress, desc="infer")
-    with BackgroundWriter(lambda job: stitcher.add(*job), depth=2 * cfg.batch) as writer:
+    with BackgroundWriter[tuple[Any, ...]](
+        lambda job: stitcher.add(*job), depth=2 * cfg.batch
+    ) as writer:
         it = _batches(prefetch(items, read, workers=cfg.readers, depth=depth), cfg.batch)
         t0 = time.perf_counter()
         for batch in it:

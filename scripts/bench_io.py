@@ -25,69 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _benchutil import TILE, make_tiff  # scripts/ is on sys.path when run as a script
 
-TILE = 512
 WIN = 512
 _KINDS = ("random", "raster", "aligned")
-
-
-def _tile_pixels(iy: int, ix: int, rng: np.random.Generator) -> np.ndarray:
-    """Smooth structure plus noise: compresses roughly like stained tissue, not like zeros."""
-    yy, xx = np.mgrid[0:TILE, 0:TILE].astype(np.float32)
-    yy += iy * TILE
-    xx += ix * TILE
-    base = np.stack(
-        [
-            128 + 80 * np.sin(yy / 37.0) * np.cos(xx / 53.0),
-            128 + 80 * np.cos((yy + xx) / 61.0),
-            128 + 60 * np.sin(xx / 29.0),
-        ],
-        axis=-1,
-    )
-    noise = rng.normal(0, 12, size=base.shape)
-    return np.clip(base + noise, 0, 255).astype(np.uint8)
-
-
-def make_tiff(path: Path, size: int, compression: str) -> Path:
-    import tifffile
-
-    rng = np.random.default_rng(0)
-    n = -(-size // TILE)
-    tiles = (_tile_pixels(iy, ix, rng) for iy in range(n) for ix in range(n))
-    tifffile.imwrite(
-        path,
-        tiles,
-        shape=(size, size, 3),
-        dtype=np.uint8,
-        tile=(TILE, TILE),
-        photometric="rgb",
-        compression=compression,
-        bigtiff=True,
-        metadata=None,
-    )
-    return path
-
-
-def make_big_jpeg_tiff(path: Path, size: int) -> Path:
-    """A size^2 RGB JPEG-tiled TIFF written from a few pre-compressed tiles, repeated."""
-    import imagecodecs
-    import tifffile
-
-    rng = np.random.default_rng(1)
-    encoded = [imagecodecs.jpeg8_encode(_tile_pixels(i, i, rng), level=90) for i in range(8)]
-    n = -(-size // TILE)
-    tifffile.imwrite(
-        path,
-        (encoded[i % len(encoded)] for i in range(n * n)),
-        shape=(size, size, 3),
-        dtype=np.uint8,
-        tile=(TILE, TILE),
-        photometric="rgb",
-        compression="jpeg",
-        bigtiff=True,
-        metadata=None,
-    )
-    return path
 
 
 def _windows(size: int, count: int, aligned: bool | None, seed: int) -> list[Any]:
@@ -145,14 +86,14 @@ def _rss_child(path: str, count: int, queue: Any) -> None:
     queue.put({"rss_before_mib": before / 1024, "peak_rss_mib": peak / 1024, "seconds": dt})
 
 
-def peak_rss(path: Path, count: int) -> dict[str, float]:
+def peak_rss(path: Path, count: int, side: int) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_rss_child, args=(str(path), count, queue))
     proc.start()
     result = queue.get(timeout=600)
     proc.join()
-    h = w = 30000
+    h = w = side
     return {
         "image": f"{h}x{w}x3 uint8 jpeg tiles {TILE}",
         "image_mib_if_loaded": round(h * w * 3 / 2**20, 1),
@@ -181,12 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         "throughput": {},
     }
     with tempfile.TemporaryDirectory(prefix="bench_io_") as tmp:
-        big = make_big_jpeg_tiff(Path(tmp) / "big.tif", args.big)
-        result["memory"] = peak_rss(big, args.windows)
+        big = make_tiff(Path(tmp) / "big.tif", args.big, distinct=8)
+        result["memory"] = peak_rss(big, args.windows, args.big)
         big.unlink()
         for comp in ("jpeg", "zlib"):
             t0 = time.perf_counter()
-            p = make_tiff(Path(tmp) / f"{comp}.tif", args.size, comp)
+            p = make_tiff(Path(tmp) / f"{comp}.tif", args.size, compression=comp)
             made = time.perf_counter() - t0
             entry: dict[str, Any] = {
                 "image": f"{args.size}x{args.size}x3 uint8",

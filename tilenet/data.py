@@ -290,24 +290,29 @@ class _Emitter:
         while self._n >= self.batch_size:
             yield self._take(self.batch_size)
 
-    def _take(self, k: int) -> Batch:
-        if self.norm is None and self.augment is None:
-            return self._take_raw(k)
-        imgs, msks, got = [], [], 0
+    def _pop(self, k: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+        """Yield ``(images, masks, indices, offset)`` runs from the pending chunks, ``k`` in all."""
+        got = 0
         while got < k:
             a, b, idx = self._pending[0]
             t = min(k - got, len(idx))
-            imgs.append(a[idx[:t]])
-            msks.append(b[idx[:t]])
             if t == len(idx):
                 self._pending.pop(0)
             else:
                 self._pending[0] = (a, b, idx[t:])
+            yield a, b, idx[:t], got
             got += t
         self._n -= k
-        if len(imgs) == 1:
-            return self._finish(imgs[0], msks[0])
-        return self._finish(np.concatenate(imgs), np.concatenate(msks))
+
+    def _take(self, k: int) -> Batch:
+        if self.norm is None and self.augment is None:
+            return self._take_raw(k)
+        runs = [(a[idx], b[idx]) for a, b, idx, _ in self._pop(k)]
+        if len(runs) == 1:
+            return self._finish(*runs[0])
+        return self._finish(
+            np.concatenate([r[0] for r in runs]), np.concatenate([r[1] for r in runs])
+        )
 
     def _take_raw(self, k: int) -> Batch:
         """Gather ``k`` raw patches straight into the output tensors (shared in a worker)."""
@@ -315,18 +320,9 @@ class _Emitter:
         x = _empty((k, *a0.shape[1:]), torch.uint8 if a0.dtype == np.uint8 else _torch_dtype(a0))
         m = _empty((k, *b0.shape[1:]), torch.uint8)
         xn, mn = x.numpy(), m.numpy()
-        got = 0
-        while got < k:
-            a, b, idx = self._pending[0]
-            t = min(k - got, len(idx))
-            np.take(a, idx[:t], axis=0, out=xn[got : got + t])
-            np.take(b, idx[:t], axis=0, out=mn[got : got + t])
-            if t == len(idx):
-                self._pending.pop(0)
-            else:
-                self._pending[0] = (a, b, idx[t:])
-            got += t
-        self._n -= k
+        for a, b, idx, got in self._pop(k):
+            np.take(a, idx, axis=0, out=xn[got : got + len(idx)])
+            np.take(b, idx, axis=0, out=mn[got : got + len(idx)])
         return x.permute(0, 3, 1, 2), m
 
     def flush(self) -> Iterator[Batch]:

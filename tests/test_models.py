@@ -431,3 +431,60 @@ def test_memory_estimate_scales_and_orders_sensibly() -> None:
     assert a["parameters"] == sum(p.numel() for p in m.parameters())
     with pytest.raises(ValueError, match="multiple of the model stride 16"):
         est(tile=100)
+
+
+# -- inference preparation: BatchNorm folded into convolutions ---------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny", "unet", "unet_resnet18"])
+def test_conv_bn_fusion_keeps_the_output(name: str) -> None:
+    from tilenet.models.fuse import fuse_conv_bn
+
+    torch.manual_seed(0)
+    model = create_model(name, in_channels=3, num_classes=3).eval()
+    _randomize_bn(model)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    x = torch.randn(2, 3, 2 * STRIDES[name] + 64, 2 * STRIDES[name] + 32)
+    with torch.no_grad():
+        ref = model(x)
+        fused = fuse_conv_bn(model)
+        out = model(x)
+    left = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert fused > 0 and left == n_bn - fused
+    assert left == 0  # every BatchNorm of these models follows a conv of its own
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5), float((out - ref).abs().max())
+
+
+class _SharedBN(nn.Module):
+    """A BatchNorm module called twice, a conv whose output also feeds a residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.c = nn.Conv2d(4, 4, 1)
+        self.bn_c = nn.BatchNorm2d(4)
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.a(x))
+        y = self.bn(self.b(y))  # shared: fusing either pair would change the other
+        z = self.c(y)
+        return self.bn_c(z) + z  # z has two users: not fusable either
+
+    forward = _forward_impl
+
+
+def test_conv_bn_fusion_leaves_shared_modules_alone() -> None:
+    from tilenet.models.fuse import fuse_conv_bn
+
+    model = _SharedBN().eval()
+    _randomize_bn(model)
+    x = torch.randn(1, 2, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        assert fuse_conv_bn(model) == 0
+        assert torch.equal(model(x), ref)
+    assert isinstance(model.bn, nn.BatchNorm2d) and isinstance(model.bn_c, nn.BatchNorm2d)
+    with pytest.raises(ValueError, match="eval mode"):
+        fuse_conv_bn(model.train())

@@ -3,8 +3,11 @@
 Each (config, size) runs ``tilenet.infer_image`` in a fresh process; configs are interleaved
 and repeated so that load from other processes on a shared machine hits them alike. Configs:
 
-* ``default``: glibc defaults (the engine's own setting switched off);
-* ``tilenet``: the engine's setting (``tilenet.pipeline.limit_heap_growth``);
+* ``tilenet``: the engine as it is: glibc defaults plus ``malloc_trim(0)`` every 8 model
+  batches (``tilenet.pipeline.malloc_trim``);
+* ``default``: glibc defaults, the engine's trimming switched off;
+* ``fixed128k``: a fixed ``M_MMAP_THRESHOLD`` of 128 KiB, no trimming (the engine's setting
+  before 2026-11-23: every large buffer its own mapping);
 * ``keep``: ``M_MMAP_MAX=0`` + ``M_TRIM_THRESHOLD`` huge: freed buffers stay mapped, reused;
 * ``keep_a2`` / ``keep_a1``: ``keep`` + ``M_ARENA_MAX=2`` / ``1``;
 * ``thr64m``: fixed ``M_MMAP_THRESHOLD`` of 64 MiB (above any per-batch tensor here);
@@ -31,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchutil as bu
 
 CONFIGS = (
-    "default",
     "tilenet",
+    "default",
+    "fixed128k",
     "keep",
     "keep_a2",
     "keep_a1",
@@ -60,6 +64,8 @@ def _apply(config: str) -> None:
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
     if config == "thr64m":
         libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
+    if config == "fixed128k":
+        libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
 
 
 def child(a: dict[str, Any]) -> dict[str, Any]:
@@ -71,14 +77,10 @@ def child(a: dict[str, Any]) -> dict[str, Any]:
     import tilenet.io
     import tilenet.io.writers
     import tilenet.models
-    import tilenet.pipeline
     from tilenet.infer import infer_image
 
-    if a["config"] in ("tilenet", "tilenet_thp"):
-        # At every size, also below the engine's 64-tile rule, so that sizes compare alike.
-        tilenet.pipeline.limit_heap_growth()
-    else:
-        tilenet.infer.limit_heap_growth = lambda *_, **__: True  # type: ignore[attr-defined]
+    if not a["config"].startswith("tilenet"):
+        tilenet.infer._TRIM_EVERY_BATCHES = 0  # the engine's periodic malloc_trim off
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     s = infer_image(a["image"], a["ckpt"], a["out"], **a["opts"])

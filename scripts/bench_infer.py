@@ -88,12 +88,12 @@ def raw_forward(ckpt: Path, shape: tuple[int, int], opts: dict[str, Any]) -> dic
     import torch
 
     from tilenet.checkpoint import load_model
-    from tilenet.infer import _autocast, _device, plan_grid, resolve_options
+    from tilenet.infer import _autocast, _device, plan_grid, prepare_model, resolve_options
 
     cfg = resolve_options(opts)
     device = _device(cfg.device)
     model, spec = load_model(ckpt, device=device)
-    model = model.to(memory_format=torch.channels_last)
+    model = prepare_model(model)  # what the engine runs: eval, BatchNorm folded, channels_last
     grid, _ = plan_grid(shape, spec, cfg)
     shapes = [t.read.shape for t in grid]
     batches: list[tuple[int, tuple[int, int]]] = []

@@ -4,9 +4,10 @@ Every contender gets the same checkpoint weights, the same JPEG-tiled RGB TIFF, 
 normalisation ((x - 128) / 64), tile/ROI size, overlap, batch and dtype (fp32), and runs in
 a fresh subprocess that reports its own peak RSS. Contenders, run interleaved per round:
 
-* ``model_crop`` / ``model_gauss``: the model alone (``model(x)``, channels_last, inference
-  mode) on random batches shaped exactly like the tiles tilenet processes in that mode: the
-  numerator of tilenet's pipeline efficiency;
+* ``model_crop`` / ``model_gauss``: the model alone (``model(x)``, inference mode), prepared
+  as the engine prepares it (``tilenet.infer.prepare_model``: BatchNorm folded into the
+  convolutions, channels_last), on random batches shaped and grouped exactly like the tiles
+  tilenet processes in that mode: the numerator of tilenet's pipeline efficiency;
 * ``tilenet_crop``: ``infer_image(mode="crop")`` at the default tile (1024) with the
   automatic halo (exact); ``tilenet_gauss``: ``mode="gaussian"`` at ``--tile`` and
   ``--overlap``. Both end to end: lazy read, model, stitching, float32 probabilities and a
@@ -156,26 +157,34 @@ def child_model(a: dict[str, Any]) -> dict[str, Any]:
     import tifffile
     import torch
 
-    from tilenet.infer import plan_grid, resolve_options
+    from tilenet.infer import plan_grid, prepare_model, resolve_options
 
     dev = a.get("device", "cpu")
     model, spec = _load(a["ckpt"], dev)
-    model = model.to(memory_format=torch.channels_last)
+    model = prepare_model(model)  # what the engine runs: eval, BatchNorm folded, channels_last
     cfg = resolve_options(
         {"tile": a["tile"], "mode": a["mode"], "overlap": a["overlap"], "batch": a["batch"]}
     )
     with tifffile.TiffFile(a["image"]) as tf:
         shape = tf.pages[0].shape[:2]
     grid, _ = plan_grid(shape, spec, cfg)
-    shapes = [t.read.shape for t in grid]
+    tiles = list(grid)
+    # The engine's batching: runs of equal read shape, at most `batch`, one grid row at most
+    # in crop mode.
     batches: list[tuple[int, tuple[int, int]]] = []
     i = 0
-    while i < len(shapes):
+    while i < len(tiles):
         j = i
-        while j < len(shapes) and j - i < cfg.batch and shapes[j] == shapes[i]:
+        while (
+            j < len(tiles)
+            and j - i < cfg.batch
+            and tiles[j].read.shape == tiles[i].read.shape
+            and (cfg.mode != "crop" or tiles[j].index[0] == tiles[i].index[0])
+        ):
             j += 1
-        batches.append((j - i, shapes[i]))
+        batches.append((j - i, tiles[i].read.shape))
         i = j
+    shapes = [t.read.shape for t in tiles]
     cache: dict[tuple[int, int, int], Any] = {}
     px = 0
 

@@ -441,3 +441,20 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert 0 < result["seconds"] < 600
     assert Path(result["outputs"]["classes"]).is_dir()
     assert Path(result["outputs"]["preview"]).is_file()
+
+
+def test_a_callers_module_is_left_as_it_was(tmp_path: Path) -> None:
+    """The engine folds BatchNorm into a copy; the caller's module keeps its layers and mode."""
+    ckpt = _checkpoint(tmp_path / "m.pt", "unet", base=4, depth=2)
+    module, spec = load_model(ckpt)
+    module.train()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    img = tmp_path / "img.tif"
+    _image(img, 70, 90)
+    s = infer_image(img, (module, spec), tmp_path / "out", tile=64, outputs=["classes"])
+    assert s["exact"] is True
+    assert module.training
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+    after = module.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -45,21 +45,22 @@ from tilenet.errors import ConfigError, InputError
 from tilenet.fsutil import atomic_output, remove_path
 from tilenet.geometry import Tile, TileGrid, Window, ceil_to
 from tilenet.io.writers import OmeZarrWriter, write_ome_tiff, write_preview_png
-from tilenet.pipeline import BackgroundWriter, limit_heap_growth, prefetch
+from tilenet.pipeline import BackgroundWriter, malloc_trim, prefetch
 from tilenet.stitch import BlendStitcher, CropStitcher, OutputSink
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["OUTPUTS", "infer_image", "plan_grid", "predict", "resolve_options"]
+__all__ = ["OUTPUTS", "infer_image", "plan_grid", "predict", "prepare_model", "resolve_options"]
 
 log = logging.getLogger(__name__)
 
 #: Outputs ``--outputs`` may name.
 OUTPUTS = ("probabilities", "classes", "instances", "preview", "geojson")
 
-#: Above this many tiles, fix glibc's mmap threshold (see pipeline.limit_heap_growth).
-_TUNE_HEAP_MIN_TILES = 64
+#: Hand free heap memory back to the OS every this many model batches (0: never); see
+#: :func:`tilenet.pipeline.malloc_trim`.
+_TRIM_EVERY_BATCHES = 8
 
 #: Width (pixels) of the vertical strips blend mode processes; bounds its open chunks.
 _BLEND_STRIP_PX = 8192
@@ -197,14 +198,36 @@ def _resolve_model(
 
     if isinstance(model, str | os.PathLike):
         module, spec = load_model(model, device=device)
-        return module, spec, str(model)
+        return prepare_model(module), spec, str(model)
     try:
         module, spec = model
     except (TypeError, ValueError):
         raise InputError(
             f"model must be a checkpoint path or a (module, spec) pair, got {type(model).__name__}"
         ) from None
-    return module.eval().to(device), dict(spec), None
+    # A caller's module is left as it was: fusion works on a copy (same device, same dtype).
+    import copy
+
+    return prepare_model(copy.deepcopy(module).to(device)), dict(spec), None
+
+
+def prepare_model(module: torch.nn.Module) -> torch.nn.Module:
+    """Make a loaded model ready for inference, in place: eval mode, BatchNorm folded into
+    the convolutions before it (:func:`tilenet.models.fuse.fuse_conv_bn`), channels_last.
+
+    Returns ``module``. The engine calls it once per loaded model; benchmarks call it so that
+    "the model alone" is the same model the engine runs.
+    """
+    import torch
+
+    from tilenet.models.fuse import fuse_conv_bn
+
+    module.eval()
+    if not getattr(module, "_tilenet_prepared", False):
+        n = fuse_conv_bn(module)
+        log.debug("folded %d BatchNorm layers into convolutions", n)
+        module._tilenet_prepared = True  # type: ignore[assignment]
+    return module.to(memory_format=torch.channels_last)
 
 
 def _is_exact(module: Any) -> bool:
@@ -290,13 +313,8 @@ def _run(
         )
     shape = image.levels[cfg.level].shape
     grid, halo = plan_grid(shape, spec, cfg)
-    if len(grid) > _TUNE_HEAP_MIN_TILES:
-        # Keeps peak RSS flat as the image grows, at some cost to CPU forward passes; the
-        # setting is process-wide, so small images (e.g. validation during training) skip it.
-        limit_heap_growth()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    module = module.to(memory_format=torch.channels_last)
 
     names = [str(n) for n in (spec.get("class_names") or [f"class_{i}" for i in range(k)])]
     ds = image.levels[cfg.level].downsample
@@ -424,9 +442,17 @@ def _run(
 
 
 def _batches(
-    items: Iterator[tuple[tuple[int, Tile, bool], np.ndarray | None]], size: int
+    items: Iterator[tuple[tuple[int, Tile, bool], np.ndarray | None]],
+    size: int,
+    *,
+    by_row: bool = False,
 ) -> Iterator[list[tuple[Tile, bool, np.ndarray | None]]]:
-    """Group consecutive tiles into batches of equal read shape (skipped tiles pass alone)."""
+    """Group consecutive tiles into batches of equal read shape (skipped tiles pass alone).
+
+    ``by_row``: a batch never spans two grid rows, so a run over a band of whole rows
+    batches its tiles exactly as a run over the whole grid does (oneDNN's results can
+    depend on the batch size in the last bit; this keeps banded runs bit-identical).
+    """
     batch: list[tuple[Tile, bool, np.ndarray | None]] = []
     for (_, tile, skipped), arr in items:
         if batch and (
@@ -434,6 +460,7 @@ def _batches(
             or skipped
             or batch[-1][1]
             or batch[-1][0].read.shape != tile.read.shape
+            or (by_row and batch[-1][0].index[0] != tile.index[0])
         ):
             yield batch
             batch = []
@@ -509,8 +536,10 @@ def _execute(
     with BackgroundWriter[tuple[Any, ...]](
         lambda job: stitcher.add(*job), depth=2 * cfg.batch
     ) as writer:
-        it = _batches(prefetch(items, read, workers=cfg.readers, depth=depth), cfg.batch)
+        reads = prefetch(items, read, workers=cfg.readers, depth=depth)
+        it = _batches(reads, cfg.batch, by_row=crop)
         t0 = time.perf_counter()
+        n_batches = 0
         for batch in it:
             stats["read_wait_s"] += time.perf_counter() - t0
             if batch[0][1]:
@@ -525,6 +554,9 @@ def _execute(
                 for (tile, _, _), p in zip(batch, probs, strict=True):
                     writer.submit((tile, p.contiguous().cpu().numpy()))
                 stats["model_s"] += time.perf_counter() - t1
+                n_batches += 1
+                if _TRIM_EVERY_BATCHES and n_batches % _TRIM_EVERY_BATCHES == 0:
+                    malloc_trim()  # keeps peak RSS flat on huge images (see pipeline)
             bar.update(len(batch))
             t0 = time.perf_counter()
     bar.close()

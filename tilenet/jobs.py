@@ -252,7 +252,10 @@ def _cached_model(model: str, device: Any) -> tuple[Any, dict[str, Any]]:
 
     key = (str(model), str(device))
     if key not in _MODELS:
-        _MODELS[key] = load_model(model, device=device)
+        from tilenet.infer import prepare_model
+
+        module, spec = load_model(model, device=device)
+        _MODELS[key] = (prepare_model(module), spec)
     return _MODELS[key]
 
 
@@ -268,11 +271,9 @@ def _task_region(
 ) -> dict[str, Any]:
     """Compute grid rows ``rows`` into the partial stores; then write the region's marker."""
     import numpy as np
-    import torch
     import zarr
 
     from tilenet.infer import (
-        _TUNE_HEAP_MIN_TILES,
         _device,
         _execute,
         _foreground_fractions,
@@ -280,20 +281,16 @@ def _task_region(
         resolve_options,
     )
     from tilenet.io import open_image
-    from tilenet.pipeline import limit_heap_growth
     from tilenet.stitch import CropStitcher, OutputSink
 
     _set_threads(threads)
     cfg = resolve_options(options)
     device = _device(cfg.device)
     module, spec = _cached_model(model, device)
-    module = module.to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
     with open_image(path) as image:
         grid, _ = plan_grid(image.levels[cfg.level].shape, spec, cfg)
         tiles = [t for r in range(*rows) for t in grid.row(r)]
-        if len(grid) > _TUNE_HEAP_MIN_TILES:
-            limit_heap_growth()  # as infer does for big images: flat RSS over many bands
         skip = np.zeros(len(tiles), dtype=bool)
         if cfg.min_foreground > 0:
             skip = _foreground_fractions(tiles, image, cfg.level) < cfg.min_foreground

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
-__all__ = ["BackgroundWriter", "limit_heap_growth", "prefetch"]
+__all__ = ["BackgroundWriter", "malloc_trim", "prefetch"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -50,36 +50,36 @@ def prefetch(
                 fut.cancel()
 
 
-_HEAP_TUNED = False
+def malloc_trim() -> bool:
+    """Return the free memory of every glibc arena to the OS (``malloc_trim(0)``).
 
-
-def limit_heap_growth(threshold: int = 1 << 17) -> bool:
-    """Make glibc return large freed buffers to the OS (fixed ``M_MMAP_THRESHOLD``).
-
-    Tiled inference allocates and frees tile-sized buffers (MBs) in several threads. glibc
-    raises its mmap threshold after each such free, so later buffers come from per-thread
-    heaps that fragment and keep growing with the number of tiles: peak RSS grew ~50 MB per
-    extra 2048^2 of image in measurements. A fixed threshold keeps every large buffer in its
-    own mapping, and RSS flat (measured: same peak for 4096^2 and 32768^2). The price is a
-    fresh mapping (page faults) for every large activation tensor: ~15% slower CPU forward
-    passes for a U-Net in measurements; fewer arenas or periodic ``malloc_trim`` were faster
-    but did not stop the growth. No-op (returns False) off glibc.
+    Tiled inference frees and reallocates tile-sized buffers (activations, decoded tiles,
+    encoded chunks) in several threads; with glibc's defaults the freed memory stays mapped
+    and is reused (fast), but fragments that no later request fits can pile up. The engine
+    calls this every few batches so that they are handed back (``MADV_DONTNEED`` on whole
+    free pages) instead of accumulating: peak RSS stays flat as images grow. Measured
+    alternatives: a fixed small ``M_MMAP_THRESHOLD`` (the previous engine setting) was
+    flat too but made every large activation a fresh mapping, ~1.8x slower on a CPU U-Net
+    (docs/benchmarks.md). No-op (returns False) off glibc.
     """
-    global _HEAP_TUNED
-    if _HEAP_TUNED:
-        return True
-    import ctypes
-    import platform
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import platform
 
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+            _LIBC = False
+        else:
+            try:
+                _LIBC = ctypes.CDLL("libc.so.6")
+            except OSError:
+                _LIBC = False
+    if _LIBC is False:
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold = -3  # from <malloc.h>
-        _HEAP_TUNED = bool(libc.mallopt(m_mmap_threshold, int(threshold)))
-    except (OSError, AttributeError):
-        return False
-    return _HEAP_TUNED
+    return bool(_LIBC.malloc_trim(0))
+
+
+_LIBC: Any = None
 
 
 class BackgroundWriter(Generic[T]):

@@ -507,7 +507,7 @@ def evaluate_images(
     cm = ConfusionMatrix(k, ignore_index=ignore_index)
     opts = dict(infer_options or {})
     opts["outputs"] = []  # the class map alone
-    module = copy.deepcopy(model)  # the engine sets eval mode and channels_last on it
+    module = model  # the engine runs a prepared copy (eval, fused, channels_last)
     for image, labels in pairs:
         with tempfile.TemporaryDirectory(prefix=".heldout-", dir=work_dir) as tmp:
             infer_image(image, (module, spec), tmp, progress=False, **opts)

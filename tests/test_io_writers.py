@@ -124,6 +124,25 @@ def test_ome_zarr_label_map_mode_pyramid(tmp_path: Path, rng: np.random.Generato
     assert set(np.unique(group["2"][:])) <= set(range(4))
 
 
+@pytest.mark.parametrize(
+    ("dtype", "cname", "shuffle"), [(np.uint8, "zstd", 1), (np.float32, "lz4", 2)]
+)
+def test_ome_zarr_default_codec_by_dtype(
+    tmp_path: Path, rng: np.random.Generator, dtype: type, cname: str, shuffle: int
+) -> None:
+    """Label maps get zstd (small, compressible); float maps lz4 + bit-shuffle (fast)."""
+    data = rng.random((3, 40, 50)).astype(dtype)
+    out = tmp_path / "p.ome.zarr"
+    with OmeZarrWriter(out, shape=data.shape, dtype=dtype, axes="cyx", chunks=32) as w:
+        w.array[:] = data
+        w.finalize(min_side=16)
+    arr = zarr.open_group(out, mode="r")["0"]
+    (codec,) = arr.compressors
+    assert (codec.cname, codec.shuffle) == (cname, shuffle)
+    np.testing.assert_array_equal(np.asarray(arr), data)
+    assert zarr.open_group(out, mode="r")["1"].compressors == arr.compressors
+
+
 def test_ome_zarr_refuses_existing_output(tmp_path: Path) -> None:
     out = tmp_path / "x.zarr"
     out.mkdir()

@@ -130,16 +130,25 @@ def downsample2(block: np.ndarray, method: str = "mean", *, spatial: int = 0) ->
     return np.ascontiguousarray(np.moveaxis(out, (0, 1), (spatial, spatial + 1)))
 
 
-def _zarr_compressor(compression: str | None) -> Any:
+def _zarr_compressor(compression: str | None, dtype: Any = None) -> Any:
+    """The numcodecs compressor for a level-0 store of ``dtype``.
+
+    Default (None): Blosc-zstd for integer data (class maps and labels: long runs, small);
+    Blosc-lz4 with bit-shuffle for floating point (probabilities: noisy mantissas that zstd
+    barely compresses; measured on softmax maps: ratio 1.22 at ~1 GB/s encode, vs zstd-5
+    1.23 at ~0.1 GB/s, which made encoding the largest cost of writing probabilities).
+    """
     import numcodecs
 
-    name = (compression or "blosc").lower()
+    is_float = dtype is not None and np.dtype(dtype).kind == "f"
+    name = (compression or ("lz4" if is_float else "blosc")).lower()
     if name == "none":
         return None
     if name in ("blosc", "zstd-blosc"):
         return numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
     if name == "lz4":
-        return numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+        shuffle = numcodecs.Blosc.BITSHUFFLE if is_float else numcodecs.Blosc.SHUFFLE
+        return numcodecs.Blosc(cname="lz4", clevel=5, shuffle=shuffle)
     if name in ("zlib", "deflate"):
         return numcodecs.Zlib(level=6)
     if name == "zstd":
@@ -290,7 +299,7 @@ class OmeZarrWriter:
         stored_chunks: tuple[int, ...] = (min(chunks, h), min(chunks, w))
         if self.stored_axes == "cyx":
             stored_chunks = (c, *stored_chunks)
-        compressor = _zarr_compressor(compression)  # validate before creating anything
+        compressor = _zarr_compressor(compression, dtype)  # validate before creating anything
         self.tmp = tmp_sibling(self.path)
         remove_path(self.tmp)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,11 @@
 Each (config, size) runs ``tilenet.infer_image`` in a fresh process; configs are interleaved
 and repeated so that load from other processes on a shared machine hits them alike. Configs:
 
-* ``tilenet``: the engine as it is: glibc defaults plus ``malloc_trim(0)`` every 8 model
-  batches (``tilenet.pipeline.malloc_trim``);
-* ``default``: glibc defaults, the engine's trimming switched off;
+* ``tilenet``: the engine as it is: freed buffers kept mapped for reuse
+  (``tilenet.pipeline.keep_freed_memory``: mmap threshold 256 MiB, trim threshold 1 GiB) and
+  ``malloc_trim(0)`` every 8 model batches (``tilenet.pipeline.HeapGuard``);
+* ``trim_only``: glibc defaults plus the engine's ``HeapGuard`` trimming;
+* ``default``: glibc defaults, the engine's settings switched off;
 * ``fixed128k``: a fixed ``M_MMAP_THRESHOLD`` of 128 KiB, no trimming (the engine's setting
   before 2026-11-23: every large buffer its own mapping);
 * ``keep``: ``M_MMAP_MAX=0`` + ``M_TRIM_THRESHOLD`` huge: freed buffers stay mapped, reused;
@@ -35,6 +37,7 @@ import _benchutil as bu
 
 CONFIGS = (
     "tilenet",
+    "trim_only",
     "default",
     "fixed128k",
     "keep",
@@ -80,7 +83,9 @@ def child(a: dict[str, Any]) -> dict[str, Any]:
     from tilenet.infer import infer_image
 
     if not a["config"].startswith("tilenet"):
-        tilenet.infer._TRIM_EVERY_BATCHES = 0  # the engine's periodic malloc_trim off
+        tilenet.infer._KEEP_FREED = False  # the engine's allocator setting off
+        if a["config"] != "trim_only":
+            tilenet.infer._TRIM = False  # and its malloc_trim
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     s = infer_image(a["image"], a["ckpt"], a["out"], **a["opts"])

@@ -89,11 +89,13 @@ def raw_forward(ckpt: Path, shape: tuple[int, int], opts: dict[str, Any]) -> dic
 
     from tilenet.checkpoint import load_model
     from tilenet.infer import _autocast, _device, plan_grid, prepare_model, resolve_options
+    from tilenet.pipeline import keep_freed_memory
 
     cfg = resolve_options(opts)
     device = _device(cfg.device)
     model, spec = load_model(ckpt, device=device)
     model = prepare_model(model)  # what the engine runs: eval, BatchNorm folded, channels_last
+    keep_freed_memory()  # and the engine's allocator setting, so only the pipeline differs
     grid, _ = plan_grid(shape, spec, cfg)
     shapes = [t.read.shape for t in grid]
     batches: list[tuple[int, tuple[int, int]]] = []

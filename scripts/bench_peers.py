@@ -6,7 +6,8 @@ a fresh subprocess that reports its own peak RSS. Contenders, run interleaved pe
 
 * ``model_crop`` / ``model_gauss``: the model alone (``model(x)``, inference mode), prepared
   as the engine prepares it (``tilenet.infer.prepare_model``: BatchNorm folded into the
-  convolutions, channels_last), on random batches shaped and grouped exactly like the tiles
+  convolutions, channels_last) under the engine's allocator setting
+  (``tilenet.pipeline.keep_freed_memory``), on random batches shaped and grouped exactly like the tiles
   tilenet processes in that mode: the numerator of tilenet's pipeline efficiency;
 * ``tilenet_crop``: ``infer_image(mode="crop")`` at the default tile (1024) with the
   automatic halo (exact); ``tilenet_gauss``: ``mode="gaussian"`` at ``--tile`` and
@@ -158,10 +159,12 @@ def child_model(a: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from tilenet.infer import plan_grid, prepare_model, resolve_options
+    from tilenet.pipeline import keep_freed_memory
 
     dev = a.get("device", "cpu")
     model, spec = _load(a["ckpt"], dev)
     model = prepare_model(model)  # what the engine runs: eval, BatchNorm folded, channels_last
+    keep_freed_memory()  # and the engine's allocator setting, so only the pipeline differs
     cfg = resolve_options(
         {"tile": a["tile"], "mode": a["mode"], "overlap": a["overlap"], "batch": a["batch"]}
     )

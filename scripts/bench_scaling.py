@@ -41,14 +41,15 @@ def child(a: dict[str, Any]) -> dict[str, Any]:
     from tilenet.infer import infer_image
 
     if a.get("allocator") == "keep":
-        # Experiment: glibc never mmaps and never trims, and the engine's periodic
+        # Experiment: glibc never mmaps and never trims, and the engine's
         # malloc_trim is off: freed buffers all stay mapped and are reused.
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)  # M_MMAP_MAX
         libc.mallopt(-1, 1 << 40)  # M_TRIM_THRESHOLD
-        tilenet.infer._TRIM_EVERY_BATCHES = 0
+        tilenet.infer._TRIM = False
+        tilenet.infer._KEEP_FREED = False
     before = bu.peak_rss_bytes()
     t0 = time.perf_counter()
     s = infer_image(a["image"], a["ckpt"], a["out"], **a["opts"])
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "--allocator",
         default="tilenet",
         choices=("tilenet", "keep"),
-        help="tilenet: the engine as it is (periodic malloc_trim); keep: experiment, freed "
+        help="tilenet: the engine as it is (memory kept for reuse, trimmed on drift); keep: experiment, freed "
         "memory stays mapped (M_MMAP_MAX=0, no trimming)",
     )
     ap.add_argument("--workdir", default=None, help="images and outputs (default: a temp dir)")

@@ -45,7 +45,7 @@ from tilenet.errors import ConfigError, InputError
 from tilenet.fsutil import atomic_output, remove_path
 from tilenet.geometry import Tile, TileGrid, Window, ceil_to
 from tilenet.io.writers import OmeZarrWriter, write_ome_tiff, write_preview_png
-from tilenet.pipeline import BackgroundWriter, malloc_trim, prefetch
+from tilenet.pipeline import BackgroundWriter, HeapGuard, keep_freed_memory, malloc_trim, prefetch
 from tilenet.stitch import BlendStitcher, CropStitcher, OutputSink
 
 if TYPE_CHECKING:
@@ -58,9 +58,11 @@ log = logging.getLogger(__name__)
 #: Outputs ``--outputs`` may name.
 OUTPUTS = ("probabilities", "classes", "instances", "preview", "geojson")
 
-#: Hand free heap memory back to the OS every this many model batches (0: never); see
-#: :func:`tilenet.pipeline.malloc_trim`.
-_TRIM_EVERY_BATCHES = 8
+#: Keep freed buffers mapped for reuse (:func:`tilenet.pipeline.keep_freed_memory`) and hand
+#: free heap memory back when RSS drifts (:class:`tilenet.pipeline.HeapGuard`) and at the
+#: end. Module constants so benchmarks can switch them.
+_KEEP_FREED = True
+_TRIM = True
 
 #: Width (pixels) of the vertical strips blend mode processes; bounds its open chunks.
 _BLEND_STRIP_PX = 8192
@@ -430,6 +432,7 @@ def _run(
             "total_s": round(t_end - t_start, 3),
             "model_s": round(stats["model_s"], 3),
             "read_wait_s": round(stats["read_wait_s"], 3),
+            "heap_trims": int(stats["heap_trims"]),
         },
         "tiles_per_s": round(len(tiles) / max(t_written - t_model, 1e-9), 3),
         "outputs": {name: str(p) for name, p in paths.items()},
@@ -530,6 +533,8 @@ def _execute(
         return tile.core_in_read if crop else tile.read.clip(h, w).relative_to(tile.read)
 
     stats = {"model_s": 0.0, "read_wait_s": 0.0}
+    if _KEEP_FREED:
+        keep_freed_memory()  # process-wide; each batch reuses the last one's activations
     items = [(i, t, bool(skip[i])) for i, t in enumerate(tiles)]
     depth = max(2 * cfg.batch, 2 * cfg.readers)
     bar = tqdm(total=len(tiles), unit="tile", disable=not progress, desc="infer")
@@ -539,7 +544,7 @@ def _execute(
         reads = prefetch(items, read, workers=cfg.readers, depth=depth)
         it = _batches(reads, cfg.batch, by_row=crop)
         t0 = time.perf_counter()
-        n_batches = 0
+        guard = HeapGuard()
         for batch in it:
             stats["read_wait_s"] += time.perf_counter() - t0
             if batch[0][1]:
@@ -554,12 +559,14 @@ def _execute(
                 for (tile, _, _), p in zip(batch, probs, strict=True):
                     writer.submit((tile, p.contiguous().cpu().numpy()))
                 stats["model_s"] += time.perf_counter() - t1
-                n_batches += 1
-                if _TRIM_EVERY_BATCHES and n_batches % _TRIM_EVERY_BATCHES == 0:
-                    malloc_trim()  # keeps peak RSS flat on huge images (see pipeline)
+                if _TRIM:
+                    guard.check()  # keeps peak RSS flat on huge images (see pipeline)
             bar.update(len(batch))
             t0 = time.perf_counter()
     bar.close()
+    if _TRIM:
+        malloc_trim()  # what the tiles left free goes back to the OS
+    stats["heap_trims"] = float(guard.trims)
     return stats
 
 

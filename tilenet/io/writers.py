@@ -19,6 +19,7 @@ import math
 import os
 import re
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -195,16 +196,25 @@ def build_pyramid(
     shapes = pyramid_shapes(prev.shape[-2:], min_side=min_side)
     all_shapes: list[tuple[int, ...]] = [tuple(prev.shape)]
     ch, cw = prev.chunks[-2:]
-    for k, (h, w) in enumerate(shapes[1:], start=1):
-        arr = _create_level(group, str(k), (*lead, h, w), prev.chunks, prev)
-        for y in range(0, h, ch):
-            for x in range(0, w, cw):
-                block = prev[..., 2 * y : 2 * (y + ch), 2 * x : 2 * (x + cw)]
-                arr[..., y : y + ch, x : x + cw] = downsample2(
-                    np.asarray(block), method, spatial=len(lead)
-                )
-        all_shapes.append(tuple(arr.shape))
-        prev = arr
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tilenet-pyramid") as pool:
+        for k, (h, w) in enumerate(shapes[1:], start=1):
+            arr = _create_level(group, str(k), (*lead, h, w), prev.chunks, prev)
+
+            def row(y: int, src: Any = prev, dst: Any = arr, w: int = w) -> None:
+                # One row of output chunks from two rows of the level above; rows write
+                # disjoint chunks, so they run in parallel (reads, downsampling and the
+                # codecs release the GIL).
+                for x in range(0, w, cw):
+                    block = src[..., 2 * y : 2 * (y + ch), 2 * x : 2 * (x + cw)]
+                    dst[..., y : y + ch, x : x + cw] = downsample2(
+                        np.asarray(block), method, spatial=len(lead)
+                    )
+
+            for fut in [pool.submit(row, y) for y in range(0, h, ch)]:
+                fut.result()
+            all_shapes.append(tuple(arr.shape))
+            prev = arr
     return all_shapes
 
 

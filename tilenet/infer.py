@@ -513,7 +513,7 @@ def _execute(
             x = x.pin_memory()
         # NHWC memory viewed as NCHW is channels_last: no copy, and the ops below keep it.
         x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2).float()
-        x = (x - mean) * inv_std
+        x.sub_(mean).mul_(inv_std)  # in place: same arithmetic as (x - mean) * inv_std
         for j, (tile, _, _) in enumerate(batch):
             # Past the image (alignment rows) the input is zero *after* normalisation, like
             # the network's own zero padding at the image border.

@@ -18,8 +18,9 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -201,18 +202,24 @@ def build_pyramid(
         for k, (h, w) in enumerate(shapes[1:], start=1):
             arr = _create_level(group, str(k), (*lead, h, w), prev.chunks, prev)
 
-            def row(y: int, src: Any = prev, dst: Any = arr, w: int = w) -> None:
-                # One row of output chunks from two rows of the level above; rows write
-                # disjoint chunks, so they run in parallel (reads, downsampling and the
-                # codecs release the GIL).
-                for x in range(0, w, cw):
-                    block = src[..., 2 * y : 2 * (y + ch), 2 * x : 2 * (x + cw)]
-                    dst[..., y : y + ch, x : x + cw] = downsample2(
-                        np.asarray(block), method, spatial=len(lead)
-                    )
+            def chunk(y: int, x: int, src: Any = prev, dst: Any = arr) -> None:
+                # One output chunk from a 2x2-chunk block of the level above; chunks are
+                # disjoint, so they run in parallel (reads, downsampling and the codecs
+                # release the GIL).
+                block = src[..., 2 * y : 2 * (y + ch), 2 * x : 2 * (x + cw)]
+                dst[..., y : y + ch, x : x + cw] = downsample2(
+                    np.asarray(block), method, spatial=len(lead)
+                )
 
-            for fut in [pool.submit(row, y) for y in range(0, h, ch)]:
-                fut.result()
+            # At most 2 chunks per worker in flight, so queued work (and memory) stays small.
+            pending: deque[Future[None]] = deque()
+            for y in range(0, h, ch):
+                for x in range(0, w, cw):
+                    pending.append(pool.submit(chunk, y, x))
+                    if len(pending) >= 2 * workers:
+                        pending.popleft().result()
+            while pending:
+                pending.popleft().result()
             all_shapes.append(tuple(arr.shape))
             prev = arr
     return all_shapes

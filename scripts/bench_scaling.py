@@ -50,6 +50,8 @@ def child(a: dict[str, Any]) -> dict[str, Any]:
         libc.mallopt(-1, 1 << 40)  # M_TRIM_THRESHOLD
         tilenet.infer._TRIM = False
         tilenet.infer._KEEP_FREED = False
+    if a.get("allocator") == "glibc":
+        tilenet.infer._KEEP_FREED = False  # glibc's defaults, the engine's HeapGuard still on
     before = bu.peak_rss_bytes()
     t0 = time.perf_counter()
     s = infer_image(a["image"], a["ckpt"], a["out"], **a["opts"])
@@ -77,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--allocator",
         default="tilenet",
-        choices=("tilenet", "keep"),
-        help="tilenet: the engine as it is (memory kept for reuse, trimmed on drift); keep: experiment, freed "
-        "memory stays mapped (M_MMAP_MAX=0, no trimming)",
+        choices=("tilenet", "glibc", "keep"),
+        help="tilenet: the engine as it is (memory kept for reuse, trimmed on drift); glibc: "
+        "glibc's defaults with the engine's trimming; keep: experiment, freed memory stays "
+        "mapped (M_MMAP_MAX=0, no trimming)",
     )
     ap.add_argument("--workdir", default=None, help="images and outputs (default: a temp dir)")
     ap.add_argument("--keep-images", action="store_true", help="keep the TIFFs in --workdir")

@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--readers", type=int, default=2)
     ap.add_argument("--outputs", default="classes", help="comma-separated infer outputs")
+    ap.add_argument("--heap", default="reuse", choices=("reuse", "flat"), help="infer --heap")
     ap.add_argument(
         "--allocator",
         default="tilenet",
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": "cpu",
         "readers": opt.readers,
         "outputs": [o.strip() for o in opt.outputs.split(",") if o.strip()],
+        "heap": opt.heap,
     }
     result: dict[str, Any] = {
         "machine": bu.machine_info(),

@@ -23,7 +23,7 @@ import zarr
 
 from tilenet.checkpoint import load_model, make_spec, save_checkpoint
 from tilenet.cli import main
-from tilenet.errors import CheckpointError, InputError
+from tilenet.errors import CheckpointError, ConfigError, InputError
 from tilenet.geometry import ceil_to
 from tilenet.infer import infer_image, predict
 from tilenet.models import create_model, list_models
@@ -458,3 +458,26 @@ def test_a_callers_module_is_left_as_it_was(tmp_path: Path) -> None:
     after = module.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_heap_policies_give_identical_outputs(tmp_path: Path) -> None:
+    """--heap reuse (default) and flat change how host memory is recycled, never the numbers."""
+    ckpt = _checkpoint(tmp_path / "m.pt", "unet", base=4, depth=2)
+    img = tmp_path / "img.tif"
+    _image(img, 150, 170)
+    outs = {}
+    for heap in ("flat", "reuse"):
+        infer_image(
+            img,
+            ckpt,
+            tmp_path / heap,
+            tile=64,
+            batch=3,
+            heap=heap,
+            outputs=["probabilities"],
+            probabilities_dtype="float32",
+        )
+        outs[heap] = zarr.open_group(tmp_path / heap / "probabilities.ome.zarr", mode="r")["0"][:]
+    np.testing.assert_array_equal(outs["flat"], outs["reuse"])
+    with pytest.raises(ConfigError, match="heap"):
+        infer_image(img, ckpt, tmp_path / "bad", tile=64, heap="huge")

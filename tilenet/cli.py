@@ -249,6 +249,13 @@ def _add_infer(sub: Any) -> None:
         help="skip tiles whose low-resolution foreground fraction is below this (default 0)",
     )
     p.add_argument("--readers", type=int, help="tile reader threads (default 2)")
+    p.add_argument(
+        "--heap",
+        choices=("reuse", "flat"),
+        help="host memory policy: reuse (default) keeps freed buffers for the next batch, "
+        "fast on a CPU; flat returns every large buffer at once, so peak RSS stays flat on "
+        "gigapixel images at 1.4-1.8x slower CPU forward passes",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--workers",
@@ -284,7 +291,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from tilenet.infer import infer_image
 
     keys: tuple[str, ...] = ("tile", "mode", "overlap", "halo", "level", "batch", "device")
-    keys += ("precision", "tta", "probabilities_dtype", "min_foreground", "readers")
+    keys += ("precision", "tta", "probabilities_dtype", "min_foreground", "readers", "heap")
     options = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.outputs is not None:
         options["outputs"] = [o.strip() for o in args.outputs.split(",") if o.strip()]

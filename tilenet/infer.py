@@ -45,7 +45,14 @@ from tilenet.errors import ConfigError, InputError
 from tilenet.fsutil import atomic_output, remove_path
 from tilenet.geometry import Tile, TileGrid, Window, ceil_to
 from tilenet.io.writers import OmeZarrWriter, write_ome_tiff, write_preview_png
-from tilenet.pipeline import BackgroundWriter, HeapGuard, keep_freed_memory, malloc_trim, prefetch
+from tilenet.pipeline import (
+    BackgroundWriter,
+    HeapGuard,
+    keep_freed_memory,
+    malloc_trim,
+    map_large_buffers,
+    prefetch,
+)
 from tilenet.stitch import BlendStitcher, CropStitcher, OutputSink
 
 if TYPE_CHECKING:
@@ -533,7 +540,10 @@ def _execute(
         return tile.core_in_read if crop else tile.read.clip(h, w).relative_to(tile.read)
 
     stats = {"model_s": 0.0, "read_wait_s": 0.0}
-    if _KEEP_FREED:
+    reuse = cfg.heap == "reuse"
+    if not reuse:
+        map_large_buffers()  # process-wide; flat peak RSS at some CPU speed
+    elif _KEEP_FREED:
         keep_freed_memory()  # process-wide; each batch reuses the last one's activations
     items = [(i, t, bool(skip[i])) for i, t in enumerate(tiles)]
     depth = max(2 * cfg.batch, 2 * cfg.readers)
@@ -559,7 +569,7 @@ def _execute(
                 for (tile, _, _), p in zip(batch, probs, strict=True):
                     writer.submit((tile, p.contiguous().cpu().numpy()))
                 stats["model_s"] += time.perf_counter() - t1
-                if _TRIM:
+                if _TRIM and reuse:
                     guard.check()  # keeps peak RSS flat on huge images (see pipeline)
             bar.update(len(batch))
             t0 = time.perf_counter()

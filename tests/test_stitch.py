@@ -228,7 +228,7 @@ def test_background_writer_runs_in_order_and_reraises() -> None:
 _REUSE_SCRIPT = """
 import json, resource, sys
 import numpy as np
-from tilenet.pipeline import HeapGuard, keep_freed_memory, malloc_trim
+from tilenet.pipeline import HeapGuard, keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False
 
 def faults_of_second_buffer():

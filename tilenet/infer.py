@@ -65,9 +65,10 @@ log = logging.getLogger(__name__)
 #: Outputs ``--outputs`` may name.
 OUTPUTS = ("probabilities", "classes", "instances", "preview", "geojson")
 
-#: Keep freed buffers mapped for reuse (:func:`tilenet.pipeline.keep_freed_memory`) and hand
-#: free heap memory back when RSS drifts (:class:`tilenet.pipeline.HeapGuard`) and at the
-#: end. Module constants so benchmarks can switch them.
+#: With ``heap="reuse"``: keep freed buffers mapped for reuse
+#: (:func:`tilenet.pipeline.keep_freed_memory`) and hand free heap memory back every 8
+#: batches (:class:`tilenet.pipeline.HeapGuard`) and at the end. Module constants so that
+#: benchmarks can switch either off.
 _KEEP_FREED = True
 _TRIM = True
 

@@ -426,7 +426,7 @@ def _run(
         "level": cfg.level,
         "mode": cfg.mode,
         "exact": bool(exact and cfg.mode == "crop" and cfg.precision == "fp32"),
-        "tile": cfg.tile,
+        "tile": grid.tile[0],  # as run (crop mode may shrink the requested tile)
         "halo": halo,
         "stride": int(spec["stride"]),
         "receptive_field": int(spec["receptive_field"]),

@@ -340,7 +340,7 @@ def _task_finalize(
     t_fin = time.perf_counter()
     paths: dict[str, Path] = {}
     with open_image(path) as image:
-        _, halo = plan_grid(image.levels[cfg.level].shape, spec, cfg)
+        grid, halo = plan_grid(image.levels[cfg.level].shape, spec, cfg)
         ds = image.levels[cfg.level].downsample
         pixel_size = None
         if image.pixel_size:
@@ -363,7 +363,7 @@ def _task_finalize(
         "shape": shape,
         "level": cfg.level,
         "mode": cfg.mode,
-        "tile": cfg.tile,
+        "tile": grid.tile[0],  # as run (crop mode may shrink the requested tile)
         "halo": halo,
         "stride": int(spec["stride"]),
         "receptive_field": int(spec["receptive_field"]),

@@ -9,8 +9,8 @@ a fresh subprocess that reports its own peak RSS. Contenders, run interleaved pe
   convolutions, channels_last) under the engine's allocator setting
   (``tilenet.pipeline.keep_freed_memory``), on random batches shaped and grouped exactly like the tiles
   tilenet processes in that mode: the numerator of tilenet's pipeline efficiency;
-* ``tilenet_crop``: ``infer_image(mode="crop")`` at the default tile (1024) with the
-  automatic halo (exact); ``tilenet_gauss``: ``mode="gaussian"`` at ``--tile`` and
+* ``tilenet_crop``: ``infer_image(mode="crop")`` at the default tile (1024, the largest
+  read window: the engine fits the grid below it) with the automatic halo (exact); ``tilenet_gauss``: ``mode="gaussian"`` at ``--tile`` and
   ``--overlap``. Both end to end: lazy read, model, stitching, float32 probabilities and a
   class map written to OME-Zarr with pyramids;
 * ``monai``: ``monai.inferers.sliding_window_inference`` (gaussian, ROI ``--tile``, same

@@ -4,6 +4,9 @@ Reading (decode + normalise) runs in a thread pool ahead of the model; tifffile,
 and numpy release the GIL, so threads overlap with the forward pass. Writing runs in one
 background thread fed by a bounded queue, so there is exactly one writer (no chunk is ever
 written from two places) and memory stays bounded by the queue depths, never by the image.
+
+The host memory policy lives here too: :func:`keep_freed_memory` + :class:`HeapGuard`
+(``--heap reuse``, the default) or :func:`map_large_buffers` (``--heap flat``).
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def map_large_buffers(mmap_threshold: int = 128 << 10) -> bool:
 
     The opposite trade-off to :func:`keep_freed_memory`: freed buffers go straight back to
     the OS, so no heap fragments can accumulate and peak RSS stays flat however many tiles
-    run (measured +0.3 % from 8192² to 32768²), but every large activation is page-faulted
+    run (measured +0.3 % and +0.9 % from 8192² to 32768²), but every large activation is page-faulted
     in again (CPU forward passes 1.4-1.8x slower). ``tilenet infer --heap flat``. No-op
     (returns False) off glibc.
     """

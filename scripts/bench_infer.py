@@ -88,7 +88,14 @@ def raw_forward(ckpt: Path, shape: tuple[int, int], opts: dict[str, Any]) -> dic
     import torch
 
     from tilenet.checkpoint import load_model
-    from tilenet.infer import _autocast, _device, plan_grid, prepare_model, resolve_options
+    from tilenet.infer import (
+        _autocast,
+        _device,
+        batch_shapes,
+        plan_grid,
+        prepare_model,
+        resolve_options,
+    )
     from tilenet.pipeline import keep_freed_memory
 
     cfg = resolve_options(opts)
@@ -97,15 +104,7 @@ def raw_forward(ckpt: Path, shape: tuple[int, int], opts: dict[str, Any]) -> dic
     model = prepare_model(model)  # what the engine runs: eval, BatchNorm folded, channels_last
     keep_freed_memory()  # and the engine's allocator setting, so only the pipeline differs
     grid, _ = plan_grid(shape, spec, cfg)
-    shapes = [t.read.shape for t in grid]
-    batches: list[tuple[int, tuple[int, int]]] = []
-    i = 0
-    while i < len(shapes):  # same grouping as the engine: equal shapes, up to cfg.batch
-        j = i
-        while j < len(shapes) and j - i < cfg.batch and shapes[j] == shapes[i]:
-            j += 1
-        batches.append((j - i, shapes[i]))
-        i = j
+    batches = batch_shapes(grid, cfg)  # the engine's order and grouping
     cache: dict[tuple[int, int, int], torch.Tensor] = {}
     with torch.inference_mode(), _autocast(device, cfg.precision):
         b, (h, w) = batches[0]
@@ -123,7 +122,7 @@ def raw_forward(ckpt: Path, shape: tuple[int, int], opts: dict[str, Any]) -> dic
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"tiles": len(shapes), "seconds": dt, "cpu_s": cpu, "tiles_per_s": len(shapes) / dt}
+    return {"tiles": len(grid), "seconds": dt, "cpu_s": cpu, "tiles_per_s": len(grid) / dt}
 
 
 _CHILD = """

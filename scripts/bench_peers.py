@@ -7,11 +7,12 @@ a fresh subprocess that reports its own peak RSS. Contenders, run interleaved pe
 * ``model_crop`` / ``model_gauss``: the model alone (``model(x)``, inference mode), prepared
   as the engine prepares it (``tilenet.infer.prepare_model``: BatchNorm folded into the
   convolutions, channels_last) under the engine's allocator setting
-  (``tilenet.pipeline.keep_freed_memory``), on random batches shaped and grouped exactly like the tiles
-  tilenet processes in that mode: the numerator of tilenet's pipeline efficiency;
+  (``tilenet.pipeline.keep_freed_memory``), on random batches shaped and grouped exactly
+  like the engine's (``tilenet.infer.batch_shapes``): the numerator of tilenet's pipeline
+  efficiency;
 * ``tilenet_crop``: ``infer_image(mode="crop")`` at the default tile (1024, the largest
-  read window: the engine fits the grid below it) with the automatic halo (exact); ``tilenet_gauss``: ``mode="gaussian"`` at ``--tile`` and
-  ``--overlap``. Both end to end: lazy read, model, stitching, float32 probabilities and a
+  read window: the engine fits the grid below it) with the automatic halo (exact);
+  ``tilenet_gauss``: ``mode="gaussian"`` at ``--tile`` and ``--overlap``. Both end to end: lazy read, model, stitching, float32 probabilities and a
   class map written to OME-Zarr with pyramids;
 * ``monai``: ``monai.inferers.sliding_window_inference`` (gaussian, ROI ``--tile``, same
   overlap and batch) on the whole image loaded into a tensor, predictor = softmax(model);
@@ -158,7 +159,7 @@ def child_model(a: dict[str, Any]) -> dict[str, Any]:
     import tifffile
     import torch
 
-    from tilenet.infer import plan_grid, prepare_model, resolve_options
+    from tilenet.infer import batch_shapes, plan_grid, prepare_model, resolve_options
     from tilenet.pipeline import keep_freed_memory
 
     dev = a.get("device", "cpu")
@@ -171,23 +172,7 @@ def child_model(a: dict[str, Any]) -> dict[str, Any]:
     with tifffile.TiffFile(a["image"]) as tf:
         shape = tf.pages[0].shape[:2]
     grid, _ = plan_grid(shape, spec, cfg)
-    tiles = list(grid)
-    # The engine's batching: runs of equal read shape, at most `batch`, one grid row at most
-    # in crop mode.
-    batches: list[tuple[int, tuple[int, int]]] = []
-    i = 0
-    while i < len(tiles):
-        j = i
-        while (
-            j < len(tiles)
-            and j - i < cfg.batch
-            and tiles[j].read.shape == tiles[i].read.shape
-            and (cfg.mode != "crop" or tiles[j].index[0] == tiles[i].index[0])
-        ):
-            j += 1
-        batches.append((j - i, tiles[i].read.shape))
-        i = j
-    shapes = [t.read.shape for t in tiles]
+    batches = batch_shapes(grid, cfg)  # the engine's order and grouping
     cache: dict[tuple[int, int, int], Any] = {}
     px = 0
 
@@ -206,7 +191,7 @@ def child_model(a: dict[str, Any]) -> dict[str, Any]:
             px += b * h * w
         _sync(a)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"wall_s": wall, "cpu_timed_s": cpu, "tiles": len(shapes), "model_px": px}
+    return {"wall_s": wall, "cpu_timed_s": cpu, "tiles": len(grid), "model_px": px}
 
 
 def child_monai(a: dict[str, Any]) -> dict[str, Any]:

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "--allocator",
         default="tilenet",
         choices=("tilenet", "glibc", "keep"),
-        help="tilenet: the engine as it is (memory kept for reuse, trimmed on drift); glibc: "
+        help="tilenet: the engine as it is (memory kept for reuse, trimmed every 8 batches); glibc: "
         "glibc's defaults with the engine's trimming; keep: experiment, freed memory stays "
         "mapped (M_MMAP_MAX=0, no trimming)",
     )

@@ -54,12 +54,20 @@ from tilenet.pipeline import (
     map_large_buffers,
     prefetch,
 )
-from tilenet.stitch import BlendStitcher, CropStitcher, OutputSink
+from tilenet.stitch import BlendStitcher, CropStitcher, OutputSink, strip_order
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["OUTPUTS", "infer_image", "plan_grid", "predict", "prepare_model", "resolve_options"]
+__all__ = [
+    "OUTPUTS",
+    "batch_shapes",
+    "infer_image",
+    "plan_grid",
+    "predict",
+    "prepare_model",
+    "resolve_options",
+]
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +401,7 @@ def _run(
             stitcher: CropStitcher | BlendStitcher = CropStitcher(sink)
             tiles = list(grid)
         else:
-            strip = max(1, _BLEND_STRIP_PX // grid.core[1])
+            strip = _strip_tiles(grid)
             stitcher = BlendStitcher(grid, sink, mode=cfg.mode, spill_dir=spill, strip_tiles=strip)
             tiles = stitcher.order
         skip = np.zeros(len(tiles), dtype=bool)
@@ -468,6 +476,28 @@ def _run(
     _write_text(out / "config.yaml", _config_yaml(cfg, ckpt_path))
     _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _strip_tiles(grid: TileGrid) -> int:
+    """Tile columns per vertical strip in blend modes."""
+    return max(1, _BLEND_STRIP_PX // grid.core[1])
+
+
+def batch_shapes(grid: TileGrid, cfg: InferConfig) -> list[tuple[int, tuple[int, int]]]:
+    """(batch size, read shape) of every model batch the engine runs over ``grid``.
+
+    The engine's own order and grouping (no tiles skipped), for benchmarks that time the
+    model alone on exactly the batches :func:`infer_image` runs.
+
+    >>> spec = {"stride": 16, "receptive_field": 40}
+    >>> g, _ = plan_grid((1000, 700), spec, InferConfig(tile=256, batch=4))
+    >>> batch_shapes(g, InferConfig(tile=256, batch=4))[:3]
+    [(4, (240, 240)), (1, (240, 240)), (4, (240, 240))]
+    """
+    crop = cfg.mode == "crop"
+    tiles = list(grid) if crop else strip_order(grid, _strip_tiles(grid))
+    items = (((i, t, False), None) for i, t in enumerate(tiles))
+    return [(len(b), b[0][0].read.shape) for b in _batches(items, cfg.batch, by_row=crop)]
 
 
 def _batches(

@@ -4,8 +4,8 @@ Each (config, size) runs ``tilenet.infer_image`` in a fresh process; configs are
 and repeated so that load from other processes on a shared machine hits them alike. Configs:
 
 * ``tilenet``: the engine as it is: freed buffers kept mapped for reuse
-  (``tilenet.pipeline.keep_freed_memory``: mmap threshold 256 MiB, trim threshold 1 GiB) and
-  ``malloc_trim(0)`` every 8 model batches (``tilenet.pipeline.HeapGuard``);
+  (``tilenet.runtime.heap_policy("reuse")``: mmap threshold 256 MiB, trim threshold 1 GiB) and
+  ``malloc_trim(0)`` every 8 model batches (``tilenet.runtime.HeapGuard``);
 * ``trim_only``: glibc defaults plus the engine's ``HeapGuard`` trimming;
 * ``default``: glibc defaults, the engine's settings switched off;
 * ``fixed128k``: a fixed ``M_MMAP_THRESHOLD`` of 128 KiB, no trimming (the engine's setting
@@ -79,16 +79,16 @@ def child(a: dict[str, Any]) -> dict[str, Any]:
     import tilenet.infer
     import tilenet.io
     import tilenet.io.writers
-    import tilenet.models
+    import tilenet.models  # noqa: F401  (imported before the clock)
     from tilenet.infer import infer_image
 
+    opts = dict(a["opts"])
     if not a["config"].startswith("tilenet"):
-        tilenet.infer._KEEP_FREED = False  # the engine's allocator setting off
-        if a["config"] != "trim_only":
-            tilenet.infer._TRIM = False  # and its malloc_trim
+        # The engine's allocator setting off ("trim": its malloc_trim kept; "system": off too).
+        opts["heap"] = "trim" if a["config"] == "trim_only" else "system"
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    s = infer_image(a["image"], a["ckpt"], a["out"], **a["opts"])
+    s = infer_image(a["image"], a["ckpt"], a["out"], **opts)
     wall = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     return {

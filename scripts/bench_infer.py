@@ -88,25 +88,19 @@ def raw_forward(ckpt: Path, shape: tuple[int, int], opts: dict[str, Any]) -> dic
     import torch
 
     from tilenet.checkpoint import load_model
-    from tilenet.infer import (
-        _autocast,
-        _device,
-        batch_shapes,
-        plan_grid,
-        prepare_model,
-        resolve_options,
-    )
-    from tilenet.pipeline import keep_freed_memory
+    from tilenet.infer import resolve_options
+    from tilenet.predictor import batch_shapes, plan_grid, prepare_model
+    from tilenet.runtime import autocast, heap_policy, resolve_device
 
     cfg = resolve_options(opts)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     model, spec = load_model(ckpt, device=device)
     model = prepare_model(model)  # what the engine runs: eval, BatchNorm folded, channels_last
-    keep_freed_memory()  # and the engine's allocator setting, so only the pipeline differs
     grid, _ = plan_grid(shape, spec, cfg)
     batches = batch_shapes(grid, cfg)  # the engine's order and grouping
     cache: dict[tuple[int, int, int], torch.Tensor] = {}
-    with torch.inference_mode(), _autocast(device, cfg.precision):
+    # The engine's allocator setting too, so only the pipeline differs.
+    with heap_policy(cfg.heap), torch.inference_mode(), autocast(device, cfg.precision):
         b, (h, w) = batches[0]
         model(torch.randn(b, 3, h, w, device=device))  # warm-up
         if device.type == "cuda":

@@ -5,10 +5,10 @@ normalisation ((x - 128) / 64), tile/ROI size, overlap, batch and dtype (fp32), 
 a fresh subprocess that reports its own peak RSS. Contenders, run interleaved per round:
 
 * ``model_crop`` / ``model_gauss``: the model alone (``model(x)``, inference mode), prepared
-  as the engine prepares it (``tilenet.infer.prepare_model``: BatchNorm folded into the
+  as the engine prepares it (``tilenet.predictor.prepare_model``: BatchNorm folded into the
   convolutions, channels_last) under the engine's allocator setting
-  (``tilenet.pipeline.keep_freed_memory``), on random batches shaped and grouped exactly
-  like the engine's (``tilenet.infer.batch_shapes``): the numerator of tilenet's pipeline
+  (``tilenet.runtime.heap_policy``), on random batches shaped and grouped exactly
+  like the engine's (``tilenet.predictor.batch_shapes``): the numerator of tilenet's pipeline
   efficiency;
 * ``tilenet_crop``: ``infer_image(mode="crop")`` at the default tile (1024, the largest
   read window: the engine fits the grid below it) with the automatic halo (exact);
@@ -159,13 +159,13 @@ def child_model(a: dict[str, Any]) -> dict[str, Any]:
     import tifffile
     import torch
 
-    from tilenet.infer import batch_shapes, plan_grid, prepare_model, resolve_options
-    from tilenet.pipeline import keep_freed_memory
+    from tilenet.infer import resolve_options
+    from tilenet.predictor import batch_shapes, plan_grid, prepare_model
+    from tilenet.runtime import heap_policy
 
     dev = a.get("device", "cpu")
     model, spec = _load(a["ckpt"], dev)
     model = prepare_model(model)  # what the engine runs: eval, BatchNorm folded, channels_last
-    keep_freed_memory()  # and the engine's allocator setting, so only the pipeline differs
     cfg = resolve_options(
         {"tile": a["tile"], "mode": a["mode"], "overlap": a["overlap"], "batch": a["batch"]}
     )
@@ -179,7 +179,8 @@ def child_model(a: dict[str, Any]) -> dict[str, Any]:
     def make(b: int, h: int, w: int) -> Any:
         return torch.randn(b, 3, h, w, device=dev).to(memory_format=torch.channels_last)
 
-    with torch.inference_mode(), _autocast(a):
+    # The engine's allocator setting too, so only the pipeline differs.
+    with heap_policy(cfg.heap), torch.inference_mode(), _autocast(a):
         b, (h, w) = batches[0]
         model(make(b, h, w))  # warm-up
         _sync(a)
@@ -306,7 +307,8 @@ def _run(kind: str, args: dict[str, Any]) -> dict[str, Any]:
 def bench_size(
     side: int, ckpt: Path, spec: dict[str, Any], work: Path, opt: argparse.Namespace
 ) -> dict[str, Any]:
-    from tilenet.infer import plan_grid, resolve_options
+    from tilenet.infer import resolve_options
+    from tilenet.predictor import plan_grid
 
     img = bu.make_tiff(work / f"peers_{side}.tif", side)
     gcfg = resolve_options({"tile": opt.tile, "mode": "gaussian", "overlap": opt.overlap})

@@ -25,8 +25,9 @@ from tilenet.checkpoint import load_model, make_spec, save_checkpoint
 from tilenet.cli import main
 from tilenet.errors import CheckpointError, ConfigError, InputError
 from tilenet.geometry import ceil_to
-from tilenet.infer import infer_image, predict
+from tilenet.infer import infer_image
 from tilenet.models import create_model, list_models
+from tilenet.predictor import predict
 
 MEAN, STD = [120.0, 110.0, 100.0], [60.0, 50.0, 70.0]
 
@@ -413,7 +414,7 @@ def test_groupnorm_model_warns_in_crop_mode(
     ckpt = _checkpoint(tmp_path / "gn.pt", "unet", base=4, depth=2, norm="group")
     img = tmp_path / "img.tif"
     _image(img, 40, 40)
-    with caplog.at_level("WARNING", logger="tilenet.infer"):
+    with caplog.at_level("WARNING", logger="tilenet.predictor"):
         s = infer_image(img, ckpt, tmp_path / "out", tile=128, outputs=["classes"])
     assert s["exact"] is False
     assert "crop mode is not exact" in caplog.text and "gaussian" in caplog.text
@@ -481,3 +482,62 @@ def test_heap_policies_give_identical_outputs(tmp_path: Path) -> None:
     np.testing.assert_array_equal(outs["flat"], outs["reuse"])
     with pytest.raises(ConfigError, match="heap"):
         infer_image(img, ckpt, tmp_path / "bad", tile=64, heap="huge")
+
+
+def _infer_cli(img: Path, ckpt: Path, out: Path) -> list[str]:
+    return [
+        *(sys.executable, "-m", "tilenet", "infer", str(img), "--model", str(ckpt)),
+        *("--out", str(out), "--tile", "64", "--device", "cpu", "--quiet"),
+        *("--probabilities-dtype", "float32"),
+    ]
+
+
+def test_sigkill_plain_infer_resumes_identically(tmp_path: Path) -> None:
+    """``tilenet infer img`` killed with SIGKILL, then the same command: the finished bands
+    are kept, the output equals an uninterrupted run bit for bit, no partial data remains."""
+    import signal
+    import time
+
+    ckpt = _checkpoint(tmp_path / "m.pt", "tiny")
+    img = tmp_path / "img.tif"
+    _image(img, 1064, 2048)  # 19 x 37 tiles of core 56: bands of 6 rows (222 tiles), 4 bands
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        _infer_cli(img, ckpt, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    markers = out / ".regions"
+    deadline = time.monotonic() + 120
+    try:
+        while not list(markers.glob("region-*.json")):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    kept = len(list(markers.glob("region-*.json")))
+    assert 1 <= kept < 4
+    assert not (out / "classes.ome.zarr").exists() and not (out / "summary.json").exists()
+    assert [p for p in out.iterdir() if ".partial-" in p.name]  # the killed run's work
+
+    rerun = subprocess.run(_infer_cli(img, ckpt, out), env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["regions"] == 4 and summary["regions_resumed"] == kept
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no orphans
+
+    ref = subprocess.run(
+        _infer_cli(img, ckpt, tmp_path / "ref"), env=env, capture_output=True, text=True
+    )
+    assert ref.returncode == 0, ref.stderr
+    for name in ("probabilities.ome.zarr", "classes.ome.zarr", "instances.ome.zarr"):
+        a = zarr.open_group(out / name, mode="r")
+        b = zarr.open_group(tmp_path / "ref" / name, mode="r")
+        assert sorted(a.array_keys()) == sorted(b.array_keys())
+        for k in a.array_keys():
+            assert np.asarray(a[k][:]).tobytes() == np.asarray(b[k][:]).tobytes(), (name, k)
+    assert json.loads((tmp_path / "ref" / "summary.json").read_text())["regions_resumed"] == 0

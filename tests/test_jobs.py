@@ -20,8 +20,12 @@ from dask.distributed import Client, LocalCluster
 
 from tilenet.checkpoint import make_spec, save_checkpoint
 from tilenet.cli import main
-from tilenet.jobs import _local_cluster, read_manifest, run_jobs, unique_stems
+from tilenet.infer import ImagePlan, plan_image, resolve_options, run_band
+from tilenet.io import open_image
+from tilenet.jobs import local_cluster, read_manifest, run_jobs, unique_stems
 from tilenet.models import create_model
+from tilenet.predictor import Predictor
+from tilenet.runtime import torch_threads
 
 #: One torch thread everywhere: CPU kernels round differently with another thread count.
 OPTS = {"tile": 64, "device": "cpu", "probabilities_dtype": "float32", "threads": 1}
@@ -178,7 +182,7 @@ def test_local_cluster_bit_identical_to_serial(tmp_path: Path) -> None:
 
 def test_gpu_pinning_env_per_worker() -> None:
     """The per-GPU cluster gives worker i CUDA_VISIBLE_DEVICES=i (checked without GPUs)."""
-    with _local_cluster(2, gpus=2) as cluster, Client(cluster) as client:
+    with local_cluster(2, gpus=2) as cluster, Client(cluster) as client:
         seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
     assert sorted(seen.values()) == ["0", "1"]
 
@@ -256,30 +260,18 @@ def test_tile_directory_with_corrupt_file(
     assert "0 done, 2 skipped, 1 failed" in capsys.readouterr().out
 
 
-def _interrupted_run(img: Path, ckpt: Path, out: Path, bands: int = 1) -> None:
+def _interrupted_run(img: Path, ckpt: Path, out: Path, bands: int = 1) -> ImagePlan:
     """State as a run killed after ``bands`` of 3 bands leaves it: partial stores, markers."""
-    from tilenet import __version__
-    from tilenet.checkpoint import file_checksum, load_checkpoint
-    from tilenet.infer import plan_grid, resolve_options
-    from tilenet.io.sniff import fingerprint
-    from tilenet.jobs import JobItem, _options_hash, _prepare_regions, _task_region
-
     opts = {k: v for k, v in OPTS.items() if k != "threads"}
     cfg = resolve_options(opts)
-    spec = load_checkpoint(ckpt)["spec"]
-    grid, _ = plan_grid((300, 260), spec, cfg)
-    key = {"fingerprint": fingerprint(img), "tilenet_version": __version__}
-    key |= {"model_checksum": file_checksum(ckpt), "options_hash": _options_hash(cfg)}
-    key["band_rows"] = 2
-    item = JobItem(str(img), "big", str(out / "big"))
-    stores = _prepare_regions(
-        item, spec, cfg, (300, 260), grid, key, pixel_size=None, n_bands=3, force=False
-    )
-    for i in range(bands):
-        marker = out / "big" / ".regions" / f"region-{i:05d}.json"
-        rows = (2 * i, min(6, 2 * i + 2))
-        _task_region(str(img), str(ckpt), opts, rows, stores, str(marker), key, 1)
-        assert marker.is_file()
+    predictor = Predictor(ckpt, cfg)
+    with torch_threads(1), open_image(img) as image:
+        plan = plan_image(image, predictor.spec, cfg, out / "big", model=ckpt, region_tiles=10)
+        assert len(plan.bands) == 3 and plan.pending == [0, 1, 2]
+        for i in range(bands):
+            run_band(plan, i, predictor, image)
+            assert (out / "big" / ".regions" / f"region-{i:05d}.json").is_file()
+    return plan
 
 
 def _bands_run(img: Path, ckpt: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> int:
@@ -308,13 +300,11 @@ def test_kill_during_finalize_keeps_the_bands(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Killed after probabilities were renamed into place: the rerun only finalizes."""
-    from tilenet.jobs import _finalize_store
-
     ckpt = _checkpoint(tmp_path / "m.pt")
     img = _image(tmp_path / "big.tif", 300, 260, seed=0)
     out = tmp_path / "out"
-    _interrupted_run(img, ckpt, out, bands=3)
-    _finalize_store(out / "big", "probabilities", "mean")
+    plan = _interrupted_run(img, ckpt, out, bands=3)
+    plan.outputs.finalize_store("probabilities")
     assert (out / "big" / "probabilities.ome.zarr").is_dir()
     assert _bands_run(img, ckpt, out, capsys) == 0
     assert run_jobs([img], ckpt, tmp_path / "fresh", quiet=True, **OPTS).exit_code == 0

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import platform
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -223,50 +219,3 @@ def test_background_writer_runs_in_order_and_reraises() -> None:
         for i in range(50):
             w2.submit(i)
         w2.close()
-
-
-_REUSE_SCRIPT = """
-import json, resource, sys
-import numpy as np
-from tilenet.pipeline import HeapGuard, keep_freed_memory
-kept = keep_freed_memory() if sys.argv[1] == "keep" else False
-
-def faults_of_second_buffer():
-    a = np.ones(48 << 20, np.uint8)  # 48 MiB: above glibc's largest default mmap threshold
-    del a
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    b = np.ones(48 << 20, np.uint8)
-    f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    del b
-    return f1 - f0
-
-reused = faults_of_second_buffer()
-guard = HeapGuard(every=3)
-for _ in range(7):
-    guard.check()
-print(json.dumps({"kept": kept, "faults": reused, "trims": guard.trims}))
-"""
-
-
-@pytest.mark.skipif(
-    sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
-    reason="glibc on Linux only",
-)
-@pytest.mark.parametrize("mode", ["keep", "default"])
-def test_keep_freed_memory_reuses_buffers(mode: str) -> None:
-    """With the engine's setting a freed 48 MiB buffer is reused: no page faults for the next.
-
-    With glibc's defaults it is unmapped on free, and the next one faults in every page.
-    """
-    out = subprocess.run(
-        [sys.executable, "-c", _REUSE_SCRIPT, mode], capture_output=True, text=True, check=True
-    )
-    r = json.loads(out.stdout)
-    if mode == "keep":
-        assert r["kept"] is True
-        assert r["faults"] <= 8, r  # the freed pages are still mapped: reused as they are
-    else:
-        # A fresh mapping faults at least once per 2 MiB (numpy asks for huge pages), or
-        # once per 4 KiB page without them.
-        assert r["faults"] >= (48 << 20) // (2 << 20), r
-    assert r["trims"] == 2, r  # after the 3rd and the 6th of 7 batches

@@ -1,72 +1,60 @@
-"""Tiled inference: read tiles ahead in threads, run the model in batches, stitch out of core.
+"""Tiled inference of one image: plan, run bands of tiles, finish; resumable after a kill.
 
-``infer_image(input, model, out_dir, **options)`` is what ``tilenet infer`` runs. The
-checkpoint carries the model spec, normalisation and class names; the options are the
-fields of :class:`tilenet.config.InferConfig`.
+``infer_image(input, model, out_dir, **options)`` is what ``tilenet infer`` runs; the options
+are the fields of :class:`tilenet.config.InferConfig`. It is three public steps, which batch
+jobs (:mod:`tilenet.jobs`) run the same way, on dask workers when asked:
 
-Geometry
---------
-Tiles come from :class:`tilenet.geometry.TileGrid` with ``align`` = the model's total stride
-and ``edge="clamp"``. In crop mode the halo is ``ceil_to(receptive_field, stride)``; each
-tile's core is kept and its halo discarded. The model sees every read window exactly as it
-would see that part of the whole image: read origins and sizes are multiples of the stride,
-the < stride rows/columns past the image are zero *after* normalisation, and the network's
-own zero padding at the image border is what it gets at a clamped edge tile. So crop-mode
-output equals one forward pass over the whole image (zero-padded after normalisation to a
-multiple of the stride, then cropped) to float rounding, for any network whose layers act
-per pixel at inference (convolutions, eval-mode BatchNorm, pooling, interpolation).
+1. :func:`plan_image` plans the tile grid (:func:`tilenet.predictor.plan_grid`), splits it
+   into bands of whole grid rows (crop mode; blend modes are one band), and prepares the
+   outputs (:class:`tilenet.outputs.OutputSet`): partial stores under temporary names,
+   reopened when an earlier run with the same input, model and options was interrupted.
+2. :func:`run_band` runs one band's tiles through a :class:`tilenet.predictor.Predictor`
+   into the partial stores and records the band as finished. Bands write disjoint output
+   chunks, so they may run in any order and in different processes.
+3. :func:`finish` builds the pyramids, renames the stores into place, makes the OME-TIFF,
+   preview, instances and GeoJSON, and writes ``config.yaml`` and ``summary.json``.
 
-What breaks exactness: normalisation whose statistics are taken over the input (GroupNorm,
-InstanceNorm, LayerNorm over space) or global pooling, because a tile's statistics differ
-from the whole image's; a ``halo`` override below the receptive field; and reduced precision
-(bf16/fp16). Such models get a warning in crop mode; use ``mode="gaussian"`` for them.
-
-Test-time augmentation (``tta``) averages the softmax over the four flips. A flipped read
-window is still stride-aligned inside the flipped (stride-padded) image, so crop-mode TTA
-equals whole-image TTA too.
+A run killed with SIGKILL and started again with the same command keeps the bands it had
+finished and ends with outputs identical to an uninterrupted run: batches never span grid
+rows, so a band computes exactly what it computes inside a whole-grid run.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, fields
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import numpy as np
 
 from tilenet.config import InferConfig
 from tilenet.errors import ConfigError, InputError
-from tilenet.fsutil import atomic_output, remove_path
-from tilenet.geometry import Tile, TileGrid, Window, ceil_to
-from tilenet.io.writers import OmeZarrWriter, write_ome_tiff, write_preview_png
-from tilenet.pipeline import (
-    BackgroundWriter,
-    HeapGuard,
-    keep_freed_memory,
-    malloc_trim,
-    map_large_buffers,
-    prefetch,
-)
-from tilenet.stitch import BlendStitcher, CropStitcher, OutputSink, strip_order
-
-if TYPE_CHECKING:
-    import torch
+from tilenet.geometry import Tile, TileGrid
+from tilenet.models.spec import ModelSpec
+from tilenet.outputs import OutputSet
+from tilenet.predictor import BLEND_STRIP_PX, Predictor, RunStats, plan_grid, tile_order
+from tilenet.progress import progress_bar
+from tilenet.stitch import BlendStitcher, CropStitcher
 
 __all__ = [
     "OUTPUTS",
-    "batch_shapes",
+    "REGION_TILES",
+    "ImagePlan",
+    "bands_of",
+    "finish",
     "infer_image",
-    "plan_grid",
-    "predict",
-    "prepare_model",
+    "job_key",
+    "plan_image",
     "resolve_options",
+    "run_band",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,15 +62,11 @@ log = logging.getLogger(__name__)
 #: Outputs ``--outputs`` may name.
 OUTPUTS = ("probabilities", "classes", "instances", "preview", "geojson")
 
-#: With ``heap="reuse"``: keep freed buffers mapped for reuse
-#: (:func:`tilenet.pipeline.keep_freed_memory`) and hand free heap memory back every 8
-#: batches (:class:`tilenet.pipeline.HeapGuard`) and at the end. Module constants so that
-#: benchmarks can switch either off.
-_KEEP_FREED = True
-_TRIM = True
+#: Default tiles per band: the unit of resume (and of parallel work in batch jobs).
+REGION_TILES = 256
 
-#: Width (pixels) of the vertical strips blend mode processes; bounds its open chunks.
-_BLEND_STRIP_PX = 8192
+#: Options that change how fast, not what is computed (left out of the resume key).
+_NOT_HASHED = ("readers", "device", "heap")
 
 
 # -- options --------------------------------------------------------------------------------
@@ -116,195 +100,304 @@ def resolve_options(options: dict[str, Any] | InferConfig | None = None) -> Infe
     return cfg
 
 
-def plan_grid(
-    shape: tuple[int, int], spec: dict[str, Any], cfg: InferConfig
-) -> tuple[TileGrid, int]:
-    """The tile grid for an image of ``shape`` and a model ``spec``; returns (grid, halo).
+def options_hash(cfg: InferConfig) -> str:
+    """A short hash of the options that change what is computed."""
+    d = {k: v for k, v in asdict(cfg).items() if k not in _NOT_HASHED}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    In crop mode ``cfg.tile`` is the largest read window: the tile shrinks to the smallest
-    stride multiple that still covers the image with as many tiles, so the last row and
-    column of tiles do not recompute most of their neighbours (e.g. 4096² with a 128 px halo:
-    6 x 6 tiles of 1024² = 2.25x the image at most; 944² tiles cover it in the same 36,
-    1.91x). Any stride-aligned grid is exact, so this changes the work, not the output.
 
-    >>> spec = {"stride": 16, "receptive_field": 40}
-    >>> g, halo = plan_grid((1000, 700), spec, InferConfig(tile=256))
-    >>> halo, g.tile, g.core, g.counts
-    (48, (240, 240), (144, 144), (7, 5))
-    >>> g, _ = plan_grid((1000, 700), spec, InferConfig(tile=256, mode="gaussian"))
-    >>> g.tile, g.counts
-    ((256, 256), (6, 4))
+def job_key(
+    input: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None, cfg: InferConfig
+) -> dict[str, str]:
+    """What an image's outputs are computed from: input fingerprint, model, options, version.
+
+    Partial outputs are resumed only under an equal key. Without a checkpoint file (a module
+    given in memory) the key is unique to this call, so nothing is ever resumed.
     """
-    stride = max(1, int(spec["stride"]))
-    rf = int(spec["receptive_field"])
-    if cfg.tile % stride:
-        raise InputError(
-            f"tile {cfg.tile} must be a multiple of the model's stride {stride}; "
-            f"try --tile {ceil_to(cfg.tile, stride)}"
-        )
-    if cfg.mode == "crop":
-        halo = ceil_to(cfg.halo if cfg.halo is not None else rf, stride)
-    else:
-        halo = ceil_to(round(cfg.overlap * cfg.tile / 2), stride)
-    if cfg.tile < 2 * halo + stride:
-        suggest = max(ceil_to(4 * halo, stride), 2 * halo + stride)
-        why = "the model's receptive field" if cfg.mode == "crop" else "--overlap"
-        raise InputError(
-            f"tile {cfg.tile} is too small for a halo of {halo} px on each side (from {why}); "
-            f"use --tile {suggest} or larger"
-        )
-    tile = cfg.tile
-    if cfg.mode == "crop":
-        # The smallest core that keeps each axis's tile count (a stride multiple).
-        core_max, core = cfg.tile - 2 * halo, stride
-        for side in shape:
-            n = math.ceil(side / core_max)
-            core = max(core, ceil_to(math.ceil(side / n), stride))
-        tile = min(cfg.tile, core + 2 * halo)
-    return TileGrid(shape, tile, halo, align=stride, edge="clamp"), halo
+    from tilenet import __version__
+    from tilenet.checkpoint import file_checksum
+    from tilenet.io import fingerprint
+
+    return {
+        "fingerprint": fingerprint(input),
+        "tilenet_version": __version__,
+        "model_checksum": file_checksum(checkpoint) if checkpoint else uuid.uuid4().hex,
+        "options_hash": options_hash(cfg),
+    }
 
 
-# -- tensors --------------------------------------------------------------------------------
-_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
+def bands_of(rows: int, cols: int, region_tiles: int) -> list[tuple[int, int]]:
+    """Bands of whole grid rows with about ``region_tiles`` tiles each.
+
+    >>> bands_of(5, 4, 8)
+    [(0, 2), (2, 4), (4, 5)]
+    """
+    per = max(1, region_tiles // max(1, cols))
+    return [(r, min(rows, r + per)) for r in range(0, rows, per)]
 
 
-def predict(
-    model: torch.nn.Module,
-    x: torch.Tensor,
+# -- the plan -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImagePlan:
+    """Everything needed to run and finish one image's inference (plain data: picklable)."""
+
+    input: str
+    out: str
+    config: InferConfig
+    spec: ModelSpec
+    #: The checkpoint path, or None for a model given in memory.
+    model: str | None
+    grid: TileGrid
+    halo: int
+    #: Downsample of the inferred level relative to level 0, and its pixel size (µm) if known.
+    downsample: tuple[float, float]
+    pixel_size: tuple[float, float] | None
+    bands: tuple[tuple[int, int], ...]
+    outputs: OutputSet
+    #: Wall-clock time (``time.time()``) when planning began.
+    t0: float
+
+    @property
+    def pending(self) -> list[int]:
+        """Indices of the bands still to run (finished ones of an earlier run are kept)."""
+        return [i for i in range(len(self.bands)) if i not in self.outputs.resumed]
+
+    def tiles(self, band: int) -> list[Tile]:
+        """The tiles of ``band`` in the order the engine runs them."""
+        if self.config.mode != "crop":
+            return tile_order(self.grid, self.config.mode)
+        r0, r1 = self.bands[band]
+        return [t for r in range(r0, r1) for t in self.grid.row(r)]
+
+
+def plan_image(
+    image: Any,
+    spec: ModelSpec | dict[str, Any],
+    cfg: InferConfig,
+    out: str | os.PathLike[str],
     *,
-    tta: bool = False,
-    regions: Sequence[Window] | None = None,
-) -> Any:
-    """Softmax probabilities (float32) of a batch ``x`` (B, C, h, w); TTA averages 4 flips.
+    model: str | os.PathLike[str] | None = None,
+    region_tiles: int = REGION_TILES,
+    key: dict[str, Any] | None = None,
+    force: bool = False,
+) -> ImagePlan:
+    """Plan ``image`` (an open LazyImage) for a model and prepare its outputs in ``out``.
 
-    Without ``regions`` returns a (B, K, h, w) tensor. With one window per batch item (in
-    ``x``'s coordinates) returns a list of (K, h_i, w_i) tensors: the softmax is computed only
-    there (a tile's core in crop mode), which saves most of its cost.
+    ``spec`` is the model's spec, ``model`` its checkpoint path (None for a model in
+    memory). ``key`` identifies what the outputs are computed from (:func:`job_key`; made
+    here when not given). Partial outputs of an earlier run with the same key and band
+    layout are kept; ``force`` discards them.
     """
-    import torch
-
-    flips = _FLIPS if tta else ((),)
-    total: list[torch.Tensor] | None = None
-    for dims in flips:
-        logits = model(torch.flip(x, dims) if dims else x)
-        logits = torch.flip(logits, dims) if dims else logits
-        if regions is None:
-            parts = [torch.softmax(logits.float(), dim=1)]
-        else:
-            parts = [
-                torch.softmax(logits[j, :, r.y : r.y1, r.x : r.x1].float(), dim=0)
-                for j, r in enumerate(regions)
-            ]
-        total = parts if total is None else [t + p for t, p in zip(total, parts, strict=True)]
-    assert total is not None
-    if tta:
-        total = [t / len(flips) for t in total]
-    return total[0] if regions is None else total
-
-
-def _device(name: str) -> torch.device:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return dev
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    import torch
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# -- model ----------------------------------------------------------------------------------
-def _resolve_model(
-    model: Any, device: torch.device
-) -> tuple[torch.nn.Module, dict[str, Any], str | None]:
-    """``model`` as a checkpoint path or a (module, spec) pair -> (module, spec, path)."""
-    from tilenet.checkpoint import load_model
-
-    if isinstance(model, str | os.PathLike):
-        module, spec = load_model(model, device=device)
-        return prepare_model(module), spec, str(model)
-    try:
-        module, spec = model
-    except (TypeError, ValueError):
+    t0 = time.time()
+    spec = ModelSpec.coerce(spec)
+    if not 0 <= cfg.level < len(image.levels):
         raise InputError(
-            f"model must be a checkpoint path or a (module, spec) pair, got {type(model).__name__}"
-        ) from None
-    # A caller's module is left as it was: fusion works on a copy (same device, same dtype).
-    import copy
+            f"{image.path}: level {cfg.level} does not exist; the image has levels "
+            f"0..{len(image.levels) - 1}"
+        )
+    if spec.in_channels != image.channels:
+        raise InputError(
+            f"{image.path}: image has {image.channels} channels but the model expects "
+            f"{spec.in_channels}"
+        )
+    shape = image.levels[cfg.level].shape
+    grid, halo = plan_grid(shape, spec, cfg)
+    rows, cols = grid.counts
+    bands = bands_of(rows, cols, region_tiles) if cfg.mode == "crop" else [(0, rows)]
+    checkpoint = str(model) if model is not None else None
+    if key is None:
+        key = job_key(image.path, checkpoint, cfg)
+    key = {**key, "band_rows": bands[0][1] - bands[0][0], "mode": cfg.mode}
+    ds = image.levels[cfg.level].downsample
+    pixel_size = None
+    if image.pixel_size:
+        pixel_size = (image.pixel_size[0] * ds[0], image.pixel_size[1] * ds[1])
+    outp = Path(out)
+    outp.mkdir(parents=True, exist_ok=True)
+    outputs = OutputSet.prepare(
+        outp,
+        key=key,
+        shape=shape,
+        chunk=grid.core[0],  # output chunk = tile core: one writer per chunk
+        class_names=spec.class_names,
+        cfg=cfg,
+        pixel_size=pixel_size,
+        bands=bands,
+        force=force,
+    )
+    return ImagePlan(
+        input=str(image.path),
+        out=str(outp),
+        config=cfg,
+        spec=spec,
+        model=checkpoint,
+        grid=grid,
+        halo=halo,
+        downsample=(float(ds[0]), float(ds[1])),
+        pixel_size=pixel_size,
+        bands=tuple(bands),
+        outputs=outputs,
+        t0=t0,
+    )
 
-    return prepare_model(copy.deepcopy(module).to(device)), dict(spec), None
 
-
-def prepare_model(module: torch.nn.Module) -> torch.nn.Module:
-    """Make a loaded model ready for inference, in place: eval mode, BatchNorm folded into
-    the convolutions before it (:func:`tilenet.models.fuse.fuse_conv_bn`), channels_last.
-
-    Returns ``module``. The engine calls it once per loaded model; benchmarks call it so that
-    "the model alone" is the same model the engine runs.
-    """
-    import torch
-
-    from tilenet.models.fuse import fuse_conv_bn
-
-    module.eval()
-    if not getattr(module, "_tilenet_prepared", False):
-        n = fuse_conv_bn(module)
-        log.debug("folded %d BatchNorm layers into convolutions", n)
-        module._tilenet_prepared = True  # type: ignore[assignment]
-    return module.to(memory_format=torch.channels_last)
-
-
-def _is_exact(module: Any) -> bool:
-    """Whether the model's normalisation acts per pixel at inference (so crop mode is exact)."""
-    import torch
-
-    declared = getattr(module, "per_pixel_norm", None)
-    if declared is not None:
-        return bool(declared)
-    stats = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.modules.instancenorm._InstanceNorm)
-    return not any(isinstance(m, stats) for m in module.modules())
-
-
-# -- outputs --------------------------------------------------------------------------------
-def _foreground_fractions(tiles: Sequence[Tile], image: Any, level: int) -> np.ndarray:
-    """Fraction of each tile's core that is foreground on the tiler's low-resolution mask."""
-    from tilenet.tiler import _foreground_fractions, foreground_mask
+def _skip_mask(plan: ImagePlan, image: Any, tiles: list[Tile]) -> np.ndarray | None:
+    """Tiles whose low-resolution foreground fraction is below ``min_foreground``."""
+    cfg = plan.config
+    if cfg.min_foreground <= 0:
+        return None
+    from tilenet.io.foreground import foreground_fractions, foreground_mask
 
     mask, mask_ds = foreground_mask(image)
-    ds = image.levels[level].downsample
-    return _foreground_fractions([t.core for t in tiles], mask, mask_ds, ds)
+    ds = image.levels[cfg.level].downsample
+    return foreground_fractions([t.core for t in tiles], mask, mask_ds, ds) < cfg.min_foreground
 
 
-# -- the engine -----------------------------------------------------------------------------
+def run_band(
+    plan: ImagePlan,
+    band: int,
+    predictor: Predictor,
+    image: Any,
+    *,
+    on_tiles: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Run band ``band`` of ``plan`` into its partial stores; record and return it as done."""
+    tiles = plan.tiles(band)
+    sink = plan.outputs.sink()
+    stitcher: CropStitcher | BlendStitcher
+    if plan.config.mode == "crop":
+        stitcher = CropStitcher(sink)
+    else:
+        strip = max(1, BLEND_STRIP_PX // plan.grid.core[1])
+        stitcher = BlendStitcher(
+            plan.grid,
+            sink,
+            mode=plan.config.mode,  # type: ignore[arg-type]
+            spill_dir=plan.outputs.spill_dir(),
+            strip_tiles=strip,
+        )
+    stats: RunStats = predictor.run(
+        image,
+        tiles,
+        stitcher,
+        grid=plan.grid,
+        skip=_skip_mask(plan, image, tiles),
+        on_tiles=on_tiles,
+    )
+    record = {
+        "rows": list(plan.bands[band]),
+        "tiles": stats.tiles,
+        "tiles_run": stats.tiles_run,
+        "area": [int(a) for a in sink.area],
+        "seconds": round(stats.seconds, 3),
+        "cpu_s": round(stats.cpu_s, 3),
+        "model_s": round(stats.model_s, 3),
+        "read_wait_s": round(stats.read_wait_s, 3),
+        "heap_trims": stats.heap_trims,
+        "device": str(predictor.device),
+        "exact": predictor.run_is_exact,
+    }
+    # Written only now, when every chunk of the band is on disk: the marker is the proof.
+    plan.outputs.mark_band(band, record)
+    return record
+
+
+def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict[str, Any]:
+    """Finalize the outputs of a plan whose bands are all done; write and return the summary."""
+    from tilenet import __version__
+
+    records = plan.outputs.band_records(plan.bands)
+    cfg, spec = plan.config, plan.spec
+    names = list(spec.class_names)
+    t_fin = time.perf_counter()
+    paths, n_inst = plan.outputs.finalize(
+        image,
+        cfg,
+        class_names=names,
+        downsample=plan.downsample,
+        pixel_size=plan.pixel_size,
+    )
+    finalize_s = time.perf_counter() - t_fin
+    area = [sum(int(r["area"][i]) for r in records) for i in range(spec.num_classes)]
+    n_tiles = sum(int(r["tiles"]) for r in records)
+    n_run = sum(int(r["tiles_run"]) for r in records)
+    tiles_s = sum(float(r["seconds"]) for r in records)
+    px_area = math.prod(plan.pixel_size) if plan.pixel_size else None
+    devices = sorted({str(r.get("device")) for r in records})
+
+    def total(key: str) -> float:
+        return round(sum(float(r.get(key, 0.0)) for r in records), 3)
+
+    summary: dict[str, Any] = {
+        "tilenet_version": __version__,
+        "input": plan.input,
+        "model": plan.model or spec.name,
+        "model_name": spec.name,
+        "shape": list(plan.grid.shape),
+        "level": cfg.level,
+        "mode": cfg.mode,
+        "exact": all(bool(r.get("exact")) for r in records),
+        "tile": plan.grid.tile[0],  # as run (crop mode may shrink the requested tile)
+        "halo": plan.halo,
+        "stride": spec.stride,
+        "receptive_field": spec.receptive_field,
+        "tiles": n_tiles,
+        "tiles_run": n_run,
+        "tiles_skipped": n_tiles - n_run,
+        "regions": len(records),
+        "regions_resumed": len(plan.outputs.resumed),
+        "device": ",".join(devices),
+        "precision": cfg.precision,
+        "class_names": names,
+        "class_area_px": dict(zip(names, area, strict=True)),
+        "class_area_um2": (
+            {n: float(a * px_area) for n, a in zip(names, area, strict=True)} if px_area else None
+        ),
+        "instances": n_inst
+        and {
+            "count": int(n_inst["count"]),
+            "per_class": {
+                names[int(c)]: int(n) for c, n in n_inst.get("per_class_counts", {}).items()
+            },
+        },
+        "timings": {
+            **({"setup_s": round(setup_s, 3)} if setup_s is not None else {}),
+            # Summed over bands (of every run that contributed one, when resumed).
+            "tiles_s": round(tiles_s, 3),
+            # CPU seconds of all threads in the tile phase (robust to a busy machine).
+            "tiles_cpu_s": total("cpu_s"),
+            "model_s": total("model_s"),
+            "read_wait_s": total("read_wait_s"),
+            "heap_trims": int(total("heap_trims")),
+            "finalize_s": round(finalize_s, 3),
+            "total_s": round(time.time() - plan.t0, 3),
+        },
+        "tiles_per_s": round(n_tiles / max(tiles_s, 1e-9), 3),
+        "outputs": {name: str(p) for name, p in paths.items()},
+    }
+    return plan.outputs.publish(summary, cfg)
+
+
+# -- one image, in this process ---------------------------------------------------------------
 def infer_image(
     input: Any,
     model: Any,
     out_dir: str | os.PathLike[str],
     *,
     progress: bool = False,
+    region_tiles: int = REGION_TILES,
     **options: Any,
 ) -> dict[str, Any]:
     """Run tiled inference of ``model`` on ``input`` and write the outputs to ``out_dir``.
 
     ``input`` is a path (or an open :class:`~tilenet.io.base.LazyImage`); ``model`` a
-    checkpoint path or a ``(module, spec)`` pair; ``options`` are :class:`InferConfig`
-    fields. Returns the summary also written to ``out_dir/summary.json``.
+    checkpoint path, a ``(module, spec)`` pair or a :class:`~tilenet.predictor.Predictor`;
+    ``options`` are :class:`InferConfig` fields. Crop-mode images are run in bands of about
+    ``region_tiles`` tiles; when a run over a checkpoint is interrupted, the same call again
+    keeps the finished bands. Returns the summary also written to ``out_dir/summary.json``.
     """
-    cfg = resolve_options(options)
     t_start = time.perf_counter()
-    out = Path(out_dir)
+    cfg = resolve_options(options)
     if isinstance(input, str | os.PathLike):
         from tilenet.io import open_image
 
@@ -312,382 +405,26 @@ def infer_image(
     else:
         image = input
     try:
-        return _run(image, model, out, cfg, progress=progress, t_start=t_start)
+        predictor = model.with_config(cfg) if isinstance(model, Predictor) else None
+        predictor = predictor or Predictor(model, cfg)
+        plan = plan_image(
+            image,
+            predictor.spec,
+            cfg,
+            out_dir,
+            model=predictor.checkpoint,
+            region_tiles=region_tiles,
+        )
+        setup_s = time.perf_counter() - t_start
+
+        resumed = sum(len(plan.tiles(i)) for i in plan.outputs.resumed)
+        with progress_bar(len(plan.grid), desc="infer", unit="tile", enabled=progress) as bar:
+            bar.update(resumed)
+            for band in plan.pending:
+                run_band(plan, band, predictor, image, on_tiles=bar.update)
+        if plan.outputs.resumed:
+            log.info("%s: kept %d finished bands", image.path, len(plan.outputs.resumed))
+        return finish(plan, image, setup_s=setup_s)
     finally:
         if image is not input:
             image.close()
-
-
-def _run(
-    image: Any, model: Any, out: Path, cfg: InferConfig, *, progress: bool, t_start: float
-) -> dict[str, Any]:
-    import torch
-
-    from tilenet import __version__
-
-    if not 0 <= cfg.level < len(image.levels):
-        raise InputError(
-            f"{image.path}: level {cfg.level} does not exist; the image has levels "
-            f"0..{len(image.levels) - 1}"
-        )
-    device = _device(cfg.device)
-    module, spec, ckpt_path = _resolve_model(model, device)
-    k = int(spec["num_classes"])
-    if int(spec["in_channels"]) != image.channels:
-        raise InputError(
-            f"{image.path}: image has {image.channels} channels but the model expects "
-            f"{spec['in_channels']}"
-        )
-    if k > 255:
-        raise InputError(f"model has {k} classes; class maps are uint8 (at most 255)")
-    exact = _is_exact(module)
-    if cfg.mode == "crop" and not exact:
-        log.warning(
-            "model %s normalises over each tile (GroupNorm/InstanceNorm or similar): crop mode "
-            "is not exact for it; prefer --mode gaussian",
-            spec["name"],
-        )
-    shape = image.levels[cfg.level].shape
-    grid, halo = plan_grid(shape, spec, cfg)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    names = [str(n) for n in (spec.get("class_names") or [f"class_{i}" for i in range(k)])]
-    ds = image.levels[cfg.level].downsample
-    pixel_size = None
-    if image.pixel_size:
-        pixel_size = (image.pixel_size[0] * ds[0], image.pixel_size[1] * ds[1])
-    want = set(cfg.outputs)
-    out.mkdir(parents=True, exist_ok=True)
-    spill = out / f".infer-spill-{os.getpid()}"
-    with contextlib.ExitStack() as stack:
-        # Writers live at temporary siblings until finalize() renames them; on an error
-        # their context exit removes them, so nothing half-written looks complete.
-        prob_w = None
-        if "probabilities" in want:
-            prob_w = stack.enter_context(
-                OmeZarrWriter(
-                    out / "probabilities.ome.zarr",
-                    shape=(k, *shape),
-                    dtype=cfg.probabilities_dtype,
-                    axes="cyx",
-                    chunks=grid.core[0],  # output chunk = tile core: one writer per chunk
-                    pixel_size=pixel_size,
-                    name="probabilities",
-                    channel_names=names,
-                    overwrite=True,
-                )
-            )
-        cls_w = stack.enter_context(
-            OmeZarrWriter(
-                out / "classes.ome.zarr",
-                shape=shape,
-                dtype="uint8",
-                axes="yx",
-                chunks=grid.core[0],
-                pixel_size=pixel_size,
-                name="classes",
-                overwrite=True,
-            )
-        )
-        stack.callback(remove_path, spill)
-        sink = OutputSink(
-            num_classes=k,
-            probabilities=prob_w.array if prob_w else None,
-            classes=cls_w.array,
-            probabilities_dtype=cfg.probabilities_dtype,
-        )
-        if cfg.mode == "crop":
-            stitcher: CropStitcher | BlendStitcher = CropStitcher(sink)
-            tiles = list(grid)
-        else:
-            strip = _strip_tiles(grid)
-            stitcher = BlendStitcher(grid, sink, mode=cfg.mode, spill_dir=spill, strip_tiles=strip)
-            tiles = stitcher.order
-        skip = np.zeros(len(tiles), dtype=bool)
-        if cfg.min_foreground > 0:
-            skip = _foreground_fractions(tiles, image, cfg.level) < cfg.min_foreground
-        t_model, c_model = time.perf_counter(), time.process_time()
-        stats = _execute(image, module, spec, grid, tiles, skip, stitcher, cfg, device, progress)
-        stitcher.close()
-        t_written, c_written = time.perf_counter(), time.process_time()
-        paths: dict[str, Path] = {}
-        if prob_w is not None:
-            paths["probabilities"] = prob_w.finalize(method="mean")
-        classes_path = cls_w.finalize(method="mode")
-        paths["classes"] = classes_path
-        n_instances = _extra_outputs(image, out, classes_path, cfg, names, pixel_size, paths)
-    t_end = time.perf_counter()
-
-    n_run = int((~skip).sum())
-    names = list(spec.get("class_names") or [f"class_{i}" for i in range(k)])
-    ds = image.levels[cfg.level].downsample
-    px_area = None
-    if image.pixel_size:
-        px_area = image.pixel_size[0] * ds[0] * image.pixel_size[1] * ds[1]
-    summary: dict[str, Any] = {
-        "tilenet_version": __version__,
-        "input": str(image.path),
-        "model": ckpt_path or spec["name"],
-        "model_name": spec["name"],
-        "shape": list(shape),
-        "level": cfg.level,
-        "mode": cfg.mode,
-        "exact": bool(exact and cfg.mode == "crop" and cfg.precision == "fp32"),
-        "tile": grid.tile[0],  # as run (crop mode may shrink the requested tile)
-        "halo": halo,
-        "stride": int(spec["stride"]),
-        "receptive_field": int(spec["receptive_field"]),
-        "tiles": len(tiles),
-        "tiles_run": n_run,
-        "tiles_skipped": len(tiles) - n_run,
-        "device": str(device),
-        "precision": cfg.precision,
-        "class_names": names,
-        "class_area_px": {n: int(a) for n, a in zip(names, sink.area, strict=False)},
-        "class_area_um2": (
-            {n: float(a * px_area) for n, a in zip(names, sink.area, strict=False)}
-            if px_area
-            else None
-        ),
-        "instances": n_instances
-        and {
-            "count": int(n_instances["count"]),
-            "per_class": {
-                names[int(c)]: int(n) for c, n in n_instances.get("per_class_counts", {}).items()
-            },
-        },
-        "timings": {
-            "setup_s": round(t_model - t_start, 3),
-            "tiles_s": round(t_written - t_model, 3),
-            # CPU seconds of all threads in the tile phase (robust to a busy machine).
-            "tiles_cpu_s": round(c_written - c_model, 3),
-            "finalize_s": round(t_end - t_written, 3),
-            "total_s": round(t_end - t_start, 3),
-            "model_s": round(stats["model_s"], 3),
-            "read_wait_s": round(stats["read_wait_s"], 3),
-            "heap_trims": int(stats["heap_trims"]),
-        },
-        "tiles_per_s": round(len(tiles) / max(t_written - t_model, 1e-9), 3),
-        "outputs": {name: str(p) for name, p in paths.items()},
-    }
-    summary["outputs"]["config"] = str(out / "config.yaml")
-    summary["outputs"]["summary"] = str(out / "summary.json")
-    _write_text(out / "config.yaml", _config_yaml(cfg, ckpt_path))
-    _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def _strip_tiles(grid: TileGrid) -> int:
-    """Tile columns per vertical strip in blend modes."""
-    return max(1, _BLEND_STRIP_PX // grid.core[1])
-
-
-def batch_shapes(grid: TileGrid, cfg: InferConfig) -> list[tuple[int, tuple[int, int]]]:
-    """(batch size, read shape) of every model batch the engine runs over ``grid``.
-
-    The engine's own order and grouping (no tiles skipped), for benchmarks that time the
-    model alone on exactly the batches :func:`infer_image` runs.
-
-    >>> spec = {"stride": 16, "receptive_field": 40}
-    >>> g, _ = plan_grid((1000, 700), spec, InferConfig(tile=256, batch=4))
-    >>> batch_shapes(g, InferConfig(tile=256, batch=4))[:3]
-    [(4, (240, 240)), (1, (240, 240)), (4, (240, 240))]
-    """
-    crop = cfg.mode == "crop"
-    tiles = list(grid) if crop else strip_order(grid, _strip_tiles(grid))
-    items = (((i, t, False), None) for i, t in enumerate(tiles))
-    return [(len(b), b[0][0].read.shape) for b in _batches(items, cfg.batch, by_row=crop)]
-
-
-def _batches(
-    items: Iterator[tuple[tuple[int, Tile, bool], np.ndarray | None]],
-    size: int,
-    *,
-    by_row: bool = False,
-) -> Iterator[list[tuple[Tile, bool, np.ndarray | None]]]:
-    """Group consecutive tiles into batches of equal read shape (skipped tiles pass alone).
-
-    ``by_row``: a batch never spans two grid rows, so a run over a band of whole rows
-    batches its tiles exactly as a run over the whole grid does (oneDNN's results can
-    depend on the batch size in the last bit; this keeps banded runs bit-identical).
-    """
-    batch: list[tuple[Tile, bool, np.ndarray | None]] = []
-    for (_, tile, skipped), arr in items:
-        if batch and (
-            len(batch) >= size
-            or skipped
-            or batch[-1][1]
-            or batch[-1][0].read.shape != tile.read.shape
-            or (by_row and batch[-1][0].index[0] != tile.index[0])
-        ):
-            yield batch
-            batch = []
-        batch.append((tile, skipped, arr))
-    if batch:
-        yield batch
-
-
-def _execute(
-    image: Any,
-    module: torch.nn.Module,
-    spec: dict[str, Any],
-    grid: TileGrid,
-    tiles: list[Tile],
-    skip: np.ndarray,
-    stitcher: CropStitcher | BlendStitcher,
-    cfg: InferConfig,
-    device: torch.device,
-    progress: bool,
-) -> dict[str, float]:
-    import torch
-    from tqdm.auto import tqdm
-
-    h, w = grid.shape
-    k = int(spec["num_classes"])
-    crop = cfg.mode == "crop"
-    pin = device.type == "cuda"
-    c = int(spec["in_channels"])
-    mean = torch.tensor(spec.get("mean") or [0.0] * c, dtype=torch.float32, device=device)
-    inv_std = 1.0 / torch.tensor(spec.get("std") or [1.0] * c, dtype=torch.float32)
-    mean, inv_std = mean.view(1, c, 1, 1), inv_std.to(device).view(1, c, 1, 1)
-    # uint8 tiles travel as uint8 (4x fewer bytes to the device, 4x less read-ahead memory)
-    # and are normalised there; other dtypes become float32 here (torch lacks uint16 ops).
-    keep_raw = np.dtype(image.dtype) == np.uint8
-
-    def read(item: tuple[int, Tile, bool]) -> np.ndarray | None:
-        _, tile, skipped = item
-        if skipped:
-            return None
-        raw = image.read(tile.read, cfg.level)
-        return raw if keep_raw else raw.astype(np.float32)
-
-    def to_input(batch: list[tuple[Tile, bool, np.ndarray | None]]) -> torch.Tensor:
-        """Raw (B, h, w, C) tiles -> normalised channels_last (B, C, h, w) on the device."""
-        x = torch.from_numpy(np.stack([cast(np.ndarray, a) for _, _, a in batch]))
-        if pin:
-            x = x.pin_memory()
-        # NHWC memory viewed as NCHW is channels_last: no copy, and the ops below keep it.
-        x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2).float()
-        x.sub_(mean).mul_(inv_std)  # in place: same arithmetic as (x - mean) * inv_std
-        for j, (tile, _, _) in enumerate(batch):
-            # Past the image (alignment rows) the input is zero *after* normalisation, like
-            # the network's own zero padding at the image border.
-            r = tile.read
-            x[j, :, max(0, h - r.y) :, :] = 0
-            x[j, :, :, max(0, w - r.x) :] = 0
-        return x
-
-    def background(tile: Tile) -> np.ndarray:
-        win = tile.core if crop else tile.read.clip(h, w)
-        p = np.zeros((k, win.h, win.w), np.float32)
-        p[0] = 1.0
-        return p
-
-    def region(tile: Tile) -> Window:
-        # What the stitcher takes, in read-window coordinates.
-        return tile.core_in_read if crop else tile.read.clip(h, w).relative_to(tile.read)
-
-    stats = {"model_s": 0.0, "read_wait_s": 0.0}
-    reuse = cfg.heap == "reuse"
-    if not reuse:
-        map_large_buffers()  # process-wide; flat peak RSS at some CPU speed
-    elif _KEEP_FREED:
-        keep_freed_memory()  # process-wide; each batch reuses the last one's activations
-    items = [(i, t, bool(skip[i])) for i, t in enumerate(tiles)]
-    depth = max(2 * cfg.batch, 2 * cfg.readers)
-    bar = tqdm(total=len(tiles), unit="tile", disable=not progress, desc="infer")
-    with BackgroundWriter[tuple[Any, ...]](
-        lambda job: stitcher.add(*job), depth=2 * cfg.batch
-    ) as writer:
-        reads = prefetch(items, read, workers=cfg.readers, depth=depth)
-        it = _batches(reads, cfg.batch, by_row=crop)
-        t0 = time.perf_counter()
-        guard = HeapGuard()
-        for batch in it:
-            stats["read_wait_s"] += time.perf_counter() - t0
-            if batch[0][1]:
-                for tile, _, _ in batch:
-                    writer.submit((tile, background(tile)))
-            else:
-                t1 = time.perf_counter()
-                x = to_input(batch)
-                regions = [region(tile) for tile, _, _ in batch]
-                with torch.inference_mode(), _autocast(device, cfg.precision):
-                    probs = predict(module, x, tta=cfg.tta, regions=regions)
-                for (tile, _, _), p in zip(batch, probs, strict=True):
-                    writer.submit((tile, p.contiguous().cpu().numpy()))
-                stats["model_s"] += time.perf_counter() - t1
-                if _TRIM and reuse:
-                    guard.check()  # keeps peak RSS flat on huge images (see pipeline)
-            bar.update(len(batch))
-            t0 = time.perf_counter()
-    bar.close()
-    if _TRIM:
-        malloc_trim()  # what the tiles left free goes back to the OS
-    stats["heap_trims"] = float(guard.trims)
-    return stats
-
-
-def _extra_outputs(
-    image: Any,
-    out: Path,
-    classes_path: Path,
-    cfg: InferConfig,
-    names: list[str],
-    pixel_size: tuple[float, float] | None,
-    paths: dict[str, Path],
-) -> dict[str, Any] | None:
-    """OME-TIFF, preview, instances and GeoJSON, all made from the finished class map.
-
-    Returns the instance counts (None when instances were not made); adds to ``paths``.
-    """
-    import zarr
-
-    want = set(cfg.outputs)
-    classes = zarr.open_group(classes_path, mode="r")
-    if "classes" in want:
-        paths["classes_tiff"] = write_ome_tiff(
-            out / "classes.ome.tif",
-            classes["0"],
-            axes="yx",
-            compression="zlib",
-            method="mode",
-            pixel_size=pixel_size,
-        )
-    if "preview" in want:
-        # The overlay needs the image at the inferred level; only level 0 is addressable as
-        # its own source, so other levels preview the class map alone.
-        base = image if cfg.level == 0 else classes["0"]
-        paths["preview"] = write_preview_png(out / "preview.png", base, overlay=classes["0"])
-    if not want & {"instances", "geojson"}:
-        return None
-    from tilenet import instances
-
-    result = instances.label_instances(
-        classes["0"], out / "instances.ome.zarr", foreground=range(1, len(names)), chunk=cfg.chunk
-    )
-    paths["instances"] = out / "instances.ome.zarr"
-    if "geojson" in want:
-        ds = image.levels[cfg.level].downsample
-        instances.write_geojson(
-            paths["instances"],
-            out / "instances.geojson",
-            class_names=names,
-            downsample=float(ds[0]),
-        )
-        paths["geojson"] = out / "instances.geojson"
-    return result
-
-
-def _config_yaml(cfg: InferConfig, checkpoint: str | None) -> str:
-    from omegaconf import OmegaConf
-
-    node = OmegaConf.structured(cfg)
-    text = OmegaConf.to_yaml(OmegaConf.create({"infer": node}), resolve=True)
-    return text + (f"# model: {checkpoint}\n" if checkpoint else "")
-
-
-def _write_text(path: Path, text: str) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)

@@ -17,23 +17,21 @@ to stderr instead: ``start``, ``dashboard``, ``region``, ``done``, ``skipped``, 
 
 Regions
 -------
-A crop-mode image with more than ``region_tiles`` tiles is split into bands of whole grid
-rows. The output chunks are the grid's cores (see :func:`tilenet.infer.plan_grid`), so two
-bands write disjoint chunks of the same partial stores: workers need no locks. A band's
-marker (``<stem>/.regions/region-NNNNN.json``) is written atomically only after all its chunks
-are written, and holds the job key (fingerprint + model checksum + options hash), so a
-changed input, model or options invalidates the partial state. After a SIGKILL a rerun
-redoes only the bands without a marker; a kill during finalize redoes only the finalize (a
-store already renamed into place is kept). When all bands are done one finalize step builds the
-pyramids, renames the stores into place, and makes the OME-TIFF, preview and instances from
-the finished class map (instance labelling is global there, so the result equals a
-single-worker run). Gaussian/linear blending writes each chunk from several tiles of
-neighbouring rows, so those modes are never split (one task per image).
+Every image is planned with :func:`tilenet.infer.plan_image`: a crop-mode image with more
+than ``region_tiles`` tiles is split into bands of whole grid rows, run as separate tasks
+(:func:`tilenet.infer.run_band`) into the same partial stores (disjoint chunks: workers need
+no locks), and one finalize task (:func:`tilenet.infer.finish`) makes the outputs, exactly as
+``tilenet infer`` does for one image. A band's marker is written only after all its chunks
+are, and holds the job key (fingerprint + model checksum + options hash), so a changed
+input, model or options invalidates the partial state. After a SIGKILL a rerun redoes only
+the bands without a marker; a kill during finalize redoes only the finalize. Instance
+labelling is global in finalize, so the result equals a single-worker run.
+Gaussian/linear blending writes each chunk from several tiles of neighbouring rows, so those
+modes are never split (one task per image).
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -42,17 +40,21 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tilenet.errors import EXIT_OK, EXIT_PARTIAL, InputError, TilenetError
-from tilenet.fsutil import atomic_output, remove_path, safe_stem
+from tilenet.errors import EXIT_OK, EXIT_PARTIAL, TilenetError
+from tilenet.fsutil import safe_stem
+
+if TYPE_CHECKING:
+    from tilenet.infer import ImagePlan
 
 __all__ = [
     "JobItem",
     "JobReport",
     "format_report",
+    "local_cluster",
     "read_manifest",
     "run_jobs",
     "tile_jobs",
@@ -60,10 +62,6 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.jsonl"
-_STATE_DIR = ".regions"
-_KEY_FILE = "key.json"
-#: Options that change how fast, not what is computed.
-_NOT_HASHED = ("readers", "device")
 
 
 @dataclass(frozen=True)
@@ -210,17 +208,6 @@ class _Events:
 
 
 # -- tasks (run on workers; every task returns data, never raises) ---------------------------
-_MODELS: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {}
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-
-
 def _guarded(kind: str, key: Any, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
     """Run a task; turn its exception into a one-line error in the result."""
     t0 = time.perf_counter()
@@ -237,319 +224,37 @@ def _guarded(kind: str, key: Any, fn: Callable[..., dict[str, Any]], *args: Any)
     }
 
 
-def _task_image(
-    path: str, model: str, out: str, options: dict[str, Any], threads: int | None
-) -> dict[str, Any]:
-    """Whole-image inference (no regions): exactly ``tilenet infer`` on one image."""
-    from tilenet.infer import infer_image
-
-    _set_threads(threads)
-    return infer_image(path, model, out, **options)
-
-
-def _cached_model(model: str, device: Any) -> tuple[Any, dict[str, Any]]:
-    from tilenet.checkpoint import load_model
-
-    key = (str(model), str(device))
-    if key not in _MODELS:
-        from tilenet.infer import prepare_model
-
-        module, spec = load_model(model, device=device)
-        _MODELS[key] = (prepare_model(module), spec)
-    return _MODELS[key]
-
-
-def _task_region(
-    path: str,
-    model: str,
-    options: dict[str, Any],
-    rows: tuple[int, int],
-    stores: dict[str, str],
-    marker: str,
-    job_key: dict[str, str],
-    threads: int | None,
-) -> dict[str, Any]:
-    """Compute grid rows ``rows`` into the partial stores; then write the region's marker."""
-    import numpy as np
-    import zarr
-
-    from tilenet.infer import (
-        _device,
-        _execute,
-        _foreground_fractions,
-        plan_grid,
-        resolve_options,
-    )
+def _task_bands(plan: ImagePlan, bands: Sequence[int], threads: int | None) -> dict[str, Any]:
+    """Run ``bands`` of ``plan`` (each recorded as done when written); their records."""
+    from tilenet.infer import run_band
     from tilenet.io import open_image
-    from tilenet.stitch import CropStitcher, OutputSink
+    from tilenet.predictor import Predictor
+    from tilenet.runtime import torch_threads
 
-    _set_threads(threads)
-    cfg = resolve_options(options)
-    device = _device(cfg.device)
-    module, spec = _cached_model(model, device)
-    t0 = time.perf_counter()
-    with open_image(path) as image:
-        grid, _ = plan_grid(image.levels[cfg.level].shape, spec, cfg)
-        tiles = [t for r in range(*rows) for t in grid.row(r)]
-        skip = np.zeros(len(tiles), dtype=bool)
-        if cfg.min_foreground > 0:
-            skip = _foreground_fractions(tiles, image, cfg.level) < cfg.min_foreground
-        probs = stores.get("probabilities")
-        sink = OutputSink(
-            num_classes=int(spec["num_classes"]),
-            probabilities=zarr.open_array(Path(probs) / "0", mode="r+") if probs else None,
-            classes=zarr.open_array(Path(stores["classes"]) / "0", mode="r+"),
-            probabilities_dtype=cfg.probabilities_dtype,
-        )
-        stitcher = CropStitcher(sink)
-        stats = _execute(image, module, spec, grid, tiles, skip, stitcher, cfg, device, False)
-        stitcher.close()
-    record = {
-        "key": job_key,
-        "rows": list(rows),
-        "tiles": len(tiles),
-        "tiles_run": int((~skip).sum()),
-        "area": [int(a) for a in sink.area],
-        "seconds": round(time.perf_counter() - t0, 3),
-        "model_s": round(stats["model_s"], 3),
-    }
-    # Written only now, when every chunk of the band is on disk: the marker is the proof.
-    with atomic_output(marker) as tmp:
-        tmp.write_text(json.dumps(record))
-    return record
+    with torch_threads(threads), open_image(plan.input) as image:
+        predictor = Predictor(plan.model, plan.config, cache=True)
+        records = [run_band(plan, i, predictor, image) for i in bands]
+    return {"bands": list(bands), "tiles": sum(r["tiles"] for r in records), "records": records}
 
 
-def _task_finalize(
-    path: str, model: str, out: str, options: dict[str, Any], t_start: float
-) -> dict[str, Any]:
-    """Pyramids, rename into place, OME-TIFF/preview/instances; the summary as infer writes it."""
-    from tilenet import __version__
-    from tilenet.checkpoint import load_checkpoint
-    from tilenet.infer import _config_yaml, _extra_outputs, _write_text, plan_grid, resolve_options
+def _task_finish(plan: ImagePlan) -> dict[str, Any]:
+    """Pyramids, renames, OME-TIFF/preview/instances; the summary as ``tilenet infer`` writes."""
+    from tilenet.infer import finish
     from tilenet.io import open_image
 
-    cfg = resolve_options(options)
-    spec = load_checkpoint(model)["spec"]
-    outp = Path(out)
-    state = outp / _STATE_DIR
-    markers = sorted(state.glob("region-*.json"))
-    records = [json.loads(m.read_text()) for m in markers]
-    k = int(spec["num_classes"])
-    names = [str(n) for n in (spec.get("class_names") or [f"class_{i}" for i in range(k)])]
-    area = [sum(r["area"][i] for r in records) for i in range(k)]
-    t_fin = time.perf_counter()
-    paths: dict[str, Path] = {}
-    with open_image(path) as image:
-        grid, halo = plan_grid(image.levels[cfg.level].shape, spec, cfg)
-        ds = image.levels[cfg.level].downsample
-        pixel_size = None
-        if image.pixel_size:
-            pixel_size = (image.pixel_size[0] * ds[0], image.pixel_size[1] * ds[1])
-        if "probabilities" in cfg.outputs:
-            paths["probabilities"] = _finalize_store(outp, "probabilities", "mean")
-        classes_path = paths["classes"] = _finalize_store(outp, "classes", "mode")
-        n_inst = _extra_outputs(image, outp, classes_path, cfg, names, pixel_size, paths)
-        px_area = None
-        if image.pixel_size:
-            px_area = image.pixel_size[0] * ds[0] * image.pixel_size[1] * ds[1]
-        shape = list(image.levels[cfg.level].shape)
-    n_tiles = sum(r["tiles"] for r in records)
-    n_run = sum(r["tiles_run"] for r in records)
-    summary: dict[str, Any] = {
-        "tilenet_version": __version__,
-        "input": str(path),
-        "model": str(model),
-        "model_name": spec["name"],
-        "shape": shape,
-        "level": cfg.level,
-        "mode": cfg.mode,
-        "tile": grid.tile[0],  # as run (crop mode may shrink the requested tile)
-        "halo": halo,
-        "stride": int(spec["stride"]),
-        "receptive_field": int(spec["receptive_field"]),
-        "tiles": n_tiles,
-        "tiles_run": n_run,
-        "tiles_skipped": n_tiles - n_run,
-        "regions": len(records),
-        "precision": cfg.precision,
-        "class_names": names,
-        "class_area_px": dict(zip(names, area, strict=True)),
-        "class_area_um2": {n: a * px_area for n, a in zip(names, area, strict=True)}
-        if px_area
-        else None,
-        "instances": n_inst
-        and {
-            "count": int(n_inst["count"]),
-            "per_class": {
-                names[int(c)]: int(n) for c, n in n_inst.get("per_class_counts", {}).items()
-            },
-        },
-        "timings": {
-            "regions_s": round(sum(r["seconds"] for r in records), 3),
-            "model_s": round(sum(r["model_s"] for r in records), 3),
-            "finalize_s": round(time.perf_counter() - t_fin, 3),
-            "total_s": round(time.time() - t_start, 3),
-        },
-        "outputs": {name: str(p) for name, p in paths.items()},
-    }
-    summary["outputs"]["config"] = str(outp / "config.yaml")
-    summary["outputs"]["summary"] = str(outp / "summary.json")
-    _write_text(outp / "config.yaml", _config_yaml(cfg, str(model)))
-    _write_text(outp / "summary.json", json.dumps(summary, indent=2) + "\n")
-    remove_path(state)
-    return summary
+    with open_image(plan.input) as image:
+        return finish(plan, image)
 
 
-def _finalize_store(out: Path, name: str, method: Any) -> Path:
-    """Pyramid + rename of one partial store, once: a marker says it is done.
-
-    The marker is written before the rename: killed in between, the partial store is still
-    there and is finalized again (:func:`build_pyramid` replaces levels >= 1).
-    """
-    from tilenet.io.writers import OmeZarrWriter
-
-    final = out / f"{name}.ome.zarr"
-    marker = out / _STATE_DIR / f"finalized-{name}"
-    w = OmeZarrWriter.open_partial(final)
-    if w is None:
-        if marker.is_file() and final.exists():
-            return final
-        raise InputError(f"{out}: partial {name} store vanished; rerun")
-    with atomic_output(marker) as tmp:
-        tmp.write_text("")
-    return w.finalize(method=method)
-
-
-# -- planning (client) -----------------------------------------------------------------------
-def _options_hash(cfg: Any) -> str:
-    d = {k: v for k, v in asdict(cfg).items() if k not in _NOT_HASHED}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _task_image(plan: ImagePlan, threads: int | None) -> dict[str, Any]:
+    """An image in one task: its pending bands, then finish."""
+    _task_bands(plan, plan.pending, threads)
+    return _task_finish(plan)
 
 
 def _outputs_complete(rec: dict[str, Any]) -> bool:
     outs = rec.get("outputs") or {}
     return bool(outs) and all(Path(p).exists() for p in outs.values())
-
-
-def _bands(rows: int, cols: int, region_tiles: int) -> list[tuple[int, int]]:
-    """Bands of whole grid rows with about ``region_tiles`` tiles each.
-
-    >>> _bands(5, 4, 8)
-    [(0, 2), (2, 4), (4, 5)]
-    """
-    per = max(1, region_tiles // max(1, cols))
-    return [(r, min(rows, r + per)) for r in range(0, rows, per)]
-
-
-def _prepare_regions(
-    item: JobItem,
-    spec: dict[str, Any],
-    cfg: Any,
-    shape: tuple[int, int],
-    grid: Any,
-    job_key: dict[str, str],
-    *,
-    pixel_size: tuple[float, float] | None,
-    n_bands: int,
-    force: bool,
-) -> dict[str, str]:
-    """Open (resume) or create the partial stores of a split image; returns their paths.
-
-    The partial state is reused only when ``key.json`` matches ``job_key`` and every store is
-    there, untouched by a finalize; otherwise markers and stores are discarded first (key
-    file first, so a kill here leaves state that is discarded again next time). A store that
-    a killed finalize already renamed into place (its ``finalized-<name>`` marker is there,
-    its partial gone) counts as finished.
-    """
-    from tilenet.io.writers import OmeZarrWriter
-
-    out = Path(item.out)
-    state = out / _STATE_DIR
-    key_file = state / _KEY_FILE
-    want_probs = "probabilities" in cfg.outputs
-    finals = {"classes": out / "classes.ome.zarr"}
-    if want_probs:
-        finals["probabilities"] = out / "probabilities.ome.zarr"
-    same = not force and key_file.is_file() and json.loads(key_file.read_text()) == job_key
-    writers = {}
-    finished: dict[str, Path] = {}
-    if same:
-        for name, final in finals.items():
-            w = OmeZarrWriter.open_partial(final)
-            if w is None and (state / f"finalized-{name}").is_file() and final.exists():
-                # No partial left and our marker (this state's): renamed into place by a
-                # finalize that was killed later on.
-                finished[name] = final
-                continue
-            # Not resumable: a finalize that was killed already replaced the writer's state
-            # (pixel size, names); the store must be remade so the metadata is right.
-            if w is None or not w.resumable:
-                same = False
-                break
-            writers[name] = w
-    if same and finished and len(list(state.glob("region-*.json"))) < n_bands:
-        same = False  # band markers went missing after finalize began: start over
-    if not same:
-        finished = {}
-        remove_path(key_file)
-        remove_path(state)
-        for final in finals.values():
-            w = OmeZarrWriter.open_partial(final)
-            if w is not None:
-                w.abort()
-        k = int(spec["num_classes"])
-        names = [str(n) for n in (spec.get("class_names") or [f"class_{i}" for i in range(k)])]
-        writers = {
-            "classes": OmeZarrWriter(
-                finals["classes"],
-                shape=shape,
-                dtype="uint8",
-                axes="yx",
-                chunks=grid.core[0],  # chunk = tile core: a band of rows owns its chunks
-                pixel_size=pixel_size,
-                name="classes",
-                overwrite=True,
-                resumable=True,
-            )
-        }
-        if want_probs:
-            writers["probabilities"] = OmeZarrWriter(
-                finals["probabilities"],
-                shape=(k, *shape),
-                dtype=cfg.probabilities_dtype,
-                axes="cyx",
-                chunks=grid.core[0],
-                pixel_size=pixel_size,
-                name="probabilities",
-                channel_names=names,
-                overwrite=True,
-                resumable=True,
-            )
-        state.mkdir(parents=True, exist_ok=True)
-        with atomic_output(key_file) as tmp:
-            tmp.write_text(json.dumps(job_key))
-    keep = {w.tmp.name for w in writers.values()}
-    for p in out.iterdir():  # e.g. a half-written OME-TIFF of a finalize that was killed
-        if (".partial-" in p.name and p.name not in keep) or p.name.startswith(".infer-spill-"):
-            remove_path(p)
-    # Finished stores only exist once every band is done, so no band task will ask for them.
-    return {
-        **{n: str(p) for n, p in finished.items()},
-        **{n: str(w.tmp) for n, w in writers.items()},
-    }
-
-
-def _remove_stale(out: Path) -> None:
-    """Drop what an interrupted earlier run left in ``out`` (partial stores, band state).
-
-    Safe because one batch owns its output directories; the final outputs are kept until
-    the new run replaces them.
-    """
-    if not out.is_dir():
-        return
-    for p in out.iterdir():
-        if p.name == _STATE_DIR or ".partial-" in p.name or p.name.startswith(".infer-spill-"):
-            remove_path(p)
 
 
 # -- executors --------------------------------------------------------------------------------
@@ -582,7 +287,7 @@ class _DaskExecutor:
         if scheduler:
             self.client = Client(scheduler)
         else:
-            self.cluster = _local_cluster(workers)
+            self.cluster = local_cluster(workers)
             self.client = Client(self.cluster)
         self.dashboard: str | None = self.client.dashboard_link
         self._ac = as_completed()
@@ -616,7 +321,7 @@ class _DaskExecutor:
                 nanny.setLevel(level)
 
 
-def _local_cluster(workers: int, *, gpus: int | None = None) -> Any:
+def local_cluster(workers: int, *, gpus: int | None = None) -> Any:
     """N worker processes of one thread; with CUDA, one worker per GPU pinned to it.
 
     Pinning sets ``CUDA_VISIBLE_DEVICES`` per worker process, so each sees its GPU as cuda:0.
@@ -685,20 +390,19 @@ def run_jobs(
     """
     from tilenet import __version__
     from tilenet.checkpoint import file_checksum, load_checkpoint
-    from tilenet.infer import plan_grid, resolve_options
-    from tilenet.io import open_image
-    from tilenet.io.sniff import fingerprint
+    from tilenet.infer import options_hash, plan_image, resolve_options
+    from tilenet.io import fingerprint, open_image
+    from tilenet.models import ModelSpec
     from tilenet.tiler import resolve_images
 
     t0 = time.time()
     cfg = resolve_options(options)
-    options = {k: v for k, v in asdict(cfg).items()}
-    spec = load_checkpoint(model)["spec"]  # a bad checkpoint is a usage error (exit 2)
+    spec = ModelSpec.coerce(load_checkpoint(model)["spec"])  # a bad checkpoint: exit 2
     model = str(Path(model).resolve())
     base = {
         "tilenet_version": __version__,
         "model_checksum": file_checksum(model),
-        "options_hash": _options_hash(cfg),
+        "options_hash": options_hash(cfg),
     }
     paths = resolve_images(inputs)
     out = Path(out_dir).absolute()  # workers may run elsewhere (another cwd)
@@ -725,7 +429,7 @@ def run_jobs(
         events.image_finished()
         events.emit(status, image=item.path, **{k: v for k, v in fields.items() if k != "outputs"})
 
-    # Decide per image: skip, keep failed, run whole, or run in regions.
+    # Decide per image: skip, keep failed, or plan it (whole, or in bands of grid rows).
     todo: list[tuple[JobItem, dict[str, Any]]] = []
     for item in items:
         try:
@@ -744,36 +448,19 @@ def run_jobs(
             if prev["status"] == "failed" and not retry_failed:
                 record(item, "failed", fingerprint=fp, error=prev.get("error"), previous=True)
                 continue
-        job: dict[str, Any] = {"key": key, "t0": time.time(), "fingerprint": fp}
         try:
             with open_image(item.path) as image:
-                if not 0 <= cfg.level < len(image.levels):
-                    raise InputError(f"{item.path}: level {cfg.level} does not exist")
-                shape = image.levels[cfg.level].shape
-                ds = image.levels[cfg.level].downsample
-                ps = image.pixel_size
-                pixel_size = (ps[0] * ds[0], ps[1] * ds[1]) if ps else None
-            grid, _ = plan_grid(shape, spec, cfg)
-            job["tiles"] = len(grid)
-            rows, cols = grid.counts
-            if cfg.mode == "crop" and len(grid) > region_tiles and rows > 1:
-                job["bands"] = _bands(rows, cols, region_tiles)
-                # The band layout is part of what a marker proves (rows differ per layout).
-                job["key"] = {**key, "band_rows": job["bands"][0][1]}
-                job["stores"] = _prepare_regions(
-                    item, spec, cfg, shape, grid, job["key"], pixel_size=pixel_size,
-                    n_bands=len(job["bands"]), force=force,
+                plan = plan_image(
+                    image, spec, cfg, item.out, model=model, region_tiles=region_tiles,
+                    key=key, force=force,
                 )  # fmt: skip
-            else:
-                _remove_stale(Path(item.out))
         except Exception as exc:
             record(item, "failed", fingerprint=fp, error=_one_line(exc))
             continue
-        todo.append((item, job))
+        todo.append((item, {"plan": plan, "t0": time.time(), "fingerprint": fp}))
 
     executor: _SerialExecutor | _DaskExecutor
     n_cores = os.cpu_count() or 1
-    restore: int | None = None
     if todo and (workers > 0 or scheduler):
         t_cluster = time.time()
         executor = _DaskExecutor(workers=workers, scheduler=scheduler)
@@ -787,35 +474,20 @@ def run_jobs(
             threads = max(1, n_cores // max(1, workers))  # each worker its share of cores
     else:
         executor = _SerialExecutor()
-        if threads:
-            import torch
-
-            restore = torch.get_num_threads()
     by_stem = {item.stem: (item, job) for item, job in todo}
     try:
         for item, job in todo:
-            events.add_tiles(job["tiles"])
-            if "bands" not in job:
-                executor.submit(
-                    "image", item.stem, _task_image, item.path, model, item.out, options, threads
-                )
+            plan = job["plan"]
+            events.add_tiles(len(plan.grid))
+            events.tiles(sum(len(plan.tiles(i)) for i in plan.outputs.resumed))
+            if len(plan.bands) == 1:
+                executor.submit("image", item.stem, _task_image, plan, threads)
                 continue
-            state = Path(item.out) / _STATE_DIR
-            job["pending"] = set()
-            for i, rows in enumerate(job["bands"]):
-                marker = state / f"region-{i:05d}.json"
-                done = json.loads(marker.read_text()) if marker.is_file() else {}
-                if done.get("key") == job["key"] and done.get("rows") == list(rows):
-                    events.tiles(done["tiles"])
-                    continue
-                job["pending"].add(i)
-                args = (item.path, model, options, rows, job["stores"], str(marker), job["key"])
-                executor.submit("region", (item.stem, i), _task_region, *args, threads)
+            job["pending"] = set(plan.pending)
+            for i in plan.pending:
+                executor.submit("region", (item.stem, i), _task_bands, plan, [i], threads)
             if not job["pending"]:
-                executor.submit(
-                    "finalize", item.stem, _task_finalize, item.path, model, item.out, options,
-                    job["t0"],
-                )  # fmt: skip
+                executor.submit("finalize", item.stem, _task_finish, plan)
         for res in executor.results():
             kind, key = res["kind"], res["key"]
             stem = key[0] if kind == "region" else key
@@ -827,18 +499,17 @@ def run_jobs(
                 record(item, "failed", fingerprint=job["fingerprint"], error=res["error"])
                 continue
             if kind == "region":
+                rec = res["result"]["records"][0]
                 events.tiles(res["result"]["tiles"])
-                events.emit("region", image=item.path, region=key[1], rows=res["result"]["rows"])
+                events.emit("region", image=item.path, region=key[1], rows=rec["rows"])
                 job["pending"].discard(key[1])
                 if not job["pending"]:
-                    executor.submit(
-                        "finalize", item.stem, _task_finalize, item.path, model, item.out,
-                        options, job["t0"],
-                    )  # fmt: skip
+                    executor.submit("finalize", item.stem, _task_finish, job["plan"])
                 continue
             summary = res["result"]
             if kind == "image":
-                events.tiles(job["tiles"])
+                plan = job["plan"]
+                events.tiles(sum(len(plan.tiles(i)) for i in plan.pending))
             job["closed"] = True
             record(
                 item,
@@ -851,7 +522,6 @@ def run_jobs(
     finally:
         executor.close()
         events.close()
-        _set_threads(restore)  # a serial run leaves the caller's torch threads as they were
     report.seconds = round(time.time() - t0, 3)
     events.emit(
         "end",

@@ -1,0 +1,134 @@
+"""The run environment: device, threads, and the host memory policy scoped to one run."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tilenet.errors import ConfigError, InputError
+from tilenet.runtime import (
+    HEAP_POLICIES,
+    current_heap_settings,
+    heap_policy,
+    resolve_device,
+    torch_threads,
+)
+
+GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+
+#: Page faults of a re-allocated 48 MiB buffer (above glibc's largest dynamic mmap threshold):
+#: ~0 when freed memory is kept for reuse, one per page (or 2 MiB huge page) when it was
+#: unmapped on free. Measured before, inside and after the engine's policy, and after a
+#: whole ``infer_image`` run.
+_PROBE = """
+import json, resource, sys
+import numpy as np
+from tilenet.runtime import current_heap_settings, heap_policy
+
+def faults():
+    a = np.ones(48 << 20, np.uint8)
+    del a
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    b = np.ones(48 << 20, np.uint8)
+    f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    del b
+    return f1 - f0
+
+out = {"before": faults(), "settings_before": current_heap_settings()}
+with heap_policy(sys.argv[1]) as guard:
+    out["inside"] = faults()
+    out["settings_inside"] = current_heap_settings()
+    for _ in range(7):
+        guard.check()
+    out["trims"] = guard.trims
+out["after"] = faults()
+out["settings_after"] = current_heap_settings()
+if len(sys.argv) > 2:
+    from tilenet.infer import infer_image
+    infer_image(sys.argv[2], sys.argv[3], sys.argv[4], tile=64, device="cpu")
+    out["after_infer"] = faults()
+    out["settings_after_infer"] = current_heap_settings()
+print(json.dumps(out))
+"""
+
+#: A fresh mapping faults at least once per 2 MiB (numpy asks for huge pages).
+_FRESH = (48 << 20) // (2 << 20)
+
+
+def _probe(*args: str) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, check=True
+    )
+    result: dict[str, object] = json.loads(out.stdout.splitlines()[-1])
+    return result
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc on Linux only")
+def test_reuse_policy_keeps_buffers_only_inside_its_block() -> None:
+    r = _probe("reuse")
+    assert r["settings_before"] is None and r["settings_after"] is None, r
+    assert r["settings_inside"] == [256 << 20, 1 << 30], r
+    assert r["before"] >= _FRESH, r  # glibc's defaults: unmapped on free, faulted in again
+    assert r["inside"] <= 8, r  # kept mapped: reused as it is
+    assert r["after"] >= _FRESH, r  # restored: unmapped on free again
+    assert r["trims"] == 0  # no trim period inside a 7-batch block of 8
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc on Linux only")
+def test_infer_image_leaves_the_process_heap_settings_as_they_were(tmp_path: Path) -> None:
+    import numpy as np
+    import tifffile
+
+    from tilenet.checkpoint import save_checkpoint
+    from tilenet.models import ModelSpec, create_model
+
+    img = tmp_path / "img.tif"
+    arr = np.random.default_rng(0).integers(0, 255, (96, 80, 3), dtype=np.uint8)
+    tifffile.imwrite(img, arr, tile=(32, 32), photometric="rgb")
+    model = create_model("tiny", in_channels=3, num_classes=2)
+    spec = ModelSpec.from_model(model, mean=[128.0] * 3, std=[64.0] * 3)
+    ckpt = save_checkpoint(tmp_path / "m.pt", {"spec": spec.to_dict(), "model": model.state_dict()})
+    r = _probe("trim", str(img), str(ckpt), str(tmp_path / "out"))
+    assert r["settings_after_infer"] is None, r
+    assert r["after_infer"] >= _FRESH, r  # freed memory no longer kept after the run
+
+
+def test_heap_policy_restores_nested_settings() -> None:
+    before = current_heap_settings()
+    with heap_policy("flat"):
+        flat = current_heap_settings()
+        with heap_policy("reuse"):
+            assert current_heap_settings() != flat
+        assert current_heap_settings() == flat
+    assert current_heap_settings() == before
+    with heap_policy("system") as guard:
+        assert current_heap_settings() == before and guard.every == 0
+    with pytest.raises(ConfigError, match=r"unknown heap policy 'fast'.*reuse"):
+        with heap_policy("fast"):
+            pass
+    assert set(HEAP_POLICIES) == {"reuse", "flat", "trim", "system"}
+
+
+def test_torch_threads_are_restored() -> None:
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="unknown device 'tpu9'"):
+        resolve_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            resolve_device("cuda:0")

@@ -1,0 +1,312 @@
+"""The outputs of one image's inference: created, reopened to resume, finalized, summarised.
+
+:class:`OutputSet` owns everything an inference run writes into its output directory:
+
+* the level-0 stores (``classes.ome.zarr``, ``probabilities.ome.zarr``), written under
+  temporary names (``.classes.ome.zarr.partial-PID``) and renamed into place only when
+  complete, so nothing half-written ever looks finished;
+* the resume state in ``.regions/``: ``key.json`` (what the partial stores were computed
+  from: input fingerprint, model checksum, options, band layout) and one marker per finished
+  band of grid rows (``region-NNNNN.json``), written atomically only after all of the band's
+  chunks are on disk;
+* finalize: pyramids, renames, the OME-TIFF, preview, instances and GeoJSON made from the
+  finished class map, then ``config.yaml`` and ``summary.json``, and the resume state removed.
+
+The output chunks are the grid's cores, so bands of whole grid rows write disjoint chunks:
+any number of processes may fill the same partial stores without locks (batch jobs on dask).
+A killed run leaves partial stores and markers; the next :meth:`OutputSet.prepare` with the
+same key keeps them and only the missing bands run again. With another key everything
+partial is discarded first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tilenet.config import InferConfig, to_yaml
+from tilenet.errors import InputError
+from tilenet.fsutil import atomic_output, remove_path
+from tilenet.io.writers import OmeZarrWriter, write_ome_tiff, write_preview_png
+from tilenet.stitch import OutputSink
+
+__all__ = ["STATE_DIR", "OutputSet"]
+
+#: Resume state beside the outputs (removed when the outputs are complete).
+STATE_DIR = ".regions"
+_KEY_FILE = "key.json"
+#: How each store's pyramid levels are downsampled.
+_METHODS = {"probabilities": "mean", "classes": "mode"}
+
+
+@dataclass
+class OutputSet:
+    """The stores and resume state of one image's inference in ``out`` (plain data: picklable).
+
+    Made by :meth:`prepare`; ``stores`` maps each store name to where it is now (its partial
+    temporary path, or its final path when a killed finalize had already renamed it).
+    """
+
+    out: str
+    key: dict[str, Any]
+    stores: dict[str, str]
+    num_classes: int
+    probabilities_dtype: str
+    #: Band indices whose markers were found valid when prepared (work a rerun keeps).
+    resumed: list[int] = field(default_factory=list)
+
+    # -- making -----------------------------------------------------------------------------
+    @classmethod
+    def prepare(
+        cls,
+        out: str | os.PathLike[str],
+        *,
+        key: dict[str, Any],
+        shape: tuple[int, int],
+        chunk: int,
+        class_names: Sequence[str],
+        cfg: InferConfig,
+        pixel_size: tuple[float, float] | None,
+        bands: Sequence[tuple[int, int]],
+        force: bool = False,
+    ) -> OutputSet:
+        """Reopen the partial outputs of an earlier run with the same ``key``, or start anew.
+
+        The partial state is reused only when ``key.json`` equals ``key`` and every store is
+        there, untouched by a finalize; otherwise markers and stores are discarded first
+        (key file first, so a kill here leaves state that is discarded again next time). A
+        store that a killed finalize already renamed into place (its ``finalized-<name>``
+        marker is there, its partial gone) counts as finished. Leftovers of other runs
+        (older partial stores, spill directories) are removed.
+        """
+        outp = Path(out)
+        state = outp / STATE_DIR
+        key_file = state / _KEY_FILE
+        names = ["classes"] + (["probabilities"] if "probabilities" in cfg.outputs else [])
+        finals = {n: outp / f"{n}.ome.zarr" for n in names}
+        same = (
+            not force and key_file.is_file() and _read_json(key_file) == json.loads(json.dumps(key))
+        )
+        writers: dict[str, OmeZarrWriter] = {}
+        finished: dict[str, Path] = {}
+        if same:
+            for name, final in finals.items():
+                w = OmeZarrWriter.open_partial(final)
+                if w is None and (state / f"finalized-{name}").is_file() and final.exists():
+                    finished[name] = final  # renamed into place by a finalize killed later on
+                    continue
+                if w is None or not w.resumable:
+                    same = False
+                    break
+                writers[name] = w
+        if same and finished and len(list(state.glob("region-*.json"))) < len(bands):
+            same = False  # band markers went missing after finalize began: start over
+        if not same:
+            finished = {}
+            remove_path(key_file)
+            remove_path(state)
+            for final in finals.values():
+                w = OmeZarrWriter.open_partial(final)
+                if w is not None:
+                    w.abort()
+            k = len(class_names)
+            writers = {
+                "classes": OmeZarrWriter(
+                    finals["classes"],
+                    shape=shape,
+                    dtype="uint8",
+                    axes="yx",
+                    chunks=chunk,  # chunk = tile core: a band of rows owns its chunks
+                    pixel_size=pixel_size,
+                    name="classes",
+                    overwrite=True,
+                    resumable=True,
+                )
+            }
+            if "probabilities" in finals:
+                writers["probabilities"] = OmeZarrWriter(
+                    finals["probabilities"],
+                    shape=(k, *shape),
+                    dtype=cfg.probabilities_dtype,
+                    axes="cyx",
+                    chunks=chunk,
+                    pixel_size=pixel_size,
+                    name="probabilities",
+                    channel_names=[str(n) for n in class_names],
+                    overwrite=True,
+                    resumable=True,
+                )
+            state.mkdir(parents=True, exist_ok=True)
+            with atomic_output(key_file) as tmp:
+                tmp.write_text(json.dumps(key, sort_keys=True))
+        keep = {w.tmp.name for w in writers.values()}
+        for p in outp.iterdir():  # e.g. a half-written OME-TIFF of a finalize that was killed
+            if (".partial-" in p.name and p.name not in keep) or p.name.startswith(".infer-spill-"):
+                remove_path(p)
+        outputs = cls(
+            out=str(outp),
+            key=key,
+            stores={
+                **{n: str(p) for n, p in finished.items()},
+                **{n: str(w.tmp) for n, w in writers.items()},
+            },
+            num_classes=len(class_names),
+            probabilities_dtype=cfg.probabilities_dtype,
+        )
+        outputs.resumed = [i for i, rows in enumerate(bands) if outputs.band_record(i, rows)]
+        return outputs
+
+    # -- bands ------------------------------------------------------------------------------
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.out) / STATE_DIR
+
+    def _marker(self, band: int) -> Path:
+        return self.state_dir / f"region-{band:05d}.json"
+
+    def sink(self) -> OutputSink:
+        """A sink writing into the partial stores (any process may hold one per band)."""
+        import zarr
+
+        probs = self.stores.get("probabilities")
+        return OutputSink(
+            num_classes=self.num_classes,
+            probabilities=zarr.open_array(Path(probs) / "0", mode="r+") if probs else None,
+            classes=zarr.open_array(Path(self.stores["classes"]) / "0", mode="r+"),
+            probabilities_dtype=self.probabilities_dtype,
+        )
+
+    def spill_dir(self) -> Path:
+        """Scratch space for blend modes (removed by the next prepare or by finalize)."""
+        return Path(self.out) / f".infer-spill-{os.getpid()}"
+
+    def band_record(self, band: int, rows: tuple[int, int]) -> dict[str, Any] | None:
+        """The record of a finished band computed under this set's key, or None."""
+        marker = self._marker(band)
+        if not marker.is_file():
+            return None
+        rec = _read_json(marker)
+        if rec.get("key") != json.loads(json.dumps(self.key)) or rec.get("rows") != list(rows):
+            return None
+        return rec
+
+    def mark_band(self, band: int, record: dict[str, Any]) -> None:
+        """Record a finished band; call only when all of its chunks are written."""
+        with atomic_output(self._marker(band)) as tmp:
+            tmp.write_text(json.dumps({**record, "key": self.key}))
+
+    def band_records(self, bands: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
+        """The records of all ``bands``; an error when one is missing."""
+        records = []
+        for i, rows in enumerate(bands):
+            rec = self.band_record(i, rows)
+            if rec is None:
+                raise InputError(f"{self.out}: band {i} (rows {rows}) is not finished; rerun")
+            records.append(rec)
+        return records
+
+    # -- finalize ---------------------------------------------------------------------------
+    def finalize_store(self, name: str) -> Path:
+        """Pyramid + rename of one partial store, once: a marker says it is done.
+
+        The marker is written before the rename: killed in between, the partial store is
+        still there and is finalized again (:func:`build_pyramid` replaces levels >= 1).
+        """
+        final = Path(self.out) / f"{name}.ome.zarr"
+        marker = self.state_dir / f"finalized-{name}"
+        w = OmeZarrWriter.open_partial(final)
+        if w is None:
+            if marker.is_file() and final.exists():
+                return final
+            raise InputError(f"{self.out}: partial {name} store vanished; rerun")
+        with atomic_output(marker) as tmp:
+            tmp.write_text("")
+        return w.finalize(method=_METHODS[name])  # type: ignore[arg-type]
+
+    def finalize(
+        self,
+        image: Any,
+        cfg: InferConfig,
+        *,
+        class_names: Sequence[str],
+        downsample: tuple[float, float],
+        pixel_size: tuple[float, float] | None,
+    ) -> tuple[dict[str, Path], dict[str, Any] | None]:
+        """Pyramids and renames, then the OME-TIFF, preview, instances and GeoJSON.
+
+        Returns the output paths and the instance counts (None when instances were not made).
+        """
+        import zarr
+
+        out = Path(self.out)
+        paths: dict[str, Path] = {}
+        for name in ("probabilities", "classes"):
+            if name in self.stores:
+                paths[name] = self.finalize_store(name)
+        want = set(cfg.outputs)
+        classes = zarr.open_group(paths["classes"], mode="r")
+        if "classes" in want:
+            paths["classes_tiff"] = write_ome_tiff(
+                out / "classes.ome.tif",
+                classes["0"],
+                axes="yx",
+                compression="zlib",
+                method="mode",
+                pixel_size=pixel_size,
+            )
+        if "preview" in want:
+            # The overlay needs the image at the inferred level; only level 0 is addressable
+            # as its own source, so other levels preview the class map alone.
+            base = image if cfg.level == 0 else classes["0"]
+            paths["preview"] = write_preview_png(out / "preview.png", base, overlay=classes["0"])
+        result = None
+        if want & {"instances", "geojson"}:
+            from tilenet import instances
+
+            result = instances.label_instances(
+                classes["0"],
+                out / "instances.ome.zarr",
+                foreground=range(1, len(class_names)),
+                chunk=cfg.chunk,
+            )
+            paths["instances"] = out / "instances.ome.zarr"
+            if "geojson" in want:
+                instances.write_geojson(
+                    paths["instances"],
+                    out / "instances.geojson",
+                    class_names=list(class_names),
+                    downsample=float(downsample[0]),
+                )
+                paths["geojson"] = out / "instances.geojson"
+        return paths, result
+
+    def publish(self, summary: dict[str, Any], cfg: InferConfig) -> dict[str, Any]:
+        """Write ``config.yaml`` and ``summary.json``, then drop the resume state."""
+        out = Path(self.out)
+        summary["outputs"]["config"] = str(out / "config.yaml")
+        summary["outputs"]["summary"] = str(out / "summary.json")
+        text = to_yaml({"infer": cfg})
+        if summary.get("model"):
+            text += f"# model: {summary['model']}\n"
+        _write_text(out / "config.yaml", text)
+        _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        remove_path(self.state_dir)
+        remove_path(self.spill_dir())
+        return summary
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)

@@ -1,0 +1,246 @@
+"""Where and how a run executes: device, autocast, torch threads and the host memory policy.
+
+One owner for what training, inference and the benchmarks all need:
+
+* :func:`resolve_device` turns ``auto`` / ``cpu`` / ``cuda:N`` into a ``torch.device`` with a
+  one-line error for a device that is not there;
+* :func:`autocast` is the mixed-precision context for ``fp32`` / ``bf16`` / ``fp16``;
+* :func:`torch_threads` sets torch's intra-op threads for a block and restores them;
+* :func:`heap_policy` applies a glibc malloc policy for a block and restores the previous one.
+
+Heap policies (``tilenet infer --heap``)
+----------------------------------------
+A CPU forward pass allocates and frees activations of tens of MB per layer and batch.
+glibc's defaults serve those above its (dynamic, at most 32 MiB) mmap threshold with a fresh
+``mmap`` and give freed heap tops back to the OS, so every batch page-faults its activations
+in again: measured ~300k faults and ~40 % of the CPU time in the kernel per batch of
+4 x 1024² tiles of a small U-Net (docs/benchmarks.md).
+
+``reuse`` (default)
+    mmap threshold 256 MiB, trim threshold 1 GiB: freed buffers stay mapped and are reused
+    (0.43 instead of 0.79 s per batch at 1024², 0.10 instead of 0.14 s at 512²), and
+    :class:`HeapGuard` hands free fragments back with ``malloc_trim(0)`` every 8 batches.
+``flat``
+    every buffer above 128 KiB is its own mapping, returned when freed: peak RSS flat to
+    ~0.3 % from 8192² to 32768², CPU forward passes 1.4-1.8x slower.
+``trim``
+    glibc's own settings, plus the periodic ``malloc_trim``.
+``system``
+    glibc's own settings, nothing done.
+
+The policy is process-wide while it is in force (glibc has one allocator), so the engine
+applies it only around its run and restores what was there before: a notebook or a training
+run that calls :func:`tilenet.infer_image` keeps its own settings. glibc has no getter for
+these parameters, so this module records what it set; "glibc's defaults" are restored as
+their documented values (128 KiB each). Off glibc every policy is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from tilenet.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "HEAP_POLICIES",
+    "HeapGuard",
+    "HeapPolicy",
+    "autocast",
+    "current_heap_settings",
+    "heap_policy",
+    "malloc_trim",
+    "resolve_device",
+    "torch_threads",
+]
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+# -- device and precision ---------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N`` as a torch device."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(
+            f"device {name!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)"
+        )
+    return dev
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision for ``bf16``/``fp16`` on ``device``; nothing for ``fp32``."""
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads (None: leave them), then restore."""
+    if not threads:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    if before != threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+# -- host memory policy -----------------------------------------------------------------------
+_LIBC: Any = None
+# mallopt parameters from <malloc.h>
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: glibc's documented initial values of both thresholds.
+_GLIBC_DEFAULT = (128 << 10, 128 << 10)
+
+
+def _libc() -> Any:
+    """glibc via ctypes, or None off glibc."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import platform
+
+        _LIBC = False
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+            try:
+                _LIBC = ctypes.CDLL("libc.so.6")
+            except OSError:
+                pass
+    return _LIBC or None
+
+
+@dataclass(frozen=True)
+class HeapPolicy:
+    """A malloc policy: thresholds to set (None: glibc's own) and the trim period (0: none)."""
+
+    name: str
+    #: (mmap threshold, trim threshold) in bytes, or None to leave glibc's settings.
+    thresholds: tuple[int, int] | None
+    #: ``malloc_trim(0)`` every this many model batches; 0 never.
+    trim_every: int
+
+
+#: The policies ``InferConfig.heap`` / ``--heap`` may name (see the module docstring).
+HEAP_POLICIES: dict[str, HeapPolicy] = {
+    "reuse": HeapPolicy("reuse", (256 << 20, 1 << 30), 8),
+    "flat": HeapPolicy("flat", (128 << 10, 128 << 10), 0),
+    "trim": HeapPolicy("trim", None, 8),
+    "system": HeapPolicy("system", None, 0),
+}
+
+#: What this process's thresholds are as far as tilenet knows: None = never set by tilenet.
+_current: tuple[int, int] | None = None
+_heap_lock = threading.Lock()
+
+
+def current_heap_settings() -> tuple[int, int] | None:
+    """(mmap threshold, trim threshold) that tilenet set and that are in force, or None."""
+    return _current
+
+
+def _set_thresholds(values: tuple[int, int] | None) -> bool:
+    """Apply ``values`` (None: glibc's documented defaults); record them. False off glibc."""
+    global _current
+    libc = _libc()
+    _current = values
+    if libc is None:
+        return False
+    mmap_t, trim_t = values if values is not None else _GLIBC_DEFAULT
+    ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_t)))
+    return bool(libc.mallopt(_M_TRIM_THRESHOLD, int(trim_t))) and ok
+
+
+@contextlib.contextmanager
+def heap_policy(name: str) -> Iterator[HeapGuard]:
+    """Apply heap policy ``name`` for the block; restore the previous thresholds after it.
+
+    Yields the :class:`HeapGuard` to ``check()`` after each model batch. The free memory the
+    block leaves behind is handed back with a final :func:`malloc_trim` (except ``system``).
+
+    >>> before = current_heap_settings()
+    >>> with heap_policy("reuse") as guard:
+    ...     guard.every
+    8
+    >>> current_heap_settings() == before
+    True
+    """
+    try:
+        policy = HEAP_POLICIES[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown heap policy {name!r}; choose from {', '.join(HEAP_POLICIES)}"
+        ) from None
+    with _heap_lock:
+        before = _current
+        if policy.thresholds is not None:
+            _set_thresholds(policy.thresholds)
+    guard = HeapGuard(policy.trim_every)
+    try:
+        yield guard
+    finally:
+        with _heap_lock:
+            if policy.thresholds is not None:
+                _set_thresholds(before)
+        if policy.name != "system":
+            malloc_trim()  # what the block left free goes back to the OS
+
+
+def malloc_trim() -> bool:
+    """Return the free memory of every glibc arena to the OS (``malloc_trim(0)``).
+
+    Tiled inference frees and reallocates tile-sized buffers (activations, decoded tiles,
+    encoded chunks) in several threads. Freed memory that stays mapped is reused (fast), but
+    fragments that no later request fits can pile up and grow the peak RSS with the image.
+    No-op (returns False) off glibc.
+    """
+    libc = _libc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+class HeapGuard:
+    """Hand the heap's free fragments back to the OS every ``every`` batches (0: never).
+
+    Freed memory is reused between trims (fast: no page faults for the next batch's
+    activations), and fragments that no later request fits cannot pile up for long.
+    ``check()`` after each batch. Measured (docs/benchmarks.md): trimming every batch gives
+    back most of what keeping memory gains; trimming on RSS drift instead trimmed after most
+    batches wherever batch sizes alternate (crop mode cuts batches at grid rows) and was
+    ~30 % slower; every 8 batches kept the speed.
+    """
+
+    def __init__(self, every: int = 8) -> None:
+        self.every = max(0, every)
+        self.batches = 0
+        self.trims = 0
+
+    def check(self) -> None:
+        self.batches += 1
+        if self.every and self.batches % self.every == 0:
+            malloc_trim()
+            self.trims += 1

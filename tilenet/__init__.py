@@ -6,12 +6,13 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "infer_image", "load_model", "open_image"]
+__all__ = ["Predictor", "__version__", "infer_image", "load_model", "open_image"]
 
 if TYPE_CHECKING:
     from tilenet.checkpoint import load_model
     from tilenet.infer import infer_image
     from tilenet.io import open_image
+    from tilenet.predictor import Predictor
 
 
 def __getattr__(name: str) -> Any:
@@ -28,4 +29,8 @@ def __getattr__(name: str) -> Any:
         from tilenet.infer import infer_image
 
         return infer_image
+    if name == "Predictor":
+        from tilenet.predictor import Predictor
+
+        return Predictor
     raise AttributeError(f"module 'tilenet' has no attribute {name!r}")

@@ -64,21 +64,31 @@ Precision = Literal["fp32", "bf16", "fp16"]
 
 
 # -- device and precision ---------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N`` as a torch device."""
+def resolve_device(name: str, *, local_rank: int = 0, option: str = "--device") -> torch.device:
+    """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N`` as a torch device.
+
+    A bare ``cuda`` means GPU ``local_rank`` (a torchrun process's own GPU). ``option`` names
+    the setting in error messages (``--device``, ``train.device``).
+    """
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"unknown device {name!r} for {option}; use cpu, cuda, cuda:N or auto"
+        ) from None
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise InputError(f"{option} {name!r}: CUDA is not available; use cpu")
+    if dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise InputError(
-            f"device {name!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)"
+            f"{option} {name!r}: no such GPU; this machine has {torch.cuda.device_count()}"
         )
     return dev
 

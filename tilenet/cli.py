@@ -106,7 +106,7 @@ def _add_info(sub: Any) -> None:
         + CONFIG_ITEMS.format(example="reader.max_pixels_eager=400000000"),
     )
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.set_defaults(handler=_cmd_info)
+    p.set_defaults(handler=_cmd_info, items_dest="items")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -249,7 +249,7 @@ def _add_tile(sub: Any) -> None:
         default=None,
         help="one JSON object per event on stderr",
     )
-    p.set_defaults(handler=_cmd_tile)
+    p.set_defaults(handler=_cmd_tile, items_dest="images")
 
 
 #: Flags of ``tilenet tile`` by the config section whose key of the same name they set.
@@ -400,7 +400,7 @@ def _add_infer(sub: Any) -> None:
         help="batch: torch threads per process (default: all cores serially, cores/N per "
         "worker); serial and distributed outputs are bit-identical at equal --threads",
     )
-    p.set_defaults(handler=_cmd_infer)
+    p.set_defaults(handler=_cmd_infer, items_dest="inputs")
 
 
 def _comma_list(text: str) -> list[str]:
@@ -517,7 +517,7 @@ def _add_plan(sub: Any) -> None:
         "--no-measure", action="store_true", help="skip the CUDA measurement even with a GPU"
     )
     p.add_argument("--json", action="store_true", help="print the same figures as JSON")
-    p.set_defaults(handler=_cmd_plan)
+    p.set_defaults(handler=_cmd_plan, items_dest="overrides")
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -644,7 +644,14 @@ def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Items after a flag (``tile IMG --out S conf=FILE``) belong to the subcommand's items
+    # list; argparse alone leaves a positional list split by flags unrecognised.
+    dest: str | None = getattr(args, "items_dest", None)
+    if extra:
+        if dest is None or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        getattr(args, dest).extend(extra)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

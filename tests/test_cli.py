@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,8 @@ import tifffile
 import yaml
 
 from tilenet.checkpoint import make_spec, save_checkpoint
-from tilenet.cli import main
-from tilenet.config import InferConfig
+from tilenet.cli import INFER_FLAGS, TILE_FLAGS, main
+from tilenet.config import Config, InferConfig
 from tilenet.models import create_model
 
 
@@ -37,6 +38,13 @@ def test_python_dash_m_runs_the_same_cli() -> None:
     )
     assert proc.returncode == 0
     assert proc.stdout.startswith("tilenet ")
+
+
+@pytest.mark.parametrize("flags", [TILE_FLAGS, INFER_FLAGS], ids=["tile", "infer"])
+def test_each_flag_sets_the_config_key_of_its_name(flags: dict[str, list[str]]) -> None:
+    for section, names in flags.items():
+        keys = {f.name for f in fields(getattr(Config(), section))}
+        assert set(names) <= keys, f"{section}: {sorted(set(names) - keys)}"
 
 
 # -- tilenet infer: conf=FILE, key=value and flags -------------------------------------------------

@@ -36,7 +36,7 @@ examples:
   tilenet info data/synth/images/synth_000.tif       # what is in an image
   tilenet convert scan.png scan.ome.tif               # any readable image -> pyramidal OME-TIFF
   tilenet tile data/synth/images --labels data/synth/labels --out patches.zarr
-  tilenet tile scans/ --out p.zarr conf=conf/pathology.yaml tiling.patch=512  # config + override
+  tilenet tile scans/ --out p.zarr conf=my.yaml tiling.patch=512   # config file + override
   tilenet infer slides/ --model best.pt --out results --workers 2   # batch, resumable
 config: tile, infer and info also take conf=FILE and section.key=value items (as training
 does); flags given on the command line win over them, and they over the defaults
@@ -45,7 +45,7 @@ exit codes: 0 ok, 1 some items of a batch failed, 2 bad input or usage.
 """
 
 
-#: Metavar and help of the conf=FILE / key=value items a subcommand accepts.
+#: Help for the conf=FILE / key=value items a subcommand accepts.
 CONFIG_ITEMS = "conf=FILE and section.key=value items (e.g. {example}) configure it as in training"
 
 

@@ -71,7 +71,7 @@ the file. Unknown keys are errors that list the valid ones. Config sections:
           val_every, val_images/val_labels, best_metric, early_stop_patience, out_dir,
           resume (true or a checkpoint path), deterministic, seed
   infer   tile/mode/batch used to score whole held-out images (train.val_images)
-  tiling, reader, jobs: not used by training
+  tiling, reader, jobs: read by tilenet tile, infer and info, not by training
 
 Every key with its default: conf/default.yaml (or --print-config with no arguments).
 """

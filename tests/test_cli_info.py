@@ -55,3 +55,34 @@ def test_info_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "96 x 128 x 2" in out
     assert "1: 48 x 64  (downsample 2, tiles 32x32)" in out
     assert "pixel size:  0.25 x 0.25 um" in out
+
+
+def test_info_reader_section_sets_the_limits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    png = tmp_path / "scan.png"
+    Image.fromarray(np.zeros((60, 50, 3), np.uint8)).save(png)
+    tif = tmp_path / "slide.ome.tif"
+    _pyramid_tiff(tif)  # 96 x 128
+    conf = tmp_path / "reader.yaml"
+    conf.write_text("reader:\n  max_pixels_eager: 2000\n")
+    # PNG is decoded whole: 60 x 50 = 3000 pixels is above max_pixels_eager from the file...
+    assert main(["info", str(png), f"conf={conf}"]) == 2
+    assert "too large to read whole (limit 2,000 pixels)" in capsys.readouterr().err
+    # ...a key=value after it raises the limit again; a tiled TIFF is not read whole
+    assert main(["info", str(png), f"conf={conf}", "reader.max_pixels_eager=3000"]) == 0
+    assert main(["info", str(tif), f"conf={conf}"]) == 0
+    capsys.readouterr()
+    # max_pixels guards every header, from the command line too
+    assert main(["info", str(tif), "reader.max_pixels=12287", "--json"]) == 2
+    assert "above the limit of 12,287" in capsys.readouterr().err
+    assert main(["info", str(tif), "--json", "reader.max_pixels=12288"]) == 0
+
+
+def test_info_wants_exactly_one_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "slide.ome.tif"
+    _pyramid_tiff(p)
+    assert main(["info", str(p), str(p)]) == 2
+    assert "give one image path, got 2" in capsys.readouterr().err

@@ -1,11 +1,25 @@
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tilenet.config import load_config, save_config
+from tilenet.config import (
+    JobsConfig,
+    ReaderConfig,
+    TilingConfig,
+    load_config,
+    save_config,
+    split_config_args,
+)
 from tilenet.errors import ConfigError
+from tilenet.io import open_image
+from tilenet.jobs import run_jobs
+from tilenet.tiler import tile_images
 
 
 def test_defaults_yaml_then_overrides(tmp_path: Path) -> None:
@@ -74,3 +88,36 @@ def test_save_config_round_trips(tmp_path: Path) -> None:
     assert again.train.lr == 0.25
     assert again.model.kwargs == {"depth": 3}
     assert not list((tmp_path / "run").glob(".*tmp*"))
+
+
+def test_split_config_args_separates_conf_overrides_and_paths() -> None:
+    items = ["a.tif", "conf=x.yaml", "infer.tile=512", "dir/b=c.tif", "model.kwargs.depth=3"]
+    conf, overrides, rest = split_config_args([*items, "c.tif", "x=1"])
+    assert conf == "x.yaml"
+    assert overrides == ["infer.tile=512", "model.kwargs.depth=3"]
+    # not section.key=value: paths, even with "=" in them, and undotted keys
+    assert rest == ["a.tif", "dir/b=c.tif", "c.tif", "x=1"]
+    assert split_config_args([]) == (None, [], [])
+    with pytest.raises(ConfigError, match="at most once"):
+        split_config_args(["conf=a.yaml", "conf=b.yaml"])
+
+
+#: Each stage section whose keys are the keyword options of one function, with its consumer.
+CONSUMERS: list[tuple[type, Callable[..., Any]]] = [
+    (ReaderConfig, open_image),
+    (TilingConfig, tile_images),
+    (JobsConfig, run_jobs),
+]
+
+
+@pytest.mark.parametrize(("section", "consumer"), CONSUMERS, ids=lambda v: v.__name__)
+def test_every_key_is_an_option_of_its_consumer_with_the_same_default(
+    section: type, consumer: Callable[..., Any]
+) -> None:
+    # A key the consumer does not take would do nothing; a different default would mean the
+    # default lives in two places. (Behaviour per key: tests/test_tiler.py, test_cli*.py.)
+    params = inspect.signature(consumer).parameters
+    for f in fields(section):
+        assert f.name in params, f"{section.__name__}.{f.name} does not reach {consumer}"
+        assert params[f.name].kind is inspect.Parameter.KEYWORD_ONLY
+        assert params[f.name].default == getattr(section(), f.name), f.name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import tifffile
 import zarr
 
 from tilenet import tiler
+from tilenet.config import TilingConfig
 from tilenet.errors import ImageNotFoundError, InputError, ShapeMismatchError
 from tilenet.geometry import TileGrid
 from tilenet.tiler import otsu_threshold, tile_images
@@ -333,3 +335,100 @@ def test_synthetic_dataset_end_to_end(tmp_path: Path) -> None:
         np.testing.assert_array_equal(g["images"][k], _window(imgs[i], y, x, 128))
         np.testing.assert_array_equal(g["labels"][k], _window(labs[i], y, x, 128))
     assert set(np.unique(g["labels"][:n])) <= {0, 1, 2}
+
+
+# -- configuration (conf=FILE, key=value, flags) -------------------------------------------------
+def _store(path: Path) -> tuple[int, int, int, int]:
+    """(patch side, overlap, chunk_patches, count) of a patch store."""
+    g: Any = zarr.open_group(path, mode="r")
+    at = dict(g.attrs)
+    assert g["images"].shape[1:3] == (at["patch"], at["patch"])
+    return at["patch"], at["overlap"], at["chunk_patches"], at["count"]
+
+
+def test_cli_tile_conf_file_then_overrides_then_flags(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    from tilenet.cli import main
+
+    img = _image(rng, 200, 300)
+    p = tmp_path / "scan.tif"
+    _write_pyramid(p, img, compression="zlib")
+    conf = tmp_path / "tiling.yaml"
+    conf.write_text("tiling:\n  patch: 128\n  overlap: 0\n  chunk_patches: 2\n")
+    base = ["tile", str(p), "--quiet", f"conf={conf}"]
+
+    assert main([*base, "--out", str(tmp_path / "a.zarr")]) == 0
+    assert _store(tmp_path / "a.zarr") == (128, 0, 2, 2 * 3)  # ceil(200/128) x ceil(300/128)
+    assert _check_exact(tmp_path / "a.zarr", [img], None, 128) == 6
+    # key=value beats the file; a flag given beats both; keys not given keep the file's
+    assert main([*base, "tiling.patch=100", "--out", str(tmp_path / "b.zarr")]) == 0
+    assert _store(tmp_path / "b.zarr") == (100, 0, 2, 2 * 3)
+    assert (
+        main([*base, "tiling.patch=100", "--patch", "64", "--out", str(tmp_path / "c.zarr")]) == 0
+    )
+    assert _store(tmp_path / "c.zarr") == (64, 0, 2, 4 * 5)
+    assert _check_exact(tmp_path / "c.zarr", [img], None, 64) == 20
+    # without the file: the dataclass defaults
+    assert main(["tile", str(p), "--quiet", "--out", str(tmp_path / "d.zarr")]) == 0
+    default = TilingConfig()
+    assert _store(tmp_path / "d.zarr")[:3] == (
+        default.patch,
+        default.overlap,
+        default.chunk_patches,
+    )
+    # the level key reaches the tiler too
+    assert main([*base, "tiling.level=1", "--out", str(tmp_path / "e.zarr")]) == 0
+    level1: Any = zarr.open_group(tmp_path / "e.zarr", mode="r")
+    coords = level1["coords"][:]
+    assert (coords[:, 1] == 1).all() and len(coords) == 1 * 2  # 100 x 150 at level 1
+
+
+def test_cli_tile_foreground_keys_reach_the_mask(tmp_path: Path) -> None:
+    from tilenet.cli import main
+
+    img = np.full((256, 256, 3), 235, np.uint8)
+    img[40:110, 150:230] = 60  # "tissue": dark on a bright slide
+    p = tmp_path / "slide.tif"
+    _write_pyramid(p, img, levels=3, compression="zlib")
+    args = ["tile", str(p), "--quiet", "tiling.patch=64", "tiling.overlap=0"]
+    fg = tmp_path / "fg.zarr"
+    assert main([*args, "tiling.min_foreground=0.25", "--out", str(fg)]) == 0
+    assert 1 <= _store(fg)[3] < 16
+    # a 1-pixel mask (mask_max_side=1) of bright background cannot tell tissue apart:
+    # every patch is kept, so the key really sizes the mask
+    one = tmp_path / "one.zarr"
+    assert (
+        main([*args, "tiling.min_foreground=0.25", "tiling.mask_max_side=1", "--out", str(one)])
+        == 0
+    )
+    assert _store(one)[3] == 16
+
+
+def test_cli_tile_reader_limits_reach_the_readers(
+    tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from PIL import Image
+
+    from tilenet.cli import main
+
+    img = _image(rng, 40, 50)
+    tif, png = tmp_path / "a.tif", tmp_path / "b.png"
+    _write_pyramid(tif, img, levels=1)
+    Image.fromarray(img).save(png)
+    conf = tmp_path / "reader.yaml"
+
+    def failed(out: str, reader: str) -> set[str]:
+        conf.write_text(f"reader:\n  {reader}: 1000\n")
+        rc = main(["tile", str(tif), str(png), "--quiet", f"conf={conf}", "--out", out])
+        lines = Path(out + ".manifest.jsonl").read_text().splitlines()
+        bad = {Path(r["image"]).name for r in map(json.loads, lines) if r["status"] == "failed"}
+        assert rc == (1 if bad else 0)
+        return bad
+
+    # 40 x 50 = 2000 pixels: above either limit of 1000
+    assert failed(str(tmp_path / "eager.zarr"), "max_pixels_eager") == {"b.png"}
+    assert failed(str(tmp_path / "all.zarr"), "max_pixels") == {"a.tif", "b.png"}
+    assert "above the limit" in capsys.readouterr().out

@@ -11,9 +11,11 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any
 
-from tilenet.errors import EXIT_OK, EXIT_USAGE, TilenetError
+from tilenet.config import InferConfig, JobsConfig, TilingConfig
+from tilenet.errors import EXIT_OK, EXIT_USAGE, InputError, TilenetError
 
 __all__ = ["main", "run_guarded"]
 
@@ -34,9 +36,60 @@ examples:
   tilenet info data/synth/images/synth_000.tif       # what is in an image
   tilenet convert scan.png scan.ome.tif               # any readable image -> pyramidal OME-TIFF
   tilenet tile data/synth/images --labels data/synth/labels --out patches.zarr
+  tilenet tile scans/ --out p.zarr conf=my.yaml tiling.patch=512   # config file + override
   tilenet infer slides/ --model best.pt --out results --workers 2   # batch, resumable
+config: tile, infer and info also take conf=FILE and section.key=value items (as training
+does); flags given on the command line win over them, and they over the defaults
+(python -m tilenet.train --print-config lists every key).
 exit codes: 0 ok, 1 some items of a batch failed, 2 bad input or usage.
 """
+
+
+#: Help for the conf=FILE / key=value items a subcommand accepts.
+CONFIG_ITEMS = "conf=FILE and section.key=value items (e.g. {example}) configure it as in training"
+
+
+def _default(section: type, key: str) -> str:
+    """``default X`` for a help text, X read from the config dataclass (defaults live there)."""
+    value = getattr(section(), key)
+    if isinstance(value, list):
+        value = ",".join(map(str, value))
+    return f"default {value}"
+
+
+def _config(items: Sequence[str], args: argparse.Namespace, flags: dict[str, Sequence[str]]) -> Any:
+    """The config from ``items`` (conf=FILE, key=value) and the flags given; and the rest.
+
+    Precedence: dataclass defaults < conf file < key=value < flags given on the command line
+    (a flag left out is ``None`` and changes nothing). ``flags`` maps a config section to the
+    argparse destinations that set its keys of the same name. Returns ``(cfg, rest)`` with the
+    items that are neither conf= nor key=value, in order.
+    """
+    from omegaconf.errors import OmegaConfBaseException
+
+    from tilenet.config import load_config, split_config_args
+    from tilenet.errors import ConfigError
+
+    conf, overrides, rest = split_config_args(items)
+    cfg = load_config(conf, overrides)
+    for section, names in flags.items():
+        for name in names:
+            value = getattr(args, name)
+            if value is None:
+                continue
+            try:
+                cfg[section][name] = value
+            except OmegaConfBaseException as exc:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} {value!r}: {str(exc).splitlines()[0]}") from None
+    return cfg, rest
+
+
+def _section(cfg: Any, name: str) -> Any:
+    """Section ``name`` of a loaded config as its dataclass instance."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(cfg[name])
 
 
 def _add_info(sub: Any) -> None:
@@ -45,15 +98,24 @@ def _add_info(sub: Any) -> None:
         help="describe an image: format, shape, dtype, levels, chunking, compression",
         description="Describe an image without decoding its pixels.",
     )
-    p.add_argument("path", help="image file or zarr store")
+    p.add_argument(
+        "items",
+        nargs="+",
+        metavar="PATH",
+        help="image file or zarr store; "
+        + CONFIG_ITEMS.format(example="reader.max_pixels_eager=400000000"),
+    )
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.set_defaults(handler=_cmd_info)
+    p.set_defaults(handler=_cmd_info, items_dest="items")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from tilenet.io import open_image
 
-    with open_image(args.path) as img:
+    cfg, paths = _config(args.items, args, {})
+    if len(paths) != 1:
+        raise InputError(f"give one image path, got {len(paths)}: {' '.join(paths) or '-'}")
+    with open_image(paths[0], **asdict(_section(cfg, "reader"))) as img:
         info = img.info()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -144,7 +206,13 @@ def _add_tile(sub: Any) -> None:
             "(exit 1)."
         ),
     )
-    p.add_argument("images", nargs="+", help="image files, directories or glob patterns")
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files, directories or glob patterns; "
+        + CONFIG_ITEMS.format(example="tiling.chunk_patches=16"),
+    )
     p.add_argument(
         "--labels",
         default=None,
@@ -152,38 +220,57 @@ def _add_tile(sub: Any) -> None:
         "pattern with {stem} such as 'masks/{stem}_mask.tif'; same size as the images",
     )
     p.add_argument("--out", required=True, help="output store (.zarr)")
-    p.add_argument("--patch", type=int, default=256, help="patch side in pixels (default 256)")
     p.add_argument(
-        "--overlap", type=int, default=32, help="overlap of neighbouring patches, even (default 32)"
+        "--patch", type=int, help=f"patch side in pixels ({_default(TilingConfig, 'patch')})"
     )
-    p.add_argument("--level", type=int, default=0, help="pyramid level to cut (default 0)")
+    p.add_argument(
+        "--overlap",
+        type=int,
+        help=f"overlap of neighbouring patches, even ({_default(TilingConfig, 'overlap')})",
+    )
+    p.add_argument(
+        "--level", type=int, help=f"pyramid level to cut ({_default(TilingConfig, 'level')})"
+    )
     p.add_argument(
         "--min-foreground",
         type=float,
-        default=0.0,
         help="drop patches whose foreground fraction (Otsu on a low-resolution level) is "
-        "below this, 0..1 (default 0: keep all)",
+        f"below this, 0..1 ({_default(TilingConfig, 'min_foreground')}: keep all)",
     )
-    p.add_argument("--workers", type=int, default=2, help="parallel dask threads (default 2)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--log-json", action="store_true", help="one JSON object per event on stderr")
-    p.set_defaults(handler=_cmd_tile)
+    p.add_argument(
+        "--workers",
+        type=int,
+        help=f"parallel dask threads ({_default(TilingConfig, 'workers')})",
+    )
+    p.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
+    p.add_argument(
+        "--log-json",
+        action="store_true",
+        default=None,
+        help="one JSON object per event on stderr",
+    )
+    p.set_defaults(handler=_cmd_tile, items_dest="images")
+
+
+#: Flags of ``tilenet tile`` by the config section whose key of the same name they set.
+TILE_FLAGS: dict[str, Sequence[str]] = {
+    "tiling": ("patch", "overlap", "level", "min_foreground", "workers"),
+    "jobs": ("quiet", "log_json"),
+}
 
 
 def _cmd_tile(args: argparse.Namespace) -> int:
     from tilenet.jobs import format_report, tile_jobs
 
+    cfg, images = _config(args.images, args, TILE_FLAGS)
     report = tile_jobs(
-        args.images,
+        images,
         labels=args.labels,
         out=args.out,
-        patch=args.patch,
-        overlap=args.overlap,
-        level=args.level,
-        min_foreground=args.min_foreground,
-        workers=args.workers,
-        quiet=args.quiet,
-        log_json=args.log_json,
+        quiet=cfg.jobs.quiet,
+        log_json=cfg.jobs.log_json,
+        reader=_section(cfg, "reader"),
+        **asdict(_section(cfg, "tiling")),
     )
     print(f"wrote {args.out}")
     print(format_report(report))
@@ -210,71 +297,102 @@ def _add_infer(sub: Any) -> None:
         help="image files (TIFF/OME-TIFF/zarr/PNG/...), directories or glob patterns. One "
         "file writes into OUT_DIR directly; several, a directory or a glob run a batch job: "
         "OUT_DIR/<image stem>/ per image plus OUT_DIR/manifest.jsonl, and a rerun skips "
-        "images already done (exit 1 if any image failed)",
+        "images already done (exit 1 if any image failed). "
+        + CONFIG_ITEMS.format(example="infer.mode=gaussian jobs.workers=2"),
     )
     p.add_argument(
         "--model", required=True, metavar="CKPT", help="checkpoint (.pt) written by training"
     )
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory")
-    p.add_argument("--tile", type=int, help="tile (read window) side in pixels (default 1024)")
+    p.add_argument(
+        "--tile",
+        type=int,
+        help=f"tile (read window) side in pixels ({_default(InferConfig, 'tile')})",
+    )
     p.add_argument(
         "--mode",
         choices=["crop", "gaussian", "linear"],
-        help="crop: keep cores, exact (default); gaussian/linear: weighted blend of overlaps",
+        help="crop: keep cores, exact; gaussian/linear: weighted blend of overlaps "
+        f"({_default(InferConfig, 'mode')})",
     )
     p.add_argument(
-        "--overlap", type=float, help="blend overlap as a fraction of the tile (default 0.25)"
+        "--overlap",
+        type=float,
+        help=f"blend overlap as a fraction of the tile ({_default(InferConfig, 'overlap')})",
     )
     p.add_argument(
         "--halo", type=int, help="crop-mode halo in pixels (default: the receptive field)"
     )
-    p.add_argument("--level", type=int, help="pyramid level to run on (default 0)")
-    p.add_argument("--batch", type=int, help="tiles per forward pass (default 4)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default fp32")
+    p.add_argument(
+        "--level", type=int, help=f"pyramid level to run on ({_default(InferConfig, 'level')})"
+    )
+    p.add_argument(
+        "--batch", type=int, help=f"tiles per forward pass ({_default(InferConfig, 'batch')})"
+    )
+    p.add_argument(
+        "--device", help=f"cpu, cuda, cuda:N or auto ({_default(InferConfig, 'device')})"
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        help=_default(InferConfig, "precision"),
+    )
     p.add_argument("--tta", action="store_true", default=None, help="average over 4 flips")
     p.add_argument(
         "--outputs",
+        type=_comma_list,
         help="comma-separated subset of probabilities,classes,instances,preview,geojson "
-        "(default probabilities,classes,instances,preview)",
+        f"({_default(InferConfig, 'outputs')})",
     )
     p.add_argument(
         "--probabilities-dtype",
         choices=["float16", "uint8", "float32"],
-        help="storage of probabilities (default float16; uint8 = p*255)",
+        help="storage of probabilities, uint8 = p*255 "
+        f"({_default(InferConfig, 'probabilities_dtype')})",
     )
     p.add_argument(
         "--min-foreground",
         type=float,
-        help="skip tiles whose low-resolution foreground fraction is below this (default 0)",
+        help="skip tiles whose low-resolution foreground fraction is below this "
+        f"({_default(InferConfig, 'min_foreground')})",
     )
-    p.add_argument("--readers", type=int, help="tile reader threads (default 2)")
+    p.add_argument(
+        "--readers", type=int, help=f"tile reader threads ({_default(InferConfig, 'readers')})"
+    )
     p.add_argument(
         "--heap",
         choices=("reuse", "flat"),
-        help="host memory policy: reuse (default) keeps freed buffers for the next batch, "
-        "fast on a CPU; flat returns every large buffer at once, so peak RSS stays flat on "
-        "gigapixel images at 1.4-1.8x slower CPU forward passes",
+        help="host memory policy: reuse keeps freed buffers for the next batch, fast on a "
+        "CPU; flat returns every large buffer at once, so peak RSS stays flat on gigapixel "
+        f"images at 1.4-1.8x slower CPU forward passes ({_default(InferConfig, 'heap')})",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
     p.add_argument(
         "--workers",
         type=int,
-        default=0,
         help="batch on a dask LocalCluster of N worker processes (one per GPU with CUDA); "
-        "0 = in this process (default)",
+        f"0 = in this process ({_default(JobsConfig, 'workers')})",
     )
     p.add_argument("--scheduler", metavar="ADDRESS", help="batch on an existing dask cluster")
-    p.add_argument("--retry-failed", action="store_true", help="batch: retry earlier failures")
-    p.add_argument("--force", action="store_true", help="batch: redo every image")
     p.add_argument(
-        "--log-json", action="store_true", help="batch: one JSON object per event on stderr"
+        "--retry-failed",
+        action="store_true",
+        default=None,
+        help="batch: retry earlier failures",
+    )
+    p.add_argument("--force", action="store_true", default=None, help="batch: redo every image")
+    p.add_argument(
+        "--log-json",
+        action="store_true",
+        default=None,
+        help="batch: one JSON object per event on stderr",
     )
     p.add_argument(
         "--region-tiles",
         type=int,
         help="batch, crop mode: split images with more tiles into row bands of about this "
-        "many tiles, run in parallel and resumed band by band (default 256)",
+        f"many tiles, run in parallel and resumed band by band "
+        f"({_default(JobsConfig, 'region_tiles')})",
     )
     p.add_argument(
         "--threads",
@@ -282,7 +400,42 @@ def _add_infer(sub: Any) -> None:
         help="batch: torch threads per process (default: all cores serially, cores/N per "
         "worker); serial and distributed outputs are bit-identical at equal --threads",
     )
-    p.set_defaults(handler=_cmd_infer)
+    p.set_defaults(handler=_cmd_infer, items_dest="inputs")
+
+
+def _comma_list(text: str) -> list[str]:
+    return [o.strip() for o in text.split(",") if o.strip()]
+
+
+#: Flags of ``tilenet infer`` by the config section whose key of the same name they set.
+INFER_FLAGS: dict[str, Sequence[str]] = {
+    "infer": (
+        "tile",
+        "mode",
+        "overlap",
+        "halo",
+        "level",
+        "batch",
+        "device",
+        "precision",
+        "tta",
+        "outputs",
+        "probabilities_dtype",
+        "min_foreground",
+        "readers",
+        "heap",
+    ),
+    "jobs": (
+        "workers",
+        "scheduler",
+        "retry_failed",
+        "force",
+        "quiet",
+        "log_json",
+        "region_tiles",
+        "threads",
+    ),
+}
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
@@ -290,38 +443,36 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
     from tilenet.infer import infer_image
 
-    keys: tuple[str, ...] = ("tile", "mode", "overlap", "halo", "level", "batch", "device")
-    keys += ("precision", "tta", "probabilities_dtype", "min_foreground", "readers", "heap")
-    options = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    if args.outputs is not None:
-        options["outputs"] = [o.strip() for o in args.outputs.split(",") if o.strip()]
-    job_flags = args.workers or args.scheduler or args.retry_failed or args.force or args.log_json
-    job_flags = job_flags or args.region_tiles is not None or args.threads is not None
-    single = len(args.inputs) == 1 and Path(args.inputs[0]).is_file()
-    if job_flags or not single:
+    cfg, inputs = _config(args.inputs, args, INFER_FLAGS)
+    if not inputs:
+        raise InputError("no INPUT image given (only conf=FILE / key=value items)")
+    options = asdict(_section(cfg, "infer"))
+    jobs: JobsConfig = _section(cfg, "jobs")
+    # A batch job when asked for one: a job option set (by flag or config), or --region-tiles.
+    batch = any(
+        (
+            jobs.workers,
+            jobs.scheduler,
+            jobs.retry_failed,
+            jobs.force,
+            jobs.log_json,
+            jobs.threads is not None,
+            jobs.region_tiles != JobsConfig.region_tiles,
+            args.region_tiles is not None,
+        )
+    )
+    single = len(inputs) == 1 and Path(inputs[0]).is_file()
+    if batch or not single:
         from tilenet.jobs import format_report, run_jobs
 
-        report = run_jobs(
-            args.inputs,
-            args.model,
-            args.out,
-            workers=args.workers,
-            scheduler=args.scheduler,
-            retry_failed=args.retry_failed,
-            force=args.force,
-            quiet=args.quiet,
-            log_json=args.log_json,
-            region_tiles=256 if args.region_tiles is None else args.region_tiles,
-            threads=args.threads,
-            **options,
-        )
+        report = run_jobs(inputs, args.model, args.out, **asdict(jobs), **options)
         print(format_report(report))
         return report.exit_code
     summary = infer_image(
-        args.inputs[0],
+        inputs[0],
         args.model,
         args.out,
-        progress=not args.quiet and sys.stderr.isatty(),
+        progress=not jobs.quiet and sys.stderr.isatty(),
         **options,
     )
     for name, path in summary["outputs"].items():
@@ -366,19 +517,18 @@ def _add_plan(sub: Any) -> None:
         "--no-measure", action="store_true", help="skip the CUDA measurement even with a GPU"
     )
     p.add_argument("--json", action="store_true", help="print the same figures as JSON")
-    p.set_defaults(handler=_cmd_plan)
+    p.set_defaults(handler=_cmd_plan, items_dest="overrides")
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from tilenet.config import load_config
     from tilenet.errors import ConfigError
     from tilenet.plan import format_plan, plan_model
 
-    conf = [o.split("=", 1)[1] for o in args.overrides if o.startswith("conf=")]
-    if len(conf) > 1:
-        raise ConfigError("give conf=PATH at most once")
-    rest = [o for o in args.overrides if not o.startswith("conf=")]
-    cfg = load_config(conf[0] if conf else None, rest)
+    cfg, rest = _config(args.overrides, args, {})
+    if rest:
+        raise ConfigError(
+            f"{rest[0]!r} is not conf=FILE or section.key=value (e.g. model.name=unet)"
+        )
     result = plan_model(
         cfg.model,
         tile=args.tile,
@@ -494,7 +644,14 @@ def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Items after a flag (``tile IMG --out S conf=FILE``) belong to the subcommand's items
+    # list; argparse alone leaves a positional list split by flags unrecognised.
+    dest: str | None = getattr(args, "items_dest", None)
+    if extra:
+        if dest is None or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        getattr(args, dest).extend(extra)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

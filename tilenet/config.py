@@ -11,14 +11,17 @@ A component receives its own section (``cfg.train``, ``cfg.infer``), never the w
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from typing import TYPE_CHECKING, Any, Literal
 
 from tilenet.errors import ConfigError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+    from omegaconf.errors import OmegaConfBaseException
 
 __all__ = [
     "AugmentConfig",
@@ -32,6 +35,7 @@ __all__ = [
     "TrainConfig",
     "load_config",
     "save_config",
+    "split_config_args",
     "to_yaml",
 ]
 
@@ -40,7 +44,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 
 @dataclass
 class ReaderConfig:
-    """How images are opened."""
+    """How images are opened: the keyword limits of :func:`tilenet.io.open_image`."""
 
     #: Largest PNG/JPEG (pixels) read whole; above it, run ``tilenet convert`` first.
     max_pixels_eager: int = 200_000_000
@@ -50,7 +54,7 @@ class ReaderConfig:
 
 @dataclass
 class TilingConfig:
-    """``tilenet tile``: images to a zarr patch store."""
+    """``tilenet tile``: the keyword options of :func:`tilenet.tiler.tile_images`."""
 
     patch: int = 256
     overlap: int = 32
@@ -196,14 +200,23 @@ class InferConfig:
 
 @dataclass
 class JobsConfig:
-    """Batch jobs and distributed execution."""
+    """Batch jobs and distributed execution (``tilenet infer`` of several images, ``tile``)."""
 
+    #: Dask LocalCluster worker processes for a batch; 0 runs in this process.
     workers: int = 0
+    #: Address of an existing dask scheduler to submit the batch to.
     scheduler: str | None = None
     retry_failed: bool = False
+    #: Redo every image of a batch, done or not.
     force: bool = False
+    #: No progress bar.
     quiet: bool = False
+    #: One JSON object per event on stderr.
     log_json: bool = False
+    #: Crop mode: images with more tiles run as row bands of about this many tiles.
+    region_tiles: int = 256
+    #: torch intra-op threads per process; None: all cores serially, cores/N per worker.
+    threads: int | None = None
 
 
 @dataclass
@@ -219,6 +232,34 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
 
 
+#: A dotted override: ``section.key=value`` (a path such as ``a=b.tif`` is not one).
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
+
+
+def split_config_args(items: Iterable[str]) -> tuple[str | None, list[str], list[str]]:
+    """Split command-line items into ``conf=FILE``, dotted ``key=value`` overrides and the rest.
+
+    An override names a section and a key (``infer.tile=512``); every other item (an image
+    path, say) is returned in order as the rest. ``conf=`` may be given once.
+
+    >>> split_config_args(["a.tif", "conf=x.yaml", "infer.tile=512", "b=c.tif"])
+    ('x.yaml', ['infer.tile=512'], ['a.tif', 'b=c.tif'])
+    """
+    conf: str | None = None
+    overrides: list[str] = []
+    rest: list[str] = []
+    for item in items:
+        if item.startswith("conf="):
+            if conf is not None:
+                raise ConfigError(f"give conf=FILE at most once (got {conf!r} and {item[5:]!r})")
+            conf = item[len("conf=") :]
+        elif _OVERRIDE.match(item):
+            overrides.append(item)
+        else:
+            rest.append(item)
+    return conf, overrides, rest
+
+
 def _valid_keys(key_path: str) -> list[str]:
     """The valid keys at the dotted ``key_path`` of the schema (its parent section)."""
     cls: Any = Config
@@ -232,6 +273,8 @@ def _valid_keys(key_path: str) -> list[str]:
 
 
 def _config_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    from omegaconf.errors import ConfigKeyError
+
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
     if isinstance(exc, ConfigKeyError):
         valid = ", ".join(_valid_keys(str(key)))
@@ -252,6 +295,11 @@ def load_config(
     >>> cfg.train.lr, cfg.model.name
     (0.01, 'unet')
     """
+    # omegaconf is imported here, not at the top: the readers and the CLI import the
+    # dataclasses (their defaults) and should not pay for it.
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException, ValidationError
+
     cfg = OmegaConf.structured(Config)
     if conf is not None:
         path = Path(conf)
@@ -286,6 +334,8 @@ def load_config(
 
 def to_yaml(cfg: Any) -> str:
     """The resolved config as YAML text."""
+    from omegaconf import OmegaConf
+
     if is_dataclass(cfg) and not isinstance(cfg, type):
         cfg = OmegaConf.structured(cfg)
     return OmegaConf.to_yaml(cfg, resolve=True)

@@ -22,12 +22,13 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tilenet.config import ReaderConfig, TilingConfig
 from tilenet.errors import (
     ImageNotFoundError,
     InputError,
@@ -268,10 +269,11 @@ def _plan_image(
     level: int,
     min_foreground: float,
     mask_max_side: int,
+    limits: dict[str, Any],
 ) -> _Plan:
     from tilenet.io import open_image
 
-    with open_image(path) as img:
+    with open_image(path, **limits) as img:
         if not 0 <= level < len(img.levels):
             raise InputError(
                 f"{path}: has no pyramid level {level} (levels 0..{len(img.levels) - 1}); "
@@ -279,7 +281,7 @@ def _plan_image(
             )
         lh, lw = img.levels[level].shape
         if label is not None:
-            with open_image(label) as lab:
+            with open_image(label, **limits) as lab:
                 if lab.shape[:2] != img.shape[:2]:
                     raise ShapeMismatchError(
                         f"{label}: label image is {lab.shape[0]}x{lab.shape[1]} but {path} is "
@@ -323,6 +325,7 @@ def _write_range(
     level: int,
     patch: int,
     channels: int,
+    limits: dict[str, Any],
 ) -> dict[int, np.ndarray]:
     """Read patches ``lo:hi`` (global rows) of ``plans`` and write them; return partial stats.
 
@@ -347,8 +350,8 @@ def _write_range(
         if a >= b:
             continue
         st = stats.setdefault(k, np.zeros(2 * channels + 1 + 512, dtype=np.float64))
-        img = open_image(plan.path)
-        lab = open_image(plan.label) if plan.label is not None else None
+        img = open_image(plan.path, **limits)
+        lab = open_image(plan.label, **limits) if plan.label is not None else None
         try:
             for g in range(a, b):
                 win = plan.windows[g - plan.start]
@@ -462,23 +465,28 @@ def tile_images(
     *,
     labels: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     out: str | os.PathLike[str],
-    patch: int = 256,
-    overlap: int = 32,
-    level: int = 0,
-    min_foreground: float = 0.0,
-    workers: int = 2,
+    patch: int = TilingConfig.patch,
+    overlap: int = TilingConfig.overlap,
+    level: int = TilingConfig.level,
+    min_foreground: float = TilingConfig.min_foreground,
+    workers: int = TilingConfig.workers,
     class_names: Sequence[str] | None = None,
-    chunk_patches: int = 64,
-    mask_max_side: int = 2048,
+    chunk_patches: int = TilingConfig.chunk_patches,
+    mask_max_side: int = TilingConfig.mask_max_side,
+    reader: ReaderConfig | None = None,
     progress: bool = True,
     failures: dict[str, str] | None = None,
 ) -> Path:
     """Cut ``images`` into ``patch`` x ``patch`` patches overlapping by ``overlap`` into ``out``.
 
-    ``images`` are files, directories or globs. ``labels`` is a directory or pattern (see
-    :func:`match_labels`) or an explicit list parallel to the resolved images. Patches whose
-    foreground fraction (from a low-resolution Otsu mask) is below ``min_foreground`` are
-    dropped. Work runs on ``workers`` dask threads; each task reads and writes one shard.
+    The keyword options are the fields of :class:`~tilenet.config.TilingConfig` (defaults
+    there; ``tile_images(paths, out=o, **asdict(cfg))``), and ``reader`` holds the limits
+    images are opened with. ``images`` are files, directories or globs. ``labels`` is a
+    directory or pattern (see :func:`match_labels`) or an explicit list parallel to the
+    resolved images. Patches whose foreground fraction (from a low-resolution Otsu mask on
+    the finest level no larger than ``mask_max_side``) is below ``min_foreground`` are
+    dropped. Work runs on ``workers`` dask threads; each task reads and writes one shard of
+    ``4 * chunk_patches`` patches.
 
     Rerunning into an existing store skips images already complete (same content
     fingerprint) and appends new ones. Returns the store path. With a ``failures`` dict an
@@ -496,6 +504,9 @@ def tile_images(
         raise InputError(f"min_foreground must be in [0, 1], got {min_foreground!r}")
     if not isinstance(workers, int) or workers < 1:
         raise InputError(f"workers must be a positive int, got {workers!r}")
+    if not isinstance(chunk_patches, int) or chunk_patches < 1:
+        raise InputError(f"chunk_patches must be a positive int, got {chunk_patches!r}")
+    limits = asdict(reader if reader is not None else ReaderConfig())
     TileGrid.for_patches((patch, patch), patch, overlap)  # validates overlap up front
     out = Path(out)
     paths = resolve_images(images)
@@ -557,6 +568,7 @@ def tile_images(
             level=level,
             min_foreground=float(min_foreground),
             mask_max_side=mask_max_side,
+            limits=limits,
         )
         for p, lab, fp in todo
     ]
@@ -653,6 +665,7 @@ def tile_images(
                     patch=patch,
                     channels=channels,
                     workers=workers,
+                    limits=limits,
                     bar=bar,
                 )
                 batch = []
@@ -674,6 +687,7 @@ def _write_batch(
     patch: int,
     channels: int,
     workers: int,
+    limits: dict[str, Any],
     bar: Any,
 ) -> int:
     import dask
@@ -704,7 +718,15 @@ def _write_batch(
     tasks = [
         dask.delayed(tick)(
             dask.delayed(_write_range)(
-                str(out), batch, src_index, lo, hi, level=level, patch=patch, channels=channels
+                str(out),
+                batch,
+                src_index,
+                lo,
+                hi,
+                level=level,
+                patch=patch,
+                channels=channels,
+                limits=limits,
             ),
             hi - lo,
         )

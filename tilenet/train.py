@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tilenet.config import DataConfig, load_config, save_config, to_yaml
+from tilenet.config import DataConfig, load_config, save_config, split_config_args, to_yaml
 from tilenet.errors import CheckpointError, ConfigError, InputError
 
 __all__ = ["evaluate_images", "main", "prepare_demo_data", "train"]
@@ -71,7 +71,7 @@ the file. Unknown keys are errors that list the valid ones. Config sections:
           val_every, val_images/val_labels, best_metric, early_stop_patience, out_dir,
           resume (true or a checkpoint path), deterministic, seed
   infer   tile/mode/batch used to score whole held-out images (train.val_images)
-  tiling, reader, jobs: not used by training
+  tiling, reader, jobs: read by tilenet tile, infer and info, not by training
 
 Every key with its default: conf/default.yaml (or --print-config with no arguments).
 """
@@ -113,15 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     args = parser.parse_args(argv)
-    conf: str | None = None
-    overrides: list[str] = []
-    for item in args.items:
-        if item.startswith("conf="):
-            conf = item[len("conf=") :]
-        elif "=" in item and not item.startswith("="):
-            overrides.append(item)
-        else:
-            parser.error(f"argument {item!r} must be conf=FILE or key=value (e.g. train.lr=1e-3)")
+    try:
+        conf, overrides, rest = split_config_args(args.items)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if rest:
+        parser.error(f"argument {rest[0]!r} must be conf=FILE or key=value (e.g. train.lr=1e-3)")
 
     def run() -> int:
         cfg = load_config(conf, overrides)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tilenet.config import ReaderConfig
 from tilenet.io.base import LazyImage, Level
 from tilenet.io.sniff import fingerprint, sniff
 
@@ -36,14 +37,16 @@ __all__ = [
 def open_image(
     path: str | os.PathLike[str],
     *,
-    max_pixels_eager: int | None = 200_000_000,
-    max_pixels: int | None = 10**12,
+    max_pixels_eager: int | None = ReaderConfig.max_pixels_eager,
+    max_pixels: int | None = ReaderConfig.max_pixels,
 ) -> LazyImage:
     """Open an image lazily: TIFF/BigTIFF/OME-TIFF, zarr/OME-Zarr, or PNG/JPEG (via Pillow).
 
     Only the header is read here. ``max_pixels`` refuses headers that claim more pixels
     (before anything is allocated). ``max_pixels_eager`` limits formats that must be decoded
-    whole (PNG, JPEG); ``None`` lifts it (``tilenet convert`` uses that). Errors are
+    whole (PNG, JPEG); ``None`` lifts it (``tilenet convert`` uses that). The keyword options
+    are the fields of :class:`~tilenet.config.ReaderConfig` (defaults there;
+    ``open_image(p, **asdict(cfg.reader))``). Errors are
     :class:`~tilenet.errors.TilenetError` subclasses with a one-line message naming the file.
     """
     p = Path(path)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from tilenet.config import ReaderConfig
 from tilenet.errors import CorruptImageError, ImageTooLargeError, UnsupportedFormatError
 from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
@@ -94,8 +95,8 @@ class PilImage(LazyImage):
 def open_pil(
     path: str | os.PathLike[str],
     *,
-    max_pixels_eager: int | None = 200_000_000,
-    max_pixels: int | None = 10**12,
+    max_pixels_eager: int | None = ReaderConfig.max_pixels_eager,
+    max_pixels: int | None = ReaderConfig.max_pixels,
 ) -> PilImage:
     """Open a Pillow-readable image; refuse it before decoding if it is too large to hold.
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from tilenet.config import ReaderConfig
 from tilenet.errors import CorruptImageError, TilenetError, UnsupportedFormatError
 from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
@@ -386,7 +387,9 @@ class TiffImage(LazyImage):
             self._tf.close()
 
 
-def open_tiff(path: str | os.PathLike[str], *, max_pixels: int | None = 10**12) -> TiffImage:
+def open_tiff(
+    path: str | os.PathLike[str], *, max_pixels: int | None = ReaderConfig.max_pixels
+) -> TiffImage:
     """Open a TIFF/BigTIFF lazily; only its header and tile tables are read."""
     import tifffile
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from tilenet.config import ReaderConfig
 from tilenet.errors import CorruptImageError, TilenetError, UnsupportedFormatError
 from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
@@ -132,7 +133,9 @@ def _multiscale(p: Path, group: Any) -> tuple[list[Any], list[str] | None, list[
     return arrays, names, [scales, units]
 
 
-def open_zarr(path: str | os.PathLike[str], *, max_pixels: int | None = 10**12) -> ZarrImage:
+def open_zarr(
+    path: str | os.PathLike[str], *, max_pixels: int | None = ReaderConfig.max_pixels
+) -> ZarrImage:
     """Open a zarr array or OME-Zarr group lazily; only metadata is read."""
     import zarr
 

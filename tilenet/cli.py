@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from tilenet.config import InferConfig, JobsConfig, TilingConfig
+from tilenet.config import InferConfig, JobsConfig, ReaderConfig, TilingConfig
 from tilenet.errors import EXIT_OK, EXIT_USAGE, InputError, TilenetError
 
 __all__ = ["main", "run_guarded"]
@@ -390,14 +390,14 @@ def _add_infer(sub: Any) -> None:
     p.add_argument(
         "--region-tiles",
         type=int,
-        help="batch, crop mode: split images with more tiles into row bands of about this "
-        f"many tiles, run in parallel and resumed band by band "
-        f"({_default(JobsConfig, 'region_tiles')})",
+        help="crop mode: run images with more tiles in row bands of about this many tiles; "
+        "a rerun after an interruption keeps the finished bands, and a batch runs the bands "
+        f"of one image in parallel ({_default(JobsConfig, 'region_tiles')})",
     )
     p.add_argument(
         "--threads",
         type=int,
-        help="batch: torch threads per process (default: all cores serially, cores/N per "
+        help="torch threads per process (default: all cores serially, cores/N per "
         "worker); serial and distributed outputs are bit-identical at equal --threads",
     )
     p.set_defaults(handler=_cmd_infer, items_dest="inputs")
@@ -448,33 +448,28 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         raise InputError("no INPUT image given (only conf=FILE / key=value items)")
     options = asdict(_section(cfg, "infer"))
     jobs: JobsConfig = _section(cfg, "jobs")
-    # A batch job when asked for one: a job option set (by flag or config), or --region-tiles.
-    batch = any(
-        (
-            jobs.workers,
-            jobs.scheduler,
-            jobs.retry_failed,
-            jobs.force,
-            jobs.log_json,
-            jobs.threads is not None,
-            jobs.region_tiles != JobsConfig.region_tiles,
-            args.region_tiles is not None,
-        )
-    )
+    reader: ReaderConfig = _section(cfg, "reader")
+    # A batch job (manifest, per-image directories) when asked for one by a job option.
+    batch = any((jobs.workers, jobs.scheduler, jobs.retry_failed, jobs.force, jobs.log_json))
     single = len(inputs) == 1 and Path(inputs[0]).is_file()
     if batch or not single:
         from tilenet.jobs import format_report, run_jobs
 
-        report = run_jobs(inputs, args.model, args.out, **asdict(jobs), **options)
+        report = run_jobs(inputs, args.model, args.out, reader=reader, **asdict(jobs), **options)
         print(format_report(report))
         return report.exit_code
-    summary = infer_image(
-        inputs[0],
-        args.model,
-        args.out,
-        progress=not jobs.quiet and sys.stderr.isatty(),
-        **options,
-    )
+    from tilenet.runtime import torch_threads
+
+    with torch_threads(jobs.threads):
+        summary = infer_image(
+            inputs[0],
+            args.model,
+            args.out,
+            progress=not jobs.quiet,
+            region_tiles=jobs.region_tiles,
+            reader=reader,
+            **options,
+        )
     for name, path in summary["outputs"].items():
         print(f"{name}: {path}")
     print(f"{summary['tiles']} tiles in {summary['timings']['total_s']:.1f} s")

@@ -29,13 +29,13 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tilenet.config import InferConfig
+from tilenet.config import InferConfig, JobsConfig, ReaderConfig
 from tilenet.errors import ConfigError, InputError
 from tilenet.geometry import Tile, TileGrid
 from tilenet.models.spec import ModelSpec
@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 OUTPUTS = ("probabilities", "classes", "instances", "preview", "geojson")
 
 #: Default tiles per band: the unit of resume (and of parallel work in batch jobs).
-REGION_TILES = 256
+REGION_TILES = JobsConfig.region_tiles
 
 #: Options that change how fast, not what is computed (left out of the resume key).
 _NOT_HASHED = ("readers", "device", "heap")
@@ -156,6 +156,14 @@ class ImagePlan:
     outputs: OutputSet
     #: Wall-clock time (``time.time()``) when planning began.
     t0: float
+    #: How the input is opened again (in a worker process, for each band and for finish).
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+
+    def open(self) -> Any:
+        """Open the input image (a context manager), with the plan's reader limits."""
+        from tilenet.io import open_image
+
+        return open_image(self.input, **asdict(self.reader))
 
     @property
     def pending(self) -> list[int]:
@@ -180,13 +188,15 @@ def plan_image(
     region_tiles: int = REGION_TILES,
     key: dict[str, Any] | None = None,
     force: bool = False,
+    reader: ReaderConfig | None = None,
 ) -> ImagePlan:
     """Plan ``image`` (an open LazyImage) for a model and prepare its outputs in ``out``.
 
     ``spec`` is the model's spec, ``model`` its checkpoint path (None for a model in
     memory). ``key`` identifies what the outputs are computed from (:func:`job_key`; made
     here when not given). Partial outputs of an earlier run with the same key and band
-    layout are kept; ``force`` discards them.
+    layout are kept; ``force`` discards them. ``reader`` holds the limits the input is
+    opened with again by :meth:`ImagePlan.open`.
     """
     t0 = time.time()
     spec = ModelSpec.coerce(spec)
@@ -238,6 +248,7 @@ def plan_image(
         bands=tuple(bands),
         outputs=outputs,
         t0=t0,
+        reader=reader if reader is not None else ReaderConfig(),
     )
 
 
@@ -386,6 +397,7 @@ def infer_image(
     *,
     progress: bool = False,
     region_tiles: int = REGION_TILES,
+    reader: ReaderConfig | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Run tiled inference of ``model`` on ``input`` and write the outputs to ``out_dir``.
@@ -394,14 +406,16 @@ def infer_image(
     checkpoint path, a ``(module, spec)`` pair or a :class:`~tilenet.predictor.Predictor`;
     ``options`` are :class:`InferConfig` fields. Crop-mode images are run in bands of about
     ``region_tiles`` tiles; when a run over a checkpoint is interrupted, the same call again
-    keeps the finished bands. Returns the summary also written to ``out_dir/summary.json``.
+    keeps the finished bands. ``reader`` sets the input's reader limits. Returns the summary
+    also written to ``out_dir/summary.json``.
     """
     t_start = time.perf_counter()
     cfg = resolve_options(options)
+    reader = reader if reader is not None else ReaderConfig()
     if isinstance(input, str | os.PathLike):
         from tilenet.io import open_image
 
-        image = open_image(input)
+        image = open_image(input, **asdict(reader))
     else:
         image = input
     try:
@@ -414,6 +428,7 @@ def infer_image(
             out_dir,
             model=predictor.checkpoint,
             region_tiles=region_tiles,
+            reader=reader,
         )
         setup_s = time.perf_counter() - t_start
 

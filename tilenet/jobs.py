@@ -40,10 +40,11 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tilenet.config import JobsConfig, ReaderConfig
 from tilenet.errors import EXIT_OK, EXIT_PARTIAL, TilenetError
 from tilenet.fsutil import safe_stem
 
@@ -227,11 +228,10 @@ def _guarded(kind: str, key: Any, fn: Callable[..., dict[str, Any]], *args: Any)
 def _task_bands(plan: ImagePlan, bands: Sequence[int], threads: int | None) -> dict[str, Any]:
     """Run ``bands`` of ``plan`` (each recorded as done when written); their records."""
     from tilenet.infer import run_band
-    from tilenet.io import open_image
     from tilenet.predictor import Predictor
     from tilenet.runtime import torch_threads
 
-    with torch_threads(threads), open_image(plan.input) as image:
+    with torch_threads(threads), plan.open() as image:
         predictor = Predictor(plan.model, plan.config, cache=True)
         records = [run_band(plan, i, predictor, image) for i in bands]
     return {"bands": list(bands), "tiles": sum(r["tiles"] for r in records), "records": records}
@@ -240,9 +240,8 @@ def _task_bands(plan: ImagePlan, bands: Sequence[int], threads: int | None) -> d
 def _task_finish(plan: ImagePlan) -> dict[str, Any]:
     """Pyramids, renames, OME-TIFF/preview/instances; the summary as ``tilenet infer`` writes."""
     from tilenet.infer import finish
-    from tilenet.io import open_image
 
-    with open_image(plan.input) as image:
+    with plan.open() as image:
         return finish(plan, image)
 
 
@@ -367,14 +366,15 @@ def run_jobs(
     model: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
-    workers: int = 0,
-    scheduler: str | None = None,
-    retry_failed: bool = False,
-    force: bool = False,
-    quiet: bool = False,
-    log_json: bool = False,
-    region_tiles: int = 256,
-    threads: int | None = None,
+    workers: int = JobsConfig.workers,
+    scheduler: str | None = JobsConfig.scheduler,
+    retry_failed: bool = JobsConfig.retry_failed,
+    force: bool = JobsConfig.force,
+    quiet: bool = JobsConfig.quiet,
+    log_json: bool = JobsConfig.log_json,
+    region_tiles: int = JobsConfig.region_tiles,
+    threads: int | None = JobsConfig.threads,
+    reader: ReaderConfig | None = None,
     **options: Any,
 ) -> JobReport:
     """Infer every image of ``inputs`` (files, directories, globs) into ``out_dir/<stem>/``.
@@ -386,7 +386,8 @@ def run_jobs(
     ``threads`` is torch's intra-op threads per process (this one when serial, else each
     worker); by default torch's own in serial and ``cores // workers`` on a LocalCluster.
     Outputs are bit-identical across serial and distributed runs at equal ``threads``: CPU
-    kernels round differently with another thread count (last float bit).
+    kernels round differently with another thread count (last float bit). ``reader`` sets
+    the reader limits every image is opened with.
     """
     from tilenet import __version__
     from tilenet.checkpoint import file_checksum, load_checkpoint
@@ -397,6 +398,7 @@ def run_jobs(
 
     t0 = time.time()
     cfg = resolve_options(options)
+    reader = reader if reader is not None else ReaderConfig()
     spec = ModelSpec.coerce(load_checkpoint(model)["spec"])  # a bad checkpoint: exit 2
     model = str(Path(model).resolve())
     base = {
@@ -449,10 +451,10 @@ def run_jobs(
                 record(item, "failed", fingerprint=fp, error=prev.get("error"), previous=True)
                 continue
         try:
-            with open_image(item.path) as image:
+            with open_image(item.path, **asdict(reader)) as image:
                 plan = plan_image(
                     image, spec, cfg, item.out, model=model, region_tiles=region_tiles,
-                    key=key, force=force,
+                    key=key, force=force, reader=reader,
                 )  # fmt: skip
         except Exception as exc:
             record(item, "failed", fingerprint=fp, error=_one_line(exc))

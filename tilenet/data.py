@@ -161,7 +161,7 @@ def _is_store(p: Path) -> bool:
 
 def _image_stats(paths: list[Path], *, max_side: int = 1024) -> dict[str, Any]:
     from tilenet.io import open_image
-    from tilenet.tiler import resolve_images
+    from tilenet.io.paths import resolve_images
 
     s = ss = None
     n = 0
@@ -660,7 +660,7 @@ def build_loader(
                 f"{stores[0]}: store patches are {ds.patch} px but data.patch is {cfg.patch}"
             )
     elif cfg.images and train:
-        from tilenet.tiler import match_labels, resolve_images
+        from tilenet.io.paths import match_labels, resolve_images
 
         images = resolve_images([cfg.images])
         labels = match_labels(images, cfg.labels) if cfg.labels else None

@@ -688,7 +688,7 @@ def run_jobs(
     from tilenet.infer import plan_grid, resolve_options
     from tilenet.io import open_image
     from tilenet.io.sniff import fingerprint
-    from tilenet.tiler import resolve_images
+    from tilenet.io.paths import resolve_images
 
     t0 = time.time()
     cfg = resolve_options(options)
@@ -882,7 +882,8 @@ def tile_jobs(
 
     from tilenet import __version__
     from tilenet.io.sniff import fingerprint
-    from tilenet.tiler import resolve_images, tile_images
+    from tilenet.io.paths import resolve_images
+    from tilenet.tiler import tile_images
 
     t0 = time.time()
     store = Path(out)

@@ -370,7 +370,7 @@ def _held_out_pairs(images: Sequence[str], labels: Sequence[str]) -> list[tuple[
 
     ``val_labels`` is one label file per image, or a single directory/pattern matched by name.
     """
-    from tilenet.tiler import match_labels, resolve_images
+    from tilenet.io.paths import match_labels, resolve_images
 
     if not images:
         return []

@@ -596,38 +596,15 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
 
 
 # -- loaders -----------------------------------------------------------------------------
-def _synth_store(cfg: DataConfig, *, train: bool) -> list[str]:
-    """The demo path: synthesize (if missing) and tile the synthetic dataset once."""
-    from tilenet.synth import synthesize
-    from tilenet.tiler import tile_images
-
-    assert cfg.synth_dir is not None
-    root = Path(cfg.synth_dir) if train else Path(cfg.synth_dir) / "val"
-    count = cfg.synth_count if train else 1
-    seed = cfg.seed if train else cfg.seed + 1
-    if not (root / "images").is_dir():
-        synthesize(root, size=cfg.synth_size, count=count, seed=seed)
-    store = root / f"patches_{cfg.patch}.zarr"
-    tile_images(
-        [root / "images"],
-        labels=root / "labels",
-        out=store,
-        patch=cfg.patch,
-        overlap=0,
-        workers=max(1, cfg.num_workers),
-        progress=False,
-    )
-    return [str(store)]
-
-
 def build_loader(
     data_cfg: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0
 ) -> DataLoader:
     """A DataLoader of batches ``(float32 (B, C, P, P), int64 (B, P, P))`` for ``data_cfg``.
 
-    Train uses ``stores`` (or ``images``/``labels`` via random crops, or the synthetic
-    dataset in ``synth_dir``) with shuffling, augmentation and optional class balance;
-    validation uses ``val_stores`` in a fixed order, unaugmented. The dataset is
+    Train uses ``stores`` (or ``images``/``labels`` via random crops) with shuffling,
+    augmentation and optional class balance; validation uses ``val_stores`` in a fixed
+    order, unaugmented. The synthetic dataset of ``synth_dir`` is made into stores before,
+    by :func:`tilenet.synth.prepare_synthetic` (training does it). The dataset is
     ``loader.dataset``: call ``loader.dataset.set_epoch(e)`` each epoch. Workers are
     persistent (started once, not every epoch).
     """
@@ -638,8 +615,6 @@ def build_loader(
         cfg = OmegaConf.to_object(cfg)
     seed = int(seed) + int(cfg.seed)
     stores = list(cfg.stores if train else cfg.val_stores)
-    if not stores and cfg.synth_dir and (train or not cfg.images):
-        stores = _synth_store(cfg, train=train)
     ds: IterableDataset
     if stores:
         ds = PatchStoreDataset(
@@ -677,8 +652,15 @@ def build_loader(
             normalize=cfg.normalize,
         )
     else:
-        what = "data.stores, data.images or data.synth_dir" if train else "data.val_stores"
-        raise InputError(f"no {'training' if train else 'validation'} data configured; set {what}")
+        what = "data.stores or data.images" if train else "data.val_stores"
+        hint = (
+            " (data.synth_dir is made into stores by tilenet.synth.prepare_synthetic first)"
+            if cfg.synth_dir
+            else ""
+        )
+        raise InputError(
+            f"no {'training' if train else 'validation'} data configured; set {what}{hint}"
+        )
     return DataLoader(
         ds,
         batch_size=None,

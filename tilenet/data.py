@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tilenet.augment import build_augment
 from tilenet.config import AugmentConfig, DataConfig
 from tilenet.errors import ImageNotFoundError, InputError
-from tilenet.geometry import Window
+from tilenet.geometry import Window, iter_bands
 
 __all__ = [
     "PatchStoreDataset",
@@ -175,8 +175,8 @@ def _image_stats(paths: list[Path], *, max_side: int = 1024) -> dict[str, Any]:
             h, w = img.levels[lv].shape
             step = max(1, math.ceil(max(h, w) / max_side))
             band = step * max(1, 512 // step)
-            for y in range(0, h, band):
-                px = img.read(Window(y, 0, min(band, h - y), w), lv)[::step, ::step]
+            for win in iter_bands((h, w), band):
+                px = img.read(win, lv)[::step, ::step]
                 px = px.reshape(-1, img.channels).astype(np.float64)
                 s = px.sum(0) + (s if s is not None else 0)
                 ss = (px * px).sum(0) + (ss if ss is not None else 0)

@@ -32,7 +32,7 @@ from tilenet.errors import (
     TilenetError,
 )
 from tilenet.fsutil import atomic_output
-from tilenet.geometry import TileGrid, Window
+from tilenet.geometry import TileGrid, Window, iter_bands
 from tilenet.io.paths import class_names_near, match_labels, resolve_images
 
 __all__ = [
@@ -88,8 +88,8 @@ def foreground_mask(image: Any, *, max_side: int = 2048) -> tuple[np.ndarray, tu
     step = 1 if pick is not None else math.ceil(max(h, w) / max_side)
     band = step * max(1, 1024 // step)
     rows = []
-    for y in range(0, h, band):
-        block = image.read(Window(y, 0, min(band, h - y), w), level)[::step, ::step]
+    for win in iter_bands((h, w), band):
+        block = image.read(win, level)[::step, ::step]
         rows.append(block.astype(np.float32).mean(axis=-1))
     grey = np.concatenate(rows, axis=0)
     thr = otsu_threshold(grey)

@@ -464,7 +464,7 @@ def evaluate_images(
 
     from tilenet.infer import infer_image
     from tilenet.io import open_image
-    from tilenet.metrics import ConfusionMatrix, confusion_matrix
+    from tilenet.metrics import ConfusionMatrix, score_class_map
 
     k = int(spec["num_classes"])
     cm = ConfusionMatrix(k, ignore_index=ignore_index)
@@ -476,21 +476,13 @@ def evaluate_images(
             infer_image(image, (module, spec), tmp, progress=False, **opts)
             pred: Any = zarr.open_group(Path(tmp) / "classes.ome.zarr", mode="r")["0"]
             h, w = pred.shape
-            ch, cw = pred.chunks
             with open_image(labels) as lab:
                 if lab.shape[:2] != (h, w):
                     raise InputError(
                         f"{labels}: label image is {lab.shape[0]}x{lab.shape[1]} but {image} "
                         f"is {h}x{w}"
                     )
-                from tilenet.geometry import Window
-
-                for y in range(0, h, ch):
-                    for x in range(0, w, cw):
-                        win = Window(y, x, min(ch, h - y), min(cw, w - x))
-                        p = pred[win.y : win.y1, win.x : win.x1]
-                        t = lab.read(win)[..., 0]
-                        cm.add(confusion_matrix(p, t, k, ignore_index=ignore_index))
+                cm.add(score_class_map(pred, lab, k, ignore_index=ignore_index).confusion)
     return cm.compute(class_names=spec.get("class_names"))
 
 

@@ -243,6 +243,8 @@ def test_uint8_output_for_device_normalisation(store: Path) -> None:
     np.testing.assert_array_equal(xu.permute(0, 2, 3, 1).numpy(), images[:9])
     np.testing.assert_array_equal(mu.numpy(), labels[:9])
     torch.testing.assert_close(normalize_batch(xu, raw.mean, raw.std), xf)
+    # one arithmetic (tilenet.normalize) for device and worker normalisation: bit for bit
+    assert torch.equal(normalize_batch(xu, raw.mean, raw.std), xf)
     assert torch.equal(mu.long(), mf)
     with pytest.raises(InputError, match="output"):
         PatchStoreDataset(store, output="half")  # type: ignore[arg-type]

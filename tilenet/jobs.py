@@ -687,8 +687,8 @@ def run_jobs(
     from tilenet.checkpoint import file_checksum, load_checkpoint
     from tilenet.infer import plan_grid, resolve_options
     from tilenet.io import open_image
-    from tilenet.io.sniff import fingerprint
     from tilenet.io.paths import resolve_images
+    from tilenet.io.sniff import fingerprint
 
     t0 = time.time()
     cfg = resolve_options(options)
@@ -881,8 +881,8 @@ def tile_jobs(
     import zarr
 
     from tilenet import __version__
-    from tilenet.io.sniff import fingerprint
     from tilenet.io.paths import resolve_images
+    from tilenet.io.sniff import fingerprint
     from tilenet.tiler import tile_images
 
     t0 = time.time()

@@ -61,6 +61,7 @@ from tilenet.errors import (
 from tilenet.fsutil import atomic_output
 from tilenet.geometry import iter_blocks, spans
 from tilenet.io.writers import DEFAULT_PALETTE, OmeZarrWriter
+from tilenet.progress import progress_iter
 
 __all__ = ["label_instances", "write_geojson"]
 
@@ -108,14 +109,6 @@ def _block_shape(chunk: int | Sequence[int] | None, arr: Any) -> tuple[int, int]
     if len(ch) != 2 or min(ch) < 1:
         raise InputError(f"chunk must be a positive int or (h, w), got {chunk!r}")
     return ch[0], ch[1]
-
-
-def _progress(it: Iterable[Any], enabled: bool, desc: str, total: int) -> Iterable[Any]:
-    if not enabled:
-        return it
-    from tqdm import tqdm
-
-    return tqdm(it, desc=desc, total=total, unit="block")
 
 
 # -- pass helpers ------------------------------------------------------------------------------
@@ -247,7 +240,9 @@ def label_instances(
     prev_bottom: np.ndarray | None = None
     prev_bottom_key = left = left_key = np.zeros(0, np.int64)
     blocks_iter = ((i, j) for i in range(len(rows)) for j in range(nbx))
-    for i, j in _progress(blocks_iter, progress, "instances 1/3", len(rows) * nbx):
+    for i, j in progress_iter(
+        blocks_iter, desc="instances 1/3", unit="block", total=len(rows) * nbx, enabled=progress
+    ):
         (y0, y1), (x0, x1) = rows[i], cols[j]
         if j == 0:
             top = np.zeros(W, np.int64)
@@ -335,7 +330,9 @@ def label_instances(
     )
     out_arr: Any = writer.array
     with writer:
-        bands = _progress(range(len(rows)), progress, "instances 2/3", len(rows))
+        bands = progress_iter(
+            range(len(rows)), desc="instances 2/3", unit="block", total=len(rows), enabled=progress
+        )
         for i in bands:
             y0, y1 = rows[i]
             tables: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []

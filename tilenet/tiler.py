@@ -29,6 +29,7 @@ from tilenet.errors import (
 from tilenet.fsutil import atomic_output
 from tilenet.geometry import TileGrid, Window, iter_bands
 from tilenet.io.paths import class_names_near, match_labels, resolve_images
+from tilenet.progress import progress_bar
 
 __all__ = [
     "foreground_fractions",
@@ -442,11 +443,7 @@ def tile_images(
     sources: list[dict[str, Any]] = list(store_attrs["sources"])
     count = int(store_attrs["count"])
     total = sum(len(p.windows) for p in plans)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, unit="patch", desc=f"tile {out.name}")
+    bar = progress_bar(total, unit="patch", desc=f"tile {out.name}", enabled=progress)
     try:
         batch: list[_Plan] = []
         for i, plan in enumerate(plans):
@@ -467,8 +464,7 @@ def tile_images(
                 )
                 batch = []
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return out
 
 
@@ -507,8 +503,7 @@ def _write_batch(
     ]
 
     def tick(result: dict[int, np.ndarray], n: int) -> dict[int, np.ndarray]:
-        if bar is not None:
-            bar.update(n)
+        bar.update(n)
         return result
 
     tasks = [

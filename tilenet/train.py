@@ -666,8 +666,6 @@ def train(cfg: Any) -> Path:
 
 
 def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
-    from tqdm.auto import tqdm
-
     from tilenet.checkpoint import load_checkpoint, make_spec, save_checkpoint
     from tilenet.data import build_loader
     from tilenet.losses import build_loss
@@ -862,13 +860,10 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
     accum = int(tc.grad_accum)
     budget = tc.max_steps_this_run
     stop_at = total if budget is None else min(total, state.step + int(budget))
-    bar = tqdm(
-        total=total,
-        initial=state.step,
-        disable=not (tc.progress and d.main),
-        unit="step",
-        dynamic_ncols=True,
-        desc="train",
+    from tilenet.progress import progress_bar
+
+    bar = progress_bar(
+        total, initial=state.step, enabled=bool(tc.progress and d.main), unit="step", desc="train"
     )
     model.train()
     win_loss = torch.zeros((), dtype=torch.float64, device=device)

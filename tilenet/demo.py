@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tilenet.errors import ConfigError
-from tilenet.fsutil import atomic_output
+from tilenet.fsutil import write_text_atomic
 
 __all__ = ["demo_config_path", "run_demo"]
 
@@ -106,7 +106,6 @@ def run_demo(
         "held_out_labels": str(labels),
         "outputs": {**summary["outputs"], "run_dir": str(run_dir)},
     }
-    with atomic_output(out / "demo.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / "demo.json", json.dumps(result, indent=2) + "\n")
     result["outputs"]["demo_json"] = str(out / "demo.json")
     return result

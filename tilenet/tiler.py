@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from tilenet import patchstore
 from tilenet.errors import (
     InputError,
     ShapeMismatchError,
@@ -29,6 +28,18 @@ from tilenet.errors import (
 from tilenet.fsutil import atomic_output
 from tilenet.geometry import TileGrid, Window, iter_bands
 from tilenet.io.paths import class_names_near, match_labels, resolve_images
+from tilenet.patchstore import (
+    ARRAYS,
+    CHUNKS_PER_SHARD,
+    COORDS,
+    FORMAT,
+    FORMAT_VERSION,
+    IMAGES,
+    LABELS,
+    create_store,
+    read_attrs,
+    stats_attrs,
+)
 from tilenet.progress import progress_bar
 
 __all__ = [
@@ -223,8 +234,8 @@ def _write_range(
     from tilenet.io import open_image
 
     group = zarr.open_group(store, mode="r+")
-    arr_img: Any = group[patchstore.IMAGES]
-    has_labels = patchstore.LABELS in group
+    arr_img: Any = group[IMAGES]
+    has_labels = LABELS in group
     n = hi - lo
     imgs = np.empty((n, patch, patch, channels), dtype=arr_img.dtype)
     labs = np.zeros((n, patch, patch), dtype=np.uint8) if has_labels else None
@@ -263,9 +274,9 @@ def _write_range(
                 lab.close()
     assert row == hi
     arr_img[lo:hi] = imgs
-    arr_coords: Any = group[patchstore.COORDS]
+    arr_coords: Any = group[COORDS]
     if labs is not None:
-        arr_labels: Any = group[patchstore.LABELS]
+        arr_labels: Any = group[LABELS]
         arr_labels[lo:hi] = labs
     arr_coords[lo:hi] = coords
     return stats
@@ -290,7 +301,7 @@ def tile_images(
     """Cut ``images`` into ``patch`` x ``patch`` patches overlapping by ``overlap`` into ``out``.
 
     ``images`` are files, directories or globs. ``labels`` is a directory or pattern (see
-    :func:`tilenet.io.paths.match_labels`) or an explicit list parallel to the resolved images. Patches whose
+    :func:`match_labels`) or an explicit list parallel to the resolved images. Patches whose
     foreground fraction (from a low-resolution Otsu mask) is below ``min_foreground`` are
     dropped. Work runs on ``workers`` dask threads; each task reads and writes one shard.
 
@@ -326,7 +337,7 @@ def tile_images(
 
     existing: dict[str, Any] | None = None
     if out.exists():
-        existing = patchstore.read_attrs(out)
+        existing = read_attrs(out)
         if existing is None:
             raise InputError(
                 f"{out}: exists and is not a tilenet patch store; choose another --out or remove it"
@@ -403,8 +414,8 @@ def tile_images(
 
     if existing is None:
         attrs = {
-            "format": patchstore.FORMAT,
-            "format_version": patchstore.FORMAT_VERSION,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
             "tilenet_version": __version__,
             "patch": patch,
             "overlap": overlap,
@@ -417,11 +428,11 @@ def tile_images(
             "class_names": names,
             "count": 0,
             "sources": [],
-            **patchstore.stats_attrs([], channels),
+            **stats_attrs([], channels),
         }
         # The empty store appears atomically, so a crash here never leaves a half-made one.
         with atomic_output(out) as tmp:
-            patchstore.create_store(
+            create_store(
                 tmp,
                 patch=patch,
                 channels=channels,
@@ -438,7 +449,7 @@ def tile_images(
             group.attrs["class_names"] = names
 
     # Phase 2: write in groups of images; each group is committed when all its shards are.
-    shard = chunk_patches * patchstore.CHUNKS_PER_SHARD
+    shard = chunk_patches * CHUNKS_PER_SHARD
     store_attrs: Any = group.attrs
     sources: list[dict[str, Any]] = list(store_attrs["sources"])
     count = int(store_attrs["count"])
@@ -492,7 +503,7 @@ def _write_batch(
         src_index.append(len(sources) + k)
     end = start
     # Rows past ``count`` may hold an interrupted run's leftovers: they are overwritten.
-    for name in patchstore.ARRAYS:
+    for name in ARRAYS:
         if name in group:
             arr = group[name]
             arr.resize((end, *arr.shape[1:]))
@@ -540,7 +551,5 @@ def _write_batch(
             }
         )
     # The commit point: written after every shard of the batch is on disk.
-    group.attrs.update(
-        {"sources": sources, "count": end, **patchstore.stats_attrs(sources, channels)}
-    )
+    group.attrs.update({"sources": sources, "count": end, **stats_attrs(sources, channels)})
     return end

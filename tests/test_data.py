@@ -24,8 +24,8 @@ from tilenet.data import (
     store_stats,
 )
 from tilenet.errors import ImageNotFoundError, InputError
-from tilenet.synth import prepare_synthetic
 from tilenet.tiler import tile_images
+from tilenet.train import prepare_demo_data
 
 P = 16
 
@@ -268,9 +268,9 @@ def test_build_loader_synth_demo(tmp_path: Path) -> None:
     cfg = DataConfig(
         synth_dir=str(tmp_path / "syn"), synth_size=128, synth_count=1, patch=64, batch_size=4
     )
-    with pytest.raises(InputError, match="prepare_synthetic"):
+    with pytest.raises(InputError, match="prepare_demo_data"):
         build_loader(cfg, train=True)  # the loader reads stores; it makes no data
-    prepared = prepare_synthetic(cfg)
+    prepared = prepare_demo_data(cfg)
     cfg.stores, cfg.val_stores = prepared["stores"], prepared["val_stores"]
     train = build_loader(cfg, train=True)
     x, m = next(iter(train))
@@ -280,5 +280,5 @@ def test_build_loader_synth_demo(tmp_path: Path) -> None:
     assert sum(len(b) for b, _ in val) == 4
     assert (tmp_path / "syn" / "val" / "images").is_dir()
     mtime = (tmp_path / "syn" / "patches_64.zarr" / "zarr.json").stat().st_mtime_ns
-    assert prepare_synthetic(cfg) == prepared  # reuses the store
+    assert prepare_demo_data(cfg) == prepared  # reuses the store
     assert (tmp_path / "syn" / "patches_64.zarr" / "zarr.json").stat().st_mtime_ns == mtime

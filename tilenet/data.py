@@ -577,7 +577,7 @@ def build_loader(
     Train uses ``stores`` (or ``images``/``labels`` via random crops) with shuffling,
     augmentation and optional class balance; validation uses ``val_stores`` in a fixed
     order, unaugmented. The synthetic dataset of ``synth_dir`` is made into stores before,
-    by :func:`tilenet.synth.prepare_synthetic` (training does it). The dataset is
+    by :func:`tilenet.train.prepare_demo_data` (training does it). The dataset is
     ``loader.dataset``: call ``loader.dataset.set_epoch(e)`` each epoch. Workers are
     persistent (started once, not every epoch).
     """
@@ -627,7 +627,7 @@ def build_loader(
     else:
         what = "data.stores or data.images" if train else "data.val_stores"
         hint = (
-            " (data.synth_dir is made into stores by tilenet.synth.prepare_synthetic first)"
+            " (data.synth_dir is made into stores by tilenet.train.prepare_demo_data first)"
             if cfg.synth_dir
             else ""
         )

@@ -55,8 +55,7 @@ def run_demo(
 
     from tilenet.config import load_config
     from tilenet.infer import infer_image
-    from tilenet.synth import prepare_synthetic
-    from tilenet.train import train
+    from tilenet.train import prepare_demo_data, train
 
     t0 = time.perf_counter()
     out = Path(out_dir).resolve()
@@ -79,7 +78,7 @@ def run_demo(
         return now
 
     t = time.perf_counter()
-    prepared = prepare_synthetic(cfg.data)  # synth + tile (train() then finds them done)
+    prepared = prepare_demo_data(cfg.data)  # synth + tile (train() then finds them done)
     t = lap("synth+tile", t)
     run_dir = train(cfg)
     t = lap("train", t)

@@ -23,7 +23,6 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -32,7 +31,7 @@ from tilenet.fsutil import write_text_atomic
 from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
 
-__all__ = ["CLASS_NAMES", "SynthImage", "prepare_synthetic", "render", "synthesize"]
+__all__ = ["CLASS_NAMES", "SynthImage", "render", "synthesize"]
 
 CLASS_NAMES = ["background", "cell", "stroma"]
 
@@ -40,7 +39,6 @@ _GRID = 64  # object placement grid (px)
 _REACH = 36  # an object never extends further than this from its centre (px)
 _STROMA_THRESHOLD = np.float32(0.6)
 _PIXEL_SIZE = (0.5, 0.5)  # µm, a 20x scan
-_DEMO_OVERLAP = 0  # demo patches tile the images edge to edge; flips/rot90 add variety
 
 _U64 = np.uint64
 _M1 = _U64(0xBF58476D1CE4E5B9)
@@ -415,46 +413,3 @@ def synthesize(
     write_text_atomic(out / "classes.json", json.dumps({"classes": CLASS_NAMES}, indent=2) + "\n")
     return pairs
 
-
-def prepare_synthetic(data_cfg: Any) -> dict[str, list[str]]:
-    """Make the synthetic dataset in ``data_cfg.synth_dir`` if missing, then tile it.
-
-    ``synth_count`` training images (seed ``data.seed``) go to ``SYNTH_DIR/images`` and one
-    held-out image (seed ``data.seed + 1``) to ``SYNTH_DIR/val/images``; each set is tiled
-    into ``patches_<patch>.zarr`` beside it (rerunning skips work already done). Returns
-    ``{"stores", "val_stores", "val_images", "val_labels"}`` as lists of paths. ``data_cfg``
-    is the ``data`` section (:class:`tilenet.config.DataConfig` or its DictConfig); training
-    and ``tilenet demo`` call this before building their loaders.
-    """
-    from tilenet.errors import ConfigError
-    from tilenet.tiler import tile_images
-
-    if not data_cfg.synth_dir:
-        raise ConfigError("data.synth_dir is not set; nothing to prepare")
-    root = Path(data_cfg.synth_dir)
-    out: dict[str, list[str]] = {"stores": [], "val_stores": [], "val_images": [], "val_labels": []}
-    for sub, count, seed, key in (
-        (root, int(data_cfg.synth_count), int(data_cfg.seed), "stores"),
-        (root / "val", 1, int(data_cfg.seed) + 1, "val_stores"),
-    ):
-        # classes.json is written last by synthesize: its presence means the set is complete.
-        n_have = len(list((sub / "images").glob("synth_*.tif")))
-        if not (sub / "classes.json").is_file() or n_have < count:
-            synthesize(sub, size=int(data_cfg.synth_size), count=count, seed=seed)
-        images = [sub / "images" / f"synth_{i:03d}.tif" for i in range(count)]
-        labels = [sub / "labels" / f"synth_{i:03d}.tif" for i in range(count)]
-        store = sub / f"patches_{int(data_cfg.patch)}.zarr"
-        tile_images(
-            [str(p) for p in images],
-            labels=[str(p) for p in labels],
-            out=store,
-            patch=int(data_cfg.patch),
-            overlap=_DEMO_OVERLAP,
-            workers=2,
-            progress=False,
-        )
-        out[key] = [str(store)]
-        if key == "val_stores":
-            out["val_images"] = [str(p) for p in images]
-            out["val_labels"] = [str(p) for p in labels]
-    return out

@@ -86,6 +86,8 @@ examples:
 The last line printed is `run_dir: DIR`. Exit codes: 0 ok, 2 bad input or config.
 """
 
+_DEMO_OVERLAP = 0  # demo patches tile the images edge to edge; flips/rot90 add variety
+
 
 # -- entry point ------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
@@ -322,10 +324,47 @@ class _BatchStream:
 
 # -- data -------------------------------------------------------------------------------------
 def prepare_demo_data(data_cfg: Any) -> dict[str, list[str]]:
-    """:func:`tilenet.synth.prepare_synthetic` (its owner): make and tile the demo dataset."""
-    from tilenet.synth import prepare_synthetic
+    """Make the synthetic demo dataset in ``data_cfg.synth_dir`` if missing, then tile it.
 
-    return prepare_synthetic(data_cfg)
+    ``synth_count`` training images (seed ``data.seed``) go to ``SYNTH_DIR/images`` and one
+    held-out image (seed ``data.seed + 1``) to ``SYNTH_DIR/val/images``; each set is tiled
+    into ``patches_<patch>.zarr`` beside it (rerunning skips work already done). Returns
+    ``{"stores", "val_stores", "val_images", "val_labels"}`` as lists of paths. The one
+    place the demo data is made: :func:`train` (when ``data.synth_dir`` is the only data)
+    and ``tilenet demo`` call it; :func:`tilenet.data.build_loader` only reads stores.
+    """
+    from tilenet.synth import synthesize
+    from tilenet.tiler import tile_images
+
+    if not data_cfg.synth_dir:
+        raise ConfigError("data.synth_dir is not set; nothing to prepare")
+    root = Path(data_cfg.synth_dir)
+    out: dict[str, list[str]] = {"stores": [], "val_stores": [], "val_images": [], "val_labels": []}
+    for sub, count, seed, key in (
+        (root, int(data_cfg.synth_count), int(data_cfg.seed), "stores"),
+        (root / "val", 1, int(data_cfg.seed) + 1, "val_stores"),
+    ):
+        # classes.json is written last by synthesize: its presence means the set is complete.
+        n_have = len(list((sub / "images").glob("synth_*.tif")))
+        if not (sub / "classes.json").is_file() or n_have < count:
+            synthesize(sub, size=int(data_cfg.synth_size), count=count, seed=seed)
+        images = [sub / "images" / f"synth_{i:03d}.tif" for i in range(count)]
+        labels = [sub / "labels" / f"synth_{i:03d}.tif" for i in range(count)]
+        store = sub / f"patches_{int(data_cfg.patch)}.zarr"
+        tile_images(
+            [str(p) for p in images],
+            labels=[str(p) for p in labels],
+            out=store,
+            patch=int(data_cfg.patch),
+            overlap=_DEMO_OVERLAP,
+            workers=2,
+            progress=False,
+        )
+        out[key] = [str(store)]
+        if key == "val_stores":
+            out["val_images"] = [str(p) for p in images]
+            out["val_labels"] = [str(p) for p in labels]
+    return out
 
 
 def _held_out_pairs(images: Sequence[str], labels: Sequence[str]) -> list[tuple[Path, Path]]:

@@ -280,7 +280,8 @@ def _is_exact(module: Any) -> bool:
 # -- outputs --------------------------------------------------------------------------------
 def _foreground_fractions(tiles: Sequence[Tile], image: Any, level: int) -> np.ndarray:
     """Fraction of each tile's core that is foreground on the tiler's low-resolution mask."""
-    from tilenet.tiler import _foreground_fractions, foreground_mask
+    from tilenet.io.foreground import foreground_fractions as _foreground_fractions
+    from tilenet.io.foreground import foreground_mask
 
     mask, mask_ds = foreground_mask(image)
     ds = image.levels[level].downsample

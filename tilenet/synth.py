@@ -412,4 +412,3 @@ def synthesize(
         pairs.append((img_path, lab_path))
     write_text_atomic(out / "classes.json", json.dumps({"classes": CLASS_NAMES}, indent=2) + "\n")
     return pairs
-

@@ -25,6 +25,7 @@ from tilenet.data import (
 )
 from tilenet.errors import ImageNotFoundError, InputError
 from tilenet.tiler import tile_images
+from tilenet.train import prepare_demo_data
 
 P = 16
 
@@ -242,6 +243,8 @@ def test_uint8_output_for_device_normalisation(store: Path) -> None:
     np.testing.assert_array_equal(xu.permute(0, 2, 3, 1).numpy(), images[:9])
     np.testing.assert_array_equal(mu.numpy(), labels[:9])
     torch.testing.assert_close(normalize_batch(xu, raw.mean, raw.std), xf)
+    # one arithmetic (tilenet.normalize) for device and worker normalisation: bit for bit
+    assert torch.equal(normalize_batch(xu, raw.mean, raw.std), xf)
     assert torch.equal(mu.long(), mf)
     with pytest.raises(InputError, match="output"):
         PatchStoreDataset(store, output="half")  # type: ignore[arg-type]
@@ -265,6 +268,10 @@ def test_build_loader_synth_demo(tmp_path: Path) -> None:
     cfg = DataConfig(
         synth_dir=str(tmp_path / "syn"), synth_size=128, synth_count=1, patch=64, batch_size=4
     )
+    with pytest.raises(InputError, match="prepare_demo_data"):
+        build_loader(cfg, train=True)  # the loader reads stores; it makes no data
+    prepared = prepare_demo_data(cfg)
+    cfg.stores, cfg.val_stores = prepared["stores"], prepared["val_stores"]
     train = build_loader(cfg, train=True)
     x, m = next(iter(train))
     assert x.shape == (4, 3, 64, 64) and x.dtype == torch.float32 and m.max() <= 2
@@ -273,5 +280,5 @@ def test_build_loader_synth_demo(tmp_path: Path) -> None:
     assert sum(len(b) for b, _ in val) == 4
     assert (tmp_path / "syn" / "val" / "images").is_dir()
     mtime = (tmp_path / "syn" / "patches_64.zarr" / "zarr.json").stat().st_mtime_ns
-    build_loader(cfg, train=True)  # reuses the store
+    assert prepare_demo_data(cfg) == prepared  # reuses the store
     assert (tmp_path / "syn" / "patches_64.zarr" / "zarr.json").stat().st_mtime_ns == mtime

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tilenet.errors import InputError
-from tilenet.geometry import TileGrid, Window, ceil_to, coerce_pair
+from tilenet.geometry import TileGrid, Window, ceil_to, coerce_pair, iter_bands, iter_blocks, spans
 
 settings.register_profile("tilenet", max_examples=100, deadline=None)
 settings.load_profile("tilenet")
@@ -175,3 +175,26 @@ def test_grid_is_frozen() -> None:
     g = TileGrid((64, 64), 32, 8)
     with pytest.raises(AttributeError):
         g.align = 2  # type: ignore[misc]
+
+
+@given(st.integers(0, 200), st.integers(0, 200), st.integers(1, 70), st.integers(1, 70))
+def test_blocks_partition_the_image(h: int, w: int, by: int, bx: int) -> None:
+    cover = np.zeros((h, w), np.int32)
+    blocks = list(iter_blocks((h, w), (by, bx)))
+    for b in blocks:
+        assert b.inside(h, w) and b.area > 0 and b.h <= by and b.w <= bx
+        cover[b.slices] += 1
+    assert (cover == 1).all()
+    assert len(blocks) == math.ceil(h / by) * math.ceil(w / bx)
+    assert blocks == sorted(blocks)  # row-major
+    bands = list(iter_bands((h, w), by))
+    assert [(b.y, b.y1) for b in bands] == spans(h, by)
+    assert all(b.x == 0 and b.w == w for b in bands)
+    assert sum(b.h for b in bands) == h
+
+
+def test_blocks_reject_bad_sizes() -> None:
+    with pytest.raises(InputError, match="step must be a positive int"):
+        spans(10, 0)
+    with pytest.raises(InputError, match="block"):
+        list(iter_blocks((10, 10), (4, -1)))

@@ -8,9 +8,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tilenet.errors import ConfigError
+from tilenet.errors import ConfigError, ShapeMismatchError
+from tilenet.geometry import Window
 from tilenet.losses import CombinedLoss, DiceLoss, build_loss
-from tilenet.metrics import ConfusionMatrix, confusion_matrix, scores_from_confusion
+from tilenet.metrics import (
+    ConfusionMatrix,
+    confusion_matrix,
+    score_class_map,
+    scores_from_confusion,
+)
 
 
 # -- metrics -----------------------------------------------------------------------------------
@@ -163,3 +169,30 @@ def test_loss_under_bf16_autocast_is_float32_and_finite() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = build_loss("ce+dice", num_classes=3)(x.bfloat16(), t)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+class _LabelImage:
+    """The part of a LazyImage that score_class_map reads: shape and read(window)."""
+
+    def __init__(self, labels: np.ndarray) -> None:
+        self.shape = (*labels.shape, 1)
+        self._a = labels[..., None]
+
+    def read(self, window: Window) -> np.ndarray:
+        return self._a[window.slices]
+
+
+@pytest.mark.parametrize("block", [None, 7, (5, 13)])
+def test_score_class_map_blocks_equal_whole_image(block: object) -> None:
+    rng = np.random.default_rng(3)
+    pred = rng.integers(0, 3, (23, 31)).astype(np.uint8)
+    true = rng.integers(0, 3, (23, 31)).astype(np.uint8)
+    true[::4, ::3] = 255
+    got = score_class_map(pred, _LabelImage(true), 3, block=block)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(got.confusion, confusion_matrix(pred, true, 3).numpy())
+    valid = true != 255
+    pf, tf = (pred > 0) & valid, (true > 0) & valid
+    assert got.foreground == (int((pf & tf).sum()), int(pf.sum()), int(tf.sum()))
+    assert got.foreground_dice == 2 * (pf & tf).sum() / (pf.sum() + tf.sum())
+    with pytest.raises(ShapeMismatchError, match="23x30"):
+        score_class_map(pred[:, :30], _LabelImage(true), 3)

@@ -14,7 +14,8 @@ from tilenet import tiler
 from tilenet.config import TilingConfig
 from tilenet.errors import ImageNotFoundError, InputError, ShapeMismatchError
 from tilenet.geometry import TileGrid
-from tilenet.tiler import otsu_threshold, tile_images
+from tilenet.io.foreground import otsu_threshold
+from tilenet.tiler import tile_images
 
 
 def _write_pyramid(path: Path, data: np.ndarray, *, levels: int = 2, **kw: object) -> None:

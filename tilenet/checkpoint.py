@@ -71,16 +71,12 @@ def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Pa
 
     if "spec" not in payload or "model" not in payload:
         raise ValueError("a checkpoint payload needs 'spec' and 'model'")
+    from tilenet.fsutil import atomic_output
+
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     body = {"format": CHECKPOINT_FORMAT, "version": 1, **payload}
-    try:
+    with atomic_output(out) as tmp:
         torch.save(body, tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 

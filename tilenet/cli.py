@@ -560,7 +560,7 @@ def _add_demo(sub: Any) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tilenet.demo import run_demo
 
-    result = run_demo(args.out, progress=not args.quiet and sys.stderr.isatty())
+    result = run_demo(args.out, progress=not args.quiet)
     print(f"foreground Dice (mean over classes): {result['dice']:.4f}")
     print(f"foreground Dice (binary):            {result['dice_foreground_binary']:.4f}")
     print(f"seconds: {result['seconds']}")

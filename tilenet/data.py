@@ -31,8 +31,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tilenet.augment import build_augment
 from tilenet.config import AugmentConfig, DataConfig
-from tilenet.errors import ImageNotFoundError, InputError
-from tilenet.geometry import Window
+from tilenet.errors import InputError
+from tilenet.geometry import Window, iter_bands
+from tilenet.normalize import Normalizer, channel_stats, normalize_
+from tilenet.patchstore import IMAGES, LABELS, open_store, read_attrs
 
 __all__ = [
     "PatchStoreDataset",
@@ -51,21 +53,6 @@ def _as_list(paths: PathLike | Sequence[PathLike]) -> list[Path]:
     if isinstance(paths, str | os.PathLike):
         return [Path(paths)]
     return [Path(p) for p in paths]
-
-
-def _open_store(path: Path) -> Any:
-    import zarr
-
-    if not path.exists():
-        raise ImageNotFoundError(f"{path}: patch store not found; make one with `tilenet tile`")
-    try:
-        group = zarr.open_group(path, mode="r")
-        attrs = dict(group.attrs)
-    except Exception as exc:
-        raise InputError(f"{path}: not a zarr patch store ({type(exc).__name__})") from None
-    if attrs.get("format") != "tilenet-patch-store":
-        raise InputError(f"{path}: not a tilenet patch store; make one with `tilenet tile`")
-    return group
 
 
 def _shard(items: list[Any], rank: int, world_size: int) -> list[Any]:
@@ -130,11 +117,11 @@ def store_stats(stores: PathLike | Sequence[PathLike]) -> dict[str, Any]:
     paths = _as_list(stores)
     if not paths:
         raise InputError("no patch stores or images given")
-    if all((p / "zarr.json").is_file() and _is_store(p) for p in paths):
+    if all((p / "zarr.json").is_file() and read_attrs(p) is not None for p in paths):
         s, ss, n, chans = None, None, 0.0, None
         names: list[str] = []
         for p in paths:
-            at = dict(_open_store(p).attrs)
+            at = dict(open_store(p).attrs)
             if chans is not None and at["channels"] != chans:
                 raise InputError(f"{p}: has {at['channels']} channels, other stores {chans}")
             chans = at["channels"]
@@ -145,23 +132,14 @@ def store_stats(stores: PathLike | Sequence[PathLike]) -> dict[str, Any]:
             n += npix
             names = names or list(at.get("class_names") or [])
         assert s is not None and ss is not None and chans is not None
-        mean = s / n
-        std = np.sqrt(np.maximum(ss / n - mean**2, 1e-12))
+        mean, std = channel_stats(s, ss, n)
         return {"mean": mean.tolist(), "std": std.tolist(), "class_names": names, "channels": chans}
     return _image_stats(paths)
 
 
-def _is_store(p: Path) -> bool:
-    try:
-        _open_store(p)
-    except InputError:
-        return False
-    return True
-
-
 def _image_stats(paths: list[Path], *, max_side: int = 1024) -> dict[str, Any]:
     from tilenet.io import open_image
-    from tilenet.tiler import resolve_images
+    from tilenet.io.paths import resolve_images
 
     s = ss = None
     n = 0
@@ -175,16 +153,15 @@ def _image_stats(paths: list[Path], *, max_side: int = 1024) -> dict[str, Any]:
             h, w = img.levels[lv].shape
             step = max(1, math.ceil(max(h, w) / max_side))
             band = step * max(1, 512 // step)
-            for y in range(0, h, band):
-                px = img.read(Window(y, 0, min(band, h - y), w), lv)[::step, ::step]
+            for win in iter_bands((h, w), band):
+                px = img.read(win, lv)[::step, ::step]
                 px = px.reshape(-1, img.channels).astype(np.float64)
                 s = px.sum(0) + (s if s is not None else 0)
                 ss = (px * px).sum(0) + (ss if ss is not None else 0)
                 n += px.shape[0]
             chans = img.channels
     assert s is not None and ss is not None
-    mean = s / n
-    std = np.sqrt(np.maximum(ss / n - mean**2, 1e-12))
+    mean, std = channel_stats(s, ss, n)
     return {"mean": mean.tolist(), "std": std.tolist(), "class_names": [], "channels": chans}
 
 
@@ -210,14 +187,13 @@ def repeat_factors(
 def normalize_batch(
     x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
 ) -> torch.Tensor:
-    """``(x - mean) / std`` per channel of a (B, C, H, W) batch, as float32, on x's device.
+    """``(x - mean) / std`` per channel of a (B, C, H, W) batch, as a new float32 tensor.
 
     For ``output="uint8"`` datasets: move the uint8 batch to the GPU first, then normalise
-    there (4x less to copy, and the CPU workers are spared the float conversion).
+    there (4x less to copy, and the CPU workers are spared the float conversion). The
+    arithmetic is :func:`tilenet.normalize.normalize_`'s, as for float batches and inference.
     """
-    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return (x.to(torch.float32) - m) / s
+    return normalize_(x.to(torch.float32, copy=True), mean, std)
 
 
 def _torch_dtype(a: np.ndarray) -> torch.dtype:
@@ -241,15 +217,12 @@ class _Normalize:
     """uint8 (B, C, P, P) tensor -> float32 (B, C, P, P), (x - mean) / std (or raw values)."""
 
     def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
-        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32)
-        self.std = None if std is None else torch.tensor(std, dtype=torch.float32)
+        self.norm = None if mean is None or std is None else Normalizer(mean, std)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = _empty(tuple(x.shape), torch.float32)
         out.copy_(x)  # one pass: uint8 (any strides) -> contiguous float32
-        if self.mean is not None and self.std is not None:
-            out.sub_(self.mean.view(1, -1, 1, 1)).mul_((1.0 / self.std).view(1, -1, 1, 1))
-        return out
+        return out if self.norm is None else self.norm(out)
 
 
 class _Emitter:
@@ -391,7 +364,7 @@ class PatchStoreDataset(_EpochMixin, IterableDataset):
         self.patch = None
         class_patches = np.zeros(256)
         for k, path in enumerate(self.paths):
-            at = dict(_open_store(path).attrs)
+            at = dict(open_store(path).attrs)
             if self.patch is not None and at["patch"] != self.patch:
                 raise InputError(f"{path}: patch {at['patch']} differs from {self.patch}")
             self.patch = at["patch"]
@@ -435,7 +408,7 @@ class PatchStoreDataset(_EpochMixin, IterableDataset):
             self._groups = []
             for p, labelled in zip(self.paths, self.has_labels, strict=True):
                 g = zarr.open_group(p, mode="r")
-                self._groups.append((g["images"], g["labels"] if labelled else None))
+                self._groups.append((g[IMAGES], g[LABELS] if labelled else None))
         k, lo, hi = unit
         arr_images, arr_labels = self._groups[k]
         images = arr_images[lo:hi]
@@ -596,38 +569,15 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
 
 
 # -- loaders -----------------------------------------------------------------------------
-def _synth_store(cfg: DataConfig, *, train: bool) -> list[str]:
-    """The demo path: synthesize (if missing) and tile the synthetic dataset once."""
-    from tilenet.synth import synthesize
-    from tilenet.tiler import tile_images
-
-    assert cfg.synth_dir is not None
-    root = Path(cfg.synth_dir) if train else Path(cfg.synth_dir) / "val"
-    count = cfg.synth_count if train else 1
-    seed = cfg.seed if train else cfg.seed + 1
-    if not (root / "images").is_dir():
-        synthesize(root, size=cfg.synth_size, count=count, seed=seed)
-    store = root / f"patches_{cfg.patch}.zarr"
-    tile_images(
-        [root / "images"],
-        labels=root / "labels",
-        out=store,
-        patch=cfg.patch,
-        overlap=0,
-        workers=max(1, cfg.num_workers),
-        progress=False,
-    )
-    return [str(store)]
-
-
 def build_loader(
     data_cfg: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0
 ) -> DataLoader:
     """A DataLoader of batches ``(float32 (B, C, P, P), int64 (B, P, P))`` for ``data_cfg``.
 
-    Train uses ``stores`` (or ``images``/``labels`` via random crops, or the synthetic
-    dataset in ``synth_dir``) with shuffling, augmentation and optional class balance;
-    validation uses ``val_stores`` in a fixed order, unaugmented. The dataset is
+    Train uses ``stores`` (or ``images``/``labels`` via random crops) with shuffling,
+    augmentation and optional class balance; validation uses ``val_stores`` in a fixed
+    order, unaugmented. The synthetic dataset of ``synth_dir`` is made into stores before,
+    by :func:`tilenet.train.prepare_demo_data` (training does it). The dataset is
     ``loader.dataset``: call ``loader.dataset.set_epoch(e)`` each epoch. Workers are
     persistent (started once, not every epoch).
     """
@@ -638,8 +588,6 @@ def build_loader(
         cfg = OmegaConf.to_object(cfg)
     seed = int(seed) + int(cfg.seed)
     stores = list(cfg.stores if train else cfg.val_stores)
-    if not stores and cfg.synth_dir and (train or not cfg.images):
-        stores = _synth_store(cfg, train=train)
     ds: IterableDataset
     if stores:
         ds = PatchStoreDataset(
@@ -660,7 +608,7 @@ def build_loader(
                 f"{stores[0]}: store patches are {ds.patch} px but data.patch is {cfg.patch}"
             )
     elif cfg.images and train:
-        from tilenet.tiler import match_labels, resolve_images
+        from tilenet.io.paths import match_labels, resolve_images
 
         images = resolve_images([cfg.images])
         labels = match_labels(images, cfg.labels) if cfg.labels else None
@@ -677,8 +625,15 @@ def build_loader(
             normalize=cfg.normalize,
         )
     else:
-        what = "data.stores, data.images or data.synth_dir" if train else "data.val_stores"
-        raise InputError(f"no {'training' if train else 'validation'} data configured; set {what}")
+        what = "data.stores or data.images" if train else "data.val_stores"
+        hint = (
+            " (data.synth_dir is made into stores by tilenet.train.prepare_demo_data first)"
+            if cfg.synth_dir
+            else ""
+        )
+        raise InputError(
+            f"no {'training' if train else 'validation'} data configured; set {what}{hint}"
+        )
     return DataLoader(
         ds,
         batch_size=None,

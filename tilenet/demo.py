@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tilenet.errors import ConfigError
-from tilenet.fsutil import atomic_output
+from tilenet.fsutil import write_text_atomic
 
 __all__ = ["demo_config_path", "run_demo"]
 
@@ -32,29 +32,13 @@ def demo_config_path() -> Path:
 
 def _scores(classes: Any, labels_path: Path, names: list[str]) -> dict[str, Any]:
     """Dice/IoU of a class map (zarr) against a label image, chunk by chunk."""
-    import numpy as np
-
-    from tilenet.geometry import Window
     from tilenet.io import open_image
-    from tilenet.metrics import confusion_matrix, scores_from_confusion
+    from tilenet.metrics import score_class_map, scores_from_confusion
 
-    k = len(names)
-    h, w = classes.shape
-    ch, cw = classes.chunks
-    cm = np.zeros((k, k), np.int64)
-    fg = np.zeros(3, np.int64)  # |pred fg & true fg|, |pred fg|, |true fg|
     with open_image(labels_path) as lab:
-        for y in range(0, h, ch):
-            for x in range(0, w, cw):
-                win = Window(y, x, min(ch, h - y), min(cw, w - x))
-                p = np.asarray(classes[win.y : win.y1, win.x : win.x1])
-                t = lab.read(win)[..., 0]
-                cm += confusion_matrix(p, t, k).numpy()
-                valid = t != 255
-                pf, tf = (p > 0) & valid, (t > 0) & valid
-                fg += [int((pf & tf).sum()), int(pf.sum()), int(tf.sum())]
-    scores = scores_from_confusion(cm, class_names=names)
-    scores["dice_foreground_binary"] = float(2 * fg[0] / max(fg[1] + fg[2], 1))
+        counts = score_class_map(classes, lab, len(names))
+    scores = scores_from_confusion(counts.confusion, class_names=names)
+    scores["dice_foreground_binary"] = counts.foreground_dice
     return scores
 
 
@@ -121,7 +105,6 @@ def run_demo(
         "held_out_labels": str(labels),
         "outputs": {**summary["outputs"], "run_dir": str(run_dir)},
     }
-    with atomic_output(out / "demo.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / "demo.json", json.dumps(result, indent=2) + "\n")
     result["outputs"]["demo_json"] = str(out / "demo.json")
     return result

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tilenet.errors import InputError
 
-__all__ = ["atomic_output", "remove_path", "safe_stem", "tmp_sibling"]
+__all__ = ["atomic_output", "remove_path", "safe_stem", "tmp_sibling", "write_text_atomic"]
 
 
 def tmp_sibling(path: str | os.PathLike[str]) -> Path:
@@ -42,7 +42,9 @@ def remove_path(path: str | os.PathLike[str]) -> None:
 def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write ``path`` (file or directory) into; rename on success.
 
-    On an exception the temporary is removed and ``path`` is untouched.
+    On an exception the temporary is removed and ``path`` is untouched. A file replaces an
+    existing file in one atomic rename (readers see the old or the new one, never none); a
+    directory replaces an existing ``path`` by removing it first.
     """
     final = Path(path)
     if final.exists() and not overwrite:
@@ -55,9 +57,24 @@ def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = True) -> It
     except BaseException:
         remove_path(tmp)
         raise
-    if final.exists():
-        remove_path(final)
+    if final.exists() and (tmp.is_dir() or final.is_dir()):
+        remove_path(final)  # rename() cannot replace a directory or put one over a file
     os.replace(tmp, final)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` (UTF-8) through :func:`atomic_output`; return the path.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     p = write_text_atomic(Path(d) / "sub" / "a.txt", "hi")
+    ...     p.read_text(), sorted(x.name for x in p.parent.iterdir())
+    ('hi', ['a.txt'])
+    """
+    final = Path(path)
+    with atomic_output(final) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return final
 
 
 _SUFFIXES = (

@@ -22,7 +22,7 @@ Vocabulary
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,6 +35,9 @@ __all__ = [
     "Window",
     "ceil_to",
     "coerce_pair",
+    "iter_bands",
+    "iter_blocks",
+    "spans",
 ]
 
 EdgePolicy = Literal["clamp", "pad"]
@@ -66,6 +69,53 @@ def coerce_pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[in
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (y, x)):
         raise InputError(f"{name} must be an int or a pair of ints, got {value!r}")
     return (int(y), int(x))
+
+
+def spans(length: int, step: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` pieces of ``step`` covering ``0..length``; the last one is cut short.
+
+    The one edge rule of block and band iteration: ``ceil(length / step)`` pieces, none past
+    ``length``, none empty.
+
+    >>> spans(10, 4), spans(8, 4), spans(0, 4)
+    ([(0, 4), (4, 8), (8, 10)], [(0, 4), (4, 8)], [])
+    """
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise InputError(f"step must be a positive int, got {step!r}")
+    return [(s, min(s + step, length)) for s in range(0, max(length, 0), step)]
+
+
+def iter_blocks(
+    shape: tuple[int, int] | Sequence[int], block: int | tuple[int, int] | list[int]
+) -> Iterator[Window]:
+    """The ``block``-sized windows covering an image of ``shape`` = (H, W), row-major.
+
+    ``ceil(H / bh) * ceil(W / bw)`` windows; those on the last row and column are clipped at
+    the image edge, so the blocks partition the image (a zarr array's chunks, for
+    ``block = arr.chunks``).
+
+    >>> [(b.y, b.x, b.h, b.w) for b in iter_blocks((5, 7), 4)]
+    [(0, 0, 4, 4), (0, 4, 4, 3), (4, 0, 1, 4), (4, 4, 1, 3)]
+    """
+    h, w = (int(v) for v in shape[:2])
+    by, bx = coerce_pair(block, "block")
+    if by < 1 or bx < 1:
+        raise InputError(f"block must be positive, got {block!r}")
+    cols = spans(w, bx)
+    for y0, y1 in spans(h, by):
+        for x0, x1 in cols:
+            yield Window(y0, x0, y1 - y0, x1 - x0)
+
+
+def iter_bands(shape: tuple[int, int] | Sequence[int], rows: int) -> Iterator[Window]:
+    """Full-width bands of ``rows`` rows covering an image of ``shape``, top to bottom.
+
+    >>> [(b.y, b.h, b.w) for b in iter_bands((5, 7), 2)]
+    [(0, 2, 7), (2, 2, 7), (4, 1, 7)]
+    """
+    h, w = (int(v) for v in shape[:2])
+    for y0, y1 in spans(h, rows):
+        yield Window(y0, 0, y1 - y0, w)
 
 
 @dataclass(frozen=True, order=True)

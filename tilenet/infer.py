@@ -37,7 +37,7 @@ import numpy as np
 
 from tilenet.config import InferConfig, JobsConfig, ReaderConfig
 from tilenet.errors import ConfigError, InputError
-from tilenet.geometry import Tile, TileGrid
+from tilenet.geometry import Tile, TileGrid, spans
 from tilenet.models.spec import ModelSpec
 from tilenet.outputs import OutputSet
 from tilenet.predictor import BLEND_STRIP_PX, Predictor, RunStats, plan_grid, tile_order
@@ -132,8 +132,7 @@ def bands_of(rows: int, cols: int, region_tiles: int) -> list[tuple[int, int]]:
     >>> bands_of(5, 4, 8)
     [(0, 2), (2, 4), (4, 5)]
     """
-    per = max(1, region_tiles // max(1, cols))
-    return [(r, min(rows, r + per)) for r in range(0, rows, per)]
+    return spans(rows, max(1, region_tiles // max(1, cols)))
 
 
 # -- the plan -------------------------------------------------------------------------------
@@ -433,8 +432,9 @@ def infer_image(
         setup_s = time.perf_counter() - t_start
 
         resumed = sum(len(plan.tiles(i)) for i in plan.outputs.resumed)
-        with progress_bar(len(plan.grid), desc="infer", unit="tile", enabled=progress) as bar:
-            bar.update(resumed)
+        with progress_bar(
+            len(plan.grid), desc="infer", unit="tile", enabled=progress, initial=resumed
+        ) as bar:
             for band in plan.pending:
                 run_band(plan, band, predictor, image, on_tiles=bar.update)
         if plan.outputs.resumed:

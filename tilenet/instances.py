@@ -59,7 +59,9 @@ from tilenet.errors import (
     UnsupportedFormatError,
 )
 from tilenet.fsutil import atomic_output
+from tilenet.geometry import iter_blocks, spans
 from tilenet.io.writers import DEFAULT_PALETTE, OmeZarrWriter
+from tilenet.progress import progress_iter
 
 __all__ = ["label_instances", "write_geojson"]
 
@@ -107,18 +109,6 @@ def _block_shape(chunk: int | Sequence[int] | None, arr: Any) -> tuple[int, int]
     if len(ch) != 2 or min(ch) < 1:
         raise InputError(f"chunk must be a positive int or (h, w), got {chunk!r}")
     return ch[0], ch[1]
-
-
-def _blocks(n: int, size: int) -> list[tuple[int, int]]:
-    return [(s, min(s + size, n)) for s in range(0, n, size)]
-
-
-def _progress(it: Iterable[Any], enabled: bool, desc: str, total: int) -> Iterable[Any]:
-    if not enabled:
-        return it
-    from tqdm import tqdm
-
-    return tqdm(it, desc=desc, total=total, unit="block")
 
 
 # -- pass helpers ------------------------------------------------------------------------------
@@ -233,7 +223,7 @@ def label_instances(
             raise InputError("foreground must list at least one class id")
     bh, bw = _block_shape(chunk, arr)
     H, W = (int(s) for s in arr.shape)
-    rows, cols = _blocks(H, bh), _blocks(W, bw)
+    rows, cols = spans(H, bh), spans(W, bw)
     labeller = _Labeller(fg, per_class, connectivity)
     diag = connectivity == 2
 
@@ -250,7 +240,9 @@ def label_instances(
     prev_bottom: np.ndarray | None = None
     prev_bottom_key = left = left_key = np.zeros(0, np.int64)
     blocks_iter = ((i, j) for i in range(len(rows)) for j in range(nbx))
-    for i, j in _progress(blocks_iter, progress, "instances 1/3", len(rows) * nbx):
+    for i, j in progress_iter(
+        blocks_iter, desc="instances 1/3", unit="block", total=len(rows) * nbx, enabled=progress
+    ):
         (y0, y1), (x0, x1) = rows[i], cols[j]
         if j == 0:
             top = np.zeros(W, np.int64)
@@ -338,7 +330,9 @@ def label_instances(
     )
     out_arr: Any = writer.array
     with writer:
-        bands = _progress(range(len(rows)), progress, "instances 2/3", len(rows))
+        bands = progress_iter(
+            range(len(rows)), desc="instances 2/3", unit="block", total=len(rows), enabled=progress
+        )
         for i in bands:
             y0, y1 = rows[i]
             tables: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -657,28 +651,28 @@ def write_geojson(
             f.write((",\n" if written else "") + text)
             written += 1
 
-        for y0, y1 in _blocks(H, bh):
-            for x0, x1 in _blocks(W, bw):
-                lab, ids, counts, boxes, hists = block_stats(y0, y1, x0, x1)
-                inside = []
-                for t, i in enumerate(ids.tolist()):
-                    sy, sx = boxes[t]
-                    box = [sy.start + y0, sx.start + x0, sy.stop + y0, sx.stop + x0]
-                    cut = (
-                        (box[0] == y0 and y0 > 0)
-                        or (box[2] == y1 and y1 < H)
-                        or (box[1] == x0 and x0 > 0)
-                        or (box[3] == x1 and x1 < W)
-                    )
-                    if cut:
-                        border.add(i, box, int(counts[t]), hists[t])
-                    elif counts[t] * area_scale >= min_area:
-                        inside.append(t)
-                if inside:
-                    keep = ids[inside]
-                    traced = _trace(lab, keep, origin=(x0, y0), scale=scale)
-                    for (i, polys), t in zip(traced, inside, strict=True):
-                        emit(feature(i, polys, int(counts[t]), classify(i, hists[t])))
+        for blk in iter_blocks((H, W), (bh, bw)):
+            y0, y1, x0, x1 = blk.y, blk.y1, blk.x, blk.x1
+            lab, ids, counts, boxes, hists = block_stats(y0, y1, x0, x1)
+            inside = []
+            for t, i in enumerate(ids.tolist()):
+                sy, sx = boxes[t]
+                box = [sy.start + y0, sx.start + x0, sy.stop + y0, sx.stop + x0]
+                cut = (
+                    (box[0] == y0 and y0 > 0)
+                    or (box[2] == y1 and y1 < H)
+                    or (box[1] == x0 and x0 > 0)
+                    or (box[3] == x1 and x1 < W)
+                )
+                if cut:
+                    border.add(i, box, int(counts[t]), hists[t])
+                elif counts[t] * area_scale >= min_area:
+                    inside.append(t)
+            if inside:
+                keep = ids[inside]
+                traced = _trace(lab, keep, origin=(x0, y0), scale=scale)
+                for (i, polys), t in zip(traced, inside, strict=True):
+                    emit(feature(i, polys, int(counts[t]), classify(i, hists[t])))
         # objects crossing block edges: group those spanning at most 2x2 blocks by their
         # top-left block and trace each group from one crop
         groups: dict[tuple[int, int], list[int]] = {}

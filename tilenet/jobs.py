@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from tilenet.config import JobsConfig, ReaderConfig
 from tilenet.errors import EXIT_OK, EXIT_PARTIAL, TilenetError
 from tilenet.fsutil import safe_stem
+from tilenet.progress import progress_bar, show_progress
 
 if TYPE_CHECKING:
     from tilenet.infer import ImagePlan
@@ -167,7 +168,7 @@ class _Events:
         self.images_done = 0
         self.bar: Any = None
         # A bar redrawn with carriage returns is noise in a log file: only on a terminal.
-        self.show = not quiet and not log_json and sys.stderr.isatty()
+        self.show = show_progress(not quiet and not log_json)
 
     def _postfix(self) -> None:
         if self.bar is not None:
@@ -178,9 +179,7 @@ class _Events:
             self.bar.total += n
             self.bar.refresh()
         elif self.show:  # made at the first work (tqdm disables itself at total=0)
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=n, unit="tile", desc="infer", dynamic_ncols=True)
+            self.bar = progress_bar(n, unit="tile", desc="infer")
             self._postfix()
 
     def tiles(self, n: int) -> None:
@@ -393,8 +392,8 @@ def run_jobs(
     from tilenet.checkpoint import file_checksum, load_checkpoint
     from tilenet.infer import options_hash, plan_image, resolve_options
     from tilenet.io import fingerprint, open_image
+    from tilenet.io.paths import resolve_images
     from tilenet.models import ModelSpec
-    from tilenet.tiler import resolve_images
 
     t0 = time.time()
     cfg = resolve_options(options)
@@ -550,11 +549,12 @@ def tile_jobs(
     image (done / skipped / failed), one-line reasons, the failure table and exit code 1 when
     an image failed, while the others are still tiled.
     """
-    import zarr
 
     from tilenet import __version__
+    from tilenet.io.paths import resolve_images
     from tilenet.io.sniff import fingerprint
-    from tilenet.tiler import resolve_images, tile_images
+    from tilenet.patchstore import source_fingerprints
+    from tilenet.tiler import tile_images
 
     t0 = time.time()
     store = Path(out)
@@ -564,20 +564,12 @@ def tile_jobs(
     events = _Events(quiet=True, log_json=log_json, total_images=len(paths))
     events.emit("start", images=len(paths), out=str(store))
 
-    def sources() -> set[str]:
-        try:
-            attrs = zarr.open_group(store, mode="r").attrs
-        except Exception:
-            return set()
-        found: Any = attrs.get("sources", [])
-        return {str(s["fingerprint"]) for s in found}
-
-    before = sources() if store.exists() else set()
+    before = source_fingerprints(store) if store.exists() else set()
     failures: dict[str, str] = {}
     tile_images(
         paths, out=store, failures=failures, progress=not quiet and not log_json, **tile_options
     )
-    after = sources()
+    after = source_fingerprints(store)
     for p in paths:
         rec: dict[str, Any] = {"image": str(p), "tilenet_version": __version__}
         rec["time"] = round(time.time(), 3)

@@ -17,12 +17,19 @@ end. Rows are the true class, columns the predicted class; pixels whose label is
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["ConfusionMatrix", "confusion_matrix", "scores_from_confusion"]
+__all__ = [
+    "ClassMapCounts",
+    "ConfusionMatrix",
+    "confusion_matrix",
+    "score_class_map",
+    "scores_from_confusion",
+]
 
 
 def confusion_matrix(
@@ -141,3 +148,60 @@ class ConfusionMatrix:
     def compute(self, **kwargs: Any) -> dict[str, Any]:
         """:func:`scores_from_confusion` of the accumulated matrix."""
         return scores_from_confusion(self.matrix, **kwargs)
+
+
+@dataclass(frozen=True)
+class ClassMapCounts:
+    """Pixel counts of a class map against a label image (see :func:`score_class_map`).
+
+    ``confusion`` is the (K, K) int64 confusion matrix; ``foreground`` is
+    ``(|pred fg & true fg|, |pred fg|, |true fg|)`` over the pixels whose label is not
+    ``ignore_index`` (foreground: any class but 0), for the binary foreground Dice.
+    """
+
+    confusion: np.ndarray
+    foreground: tuple[int, int, int]
+
+    @property
+    def foreground_dice(self) -> float:
+        """Binary foreground Dice ``2 |P & T| / (|P| + |T|)`` (0 when both are empty)."""
+        both, pred, true = self.foreground
+        return float(2 * both / max(pred + true, 1))
+
+
+def score_class_map(
+    pred: Any,
+    labels: Any,
+    num_classes: int,
+    *,
+    ignore_index: int = 255,
+    block: int | tuple[int, int] | None = None,
+) -> ClassMapCounts:
+    """Count a (H, W) class map ``pred`` against ``labels`` block by block.
+
+    ``pred`` is a 2-D array (numpy or zarr); ``labels`` an image with ``shape`` and
+    ``read(window)`` returning (h, w, 1) class ids (a :class:`tilenet.io.LazyImage`).
+    Blocks are ``block`` or ``pred``'s chunks, so memory stays bounded by a block.
+    """
+    from tilenet.errors import ShapeMismatchError
+    from tilenet.geometry import iter_blocks
+
+    h, w = (int(v) for v in pred.shape)
+    if tuple(labels.shape[:2]) != (h, w):
+        raise ShapeMismatchError(
+            f"label image is {labels.shape[0]}x{labels.shape[1]} but the class map is {h}x{w}"
+        )
+    if block is None:
+        chunks = getattr(pred, "chunks", None)
+        block = (int(chunks[0]), int(chunks[1])) if chunks else (h, w)
+    k = int(num_classes)
+    cm = np.zeros((k, k), np.int64)
+    fg = np.zeros(3, np.int64)
+    for win in iter_blocks((h, w), block):
+        p = np.asarray(pred[win.y : win.y1, win.x : win.x1])
+        t = labels.read(win)[..., 0]
+        cm += confusion_matrix(p, t, k, ignore_index=ignore_index).numpy()
+        valid = t != ignore_index
+        pf, tf = (p > 0) & valid, (t > 0) & valid
+        fg += [int((pf & tf).sum()), int(pf.sum()), int(tf.sum())]
+    return ClassMapCounts(cm, (int(fg[0]), int(fg[1]), int(fg[2])))

@@ -30,7 +30,7 @@ from typing import Any
 
 from tilenet.config import InferConfig, to_yaml
 from tilenet.errors import InputError
-from tilenet.fsutil import atomic_output, remove_path
+from tilenet.fsutil import remove_path, write_text_atomic
 from tilenet.io.writers import OmeZarrWriter, write_ome_tiff, write_preview_png
 from tilenet.stitch import OutputSink
 
@@ -141,8 +141,7 @@ class OutputSet:
                     resumable=True,
                 )
             state.mkdir(parents=True, exist_ok=True)
-            with atomic_output(key_file) as tmp:
-                tmp.write_text(json.dumps(key, sort_keys=True))
+            write_text_atomic(key_file, json.dumps(key, sort_keys=True))
         keep = {w.tmp.name for w in writers.values()}
         for p in outp.iterdir():  # e.g. a half-written OME-TIFF of a finalize that was killed
             if (".partial-" in p.name and p.name not in keep) or p.name.startswith(".infer-spill-"):
@@ -196,8 +195,7 @@ class OutputSet:
 
     def mark_band(self, band: int, record: dict[str, Any]) -> None:
         """Record a finished band; call only when all of its chunks are written."""
-        with atomic_output(self._marker(band)) as tmp:
-            tmp.write_text(json.dumps({**record, "key": self.key}))
+        write_text_atomic(self._marker(band), json.dumps({**record, "key": self.key}))
 
     def band_records(self, bands: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
         """The records of all ``bands``; an error when one is missing."""
@@ -223,8 +221,7 @@ class OutputSet:
             if marker.is_file() and final.exists():
                 return final
             raise InputError(f"{self.out}: partial {name} store vanished; rerun")
-        with atomic_output(marker) as tmp:
-            tmp.write_text("")
+        write_text_atomic(marker, "")
         return w.finalize(method=_METHODS[name])  # type: ignore[arg-type]
 
     def finalize(
@@ -292,8 +289,8 @@ class OutputSet:
         text = to_yaml({"infer": cfg})
         if summary.get("model"):
             text += f"# model: {summary['model']}\n"
-        _write_text(out / "config.yaml", text)
-        _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(out / "config.yaml", text)
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         remove_path(self.state_dir)
         remove_path(self.spill_dir())
         return summary
@@ -305,8 +302,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _write_text(path: Path, text: str) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)

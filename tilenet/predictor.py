@@ -49,6 +49,7 @@ from tilenet.config import InferConfig
 from tilenet.errors import InputError
 from tilenet.geometry import Tile, TileGrid, Window, ceil_to
 from tilenet.models.spec import ModelSpec
+from tilenet.normalize import Normalizer
 from tilenet.pipeline import BackgroundWriter, prefetch
 from tilenet.runtime import autocast, heap_policy, resolve_device
 from tilenet.stitch import BlendStitcher, CropStitcher, strip_order
@@ -366,9 +367,7 @@ class Predictor:
         k = spec.num_classes
         crop = cfg.mode == "crop"
         pin = device.type == "cuda"
-        c = spec.in_channels
-        mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, c, 1, 1)
-        inv_std = (1.0 / torch.tensor(spec.std, dtype=torch.float32)).to(device).view(1, c, 1, 1)
+        normalize = Normalizer(spec.mean, spec.std, device=device)
         # uint8 tiles travel as uint8 (4x fewer bytes to the device, 4x less read-ahead
         # memory) and are normalised there; other dtypes become float32 here.
         keep_raw = np.dtype(image.dtype) == np.uint8
@@ -388,7 +387,7 @@ class Predictor:
                 x = x.pin_memory()
             # NHWC memory viewed as NCHW is channels_last: no copy, and the ops keep it.
             x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2).float()
-            x.sub_(mean).mul_(inv_std)  # in place: same arithmetic as (x - mean) * inv_std
+            normalize(x)  # in place, as training batches are
             for j, (tile, _, _) in enumerate(batch):
                 # Past the image (alignment rows) the input is zero *after* normalisation,
                 # like the network's own zero padding at the image border.

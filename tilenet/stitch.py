@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tilenet.geometry import Tile, TileGrid, Window
+from tilenet.geometry import Tile, TileGrid, Window, spans
 
 __all__ = [
     "BlendStitcher",
@@ -89,12 +89,7 @@ def strip_order(grid: TileGrid, strip_tiles: int) -> list[Tile]:
     """
     ny, nx = grid.counts
     step = max(1, strip_tiles)
-    return [
-        grid[iy, ix]
-        for x0 in range(0, nx, step)
-        for iy in range(ny)
-        for ix in range(x0, min(nx, x0 + step))
-    ]
+    return [grid[iy, ix] for x0, x1 in spans(nx, step) for iy in range(ny) for ix in range(x0, x1)]
 
 
 class OutputSink:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from tilenet.errors import InputError
-from tilenet.fsutil import atomic_output
+from tilenet.fsutil import write_text_atomic
 from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
 
@@ -410,6 +410,5 @@ def synthesize(
             channel_names=["class"],
         )
         pairs.append((img_path, lab_path))
-    with atomic_output(out / "classes.json") as tmp:
-        tmp.write_text(json.dumps({"classes": CLASS_NAMES}, indent=2) + "\n")
+    write_text_atomic(out / "classes.json", json.dumps({"classes": CLASS_NAMES}, indent=2) + "\n")
     return pairs

@@ -1,25 +1,16 @@
 """Images (+ label images) to a chunked, sharded zarr v3 patch store.
 
-Layout of a store written by :func:`tile_images`::
-
-    STORE.zarr/
-      images  (N, P, P, C)  source dtype   chunks (chunk_patches, P, P, C), sharded
-      labels  (N, P, P)     uint8          (only when label images were given)
-      coords  (N, 4)        int64          image index, level, y, x (pixels of that level)
-      zarr.json attributes: sources, patch, overlap, level, count, mean, std, class_names, ...
-
-Patches are cut with :meth:`tilenet.geometry.TileGrid.for_patches` (the grid inference uses),
-read with :func:`tilenet.io.open_image` and stored bit for bit. Only the first ``count`` rows
-(the ``count`` attribute) are valid: an image is appended past ``count``, and ``count`` and
-its ``sources`` entry are updated only once all its patches are written, so an interrupted
-run never leaves a half-written image marked complete; rerunning resumes where it stopped.
+The store's layout (arrays ``images``, ``labels``, ``coords`` and the attributes) is owned by
+:mod:`tilenet.patchstore`. Patches are cut with :meth:`tilenet.geometry.TileGrid.for_patches`
+(the grid inference uses), read with :func:`tilenet.io.open_image` and stored bit for bit.
+Only the first ``count`` rows (the ``count`` attribute) are valid: an image is appended past
+``count``, and ``count`` and its ``sources`` entry are updated only once all its patches are
+written, so an interrupted run never leaves a half-written image marked complete; rerunning
+resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import glob
-import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -30,203 +21,31 @@ import numpy as np
 
 from tilenet.config import ReaderConfig, TilingConfig
 from tilenet.errors import (
-    ImageNotFoundError,
     InputError,
     ShapeMismatchError,
     TilenetError,
 )
-from tilenet.fsutil import atomic_output, safe_stem
+from tilenet.fsutil import atomic_output
 from tilenet.geometry import TileGrid, Window
+from tilenet.io.foreground import foreground_fractions, foreground_mask
+from tilenet.io.paths import class_names_near, match_labels, resolve_images
+from tilenet.patchstore import (
+    ARRAYS,
+    CHUNKS_PER_SHARD,
+    COORDS,
+    FORMAT,
+    FORMAT_VERSION,
+    IMAGES,
+    LABELS,
+    create_store,
+    read_attrs,
+    stats_attrs,
+)
+from tilenet.progress import progress_bar
 
 __all__ = [
-    "foreground_fractions",
-    "foreground_mask",
-    "match_labels",
-    "otsu_threshold",
-    "resolve_images",
     "tile_images",
 ]
-
-_IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".zarr", ".svs", ".ndpi")
-_LABEL_SUFFIXES = ("", "_label", "_labels", "_mask")
-_FORMAT = "tilenet-patch-store"
-_FORMAT_VERSION = 1
-#: Patches per shard = chunk_patches * this; one shard is written by exactly one task.
-_CHUNKS_PER_SHARD = 4
-
-
-# -- inputs ------------------------------------------------------------------------------
-def resolve_images(specs: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Expand files, directories and glob patterns into a sorted list of image paths.
-
-    A directory contributes the images directly inside it (by suffix). Duplicates are dropped.
-    """
-    out: list[Path] = []
-    for spec in specs:
-        s = str(spec)
-        p = Path(s)
-        if p.is_dir() and p.suffix.lower() != ".zarr":
-            hits = sorted(c for c in p.iterdir() if c.name.lower().endswith(_IMAGE_SUFFIXES))
-            if not hits:
-                raise ImageNotFoundError(
-                    f"{p}: directory holds no images ({', '.join(_IMAGE_SUFFIXES)})"
-                )
-            out.extend(hits)
-        elif p.exists():
-            out.append(p)
-        elif glob.has_magic(s):
-            hits = sorted(Path(h) for h in glob.glob(s))
-            if not hits:
-                raise ImageNotFoundError(f"{s}: pattern matches no files")
-            out.extend(hits)
-        else:
-            raise ImageNotFoundError(f"{s}: no such file or directory")
-    seen: dict[Path, None] = {}
-    for p in out:
-        seen.setdefault(p.resolve(), None)
-    if not seen:
-        raise InputError("no input images given")
-    return list(seen)
-
-
-def match_labels(images: Sequence[Path], labels: str | os.PathLike[str]) -> list[Path]:
-    """The label image of each image, matched by name.
-
-    ``labels`` is a directory (a file with the image's stem, optionally followed by
-    ``_label``, ``_labels`` or ``_mask``), a glob pattern (matched the same way), or a
-    pattern with ``{stem}`` (``"masks/{stem}_mask.png"``).
-    """
-    spec = str(labels)
-    if "{stem}" in spec:
-        found = [Path(spec.replace("{stem}", safe_stem(p.name))) for p in images]
-        for img, lab in zip(images, found, strict=True):
-            if not lab.exists():
-                raise ImageNotFoundError(f"{lab}: label image for {img} not found")
-        return found
-    if Path(spec).is_dir():
-        candidates = [c for c in Path(spec).iterdir() if c.name.lower().endswith(_IMAGE_SUFFIXES)]
-    elif glob.has_magic(spec):
-        candidates = [Path(h) for h in glob.glob(spec)]
-    else:
-        raise ImageNotFoundError(
-            f"{spec}: --labels must be a directory or a pattern (glob or with {{stem}})"
-        )
-    by_stem = {safe_stem(c.name): c for c in sorted(candidates)}
-    out: list[Path] = []
-    for img in images:
-        stem = safe_stem(img.name)
-        hit = next((by_stem[stem + s] for s in _LABEL_SUFFIXES if stem + s in by_stem), None)
-        if hit is None:
-            raise ImageNotFoundError(
-                f"{img}: no label image named {stem}.* in {spec}; label images are matched "
-                "to images by file name"
-            )
-        out.append(hit)
-    return out
-
-
-def _class_names_near(labels: Sequence[Path]) -> list[str]:
-    """Class names from a ``classes.json`` beside the label directory, if there is one."""
-    if not labels:
-        return []
-    d = labels[0].parent
-    for cand in (d / "classes.json", d.parent / "classes.json"):
-        if cand.is_file():
-            try:
-                data = json.loads(cand.read_text())
-            except (OSError, ValueError):
-                return []
-            if isinstance(data, dict):
-                data = data.get("classes", data.get("class_names", data))
-            if isinstance(data, dict):  # {"0": "background", ...}
-                try:
-                    return [str(data[k]) for k in sorted(data, key=int)]
-                except (TypeError, ValueError):
-                    return []
-            if isinstance(data, list):
-                return [
-                    str(x if not isinstance(x, dict) else x.get("name", i))
-                    for i, x in enumerate(data)
-                ]
-    return []
-
-
-# -- foreground --------------------------------------------------------------------------
-def otsu_threshold(values: np.ndarray, *, bins: int = 256) -> float:
-    """Otsu's threshold of a 1-D sample (maximises the between-class variance).
-
-    >>> otsu_threshold(np.array([10.0] * 50 + [200.0] * 50))
-    105.0
-    """
-    values = np.asarray(values, dtype=np.float64).ravel()
-    lo, hi = float(values.min()), float(values.max())
-    if hi <= lo:
-        return lo
-    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    centers = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m = np.cumsum(hist * centers)
-    mu0 = m / np.maximum(w0, 1)
-    mu1 = (m[-1] - m) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    between = between[:-1]
-    # Between two separated modes the criterion is flat across the gap: take its middle.
-    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
-    i = int(best[len(best) // 2])
-    return float(edges[i + 1])
-
-
-def foreground_mask(image: Any, *, max_side: int = 2048) -> tuple[np.ndarray, tuple[float, float]]:
-    """A low-resolution boolean foreground mask and its downsample relative to level 0.
-
-    Uses the finest pyramid level no larger than ``max_side``; without one, a thumbnail is
-    made from the coarsest level by striding, band by band (never the whole level at once).
-    Foreground is darker than the Otsu threshold of the grey level: tissue on a bright slide.
-    """
-    levels = image.levels
-    pick = next((i for i, lv in enumerate(levels) if max(lv.shape) <= max_side), None)
-    level = pick if pick is not None else len(levels) - 1
-    h, w = levels[level].shape
-    step = 1 if pick is not None else math.ceil(max(h, w) / max_side)
-    band = step * max(1, 1024 // step)
-    rows = []
-    for y in range(0, h, band):
-        block = image.read(Window(y, 0, min(band, h - y), w), level)[::step, ::step]
-        rows.append(block.astype(np.float32).mean(axis=-1))
-    grey = np.concatenate(rows, axis=0)
-    thr = otsu_threshold(grey)
-    mask = grey < thr if grey.max() > grey.min() else np.ones_like(grey, dtype=bool)
-    h0, w0 = levels[0].shape
-    return mask, (h0 / mask.shape[0], w0 / mask.shape[1])
-
-
-def foreground_fractions(
-    windows: Sequence[Window],
-    mask: np.ndarray,
-    mask_ds: tuple[float, float],
-    level_ds: tuple[float, float],
-) -> np.ndarray:
-    """Mean of ``mask`` under each window (given at a level with downsample ``level_ds``).
-
-    Uses an integral image, so it costs O(1) per window whatever the window size.
-    """
-    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
-    integral[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
-    factor = (mask_ds[0] / level_ds[0], mask_ds[1] / level_ds[1])
-    out = np.empty(len(windows), dtype=np.float64)
-    for i, win in enumerate(windows):
-        m = win.to_level(factor).clip(*mask.shape)
-        if m.area == 0:
-            out[i] = 0.0
-            continue
-        s = integral[m.y1, m.x1] - integral[m.y, m.x1] - integral[m.y1, m.x] + integral[m.y, m.x]
-        out[i] = s / m.area
-    return out
-
-
-#: Former private name, still imported by tilenet.infer.
-_foreground_fractions = foreground_fractions
 
 
 # -- planning ----------------------------------------------------------------------------
@@ -337,8 +156,8 @@ def _write_range(
     from tilenet.io import open_image
 
     group = zarr.open_group(store, mode="r+")
-    arr_img: Any = group["images"]
-    has_labels = "labels" in group
+    arr_img: Any = group[IMAGES]
+    has_labels = LABELS in group
     n = hi - lo
     imgs = np.empty((n, patch, patch, channels), dtype=arr_img.dtype)
     labs = np.zeros((n, patch, patch), dtype=np.uint8) if has_labels else None
@@ -377,87 +196,12 @@ def _write_range(
                 lab.close()
     assert row == hi
     arr_img[lo:hi] = imgs
-    arrays: dict[str, Any] = {name: group[name] for name in ("labels", "coords") if name in group}
+    arr_coords: Any = group[COORDS]
     if labs is not None:
-        arrays["labels"][lo:hi] = labs
-    arrays["coords"][lo:hi] = coords
+        arr_labels: Any = group[LABELS]
+        arr_labels[lo:hi] = labs
+    arr_coords[lo:hi] = coords
     return stats
-
-
-# -- store -------------------------------------------------------------------------------
-def _create_store(
-    out: Path,
-    *,
-    patch: int,
-    channels: int,
-    dtype: str,
-    labels: bool,
-    chunk_patches: int,
-    attrs: dict[str, Any],
-) -> Any:
-    import zarr
-    from zarr.codecs import BloscCodec
-
-    group = zarr.open_group(out, mode="w", attributes=attrs)
-    shard = chunk_patches * _CHUNKS_PER_SHARD
-    # lz4 decodes ~3x faster than zstd here (measured: 130 vs 435 us per 256x256x3 patch),
-    # and decode speed bounds the streaming loader more than the ratio does.
-    comp = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
-    group.create_array(
-        "images",
-        shape=(0, patch, patch, channels),
-        chunks=(chunk_patches, patch, patch, channels),
-        shards=(shard, patch, patch, channels),
-        dtype=dtype,
-        compressors=comp,
-        dimension_names=("n", "y", "x", "c"),
-    )
-    if labels:
-        group.create_array(
-            "labels",
-            shape=(0, patch, patch),
-            chunks=(chunk_patches, patch, patch),
-            shards=(shard, patch, patch),
-            dtype="uint8",
-            compressors=comp,
-            dimension_names=("n", "y", "x"),
-        )
-    group.create_array(
-        "coords",
-        shape=(0, 4),
-        chunks=(shard, 4),
-        dtype="int64",
-        compressors=comp,
-        dimension_names=("n", "field"),
-    )
-    return group
-
-
-def _stats_attrs(sources: list[dict[str, Any]], channels: int) -> dict[str, Any]:
-    """Per-channel mean/std and class frequencies over all complete sources."""
-    s = np.zeros(channels)
-    ss = np.zeros(channels)
-    n = 0.0
-    cpix = np.zeros(256)
-    cpat = np.zeros(256)
-    for src in sources:
-        s += np.asarray(src["sum"])
-        ss += np.asarray(src["sumsq"])
-        n += src["npix"]
-        if src.get("class_pixels"):
-            cp = np.asarray(src["class_pixels"], dtype=np.float64)
-            cpix[: len(cp)] += cp
-            cq = np.asarray(src["class_patches"], dtype=np.float64)
-            cpat[: len(cq)] += cq
-    mean = s / max(n, 1)
-    std = np.sqrt(np.maximum(ss / max(n, 1) - mean**2, 0))
-    k = int(np.nonzero(cpix)[0].max()) + 1 if cpix.any() else 0
-    return {
-        "mean": [float(v) for v in mean],
-        "std": [float(max(v, 1e-6)) for v in std],
-        "class_pixels": [int(v) for v in cpix[:k]],
-        "class_patches": [int(v) for v in cpat[:k]],
-    }
 
 
 def tile_images(
@@ -519,15 +263,12 @@ def tile_images(
         if len(label_paths) != len(paths):
             raise InputError(f"{len(label_paths)} label images given for {len(paths)} images")
     has_labels = labels is not None
-    names = list(class_names) if class_names else _class_names_near([p for p in label_paths if p])
+    names = list(class_names) if class_names else class_names_near([p for p in label_paths if p])
 
     existing: dict[str, Any] | None = None
     if out.exists():
-        try:
-            existing = dict(zarr.open_group(out, mode="r").attrs)
-        except Exception:
-            existing = None
-        if not existing or existing.get("format") != _FORMAT:
+        existing = read_attrs(out)
+        if existing is None:
             raise InputError(
                 f"{out}: exists and is not a tilenet patch store; choose another --out or remove it"
             )
@@ -604,8 +345,8 @@ def tile_images(
 
     if existing is None:
         attrs = {
-            "format": _FORMAT,
-            "format_version": _FORMAT_VERSION,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
             "tilenet_version": __version__,
             "patch": patch,
             "overlap": overlap,
@@ -618,11 +359,11 @@ def tile_images(
             "class_names": names,
             "count": 0,
             "sources": [],
-            **_stats_attrs([], channels),
+            **stats_attrs([], channels),
         }
         # The empty store appears atomically, so a crash here never leaves a half-made one.
         with atomic_output(out) as tmp:
-            _create_store(
+            create_store(
                 tmp,
                 patch=patch,
                 channels=channels,
@@ -639,16 +380,12 @@ def tile_images(
             group.attrs["class_names"] = names
 
     # Phase 2: write in groups of images; each group is committed when all its shards are.
-    shard = chunk_patches * _CHUNKS_PER_SHARD
+    shard = chunk_patches * CHUNKS_PER_SHARD
     store_attrs: Any = group.attrs
     sources: list[dict[str, Any]] = list(store_attrs["sources"])
     count = int(store_attrs["count"])
     total = sum(len(p.windows) for p in plans)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, unit="patch", desc=f"tile {out.name}")
+    bar = progress_bar(total, unit="patch", desc=f"tile {out.name}", enabled=progress)
     try:
         batch: list[_Plan] = []
         for i, plan in enumerate(plans):
@@ -670,8 +407,7 @@ def tile_images(
                 )
                 batch = []
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return out
 
 
@@ -700,7 +436,7 @@ def _write_batch(
         src_index.append(len(sources) + k)
     end = start
     # Rows past ``count`` may hold an interrupted run's leftovers: they are overwritten.
-    for name in ("images", "labels", "coords"):
+    for name in ARRAYS:
         if name in group:
             arr = group[name]
             arr.resize((end, *arr.shape[1:]))
@@ -711,8 +447,7 @@ def _write_batch(
     ]
 
     def tick(result: dict[int, np.ndarray], n: int) -> dict[int, np.ndarray]:
-        if bar is not None:
-            bar.update(n)
+        bar.update(n)
         return result
 
     tasks = [
@@ -757,5 +492,5 @@ def _write_batch(
             }
         )
     # The commit point: written after every shard of the batch is on disk.
-    group.attrs.update({"sources": sources, "count": end, **_stats_attrs(sources, channels)})
+    group.attrs.update({"sources": sources, "count": end, **stats_attrs(sources, channels)})
     return end

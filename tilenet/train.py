@@ -326,7 +326,9 @@ def prepare_demo_data(data_cfg: Any) -> dict[str, list[str]]:
     ``synth_count`` training images (seed ``data.seed``) go to ``SYNTH_DIR/images`` and one
     held-out image (seed ``data.seed + 1``) to ``SYNTH_DIR/val/images``; each set is tiled
     into ``patches_<patch>.zarr`` beside it (rerunning skips work already done). Returns
-    ``{"stores", "val_stores", "val_images", "val_labels"}`` as lists of paths.
+    ``{"stores", "val_stores", "val_images", "val_labels"}`` as lists of paths. The one
+    place the demo data is made: :func:`train` (when ``data.synth_dir`` is the only data)
+    and ``tilenet demo`` call it; :func:`tilenet.data.build_loader` only reads stores.
     """
     from tilenet.synth import synthesize
     from tilenet.tiler import tile_images
@@ -367,7 +369,7 @@ def _held_out_pairs(images: Sequence[str], labels: Sequence[str]) -> list[tuple[
 
     ``val_labels`` is one label file per image, or a single directory/pattern matched by name.
     """
-    from tilenet.tiler import match_labels, resolve_images
+    from tilenet.io.paths import match_labels, resolve_images
 
     if not images:
         return []
@@ -498,7 +500,7 @@ def evaluate_images(
 
     from tilenet.infer import infer_image
     from tilenet.io import open_image
-    from tilenet.metrics import ConfusionMatrix, confusion_matrix
+    from tilenet.metrics import ConfusionMatrix, score_class_map
 
     k = int(spec["num_classes"])
     cm = ConfusionMatrix(k, ignore_index=ignore_index)
@@ -510,21 +512,13 @@ def evaluate_images(
             infer_image(image, (module, spec), tmp, progress=False, **opts)
             pred: Any = zarr.open_group(Path(tmp) / "classes.ome.zarr", mode="r")["0"]
             h, w = pred.shape
-            ch, cw = pred.chunks
             with open_image(labels) as lab:
                 if lab.shape[:2] != (h, w):
                     raise InputError(
                         f"{labels}: label image is {lab.shape[0]}x{lab.shape[1]} but {image} "
                         f"is {h}x{w}"
                     )
-                from tilenet.geometry import Window
-
-                for y in range(0, h, ch):
-                    for x in range(0, w, cw):
-                        win = Window(y, x, min(ch, h - y), min(cw, w - x))
-                        p = pred[win.y : win.y1, win.x : win.x1]
-                        t = lab.read(win)[..., 0]
-                        cm.add(confusion_matrix(p, t, k, ignore_index=ignore_index))
+                cm.add(score_class_map(pred, lab, k, ignore_index=ignore_index).confusion)
     return cm.compute(class_names=spec.get("class_names"))
 
 
@@ -708,8 +702,6 @@ def train(cfg: Any) -> Path:
 
 
 def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
-    from tqdm.auto import tqdm
-
     from tilenet.checkpoint import load_checkpoint, make_spec, save_checkpoint
     from tilenet.data import build_loader
     from tilenet.losses import build_loss
@@ -904,13 +896,10 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
     accum = int(tc.grad_accum)
     budget = tc.max_steps_this_run
     stop_at = total if budget is None else min(total, state.step + int(budget))
-    bar = tqdm(
-        total=total,
-        initial=state.step,
-        disable=not (tc.progress and d.main),
-        unit="step",
-        dynamic_ncols=True,
-        desc="train",
+    from tilenet.progress import progress_bar
+
+    bar = progress_bar(
+        total, initial=state.step, enabled=bool(tc.progress and d.main), unit="step", desc="train"
     )
     model.train()
     win_loss = torch.zeros((), dtype=torch.float64, device=device)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from tilenet.errors import InputError
-from tilenet.geometry import Window
+from tilenet.geometry import iter_blocks
 from tilenet.io.writers import DownsampleMethod, OmeZarrWriter, write_ome_tiff
 
 __all__ = ["convert"]
@@ -77,8 +77,6 @@ def convert(
             compression=compression,
             overwrite=True,
         ) as writer:
-            for y in range(0, h, tile):
-                for x in range(0, w, tile):
-                    window = Window(y, x, min(tile, h - y), min(tile, w - x))
-                    writer.write(y, x, img.read(window))
+            for window in iter_blocks((h, w), tile):
+                writer.write(window.y, window.x, img.read(window))
             return writer.finalize(method=method)

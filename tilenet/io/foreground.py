@@ -1,8 +1,7 @@
-"""Foreground (tissue) detection on a low-resolution view of an image.
+"""Foreground (tissue) detection on a low-resolution level: Otsu mask and window fractions.
 
-Used by the tiler (``--min-foreground``: drop patches over glass) and by the inference
-engine (skip tiles over background). Everything here works on a small mask read from a
-coarse pyramid level or a strided thumbnail, never on the full-resolution image.
+Shared by the tiler (which patches to keep) and the inference engine (which tiles to skip),
+so both decide "background" the same way.
 """
 
 from __future__ import annotations
@@ -13,12 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from tilenet.geometry import Window
+from tilenet.geometry import Window, iter_bands
 
 __all__ = ["foreground_fractions", "foreground_mask", "otsu_threshold"]
 
 
-# -- foreground --------------------------------------------------------------------------
 def otsu_threshold(values: np.ndarray, *, bins: int = 256) -> float:
     """Otsu's threshold of a 1-D sample (maximises the between-class variance).
 
@@ -58,8 +56,8 @@ def foreground_mask(image: Any, *, max_side: int = 2048) -> tuple[np.ndarray, tu
     step = 1 if pick is not None else math.ceil(max(h, w) / max_side)
     band = step * max(1, 1024 // step)
     rows = []
-    for y in range(0, h, band):
-        block = image.read(Window(y, 0, min(band, h - y), w), level)[::step, ::step]
+    for win in iter_bands((h, w), band):
+        block = image.read(win, level)[::step, ::step]
         rows.append(block.astype(np.float32).mean(axis=-1))
     grey = np.concatenate(rows, axis=0)
     thr = otsu_threshold(grey)

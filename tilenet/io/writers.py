@@ -29,7 +29,7 @@ import zarr
 
 from tilenet.errors import InputError, UnsupportedFormatError
 from tilenet.fsutil import atomic_output, remove_path, tmp_sibling
-from tilenet.geometry import Window
+from tilenet.geometry import Window, iter_blocks
 from tilenet.io.base import LazyImage
 
 __all__ = [
@@ -213,11 +213,10 @@ def build_pyramid(
 
             # At most 2 chunks per worker in flight, so queued work (and memory) stays small.
             pending: deque[Future[None]] = deque()
-            for y in range(0, h, ch):
-                for x in range(0, w, cw):
-                    pending.append(pool.submit(chunk, y, x))
-                    if len(pending) >= 2 * workers:
-                        pending.popleft().result()
+            for blk in iter_blocks((h, w), (ch, cw)):
+                pending.append(pool.submit(chunk, blk.y, blk.x))
+                if len(pending) >= 2 * workers:
+                    pending.popleft().result()
             while pending:
                 pending.popleft().result()
             all_shapes.append(tuple(arr.shape))
@@ -676,22 +675,19 @@ def write_ome_tiff(
                     )
 
             def level0_tiles() -> Iterator[np.ndarray]:
-                for y in range(0, h, tile):
-                    for x in range(0, w, tile):
-                        data = src.read(Window(y, x, min(tile, h - y), min(tile, w - x)), 0)
-                        if levels:
-                            small = downsample2(data, method)
-                            levels[0][
-                                y // 2 : y // 2 + small.shape[0], x // 2 : x // 2 + small.shape[1]
-                            ] = small
-                        yield data if c > 1 else data[:, :, 0]
+                for win in iter_blocks((h, w), tile):
+                    data = src.read(win, 0)
+                    if levels:
+                        y, x = win.y // 2, win.x // 2
+                        small = downsample2(data, method)
+                        levels[0][y : y + small.shape[0], x : x + small.shape[1]] = small
+                    yield data if c > 1 else data[:, :, 0]
 
             def level_tiles(arr: Any) -> Iterator[np.ndarray]:
                 lh, lw = arr.shape[:2]
-                for y in range(0, lh, tile):
-                    for x in range(0, lw, tile):
-                        data = np.asarray(arr[y : y + tile, x : x + tile])
-                        yield data if c > 1 else data[:, :, 0]
+                for win in iter_blocks((lh, lw), tile):
+                    data = np.asarray(arr[win.slices])
+                    yield data if c > 1 else data[:, :, 0]
 
             with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
                 tif.write(
@@ -721,10 +717,11 @@ def _downsample_level(prev: Any, out: Any, method: str) -> None:
     """Fill ``out`` (h, w, C) from ``prev`` (2h, 2w, C), one output chunk at a time."""
     oh, ow = out.shape[:2]
     ch, cw = out.chunks[:2]
-    for y in range(0, oh, ch):
-        for x in range(0, ow, cw):
-            block = np.asarray(prev[2 * y : 2 * (y + ch), 2 * x : 2 * (x + cw)])
-            out[y : y + ch, x : x + cw] = downsample2(block, method)
+    for win in iter_blocks((oh, ow), (ch, cw)):
+        y, x = win.y, win.x
+        # the source block is read unclipped (2 x the full chunk), as zarr clips it itself
+        block = np.asarray(prev[2 * y : 2 * (y + ch), 2 * x : 2 * (x + cw)])
+        out[win.slices] = downsample2(block, method)
 
 
 # -- PNG preview -------------------------------------------------------------------------------
@@ -742,11 +739,10 @@ def _read_small(src: _Source, max_side: int) -> np.ndarray:
     # No suitable level: keep every step-th pixel, reading blocks of ~1024 px aligned to step.
     block = step * max(1, 1024 // step)
     out = np.empty((-(-lh // step), -(-lw // step), src.channels), dtype=src.dtype)
-    for y in range(0, lh, block):
-        for x in range(0, lw, block):
-            data = src.read(Window(y, x, min(block, lh - y), min(block, lw - x)), level)
-            sub = data[::step, ::step]
-            out[y // step : y // step + sub.shape[0], x // step : x // step + sub.shape[1]] = sub
+    for win in iter_blocks((lh, lw), block):
+        sub = src.read(win, level)[::step, ::step]
+        y, x = win.y // step, win.x // step
+        out[y : y + sub.shape[0], x : x + sub.shape[1]] = sub
     return out
 
 

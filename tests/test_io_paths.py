@@ -1,0 +1,51 @@
+"""Input paths: directories, globs and files to images; label images matched by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tilenet.errors import ImageNotFoundError, InputError
+from tilenet.io.paths import class_names_near, match_labels, resolve_images
+
+
+def _touch(*paths: Path) -> None:
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+
+
+def test_resolve_images_dirs_globs_files_deduplicated(tmp_path: Path) -> None:
+    a, b, c = tmp_path / "d" / "b.tif", tmp_path / "d" / "a.png", tmp_path / "e" / "c.tiff"
+    _touch(a, b, c, tmp_path / "d" / "notes.txt")
+    got = resolve_images([tmp_path / "d", str(tmp_path / "e" / "*.tiff"), a])
+    assert got == [b.resolve(), a.resolve(), c.resolve()]
+    with pytest.raises(ImageNotFoundError, match="matches no files"):
+        resolve_images([str(tmp_path / "nope*.tif")])
+    with pytest.raises(ImageNotFoundError, match="no such file"):
+        resolve_images([tmp_path / "missing.tif"])
+    with pytest.raises(InputError, match="no input images"):
+        resolve_images([])
+
+
+def test_match_labels_by_stem_suffix_and_pattern(tmp_path: Path) -> None:
+    imgs = [tmp_path / "im" / "s1.tif", tmp_path / "im" / "s2.ome.tif"]
+    labs = [tmp_path / "lab" / "s1_mask.png", tmp_path / "lab" / "s2.tif"]
+    _touch(*imgs, *labs)
+    assert match_labels(imgs, tmp_path / "lab") == labs
+    assert match_labels(imgs, str(tmp_path / "lab" / "*")) == labs
+    assert match_labels(imgs[:1], str(tmp_path / "lab" / "{stem}_mask.png")) == labs[:1]
+    with pytest.raises(ImageNotFoundError, match=r"s2_mask\.png: label image"):
+        match_labels(imgs, str(tmp_path / "lab" / "{stem}_mask.png"))
+    with pytest.raises(ImageNotFoundError, match="no label image named s3"):
+        match_labels([tmp_path / "s3.tif"], tmp_path / "lab")
+
+
+def test_class_names_near(tmp_path: Path) -> None:
+    lab = tmp_path / "labels" / "a.tif"
+    _touch(lab)
+    assert class_names_near([lab]) == []
+    (tmp_path / "classes.json").write_text(json.dumps({"1": "tumour", "0": "background"}))
+    assert class_names_near([lab]) == ["background", "tumour"]

@@ -42,7 +42,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -50,6 +50,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from tilenet.config import DataConfig, load_config, save_config, to_yaml
 from tilenet.errors import CheckpointError, ConfigError, InputError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from tilenet.models import ModelSpec
 
 __all__ = ["evaluate_images", "main", "prepare_demo_data", "train"]
 
@@ -482,7 +487,7 @@ def _validate(
 
 def evaluate_images(
     model: torch.nn.Module,
-    spec: dict[str, Any],
+    spec: ModelSpec | Mapping[str, Any],
     pairs: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]],
     *,
     infer_options: dict[str, Any] | None = None,
@@ -502,8 +507,10 @@ def evaluate_images(
     from tilenet.infer import infer_image
     from tilenet.io import open_image
     from tilenet.metrics import ConfusionMatrix, confusion_matrix
+    from tilenet.models import ModelSpec
 
-    k = int(spec["num_classes"])
+    spec = ModelSpec.coerce(spec)
+    k = spec.num_classes
     cm = ConfusionMatrix(k, ignore_index=ignore_index)
     opts = dict(infer_options or {})
     opts["outputs"] = []  # the class map alone
@@ -528,7 +535,7 @@ def evaluate_images(
                         p = pred[win.y : win.y1, win.x : win.x1]
                         t = lab.read(win)[..., 0]
                         cm.add(confusion_matrix(p, t, k, ignore_index=ignore_index))
-    return cm.compute(class_names=spec.get("class_names"))
+    return cm.compute(class_names=list(spec.class_names))
 
 
 # -- run directory ----------------------------------------------------------------------------
@@ -713,10 +720,10 @@ def train(cfg: Any) -> Path:
 def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
     from tqdm.auto import tqdm
 
-    from tilenet.checkpoint import load_checkpoint, make_spec, save_checkpoint
+    from tilenet.checkpoint import load_checkpoint, load_weights, save_checkpoint
     from tilenet.data import build_loader
     from tilenet.losses import build_loss
-    from tilenet.models import create_model_from_config
+    from tilenet.models import ModelSpec, create_model_from_config
 
     tc, mc = cfg.train, cfg.model
     if tc.resume is True and not tc.out_dir:
@@ -773,10 +780,13 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    model = create_model_from_config(mc).to(device)
+    model = create_model_from_config(mc)
+    if mc.weights:
+        load_weights(model, mc.weights)
+    model = model.to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    spec = make_spec(model, mean=mean, std=std, class_names=names)
+    spec = ModelSpec.from_model(model, mean=mean, std=std, class_names=names)
     opt = _build_optimizer(model.parameters(), tc)
     sched = _build_scheduler(opt, tc)
     fp16 = tc.precision == "fp16"

@@ -114,13 +114,15 @@ def test_plan_warns_with_the_layer_that_breaks_exact_tiling() -> None:
     assert "warning" not in format_plan(plan)
 
 
-def test_plan_checks_the_weights_file(tmp_path: Path) -> None:
+def test_cli_plan_checks_the_weights_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     torch.save(create_model("tiny", num_classes=3).state_dict(), tmp_path / "w.pt")
-    cfg = ModelConfig(name="tiny", num_classes=3, weights=str(tmp_path / "w.pt"))
-    assert plan_model(cfg, tile=64, memory="1GiB", measure=False)["model"]["name"] == "tiny"
-    cfg.num_classes = 2
-    with pytest.raises(InputError, match=r"w\.pt: weights do not fit model 'tiny'"):
-        plan_model(cfg, tile=64, memory="1GiB", measure=False)
+    argv = ["plan", "model.name=tiny", f"model.weights={tmp_path / 'w.pt'}"]
+    assert main([*argv, "model.num_classes=3", "--tile", "64", "--no-measure"]) == 0
+    assert "model        tiny" in capsys.readouterr().out
+    assert main([*argv, "model.num_classes=2", "--tile", "64", "--no-measure"]) == 2
+    assert "w.pt: weights do not fit model 'tiny'" in capsys.readouterr().err
 
 
 def test_plan_rejects_bad_options() -> None:

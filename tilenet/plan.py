@@ -183,12 +183,13 @@ def plan_model(
 ) -> dict[str, Any]:
     """The plan for the model of ``model_cfg`` (a ``ModelConfig``) as plain data.
 
+    Its ``weights`` are not read (weights change no sizes, and plan reads no files).
+
     ``memory`` is the budget (default: the CUDA device's memory, else 16 GiB). ``measure``
     runs one batch on CUDA (default: when CUDA is available).
     """
     import torch
 
-    from tilenet.checkpoint import load_weights
     from tilenet.models import create_model_from_config, model_memory
 
     precisions = tuple(precisions or PRECISIONS)
@@ -210,8 +211,6 @@ def plan_model(
         budget, source = parse_memory(memory), "--memory"
 
     model = create_model_from_config(model_cfg)
-    if getattr(model_cfg, "weights", None):
-        load_weights(model, model_cfg.weights)  # weights change no sizes: checked, not used
     spec = model.spec
     s, rf = int(model.stride), int(model.receptive_field)
     halo = ceil_to(rf, s)

@@ -346,7 +346,7 @@ def test_unet_receptive_field_matches_hand_derivation(depth: int) -> None:
     # J = 2^(i-1). Sum: 2^(depth+3) - 6 either side. A 2x2 transposed conv (-J, 0): 7*2^depth-5.
     bil = create_model("unet", depth=depth, base=2)
     assert bil.stride == 2**depth
-    assert bil._analysis.interval == ((6 - 2 ** (depth + 3), 2 ** (depth + 3) - 6),) * 2
+    assert bil.analysis.interval == ((6 - 2 ** (depth + 3), 2 ** (depth + 3) - 6),) * 2
     tr = create_model("unet", depth=depth, base=2, up="transpose")
     assert tr.receptive_field == 7 * 2**depth - 5
 
@@ -370,7 +370,7 @@ def _grad_support(model: TileModel, x: torch.Tensor, cy: int, cx: int) -> tuple[
 def test_receptive_field_bounds_the_gradient_2d(name: str, kwargs: dict) -> None:
     m = _prepared(name, json.dumps(kwargs))
     s, rf = m.stride, m.receptive_field
-    (ly, hy), (lx, hx) = m._analysis.interval
+    (ly, hy), (lx, hx) = m.analysis.interval
     size = ceil_to(2 * rf + 4 * s, s)
     x = torch.randn(1, 2, size, size, dtype=torch.float64)
     emp = [0, 0, 0, 0]
@@ -442,7 +442,7 @@ def test_crop_with_halo_reproduces_the_whole_pass_thin(name: str) -> None:
 def test_receptive_field_bounds_the_gradient_thin(name: str, axis: int) -> None:
     m = _prepared(name)
     s, rf = m.stride, m.receptive_field
-    lo, hi = m._analysis.interval[axis]
+    lo, hi = m.analysis.interval[axis]
     n = ceil_to(2 * rf + 4 * s, s)
     shape = (1, 2, n, 2 * s) if axis == 0 else (1, 2, 2 * s, n)
     x = torch.randn(shape, dtype=torch.float64)

@@ -270,7 +270,7 @@ def plan_model(
             "parameters": params,
             "stride": s,
             "receptive_field": rf,
-            "dependency_interval": [list(v) for v in model._analysis.interval],
+            "dependency_interval": [list(v) for v in model.analysis.interval],
             "per_pixel_norm": bool(spec.exact),
             "exact_reason": spec.exact_reason,
         },

@@ -42,6 +42,7 @@ from tilenet.errors import InputError, ModelError
 __all__ = [
     "BYTES_PER_ELEMENT",
     "Analysis",
+    "TraceRoot",
     "analyze",
     "exactness",
     "model_memory",
@@ -250,8 +251,10 @@ def _union(axes: list[tuple[_Axis, _Axis]], what: str) -> tuple[_Axis, _Axis]:
     return (out[0], out[1])
 
 
-class _Body(nn.Module):
-    """Trace root: the model's forward without its input checks."""
+class TraceRoot(nn.Module):
+    """What :mod:`torch.fx` traces: ``model._forward_impl`` (the forward pass without input
+    checks), with the model's layers under ``m.`` (setting a layer here sets it in ``model``).
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -287,7 +290,7 @@ def analyze(model: nn.Module, *, size: int | None = None) -> Analysis:
     size = size or max(64, 2 * hint)
     size = -(-size // hint) * hint
     try:
-        gm = fx.symbolic_trace(_Body(model))
+        gm = fx.symbolic_trace(TraceRoot(model))
     except Exception as exc:
         raise ModelError(f"receptive field: cannot trace {type(model).__name__}: {exc}") from None
     was_training = model.training
@@ -474,7 +477,7 @@ def model_memory(
         raise InputError(f"tile {tile} must be a positive multiple of the model stride {stride}")
     if batch < 1:
         raise InputError(f"batch must be >= 1, got {batch}")
-    an: Analysis = model._analysis  # type: ignore[assignment]
+    an: Analysis = model.analysis  # type: ignore[assignment]
     px = batch * tile * tile
     sizes = [0.0 if alias else per * px * bpe for per, _, alias in an.activations]
     # The input tile itself stays fp32 (autocast casts a 16-bit copy for the first conv).

@@ -12,6 +12,9 @@ returning a :class:`TileModel`. :func:`create_model` builds it, then analyses it
 ``spec``
     A :class:`~tilenet.models.ModelSpec` that rebuilds the model (name, channels, classes,
     kwargs as plain data), with its stride, receptive field and exactness.
+``analysis``
+    The :class:`~tilenet.models.Analysis` those come from (dependency interval, activation
+    sizes for :func:`~tilenet.models.model_memory`).
 ``per_pixel_norm``
     False when a layer's output at a pixel depends on statistics over the whole input
     (GroupNorm, InstanceNorm, ...): crop-mode tiling is then not exact
@@ -59,7 +62,7 @@ class TileModel(nn.Module):
     receptive_field: int
     spec: ModelSpec
     per_pixel_norm: bool
-    _analysis: Analysis
+    analysis: Analysis
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
         super().__init__()
@@ -167,7 +170,7 @@ def create_model(
         )
     model.stride = an.stride
     model.receptive_field = an.receptive_field
-    model._analysis = an
+    model.analysis = an
     exact, reason = exactness(model)
     model.per_pixel_norm = exact
     model.spec = ModelSpec(

@@ -295,6 +295,8 @@ def test_spec_from_model() -> None:
     assert s.mean == (10.0, 20.0) and s.class_names == ("a", "b", "c")
     assert (s.exact, s.exact_reason) == (True, None) and s.tilenet_version
     assert ModelSpec.from_model(m) == m.spec
+    with pytest.raises(ModelError, match="class_names must be a list of str, got 'abc'"):
+        ModelSpec.from_model(m, class_names="abc")
     with pytest.raises(ModelError, match="Conv2d is not a registry model"):
         ModelSpec.from_model(nn.Conv2d(2, 3, 1))
 

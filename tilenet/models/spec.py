@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any
 
@@ -141,9 +141,9 @@ class ModelSpec:
         cls,
         model: Any,
         *,
-        mean: Any = None,
-        std: Any = None,
-        class_names: Any = None,
+        mean: Iterable[float] | None = None,
+        std: Iterable[float] | None = None,
+        class_names: Iterable[str] | None = None,
     ) -> ModelSpec:
         """The spec of a registry model, with normalisation and class names for inference.
 
@@ -159,14 +159,16 @@ class ModelSpec:
                 f"{type(model).__name__} is not a registry model (no ModelSpec in .spec); "
                 "build it with tilenet.models.create_model"
             )
+        if isinstance(class_names, str):
+            raise ModelError(f"model spec: class_names must be a list of str, got {class_names!r}")
         exact, reason = exactness(model)
         return replace(
             base,
             stride=model.stride,
             receptive_field=model.receptive_field,
-            mean=() if mean is None else mean,
-            std=() if std is None else std,
-            class_names=() if class_names is None else class_names,
+            mean=() if mean is None else tuple(mean),
+            std=() if std is None else tuple(std),
+            class_names=() if class_names is None else tuple(class_names),
             tilenet_version=__version__,
             exact=exact,
             exact_reason=reason,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -25,10 +26,12 @@ from torch import nn
 from tilenet.errors import ModelError
 from tilenet.geometry import ceil_to
 from tilenet.models import (
+    ModelSpec,
     TileModel,
     analyze,
     create_model,
     create_model_from_config,
+    exactness,
     list_models,
     model_memory,
 )
@@ -117,56 +120,19 @@ def test_bad_channels_are_rejected() -> None:
         create_model("tiny", in_channels=0)
 
 
-def test_missing_weights_file_names_the_path(tmp_path) -> None:
-    path = tmp_path / "nope.pt"
-    with pytest.raises(ModelError, match=r"nope\.pt: weights file not found"):
-        create_model("tiny", weights=path)
-
-
-def test_weights_round_trip_state_dict_and_checkpoint(tmp_path) -> None:
-    from tilenet.checkpoint import make_spec, save_checkpoint
-
-    src = create_model("tiny", in_channels=1, num_classes=2)
-    _randomize_bn(src)
-    torch.save(src.state_dict(), tmp_path / "w.pt")
-    save_checkpoint(tmp_path / "c.pt", {"spec": make_spec(src), "model": src.state_dict()})
-    x = torch.randn(1, 1, 16, 16)
-    want = src.eval()(x)
-    for f in ("w.pt", "c.pt"):
-        got = create_model("tiny", in_channels=1, num_classes=2, weights=tmp_path / f).eval()
-        torch.testing.assert_close(got(x), want)
-
-
-def test_weights_that_do_not_fit_are_a_model_error(tmp_path) -> None:
-    torch.save(create_model("tiny", num_classes=5).state_dict(), tmp_path / "w.pt")
-    with pytest.raises(ModelError, match=r"w.pt: weights do not fit model 'tiny'"):
-        create_model("tiny", num_classes=2, weights=tmp_path / "w.pt")
-
-
-def test_weights_holding_code_are_refused(tmp_path) -> None:
-    torch.save({"x": nn.ReLU()}, tmp_path / "evil.pt")  # a pickled object, not plain data
-    with pytest.raises(ModelError, match=r"evil.pt: not a loadable weights file"):
-        create_model("tiny", weights=tmp_path / "evil.pt")
-
-
-def test_torchvision_resnet_weights_fill_the_encoder(tmp_path) -> None:
-    from torchvision.models import resnet18
-
-    ref = resnet18(weights=None)
-    torch.save(ref.state_dict(), tmp_path / "r18.pt")
-    m = create_model("unet_resnet18", in_channels=2, weights=tmp_path / "r18.pt")
-    torch.testing.assert_close(m.encoder.layer3[0].conv1.weight, ref.layer3[0].conv1.weight)
-    # Two-channel first conv: the RGB filters averaged, repeated, scaled by 3/2.
-    want = ref.conv1.weight.mean(1, keepdim=True).repeat(1, 2, 1, 1) * 1.5
-    torch.testing.assert_close(m.encoder.conv1.weight, want)
+def test_models_read_no_weight_files(tmp_path) -> None:
+    with pytest.raises(ModelError, match=r"load_weights\(model, path\)"):
+        create_model("tiny", weights=tmp_path / "w.pt")
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_spec_is_plain_data_and_rebuilds_the_model(name: str) -> None:
     kw = {"unet": {"depth": 3, "base": 8}, "tiny": {"width": 4}}.get(name, {})
     m = create_model(name, in_channels=4, num_classes=5, **kw)
-    spec = json.loads(json.dumps(m.spec))
-    assert spec == {"name": name, "in_channels": 4, "num_classes": 5, "kwargs": kw}
+    spec = json.loads(json.dumps(m.spec.to_dict()))
+    rebuild = {k: spec[k] for k in ("name", "in_channels", "num_classes", "kwargs")}
+    assert rebuild == {"name": name, "in_channels": 4, "num_classes": 5, "kwargs": kw}
+    assert ModelSpec.from_dict(spec) == m.spec
     again = create_model(spec["name"], in_channels=4, num_classes=5, **spec["kwargs"])
     a, b = m.state_dict(), again.state_dict()
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
@@ -183,12 +149,156 @@ def test_create_model_from_config() -> None:
     cfg = load_config(None, ["model.name=unet", "model.kwargs.depth=2", "model.in_channels=1"])
     m = create_model_from_config(cfg.model)
     assert (m.stride, m.in_channels, m.num_classes) == (4, 1, cfg.model.num_classes)
-    assert m.spec["kwargs"] == {"depth": 2}
+    assert m.spec.kwargs == {"depth": 2}
 
 
 def test_group_norm_is_flagged_as_not_per_pixel() -> None:
     assert create_model("unet", norm="group").per_pixel_norm is False
     assert create_model("unet", norm="batch").per_pixel_norm is True
+
+
+# -- exactness: does a tile see the statistics the whole image sees? ---------------------------
+
+# (layer on 4 channels, whether it mixes spatial positions at inference)
+LAYERS = [
+    (nn.BatchNorm2d(4), False),
+    (nn.BatchNorm2d(4, track_running_stats=False), True),
+    (nn.InstanceNorm2d(4), True),
+    (nn.InstanceNorm2d(4, track_running_stats=True), False),
+    (nn.GroupNorm(2, 4), True),
+    (nn.LayerNorm([4, 8, 8]), True),
+    (nn.LocalResponseNorm(3), False),  # across channels only
+    (nn.AdaptiveAvgPool2d(1), True),
+    (nn.AdaptiveMaxPool2d(1), True),
+    (nn.ReLU(), False),
+]
+
+
+def _mixes_positions(layer: nn.Module) -> bool:
+    """Whether changing one input pixel changes the output at another pixel (eval mode)."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), layer).eval()
+    x = torch.randn(2, 3, 8, 8)
+    y = x.clone()
+    y[:, :, 0, 0] += 5.0
+    with torch.no_grad():
+        a, b = net(x), net(y)
+    if a.shape[-2:] != (8, 8):  # pooled to a smaller map: every output reads every pixel
+        return not torch.equal(a, b)
+    return not torch.equal(a[..., 4:, 4:], b[..., 4:, 4:])
+
+
+@pytest.mark.parametrize(("layer", "mixes"), LAYERS, ids=lambda v: type(v).__name__)
+def test_exactness_matches_what_the_layer_does(layer: nn.Module, mixes: bool) -> None:
+    assert _mixes_positions(layer) is mixes
+    exact, reason = exactness(nn.Sequential(nn.Conv2d(3, 4, 1), layer))
+    assert exact is not mixes
+    if mixes:
+        assert reason is not None and reason.startswith(type(layer).__name__)
+        assert reason.endswith(" at 1")
+    else:
+        assert reason is None
+
+
+def test_exactness_names_the_first_layer_and_counts_the_rest() -> None:
+    m = create_model("unet", depth=2, base=4, norm="group")
+    exact, reason = exactness(m)
+    assert exact is False and m.per_pixel_norm is False
+    # 2 GroupNorms per conv block: stem, 2 down, 2 up blocks
+    assert reason == "GroupNorm at stem.1 (and 9 more such layers)"
+    assert (m.spec.exact, m.spec.exact_reason) == (False, reason)
+    assert exactness(create_model("unet", depth=2, base=4)) == (True, None)
+
+
+def test_exactness_attention_and_a_declared_global_norm() -> None:
+    exact, reason = exactness(nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2)}))
+    assert (exact, reason) == (False, "MultiheadAttention at attn")
+
+    class Declared(nn.Sequential):
+        per_pixel_norm = False  # e.g. a functional global normalisation in forward
+
+    assert exactness(Declared(nn.Conv2d(3, 4, 1))) == (
+        False,
+        "Declared declares per_pixel_norm=False",
+    )
+
+
+# -- ModelSpec --------------------------------------------------------------------------------
+
+
+def _spec(**kw: object) -> ModelSpec:
+    base: dict = {"name": "tiny", "in_channels": 2, "num_classes": 3, "stride": 2}
+    base["receptive_field"] = 4
+    return ModelSpec(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_spec_fills_defaults_and_is_frozen() -> None:
+    import dataclasses
+
+    s = _spec(mean=[1, 2], kwargs={"width": 4, "sizes": (1, 2)})
+    assert s.mean == (1.0, 2.0) and s.std == (1.0, 1.0)
+    assert s.class_names == ("class_0", "class_1", "class_2")
+    assert s.kwargs == {"width": 4, "sizes": [1, 2]}  # plain data: tuples become lists
+    assert s.exact is None and s.exact_reason is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.stride = 4  # type: ignore[misc]
+
+
+def test_spec_round_trips_as_plain_data() -> None:
+    s = _spec(mean=[0.5, 1.5], std=[2, 3], class_names=["a", "b", "c"], exact=False)
+    d = s.to_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert d["mean"] == [0.5, 1.5] and d["class_names"] == ["a", "b", "c"]
+    assert ModelSpec.from_dict(d) == s
+    assert ModelSpec.from_dict({**d, "future_key": 1}) == s  # unknown keys are ignored
+    assert ModelSpec.coerce(s) is s
+    assert ModelSpec.coerce(d) == s
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"in_channels": 0}, "in_channels must be a positive int, got 0"),
+        ({"stride": "2"}, "stride must be a positive int, got '2'"),
+        ({"num_classes": True}, "num_classes must be a positive int, got True"),
+        ({"receptive_field": -1}, "receptive_field must be an int >= 0, got -1"),
+        ({"mean": [0.0]}, "mean has 1 values for 2 input channels"),
+        ({"std": [1.0, 0.0]}, "std must be positive"),
+        ({"mean": ["a", "b"]}, "mean must be finite numbers, got 'a'"),
+        ({"class_names": ["a"]}, "1 class_names for 3 classes"),
+        ({"class_names": "abc"}, "class_names must be a list of str"),
+        ({"kwargs": {"f": object}}, "is not plain data"),
+        ({"exact": "yes"}, "exact must be true, false or null"),
+        ({"name": ""}, "name must be a non-empty str"),
+    ],
+)
+def test_bad_spec_values_are_one_line_model_errors(change: dict, message: str) -> None:
+    with pytest.raises(ModelError, match=re.escape(message)) as info:
+        _spec(**change)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ModelError, match=re.escape(message)):
+        ModelSpec.from_dict({**_spec().to_dict(), **change})
+
+
+def test_spec_from_dict_names_missing_keys() -> None:
+    d = _spec().to_dict()
+    del d["stride"], d["receptive_field"]
+    with pytest.raises(ModelError, match="missing 'stride', 'receptive_field'"):
+        ModelSpec.from_dict(d)
+    with pytest.raises(ModelError, match="must be a ModelSpec or a mapping, got list"):
+        ModelSpec.coerce([1, 2])  # type: ignore[arg-type]
+
+
+def test_spec_from_model() -> None:
+    m = create_model("tiny", in_channels=2, num_classes=3, width=4)
+    s = ModelSpec.from_model(m, mean=[10.0, 20.0], std=[2.0, 4.0], class_names=["a", "b", "c"])
+    assert (s.name, s.stride, s.receptive_field, s.kwargs) == ("tiny", 2, 4, {"width": 4})
+    assert s.mean == (10.0, 20.0) and s.class_names == ("a", "b", "c")
+    assert (s.exact, s.exact_reason) == (True, None) and s.tilenet_version
+    assert ModelSpec.from_model(m) == m.spec
+    with pytest.raises(ModelError, match="class_names must be a list of str, got 'abc'"):
+        ModelSpec.from_model(m, class_names="abc")
+    with pytest.raises(ModelError, match="Conv2d is not a registry model"):
+        ModelSpec.from_model(nn.Conv2d(2, 3, 1))
 
 
 # -- forward passes ---------------------------------------------------------------------------
@@ -238,7 +348,7 @@ def test_unet_receptive_field_matches_hand_derivation(depth: int) -> None:
     # J = 2^(i-1). Sum: 2^(depth+3) - 6 either side. A 2x2 transposed conv (-J, 0): 7*2^depth-5.
     bil = create_model("unet", depth=depth, base=2)
     assert bil.stride == 2**depth
-    assert bil._analysis.interval == ((6 - 2 ** (depth + 3), 2 ** (depth + 3) - 6),) * 2
+    assert bil.analysis.interval == ((6 - 2 ** (depth + 3), 2 ** (depth + 3) - 6),) * 2
     tr = create_model("unet", depth=depth, base=2, up="transpose")
     assert tr.receptive_field == 7 * 2**depth - 5
 
@@ -262,7 +372,7 @@ def _grad_support(model: TileModel, x: torch.Tensor, cy: int, cx: int) -> tuple[
 def test_receptive_field_bounds_the_gradient_2d(name: str, kwargs: dict) -> None:
     m = _prepared(name, json.dumps(kwargs))
     s, rf = m.stride, m.receptive_field
-    (ly, hy), (lx, hx) = m._analysis.interval
+    (ly, hy), (lx, hx) = m.analysis.interval
     size = ceil_to(2 * rf + 4 * s, s)
     x = torch.randn(1, 2, size, size, dtype=torch.float64)
     emp = [0, 0, 0, 0]
@@ -334,7 +444,7 @@ def test_crop_with_halo_reproduces_the_whole_pass_thin(name: str) -> None:
 def test_receptive_field_bounds_the_gradient_thin(name: str, axis: int) -> None:
     m = _prepared(name)
     s, rf = m.stride, m.receptive_field
-    lo, hi = m._analysis.interval[axis]
+    lo, hi = m.analysis.interval[axis]
     n = ceil_to(2 * rf + 4 * s, s)
     shape = (1, 2, n, 2 * s) if axis == 0 else (1, 2, 2 * s, n)
     x = torch.randn(shape, dtype=torch.float64)

@@ -103,6 +103,28 @@ def test_plan_works_for_every_model(name: str) -> None:
         assert needle in text
 
 
+def test_plan_warns_with_the_layer_that_breaks_exact_tiling() -> None:
+    cfg = ModelConfig(name="unet", kwargs={"depth": 2, "norm": "group"})
+    plan = plan_model(cfg, tile=64, memory="1GiB", measure=False)
+    assert plan["model"]["per_pixel_norm"] is False
+    assert plan["model"]["exact_reason"].startswith("GroupNorm at stem.1")
+    assert "whole input (GroupNorm at stem.1 (and " in format_plan(plan)
+    plan = plan_model(ModelConfig(name="unet", kwargs={"depth": 2}), tile=64, measure=False)
+    assert plan["model"]["per_pixel_norm"] is True and plan["model"]["exact_reason"] is None
+    assert "warning" not in format_plan(plan)
+
+
+def test_cli_plan_checks_the_weights_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.save(create_model("tiny", num_classes=3).state_dict(), tmp_path / "w.pt")
+    argv = ["plan", "model.name=tiny", f"model.weights={tmp_path / 'w.pt'}"]
+    assert main([*argv, "model.num_classes=3", "--tile", "64", "--no-measure"]) == 0
+    assert "model        tiny" in capsys.readouterr().out
+    assert main([*argv, "model.num_classes=2", "--tile", "64", "--no-measure"]) == 2
+    assert "w.pt: weights do not fit model 'tiny'" in capsys.readouterr().err
+
+
 def test_plan_rejects_bad_options() -> None:
     with pytest.raises(InputError, match="precision 'fp8'"):
         plan_model(ModelConfig(name="tiny"), precisions=["fp8"], measure=False)

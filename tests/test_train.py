@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tilenet.checkpoint import load_checkpoint, load_model
-from tilenet.config import Config, load_config
+from tilenet.config import Config, InferConfig, load_config
 from tilenet.synth import synthesize
 from tilenet.tiler import tile_images
 from tilenet.train import evaluate_images, main, prepare_demo_data, train
@@ -105,6 +105,23 @@ def test_channel_mismatch_is_a_clear_error(stores, tmp_path: Path, capsys) -> No
     assert "model.in_channels=4 but the training data has 3 channels" in capsys.readouterr().err
 
 
+def test_starts_from_a_weights_file(stores, tmp_path: Path, capsys) -> None:
+    from tilenet.models import create_model
+
+    torch.manual_seed(1)
+    src = create_model("tiny", in_channels=3, num_classes=3, width=4).state_dict()
+    torch.save(src, tmp_path / "w.pt")
+    opts = {"model.weights": tmp_path / "w.pt", "train.lr": 0.0, "train.steps": 2}
+    run = train(load_config(None, _overrides(stores, tmp_path / "r", **opts)))
+    got = load_checkpoint(run / "last.pt")["model"]
+    for k, v in src.items():  # lr 0: the convolutions are still the loaded ones
+        if k.endswith(".weight") and v.ndim == 4:
+            torch.testing.assert_close(got[k], v)
+    opts["model.weights"] = tmp_path / "missing.pt"
+    assert main(_overrides(stores, tmp_path / "r2", **opts)) == 2
+    assert "missing.pt: weights file not found" in capsys.readouterr().err
+
+
 def test_run_directory_contract(
     stores, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
@@ -150,7 +167,7 @@ def test_run_directory_contract(
     assert spec["class_names"] == ["background", "cell", "stroma"]
     assert len(spec["mean"]) == 3 and all(s > 0 for s in spec["std"])
     model, spec2 = load_model(run_dir / "best.pt")
-    assert spec2["num_classes"] == 3
+    assert spec2.num_classes == 3
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -259,7 +276,7 @@ def test_early_stopping_and_best_by_loss(stores, tmp_path: Path) -> None:
 def test_heldout_scores_equal_a_whole_image_pass(stores) -> None:
     from tilenet.io import open_image
     from tilenet.metrics import confusion_matrix, scores_from_confusion
-    from tilenet.models import create_model
+    from tilenet.models import ModelSpec, create_model
 
     torch.manual_seed(0)
     model = create_model("tiny", in_channels=3, num_classes=3, width=4)
@@ -268,10 +285,12 @@ def test_heldout_scores_equal_a_whole_image_pass(stores) -> None:
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     model.eval()
-    spec = {**model.spec, "stride": 2, "receptive_field": model.receptive_field}
-    spec.update(mean=[128.0] * 3, std=[50.0] * 3, class_names=["b", "c", "s"])
+    names = ["b", "c", "s"]
+    spec = ModelSpec.from_model(model, mean=[128.0] * 3, std=[50.0] * 3, class_names=names)
     got = evaluate_images(
-        model, spec, [(stores["val_image"], stores["val_label"])], infer_options={"tile": 32}
+        (model, spec),
+        [(stores["val_image"], stores["val_label"])],
+        infer=InferConfig(tile=32, device="cpu"),
     )
     with open_image(stores["val_image"]) as img, open_image(stores["val_label"]) as lab:
         x = img.read(_full(img))

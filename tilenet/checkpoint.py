@@ -1,7 +1,8 @@
 """Self-describing checkpoints that stay data.
 
 A checkpoint is a plain dict saved with ``torch.save`` and loaded only with
-``torch.load(weights_only=True)``, so a malicious ``.pt`` cannot run code. Its ``spec`` holds
+``torch.load(weights_only=True)``, so a malicious ``.pt`` cannot run code. Its ``spec`` is a
+:class:`~tilenet.models.ModelSpec` as plain data (:meth:`~tilenet.models.ModelSpec.to_dict`),
 everything inference needs (registry name and kwargs, stride, receptive field, channels,
 normalisation, class names): a checkpoint alone is enough for ``tilenet infer``.
 
@@ -10,11 +11,15 @@ Layout::
     {
       "format": "tilenet-checkpoint", "version": 1,
       "spec": {"name", "in_channels", "num_classes", "kwargs", "stride", "receptive_field",
-               "mean", "std", "class_names", "tilenet_version"},
+               "mean", "std", "class_names", "tilenet_version", "exact", "exact_reason"},
       "model": state_dict,
       # training state, optional: "optimizer", "scheduler", "scaler", "step", "epoch",
       # "rng", "config", "metrics"
     }
+
+Checkpoints written before ``exact`` and ``exact_reason`` existed load too (they read as
+``None``: not recorded). This module also loads bare weight files into a model
+(:func:`load_weights`): the models package reads no files.
 """
 
 from __future__ import annotations
@@ -24,22 +29,24 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tilenet.errors import CheckpointError
+from tilenet.errors import CheckpointError, ModelError
 
 if TYPE_CHECKING:
     import torch
+
+    from tilenet.models import ModelSpec, TileModel
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "file_checksum",
     "load_checkpoint",
     "load_model",
+    "load_weights",
     "make_spec",
     "save_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "tilenet-checkpoint"
-_SPEC_KEYS = ("name", "in_channels", "num_classes", "kwargs", "stride", "receptive_field")
 
 
 def make_spec(
@@ -49,39 +56,44 @@ def make_spec(
     std: list[float] | None = None,
     class_names: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The plain-data model spec stored in a checkpoint, from a registry model."""
-    from tilenet import __version__
+    """``ModelSpec.from_model(...).to_dict()``, for callers that still want the dict."""
+    from tilenet.models import ModelSpec
 
-    spec = dict(model.spec)
-    n = int(spec["in_channels"])
-    spec.update(
-        stride=int(model.stride),
-        receptive_field=int(model.receptive_field),
-        mean=[float(v) for v in (mean if mean is not None else [0.0] * n)],
-        std=[float(v) for v in (std if std is not None else [1.0] * n)],
-        class_names=list(class_names or [f"class_{i}" for i in range(int(spec["num_classes"]))]),
-        tilenet_version=__version__,
-    )
-    return spec
+    return ModelSpec.from_model(model, mean=mean, std=std, class_names=class_names).to_dict()
 
 
 def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
-    """Write ``payload`` atomically (temp file in the same directory, then rename)."""
+    """Write ``payload`` atomically (temp file in the same directory, then rename).
+
+    ``payload["spec"]`` is a :class:`~tilenet.models.ModelSpec`, stored as plain data, or
+    that plain data itself (checked, then stored as given).
+    """
     import torch
+
+    from tilenet.models import ModelSpec
 
     if "spec" not in payload or "model" not in payload:
         raise ValueError("a checkpoint payload needs 'spec' and 'model'")
     from tilenet.fsutil import atomic_output
 
+    spec = payload["spec"]
+    if isinstance(spec, ModelSpec):
+        spec = spec.to_dict()
+    else:
+        ModelSpec.coerce(spec)  # refuse to write a checkpoint that would not load
     out = Path(path)
-    body = {"format": CHECKPOINT_FORMAT, "version": 1, **payload}
+    body = {"format": CHECKPOINT_FORMAT, "version": 1, **payload, "spec": spec}
     with atomic_output(out) as tmp:
         torch.save(body, tmp)
     return out
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint as data only (``weights_only=True``); clear errors for bad files."""
+    """Load a checkpoint as data only (``weights_only=True``); clear errors for bad files.
+
+    Returns the raw payload; its ``spec`` is plain data that
+    :meth:`ModelSpec.from_dict <tilenet.models.ModelSpec.from_dict>` accepts (checked here).
+    """
     import pickle
 
     import torch
@@ -103,27 +115,37 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
         raise CheckpointError(f"{p}: not a readable checkpoint: {first[:200]}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p}: not a tilenet checkpoint (no tilenet model spec inside)")
-    spec = ckpt.get("spec")
-    if not isinstance(spec, dict) or any(k not in spec for k in _SPEC_KEYS):
-        raise CheckpointError(f"{p}: checkpoint model spec is incomplete; needs {_SPEC_KEYS}")
+    _read_spec(p, ckpt.get("spec"))
     return ckpt
+
+
+def _read_spec(path: Path, raw: Any) -> ModelSpec:
+    from tilenet.models import ModelSpec
+
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: checkpoint has no model spec (got {type(raw).__name__})")
+    try:
+        return ModelSpec.from_dict(raw)
+    except ModelError as exc:
+        raise CheckpointError(f"{path}: checkpoint {exc}") from None
 
 
 def load_model(
     path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model from a checkpoint's spec, load its weights, return (eval model, spec)."""
-    from tilenet.models import create_model
+) -> tuple[torch.nn.Module, ModelSpec]:
+    """Rebuild the model from a checkpoint's spec, load its weights, return (eval model, spec).
+
+    A checkpoint that did not record ``exact`` gets it from the rebuilt model.
+    """
+    import dataclasses
+
+    from tilenet.models import create_model, exactness
 
     ckpt = load_checkpoint(path)
-    spec = ckpt["spec"]
-    kwargs = dict(spec.get("kwargs") or {})
+    spec = _read_spec(Path(path), ckpt["spec"])
     try:
         model = create_model(
-            spec["name"],
-            in_channels=int(spec["in_channels"]),
-            num_classes=int(spec["num_classes"]),
-            **kwargs,
+            spec.name, in_channels=spec.in_channels, num_classes=spec.num_classes, **spec.kwargs
         )
         model.load_state_dict(ckpt["model"])
     except CheckpointError:
@@ -132,7 +154,39 @@ def load_model(
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: weights do not fit the model spec: {first[:200]}") from None
     model.eval().to(device)
+    if spec.exact is None:
+        exact, reason = exactness(model)
+        spec = dataclasses.replace(spec, exact=exact, exact_reason=reason)
     return model, spec
+
+
+def load_weights(model: TileModel, path: str | os.PathLike[str]) -> TileModel:
+    """Load a local weights file into a registry ``model`` in place, and return the model.
+
+    The file is a state dict (``torch.save(model.state_dict())``, or a layout the model's
+    ``load_pretrained`` accepts, e.g. torchvision ResNet weights for ``unet_resnet*``) or a
+    tilenet checkpoint; it is read as data only (``weights_only=True``), never downloaded.
+    Errors are one-line :class:`~tilenet.errors.ModelError` naming the file.
+    """
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"{p}: weights file not found; give an existing local path")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{p}: not a loadable weights file: {first[:200]}") from None
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        state = state.get("model")
+    if not isinstance(state, dict):
+        raise ModelError(f"{p}: weights file does not hold a state dict")
+    try:
+        model.load_pretrained(state)
+    except ModelError as exc:
+        raise ModelError(f"{p}: {exc}") from None
+    return model
 
 
 def file_checksum(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:

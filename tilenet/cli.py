@@ -532,6 +532,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         precisions=args.precision,
         measure=False if args.no_measure else None,
     )
+    if cfg.model.weights:  # plan reads no files; the weights must still fit the model
+        from tilenet.checkpoint import load_weights
+        from tilenet.models import create_model_from_config
+
+        load_weights(create_model_from_config(cfg.model), cfg.model.weights)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return EXIT_OK
 

@@ -183,6 +183,8 @@ def plan_model(
 ) -> dict[str, Any]:
     """The plan for the model of ``model_cfg`` (a ``ModelConfig``) as plain data.
 
+    Its ``weights`` are not read (weights change no sizes, and plan reads no files).
+
     ``memory`` is the budget (default: the CUDA device's memory, else 16 GiB). ``measure``
     runs one batch on CUDA (default: when CUDA is available).
     """
@@ -209,6 +211,7 @@ def plan_model(
         budget, source = parse_memory(memory), "--memory"
 
     model = create_model_from_config(model_cfg)
+    spec = model.spec
     s, rf = int(model.stride), int(model.receptive_field)
     halo = ceil_to(rf, s)
     tile_used = ceil_to(tile, s)
@@ -260,12 +263,16 @@ def plan_model(
 
     return {
         "model": {
-            **model.spec,
+            "name": spec.name,
+            "in_channels": spec.in_channels,
+            "num_classes": spec.num_classes,
+            "kwargs": spec.to_dict()["kwargs"],
             "parameters": params,
             "stride": s,
             "receptive_field": rf,
-            "dependency_interval": [list(v) for v in model._analysis.interval],
-            "per_pixel_norm": bool(model.per_pixel_norm),
+            "dependency_interval": [list(v) for v in model.analysis.interval],
+            "per_pixel_norm": bool(spec.exact),
+            "exact_reason": spec.exact_reason,
         },
         "seeds": {
             "dense_units": DENSE_UNITS,
@@ -312,8 +319,9 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"{tiling['core']} px, {100 * tiling['efficiency']:.0f}% of the pixels computed",
     ]
     if not m["per_pixel_norm"]:
+        why = m.get("exact_reason") or "GroupNorm/InstanceNorm or similar"
         lines.append(
-            "warning      the model normalises over the whole input (GroupNorm/InstanceNorm): "
+            f"warning      the model normalises over the whole input ({why}): "
             "tiled results are not exactly a whole-image pass"
         )
     lines.append("")

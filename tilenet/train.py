@@ -42,14 +42,25 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tilenet.config import DataConfig, load_config, save_config, split_config_args, to_yaml
+from tilenet.config import (
+    DataConfig,
+    InferConfig,
+    load_config,
+    save_config,
+    split_config_args,
+    to_yaml,
+)
 from tilenet.errors import CheckpointError, ConfigError, InputError
+from tilenet.runtime import autocast, resolve_device
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = ["evaluate_images", "main", "prepare_demo_data", "train"]
 
@@ -157,34 +168,15 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(
-            f"train.device={name!r} is not a device; use auto, cpu, cuda or cuda:N"
-        ) from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(
-                f"train.device={name!r} but CUDA is not available; use train.device=cpu"
-            )
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-    return dev
-
-
 def _init_distributed(device_name: str) -> tuple[_Dist, torch.device]:
     """Join the process group torchrun set up (if any) and pick this rank's device."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return _Dist(), _resolve_device(device_name, 0)
+        return _Dist(), resolve_device(device_name, option="train.device")
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _resolve_device(device_name, local)
+    device = resolve_device(device_name, local_rank=local, option="train.device")
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -422,13 +414,6 @@ def _build_scheduler(opt: torch.optim.Optimizer, tc: Any) -> Any:
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 # -- evaluation -------------------------------------------------------------------------------
 @torch.no_grad()
 def _validate(
@@ -459,7 +444,7 @@ def _validate(
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 logits = model(x)
             sums[0] += loss_fn(logits.float(), y).double() * x.shape[0]
             sums[1] += x.shape[0]
@@ -480,36 +465,39 @@ def _validate(
 
 
 def evaluate_images(
-    model: torch.nn.Module,
-    spec: dict[str, Any],
+    model: Any,
     pairs: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]],
     *,
-    infer_options: dict[str, Any] | None = None,
+    infer: InferConfig | None = None,
     ignore_index: int = 255,
     work_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Dice/IoU of whole images predicted by the tiled inference engine against labels.
 
-    Each image runs through :func:`tilenet.infer.infer_image` (the same tiling and
-    stitching as ``tilenet infer``) into a temporary directory; the class map is compared
-    with the label image chunk by chunk, so memory stays bounded by a chunk. Returns
-    ``{"dice", "iou", "mean_dice", "mean_iou", ...}`` over all images together
-    (:func:`tilenet.metrics.scores_from_confusion`). ``model`` is not modified.
+    ``model`` is a :class:`~tilenet.predictor.Predictor`, a checkpoint path or a
+    ``(module, spec)`` pair (the module is not modified). Each image runs through
+    :func:`tilenet.infer.infer_image` with ``infer`` (the same tiling and stitching as
+    ``tilenet infer``) into a temporary directory, class map only; it is compared with the
+    label image block by block (:func:`tilenet.metrics.score_class_map`), so memory stays
+    bounded by a block. Returns ``{"dice", "iou", "mean_dice", "mean_iou", ...}`` over all
+    images together (:func:`tilenet.metrics.scores_from_confusion`).
     """
+    import dataclasses
+
     import zarr
 
     from tilenet.infer import infer_image
     from tilenet.io import open_image
     from tilenet.metrics import ConfusionMatrix, score_class_map
+    from tilenet.predictor import Predictor
 
-    k = int(spec["num_classes"])
+    cfg = dataclasses.replace(infer or InferConfig(), outputs=[])  # the class map alone
+    predictor = Predictor(model, cfg)  # prepared once for all images
+    k = predictor.spec.num_classes
     cm = ConfusionMatrix(k, ignore_index=ignore_index)
-    opts = dict(infer_options or {})
-    opts["outputs"] = []  # the class map alone
-    module = model  # the engine runs a prepared copy (eval, fused, channels_last)
     for image, labels in pairs:
         with tempfile.TemporaryDirectory(prefix=".heldout-", dir=work_dir) as tmp:
-            infer_image(image, (module, spec), tmp, progress=False, **opts)
+            infer_image(image, predictor, tmp, progress=False, **dataclasses.asdict(cfg))
             pred: Any = zarr.open_group(Path(tmp) / "classes.ome.zarr", mode="r")["0"]
             h, w = pred.shape
             with open_image(labels) as lab:
@@ -519,7 +507,7 @@ def evaluate_images(
                         f"is {h}x{w}"
                     )
                 cm.add(score_class_map(pred, lab, k, ignore_index=ignore_index).confusion)
-    return cm.compute(class_names=spec.get("class_names"))
+    return cm.compute(class_names=list(predictor.spec.class_names))
 
 
 # -- run directory ----------------------------------------------------------------------------
@@ -702,10 +690,10 @@ def train(cfg: Any) -> Path:
 
 
 def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
-    from tilenet.checkpoint import load_checkpoint, make_spec, save_checkpoint
+    from tilenet.checkpoint import load_checkpoint, load_weights, save_checkpoint
     from tilenet.data import build_loader
     from tilenet.losses import build_loss
-    from tilenet.models import create_model_from_config
+    from tilenet.models import ModelSpec, create_model_from_config
 
     tc, mc = cfg.train, cfg.model
     if tc.resume is True and not tc.out_dir:
@@ -762,10 +750,13 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    model = create_model_from_config(mc).to(device)
+    model = create_model_from_config(mc)
+    if mc.weights:
+        load_weights(model, mc.weights)
+    model = model.to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    spec = make_spec(model, mean=mean, std=std, class_names=names)
+    spec = ModelSpec.from_model(model, mean=mean, std=std, class_names=names)
     opt = _build_optimizer(model.parameters(), tc)
     sched = _build_scheduler(opt, tc)
     fp16 = tc.precision == "fp16"
@@ -873,10 +864,9 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
                 devices=[device.index or 0] if device.type == "cuda" else []
             ):
                 s = evaluate_images(
-                    model,
-                    spec,
+                    (model, spec),
                     held_out,
-                    infer_options=_infer_options(cfg, device),
+                    infer=_infer_config(cfg, device),
                     ignore_index=int(tc.ignore_index),
                     work_dir=run_dir,
                 )
@@ -918,7 +908,7 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
                 y = y.to(device, non_blocking=True)
                 sync = micro == accum - 1 or not d.enabled
                 with contextlib.nullcontext() if sync else net.no_sync():  # type: ignore[operator]
-                    with _autocast(device, tc.precision):
+                    with autocast(device, tc.precision):
                         loss = loss_fn(fwd(x), y) / accum
                     scaler.scale(loss).backward()
                 win_loss += loss.detach().double()
@@ -1002,17 +992,12 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def _infer_options(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
-    ic = cfg.infer
-    return {
-        "tile": int(ic.tile),
-        "mode": str(ic.mode),
-        "batch": int(ic.batch),
-        "device": str(device),
-        "precision": "fp32",
-        "readers": int(ic.readers),
-        "chunk": int(ic.chunk),
-    }
+def _infer_config(cfg: DictConfig, device: torch.device) -> InferConfig:
+    """The ``infer`` section for held-out scoring, on the training device."""
+    import dataclasses
+
+    ic: InferConfig = OmegaConf.to_object(cfg.infer)  # type: ignore[assignment]
+    return dataclasses.replace(ic, device=str(device))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from tilenet.models import resnet_unet, tiny, torchvision_seg, unet  # noqa: F401  (register)
-from tilenet.models.receptive import Analysis, analyze, model_memory
+from tilenet.models.receptive import Analysis, analyze, exactness, model_memory
 from tilenet.models.registry import (
     TileModel,
     create_model,
@@ -17,13 +17,16 @@ from tilenet.models.registry import (
     list_models,
     register_model,
 )
+from tilenet.models.spec import ModelSpec
 
 __all__ = [
     "Analysis",
+    "ModelSpec",
     "TileModel",
     "analyze",
     "create_model",
     "create_model_from_config",
+    "exactness",
     "list_models",
     "model_memory",
     "register_model",

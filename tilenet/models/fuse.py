@@ -47,12 +47,12 @@ def fuse_conv_bn(model: nn.Module) -> int:
     >>> bool(torch.allclose(m(x), ref, atol=1e-5))
     True
     """
-    from tilenet.models.receptive import _Body
+    from tilenet.models.receptive import TraceRoot
 
     if model.training:
         raise ValueError("fuse_conv_bn needs a model in eval mode")
     try:
-        graph = fx.symbolic_trace(_Body(model)).graph
+        graph = fx.symbolic_trace(TraceRoot(model)).graph
     except Exception as exc:  # a model fx cannot trace runs unfused
         log.debug("conv-bn fusion skipped: cannot trace %s: %s", type(model).__name__, exc)
         return 0
@@ -60,7 +60,7 @@ def fuse_conv_bn(model: nn.Module) -> int:
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    body = _Body(model)
+    body = TraceRoot(model)
     fused = 0
     for node in graph.nodes:
         if node.op != "call_module" or len(node.users) != 1:

@@ -17,6 +17,10 @@ what makes crop-mode tiled inference with ``halo = ceil_to(receptive_field, stri
 
 An operation the analysis does not know raises :class:`~tilenet.errors.ModelError` rather
 than guess; a global pooling has no finite receptive field and is rejected the same way.
+
+A finite receptive field is not enough when a layer computes statistics over the whole input
+(GroupNorm, InstanceNorm, ...): the layers are local, their statistics are not.
+:func:`exactness` is the one check for that.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ from tilenet.errors import InputError, ModelError
 __all__ = [
     "BYTES_PER_ELEMENT",
     "Analysis",
+    "TraceRoot",
     "analyze",
+    "exactness",
     "model_memory",
 ]
 
@@ -49,7 +55,7 @@ BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
 _POINTWISE_MODULES = (
     nn.BatchNorm2d,
     nn.SyncBatchNorm,
-    nn.GroupNorm,  # spatially global statistics: flagged by per_pixel_norm, not here
+    nn.GroupNorm,  # spatially global statistics: flagged by exactness(), not here
     nn.InstanceNorm2d,
     nn.ReLU,
     nn.ReLU6,
@@ -144,6 +150,59 @@ class Analysis:
     input_per_pixel: float
 
 
+# Layers that pool over the whole input, or attend across positions.
+_GLOBAL_LAYERS = (
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.MultiheadAttention,
+)
+_INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _global_at_inference(m: nn.Module) -> bool:
+    """Whether ``m`` in eval mode mixes values across spatial positions of one input."""
+    if isinstance(m, (*_GLOBAL_LAYERS, nn.GroupNorm, nn.LayerNorm)):
+        # LayerNorm: its normalized_shape may cover spatial dimensions (NCHW); without a
+        # trace we cannot tell a channels-last one apart, so it counts as global.
+        return True
+    if isinstance(m, _INSTANCE_NORMS + _BATCH_NORMS):
+        # Both use running statistics at inference when they track them; else the input's own.
+        return not m.track_running_stats
+    return False
+
+
+def exactness(module: nn.Module) -> tuple[bool, str | None]:
+    """Whether crop-mode tiling of ``module`` can reproduce a whole-image pass exactly.
+
+    Returns ``(True, None)``, or ``(False, reason)`` with the reason naming the first layer
+    whose output at a pixel depends on statistics over the whole input at inference (eval
+    mode) and its module path: global (adaptive) pooling, attention, GroupNorm, LayerNorm,
+    InstanceNorm or BatchNorm without running statistics. A tile then sees other statistics
+    than the whole image. LocalResponseNorm mixes channels only, so it is exact. Functional
+    calls (``F.adaptive_avg_pool2d``) are not seen here; :func:`analyze` traces registered
+    models and rejects them. A module with ``per_pixel_norm = False`` is taken at its word.
+
+    >>> exactness(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
+    (True, None)
+    >>> exactness(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sequential(nn.GroupNorm(2, 8))))
+    (False, 'GroupNorm at 1.0')
+    """
+    found = [(path, m) for path, m in module.named_modules() if _global_at_inference(m)]
+    if found:
+        path, m = found[0]
+        more = f" (and {len(found) - 1} more such layers)" if len(found) > 1 else ""
+        stats = " without running statistics" if isinstance(m, _BATCH_NORMS) else ""
+        return False, f"{type(m).__name__}{stats} at {path or 'the top level'}{more}"
+    if getattr(module, "per_pixel_norm", None) is False:
+        return False, f"{type(module).__name__} declares per_pixel_norm=False"
+    return True, None
+
+
 def _pair(v: Any) -> tuple[int, int]:
     if isinstance(v, int):
         return (v, v)
@@ -192,8 +251,10 @@ def _union(axes: list[tuple[_Axis, _Axis]], what: str) -> tuple[_Axis, _Axis]:
     return (out[0], out[1])
 
 
-class _Body(nn.Module):
-    """Trace root: the model's forward without its input checks."""
+class TraceRoot(nn.Module):
+    """What :mod:`torch.fx` traces: ``model._forward_impl`` (the forward pass without input
+    checks), with the model's layers under ``m.`` (setting a layer here sets it in ``model``).
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -229,7 +290,7 @@ def analyze(model: nn.Module, *, size: int | None = None) -> Analysis:
     size = size or max(64, 2 * hint)
     size = -(-size // hint) * hint
     try:
-        gm = fx.symbolic_trace(_Body(model))
+        gm = fx.symbolic_trace(TraceRoot(model))
     except Exception as exc:
         raise ModelError(f"receptive field: cannot trace {type(model).__name__}: {exc}") from None
     was_training = model.training
@@ -416,7 +477,7 @@ def model_memory(
         raise InputError(f"tile {tile} must be a positive multiple of the model stride {stride}")
     if batch < 1:
         raise InputError(f"batch must be >= 1, got {batch}")
-    an: Analysis = model._analysis  # type: ignore[assignment]
+    an: Analysis = model.analysis  # type: ignore[assignment]
     px = batch * tile * tile
     sizes = [0.0 if alias else per * px * bpe for per, _, alias in an.activations]
     # The input tile itself stays fp32 (autocast casts a 16-bit copy for the first conv).

@@ -10,24 +10,30 @@ returning a :class:`TileModel`. :func:`create_model` builds it, then analyses it
     Radius in input pixels, analytic, zero padding included: crop-mode tiling with
     ``halo = ceil_to(receptive_field, stride)`` reproduces a whole-image pass exactly.
 ``spec``
-    Plain data ``{"name", "in_channels", "num_classes", "kwargs"}`` that rebuilds the model.
+    A :class:`~tilenet.models.ModelSpec` that rebuilds the model (name, channels, classes,
+    kwargs as plain data), with its stride, receptive field and exactness.
+``analysis``
+    The :class:`~tilenet.models.Analysis` those come from (dependency interval, activation
+    sizes for :func:`~tilenet.models.model_memory`).
 ``per_pixel_norm``
     False when a layer's output at a pixel depends on statistics over the whole input
-    (GroupNorm, InstanceNorm, ...): crop-mode tiling is then not exact.
+    (GroupNorm, InstanceNorm, ...): crop-mode tiling is then not exact
+    (:func:`~tilenet.models.exactness`).
+
+Models read no files: weights are loaded by :func:`tilenet.checkpoint.load_weights`.
 """
 
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from tilenet.errors import ModelError
+from tilenet.models.spec import ModelSpec
 
 if TYPE_CHECKING:
     from tilenet.models.receptive import Analysis
@@ -43,10 +49,6 @@ __all__ = [
 Builder = Callable[..., "TileModel"]
 _REGISTRY: dict[str, Builder] = {}
 
-# Normalisations whose output at a pixel depends on other pixels of the same input.
-_GLOBAL_NORMS = (nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm, nn.LocalResponseNorm)
-_GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-
 
 class TileModel(nn.Module):
     """Base of registered models: checks input sizes, then runs ``_forward_impl``.
@@ -58,9 +60,9 @@ class TileModel(nn.Module):
     _stride_hint: int = 1
     stride: int
     receptive_field: int
-    spec: dict[str, Any]
+    spec: ModelSpec
     per_pixel_norm: bool
-    _analysis: Analysis
+    analysis: Analysis
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
         super().__init__()
@@ -71,7 +73,7 @@ class TileModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ModelError(
-                f"{self.spec['name'] if hasattr(self, 'spec') else type(self).__name__}: "
+                f"{self.spec.name if hasattr(self, 'spec') else type(self).__name__}: "
                 f"expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
         h, w = x.shape[-2:]
@@ -85,14 +87,17 @@ class TileModel(nn.Module):
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def load_pretrained(self, state: dict[str, Any], path: Path) -> None:
-        """Load a state dict from ``path``; subclasses may accept other layouts too."""
+    def load_pretrained(self, state: dict[str, Any]) -> None:
+        """Load pretrained weights from a state dict; subclasses may accept other layouts too.
+
+        Weights that do not fit raise :class:`~tilenet.errors.ModelError`.
+        """
         try:
             self.load_state_dict(state)
         except RuntimeError as exc:
             first = str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else str(exc)
             raise ModelError(
-                f"{path}: weights do not fit model {self.spec['name']!r}: {first.strip()[:200]}"
+                f"weights do not fit model {self.spec.name!r}: {first.strip()[:200]}"
             ) from None
 
 
@@ -124,15 +129,16 @@ def create_model(
     *,
     in_channels: int = 3,
     num_classes: int = 2,
-    weights: str | os.PathLike[str] | None = None,
     **kwargs: Any,
 ) -> TileModel:
-    """Build a registered model; optionally load weights from a local file (never downloads).
+    """Build a registered model with freshly initialised weights.
 
-    Unknown names, unknown or bad keyword arguments and missing weight files raise
+    Weights come from :func:`tilenet.checkpoint.load_weights` (models read no files). Unknown
+    names and unknown or bad keyword arguments raise
     :class:`~tilenet.errors.ModelError`.
     """
-    from tilenet.models.receptive import analyze
+    from tilenet import __version__
+    from tilenet.models.receptive import analyze, exactness
 
     if name not in _REGISTRY:
         raise ModelError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
@@ -140,6 +146,11 @@ def create_model(
     num_classes = _check_int(num_classes, "num_classes")
     builder = _REGISTRY[name]
     params = inspect.signature(builder).parameters
+    if "weights" in kwargs and "weights" not in params:
+        raise ModelError(
+            f"model {name!r}: create_model reads no weight files; "
+            "load them with tilenet.checkpoint.load_weights(model, path)"
+        )
     for key in kwargs:
         if key not in params or key in ("in_channels", "num_classes"):
             valid = sorted(k for k in params if k not in ("in_channels", "num_classes"))
@@ -152,12 +163,6 @@ def create_model(
         if isinstance(exc, ModelError):
             raise
         raise ModelError(f"model {name!r}: bad option: {exc}") from None
-    model.spec = {
-        "name": name,
-        "in_channels": in_channels,
-        "num_classes": num_classes,
-        "kwargs": _plain(kwargs),
-    }
     an = analyze(model)
     if an.stride != model._stride_hint:
         raise ModelError(
@@ -165,55 +170,37 @@ def create_model(
         )
     model.stride = an.stride
     model.receptive_field = an.receptive_field
-    model._analysis = an
-    model.per_pixel_norm = not any(
-        isinstance(m, _GLOBAL_NORMS + _GLOBAL_POOLS) for m in model.modules()
+    model.analysis = an
+    exact, reason = exactness(model)
+    model.per_pixel_norm = exact
+    model.spec = ModelSpec(
+        name=name,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        stride=an.stride,
+        receptive_field=an.receptive_field,
+        kwargs=kwargs,
+        tilenet_version=__version__,
+        exact=exact,
+        exact_reason=reason,
     )
-    if weights is not None:
-        _load_weights(model, Path(weights))
     return model
 
 
-def _plain(value: Any) -> Any:
-    """Kwargs as plain data (omegaconf containers and tuples become dicts and lists)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, DictConfig | ListConfig):
-            value = OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    raise ModelError(f"model option value {value!r} is not plain data")
-
-
-def _load_weights(model: TileModel, path: Path) -> None:
-    if not path.is_file():
-        raise ModelError(f"{path}: weights file not found; give an existing local path")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"{path}: not a loadable weights file: {first[:200]}") from None
-    if isinstance(state, dict) and state.get("format") == "tilenet-checkpoint":
-        state = state.get("model")
-    if not isinstance(state, dict):
-        raise ModelError(f"{path}: weights file does not hold a state dict")
-    model.load_pretrained(state, path)
-
-
 def create_model_from_config(model_cfg: Any) -> TileModel:
-    """Build from a :class:`~tilenet.config.ModelConfig` (or anything with its fields)."""
-    kwargs = _plain(getattr(model_cfg, "kwargs", None) or {})
+    """Build from a :class:`~tilenet.config.ModelConfig` (or anything with its fields).
+
+    Its ``weights`` file is not read here (models read no files): pass the model to
+    :func:`tilenet.checkpoint.load_weights`.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    kwargs: Any = getattr(model_cfg, "kwargs", None) or {}
+    if isinstance(kwargs, DictConfig):
+        kwargs = OmegaConf.to_container(kwargs, resolve=True)
     return create_model(
         str(model_cfg.name),
         in_channels=int(model_cfg.in_channels),
         num_classes=int(model_cfg.num_classes),
-        weights=model_cfg.weights or None,
         **kwargs,
     )

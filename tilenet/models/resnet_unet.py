@@ -12,7 +12,6 @@ conv are averaged and repeated (scaled by ``3 / in_channels``).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,10 +76,10 @@ class ResNetUNet(TileModel):
         x = self.decoder[4](self.up(x))
         return self.head(x)
 
-    def load_pretrained(self, state: dict[str, Any], path: Path) -> None:
+    def load_pretrained(self, state: dict[str, Any]) -> None:
         """A whole-model state dict, or a torchvision ResNet one for the encoder."""
         if not any(k.startswith("layer1.") for k in state):
-            super().load_pretrained(state, path)
+            super().load_pretrained(state)
             return
         enc = {k: v for k, v in state.items() if not k.startswith("fc.")}
         w = enc.get("conv1.weight")
@@ -93,7 +92,7 @@ class ResNetUNet(TileModel):
         except RuntimeError as exc:
             first = str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else str(exc)
             raise ModelError(
-                f"{path}: weights do not fit the {self.spec['name']} encoder: {first.strip()[:200]}"
+                f"weights do not fit the {self.spec.name} encoder: {first.strip()[:200]}"
             ) from None
 
 

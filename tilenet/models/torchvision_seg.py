@@ -16,7 +16,6 @@ locally instead of globally: a small, deliberate change of the model).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,11 +73,11 @@ class TorchvisionSeg(TileModel):
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)["out"]
 
-    def load_pretrained(self, state: dict[str, Any], path: Path) -> None:
+    def load_pretrained(self, state: dict[str, Any]) -> None:
         """Accept our state dicts (``net.`` prefix) and torchvision's (none; aux head dropped)."""
         if not any(k.startswith("net.") for k in state):
             state = {f"net.{k}": v for k, v in state.items() if not k.startswith("aux_")}
-        super().load_pretrained(state, path)
+        super().load_pretrained(state)
 
 
 @register_model("fcn_resnet50")

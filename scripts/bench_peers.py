@@ -65,7 +65,7 @@ DEFAULT = ALL[:-1]
 
 
 # -- children -------------------------------------------------------------------------------
-def _load(ckpt: str, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+def _load(ckpt: str, device: str = "cpu") -> tuple[Any, Any]:
     from tilenet.checkpoint import load_model
 
     return load_model(ckpt, device=device)
@@ -258,7 +258,7 @@ def child_whole(a: dict[str, Any]) -> dict[str, Any]:
     dev = a.get("device", "cpu")
     model, spec = _load(a["ckpt"], dev)
     model = model.to(memory_format=torch.channels_last)
-    s = int(spec["stride"])
+    s = spec.stride
     t0, c0 = time.perf_counter(), time.process_time()
     img = _read_normalised(a["image"])
     h, w = img.shape[:2]
@@ -305,7 +305,7 @@ def _run(kind: str, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_size(
-    side: int, ckpt: Path, spec: dict[str, Any], work: Path, opt: argparse.Namespace
+    side: int, ckpt: Path, spec: Any, work: Path, opt: argparse.Namespace
 ) -> dict[str, Any]:
     from tilenet.infer import resolve_options
     from tilenet.predictor import plan_grid
@@ -340,7 +340,7 @@ def bench_size(
             "overlap": opt.overlap,
             "readers": opt.readers,
         },
-        "toolbelt": {**common, "tile": opt.tile, "step": step, "classes": spec["num_classes"]},
+        "toolbelt": {**common, "tile": opt.tile, "step": step, "classes": spec.num_classes},
         "whole": dict(common),
     }
     kinds = {
@@ -498,8 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": {
             "name": opt.model,
             "kwargs": kwargs,
-            "stride": spec["stride"],
-            "receptive_field": spec["receptive_field"],
+            "stride": spec.stride,
+            "receptive_field": spec.receptive_field,
         },
         "settings": {
             "tile": opt.tile,

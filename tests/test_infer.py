@@ -89,9 +89,9 @@ def _reference(ckpt: Path, arr: np.ndarray, *, tta: bool = False) -> np.ndarray:
     """Softmax of one whole-image forward pass, padded after normalisation to the stride."""
     model, spec = load_model(ckpt)
     h, w = arr.shape[:2]
-    s = int(spec["stride"])
+    s = spec.stride
     x = np.zeros((ceil_to(h, s), ceil_to(w, s), 3), np.float32)
-    x[:h, :w] = normalize(arr, (h, w), spec["mean"], spec["std"])
+    x[:h, :w] = normalize(arr, (h, w), list(spec.mean), list(spec.std))
     with torch.inference_mode():
         t = torch.from_numpy(x).permute(2, 0, 1)[None].contiguous()
         return predict(model, t, tta=tta)[0, :, :h, :w].numpy()
@@ -116,7 +116,7 @@ def _exactness_case(
     """
     ckpt = _checkpoint(tmp_path / f"{name}.pt", name, **kwargs)
     _, spec = load_model(ckpt)
-    s, halo = int(spec["stride"]), ceil_to(int(spec["receptive_field"]), int(spec["stride"]))
+    s, halo = spec.stride, ceil_to(spec.receptive_field, spec.stride)
     tile = ceil_to(2 * halo + max(halo, 32), s)
     core = tile - 2 * halo
     long, narrow = tile + core // 2 + 3, 3 * s + 5

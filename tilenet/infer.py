@@ -282,7 +282,7 @@ def run_band(
         stitcher = BlendStitcher(
             plan.grid,
             sink,
-            mode=plan.config.mode,  # type: ignore[arg-type]
+            mode=plan.config.mode,
             spill_dir=plan.outputs.spill_dir(),
             strip_tiles=strip,
         )

@@ -273,6 +273,8 @@ class Predictor:
         self.config = cfg if cfg is not None else InferConfig()
         self.device = resolve_device(self.config.device)
         self.checkpoint: str | None = None
+        self.module: torch.nn.Module
+        self.spec: ModelSpec
         if isinstance(model, Predictor):
             self.module, self.spec, self.checkpoint = model.module, model.spec, model.checkpoint
             if model.device != self.device:

@@ -13,9 +13,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tilenet.errors import EXIT_OK, EXIT_USAGE, TilenetError
+from tilenet.errors import EXIT_OK, EXIT_USAGE, run_guarded
 
-__all__ = ["main", "run_guarded"]
+__all__ = ["main"]
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -455,41 +455,6 @@ def _version() -> str:
     from tilenet import __version__
 
     return __version__
-
-
-def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
-    """Run ``fn``; turn expected failures into one stderr line and an exit code."""
-    try:
-        return fn()
-    except TilenetError as exc:
-        if debug:
-            raise
-        print(f"tilenet: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("tilenet: interrupted", file=sys.stderr)
-        return 130
-    except MemoryError:
-        if debug:
-            raise
-        print("tilenet: error: out of memory", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:
-        if debug:
-            raise
-        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        print(f"tilenet: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as exc:  # a bug: still one line, the traceback on --debug
-        if debug:
-            raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        print(
-            f"tilenet: error: unexpected {type(exc).__name__}: {first} "
-            "(rerun with --debug for the traceback)",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
 
 
 def main(argv: Sequence[str] | None = None) -> int:

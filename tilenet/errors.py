@@ -4,11 +4,18 @@ Every error tilenet raises on purpose derives from :class:`TilenetError`. Each s
 inherits the matching built-in, so ``except FileNotFoundError`` still works for callers who
 do not know tilenet. The CLI turns a :class:`TilenetError` into one line on stderr and the
 class's ``exit_code``; messages name the offending file or value and, where there is one, the fix.
+:func:`run_guarded` is that guard, shared by ``tilenet`` and ``python -m tilenet.train``.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 __all__ = [
+    "EXIT_OK",
+    "EXIT_PARTIAL",
+    "EXIT_USAGE",
     "CheckpointError",
     "ConfigError",
     "CorruptImageError",
@@ -19,6 +26,7 @@ __all__ = [
     "ShapeMismatchError",
     "TilenetError",
     "UnsupportedFormatError",
+    "run_guarded",
 ]
 
 #: Exit codes shared by every command.
@@ -67,3 +75,38 @@ class ModelError(InputError):
 
 class CheckpointError(InputError):
     """A checkpoint file is missing, corrupt or not a tilenet checkpoint."""
+
+
+def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
+    """Run ``fn``; turn expected failures into one stderr line and an exit code."""
+    try:
+        return fn()
+    except TilenetError as exc:
+        if debug:
+            raise
+        print(f"tilenet: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("tilenet: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        if debug:
+            raise
+        print("tilenet: error: out of memory", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        if debug:
+            raise
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"tilenet: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # a bug: still one line, the traceback on --debug
+        if debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(
+            f"tilenet: error: unexpected {type(exc).__name__}: {first} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE

@@ -92,7 +92,7 @@ _DEMO_OVERLAP = 0  # demo patches tile the images edge to edge; flips/rot90 add 
 # -- entry point ------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m tilenet.train conf=FILE [key=value ...]``; returns the exit code."""
-    from tilenet.cli import run_guarded
+    from tilenet.errors import run_guarded
 
     parser = argparse.ArgumentParser(
         prog="python -m tilenet.train",

@@ -9,10 +9,13 @@ class's ``exit_code``; messages name the offending file or value and, where ther
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from collections.abc import Callable
 
 __all__ = [
+    "EXIT_BROKEN_PIPE",
     "EXIT_OK",
     "EXIT_PARTIAL",
     "EXIT_USAGE",
@@ -33,6 +36,11 @@ __all__ = [
 EXIT_OK = 0
 EXIT_PARTIAL = 1  # some items of a batch failed
 EXIT_USAGE = 2  # bad input or usage
+#: The reader of our output went away (``tilenet info x.tif | head -1``). A Unix tool is
+#: killed by SIGPIPE there, which a shell reports as 128 + 13; we exit with the same status,
+#: quietly, instead of dying by the signal (dask's sockets need SIGPIPE ignored). Not 1, which
+#: means "some items of a batch failed".
+EXIT_BROKEN_PIPE = 141
 
 
 class TilenetError(Exception):
@@ -78,9 +86,17 @@ class CheckpointError(InputError):
 
 
 def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
-    """Run ``fn``; turn expected failures into one stderr line and an exit code."""
+    """Run ``fn``; turn expected failures into one stderr line and an exit code.
+
+    A closed output pipe ends the run quietly with :data:`EXIT_BROKEN_PIPE`.
+    """
     try:
-        return fn()
+        code = fn()
+        sys.stdout.flush()  # a broken pipe surfaces here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _silence_broken_pipes()
+        return EXIT_BROKEN_PIPE
     except TilenetError as exc:
         if debug:
             raise
@@ -110,3 +126,21 @@ def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+
+
+def _silence_broken_pipes() -> None:
+    """Point a broken stdout/stderr at /dev/null (the recipe in Python's ``signal`` docs).
+
+    Their buffers still hold unwritten text that Python flushes at exit; writing it to
+    /dev/null keeps that flush from printing "Exception ignored ... BrokenPipeError".
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                with contextlib.suppress(OSError, ValueError):
+                    os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)

@@ -80,7 +80,8 @@ def _add_convert(sub: Any) -> None:
         help="convert any readable image to a tiled pyramidal OME-TIFF or OME-Zarr (streamed)",
         description=(
             "Convert an image to a tiled, pyramidal OME-TIFF (.tif/.tiff) or OME-Zarr (.zarr), "
-            "chunk by chunk, so any size works in bounded memory."
+            "chunk by chunk, so any size works in bounded memory. Lossless by default: level 0 "
+            "holds the input's pixels exactly."
         ),
     )
     p.add_argument("input", help="input image")
@@ -89,8 +90,9 @@ def _add_convert(sub: Any) -> None:
     p.add_argument(
         "--compression",
         default=None,
-        help="TIFF compression: jpeg, zlib, zstd, lzw or none (default: jpeg for 8-bit RGB, "
-        "zlib otherwise)",
+        help="TIFF: zlib (default), zstd, lzw or none, all lossless, or jpeg: LOSSY (quality "
+        "90, 8-bit grey or RGB only), much smaller. zarr: blosc (default), lz4, zlib, zstd or "
+        "none, all lossless",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(handler=_cmd_convert)

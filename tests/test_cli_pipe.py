@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from tilenet.errors import EXIT_BROKEN_PIPE
+from tilenet.errors import EXIT_BROKEN_PIPE, EXIT_USAGE, run_guarded
 
 
 def _run_into_closed_pipe(args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -59,3 +59,15 @@ def test_info_into_open_pipe_still_prints(tiff: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"path:        {tiff}")
+
+
+def test_a_broken_pipe_elsewhere_is_still_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """Only our own closed output ends quietly: a pipe to a worker that breaks is reported."""
+
+    def run() -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    assert run_guarded(run) == EXIT_USAGE
+    assert capsys.readouterr().err == "tilenet: error: Broken pipe\n"
+    with pytest.raises(BrokenPipeError):
+        run_guarded(run, debug=True)

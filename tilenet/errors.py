@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import sys
 from collections.abc import Callable
+from typing import TextIO
 
 __all__ = [
     "EXIT_BROKEN_PIPE",
@@ -94,9 +96,15 @@ def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
         code = fn()
         sys.stdout.flush()  # a broken pipe surfaces here, not at interpreter exit
         return code
-    except BrokenPipeError:
-        _silence_broken_pipes()
-        return EXIT_BROKEN_PIPE
+    except BrokenPipeError as exc:
+        broken = [s for s in (sys.stdout, sys.stderr) if _reader_gone(s)]
+        if broken:
+            _silence(broken)
+            return EXIT_BROKEN_PIPE
+        if debug:  # a pipe of ours to something else (a worker, a subprocess): a real error
+            raise
+        print(f"tilenet: error: {_os_error_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     except TilenetError as exc:
         if debug:
             raise
@@ -113,8 +121,7 @@ def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
     except OSError as exc:
         if debug:
             raise
-        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        print(f"tilenet: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"tilenet: error: {_os_error_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # a bug: still one line, the traceback on --debug
         if debug:
@@ -128,19 +135,37 @@ def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
         return EXIT_USAGE
 
 
-def _silence_broken_pipes() -> None:
-    """Point a broken stdout/stderr at /dev/null (the recipe in Python's ``signal`` docs).
+def _os_error_line(exc: OSError) -> str:
+    where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+    return f"{where}{exc.strerror or exc}"
 
-    Their buffers still hold unwritten text that Python flushes at exit; writing it to
-    /dev/null keeps that flush from printing "Exception ignored ... BrokenPipeError".
+
+def _reader_gone(stream: TextIO | None) -> bool:
+    """Whether ``stream`` is a pipe whose reader has gone away."""
+    if stream is None:
+        return False
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):
+        return False  # not a real file (a test's capture)
+    if not hasattr(select, "poll"):
+        return True  # cannot tell: trust that it was ours, as Python's own recipe does
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    # The write end of a pipe whose reader closed polls as an error (Linux) or a hang-up.
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+
+
+def _silence(streams: list[TextIO]) -> None:
+    """Point broken streams at /dev/null (the recipe in Python's ``signal`` docs).
+
+    Their buffers may still hold text that Python flushes at exit; writing it to /dev/null
+    keeps that flush from printing "Exception ignored ... BrokenPipeError".
     """
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                with contextlib.suppress(OSError, ValueError):
-                    os.dup2(devnull, stream.fileno())
+        for stream in streams:
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(devnull, stream.fileno())
     finally:
         os.close(devnull)

@@ -33,6 +33,7 @@ def test_make_tiff_is_tiled_and_lazy_readable(tmp_path: Path) -> None:
     assert not np.array_equal(b[:512, :512], b[:512, 512:])
 
 
+@pytest.mark.slow
 def test_child_peak_rss_is_its_own(tmp_path: Path) -> None:
     """A child's reported peak is its own address space, not the (bigger) parent's."""
     ballast = np.ones(300_000_000 // 8)  # the parent is >= 300 MB before it spawns

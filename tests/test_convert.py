@@ -12,6 +12,7 @@ from PIL import Image
 
 from tilenet.cli import main
 from tilenet.errors import InputError
+from tilenet.geometry import Window
 from tilenet.io import convert, open_image
 from tilenet.io.writers import downsample2
 
@@ -96,8 +97,51 @@ def test_cli_convert(
     assert main(["convert", str(src), str(out), "--tile", "64"]) == 0
     assert "wrote" in capsys.readouterr().out
     with tifffile.TiffFile(out) as tif:
-        assert tif.pages[0].compression == tifffile.COMPRESSION.JPEG  # 8-bit RGB default
+        assert tif.pages[0].compression == tifffile.COMPRESSION.ADOBE_DEFLATE  # lossless default
+        np.testing.assert_array_equal(tif.series[0].levels[0].asarray(), big_rgb)
     assert main(["convert", str(src), str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["convert", str(src), str(tmp_path / "x.bmp")]) == 2
     assert main(["convert", str(tmp_path / "missing.png"), str(tmp_path / "y.tif")]) == 2
+
+
+def _rgb_source(path: Path, data: np.ndarray, codec: str) -> Path:
+    """``data`` (8-bit RGB) as a real file: a tiled TIFF with ``codec``, or a zarr array."""
+    if codec == "zarr":
+        z = zarr.create_array(path, shape=data.shape, chunks=(64, 64, 3), dtype=data.dtype)
+        z[...] = data
+    else:
+        tifffile.imwrite(path, data, photometric="rgb", tile=(64, 64), compression=codec)
+    return path
+
+
+@pytest.mark.parametrize("codec", ["zlib", "lzw", "zstd", "zarr"])
+@pytest.mark.parametrize("suffix", [".ome.tif", ".ome.zarr"])
+def test_convert_is_lossless_by_default(
+    tmp_path: Path, big_rgb: np.ndarray, codec: str, suffix: str
+) -> None:
+    src = _rgb_source(tmp_path / ("in.zarr" if codec == "zarr" else "in.tif"), big_rgb, codec)
+    if codec != "zarr":
+        with tifffile.TiffFile(src) as tif:  # the input really is what the name says
+            assert tif.pages[0].compression.name.lower() in {codec, "adobe_deflate"}
+    out = convert(src, tmp_path / f"out{suffix}", tile=64)
+    with open_image(out) as img:
+        assert img.shape == big_rgb.shape
+        np.testing.assert_array_equal(img.read(Window(0, 0, 300, 220)), big_rgb)
+
+
+def test_jpeg_still_available_and_lossy(
+    tmp_path: Path, big_rgb: np.ndarray, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = _rgb_source(tmp_path / "in.tif", big_rgb, "zlib")
+    out = tmp_path / "out.tif"
+    assert main(["convert", str(src), str(out), "--tile", "64", "--compression", "jpeg"]) == 0
+    with tifffile.TiffFile(out) as tif:
+        assert tif.pages[0].compression == tifffile.COMPRESSION.JPEG
+        level0 = tif.series[0].levels[0].asarray()
+    assert level0.shape == big_rgb.shape
+    diff = np.abs(level0.astype(int) - big_rgb.astype(int))
+    assert 0 < diff.mean() < 12  # close, not equal: jpeg is lossy
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    assert "LOSSY" in capsys.readouterr().out

@@ -385,6 +385,7 @@ def _write_big(path: Path, side: int) -> None:
     )
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_image_size(tmp_path: Path) -> None:
     """Peak RSS of a whole run is the same for 1024^2 and 2560^2 (6x the pixels)."""
     ckpt = _checkpoint(tmp_path / "m.pt", "tiny", width=2)
@@ -461,6 +462,7 @@ def test_a_callers_module_is_left_as_it_was(tmp_path: Path) -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_heap_policies_give_identical_outputs(tmp_path: Path) -> None:
     """--heap reuse (default) and flat change how host memory is recycled, never the numbers."""
     ckpt = _checkpoint(tmp_path / "m.pt", "unet", base=4, depth=2)

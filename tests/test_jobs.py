@@ -197,6 +197,7 @@ def _cli(src: Path, ckpt: Path, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_sigkill_resume_is_identical(tmp_path: Path) -> None:
     """kill -9 after the first band is recorded; the rerun redoes only the missing bands."""
     ckpt = _checkpoint(tmp_path / "m.pt")

@@ -15,9 +15,9 @@ from dataclasses import asdict
 from typing import Any
 
 from tilenet.config import InferConfig, JobsConfig, ReaderConfig, TilingConfig
-from tilenet.errors import EXIT_OK, EXIT_USAGE, InputError, TilenetError
+from tilenet.errors import EXIT_OK, EXIT_USAGE, InputError, run_guarded
 
-__all__ = ["main", "run_guarded"]
+__all__ = ["main"]
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -142,7 +142,8 @@ def _add_convert(sub: Any) -> None:
         help="convert any readable image to a tiled pyramidal OME-TIFF or OME-Zarr (streamed)",
         description=(
             "Convert an image to a tiled, pyramidal OME-TIFF (.tif/.tiff) or OME-Zarr (.zarr), "
-            "chunk by chunk, so any size works in bounded memory."
+            "chunk by chunk, so any size works in bounded memory. Lossless by default: level 0 "
+            "holds the input's pixels exactly."
         ),
     )
     p.add_argument("input", help="input image")
@@ -151,8 +152,9 @@ def _add_convert(sub: Any) -> None:
     p.add_argument(
         "--compression",
         default=None,
-        help="TIFF compression: jpeg, zlib, zstd, lzw or none (default: jpeg for 8-bit RGB, "
-        "zlib otherwise)",
+        help="TIFF: zlib (default), zstd, lzw or none, all lossless, or jpeg: LOSSY (quality "
+        "90, 8-bit grey or RGB only), much smaller. zarr: blosc (default), lz4, zlib, zstd or "
+        "none, all lossless",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(handler=_cmd_convert)
@@ -605,41 +607,6 @@ def _version() -> str:
     from tilenet import __version__
 
     return __version__
-
-
-def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
-    """Run ``fn``; turn expected failures into one stderr line and an exit code."""
-    try:
-        return fn()
-    except TilenetError as exc:
-        if debug:
-            raise
-        print(f"tilenet: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("tilenet: interrupted", file=sys.stderr)
-        return 130
-    except MemoryError:
-        if debug:
-            raise
-        print("tilenet: error: out of memory", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:
-        if debug:
-            raise
-        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        print(f"tilenet: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as exc:  # a bug: still one line, the traceback on --debug
-        if debug:
-            raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        print(
-            f"tilenet: error: unexpected {type(exc).__name__}: {first} "
-            "(rerun with --debug for the traceback)",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,11 +4,23 @@ Every error tilenet raises on purpose derives from :class:`TilenetError`. Each s
 inherits the matching built-in, so ``except FileNotFoundError`` still works for callers who
 do not know tilenet. The CLI turns a :class:`TilenetError` into one line on stderr and the
 class's ``exit_code``; messages name the offending file or value and, where there is one, the fix.
+:func:`run_guarded` is that guard, shared by ``tilenet`` and ``python -m tilenet.train``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
 __all__ = [
+    "EXIT_BROKEN_PIPE",
+    "EXIT_OK",
+    "EXIT_PARTIAL",
+    "EXIT_USAGE",
     "CheckpointError",
     "ConfigError",
     "CorruptImageError",
@@ -19,12 +31,18 @@ __all__ = [
     "ShapeMismatchError",
     "TilenetError",
     "UnsupportedFormatError",
+    "run_guarded",
 ]
 
 #: Exit codes shared by every command.
 EXIT_OK = 0
 EXIT_PARTIAL = 1  # some items of a batch failed
 EXIT_USAGE = 2  # bad input or usage
+#: The reader of our output went away (``tilenet info x.tif | head -1``). A Unix tool is
+#: killed by SIGPIPE there, which a shell reports as 128 + 13; we exit with the same status,
+#: quietly, instead of dying by the signal (dask's sockets need SIGPIPE ignored). Not 1, which
+#: means "some items of a batch failed".
+EXIT_BROKEN_PIPE = 141
 
 
 class TilenetError(Exception):
@@ -67,3 +85,87 @@ class ModelError(InputError):
 
 class CheckpointError(InputError):
     """A checkpoint file is missing, corrupt or not a tilenet checkpoint."""
+
+
+def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
+    """Run ``fn``; turn expected failures into one stderr line and an exit code.
+
+    A closed output pipe ends the run quietly with :data:`EXIT_BROKEN_PIPE`.
+    """
+    try:
+        code = fn()
+        sys.stdout.flush()  # a broken pipe surfaces here, not at interpreter exit
+        return code
+    except BrokenPipeError as exc:
+        broken = [s for s in (sys.stdout, sys.stderr) if _reader_gone(s)]
+        if broken:
+            _silence(broken)
+            return EXIT_BROKEN_PIPE
+        if debug:  # a pipe of ours to something else (a worker, a subprocess): a real error
+            raise
+        print(f"tilenet: error: {_os_error_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except TilenetError as exc:
+        if debug:
+            raise
+        print(f"tilenet: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("tilenet: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        if debug:
+            raise
+        print("tilenet: error: out of memory", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        if debug:
+            raise
+        print(f"tilenet: error: {_os_error_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # a bug: still one line, the traceback on --debug
+        if debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(
+            f"tilenet: error: unexpected {type(exc).__name__}: {first} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
+
+def _os_error_line(exc: OSError) -> str:
+    where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+    return f"{where}{exc.strerror or exc}"
+
+
+def _reader_gone(stream: TextIO | None) -> bool:
+    """Whether ``stream`` is a pipe whose reader has gone away."""
+    if stream is None:
+        return False
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):
+        return False  # not a real file (a test's capture)
+    if not hasattr(select, "poll"):
+        return True  # cannot tell: trust that it was ours, as Python's own recipe does
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    # The write end of a pipe whose reader closed polls as an error (Linux) or a hang-up.
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+
+
+def _silence(streams: list[TextIO]) -> None:
+    """Point broken streams at /dev/null (the recipe in Python's ``signal`` docs).
+
+    Their buffers may still hold text that Python flushes at exit; writing it to /dev/null
+    keeps that flush from printing "Exception ignored ... BrokenPipeError".
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for stream in streams:
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)

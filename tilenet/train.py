@@ -103,7 +103,7 @@ _DEMO_OVERLAP = 0  # demo patches tile the images edge to edge; flips/rot90 add 
 # -- entry point ------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m tilenet.train conf=FILE [key=value ...]``; returns the exit code."""
-    from tilenet.cli import run_guarded
+    from tilenet.errors import run_guarded
 
     parser = argparse.ArgumentParser(
         prog="python -m tilenet.train",
@@ -568,53 +568,42 @@ class _Log:
 
 
 def _plot_curves(records: list[dict[str, Any]], path: Path, *, metric: str = "val_dice") -> Path:
-    """Loss (train, val) and validation metric curves as a PNG, drawn with Pillow."""
-    from PIL import Image, ImageDraw
+    """Loss (train, val) and validation metric curves vs step as a 1000x400 PNG (matplotlib)."""
+    # Lazy, and no pyplot: a Figure on its own Agg canvas touches no global backend state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from tilenet.fsutil import atomic_output
 
     other = "val_iou" if metric != "val_iou" else "val_dice"
     panels = [
-        ("loss", [("loss", (31, 119, 180)), ("val_loss", (214, 39, 40))]),
-        ("validation", [(metric, (44, 160, 44)), (other, (148, 103, 189))]),
+        ("loss", "loss", [("loss", "tab:blue"), ("val_loss", "tab:red")]),
+        ("validation", metric, [(metric, "tab:green"), (other, "tab:purple")]),
     ]
-    pw, ph, pad = 480, 300, 44
-    img = Image.new("RGB", (pw * len(panels), ph), "white")
-    draw = ImageDraw.Draw(img)
-    for i, (title, series) in enumerate(panels):
-        x0 = i * pw
-        pts = {
-            key: [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
-            for key, _ in series
-        }
-        allp = [p for v in pts.values() for p in v]
-        box = (x0 + pad, 24, x0 + pw - 12, ph - pad)
-        draw.rectangle(box, outline=(160, 160, 160))
-        draw.text((x0 + pad, 6), title, fill="black")
-        if not allp:
-            draw.text((x0 + pad + 8, ph // 2), "no data", fill=(120, 120, 120))
-            continue
-        s_lo, s_hi = min(p[0] for p in allp), max(p[0] for p in allp)
-        v_lo, v_hi = min(p[1] for p in allp), max(p[1] for p in allp)
-        if v_hi - v_lo < 1e-12:
-            v_lo, v_hi = v_lo - 0.5, v_hi + 0.5
-        sx = (box[2] - box[0]) / max(s_hi - s_lo, 1)
-        sy = (box[3] - box[1]) / (v_hi - v_lo)
+    fig = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, (title, ylabel, series) in zip(fig.subplots(1, len(panels)), panels, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        drawn = 0
         for key, colour in series:
-            line = [(box[0] + (s - s_lo) * sx, box[3] - (v - v_lo) * sy) for s, v in pts[key]]
-            if len(line) > 1:
-                draw.line(line, fill=colour, width=2)
-            elif line:
-                cx, cy = line[0]
-                draw.ellipse((cx - 2, cy - 2, cx + 2, cy + 2), fill=colour)
-        draw.text((x0 + 2, box[1]), f"{v_hi:.3g}", fill="black")
-        draw.text((x0 + 2, box[3] - 10), f"{v_lo:.3g}", fill="black")
-        draw.text((box[0], box[3] + 4), f"step {s_lo}", fill="black")
-        draw.text((box[2] - 70, box[3] + 4), f"step {s_hi}", fill="black")
-        for j, (key, colour) in enumerate(series):
-            draw.text((box[0] + 8 + 110 * j, ph - 18), key, fill=colour)
+            pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
+            if not pts:
+                continue
+            steps, values = zip(*pts, strict=True)
+            marker = "o" if len(pts) <= 50 else None  # sparse validation points stay visible
+            ax.plot(steps, values, color=colour, marker=marker, markersize=3, label=key)
+            drawn += 1
+        if drawn:
+            ax.grid(alpha=0.3)
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="grey")
     with atomic_output(path) as tmp:
-        img.save(tmp, format="PNG")
+        fig.savefig(tmp, format="png")
     return path
 
 

@@ -9,9 +9,13 @@ from tilenet.errors import InputError
 from tilenet.geometry import iter_blocks
 from tilenet.io.writers import DownsampleMethod, OmeZarrWriter, write_ome_tiff
 
-__all__ = ["convert"]
+__all__ = ["DEFAULT_TIFF_COMPRESSION", "convert"]
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
+#: Lossless, and readable by every TIFF reader (libtiff, OpenSlide, Bio-Formats, ImageJ, GDAL).
+#: Measured on a 2048² `tilenet synth` RGB image (4 levels): zlib 13.1 MB, 1.4 s to write;
+#: zstd 13.3 MB, 0.85 s, but TIFF zstd is not baseline and several of those readers lack it.
+DEFAULT_TIFF_COMPRESSION = "zlib"
 _ZARR_SUFFIXES = (".zarr",)
 
 
@@ -41,8 +45,10 @@ def convert(
     Reads the input window by window (no eager-size limit, so a big PNG converts too: only a
     PNG's own decoder holds it whole) and writes chunk by chunk; the pyramid is built with
     ``method`` ("mean"; use "mode" for label maps). Refuses to overwrite unless ``force``.
-    ``compression`` is a TIFF codec (jpeg, zlib, zstd, lzw, none) or, for zarr, blosc, lz4,
-    zlib, zstd or none.
+
+    Level 0 is pixel for pixel the input's by default. ``compression`` is a TIFF codec: zlib
+    (default), zstd, lzw or none, all lossless, or jpeg, which is lossy (quality 90, 8-bit
+    grey or RGB only); for zarr: blosc (default), lz4, zlib, zstd or none, all lossless.
     """
     from tilenet.io import open_image
 
@@ -61,7 +67,7 @@ def convert(
                 out,
                 img,
                 tile=tile,
-                compression=compression,
+                compression=DEFAULT_TIFF_COMPRESSION if compression is None else compression,
                 pixel_size=img.pixel_size,
                 method=method,
             )

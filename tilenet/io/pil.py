@@ -14,7 +14,6 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -111,7 +110,7 @@ def open_pil(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(p) as im:
                 w, h = im.size
-                mode, fmt, info = im.mode, im.format or "image", dict(im.info)
+                mode, fmt = im.mode, im.format or "image"
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(
             f"{p}: refused as a possible decompression bomb ({_first_line(exc)}); if the file "
@@ -129,10 +128,8 @@ def open_pil(
     if mode not in _MODES:
         raise UnsupportedFormatError(f"{p}: unsupported {fmt} pixel mode {mode!r}")
     dtype, channels = _MODES[mode]
-    pixel_size = None
-    dpi: Any = info.get("dpi")
-    if isinstance(dpi, tuple) and len(dpi) == 2 and min(float(d) for d in dpi) > 1:
-        pixel_size = (25400.0 / float(dpi[1]), 25400.0 / float(dpi[0]))
+    # No pixel size: a PNG's pHYs and a JPEG's JFIF density are print resolutions (the 72 or
+    # 96 dpi of whatever program saved the file), not the size of what the pixels show.
     return PilImage(
         path=p,
         format=fmt.lower(),
@@ -140,6 +137,6 @@ def open_pil(
         channels=channels,
         levels=[Level((h, w))],
         compression=_COMPRESSION.get(fmt),
-        pixel_size=pixel_size,
+        pixel_size=None,
         metadata={"mode": mode},
     )

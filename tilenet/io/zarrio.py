@@ -26,7 +26,16 @@ __all__ = ["ZarrImage", "open_zarr"]
 
 _MAX_GUESSED_CHANNELS = 16
 _CHANNEL_NAMES = ("c", "ch", "channel", "channels", "band", "bands", "s", "rgb")
-_UNIT_UM = {"nanometer": 1e-3, "micrometer": 1.0, "millimeter": 1e3, "centimeter": 1e4}
+# OME-NGFF space-axis units -> micrometres; an axis without a unit has no physical size.
+_UNIT_UM = {
+    "angstrom": 1e-4,
+    "picometer": 1e-6,
+    "nanometer": 1e-3,
+    "micrometer": 1.0,
+    "millimeter": 1e3,
+    "centimeter": 1e4,
+    "meter": 1e6,
+}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -191,7 +200,8 @@ def _describe(p: Path, node: Any, zarr: Any, *, max_pixels: int | None) -> ZarrI
     if scales and scales[0] and units:
         uy, ux = (_UNIT_UM.get(str(units[j]).lower()) if j < len(units) else None for j in (iy, ix))
         if uy is not None and ux is not None:
-            pixel_size = (float(scales[0][iy]) * uy, float(scales[0][ix]) * ux)
+            size = (float(scales[0][iy]) * uy, float(scales[0][ix]) * ux)
+            pixel_size = size if all(math.isfinite(v) and v > 0 for v in size) else None
     return ZarrImage(
         path=p,
         format=fmt,

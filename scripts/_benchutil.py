@@ -90,8 +90,8 @@ def make_checkpoint(path: Path, name: str, kwargs: dict[str, Any], num_classes: 
     """A tilenet checkpoint of registry model ``name`` with seeded random weights."""
     import torch
 
-    from tilenet.checkpoint import make_spec, save_checkpoint
-    from tilenet.models import create_model
+    from tilenet.checkpoint import save_checkpoint
+    from tilenet.models import ModelSpec, create_model
 
     torch.manual_seed(0)
     model = create_model(name, in_channels=3, num_classes=num_classes, **kwargs)
@@ -100,7 +100,7 @@ def make_checkpoint(path: Path, name: str, kwargs: dict[str, Any], num_classes: 
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 1.5)
-    spec = make_spec(model, mean=[128.0] * 3, std=[64.0] * 3)
+    spec = ModelSpec.from_model(model, mean=[128.0] * 3, std=[64.0] * 3)
     return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
 
 

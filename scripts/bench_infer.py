@@ -74,12 +74,12 @@ def make_checkpoint(
 ) -> Path:
     import torch
 
-    from tilenet.checkpoint import make_spec, save_checkpoint
-    from tilenet.models import create_model
+    from tilenet.checkpoint import save_checkpoint
+    from tilenet.models import ModelSpec, create_model
 
     torch.manual_seed(0)
     model = create_model(name, in_channels=3, num_classes=num_classes, **(kwargs or {}))
-    spec = make_spec(model, mean=[128.0] * 3, std=[64.0] * 3)
+    spec = ModelSpec.from_model(model, mean=[128.0] * 3, std=[64.0] * 3)
     return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
 
 

@@ -12,10 +12,10 @@ import pytest
 import tifffile
 import yaml
 
-from tilenet.checkpoint import make_spec, save_checkpoint
+from tilenet.checkpoint import save_checkpoint
 from tilenet.cli import INFER_FLAGS, TILE_FLAGS, main
 from tilenet.config import Config, InferConfig
-from tilenet.models import create_model
+from tilenet.models import ModelSpec, create_model
 
 
 def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
@@ -58,7 +58,7 @@ def image_and_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
     tifffile.imwrite(img, rng.integers(0, 255, (200, 300, 3), np.uint8), tile=(64, 64))
     torch.manual_seed(0)
     model = create_model("tiny", in_channels=3, num_classes=2)
-    spec = make_spec(model, mean=[120.0] * 3, std=[60.0] * 3)
+    spec = ModelSpec.from_model(model, mean=[120.0] * 3, std=[60.0] * 3)
     ckpt = save_checkpoint(tmp_path / "tiny.pt", {"spec": spec, "model": model.state_dict()})
     return img, ckpt
 

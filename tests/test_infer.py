@@ -21,12 +21,12 @@ import tifffile
 import torch
 import zarr
 
-from tilenet.checkpoint import load_model, make_spec, save_checkpoint
+from tilenet.checkpoint import load_model, save_checkpoint
 from tilenet.cli import main
 from tilenet.errors import CheckpointError, ConfigError, InputError
 from tilenet.geometry import ceil_to
 from tilenet.infer import infer_image
-from tilenet.models import create_model, list_models
+from tilenet.models import ModelSpec, create_model, list_models
 from tilenet.predictor import predict
 
 MEAN, STD = [120.0, 110.0, 100.0], [60.0, 50.0, 70.0]
@@ -69,7 +69,9 @@ def _checkpoint(path: Path, name: str, num_classes: int = 3, **kwargs: Any) -> P
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
-    spec = make_spec(model, mean=MEAN, std=STD, class_names=[f"c{i}" for i in range(num_classes)])
+    spec = ModelSpec.from_model(
+        model, mean=MEAN, std=STD, class_names=[f"c{i}" for i in range(num_classes)]
+    )
     return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
 
 
@@ -490,7 +492,7 @@ def _infer_cli(img: Path, ckpt: Path, out: Path) -> list[str]:
     return [
         *(sys.executable, "-m", "tilenet", "infer", str(img), "--model", str(ckpt)),
         *("--out", str(out), "--tile", "64", "--device", "cpu", "--quiet"),
-        *("--probabilities-dtype", "float32"),
+        *("--probabilities-dtype", "float32", "--region-tiles", "11"),
     ]
 
 
@@ -502,7 +504,7 @@ def test_sigkill_plain_infer_resumes_identically(tmp_path: Path) -> None:
 
     ckpt = _checkpoint(tmp_path / "m.pt", "tiny")
     img = tmp_path / "img.tif"
-    _image(img, 1064, 2048)  # 19 x 37 tiles of core 56: bands of 6 rows (222 tiles), 4 bands
+    _image(img, 1064, 600)  # 19 x 11 tiles of core 56: a band per grid row, 19 bands
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -522,14 +524,14 @@ def test_sigkill_plain_infer_resumes_identically(tmp_path: Path) -> None:
         assert proc.stderr is not None
         proc.stderr.close()
     kept = len(list(markers.glob("region-*.json")))
-    assert 1 <= kept < 4
+    assert 1 <= kept < 19
     assert not (out / "classes.ome.zarr").exists() and not (out / "summary.json").exists()
     assert [p for p in out.iterdir() if ".partial-" in p.name]  # the killed run's work
 
     rerun = subprocess.run(_infer_cli(img, ckpt, out), env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["regions"] == 4 and summary["regions_resumed"] == kept
+    assert summary["regions"] == 19 and summary["regions_resumed"] == kept
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no orphans
 
     ref = subprocess.run(

@@ -18,12 +18,12 @@ import torch
 import zarr
 from dask.distributed import Client, LocalCluster
 
-from tilenet.checkpoint import make_spec, save_checkpoint
+from tilenet.checkpoint import save_checkpoint
 from tilenet.cli import main
 from tilenet.infer import ImagePlan, plan_image, resolve_options, run_band
 from tilenet.io import open_image
 from tilenet.jobs import local_cluster, read_manifest, run_jobs, unique_stems
-from tilenet.models import create_model
+from tilenet.models import ModelSpec, create_model
 from tilenet.predictor import Predictor
 from tilenet.runtime import torch_threads
 
@@ -48,7 +48,9 @@ def _image(path: Path, h: int, w: int, seed: int = 0) -> Path:
 def _checkpoint(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = create_model("tiny", in_channels=3, num_classes=3)
-    spec = make_spec(model, mean=[120.0] * 3, std=[60.0] * 3, class_names=["bg", "a", "b"])
+    spec = ModelSpec.from_model(
+        model, mean=[120.0] * 3, std=[60.0] * 3, class_names=["bg", "a", "b"]
+    )
     return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
 
 

@@ -42,24 +42,10 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "load_weights",
-    "make_spec",
     "save_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "tilenet-checkpoint"
-
-
-def make_spec(
-    model: Any,
-    *,
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    class_names: list[str] | None = None,
-) -> dict[str, Any]:
-    """``ModelSpec.from_model(...).to_dict()``, for callers that still want the dict."""
-    from tilenet.models import ModelSpec
-
-    return ModelSpec.from_model(model, mean=mean, std=std, class_names=class_names).to_dict()
 
 
 def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:

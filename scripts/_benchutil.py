@@ -233,9 +233,6 @@ class GpuSampler:
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as indented JSON (atomically: temp file, then rename)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, out)
-    return out
+    from tilenet.fsutil import write_text_atomic
+
+    return write_text_atomic(path, json.dumps(obj, indent=2) + "\n")

@@ -43,19 +43,21 @@ def write_image(path: Path, side: int, *, tile: int = 512) -> None:
     yy, xx = np.mgrid[0:tile, 0:tile].astype(np.float32)
 
     def tiles() -> Any:
-        for ty in range(0, side, tile):
-            for tx in range(0, side, tile):
-                y, x = yy + ty, xx + tx
-                base = np.stack(
-                    [
-                        140 + 90 * np.sin(y / 37.0) * np.cos(x / 23.0),
-                        120 + 80 * np.cos((x + y) / 51.0),
-                        150 + 60 * np.sin(x / 17.0),
-                    ],
-                    axis=-1,
-                )
-                noise = rng.normal(0, 12, base.shape)
-                yield np.clip(base + noise, 0, 255).astype(np.uint8)
+        from tilenet.geometry import iter_blocks
+
+        # Full tiles (TIFF tiles are padded at the edges): only the origins are used.
+        for win in iter_blocks((side, side), tile):
+            y, x = yy + win.y, xx + win.x
+            base = np.stack(
+                [
+                    140 + 90 * np.sin(y / 37.0) * np.cos(x / 23.0),
+                    120 + 80 * np.cos((x + y) / 51.0),
+                    150 + 60 * np.sin(x / 17.0),
+                ],
+                axis=-1,
+            )
+            noise = rng.normal(0, 12, base.shape)
+            yield np.clip(base + noise, 0, 255).astype(np.uint8)
 
     tifffile.imwrite(
         path,

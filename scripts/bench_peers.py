@@ -294,8 +294,10 @@ def _max_abs_diff(a_path: Path, ref_path: Path, strip: int = 512) -> float:
 
         a = zarr.open_group(a_path, mode="r")["0"]
     worst = 0.0
-    for y in range(0, ref.shape[1], strip):
-        d = np.abs(np.asarray(a[:, y : y + strip], np.float32) - ref[:, y : y + strip])
+    from tilenet.geometry import spans
+
+    for y0, y1 in spans(ref.shape[1], strip):
+        d = np.abs(np.asarray(a[:, y0:y1], np.float32) - ref[:, y0:y1])
         worst = max(worst, float(d.max()))
     return worst
 

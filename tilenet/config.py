@@ -343,9 +343,6 @@ def to_yaml(cfg: Any) -> str:
 
 def save_config(cfg: Any, directory: str | os.PathLike[str], name: str = "config.yaml") -> Path:
     """Save the resolved config beside an output (atomically) and return its path."""
-    out = Path(directory) / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, out)
-    return out
+    from tilenet.fsutil import write_text_atomic
+
+    return write_text_atomic(Path(directory) / name, to_yaml(cfg))

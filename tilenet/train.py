@@ -57,6 +57,7 @@ from tilenet.config import (
     to_yaml,
 )
 from tilenet.errors import CheckpointError, ConfigError, InputError
+from tilenet.fsutil import write_text_atomic
 from tilenet.runtime import autocast, resolve_device
 
 if TYPE_CHECKING:
@@ -537,9 +538,7 @@ class _Log:
             old = [json.loads(line) for line in self.path.read_text().splitlines() if line]
             # A resumed run drops what the interrupted one logged after its checkpoint.
             keep = [r for r in old if resume_step is not None and r.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
             self.records = keep
         self._fh = open(self.path, "a", encoding="utf-8")  # closed in close()
         try:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from tilenet.errors import CorruptImageError, InputError
-from tilenet.geometry import Window
+from tilenet.geometry import Window, spans
 
 __all__ = ["LazyImage", "Level"]
 
@@ -132,8 +132,8 @@ class LazyImage(ABC):
         h, w = self.levels[level].shape
         ch, cw = chunks or self.levels[level].chunks or (1024, 1024)
         ch, cw = max(ch, 256), max(cw, 256)
-        ych = tuple(min(ch, h - y) for y in range(0, h, ch))
-        xch = tuple(min(cw, w - x) for x in range(0, w, cw))
+        ych = tuple(b - a for a, b in spans(h, ch))
+        xch = tuple(b - a for a, b in spans(w, cw))
 
         def block(block_info: Any = None) -> np.ndarray:
             (y0, y1), (x0, x1), _ = block_info[None]["array-location"]

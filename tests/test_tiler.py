@@ -10,9 +10,8 @@ import pytest
 import tifffile
 import zarr
 
-from tilenet import tiler
 from tilenet.config import TilingConfig
-from tilenet.errors import ImageNotFoundError, InputError, ShapeMismatchError
+from tilenet.errors import ImageNotFoundError, InputError, ShapeMismatchError, TilenetError
 from tilenet.geometry import TileGrid
 from tilenet.io.foreground import otsu_threshold
 from tilenet.tiler import tile_images
@@ -175,7 +174,7 @@ def test_otsu_separates_two_modes(rng: np.random.Generator) -> None:
     assert 70 < otsu_threshold(v) < 180
 
 
-def test_resume_and_append(tmp_path: Path, dataset: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_and_append(tmp_path: Path, dataset: tuple) -> None:
     paths, labdir, imgs, labs = dataset
     out = tmp_path / "s.zarr"
     kw = {
@@ -192,18 +191,19 @@ def test_resume_and_append(tmp_path: Path, dataset: tuple, monkeypatch: pytest.M
     n0 = g.attrs["count"]
     first = g["images"][:n0]
 
-    # An interruption while writing the next images: nothing new is marked complete.
-    real = tiler._write_range
-
-    def crash(*a: object, **k: object) -> object:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(tiler, "_write_range", crash)
-    with pytest.raises(KeyboardInterrupt):
+    # A failure while writing the next images (a tile of the second one does not decode):
+    # nothing new is marked complete.
+    intact = paths[1].read_bytes()
+    with tifffile.TiffFile(paths[1]) as tf:
+        offset, count = tf.pages[0].dataoffsets[0], tf.pages[0].databytecounts[0]
+    broken = bytearray(intact)
+    broken[offset : offset + count] = b"\xff" * count
+    paths[1].write_bytes(bytes(broken))
+    with pytest.raises(TilenetError):
         tile_images(paths, **kw)
     g = zarr.open_group(out, mode="r")
     assert g.attrs["count"] == n0 and len(g.attrs["sources"]) == 1
-    monkeypatch.setattr(tiler, "_write_range", real)
+    paths[1].write_bytes(intact)
 
     # Rerun: the first image is skipped (its rows unchanged), the others appended.
     tile_images(paths, **kw)

@@ -34,7 +34,7 @@ from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
 from tilenet.io.sniff import check_chunk, check_pixels, level_downsample
 
-__all__ = ["TILE_CACHE_BYTES", "TiffImage", "open_tiff"]
+__all__ = ["TILE_CACHE_BYTES", "TiffImage", "open_tiff", "tile_cache_bytes"]
 
 #: Budget of the process-wide cache of decoded tiles, shared by all open TIFFs, so many open
 #: images (a training set) cost no more than one.
@@ -280,6 +280,11 @@ class _TileCache:
 
 
 _TILE_CACHE = _TileCache()
+
+
+def tile_cache_bytes() -> int:
+    """Bytes of decoded tiles held by the process-wide tile cache (at most TILE_CACHE_BYTES)."""
+    return _TILE_CACHE._bytes
 _TOKENS = itertools.count()
 
 
@@ -312,6 +317,8 @@ class TiffImage(LazyImage):
     _arrays: dict[int, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _fd: int | None = field(default=None, repr=False)
+    #: Tiles this image has decoded so far (cache hits excluded): what a window read cost.
+    tiles_decoded: int = field(default=0, repr=False)
 
     def _array(self, level: int) -> Any:
         """The level as an indexable array: a read-only memmap or a zarr view of the tiles."""
@@ -382,6 +389,7 @@ class TiffImage(LazyImage):
         return seg
 
     def _decode_tile(self, t: _Tiles, index: int) -> np.ndarray | None:
+        self.tiles_decoded += 1
         count = int(t.page.databytecounts[index])
         if count == 0:
             return None

@@ -285,6 +285,8 @@ _TILE_CACHE = _TileCache()
 def tile_cache_bytes() -> int:
     """Bytes of decoded tiles held by the process-wide tile cache (at most TILE_CACHE_BYTES)."""
     return _TILE_CACHE._bytes
+
+
 _TOKENS = itertools.count()
 
 

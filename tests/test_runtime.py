@@ -132,3 +132,12 @@ def test_resolve_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA is not available"):
             resolve_device("cuda:0")
+
+
+def test_every_heap_choice_of_the_config_is_a_policy() -> None:
+    import typing
+
+    from tilenet.config import InferConfig
+
+    choices = typing.get_args(typing.get_type_hints(InferConfig)["heap"])
+    assert set(choices) == set(HEAP_POLICIES)

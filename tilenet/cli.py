@@ -363,10 +363,12 @@ def _add_infer(sub: Any) -> None:
     )
     p.add_argument(
         "--heap",
-        choices=("reuse", "flat"),
-        help="host memory policy: reuse keeps freed buffers for the next batch, fast on a "
-        "CPU; flat returns every large buffer at once, so peak RSS stays flat on gigapixel "
-        f"images at 1.4-1.8x slower CPU forward passes ({_default(InferConfig, 'heap')})",
+        choices=("reuse", "flat", "trim", "system"),
+        help="host memory policy during the run (restored after it): reuse keeps freed "
+        "buffers for the next batch, fast on a CPU; flat returns every large buffer at once, "
+        "so peak RSS stays flat on gigapixel images at 1.4-1.8x slower CPU forward passes; "
+        "trim and system leave glibc's settings alone (trim still hands free memory back "
+        f"every 8 batches) ({_default(InferConfig, 'heap')})",
     )
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
     p.add_argument(

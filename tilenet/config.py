@@ -190,12 +190,13 @@ class InferConfig:
     min_foreground: float = 0.0
     readers: int = 2
     chunk: int = 1024
-    #: Host memory policy (process-wide glibc setting). "reuse": freed buffers are kept for
-    #: the next batch and trimmed every 8 batches (fast on a CPU; peak RSS saturates a few
-    #: per cent above its level on mid-size images). "flat": every buffer above 128 KiB is
-    #: its own mapping, returned when freed (peak RSS flat to ~0.3 % from 8192² to 32768²,
-    #: CPU forward passes 1.4-1.8x slower). See docs/benchmarks.md.
-    heap: Literal["reuse", "flat"] = "reuse"
+    #: Host memory policy while the engine runs (glibc; restored after the run, see
+    #: tilenet.runtime). "reuse": freed buffers are kept for the next batch and trimmed every
+    #: 8 batches (fast on a CPU; peak RSS saturates a few per cent above its level on
+    #: mid-size images). "flat": every buffer above 128 KiB is its own mapping, returned when
+    #: freed (peak RSS flat to ~0.3 % from 8192² to 32768², CPU forward passes 1.4-1.8x
+    #: slower). "trim": glibc's settings plus the periodic trim; "system": nothing changed.
+    heap: Literal["reuse", "flat", "trim", "system"] = "reuse"
 
 
 @dataclass

@@ -153,6 +153,10 @@ def test_regions_equal_whole_image(tmp_path: Path) -> None:
     assert summary["regions"] == 3 and summary["tiles"] == 30  # 6 x 5 tiles, 2 rows per band
     _assert_same_outputs(tmp_path / "whole" / "big", tmp_path / "split" / "big")
     ref = json.loads((tmp_path / "whole" / "big" / "summary.json").read_text())
+    # One summary writer: a banded image reports what a whole one does.
+    assert set(summary) == set(ref) and set(summary["timings"]) == set(ref["timings"])
+    assert summary["exact"] is ref["exact"] is True and summary["device"] == "cpu"
+    assert summary["tiles_per_s"] > 0 and ref["regions"] == 1
     assert summary["class_area_px"] == ref["class_area_px"]
     assert summary["instances"] == ref["instances"]
     assert not (tmp_path / "split" / "big" / ".regions").exists()

@@ -372,10 +372,43 @@ def test_default_yaml_lists_every_key_at_its_default(capsys) -> None:
 
 
 # -- DDP --------------------------------------------------------------------------------------
+# Runs `python -m tilenet.train` unchanged, then, before the interpreter exits, fails the rank
+# (exit 3) if any thread of the gloo process group is still alive: a group that
+# destroy_process_group() could not free (as when DDP's first import of torch._dynamo, after
+# init_process_group, pinned it) kept those threads running into interpreter exit, where a
+# rank now and then aborted with "terminate called without an active exception".
+_EXIT_CHECK = """\
+import os, runpy, sys
+
+def _gloo_threads():
+    if not os.path.isdir("/proc/self/task"):  # Linux only
+        return []
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return sorted(n for n in names if "gloo" in n)
+
+try:
+    runpy.run_module("tilenet.train", run_name="__main__", alter_sys=True)
+finally:
+    left = _gloo_threads()
+    if left:
+        print(f"rank {os.environ.get('RANK')}: gloo threads alive at exit: {left}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(3)
+"""
+
+
 def _torchrun(conf: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    launcher = conf.with_name("train_exit_check.py")
+    launcher.write_text(_EXIT_CHECK)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "tilenet.train", f"conf={conf}", *overrides]
+    cmd += [str(launcher), f"conf={conf}", *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -178,6 +178,16 @@ def _init_distributed(device_name: str) -> tuple[_Dist, torch.device]:
         return _Dist(), resolve_device(device_name, option="train.device")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank=local, option="train.device")
+    # DDP (and torch.compile) import torch._dynamo, which imports
+    # torch.distributed.nn.functional: its functions bind ``group.WORLD`` as a default
+    # argument when the module is first imported. Imported after init_process_group, they
+    # pin the default group for good: destroy_process_group() then cannot free it, and
+    # its gloo threads and sockets live on into interpreter exit, where a rank aborted now
+    # and then ("terminate called without an active exception"). Imported now, while there
+    # is no default group, they bind None.
+    import torch._dynamo
+    import torch.distributed.nn
+
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

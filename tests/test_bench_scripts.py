@@ -69,6 +69,8 @@ def test_help(script: str) -> None:
 
 @pytest.mark.slow
 def test_bench_peers_quick(tmp_path: Path) -> None:
+    pytest.importorskip("monai", reason="the peers need the bench extra: pip install -e .[bench]")
+    pytest.importorskip("pytorch_toolbelt", reason="the bench extra")
     out = tmp_path / "peers.json"
     res = subprocess.run(
         [sys.executable, str(SCRIPTS / "bench_peers.py"), "--quick", "--out", str(out)],

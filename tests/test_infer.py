@@ -354,15 +354,16 @@ def test_cli_infer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 _MEMORY_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     import tilenet, tilenet.io, tilenet.io.tiff, tilenet.instances, zarr, tifffile
     from tilenet.infer import infer_image
     # The reader's decoded-tile cache is a fixed 32 MiB budget that a small image does not
     # fill; switch it off so that only the engine's own memory is compared.
     tilenet.io.tiff.TILE_CACHE_BYTES = 0
     img, ckpt, out = sys.argv[1:4]
-    def peak():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def peak():  # VmHWM: unlike ru_maxrss, not inherited from the parent across exec
+        with open("/proc/self/status") as f:
+            return int(next(ln for ln in f if ln.startswith("VmHWM")).split()[1]) * 1024
     model = tilenet.load_model(ckpt)
     before = peak()
     infer_image(img, ckpt, out, tile=256, batch=4, outputs=["probabilities", "classes"],

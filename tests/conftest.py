@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,3 +41,29 @@ def rgb64(rng: np.random.Generator) -> np.ndarray:
     base = np.stack([yy * 3, xx * 3, (yy + xx) * 2], axis=-1)
     noise = rng.integers(0, 20, size=(64, 80, 3))
     return ((base + noise) % 256).astype(np.uint8)
+
+
+def _kill_after_first_band(cmd: list[str], markers: Path, *, timeout: float = 120) -> int:
+    """Start ``cmd`` (one thread), SIGKILL it once a band marker appears in ``markers``;
+    return how many markers the killed run left."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while not list(markers.glob("region-*.json")):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    return len(list(markers.glob("region-*.json")))
+
+
+@pytest.fixture
+def kill_after_first_band() -> Callable[..., int]:
+    """``kill(cmd, markers_dir) -> bands kept``: a real SIGKILL in the middle of a run."""
+    return _kill_after_first_band

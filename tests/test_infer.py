@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -497,34 +498,18 @@ def _infer_cli(img: Path, ckpt: Path, out: Path) -> list[str]:
     ]
 
 
-def test_sigkill_plain_infer_resumes_identically(tmp_path: Path) -> None:
+def test_sigkill_plain_infer_resumes_identically(
+    tmp_path: Path, kill_after_first_band: Callable[..., int]
+) -> None:
     """``tilenet infer img`` killed with SIGKILL, then the same command: the finished bands
     are kept, the output equals an uninterrupted run bit for bit, no partial data remains."""
-    import signal
-    import time
 
     ckpt = _checkpoint(tmp_path / "m.pt", "tiny")
     img = tmp_path / "img.tif"
     _image(img, 1064, 600)  # 19 x 11 tiles of core 56: a band per grid row, 19 bands
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        _infer_cli(img, ckpt, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    markers = out / ".regions"
-    deadline = time.monotonic() + 120
-    try:
-        while not list(markers.glob("region-*.json")):
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
-    kept = len(list(markers.glob("region-*.json")))
+    kept = kill_after_first_band(_infer_cli(img, ckpt, out), out / ".regions")
     assert 1 <= kept < 19
     assert not (out / "classes.ome.zarr").exists() and not (out / "summary.json").exists()
     assert [p for p in out.iterdir() if ".partial-" in p.name]  # the killed run's work

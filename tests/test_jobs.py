@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +203,9 @@ def _cli(src: Path, ckpt: Path, out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigkill_resume_is_identical(tmp_path: Path) -> None:
+def test_sigkill_resume_is_identical(
+    tmp_path: Path, kill_after_first_band: Callable[..., int]
+) -> None:
     """kill -9 after the first band is recorded; the rerun redoes only the missing bands."""
     ckpt = _checkpoint(tmp_path / "m.pt")
     src = tmp_path / "imgs"
@@ -212,23 +213,7 @@ def test_sigkill_resume_is_identical(tmp_path: Path) -> None:
     _image(src / "huge.tif", 1064, 2048)  # 19 x 37 tiles of core 56 -> 19 bands
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        _cli(src, ckpt, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    markers = out / "huge" / ".regions"
-    deadline = time.monotonic() + 120
-    try:
-        while not list(markers.glob("region-*.json")):
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
-    kept = len(list(markers.glob("region-*.json")))
+    kept = kill_after_first_band(_cli(src, ckpt, out), out / "huge" / ".regions")
     assert 1 <= kept < 19
     assert not (out / "huge" / "classes.ome.zarr").exists()  # nothing looks finished
     assert all(r["status"] != "done" for r in read_manifest(out / "manifest.jsonl").values())

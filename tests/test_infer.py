@@ -531,3 +531,26 @@ def test_sigkill_plain_infer_resumes_identically(
         for k in a.array_keys():
             assert np.asarray(a[k][:]).tobytes() == np.asarray(b[k][:]).tobytes(), (name, k)
     assert json.loads((tmp_path / "ref" / "summary.json").read_text())["regions_resumed"] == 0
+
+
+def test_blend_mode_rerun_over_partial_outputs(tmp_path: Path) -> None:
+    """Blend modes are one band: a rerun over an interrupted run's partial stores recomputes
+    them and equals a fresh run, leaving nothing partial behind."""
+    from tilenet.infer import plan_image, resolve_options
+    from tilenet.io import open_image
+    from tilenet.predictor import Predictor
+
+    ckpt = _checkpoint(tmp_path / "m.pt", "tiny")
+    img = tmp_path / "img.tif"
+    _image(img, 150, 170)
+    opts = {"tile": 64, "mode": "gaussian", "probabilities_dtype": "float32", "device": "cpu"}
+    cfg = resolve_options(opts)
+    with open_image(img) as image:  # what a run killed before its band finished leaves
+        plan = plan_image(image, Predictor(ckpt, cfg).spec, cfg, tmp_path / "out", model=ckpt)
+    assert len(plan.bands) == 1 and plan.pending == [0]
+    assert [p for p in (tmp_path / "out").iterdir() if ".partial-" in p.name]
+    s = infer_image(img, ckpt, tmp_path / "out", **opts)
+    fresh = infer_image(img, ckpt, tmp_path / "fresh", **opts)
+    assert s["regions_resumed"] == 0 and s["class_area_px"] == fresh["class_area_px"]
+    np.testing.assert_array_equal(_probs(tmp_path / "out"), _probs(tmp_path / "fresh"))
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]

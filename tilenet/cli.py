@@ -127,6 +127,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"compression: {info['compression'] or 'none'}")
     if info["pixel_size"]:
         print(f"pixel size:  {info['pixel_size'][0]:g} x {info['pixel_size'][1]:g} um")
+    if info["crs"] or info["transform"]:
+        crs = f"EPSG:{info['epsg']}" if info["epsg"] else (info["crs"] or "none").splitlines()[0]
+        print(f"crs:         {crs[:100]}")
+        coefs = ", ".join(f"{v:.10g}" for v in info["transform"] or [])
+        print(f"transform:   {coefs}  (GDAL order)")
+        if info["gsd"]:
+            units = info["crs_units"] or "CRS units"
+            print(f"gsd:         {info['gsd'][0]:g} x {info['gsd'][1]:g} {units}")
+    if info["nodata"] is not None:
+        print(f"nodata:      {info['nodata']:g}")
+    if info["bands"]:
+        print(f"bands:       {', '.join(info['bands'])}")
     print("levels:")
     for i, (shape, ds, ch) in enumerate(
         zip(info["levels"], info["downsamples"], info["chunks"], strict=True)

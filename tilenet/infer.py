@@ -333,6 +333,7 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
     n_run = sum(int(r["tiles_run"]) for r in records)
     tiles_s = sum(float(r["seconds"]) for r in records)
     px_area = math.prod(plan.pixel_size) if plan.pixel_size else None
+    geo = _georef(image, plan.downsample)
     devices = sorted({str(r.get("device")) for r in records})
 
     def total(key: str) -> float:
@@ -363,6 +364,19 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
         "class_area_um2": (
             {n: float(a * px_area) for n, a in zip(names, area, strict=True)} if px_area else None
         ),
+        **(
+            {
+                "crs": geo["crs"],
+                "epsg": geo["epsg"],
+                "crs_units": geo["crs_units"],
+                "transform": geo["transform"],
+                "class_area_crs2": {
+                    n: float(a * geo["pixel_area"]) for n, a in zip(names, area, strict=True)
+                },
+            }
+            if geo
+            else {}
+        ),
         "instances": n_inst
         and {
             "count": int(n_inst["count"]),
@@ -386,6 +400,24 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
         "outputs": {name: str(p) for name, p in paths.items()},
     }
     return plan.outputs.publish(summary, cfg)
+
+
+def _georef(image: Any, downsample: tuple[float, float]) -> dict[str, Any] | None:
+    """The CRS, the transform of the level run (GDAL order) and a pixel's area in CRS units²."""
+    transform = getattr(image, "transform", None)
+    if transform is None:
+        return None
+    from tilenet.io.raster import describe_georef, scaled_transform
+
+    t = scaled_transform(transform, downsample)
+    info = describe_georef(image.crs, t)
+    return {
+        "crs": image.crs,
+        "epsg": info["epsg"],
+        "crs_units": info["crs_units"],
+        "transform": list(t),
+        "pixel_area": abs(t[1] * t[5] - t[2] * t[4]),
+    }
 
 
 # -- one image, in this process ---------------------------------------------------------------

@@ -10,7 +10,8 @@
   band of grid rows (``region-NNNNN.json``), written atomically only after all of the band's
   chunks are on disk;
 * finalize: pyramids, renames, the OME-TIFF, preview, instances and GeoJSON made from the
-  finished class map, then ``config.yaml`` and ``summary.json``, and the resume state removed.
+  finished class map (and for a georeferenced input ``classes.tif``, a Cloud-Optimized
+  GeoTIFF in the input's CRS), then ``config.yaml`` and ``summary.json``, and the resume state removed.
 
 The output chunks are the grid's cores, so bands of whole grid rows write disjoint chunks:
 any number of processes may fill the same partial stores without locks (batch jobs on dask).
@@ -233,7 +234,8 @@ class OutputSet:
         downsample: tuple[float, float],
         pixel_size: tuple[float, float] | None,
     ) -> tuple[dict[str, Path], dict[str, Any] | None]:
-        """Pyramids and renames, then the OME-TIFF, preview, instances and GeoJSON.
+        """Pyramids and renames, then the OME-TIFF, preview, instances and GeoJSON; for a
+        georeferenced ``image`` also ``classes.tif``, a COG in its CRS.
 
         Returns the output paths and the instance counts (None when instances were not made).
         """
@@ -255,6 +257,8 @@ class OutputSet:
                 method="mode",
                 pixel_size=pixel_size,
             )
+            if getattr(image, "transform", None) is not None:
+                paths["classes_geotiff"] = _write_classes_cog(out, classes["0"], image, downsample)
         if "preview" in want:
             # The overlay needs the image at the inferred level; only level 0 is addressable
             # as its own source, so other levels preview the class map alone.
@@ -294,6 +298,21 @@ class OutputSet:
         remove_path(self.state_dir)
         remove_path(self.spill_dir())
         return summary
+
+
+def _write_classes_cog(
+    out: Path, classes: Any, image: Any, downsample: tuple[float, float]
+) -> Path:
+    """``classes.tif``: the class map as a COG in the input's CRS, scaled to the level run."""
+    from tilenet.io.raster import scaled_transform, write_cog
+
+    return write_cog(
+        out / "classes.tif",
+        classes,
+        crs=image.crs,
+        transform=scaled_transform(image.transform, downsample),
+        resampling="mode",
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

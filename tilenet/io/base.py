@@ -43,6 +43,15 @@ class LazyImage(ABC):
     #: Physical pixel size (y, x) in micrometres at level 0, where the file says it.
     pixel_size: tuple[float, float] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: Georeferencing (georeferenced rasters only, else None): the CRS as WKT, and the
+    #: geotransform of level 0 in GDAL order ``(x0, dx, rx, y0, ry, dy)``: pixel (row, col)'s
+    #: corner is at ``x = x0 + col*dx + row*rx``, ``y = y0 + col*ry + row*dy``.
+    crs: str | None = None
+    transform: tuple[float, ...] | None = None
+    #: The value that marks pixels without data, where the file declares one.
+    nodata: float | None = None
+    #: One name per channel, where the file names them.
+    band_names: list[str] | None = None
 
     # -- description --------------------------------------------------------------------
     @property
@@ -76,7 +85,20 @@ class LazyImage(ABC):
             "chunks": [list(lv.chunks) if lv.chunks else None for lv in self.levels],
             "compression": self.compression,
             "pixel_size": list(self.pixel_size) if self.pixel_size else None,
+            **self._geo_info(),
         }
+
+    def _geo_info(self) -> dict[str, Any]:
+        geo: dict[str, Any] = {"crs": self.crs, "epsg": None, "crs_units": None}
+        geo["transform"] = list(self.transform) if self.transform else None
+        geo["gsd"] = None
+        if self.crs is not None or self.transform is not None:
+            from tilenet.io.raster import describe_georef
+
+            geo.update(describe_georef(self.crs, self.transform))
+        geo["nodata"] = self.nodata
+        geo["bands"] = list(self.band_names) if self.band_names else None
+        return geo
 
     # -- reading ------------------------------------------------------------------------
     def read(self, window: Window, level: int = 0, *, fill: float = 0) -> np.ndarray:

@@ -8,6 +8,7 @@ Every raster here is written by GDAL itself (through rasterio) in a projected CR
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +20,15 @@ import rasterio.shutil
 import tifffile
 import zarr
 from rasterio.enums import Resampling
+from rasterio.env import get_gdal_config
 from rasterio.transform import from_origin
 
 from tilenet.cli import main
 from tilenet.errors import UnsupportedFormatError
 from tilenet.geometry import Window
 from tilenet.io import open_image
+from tilenet.io.raster import GDAL_CACHE_BYTES, write_cog
+from tilenet.outputs import CLASSES_NODATA
 
 ORIGIN = (500_000.0, 4_600_000.0)
 GSD = 10.0
@@ -91,6 +95,8 @@ def test_geotiff_opens_with_rasterio_and_reads_windows(tmp_path: Path) -> None:
         assert [lv.shape for lv in img.levels] == [(200, 300), (100, 150), (50, 75)]
         assert [lv.downsample for lv in img.levels] == [(1.0, 1.0), (2.0, 2.0), (4.0, 4.0)]
         assert img.chunks == (64, 64)
+        if "GDAL_CACHEMAX" not in os.environ:  # GDAL's cache is bounded (default: 5 % of RAM)
+            assert get_gdal_config("GDAL_CACHEMAX") == GDAL_CACHE_BYTES
         np.testing.assert_array_equal(img.read(Window(30, 40, 50, 70)), hwc[30:80, 40:110])
         # Past the edge: zero-filled, like every reader.
         edge = img.read(Window(190, 290, 20, 20))
@@ -224,9 +230,16 @@ def test_infer_writes_cog_in_input_crs(tmp_path: Path) -> None:
         assert dst.crs == src.crs and dst.crs.to_epsg() == EPSG
         assert dst.transform == src.transform
         assert (dst.height, dst.width) == (src.height, src.width)
+        assert dst.nodata == CLASSES_NODATA
         written = dst.read(1)
+        valid = dst.dataset_mask() > 0
+        assert src.nodata == 0
+        np.testing.assert_array_equal(valid, src.dataset_mask() > 0)  # nodata area matches
     expected = zarr.open_group(out / "classes.ome.zarr", mode="r")["0"][:]
-    np.testing.assert_array_equal(written, expected)
+    assert (~valid).sum() == 16 * 24 and not valid[:16, :24].any()
+    assert (written[:16, :24] == CLASSES_NODATA).all()
+    np.testing.assert_array_equal(written[valid], expected[valid])
+    assert expected.max() < CLASSES_NODATA
     assert summary["epsg"] == EPSG and summary["crs_units"] == "metre"
     assert summary["transform"] == [ORIGIN[0], GSD, 0.0, ORIGIN[1], 0.0, -GSD]
     area = summary["class_area_crs2"]
@@ -246,7 +259,25 @@ def test_infer_at_overview_level_scales_transform(tmp_path: Path) -> None:
     with rasterio.open(out / "classes.tif") as dst:
         assert (dst.height, dst.width) == (128, 128)
         assert dst.transform == from_origin(*ORIGIN, 2 * GSD, 2 * GSD)
+        assert (dst.read(1)[:8, :12] == CLASSES_NODATA).all()
+        assert (dst.dataset_mask() == 0).sum() == 8 * 12
     assert summary["transform"] == [ORIGIN[0], 2 * GSD, 0.0, ORIGIN[1], 0.0, -2 * GSD]
+
+
+def test_write_cog_out_of_core_from_zarr(tmp_path: Path) -> None:
+    arr = zarr.open_array(
+        tmp_path / "a.zarr", mode="w", shape=(1100, 1300), chunks=(256, 256), dtype="uint8"
+    )
+    data = (np.arange(1100 * 1300) % 7).astype(np.uint8).reshape(1100, 1300)
+    arr[:] = data
+    t = (ORIGIN[0], GSD, 0.0, ORIGIN[1], 0.0, -GSD)
+    p = write_cog(tmp_path / "x.tif", arr, crs=f"EPSG:{EPSG}", transform=t)
+    _assert_cog(p)
+    with rasterio.open(p) as ds:
+        assert ds.overviews(1) == [2, 4]
+        assert ds.transform.to_gdal() == t and ds.crs.to_epsg() == EPSG
+        np.testing.assert_array_equal(ds.read(1), data)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["a.zarr", "x.tif"]
 
 
 def test_plain_tiff_infer_makes_no_geotiff(tmp_path: Path) -> None:

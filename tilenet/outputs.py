@@ -35,11 +35,13 @@ from tilenet.fsutil import remove_path, write_text_atomic
 from tilenet.io.writers import OmeZarrWriter, write_ome_tiff, write_preview_png
 from tilenet.stitch import OutputSink
 
-__all__ = ["STATE_DIR", "OutputSet"]
+__all__ = ["CLASSES_NODATA", "STATE_DIR", "OutputSet"]
 
 #: Resume state beside the outputs (removed when the outputs are complete).
 STATE_DIR = ".regions"
 _KEY_FILE = "key.json"
+#: The class value of ``classes.tif`` pixels where the input had no data.
+CLASSES_NODATA = 255
 #: How each store's pyramid levels are downsampled.
 _METHODS = {"probabilities": "mean", "classes": "mode"}
 
@@ -258,7 +260,9 @@ class OutputSet:
                 pixel_size=pixel_size,
             )
             if getattr(image, "transform", None) is not None:
-                paths["classes_geotiff"] = _write_classes_cog(out, classes["0"], image, downsample)
+                paths["classes_geotiff"] = _write_classes_cog(
+                    out, classes["0"], image, cfg.level, downsample, self.num_classes
+                )
         if "preview" in want:
             # The overlay needs the image at the inferred level; only level 0 is addressable
             # as its own source, so other levels preview the class map alone.
@@ -301,16 +305,37 @@ class OutputSet:
 
 
 def _write_classes_cog(
-    out: Path, classes: Any, image: Any, downsample: tuple[float, float]
+    out: Path,
+    classes: Any,
+    image: Any,
+    level: int,
+    downsample: tuple[float, float],
+    num_classes: int,
 ) -> Path:
-    """``classes.tif``: the class map as a COG in the input's CRS, scaled to the level run."""
+    """``classes.tif``: the class map as a COG in the input's CRS, scaled to the level run.
+
+    Where the input declares nodata, pixels whose bands are all nodata get
+    :data:`CLASSES_NODATA` (the COG's nodata value) instead of a class.
+    """
+    import numpy as np
+
     from tilenet.io.raster import scaled_transform, write_cog
 
+    nodata = image.nodata
+
+    def missing(window: Any) -> Any:
+        pixels = image.read(window, level, fill=nodata)
+        none = np.isnan(pixels) if np.isnan(nodata) else pixels == nodata
+        return np.all(none, axis=-1)
+
+    mask = missing if nodata is not None and num_classes <= CLASSES_NODATA else None
     return write_cog(
         out / "classes.tif",
         classes,
         crs=image.crs,
         transform=scaled_transform(image.transform, downsample),
+        nodata=CLASSES_NODATA if mask is not None else None,
+        nodata_mask=mask,
         resampling="mode",
     )
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,12 @@ import numpy as np
 from tilenet.config import ReaderConfig
 from tilenet.errors import CorruptImageError, InputError, TilenetError, UnsupportedFormatError
 from tilenet.fsutil import atomic_output, remove_path, tmp_sibling
-from tilenet.geometry import Window
+from tilenet.geometry import Window, iter_blocks
 from tilenet.io.base import LazyImage, Level
 from tilenet.io.sniff import check_chunk, check_pixels, level_downsample
 
 __all__ = [
+    "GDAL_CACHE_BYTES",
     "GEOTIFF_TAGS",
     "RasterImage",
     "describe_georef",
@@ -45,6 +47,11 @@ __all__ = [
 #: TIFF tags that make a TIFF georeferenced: ModelPixelScale, ModelTiepoint,
 #: ModelTransformation, GeoKeyDirectory.
 GEOTIFF_TAGS = (33550, 33922, 34264, 34735)
+
+#: GDAL's block cache for tilenet's reads and writes (GDAL's default is 5 % of RAM), set once
+#: before the first raster is opened unless ``GDAL_CACHEMAX`` is set in the environment.
+GDAL_CACHE_BYTES = 64 * 2**20
+_CACHE_SET = False
 
 #: Block size of the COGs written (and of the temporary GeoTIFF they are made from).
 _COG_BLOCK = 512
@@ -149,6 +156,7 @@ def open_raster(
     import rasterio
 
     p = Path(path)
+    _bound_gdal_cache()
     try:
         ds = rasterio.open(p)
     except Exception as exc:
@@ -220,15 +228,19 @@ def write_cog(
     crs: str | None,
     transform: tuple[float, ...] | None,
     nodata: float | None = None,
+    nodata_mask: Callable[[Window], np.ndarray] | None = None,
     resampling: str = "mode",
     compress: str = "deflate",
 ) -> Path:
     """Write a 2-D array-like (numpy, zarr) as a Cloud-Optimized GeoTIFF, out of core.
 
     ``transform`` is in GDAL order. The array is copied block by block into a temporary tiled
-    GeoTIFF beside ``path``, which GDAL's COG driver then lays out (tiles, overviews made with
-    ``resampling``, ``LAYOUT=COG``) under a temporary name renamed into place on success.
-    Memory: one block row of the array, plus GDAL's block cache.
+    GeoTIFF beside ``path``; there ``nodata_mask(window)`` (a bool (h, w) array, True where
+    the pixel has no data), when given, sets pixels to ``nodata``. GDAL's COG driver then lays
+    it out (tiles, overviews made with ``resampling`` that skip nodata, ``LAYOUT=COG``) under
+    a temporary name renamed into place on success. GDAL makes overviews down to one
+    block, so an image within 512 x 512 pixels has none. Memory: one 512 x 512 block, plus
+    GDAL's block cache.
     """
     import rasterio
     import rasterio.shutil
@@ -238,6 +250,8 @@ def write_cog(
     final = Path(path)
     if len(array.shape) != 2:
         raise InputError(f"{final}: write_cog takes a 2-D array, got shape {array.shape}")
+    if nodata_mask is not None and nodata is None:
+        raise InputError(f"{final}: a nodata mask needs a nodata value")
     h, w = (int(n) for n in array.shape)
     dtype = np.dtype(array.dtype)
     profile: dict[str, Any] = {
@@ -258,13 +272,16 @@ def write_cog(
     }
     staging = tmp_sibling(final.with_name(final.name + ".staging.tif"))
     remove_path(staging)
+    _bound_gdal_cache()
     try:
-        with rasterio.Env(), rasterio.open(staging, "w", **profile) as dst:
-            for y in range(0, h, _COG_BLOCK):
-                rows = min(_COG_BLOCK, h - y)
-                block = np.asarray(array[y : y + rows, :]).astype(dtype, copy=False)
-                dst.write(block, 1, window=RioWindow(0, y, w, rows))
-        with atomic_output(final) as tmp, rasterio.Env():
+        with rasterio.open(staging, "w", **profile) as dst:
+            for window in iter_blocks((h, w), _COG_BLOCK):
+                block = np.array(array[window.slices], dtype=dtype)
+                if nodata_mask is not None:
+                    block[nodata_mask(window)] = nodata
+                rio = RioWindow(window.x, window.y, window.w, window.h)
+                dst.write(block, 1, window=rio)
+        with atomic_output(final) as tmp:
             rasterio.shutil.copy(
                 staging,
                 tmp,
@@ -277,3 +294,15 @@ def write_cog(
     finally:
         remove_path(staging)
     return final
+
+
+def _bound_gdal_cache() -> None:
+    """Cap GDAL's block cache (default: 5 % of RAM) at :data:`GDAL_CACHE_BYTES`, unless the
+    user set ``GDAL_CACHEMAX``. GDAL reads the setting once, before its first block IO."""
+    global _CACHE_SET
+    if _CACHE_SET or "GDAL_CACHEMAX" in os.environ:
+        return
+    from rasterio.env import set_gdal_config
+
+    set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_BYTES)
+    _CACHE_SET = True

@@ -190,6 +190,7 @@ def _tiny_checkpoint(path: Path) -> Path:
 
 
 def _infer(tmp_path: Path, img: Path, *extra: str) -> tuple[Path, dict[str, object]]:
+    tmp_path.mkdir(exist_ok=True)
     out = tmp_path / "out"
     ckpt = _tiny_checkpoint(tmp_path / "m.pt")
     argv = ["infer", str(img), "--model", str(ckpt), "--out", str(out)]
@@ -278,6 +279,38 @@ def test_write_cog_out_of_core_from_zarr(tmp_path: Path) -> None:
         assert ds.transform.to_gdal() == t and ds.crs.to_epsg() == EPSG
         np.testing.assert_array_equal(ds.read(1), data)
     assert sorted(q.name for q in tmp_path.iterdir()) == ["a.zarr", "x.tif"]
+
+
+def test_bands_pick_and_order_input_channels(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    four = tmp_path / "four.tif"
+    data = _raster(four, 80, 96, count=4, dtype="uint16", nodata=None, overviews=())
+    data[3] += 7  # band 4 differs from band 1
+    with rasterio.open(four, "r+") as ds:
+        ds.write(data)
+    three = tmp_path / "three.tif"
+    with rasterio.open(four) as ds:
+        profile = {**ds.profile, "count": 3}
+    with rasterio.open(three, "w", **profile) as dst:
+        dst.write(data[[3, 1, 0]])
+    with open_image(four) as img:
+        view = img.select_bands([4, 2, 1])
+        assert view.channels == 3 and view.band_names == ["b3", "b1", "b0"]
+        np.testing.assert_array_equal(
+            view.read(Window(-3, 5, 20, 20)), img.read(Window(-3, 5, 20, 20))[:, :, [3, 1, 0]]
+        )
+    out_a, _ = _infer(tmp_path / "a", four, "--bands", "4,2,1")
+    out_b, _ = _infer(tmp_path / "b", three)
+    with rasterio.open(out_a / "classes.tif") as a, rasterio.open(out_b / "classes.tif") as b:
+        np.testing.assert_array_equal(a.read(1), b.read(1))
+    capsys.readouterr()
+    ckpt = tmp_path / "a" / "m.pt"
+    argv = ["infer", str(four), "--model", str(ckpt), "--out", str(tmp_path / "c")]
+    assert main([*argv, "--bands", "1,2,5"]) == 2
+    assert "bands [5] do not exist; the image has bands 1..4 (b0, b1, b2, b3)" in (
+        capsys.readouterr().err
+    )
 
 
 def test_plain_tiff_infer_makes_no_geotiff(tmp_path: Path) -> None:

@@ -341,6 +341,11 @@ def _add_infer(sub: Any) -> None:
         "--level", type=int, help=f"pyramid level to run on ({_default(InferConfig, 'level')})"
     )
     p.add_argument(
+        "--bands",
+        type=_int_list,
+        help="input bands for the model, 1-based, in the model's order, e.g. 4,3,2 (all)",
+    )
+    p.add_argument(
         "--batch", type=int, help=f"tiles per forward pass ({_default(InferConfig, 'batch')})"
     )
     p.add_argument(
@@ -423,6 +428,15 @@ def _comma_list(text: str) -> list[str]:
     return [o.strip() for o in text.split(",") if o.strip()]
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(o) for o in _comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated band numbers, got {text!r}"
+        ) from None
+
+
 #: Flags of ``tilenet infer`` by the config section whose key of the same name they set.
 INFER_FLAGS: dict[str, Sequence[str]] = {
     "infer": (
@@ -431,6 +445,7 @@ INFER_FLAGS: dict[str, Sequence[str]] = {
         "overlap",
         "halo",
         "level",
+        "bands",
         "batch",
         "device",
         "precision",

@@ -55,6 +55,7 @@ __all__ = [
     "plan_image",
     "resolve_options",
     "run_band",
+    "select_input_bands",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,16 @@ REGION_TILES = JobsConfig.region_tiles
 
 #: Options that change how fast, not what is computed (left out of the resume key).
 _NOT_HASHED = ("readers", "device", "heap")
+
+
+def select_input_bands(image: Any, cfg: InferConfig) -> Any:
+    """``image`` with the input bands (channels) ``cfg.bands`` picked, once; as is without.
+
+    (Spectral bands of the input, not the row bands a plan is run in.)
+    """
+    if not cfg.bands or image.metadata.get("bands") == list(cfg.bands):
+        return image
+    return image.select_bands(list(cfg.bands))
 
 
 # -- options --------------------------------------------------------------------------------
@@ -162,7 +173,7 @@ class ImagePlan:
         """Open the input image (a context manager), with the plan's reader limits."""
         from tilenet.io import open_image
 
-        return open_image(self.input, **asdict(self.reader))
+        return select_input_bands(open_image(self.input, **asdict(self.reader)), self.config)
 
     @property
     def pending(self) -> list[int]:
@@ -199,6 +210,7 @@ def plan_image(
     """
     t0 = time.time()
     spec = ModelSpec.coerce(spec)
+    image = select_input_bands(image, cfg)
     if not 0 <= cfg.level < len(image.levels):
         raise InputError(
             f"{image.path}: level {cfg.level} does not exist; the image has levels "
@@ -272,6 +284,7 @@ def run_band(
     on_tiles: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Run band ``band`` of ``plan`` into its partial stores; record and return it as done."""
+    image = select_input_bands(image, plan.config)
     tiles = plan.tiles(band)
     sink = plan.outputs.sink()
     stitcher: CropStitcher | BlendStitcher
@@ -316,6 +329,7 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
     """Finalize the outputs of a plan whose bands are all done; write and return the summary."""
     from tilenet import __version__
 
+    image = select_input_bands(image, plan.config)
     records = plan.outputs.band_records(plan.bands)
     cfg, spec = plan.config, plan.spec
     names = list(spec.class_names)

@@ -17,7 +17,7 @@ import numpy as np
 from tilenet.errors import CorruptImageError, InputError
 from tilenet.geometry import Window, spans
 
-__all__ = ["LazyImage", "Level"]
+__all__ = ["BandSelection", "LazyImage", "Level"]
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,32 @@ class LazyImage(ABC):
             block, dtype=self.dtype, chunks=(ych, xch, (self.channels,)), meta=np.empty((0, 0, 0))
         )
 
+    def select_bands(self, bands: list[int]) -> BandSelection:
+        """A view with the channels ``bands`` (1-based, GDAL's numbering), in that order."""
+        n = self.channels
+        bad = [b for b in bands if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= n]
+        if not bands or bad:
+            names = f" ({', '.join(self.band_names)})" if self.band_names else ""
+            raise InputError(
+                f"{self.path}: bands {bad or bands} do not exist; the image has bands 1..{n}{names}"
+            )
+        return BandSelection(
+            path=self.path,
+            format=self.format,
+            dtype=self.dtype,
+            channels=len(bands),
+            levels=self.levels,
+            compression=self.compression,
+            pixel_size=self.pixel_size,
+            metadata={**self.metadata, "bands": list(bands)},
+            crs=self.crs,
+            transform=self.transform,
+            nodata=self.nodata,
+            band_names=[self.band_names[b - 1] for b in bands] if self.band_names else None,
+            source=self,
+            indices=[b - 1 for b in bands],
+        )
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
 
@@ -173,3 +199,23 @@ class LazyImage(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass
+class BandSelection(LazyImage):
+    """Some channels of another image, in a chosen order (:meth:`LazyImage.select_bands`).
+
+    Reads decode the source's window with all its channels, then keep the chosen ones.
+    Closing the selection closes the source.
+    """
+
+    source: LazyImage | None = field(default=None, repr=False)
+    indices: list[int] = field(default_factory=list)
+
+    def _read(self, window: Window, level: int) -> np.ndarray:
+        assert self.source is not None
+        return self.source.read(window, level)[:, :, self.indices]
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import tifffile
 import zarr
 from rasterio.enums import Resampling
 from rasterio.env import get_gdal_config
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_origin
 
 from tilenet.cli import main
@@ -152,6 +154,16 @@ def test_formats_only_gdal_reads(tmp_path: Path) -> None:
             np.testing.assert_array_equal(
                 img.read(Window(20, 20, 30, 30)), np.moveaxis(data, 0, -1)[20:50, 20:50]
             )
+        plain = tmp_path / "plain.jp2"  # no georeferencing: no warning (warnings are errors)
+        with warnings.catch_warnings():  # rasterio warns when writing it
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(
+                plain, "w", driver="JP2OpenJPEG", width=40, height=30, count=1, dtype="uint8"
+            ) as dst:
+                dst.write(np.full((1, 30, 40), 9, np.uint8))
+        with open_image(plain) as img:
+            assert img.transform is None and img.crs is None and img.info()["gsd"] is None
+            assert (img.read(Window(0, 0, 30, 40)) == 9).all()
     text = tmp_path / "grid.xyz"
     text.write_text("0 0 1\n1 0 2\n")
     with pytest.raises(UnsupportedFormatError, match="not a TIFF"):

@@ -15,10 +15,12 @@ rasterio is imported lazily: importing :mod:`tilenet.io` stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,16 @@ _COG_BLOCK = 512
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _quiet_georef() -> Iterator[None]:
+    """No NotGeoreferencedWarning: a raster without a transform is fine (``transform`` None)."""
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        yield
 
 
 def is_geotiff(tags: Any) -> bool:
@@ -129,7 +141,8 @@ class RasterImage(LazyImage):
             ds = self._handles.get(key)
         if ds is None:
             kw = {"overview_level": self._overviews[level - 1]} if level else {}
-            ds = rasterio.open(self.path, **kw)
+            with _quiet_georef():
+                ds = rasterio.open(self.path, **kw)
             with self._lock:
                 self._handles[key] = ds
         return ds
@@ -158,11 +171,12 @@ def open_raster(
     p = Path(path)
     _bound_gdal_cache()
     try:
-        ds = rasterio.open(p)
+        with _quiet_georef():
+            ds = rasterio.open(p)
     except Exception as exc:
         raise CorruptImageError(f"{p}: not a raster GDAL can read: {_first_line(exc)}") from exc
     try:
-        with ds:
+        with ds, _quiet_georef():
             return _describe(p, ds, rasterio, max_pixels=max_pixels)
     except TilenetError:
         raise

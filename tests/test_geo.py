@@ -258,8 +258,12 @@ def test_infer_writes_cog_in_input_crs(tmp_path: Path) -> None:
     area = summary["class_area_crs2"]
     px = summary["class_area_px"]
     assert isinstance(area, dict) and isinstance(px, dict)
-    assert area == {k: v * GSD * GSD for k, v in px.items()}
-    assert sum(area.values()) == h * w * GSD * GSD
+    # Areas of classes.tif's classes: the nodata area is left out and counted apart.
+    counts = np.bincount(written[valid], minlength=3)
+    assert area == {k: float(n) * GSD * GSD for k, n in zip(px, counts, strict=True)}
+    assert summary["nodata_area_crs2"] == 16 * 24 * GSD * GSD
+    assert sum(area.values()) == (h * w - 16 * 24) * GSD * GSD
+    assert sum(px.values()) == h * w  # pixel counts stay those of the whole class map
     assert summary["class_area_um2"] is None
     assert summary["outputs"]["classes_geotiff"] == str(cog)  # type: ignore[index]
     assert not [p.name for p in out.iterdir() if ".partial-" in p.name or "staging" in p.name]

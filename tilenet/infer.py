@@ -384,9 +384,12 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
                 "epsg": geo["epsg"],
                 "crs_units": geo["crs_units"],
                 "transform": geo["transform"],
+                # From classes.tif where it was written: the input's nodata area left out.
                 "class_area_crs2": {
-                    n: float(a * geo["pixel_area"]) for n, a in zip(names, area, strict=True)
+                    n: float(a * geo["pixel_area"])
+                    for n, a in zip(names, plan.outputs.geotiff_area_px or area, strict=True)
                 },
+                "nodata_area_crs2": float(plan.outputs.geotiff_nodata_px * geo["pixel_area"]),
             }
             if geo
             else {}

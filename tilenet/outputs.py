@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tilenet.config import InferConfig, to_yaml
 from tilenet.errors import InputError
 from tilenet.fsutil import remove_path, write_text_atomic
@@ -61,6 +63,10 @@ class OutputSet:
     probabilities_dtype: str
     #: Band indices whose markers were found valid when prepared (work a rerun keeps).
     resumed: list[int] = field(default_factory=list)
+    #: After :meth:`finalize` wrote ``classes.tif`` (georeferenced input): its pixels per
+    #: class, and its nodata pixels (the input's nodata area; 0 when it declares none).
+    geotiff_area_px: list[int] | None = None
+    geotiff_nodata_px: int = 0
 
     # -- making -----------------------------------------------------------------------------
     @classmethod
@@ -260,9 +266,12 @@ class OutputSet:
                 pixel_size=pixel_size,
             )
             if getattr(image, "transform", None) is not None:
+                hist = np.zeros(256, dtype=np.int64)
                 paths["classes_geotiff"] = _write_classes_cog(
-                    out, classes["0"], image, cfg.level, downsample, self.num_classes
+                    out, classes["0"], image, cfg.level, downsample, self.num_classes, hist
                 )
+                self.geotiff_area_px = [int(n) for n in hist[: self.num_classes]]
+                self.geotiff_nodata_px = int(hist[CLASSES_NODATA])
         if "preview" in want:
             # The overlay needs the image at the inferred level; only level 0 is addressable
             # as its own source, so other levels preview the class map alone.
@@ -311,14 +320,13 @@ def _write_classes_cog(
     level: int,
     downsample: tuple[float, float],
     num_classes: int,
+    histogram: Any,
 ) -> Path:
     """``classes.tif``: the class map as a COG in the input's CRS, scaled to the level run.
 
     Where the input declares nodata, pixels whose bands are all nodata get
     :data:`CLASSES_NODATA` (the COG's nodata value) instead of a class.
     """
-    import numpy as np
-
     from tilenet.io.raster import scaled_transform, write_cog
 
     nodata = image.nodata
@@ -336,6 +344,7 @@ def _write_classes_cog(
         transform=scaled_transform(image.transform, downsample),
         nodata=CLASSES_NODATA if mask is not None else None,
         nodata_mask=mask,
+        histogram=histogram,
         resampling="mode",
     )
 

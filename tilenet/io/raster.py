@@ -243,6 +243,7 @@ def write_cog(
     transform: tuple[float, ...] | None,
     nodata: float | None = None,
     nodata_mask: Callable[[Window], np.ndarray] | None = None,
+    histogram: np.ndarray | None = None,
     resampling: str = "mode",
     compress: str = "deflate",
 ) -> Path:
@@ -250,7 +251,9 @@ def write_cog(
 
     ``transform`` is in GDAL order. The array is copied block by block into a temporary tiled
     GeoTIFF beside ``path``; there ``nodata_mask(window)`` (a bool (h, w) array, True where
-    the pixel has no data), when given, sets pixels to ``nodata``. GDAL's COG driver then lays
+    the pixel has no data), when given, sets pixels to ``nodata``; ``histogram`` (integer,
+    one bin per value of an unsigned ``array``), when given, counts the values written, nodata
+    included. GDAL's COG driver then lays
     it out (tiles, overviews made with ``resampling`` that skip nodata, ``LAYOUT=COG``) under
     a temporary name renamed into place on success. GDAL makes overviews down to one
     block, so an image within 512 x 512 pixels has none. Memory: one 512 x 512 block, plus
@@ -293,6 +296,8 @@ def write_cog(
                 block = np.array(array[window.slices], dtype=dtype)
                 if nodata_mask is not None:
                     block[nodata_mask(window)] = nodata
+                if histogram is not None:
+                    histogram += np.bincount(block.ravel(), minlength=len(histogram))
                 rio = RioWindow(window.x, window.y, window.w, window.h)
                 dst.write(block, 1, window=rio)
         with atomic_output(final) as tmp:

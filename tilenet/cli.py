@@ -127,6 +127,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"compression: {info['compression'] or 'none'}")
     if info["pixel_size"]:
         print(f"pixel size:  {info['pixel_size'][0]:g} x {info['pixel_size'][1]:g} um")
+    if info["crs"] or info["transform"]:
+        crs = f"EPSG:{info['epsg']}" if info["epsg"] else (info["crs"] or "none").splitlines()[0]
+        print(f"crs:         {crs[:100]}")
+        coefs = ", ".join(f"{v:.10g}" for v in info["transform"] or [])
+        print(f"transform:   {coefs}  (GDAL order)")
+        if info["gsd"]:
+            units = info["crs_units"] or "CRS units"
+            print(f"gsd:         {info['gsd'][0]:g} x {info['gsd'][1]:g} {units}")
+    if info["nodata"] is not None:
+        print(f"nodata:      {info['nodata']:g}")
+    if info["bands"]:
+        print(f"bands:       {', '.join(info['bands'])}")
     print("levels:")
     for i, (shape, ds, ch) in enumerate(
         zip(info["levels"], info["downsamples"], info["chunks"], strict=True)
@@ -329,6 +341,11 @@ def _add_infer(sub: Any) -> None:
         "--level", type=int, help=f"pyramid level to run on ({_default(InferConfig, 'level')})"
     )
     p.add_argument(
+        "--bands",
+        type=_int_list,
+        help="input bands for the model, 1-based, in the model's order, e.g. 4,3,2 (all)",
+    )
+    p.add_argument(
         "--batch", type=int, help=f"tiles per forward pass ({_default(InferConfig, 'batch')})"
     )
     p.add_argument(
@@ -411,6 +428,15 @@ def _comma_list(text: str) -> list[str]:
     return [o.strip() for o in text.split(",") if o.strip()]
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(o) for o in _comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated band numbers, got {text!r}"
+        ) from None
+
+
 #: Flags of ``tilenet infer`` by the config section whose key of the same name they set.
 INFER_FLAGS: dict[str, Sequence[str]] = {
     "infer": (
@@ -419,6 +445,7 @@ INFER_FLAGS: dict[str, Sequence[str]] = {
         "overlap",
         "halo",
         "level",
+        "bands",
         "batch",
         "device",
         "precision",

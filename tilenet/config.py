@@ -178,6 +178,9 @@ class InferConfig:
     #: Crop-mode halo override in pixels; by default the model's receptive field.
     halo: int | None = None
     level: int = 0
+    #: Input bands for the model, 1-based and in the model's order (e.g. [4, 3, 2]); all when
+    #: None.
+    bands: list[int] | None = None
     batch: int = 4
     device: str = "auto"
     precision: Precision = "fp32"

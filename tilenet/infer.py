@@ -55,6 +55,7 @@ __all__ = [
     "plan_image",
     "resolve_options",
     "run_band",
+    "select_input_bands",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,16 @@ REGION_TILES = JobsConfig.region_tiles
 
 #: Options that change how fast, not what is computed (left out of the resume key).
 _NOT_HASHED = ("readers", "device", "heap")
+
+
+def select_input_bands(image: Any, cfg: InferConfig) -> Any:
+    """``image`` with the input bands (channels) ``cfg.bands`` picked, once; as is without.
+
+    (Spectral bands of the input, not the row bands a plan is run in.)
+    """
+    if not cfg.bands or image.metadata.get("bands") == list(cfg.bands):
+        return image
+    return image.select_bands(list(cfg.bands))
 
 
 # -- options --------------------------------------------------------------------------------
@@ -162,7 +173,7 @@ class ImagePlan:
         """Open the input image (a context manager), with the plan's reader limits."""
         from tilenet.io import open_image
 
-        return open_image(self.input, **asdict(self.reader))
+        return select_input_bands(open_image(self.input, **asdict(self.reader)), self.config)
 
     @property
     def pending(self) -> list[int]:
@@ -199,6 +210,7 @@ def plan_image(
     """
     t0 = time.time()
     spec = ModelSpec.coerce(spec)
+    image = select_input_bands(image, cfg)
     if not 0 <= cfg.level < len(image.levels):
         raise InputError(
             f"{image.path}: level {cfg.level} does not exist; the image has levels "
@@ -272,6 +284,7 @@ def run_band(
     on_tiles: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Run band ``band`` of ``plan`` into its partial stores; record and return it as done."""
+    image = select_input_bands(image, plan.config)
     tiles = plan.tiles(band)
     sink = plan.outputs.sink()
     stitcher: CropStitcher | BlendStitcher
@@ -316,6 +329,7 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
     """Finalize the outputs of a plan whose bands are all done; write and return the summary."""
     from tilenet import __version__
 
+    image = select_input_bands(image, plan.config)
     records = plan.outputs.band_records(plan.bands)
     cfg, spec = plan.config, plan.spec
     names = list(spec.class_names)
@@ -333,6 +347,7 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
     n_run = sum(int(r["tiles_run"]) for r in records)
     tiles_s = sum(float(r["seconds"]) for r in records)
     px_area = math.prod(plan.pixel_size) if plan.pixel_size else None
+    geo = _georef(image, plan.downsample)
     devices = sorted({str(r.get("device")) for r in records})
 
     def total(key: str) -> float:
@@ -363,6 +378,22 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
         "class_area_um2": (
             {n: float(a * px_area) for n, a in zip(names, area, strict=True)} if px_area else None
         ),
+        **(
+            {
+                "crs": geo["crs"],
+                "epsg": geo["epsg"],
+                "crs_units": geo["crs_units"],
+                "transform": geo["transform"],
+                # From classes.tif where it was written: the input's nodata area left out.
+                "class_area_crs2": {
+                    n: float(a * geo["pixel_area"])
+                    for n, a in zip(names, plan.outputs.geotiff_area_px or area, strict=True)
+                },
+                "nodata_area_crs2": float(plan.outputs.geotiff_nodata_px * geo["pixel_area"]),
+            }
+            if geo
+            else {}
+        ),
         "instances": n_inst
         and {
             "count": int(n_inst["count"]),
@@ -386,6 +417,24 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
         "outputs": {name: str(p) for name, p in paths.items()},
     }
     return plan.outputs.publish(summary, cfg)
+
+
+def _georef(image: Any, downsample: tuple[float, float]) -> dict[str, Any] | None:
+    """The CRS, the transform of the level run (GDAL order) and a pixel's area in CRS units²."""
+    transform = getattr(image, "transform", None)
+    if transform is None:
+        return None
+    from tilenet.io.raster import describe_georef, scaled_transform
+
+    t = scaled_transform(transform, downsample)
+    info = describe_georef(image.crs, t)
+    return {
+        "crs": image.crs,
+        "epsg": info["epsg"],
+        "crs_units": info["crs_units"],
+        "transform": list(t),
+        "pixel_area": abs(t[1] * t[5] - t[2] * t[4]),
+    }
 
 
 # -- one image, in this process ---------------------------------------------------------------

@@ -10,7 +10,8 @@
   band of grid rows (``region-NNNNN.json``), written atomically only after all of the band's
   chunks are on disk;
 * finalize: pyramids, renames, the OME-TIFF, preview, instances and GeoJSON made from the
-  finished class map, then ``config.yaml`` and ``summary.json``, and the resume state removed.
+  finished class map (and for a georeferenced input ``classes.tif``, a Cloud-Optimized
+  GeoTIFF in the input's CRS), then ``config.yaml`` and ``summary.json``, and the resume state removed.
 
 The output chunks are the grid's cores, so bands of whole grid rows write disjoint chunks:
 any number of processes may fill the same partial stores without locks (batch jobs on dask).
@@ -28,17 +29,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tilenet.config import InferConfig, to_yaml
 from tilenet.errors import InputError
 from tilenet.fsutil import remove_path, write_text_atomic
 from tilenet.io.writers import OmeZarrWriter, write_ome_tiff, write_preview_png
 from tilenet.stitch import OutputSink
 
-__all__ = ["STATE_DIR", "OutputSet"]
+__all__ = ["CLASSES_NODATA", "STATE_DIR", "OutputSet"]
 
 #: Resume state beside the outputs (removed when the outputs are complete).
 STATE_DIR = ".regions"
 _KEY_FILE = "key.json"
+#: The class value of ``classes.tif`` pixels where the input had no data.
+CLASSES_NODATA = 255
 #: How each store's pyramid levels are downsampled.
 _METHODS = {"probabilities": "mean", "classes": "mode"}
 
@@ -58,6 +63,10 @@ class OutputSet:
     probabilities_dtype: str
     #: Band indices whose markers were found valid when prepared (work a rerun keeps).
     resumed: list[int] = field(default_factory=list)
+    #: After :meth:`finalize` wrote ``classes.tif`` (georeferenced input): its pixels per
+    #: class, and its nodata pixels (the input's nodata area; 0 when it declares none).
+    geotiff_area_px: list[int] | None = None
+    geotiff_nodata_px: int = 0
 
     # -- making -----------------------------------------------------------------------------
     @classmethod
@@ -233,7 +242,8 @@ class OutputSet:
         downsample: tuple[float, float],
         pixel_size: tuple[float, float] | None,
     ) -> tuple[dict[str, Path], dict[str, Any] | None]:
-        """Pyramids and renames, then the OME-TIFF, preview, instances and GeoJSON.
+        """Pyramids and renames, then the OME-TIFF, preview, instances and GeoJSON; for a
+        georeferenced ``image`` also ``classes.tif``, a COG in its CRS.
 
         Returns the output paths and the instance counts (None when instances were not made).
         """
@@ -255,6 +265,13 @@ class OutputSet:
                 method="mode",
                 pixel_size=pixel_size,
             )
+            if getattr(image, "transform", None) is not None:
+                hist = np.zeros(256, dtype=np.int64)
+                paths["classes_geotiff"] = _write_classes_cog(
+                    out, classes["0"], image, cfg.level, downsample, self.num_classes, hist
+                )
+                self.geotiff_area_px = [int(n) for n in hist[: self.num_classes]]
+                self.geotiff_nodata_px = int(hist[CLASSES_NODATA])
         if "preview" in want:
             # The overlay needs the image at the inferred level; only level 0 is addressable
             # as its own source, so other levels preview the class map alone.
@@ -294,6 +311,42 @@ class OutputSet:
         remove_path(self.state_dir)
         remove_path(self.spill_dir())
         return summary
+
+
+def _write_classes_cog(
+    out: Path,
+    classes: Any,
+    image: Any,
+    level: int,
+    downsample: tuple[float, float],
+    num_classes: int,
+    histogram: Any,
+) -> Path:
+    """``classes.tif``: the class map as a COG in the input's CRS, scaled to the level run.
+
+    Where the input declares nodata, pixels whose bands are all nodata get
+    :data:`CLASSES_NODATA` (the COG's nodata value) instead of a class.
+    """
+    from tilenet.io.raster import scaled_transform, write_cog
+
+    nodata = image.nodata
+
+    def missing(window: Any) -> Any:
+        pixels = image.read(window, level, fill=nodata)
+        none = np.isnan(pixels) if np.isnan(nodata) else pixels == nodata
+        return np.all(none, axis=-1)
+
+    mask = missing if nodata is not None and num_classes <= CLASSES_NODATA else None
+    return write_cog(
+        out / "classes.tif",
+        classes,
+        crs=image.crs,
+        transform=scaled_transform(image.transform, downsample),
+        nodata=CLASSES_NODATA if mask is not None else None,
+        nodata_mask=mask,
+        histogram=histogram,
+        resampling="mode",
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

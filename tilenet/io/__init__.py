@@ -40,7 +40,8 @@ def open_image(
     max_pixels_eager: int | None = ReaderConfig.max_pixels_eager,
     max_pixels: int | None = ReaderConfig.max_pixels,
 ) -> LazyImage:
-    """Open an image lazily: TIFF/BigTIFF/OME-TIFF, zarr/OME-Zarr, or PNG/JPEG (via Pillow).
+    """Open an image lazily: TIFF/BigTIFF/OME-TIFF, zarr/OME-Zarr, PNG/JPEG (via Pillow), or
+    a georeferenced raster (GeoTIFF, COG, JPEG 2000, VRT: via rasterio, with its CRS).
 
     Only the header is read here. ``max_pixels`` refuses headers that claim more pixels
     (before anything is allocated). ``max_pixels_eager`` limits formats that must be decoded
@@ -54,7 +55,15 @@ def open_image(
     if kind == "tiff":
         from tilenet.io.tiff import open_tiff
 
-        return open_tiff(p, max_pixels=max_pixels)
+        img = open_tiff(p, max_pixels=max_pixels)
+        if not img.metadata.get("georeferenced"):
+            return img  # plain TIFFs stay on tifffile (faster than GDAL here)
+        img.close()
+        kind = "raster"
+    if kind == "raster":
+        from tilenet.io.raster import open_raster
+
+        return open_raster(p, max_pixels=max_pixels)
     if kind == "zarr":
         from tilenet.io.zarrio import open_zarr
 

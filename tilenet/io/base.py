@@ -17,7 +17,7 @@ import numpy as np
 from tilenet.errors import CorruptImageError, InputError
 from tilenet.geometry import Window, spans
 
-__all__ = ["LazyImage", "Level"]
+__all__ = ["BandSelection", "LazyImage", "Level"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,15 @@ class LazyImage(ABC):
     #: Physical pixel size (y, x) in micrometres at level 0, where the file says it.
     pixel_size: tuple[float, float] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: Georeferencing (georeferenced rasters only, else None): the CRS as WKT, and the
+    #: geotransform of level 0 in GDAL order ``(x0, dx, rx, y0, ry, dy)``: pixel (row, col)'s
+    #: corner is at ``x = x0 + col*dx + row*rx``, ``y = y0 + col*ry + row*dy``.
+    crs: str | None = None
+    transform: tuple[float, ...] | None = None
+    #: The value that marks pixels without data, where the file declares one.
+    nodata: float | None = None
+    #: One name per channel, where the file names them.
+    band_names: list[str] | None = None
 
     # -- description --------------------------------------------------------------------
     @property
@@ -76,7 +85,20 @@ class LazyImage(ABC):
             "chunks": [list(lv.chunks) if lv.chunks else None for lv in self.levels],
             "compression": self.compression,
             "pixel_size": list(self.pixel_size) if self.pixel_size else None,
+            **self._geo_info(),
         }
+
+    def _geo_info(self) -> dict[str, Any]:
+        geo: dict[str, Any] = {"crs": self.crs, "epsg": None, "crs_units": None}
+        geo["transform"] = list(self.transform) if self.transform else None
+        geo["gsd"] = None
+        if self.crs is not None or self.transform is not None:
+            from tilenet.io.raster import describe_georef
+
+            geo.update(describe_georef(self.crs, self.transform))
+        geo["nodata"] = self.nodata
+        geo["bands"] = list(self.band_names) if self.band_names else None
+        return geo
 
     # -- reading ------------------------------------------------------------------------
     def read(self, window: Window, level: int = 0, *, fill: float = 0) -> np.ndarray:
@@ -143,6 +165,32 @@ class LazyImage(ABC):
             block, dtype=self.dtype, chunks=(ych, xch, (self.channels,)), meta=np.empty((0, 0, 0))
         )
 
+    def select_bands(self, bands: list[int]) -> BandSelection:
+        """A view with the channels ``bands`` (1-based, GDAL's numbering), in that order."""
+        n = self.channels
+        bad = [b for b in bands if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= n]
+        if not bands or bad:
+            names = f" ({', '.join(self.band_names)})" if self.band_names else ""
+            raise InputError(
+                f"{self.path}: bands {bad or bands} do not exist; the image has bands 1..{n}{names}"
+            )
+        return BandSelection(
+            path=self.path,
+            format=self.format,
+            dtype=self.dtype,
+            channels=len(bands),
+            levels=self.levels,
+            compression=self.compression,
+            pixel_size=self.pixel_size,
+            metadata={**self.metadata, "bands": list(bands)},
+            crs=self.crs,
+            transform=self.transform,
+            nodata=self.nodata,
+            band_names=[self.band_names[b - 1] for b in bands] if self.band_names else None,
+            source=self,
+            indices=[b - 1 for b in bands],
+        )
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
 
@@ -151,3 +199,23 @@ class LazyImage(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass
+class BandSelection(LazyImage):
+    """Some channels of another image, in a chosen order (:meth:`LazyImage.select_bands`).
+
+    Reads decode the source's window with all its channels, then keep the chosen ones.
+    Closing the selection closes the source.
+    """
+
+    source: LazyImage | None = field(default=None, repr=False)
+    indices: list[int] = field(default_factory=list)
+
+    def _read(self, window: Window, level: int) -> np.ndarray:
+        assert self.source is not None
+        return self.source.read(window, level)[:, :, self.indices]
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()

@@ -30,7 +30,7 @@ __all__ = [
     "sniff",
 ]
 
-Format = Literal["tiff", "zarr", "pil"]
+Format = Literal["tiff", "zarr", "pil", "raster"]
 
 #: Largest single storage chunk (tile or strip), decoded, a reader will decode. A window read
 #: decodes whole chunks, so this bounds the memory of one read independently of the window.
@@ -52,6 +52,15 @@ _PIL_MAGIC = {
     b"P5": "PNM",
     b"P6": "PNM",
 }
+# Formats only GDAL reads (through rasterio), recognised by their magic: JPEG 2000 (JP2 box
+# and raw codestream), GDAL's VRT (XML), ERDAS Imagine. Only these: GDAL also accepts plain
+# text (e.g. XYZ grids), so handing it any unknown content would take garbage for an image.
+_RASTER_MAGIC = {
+    b"\x00\x00\x00\x0cjP  \r\n\x87\n": "JPEG 2000",
+    b"\xff\x4f\xff\x51": "JPEG 2000",
+    b"<VRTDataset": "VRT",
+    b"EHFA_HEADER_TAG": "ERDAS Imagine",
+}
 _ZARR_META = (".zarray", ".zgroup", "zarr.json")
 _FINGERPRINT_META = (".zarray", ".zgroup", ".zattrs", ".zmetadata", "zarr.json")
 _MiB = 2**20
@@ -59,6 +68,9 @@ _MiB = 2**20
 
 def sniff(path: str | os.PathLike[str]) -> Format:
     """Return which reader handles ``path``, judged by content (magic bytes), not by name.
+
+    ``"raster"`` (rasterio) is for formats only GDAL reads; a georeferenced TIFF is
+    ``"tiff"`` here and sent to rasterio by :func:`tilenet.io.open_image` after its header.
 
     Raises :class:`ImageNotFoundError` for a missing path and :class:`UnsupportedFormatError`
     for an empty file, a directory that is not a zarr store, or unknown content.
@@ -74,13 +86,15 @@ def sniff(path: str | os.PathLike[str]) -> Format:
         )
     try:
         with p.open("rb") as fh:
-            head = fh.read(16)
+            head = fh.read(32)
     except OSError as exc:
         raise ImageNotFoundError(f"{p}: cannot be read ({exc.strerror or exc})") from exc
     if not head:
         raise UnsupportedFormatError(f"{p}: empty file (0 bytes)")
     if head[:4] in _TIFF_MAGIC:
         return "tiff"
+    if any(head.lstrip().startswith(magic) for magic in _RASTER_MAGIC):
+        return "raster"
     for magic in _PIL_MAGIC:
         if head.startswith(magic):
             return "pil"
@@ -89,7 +103,7 @@ def sniff(path: str | os.PathLike[str]) -> Format:
     if suffix in (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".zarr"):
         hint = f" despite its {suffix} name"
     raise UnsupportedFormatError(
-        f"{p}: not a TIFF, zarr, PNG or JPEG image{hint} (starts with {head[:8]!r})"
+        f"{p}: not a TIFF, zarr, PNG, JPEG, JPEG 2000 or VRT image{hint} (starts with {head[:8]!r})"
     )
 
 

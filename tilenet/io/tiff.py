@@ -32,6 +32,7 @@ from tilenet.config import ReaderConfig
 from tilenet.errors import CorruptImageError, TilenetError, UnsupportedFormatError
 from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
+from tilenet.io.raster import is_geotiff
 from tilenet.io.sniff import check_chunk, check_pixels, level_downsample
 
 __all__ = ["TILE_CACHE_BYTES", "TiffImage", "open_tiff", "tile_cache_bytes"]
@@ -491,7 +492,11 @@ def _describe(p: Path, tf: Any, *, max_pixels: int | None) -> TiffImage:
         levels=out_levels,
         compression=comp,
         pixel_size=_pixel_size(tf, page0),
-        metadata={"axes": s0.axes, "series_kind": s0.kind},
+        metadata={
+            "axes": s0.axes,
+            "series_kind": s0.kind,
+            "georeferenced": is_geotiff(page0.tags),
+        },
         _tf=tf,
         _series=levels,
         _layouts=layouts,

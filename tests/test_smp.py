@@ -7,6 +7,7 @@ images stay small; the layers traced are the same as at depth 5.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,18 @@ import torch
 import zarr
 from torch import nn
 
-from tilenet.checkpoint import load_model, save_checkpoint
+from tilenet.checkpoint import load_checkpoint, load_encoder_weights, save_checkpoint
+from tilenet.cli import main as cli_main
+from tilenet.config import load_config
 from tilenet.errors import ModelError
 from tilenet.geometry import ceil_to
 from tilenet.infer import infer_image
 from tilenet.models import ModelSpec, TileModel, analyze, create_model, exactness, list_models
-from tilenet.models.smp_models import ARCHITECTURES
+from tilenet.models.smp_models import ARCHITECTURES, SmpModel
 from tilenet.predictor import predict
+from tilenet.synth import synthesize
+from tilenet.tiler import tile_images
+from tilenet.train import train
 
 pytest.importorskip("segmentation_models_pytorch")
 
@@ -227,22 +233,22 @@ def _checkpoint(path: Path, model: TileModel) -> Path:
     return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
 
 
-def _reference(ckpt: Path, arr: np.ndarray) -> np.ndarray:
+def _reference(model: TileModel, arr: np.ndarray) -> np.ndarray:
     """Softmax of one whole-image pass, zero-padded after normalisation to the stride."""
-    model, spec = load_model(ckpt)
     h, w = arr.shape[:2]
-    x = np.zeros((ceil_to(h, spec.stride), ceil_to(w, spec.stride), 3), np.float32)
+    x = np.zeros((ceil_to(h, model.stride), ceil_to(w, model.stride), 3), np.float32)
     x[:h, :w] = (arr - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
     with torch.inference_mode():
         t = torch.from_numpy(x).permute(2, 0, 1)[None].contiguous()
-        return predict(model, t)[0, :, :h, :w].numpy()
+        return predict(model.eval(), t)[0, :, :h, :w].numpy()
 
 
 def _crop_run(encoder: str, tmp_path: Path, layout: str) -> tuple[dict[str, Any], float]:
     torch.manual_seed(0)
-    ckpt = _checkpoint(tmp_path / "m.pt", _unet(encoder))
-    _, spec = load_model(ckpt)
-    s, halo = spec.stride, ceil_to(spec.receptive_field, spec.stride)
+    # The checkpoint's model is rebuilt by infer_image; the reference runs this copy of it.
+    model = _unet(encoder)
+    ckpt = _checkpoint(tmp_path / "m.pt", model)
+    s, halo = model.stride, ceil_to(model.receptive_field, model.stride)
     tile = ceil_to(2 * halo + max(halo, 32), s)
     long, narrow = tile + (tile - 2 * halo) // 2 + 3, 3 * s + 5
     h, w = (long, narrow) if layout == "tall" else (long, long + 2)
@@ -260,7 +266,7 @@ def _crop_run(encoder: str, tmp_path: Path, layout: str) -> tuple[dict[str, Any]
     assert summary["tiles"] >= (4 if layout == "2d" else 2)
     probs: Any = zarr.open_group(out / "probabilities.ome.zarr", mode="r")["0"]
     got = np.asarray(probs[:])
-    return summary, float(np.abs(got - _reference(ckpt, arr)).max())
+    return summary, float(np.abs(got - _reference(model, arr)).max())
 
 
 @pytest.mark.parametrize(
@@ -278,3 +284,97 @@ def test_squeeze_excite_is_reported_not_exact(tmp_path: Path) -> None:
     summary, err = _crop_run("tu-mobilenetv3_small_050", tmp_path, "tall")
     assert summary["exact"] is False
     assert err > 1e-4  # the tiles' global means differ from the whole image's
+
+
+# -- encoder weights from a local file -------------------------------------------------------
+
+
+def _encoder_state(encoder: str, seed: int = 1) -> dict[str, torch.Tensor]:
+    """What a user saves from an ImageNet encoder: a plain state dict, made locally here."""
+    torch.manual_seed(seed)
+    m = _unet(encoder)
+    assert isinstance(m, SmpModel)
+    return {k: v.clone() for k, v in m.encoder.state_dict().items()}
+
+
+@pytest.mark.parametrize(("encoder", "prefix"), [("resnet18", "module."), ("tu-regnetx_002", "")])
+def test_encoder_weights_load_from_a_local_file(encoder: str, prefix: str, tmp_path: Path) -> None:
+    state = _encoder_state(encoder)
+    # As torchvision and timm save them: DDP's prefix, no "model." of smp's timm wrapper, and
+    # an ImageNet classifier head.
+    saved = {prefix + k.removeprefix("model."): v for k, v in state.items()}
+    saved[prefix + "fc.weight"] = torch.zeros(1000, 8)
+    torch.save(saved, tmp_path / "enc.pt")
+    m = _unet(encoder)
+    assert load_encoder_weights(m, tmp_path / "enc.pt") is m
+    assert isinstance(m, SmpModel)
+    for k, v in m.encoder.state_dict().items():
+        torch.testing.assert_close(v, state[k])
+
+
+def test_encoder_weights_that_do_not_fit_say_what_matched(tmp_path: Path) -> None:
+    state = _encoder_state("resnet18")
+    part = {k: v for k, v in state.items() if not k.startswith("layer4.")}
+    torch.save(part, tmp_path / "part.pt")
+    n = len(state)
+    with pytest.raises(
+        ModelError, match=rf"{len(part)} of {n} encoder keys matched; missing: layer4"
+    ):
+        load_encoder_weights(_unet("resnet18"), tmp_path / "part.pt")
+    torch.save(state, tmp_path / "enc.pt")
+    with pytest.raises(ModelError, match=r"conv1.weight has shape \(64, 3, 7, 7\)"):
+        load_encoder_weights(
+            create_model("smp.Unet", encoder_name="resnet18", in_channels=1, **SMALL),
+            tmp_path / "enc.pt",
+        )
+    with pytest.raises(ModelError, match="'tiny' has no encoder"):
+        load_encoder_weights(create_model("tiny"), tmp_path / "enc.pt")
+    with pytest.raises(ModelError, match="encoder weights file not found"):
+        load_encoder_weights(_unet("resnet18"), tmp_path / "missing.pt")
+
+
+def test_train_from_encoder_weights_then_infer(tmp_path: Path) -> None:
+    """``model.encoder_weights=PATH`` trains; ``tilenet infer`` needs only the checkpoint."""
+    root = tmp_path / "data"
+    synthesize(root, size=64, count=1, seed=0, tile=64)
+    store = tile_images(
+        [root / "images"],
+        labels=root / "labels",
+        out=root / "s.zarr",
+        patch=32,
+        overlap=0,
+        workers=1,
+        chunk_patches=4,
+        progress=False,
+    )
+    state = _encoder_state("resnet18")
+    torch.save(state, tmp_path / "enc.pt")
+    overrides = {
+        "data.stores": f"[{store}]",
+        "data.patch": 32,
+        "data.batch_size": 2,
+        "data.shuffle_buffer": 4,
+        "model.name": "smp.Unet",
+        "model.num_classes": 3,
+        "model.kwargs.encoder_name": "resnet18",
+        "model.kwargs.encoder_depth": 3,
+        "model.kwargs.decoder_channels": "[16,8,8]",
+        "model.encoder_weights": tmp_path / "enc.pt",
+        "train.device": "cpu",
+        "train.progress": False,
+        "train.steps": 2,
+        "train.lr": 0.0,
+        "train.warmup_steps": 0,
+        "train.val_every": 100,
+        "train.checkpoint_every": 100,
+        "train.out_dir": tmp_path / "run",
+    }
+    run = train(load_config(None, [f"{k}={v}" for k, v in overrides.items()]))
+    got = load_checkpoint(run / "last.pt")["model"]
+    for k, v in state.items():  # lr 0: the convolutions are still the loaded ones
+        if v.ndim == 4:
+            torch.testing.assert_close(got[f"net.encoder.{k}"], v)
+    argv = ["infer", str(root / "images" / "synth_000.tif"), "--model", str(run / "last.pt")]
+    assert cli_main([*argv, "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["exact"] is True

@@ -127,6 +127,9 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     #: Optional local weights file (never downloaded).
     weights: str | None = None
+    #: Optional local state dict of the model's encoder (smp.* models; e.g. ImageNet weights
+    #: saved from timm or torchvision), loaded before ``weights``; never downloaded.
+    encoder_weights: str | None = None
 
 
 @dataclass

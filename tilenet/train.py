@@ -76,7 +76,7 @@ the file. Unknown keys are errors that list the valid ones. Config sections:
           directories read lazily (data.images, data.labels), or the synthetic demo
           dataset (data.synth_dir: generated with a fixed seed when missing); patch,
           batch_size, num_workers, augment.*, class_names
-  model   registry model: name, in_channels, num_classes, kwargs.*, weights
+  model   registry model: name, in_channels, num_classes, kwargs.*, weights, encoder_weights
   train   loop: steps, lr, optimizer (adamw|sgd), schedule (cosine|onecycle|constant),
           warmup_steps, loss (ce|dice|ce+dice), class_weights, ignore_index, precision
           (fp32|bf16|fp16), device, channels_last, compile, grad_accum, grad_clip,
@@ -688,7 +688,12 @@ def train(cfg: Any) -> Path:
 
 
 def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
-    from tilenet.checkpoint import load_checkpoint, load_weights, save_checkpoint
+    from tilenet.checkpoint import (
+        load_checkpoint,
+        load_encoder_weights,
+        load_weights,
+        save_checkpoint,
+    )
     from tilenet.data import build_loader
     from tilenet.losses import build_loss
     from tilenet.models import ModelSpec, create_model_from_config
@@ -749,6 +754,8 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model = create_model_from_config(mc)
+    if mc.encoder_weights:
+        load_encoder_weights(model, mc.encoder_weights)
     if mc.weights:
         load_weights(model, mc.weights)
     model = model.to(device)

@@ -20,12 +20,13 @@ from torch import nn
 
 from tilenet.checkpoint import load_checkpoint, load_encoder_weights, save_checkpoint
 from tilenet.cli import main as cli_main
-from tilenet.config import load_config
+from tilenet.config import ModelConfig, load_config
 from tilenet.errors import ModelError
 from tilenet.geometry import ceil_to
 from tilenet.infer import infer_image
 from tilenet.models import ModelSpec, TileModel, analyze, create_model, exactness, list_models
 from tilenet.models.smp_models import ARCHITECTURES, SmpModel
+from tilenet.plan import format_plan, plan_model
 from tilenet.predictor import predict
 from tilenet.synth import synthesize
 from tilenet.tiler import tile_images
@@ -378,3 +379,26 @@ def test_train_from_encoder_weights_then_infer(tmp_path: Path) -> None:
     assert cli_main([*argv, "--out", str(tmp_path / "out"), "--quiet"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["exact"] is True
+
+
+def test_overriding_the_model_drops_the_files_model_kwargs() -> None:
+    demo = Path(__file__).resolve().parents[1] / "conf" / "demo.yaml"
+    assert dict(load_config(demo, []).model.kwargs) == {"depth": 3, "base": 16}
+    cfg = load_config(demo, ["model.name=smp.Unet", "model.kwargs.encoder_name=resnet18"])
+    assert dict(cfg.model.kwargs) == {"encoder_name": "resnet18"}
+    same = load_config(demo, ["model.name=unet", "model.kwargs.base=8"])
+    assert dict(same.model.kwargs) == {"depth": 3, "base": 8}
+
+
+def test_plan_shows_an_smp_model() -> None:
+    kwargs = {"encoder_name": "tu-mobilenetv3_small_050", **SMALL}
+    plan = plan_model(
+        ModelConfig(name="smp.Unet", num_classes=2, kwargs=kwargs),
+        tile=256,
+        memory="1GiB",
+        measure=False,
+    )
+    m = plan["model"]
+    assert (m["name"], m["stride"], m["per_pixel_norm"]) == ("smp.Unet", 8, False)
+    assert "net.encoder.model.blocks.0.0.se" in m["exact_reason"]
+    assert "net.encoder.model.blocks.0.0.se" in format_plan(plan)

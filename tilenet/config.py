@@ -293,6 +293,9 @@ def load_config(
 ) -> DictConfig:
     """Load defaults, then the YAML file ``conf``, then dotlist ``overrides`` (``a.b=c``).
 
+    An override of ``model.name`` to another model drops the file's ``model.kwargs`` (they
+    are options of the model the file named); ``model.kwargs.*`` overrides still apply.
+
     Returns a structured :class:`omegaconf.DictConfig` (typed, read-only keys).
 
     >>> cfg = load_config(None, ["train.lr=0.01"])
@@ -325,7 +328,12 @@ def load_config(
         raise ConfigError(f"override {bad[0]!r} must look like key=value (e.g. train.lr=1e-3)")
     if overrides:
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            extra = OmegaConf.from_dotlist(list(overrides))
+            model = extra.get("model")
+            if isinstance(model, DictConfig) and "name" in model and model.name != cfg.model.name:
+                # Another model: the file's kwargs were options of the one it named.
+                cfg.model.kwargs = {}
+            cfg = OmegaConf.merge(cfg, extra)
         except OmegaConfBaseException as exc:
             raise _config_error(exc, "command line") from None
     try:

@@ -49,7 +49,16 @@ def _unet(encoder: str, **kwargs: Any) -> TileModel:
 
 def test_every_architecture_is_registered() -> None:
     names = list_models()
-    for arch in ("Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "PAN"):
+    for arch in (
+        "Unet",
+        "UnetPlusPlus",
+        "FPN",
+        "PSPNet",
+        "DeepLabV3",
+        "DeepLabV3Plus",
+        "PAN",
+        "UPerNet",
+    ):
         assert f"smp.{arch}" in names
     assert [n for n in names if n.startswith("smp.")] == sorted(f"smp.{a}" for a in ARCHITECTURES)
 
@@ -208,6 +217,36 @@ def test_decoders_with_global_layers_are_not_exact(arch: str, reason: str) -> No
     m = create_model(f"smp.{arch}", encoder_name="resnet18")
     assert m.spec.exact is False
     assert m.spec.exact_reason is not None and reason in m.spec.exact_reason
+
+
+#: Every architecture on a ResNet: stride, and the first layer that makes it not exact.
+ARCH_CASES = {
+    "Unet": (32, None),
+    "UnetPlusPlus": (32, None),
+    "FPN": (32, "GroupNorm at net.decoder.seg_blocks.0"),
+    "PSPNet": (8, "AdaptiveAvgPool2d at net.decoder.psp.blocks.0"),
+    "DeepLabV3": (8, "AdaptiveAvgPool2d at net.decoder.aspp.convs.4.0"),
+    "DeepLabV3Plus": (16, "AdaptiveAvgPool2d at net.decoder.aspp.0.convs.4.0"),
+    "PAN": (128, "AdaptiveAvgPool2d at net.decoder.fpa.branch1.0"),  # pools 3 more times
+    "UPerNet": (32, "AdaptiveAvgPool2d at net.decoder.psp.blocks.0.0"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(ARCH_CASES))
+def test_every_architecture_traces(arch: str) -> None:
+    stride, reason = ARCH_CASES[arch]
+    m = create_model(f"smp.{arch}", encoder_name="resnet18")
+    assert m.stride == stride
+    assert m.spec.exact is (reason is None)
+    assert reason is None or (m.spec.exact_reason is not None and reason in m.spec.exact_reason)
+
+
+@pytest.mark.slow
+def test_unetplusplus_on_an_encoder_without_a_stride_2_feature() -> None:
+    # ConvNeXt's stem is stride 4: smp fills the stride-2 level with an empty (0-channel) map.
+    m = create_model("smp.UnetPlusPlus", encoder_name="tu-convnext_atto")
+    assert (m.stride, m.spec.exact) == (32, True)
 
 
 # -- crop-mode tiling equals a whole-image pass --------------------------------------------

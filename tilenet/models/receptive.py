@@ -142,6 +142,7 @@ _ADAPTIVE_FUNCTIONS = {
     F.adaptive_max_pool1d,
     F.adaptive_max_pool2d,
 }
+_CONSTANT_METHODS = {"new_zeros", "new_ones", "new_full", "new_empty"}
 _NORMALISING = ("LayerNorm over H, W", "layer_norm over H, W")
 _REDUCE_METHODS = {"mean", "sum", "amax", "max", "std", "var"}
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax}
@@ -475,6 +476,12 @@ def analyze(model: nn.Module, *, size: int | None = None) -> Analysis:
             # Like GroupNorm: each pixel keeps its own value, scaled by statistics over H, W.
             new = _union(local, str(node.target))
             state[node] = new
+            acts[node] = [_numel(node) / px, order[node], _last(node, order), False]
+            continue
+        if node.op == "call_method" and node.target in _CONSTANT_METHODS:
+            # A new tensor of zeros (smp's empty stand-in for a missing stride-2 feature):
+            # it reads no input values, so it joins maps without widening their intervals.
+            state[node] = None
             acts[node] = [_numel(node) / px, order[node], _last(node, order), False]
             continue
         if desc or not local:

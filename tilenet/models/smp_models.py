@@ -8,6 +8,11 @@ imported when a model is built, not when the registry is (importing them takes s
 The stride is the encoder's output stride; the receptive field and exactness come from
 tracing the encoder, decoder and head (:mod:`tilenet.models.receptive`), so encoders with
 squeeze-and-excitation, attention or pyramid pooling are reported as not exact.
+
+Offered: Unet, UnetPlusPlus, FPN, PSPNet, DeepLabV3, DeepLabV3Plus, PAN and UPerNet. Not
+offered, because torch.fx cannot trace them (the receptive field would be unknown): Linknet
+(its decoder branches on a skip's channel count), MAnet (attention via ``flatten``/``bmm``),
+Segformer (a list of maps built in a Python loop over shapes) and DPT (a ViT encoder).
 """
 
 from __future__ import annotations
@@ -28,24 +33,26 @@ ARCHITECTURES = (
     "DeepLabV3",
     "DeepLabV3Plus",
     "FPN",
-    "Linknet",
-    "MAnet",
     "PAN",
     "PSPNet",
-    "Segformer",
     "UPerNet",
     "Unet",
     "UnetPlusPlus",
 )
+#: Extra downsampling of a decoder past the encoder: PAN's feature pyramid attention
+#: pools its input three more times (x8).
+_DECODER_STRIDE = {"PAN": 8}
 
 
 class SmpModel(TileModel):
     """An smp segmentation model (no classification head) returning per-pixel logits."""
 
-    def __init__(self, net: nn.Module, *, in_channels: int, num_classes: int) -> None:
+    def __init__(
+        self, net: nn.Module, *, in_channels: int, num_classes: int, decoder_stride: int = 1
+    ) -> None:
         super().__init__(in_channels, num_classes)
         encoder: Any = net.encoder
-        self._stride_hint = int(encoder.output_stride)
+        self._stride_hint = int(encoder.output_stride) * decoder_stride
         self.stride = self._stride_hint
         self.net = net
 
@@ -105,7 +112,12 @@ def _builder(arch: str) -> Any:
             net = cls(in_channels=in_channels, classes=num_classes, **kwargs)
         except (KeyError, RuntimeError, AttributeError) as exc:
             raise ValueError(f"smp.{arch}: {exc}") from None
-        return SmpModel(net, in_channels=in_channels, num_classes=num_classes)
+        return SmpModel(
+            net,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            decoder_stride=_DECODER_STRIDE.get(arch, 1),
+        )
 
     build.__doc__ = f"segmentation_models_pytorch.{arch}; kwargs go to smp (encoder_weights=None)."
     return build

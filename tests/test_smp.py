@@ -21,7 +21,7 @@ from torch import nn
 from tilenet.checkpoint import load_checkpoint, load_encoder_weights, save_checkpoint
 from tilenet.cli import main as cli_main
 from tilenet.config import ModelConfig, load_config
-from tilenet.errors import ModelError
+from tilenet.errors import ConfigError, ModelError
 from tilenet.geometry import ceil_to
 from tilenet.infer import infer_image
 from tilenet.models import ModelSpec, TileModel, analyze, create_model, exactness, list_models
@@ -373,11 +373,12 @@ def test_encoder_weights_that_do_not_fit_say_what_matched(tmp_path: Path) -> Non
         load_encoder_weights(_unet("resnet18"), tmp_path / "missing.pt")
 
 
-def test_train_from_encoder_weights_then_infer(tmp_path: Path) -> None:
-    """``model.encoder_weights=PATH`` trains; ``tilenet infer`` needs only the checkpoint."""
-    root = tmp_path / "data"
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 64x64 synthetic image tiled into 32 px patches; its image at ``images/``."""
+    root = tmp_path_factory.mktemp("smp-data")
     synthesize(root, size=64, count=1, seed=0, tile=64)
-    store = tile_images(
+    return tile_images(
         [root / "images"],
         labels=root / "labels",
         out=root / "s.zarr",
@@ -387,9 +388,10 @@ def test_train_from_encoder_weights_then_infer(tmp_path: Path) -> None:
         chunk_patches=4,
         progress=False,
     )
-    state = _encoder_state("resnet18")
-    torch.save(state, tmp_path / "enc.pt")
-    overrides = {
+
+
+def _train(store: Path, out: Path, **extra: Any) -> Path:
+    overrides: dict[str, Any] = {
         "data.stores": f"[{store}]",
         "data.patch": 32,
         "data.batch_size": 2,
@@ -399,25 +401,62 @@ def test_train_from_encoder_weights_then_infer(tmp_path: Path) -> None:
         "model.kwargs.encoder_name": "resnet18",
         "model.kwargs.encoder_depth": 3,
         "model.kwargs.decoder_channels": "[16,8,8]",
-        "model.encoder_weights": tmp_path / "enc.pt",
         "train.device": "cpu",
         "train.progress": False,
         "train.steps": 2,
-        "train.lr": 0.0,
         "train.warmup_steps": 0,
+        "train.schedule": "constant",
         "train.val_every": 100,
         "train.checkpoint_every": 100,
-        "train.out_dir": tmp_path / "run",
+        "train.out_dir": out,
+        **extra,
     }
-    run = train(load_config(None, [f"{k}={v}" for k, v in overrides.items()]))
+    return train(load_config(None, [f"{k}={v}" for k, v in overrides.items()]))
+
+
+def test_train_from_encoder_weights_then_infer(store: Path, tmp_path: Path) -> None:
+    """``model.encoder_weights=PATH`` trains; ``tilenet infer`` needs only the checkpoint."""
+    state = _encoder_state("resnet18")
+    torch.save(state, tmp_path / "enc.pt")
+    run = _train(
+        store, tmp_path / "run", **{"model.encoder_weights": tmp_path / "enc.pt", "train.lr": 0.0}
+    )
     got = load_checkpoint(run / "last.pt")["model"]
     for k, v in state.items():  # lr 0: the convolutions are still the loaded ones
         if v.ndim == 4:
             torch.testing.assert_close(got[f"net.encoder.{k}"], v)
-    argv = ["infer", str(root / "images" / "synth_000.tif"), "--model", str(run / "last.pt")]
+    image = store.parent / "images" / "synth_000.tif"
+    argv = ["infer", str(image), "--model", str(run / "last.pt")]
     assert cli_main([*argv, "--out", str(tmp_path / "out"), "--quiet"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["exact"] is True
+
+
+def test_fine_tuning_controls(store: Path, tmp_path: Path) -> None:
+    state = _encoder_state("resnet18")
+    torch.save(state, tmp_path / "enc.pt")
+    base = {"model.encoder_weights": tmp_path / "enc.pt", "train.lr": 0.01}
+    bn = "layer1.0.bn1.running_mean"
+    # Frozen for both steps: encoder weights and BatchNorm statistics stay; the decoder learns.
+    run = _train(store, tmp_path / "frozen", **base, **{"train.freeze_encoder_steps": 2})
+    got = load_checkpoint(run / "last.pt")["model"]
+    for k, v in state.items():
+        torch.testing.assert_close(got[f"net.encoder.{k}"], v)
+    fresh = _unet("resnet18").state_dict()
+    head = "net.segmentation_head.0.weight"
+    assert not torch.equal(got[head], fresh[head])
+    # An encoder learning rate of 0 without freezing: weights stay, BatchNorm statistics move.
+    run = _train(store, tmp_path / "slow", **base, **{"train.encoder_lr": 0.0})
+    got = load_checkpoint(run / "last.pt")["model"]
+    torch.testing.assert_close(got["net.encoder.conv1.weight"], state["conv1.weight"])
+    assert not torch.equal(got[f"net.encoder.{bn}"], state[bn])
+    # Unfrozen after one step: the encoder moves.
+    run = _train(store, tmp_path / "thaw", **base, **{"train.freeze_encoder_steps": 1})
+    got = load_checkpoint(run / "last.pt")["model"]
+    assert not torch.equal(got["net.encoder.conv1.weight"], state["conv1.weight"])
+    tiny = [f"data.stores=[{store}]", "data.patch=32", "model.name=tiny", "train.encoder_lr=0.1"]
+    with pytest.raises(ConfigError, match="need a model with an encoder"):
+        train(load_config(None, [*tiny, f"train.out_dir={tmp_path / 'tiny'}"]))
 
 
 def test_overriding_the_model_drops_the_files_model_kwargs() -> None:

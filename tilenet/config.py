@@ -152,6 +152,12 @@ class TrainConfig:
     momentum: float = 0.9
     schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     warmup_steps: int = 50
+    #: Learning rate of the model's encoder (smp.* models), under the same schedule;
+    #: null: train.lr.
+    encoder_lr: float | None = None
+    #: Keep the encoder fixed for the first N steps (smp.* models): its learning rate is 0
+    #: and its BatchNorm layers stay in eval mode (running statistics unchanged).
+    freeze_encoder_steps: int = 0
     loss: Literal["ce", "dice", "ce+dice"] = "ce+dice"
     class_weights: list[float] = field(default_factory=list)
     ignore_index: int = 255

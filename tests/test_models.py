@@ -34,6 +34,7 @@ from tilenet.models import (
     exactness,
     list_models,
     model_memory,
+    smp_models,
 )
 
 ALL = [
@@ -94,7 +95,8 @@ def _release_models() -> Iterator[None]:
 
 
 def test_list_models_is_sorted_and_complete() -> None:
-    assert list_models() == ALL
+    smp = [f"smp.{arch}" for arch in smp_models.ARCHITECTURES]  # tested in test_smp.py
+    assert list_models() == sorted(ALL + smp)
 
 
 def test_unknown_model_lists_the_available_ones() -> None:
@@ -511,14 +513,20 @@ class _AlignedCorners(TileModel):
 
 
 @pytest.mark.parametrize(
-    ("cls", "match"),
-    [(_GlobalPool, "AdaptiveAvgPool2d"), (_AlignedCorners, "not shift-equivariant")],
+    ("cls", "reason", "rf"),
+    [
+        (_GlobalPool, "AdaptiveAvgPool2d at pool", 1),
+        (_AlignedCorners, "align_corners=True at up", 3),
+    ],
 )
-def test_analysis_refuses_layers_without_a_finite_equivariant_field(
-    cls: type[TileModel], match: str
-) -> None:
-    with pytest.raises(ModelError, match=match):
-        analyze(cls())
+def test_global_layers_make_a_model_not_exact(cls: type[TileModel], reason: str, rf: int) -> None:
+    # A global pooling or a resize whose sampling depends on the image size: the receptive
+    # field is that of the local paths, and exactness() names the layer.
+    model = cls()
+    model.analysis = analyze(model)
+    assert model.analysis.receptive_field == rf
+    exact, why = exactness(model)
+    assert not exact and why is not None and reason in why
 
 
 # -- memory estimate ----------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def test_max_batch_is_the_largest_that_fits() -> None:
         assert fits <= budget < over
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", [n for n in list_models() if not n.startswith("smp.")])
 def test_plan_works_for_every_model(name: str) -> None:
     s = {"tiny": 2, "unet": 16}.get(name, 32 if name.startswith("unet_") else 8)
     plan = plan_model(ModelConfig(name=name, num_classes=2), tile=512, memory="8GiB", measure=False)

@@ -40,6 +40,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "file_checksum",
     "load_checkpoint",
+    "load_encoder_weights",
     "load_model",
     "load_weights",
     "save_checkpoint",
@@ -172,6 +173,77 @@ def load_weights(model: TileModel, path: str | os.PathLike[str]) -> TileModel:
         model.load_pretrained(state)
     except ModelError as exc:
         raise ModelError(f"{p}: {exc}") from None
+    return model
+
+
+#: Prefixes a saved encoder's keys may carry: DDP's, a whole model's, a timm wrapper's.
+_ENCODER_PREFIXES = ("", "module.", "encoder.", "net.encoder.", "model.")
+#: Classifier heads found in ImageNet checkpoints (torchvision, timm): no encoder has them.
+_HEAD_PREFIXES = ("fc.", "classifier.", "head.", "last_linear.", "_fc.")
+
+
+def load_encoder_weights(model: TileModel, path: str | os.PathLike[str]) -> TileModel:
+    """Load a local encoder state dict into ``model.encoder`` (``smp.*`` models), in place.
+
+    The file is read as data only (``weights_only=True``), never downloaded. Its keys are
+    matched to the encoder's as they are, or with one prefix removed or added (``module.``,
+    ``encoder.``, ``model.`` for timm encoders); the mapping that matches most keys wins.
+    An ImageNet classifier head (``fc.``, ``classifier.``, ``head.``) is ignored. Every
+    encoder parameter and buffer must be filled with the right shape; otherwise a one-line
+    :class:`~tilenet.errors.ModelError` says how many keys matched and which are missing.
+    """
+    import torch
+
+    encoder = getattr(model, "encoder", None)
+    name = model.spec.name if hasattr(model, "spec") else type(model).__name__
+    if not isinstance(encoder, torch.nn.Module):
+        raise ModelError(
+            f"model {name!r} has no encoder to load encoder weights into; "
+            "use an smp.* model, or model.weights for whole-model weights"
+        )
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"{p}: encoder weights file not found; give an existing local path")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{p}: not a loadable weights file: {first[:200]}") from None
+    for key in ("state_dict", "model"):  # common wrappers (training checkpoints)
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ModelError(f"{p}: encoder weights file does not hold a state dict")
+    target = encoder.state_dict()
+    best: dict[str, Any] = {}
+    for strip in _ENCODER_PREFIXES:
+        for add in _ENCODER_PREFIXES:
+            mapped = {
+                add + k.removeprefix(strip): v
+                for k, v in state.items()
+                if k.startswith(strip) and not k.removeprefix(strip).startswith(_HEAD_PREFIXES)
+            }
+            if sum(k in target for k in mapped) > sum(k in target for k in best):
+                best = mapped
+    matched = [k for k in target if k in best]
+    missing = [k for k in target if k not in best]
+    if missing:
+        shown = ", ".join(missing[:5]) + (
+            f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        )
+        raise ModelError(
+            f"{p}: encoder weights do not fit model {name!r}: {len(matched)} of {len(target)} "
+            f"encoder keys matched; missing: {shown}"
+        )
+    for k in matched:
+        v = best[k]
+        if not isinstance(v, torch.Tensor) or v.shape != target[k].shape:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ModelError(
+                f"{p}: encoder weights do not fit model {name!r}: {k} has shape {got}, "
+                f"the encoder's {tuple(target[k].shape)} (in_channels differ?)"
+            )
+    encoder.load_state_dict({k: best[k] for k in matched})
     return model
 
 

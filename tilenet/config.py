@@ -127,6 +127,9 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     #: Optional local weights file (never downloaded).
     weights: str | None = None
+    #: Optional local state dict of the model's encoder (smp.* models; e.g. ImageNet weights
+    #: saved from timm or torchvision), loaded before ``weights``; never downloaded.
+    encoder_weights: str | None = None
 
 
 @dataclass
@@ -149,6 +152,12 @@ class TrainConfig:
     momentum: float = 0.9
     schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     warmup_steps: int = 50
+    #: Learning rate of the model's encoder (smp.* models), under the same schedule;
+    #: null: train.lr.
+    encoder_lr: float | None = None
+    #: Keep the encoder fixed for the first N steps (smp.* models): its learning rate is 0
+    #: and its BatchNorm layers stay in eval mode (running statistics unchanged).
+    freeze_encoder_steps: int = 0
     loss: Literal["ce", "dice", "ce+dice"] = "ce+dice"
     class_weights: list[float] = field(default_factory=list)
     ignore_index: int = 255
@@ -293,6 +302,9 @@ def load_config(
 ) -> DictConfig:
     """Load defaults, then the YAML file ``conf``, then dotlist ``overrides`` (``a.b=c``).
 
+    An override of ``model.name`` to another model drops the file's ``model.kwargs`` (they
+    are options of the model the file named); ``model.kwargs.*`` overrides still apply.
+
     Returns a structured :class:`omegaconf.DictConfig` (typed, read-only keys).
 
     >>> cfg = load_config(None, ["train.lr=0.01"])
@@ -325,7 +337,12 @@ def load_config(
         raise ConfigError(f"override {bad[0]!r} must look like key=value (e.g. train.lr=1e-3)")
     if overrides:
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            extra = OmegaConf.from_dotlist(list(overrides))
+            model = extra.get("model")
+            if isinstance(model, DictConfig) and "name" in model and model.name != cfg.model.name:
+                # Another model: the file's kwargs were options of the one it named.
+                cfg.model.kwargs = {}
+            cfg = OmegaConf.merge(cfg, extra)
         except OmegaConfBaseException as exc:
             raise _config_error(exc, "command line") from None
     try:

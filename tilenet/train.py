@@ -76,12 +76,13 @@ the file. Unknown keys are errors that list the valid ones. Config sections:
           directories read lazily (data.images, data.labels), or the synthetic demo
           dataset (data.synth_dir: generated with a fixed seed when missing); patch,
           batch_size, num_workers, augment.*, class_names
-  model   registry model: name, in_channels, num_classes, kwargs.*, weights
+  model   registry model: name, in_channels, num_classes, kwargs.*, weights, encoder_weights
   train   loop: steps, lr, optimizer (adamw|sgd), schedule (cosine|onecycle|constant),
           warmup_steps, loss (ce|dice|ce+dice), class_weights, ignore_index, precision
           (fp32|bf16|fp16), device, channels_last, compile, grad_accum, grad_clip,
           val_every, val_images/val_labels, best_metric, early_stop_patience, out_dir,
-          resume (true or a checkpoint path), deterministic, seed
+          resume (true or a checkpoint path), deterministic, seed; for smp.* models
+          encoder_lr, freeze_encoder_steps
   infer   tile/mode/batch used to score whole held-out images (train.val_images)
   tiling, reader, jobs: read by tilenet tile, infer and info, not by training
 
@@ -400,13 +401,44 @@ def _build_optimizer(params: Any, tc: Any) -> torch.optim.Optimizer:
     )
 
 
+_BATCH_NORMS = (
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm,
+)
+
+
+def _param_groups(model: torch.nn.Module, tc: Any) -> list[dict[str, Any]]:
+    """One group, or (with encoder fine-tuning options) the rest first, then the encoder."""
+    encoder = getattr(model, "encoder", None)
+    if tc.encoder_lr is None and not int(tc.freeze_encoder_steps):
+        return [{"params": list(model.parameters())}]
+    if not isinstance(encoder, torch.nn.Module):
+        raise ConfigError(
+            "train.encoder_lr and train.freeze_encoder_steps need a model with an encoder "
+            "(smp.* models)"
+        )
+    if int(tc.freeze_encoder_steps) < 0:
+        raise ConfigError(
+            f"train.freeze_encoder_steps must be >= 0, got {tc.freeze_encoder_steps!r}"
+        )
+    if int(tc.freeze_encoder_steps) and tc.schedule == "onecycle":
+        raise ConfigError("train.freeze_encoder_steps needs train.schedule cosine or constant")
+    mine = {id(p) for p in encoder.parameters()}
+    rest = [p for p in model.parameters() if id(p) not in mine]
+    lr = float(tc.lr if tc.encoder_lr is None else tc.encoder_lr)
+    return [{"params": rest}, {"params": list(encoder.parameters()), "lr": lr}]
+
+
 def _build_scheduler(opt: torch.optim.Optimizer, tc: Any) -> Any:
     total = max(1, int(tc.steps))
     warmup = max(0, min(int(tc.warmup_steps), total - 1))
+    freeze = int(tc.freeze_encoder_steps)
     if tc.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             opt,
-            max_lr=tc.lr,
+            max_lr=[float(g["lr"]) for g in opt.param_groups],
             total_steps=total,
             pct_start=max(warmup / total, 0.05) if warmup else 0.3,
             cycle_momentum=tc.optimizer == "sgd",
@@ -421,8 +453,13 @@ def _build_scheduler(opt: torch.optim.Optimizer, tc: Any) -> Any:
         t = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
-    # A closure: LambdaLR's state_dict stores no function, only counters (plain data).
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    def encoder_factor(step: int) -> float:
+        return 0.0 if step < freeze else factor(step)
+
+    # Closures: LambdaLR's state_dict stores no function, only counters (plain data).
+    if len(opt.param_groups) == 1:
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return torch.optim.lr_scheduler.LambdaLR(opt, [factor, encoder_factor])
 
 
 # -- evaluation -------------------------------------------------------------------------------
@@ -688,7 +725,12 @@ def train(cfg: Any) -> Path:
 
 
 def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
-    from tilenet.checkpoint import load_checkpoint, load_weights, save_checkpoint
+    from tilenet.checkpoint import (
+        load_checkpoint,
+        load_encoder_weights,
+        load_weights,
+        save_checkpoint,
+    )
     from tilenet.data import build_loader
     from tilenet.losses import build_loss
     from tilenet.models import ModelSpec, create_model_from_config
@@ -749,13 +791,21 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model = create_model_from_config(mc)
+    if mc.encoder_weights:
+        load_encoder_weights(model, mc.encoder_weights)
     if mc.weights:
         load_weights(model, mc.weights)
     model = model.to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     spec = ModelSpec.from_model(model, mean=mean, std=std, class_names=names)
-    opt = _build_optimizer(model.parameters(), tc)
+    opt = _build_optimizer(_param_groups(model, tc), tc)
+    freeze = int(tc.freeze_encoder_steps)
+    encoder_bns = [
+        m
+        for m in getattr(model, "encoder", torch.nn.Identity()).modules()
+        if freeze and isinstance(m, _BATCH_NORMS)
+    ]
     sched = _build_scheduler(opt, tc)
     fp16 = tc.precision == "fp16"
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
@@ -897,6 +947,8 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
     try:
         while state.step < stop_at:
             t0 = time.perf_counter()
+            for bn in encoder_bns:  # a frozen encoder keeps its running statistics
+                bn.train(state.step >= freeze)
             opt.zero_grad(set_to_none=True)
             for micro in range(accum):
                 x, y = stream.next()

@@ -8,7 +8,13 @@
 
 from __future__ import annotations
 
-from tilenet.models import resnet_unet, tiny, torchvision_seg, unet  # noqa: F401  (register)
+from tilenet.models import (  # noqa: F401  (register)
+    resnet_unet,
+    smp_models,
+    tiny,
+    torchvision_seg,
+    unet,
+)
 from tilenet.models.receptive import Analysis, analyze, exactness, model_memory
 from tilenet.models.registry import (
     TileModel,

@@ -16,7 +16,13 @@ reads zero padding (or a clamped bilinear neighbour) that the whole image would 
 what makes crop-mode tiled inference with ``halo = ceil_to(receptive_field, stride)`` exact.
 
 An operation the analysis does not know raises :class:`~tilenet.errors.ModelError` rather
-than guess; a global pooling has no finite receptive field and is rejected the same way.
+than guess. A *global* operation (adaptive pooling, a mean over H and W, a LayerNorm over
+spatial dimensions: squeeze-and-excitation, pyramid pooling, ASPP's image pooling) makes a
+map whose values depend on the whole input; its map is left out of the intervals (the
+receptive field is that of the local paths) and the operation is listed in
+:attr:`Analysis.global_ops`, so :func:`exactness` reports the model as not exact. Channels-last
+layouts (``permute``, as ConvNeXt's blocks do) are followed: a LayerNorm or Linear over the
+channels acts on each pixel separately, so it stays exact.
 
 A finite receptive field is not enough when a layer computes statistics over the whole input
 (GroupNorm, InstanceNorm, ...): the layers are local, their statistics are not.
@@ -26,6 +32,8 @@ A finite receptive field is not enough when a layer computes statistics over the
 from __future__ import annotations
 
 import bisect
+import contextlib
+import io
 import math
 import operator
 from dataclasses import dataclass
@@ -71,6 +79,8 @@ _POINTWISE_MODULES = (
     nn.Dropout,
     nn.Dropout2d,
     nn.Identity,
+    nn.Mish,
+    nn.Hardtanh,
     nn.Softmax,
     nn.LogSoftmax,
 )
@@ -98,6 +108,11 @@ _POINTWISE_FUNCTIONS = {
     F.dropout,
     F.softmax,
     F.log_softmax,
+    F.batch_norm,  # running statistics at inference; exactness() checks the modules
+    F.hardswish,
+    F.hardsigmoid,
+    F.mish,
+    torch.sigmoid_,
 }
 _POINTWISE_METHODS = {
     "add",
@@ -114,9 +129,26 @@ _POINTWISE_METHODS = {
     "to",
     "type_as",
     "softmax",
+    "sigmoid_",
+    "permute",  # a view: the spatial axes are followed (channels-last blocks)
+    "div",
+    "sub",
 }
 # Outputs that share storage with an input (no new memory).
-_ALIAS_METHODS = {"contiguous", "to", "type_as", "float", "add_", "mul_", "relu_"}
+_ALIAS_METHODS = {"contiguous", "to", "type_as", "float", "add_", "mul_", "relu_", "sigmoid_"}
+_ADAPTIVE_FUNCTIONS = {
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+}
+_CONSTANT_METHODS = {"new_zeros", "new_ones", "new_full", "new_empty"}
+_NORMALISING = ("LayerNorm over H, W", "layer_norm over H, W")
+_REDUCE_METHODS = {"mean", "sum", "amax", "max", "std", "var"}
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax}
+
+# A (y, x) pair of intervals, or None for a map whose values depend on the whole input.
+_State = tuple["_Axis", "_Axis"] | None
 
 
 @dataclass(frozen=True)
@@ -148,6 +180,10 @@ class Analysis:
     activations: tuple[tuple[float, int, bool], ...]
     output_per_pixel: float
     input_per_pixel: float
+    #: Global operations (``"<op> at <module path>"``), in execution order; see module doc.
+    global_ops: tuple[str, ...] = ()
+    #: Paths of the layers the forward pass calls (an unused classifier's pooling is not).
+    called: frozenset[str] = frozenset()
 
 
 # Layers that pool over the whole input, or attend across positions.
@@ -164,12 +200,14 @@ _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def _global_at_inference(m: nn.Module) -> bool:
+def _global_at_inference(m: nn.Module, traced: bool) -> bool:
     """Whether ``m`` in eval mode mixes values across spatial positions of one input."""
-    if isinstance(m, (*_GLOBAL_LAYERS, nn.GroupNorm, nn.LayerNorm)):
-        # LayerNorm: its normalized_shape may cover spatial dimensions (NCHW); without a
-        # trace we cannot tell a channels-last one apart, so it counts as global.
+    if isinstance(m, (*_GLOBAL_LAYERS, nn.GroupNorm)):
         return True
+    if isinstance(m, nn.LayerNorm):
+        # Its normalized_shape may cover spatial dimensions (NCHW); without a trace we cannot
+        # tell a channels-last one apart, so it counts as global. With one, analyze() decides.
+        return not traced
     if isinstance(m, _INSTANCE_NORMS + _BATCH_NORMS):
         # Both use running statistics at inference when they track them; else the input's own.
         return not m.track_running_stats
@@ -184,15 +222,26 @@ def exactness(module: nn.Module) -> tuple[bool, str | None]:
     mode) and its module path: global (adaptive) pooling, attention, GroupNorm, LayerNorm,
     InstanceNorm or BatchNorm without running statistics. A tile then sees other statistics
     than the whole image. LocalResponseNorm mixes channels only, so it is exact. Functional
-    calls (``F.adaptive_avg_pool2d``) are not seen here; :func:`analyze` traces registered
-    models and rejects them. A module with ``per_pixel_norm = False`` is taken at its word.
+    calls (``F.adaptive_avg_pool2d``, ``x.mean((2, 3))``) are seen only in a registered
+    model's traced :class:`Analysis` (its ``analysis`` attribute), which also tells whether
+    each LayerNorm is over channels only (exact). A module with ``per_pixel_norm = False`` is
+    taken at its word.
 
     >>> exactness(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
     (True, None)
     >>> exactness(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sequential(nn.GroupNorm(2, 8))))
     (False, 'GroupNorm at 1.0')
     """
-    found = [(path, m) for path, m in module.named_modules() if _global_at_inference(m)]
+    traced = getattr(module, "analysis", None)
+    an = traced if isinstance(traced, Analysis) else None
+    found = [
+        (path, m)
+        for path, m in module.named_modules()
+        if _global_at_inference(m, an is not None) and (an is None or path in an.called)
+    ]
+    if not found and an is not None and an.global_ops:
+        more = f" (and {len(an.global_ops) - 1} more)" if len(an.global_ops) > 1 else ""
+        return False, f"{an.global_ops[0]}{more}: global over the input"
     if found:
         path, m = found[0]
         more = f" (and {len(found) - 1} more such layers)" if len(found) > 1 else ""
@@ -224,7 +273,11 @@ def _upsample(ax: _Axis, s: int, mode: str, align_corners: bool | None) -> _Axis
     j = ax.jump / s
     if mode == "nearest":
         offs = [(math.floor(r / s), math.floor(r / s)) for r in range(s)]
-    elif mode == "bilinear" and not align_corners:
+    elif mode == "bilinear" and align_corners:
+        # Source i*(n-1)/(s*n-1) lies in [i/s - (s-1)/s, i/s]: output s*q + r reads q-1..q+1.
+        # Where exactly depends on the image size: analyze() lists it as a global operation.
+        offs = [(-1, 1)] * s
+    elif mode == "bilinear":
         # Source coordinate (i + 0.5)/s - 0.5 reads floor(src) and floor(src) + 1; with
         # i = s*n + r that is n + floor((r + 0.5)/s - 0.5) (+1). Shift by s -> shift by 1.
         offs = []
@@ -264,11 +317,89 @@ class TraceRoot(nn.Module):
         return self.m._forward_impl(x)  # type: ignore[operator]
 
 
-def _spatial(node: fx.Node) -> tuple[int, int] | None:
+def _spatial(node: fx.Node, layout: tuple[int, int] = (2, 3)) -> tuple[int, int] | None:
     meta = node.meta.get("tensor_meta")
-    if meta is None or not hasattr(meta, "shape") or len(meta.shape) != 4:
+    if meta is None or not hasattr(meta, "shape") or len(meta.shape) <= max(3, *layout):
         return None
-    return (int(meta.shape[2]), int(meta.shape[3]))
+    return (int(meta.shape[layout[0]]), int(meta.shape[layout[1]]))
+
+
+def _where(node: fx.Node) -> str:
+    """The module path a graph node was traced in (``m.`` of TraceRoot dropped)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.keys()), "") if stack else ""
+    path = str(path).removeprefix("m.")
+    return path or "the top level"
+
+
+def _arg(node: fx.Node, i: int, key: str, default: Any = None) -> Any:
+    """Argument ``i`` (or keyword ``key``) of a graph node, as traced."""
+    return node.kwargs.get(key, node.args[i] if len(node.args) > i else default)
+
+
+def _ndim(node: fx.Node) -> int:
+    meta = node.meta.get("tensor_meta")
+    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else 0
+
+
+def _dims(node: fx.Node, ndim: int) -> set[int] | None:
+    """The dims a reduction reduces over (None: all)."""
+    dim = _arg(node, 1, "dim")
+    if dim is None:
+        return None
+    dims = dim if isinstance(dim, list | tuple) else [dim]
+    return {int(d) % ndim for d in dims}
+
+
+def _global_op(node: fx.Node, modules: dict[str, nn.Module], layout: tuple[int, int]) -> str:
+    """A description when ``node`` reduces over the spatial axes, else ``""``."""
+    what = ""
+    if node.op == "call_module":
+        mod = modules[str(node.target)]
+        if isinstance(mod, _GLOBAL_LAYERS):
+            what = type(mod).__name__
+        elif isinstance(mod, nn.LayerNorm):
+            if set(layout) & set(range(4 - len(mod.normalized_shape), 4)):
+                what = "LayerNorm over H, W"
+    elif node.op == "call_function" and node.target in _ADAPTIVE_FUNCTIONS:
+        what = getattr(node.target, "__name__", str(node.target))
+    elif node.op == "call_function" and node.target is F.layer_norm:
+        shape = _arg(node, 1, "normalized_shape", ())
+        n = len(shape) if isinstance(shape, list | tuple) else 1
+        if set(layout) & set(range(4 - n, 4)):
+            what = "layer_norm over H, W"
+    elif (node.op == "call_method" and node.target in _REDUCE_METHODS) or (
+        node.op == "call_function" and node.target in _REDUCE_FUNCTIONS
+    ):
+        dims = _dims(node, _ndim(node.all_input_nodes[0]))
+        if dims is None or dims & set(layout):
+            what = f"{getattr(node.target, '__name__', node.target)} over H, W"
+    return f"{what} at {_where(node)}" if what else ""
+
+
+def _permuted(node: fx.Node, layout: tuple[int, int]) -> tuple[int, int]:
+    args: Any = node.args[1:] if len(node.args) > 2 else node.args[1]
+    dims = [int(d) for d in args]
+    dims = [d % len(dims) for d in dims]
+    return (dims.index(layout[0]), dims.index(layout[1]))
+
+
+def _relayout(node: fx.Node, layout: tuple[int, int]) -> tuple[int, int] | None:
+    """The spatial dims after a stack or a reduction over other dims; None if neither."""
+    if node.op == "call_function" and node.target is torch.stack:
+        dim = int(_arg(node, 1, "dim", 0)) % (_ndim(node.all_input_nodes[0]) + 1)
+        return (layout[0] + (dim <= layout[0]), layout[1] + (dim <= layout[1]))
+    if (node.op == "call_method" and node.target in _REDUCE_METHODS) or (
+        node.op == "call_function" and node.target in _REDUCE_FUNCTIONS
+    ):
+        dims = _dims(node, _ndim(node.all_input_nodes[0])) or set()
+        if _arg(node, 2, "keepdim", False):
+            return layout
+        return (
+            layout[0] - sum(d < layout[0] for d in dims),
+            layout[1] - sum(d < layout[1] for d in dims),
+        )
+    return None
 
 
 def _numel(node: fx.Node) -> int:
@@ -289,22 +420,32 @@ def analyze(model: nn.Module, *, size: int | None = None) -> Analysis:
     hint = int(getattr(model, "_stride_hint", 32))
     size = size or max(64, 2 * hint)
     size = -(-size // hint) * hint
-    try:
-        gm = fx.symbolic_trace(TraceRoot(model))
-    except Exception as exc:
-        raise ModelError(f"receptive field: cannot trace {type(model).__name__}: {exc}") from None
+    # Traced in eval mode: training-only branches (drop path) are not what inference runs.
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        gm = fx.symbolic_trace(TraceRoot(model))
+    except Exception as exc:
+        model.train(was_training)
+        raise ModelError(f"receptive field: cannot trace {type(model).__name__}: {exc}") from None
+    try:
+        # ShapeProp prints a traceback before raising: the one-line error below says it all.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(torch.zeros(1, in_ch, size, size))
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        first = (str(cause).splitlines() or [type(cause).__name__])[0][:200]
+        raise ModelError(
+            f"receptive field: {type(model).__name__} fails on a {size}x{size} input: {first}"
+        ) from None
     finally:
         model.train(was_training)
     modules = dict(gm.named_modules())
-    state: dict[fx.Node, tuple[_Axis, _Axis]] = {}
+    state: dict[fx.Node, _State] = {}
+    layouts: dict[fx.Node, tuple[int, int]] = {}
+    global_ops: list[tuple[fx.Node, str]] = []
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     acts: dict[fx.Node, list[Any]] = {}  # size, graph index, last user, alias
-    jumps: set[Fraction] = set()
     px = size * size
     out_node: fx.Node | None = None
     for node in gm.graph.nodes:
@@ -312,6 +453,7 @@ def analyze(model: nn.Module, *, size: int | None = None) -> Analysis:
         if node.op == "placeholder":
             one = _Axis(Fraction(1), Fraction(0), Fraction(0))
             state[node] = (one, one)
+            layouts[node] = (2, 3)
             acts[node] = [_numel(node) / px, order[node], _last(node, order), False]
             continue
         if node.op == "output":
@@ -321,13 +463,65 @@ def analyze(model: nn.Module, *, size: int | None = None) -> Analysis:
             continue  # shapes, constants
         if not isinstance(node.meta.get("tensor_meta"), TensorMetadata):
             continue  # x.shape and the like: not a feature map
-        if _spatial(node) is None:
+        ins = [state[a] for a in tensor_args]
+        layout = layouts[tensor_args[0]]
+        layouts[node] = layout
+        local = [i for i in ins if i is not None]
+        desc = _global_op(node, modules, layout) if local else ""
+        if desc:
+            global_ops.append((node, desc))
+        elif local and _aligned_corners(node, modules):
+            global_ops.append((node, f"bilinear resize with align_corners=True at {_where(node)}"))
+        if desc.startswith(_NORMALISING):
+            # Like GroupNorm: each pixel keeps its own value, scaled by statistics over H, W.
+            new = _union(local, str(node.target))
+            state[node] = new
+            acts[node] = [_numel(node) / px, order[node], _last(node, order), False]
+            continue
+        if node.op == "call_method" and node.target in _CONSTANT_METHODS:
+            # A new tensor of zeros (smp's empty stand-in for a missing stride-2 feature):
+            # it reads no input values, so it joins maps without widening their intervals.
+            state[node] = None
+            acts[node] = [_numel(node) / px, order[node], _last(node, order), False]
+            continue
+        if desc or not local:
+            # Depends on the whole input; whatever is computed from it only (a gate, a
+            # pooled branch) too. Its shape need not be a feature map's.
+            state[node] = None
+            acts[node] = [_numel(node) / px, order[node], _last(node, order), False]
+            continue
+        moved = _relayout(node, layout)
+        if moved is not None:
+            # A stack (FPN's merge) or a reduction over channels: each pixel on its own.
+            layouts[node] = moved
+            if _spatial(node, moved) is None:
+                raise ModelError(f"receptive field: {node.format_node()} loses the H, W axes")
+            new = _union(local, str(node.target))
+            state[node] = new
+            acts[node] = [_numel(node) / px, order[node], _last(node, order), False]
+            continue
+        if _spatial(node, layout) is None:
             raise ModelError(
                 f"receptive field: {node.format_node()} does not keep a 4-D feature map"
             )
-        new, alias = _step(node, [state[a] for a in tensor_args], modules)
+        if node.op == "call_method" and node.target == "permute":
+            layouts[node] = _permuted(node, layout)
+        elif layout != (2, 3) and not (
+            _channel_op(node, modules, layout) or _elementwise(node, modules)
+        ):
+            raise ModelError(
+                f"receptive field: {node.format_node()} on a permuted (channels-last) map "
+                "is not supported"
+            )
+        elif len(local) < len(ins) and not _pointwise(node):
+            raise ModelError(
+                f"receptive field: {node.format_node()} mixes a global map into a layer"
+            )
+        if _channel_op(node, modules, layout):
+            new, alias = local[0], False
+        else:
+            new, alias = _step(node, local, modules)
         state[node] = new
-        jumps.update({new[0].jump, new[1].jump})
         acts[node] = [_numel(node) / px, order[node], _last(node, order), alias]
         if alias:
             # An in-place result shares its input's storage: keep that alive as long.
@@ -340,9 +534,20 @@ def analyze(model: nn.Module, *, size: int | None = None) -> Analysis:
     if len(outs) != 1:
         raise ModelError("receptive field: the model must return one tensor")
     final = state[outs[0]]
+    if final is None:
+        raise ModelError("receptive field: the output depends only on global operations")
     if final[0].jump != 1 or final[1].jump != 1 or _spatial(outs[0]) != (size, size):
         raise ModelError("receptive field: the output is not at the input's resolution")
     stride = 1
+    # The stride counts the maps the output depends on: an encoder may compute deeper stages
+    # that nothing reads (their floor division at odd sizes does not matter).
+    live, todo = set(), [outs[0]]
+    while todo:
+        n = todo.pop()
+        if n not in live:
+            live.add(n)
+            todo.extend(n.all_input_nodes)
+    jumps = {ax.jump for n in live if state.get(n) is not None for ax in state[n]}  # type: ignore[union-attr]
     for j in jumps:
         if j.denominator != 1:
             raise ModelError(f"receptive field: a feature map has a fractional stride {j}")
@@ -356,7 +561,53 @@ def analyze(model: nn.Module, *, size: int | None = None) -> Analysis:
         activations=_steps(list(acts.values())),
         output_per_pixel=_numel(outs[0]) / px,
         input_per_pixel=float(in_ch),
+        global_ops=tuple(desc for n, desc in global_ops if n in live),
+        called=frozenset(
+            str(n.target).removeprefix("m.") for n in gm.graph.nodes if n.op == "call_module"
+        ),
     )
+
+
+def _aligned_corners(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """An upsampling whose sampling positions depend on the image size (not shift-equivariant)."""
+    if node.op == "call_module":
+        mod = modules[str(node.target)]
+        return isinstance(mod, nn.Upsample) and bool(mod.align_corners)
+    if node.op == "call_function" and node.target is F.interpolate:
+        return bool(_arg(node, 4, "align_corners"))
+    return False
+
+
+def _pointwise(node: fx.Node) -> bool:
+    """Whether ``node`` combines its tensor inputs elementwise (a gate times a map)."""
+    if node.op == "call_function":
+        return node.target in _POINTWISE_FUNCTIONS
+    return node.op == "call_method" and node.target in _POINTWISE_METHODS
+
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Identity)
+
+
+def _elementwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Elementwise whatever the layout (no per-channel parameters on dim 1)."""
+    if node.op == "call_module":
+        return isinstance(modules[str(node.target)], (*_ACTIVATIONS, nn.Dropout))
+    return _pointwise(node)
+
+
+def _channel_op(node: fx.Node, modules: dict[str, nn.Module], layout: tuple[int, int]) -> bool:
+    """A Linear or LayerNorm over the last dim of a channels-last map: per pixel."""
+    if layout == (2, 3) or 3 in layout:
+        return False
+    if node.op == "call_module":
+        mod = modules[str(node.target)]
+        if isinstance(mod, nn.LayerNorm):
+            return len(mod.normalized_shape) == 1
+        return isinstance(mod, nn.Linear)
+    if node.op == "call_function" and node.target is F.layer_norm:
+        shape = _arg(node, 1, "normalized_shape", ())
+        return not isinstance(shape, list | tuple) or len(shape) == 1
+    return node.op == "call_function" and node.target is F.linear
 
 
 def _last(node: fx.Node, order: dict[fx.Node, int]) -> int:
@@ -383,8 +634,10 @@ def _step(
         mod = modules[str(node.target)]
         (y, x) = ins[0]
         if isinstance(mod, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
-            if isinstance(mod, nn.MaxPool2d) and mod.ceil_mode:
-                raise ModelError("receptive field: MaxPool2d(ceil_mode=True) is not supported")
+            if isinstance(mod, nn.AvgPool2d) and mod.ceil_mode:
+                raise ModelError("receptive field: AvgPool2d(ceil_mode=True) is not supported")
+            # MaxPool2d(ceil_mode=True): the extra window at the edge reads what the interval
+            # says inside the input and -inf beyond, like its padding.
             if isinstance(mod.padding, str):
                 raise ModelError("receptive field: string padding ('same') is not supported")
             k, p = _pair(mod.kernel_size), _pair(mod.padding)

@@ -151,8 +151,9 @@ def create_model(
             f"model {name!r}: create_model reads no weight files; "
             "load them with tilenet.checkpoint.load_weights(model, path)"
         )
+    open_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
     for key in kwargs:
-        if key not in params or key in ("in_channels", "num_classes"):
+        if key in ("in_channels", "num_classes") or (key not in params and not open_kwargs):
             valid = sorted(k for k in params if k not in ("in_channels", "num_classes"))
             raise ModelError(
                 f"model {name!r} has no option {key!r}; valid options: {', '.join(valid) or 'none'}"

@@ -1,0 +1,127 @@
+"""segmentation_models_pytorch architectures as ``smp.<Arch>`` (``smp.Unet``, ``smp.FPN``, ...).
+
+Keyword arguments go to the smp class (``encoder_name``, ``encoder_depth``, ...), except
+``encoder_weights``, which is always ``None`` here: models read no files and never download;
+encoder weights come from :func:`tilenet.checkpoint.load_encoder_weights`. smp and timm are
+imported when a model is built, not when the registry is (importing them takes seconds).
+
+The stride is the encoder's output stride; the receptive field and exactness come from
+tracing the encoder, decoder and head (:mod:`tilenet.models.receptive`), so encoders with
+squeeze-and-excitation, attention or pyramid pooling are reported as not exact.
+
+Offered: Unet, UnetPlusPlus, FPN, PSPNet, DeepLabV3, DeepLabV3Plus, PAN and UPerNet. Not
+offered, because torch.fx cannot trace them (the receptive field would be unknown): Linknet
+(its decoder branches on a skip's channel count), MAnet (attention via ``flatten``/``bmm``),
+Segformer (a list of maps built in a Python loop over shapes) and DPT (a ViT encoder).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from tilenet.models.registry import TileModel, register_model
+
+__all__ = ["ARCHITECTURES", "SmpModel"]
+
+#: smp classes offered (those missing from the installed smp raise a ModelError when built).
+ARCHITECTURES = (
+    "DeepLabV3",
+    "DeepLabV3Plus",
+    "FPN",
+    "PAN",
+    "PSPNet",
+    "UPerNet",
+    "Unet",
+    "UnetPlusPlus",
+)
+#: Extra downsampling of a decoder past the encoder: PAN's feature pyramid attention
+#: pools its input three more times (x8).
+_DECODER_STRIDE = {"PAN": 8}
+
+
+class SmpModel(TileModel):
+    """An smp segmentation model (no classification head) returning per-pixel logits."""
+
+    def __init__(
+        self, net: nn.Module, *, in_channels: int, num_classes: int, decoder_stride: int = 1
+    ) -> None:
+        super().__init__(in_channels, num_classes)
+        encoder: Any = net.encoder
+        self._stride_hint = int(encoder.output_stride) * decoder_stride
+        self.stride = self._stride_hint
+        self.net = net
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        # smp's forward minus its input-shape check (TileModel.forward does that).
+        net: Any = self.net
+        return net.segmentation_head(net.decoder(net.encoder(x)))
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The smp encoder (what encoder weight files fill)."""
+        return self.net.encoder  # type: ignore[return-value]
+
+
+def _encoder_names(smp: Any) -> list[str]:
+    return sorted(smp.encoders.get_encoder_names())
+
+
+def _builder(arch: str) -> Any:
+    def build(*, in_channels: int, num_classes: int, **kwargs: Any) -> SmpModel:
+        try:
+            import segmentation_models_pytorch as smp
+        except ImportError:
+            raise ValueError(
+                "segmentation-models-pytorch is not installed; "
+                "pip install segmentation-models-pytorch timm"
+            ) from None
+        cls = getattr(smp, arch, None)
+        if cls is None:
+            raise ValueError(f"the installed smp {smp.__version__} has no {arch}")
+        if kwargs.get("encoder_weights") is not None:
+            raise ValueError(
+                "encoder_weights: tilenet loads encoder weights from a local file "
+                "(model.encoder_weights: PATH), not through smp"
+            )
+        kwargs["encoder_weights"] = None
+        name = kwargs.get("encoder_name", "resnet34")
+        names = _encoder_names(smp)
+        if not isinstance(name, str) or (name not in names and not name.startswith("tu-")):
+            close = difflib.get_close_matches(str(name), names, n=5)
+            raise ValueError(
+                f"unknown encoder {name!r}; close matches: {', '.join(close) or 'none'}"
+            )
+        for key in ("in_channels", "classes", "aux_params"):
+            if key in kwargs:
+                raise ValueError(f"{key!r} is set by tilenet, not in kwargs")
+        # smp passes unknown keys on to the encoder, and its own encoders ignore them: a
+        # misspelt option would be silently dropped. Only timm encoders ("tu-") take more.
+        params = inspect.signature(cls.__init__).parameters
+        valid = sorted(k for k in params if k not in ("self", "kwargs", "in_channels", "classes"))
+        unknown = sorted(set(kwargs) - set(valid))
+        if unknown and not name.startswith("tu-"):
+            raise ValueError(
+                f"smp.{arch} has no option {unknown[0]!r}; valid options: {', '.join(valid)}"
+            )
+        try:
+            net = cls(in_channels=in_channels, classes=num_classes, **kwargs)
+        except (KeyError, RuntimeError, AttributeError) as exc:
+            raise ValueError(f"smp.{arch}: {exc}") from None
+        return SmpModel(
+            net,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            decoder_stride=_DECODER_STRIDE.get(arch, 1),
+        )
+
+    build.__doc__ = f"segmentation_models_pytorch.{arch}; kwargs go to smp (encoder_weights=None)."
+    return build
+
+
+for _arch in ARCHITECTURES:
+    register_model(f"smp.{_arch}")(_builder(_arch))

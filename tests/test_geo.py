@@ -201,10 +201,12 @@ def _tiny_checkpoint(path: Path) -> Path:
     return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
 
 
-def _infer(tmp_path: Path, img: Path, *extra: str) -> tuple[Path, dict[str, object]]:
+def _infer(
+    tmp_path: Path, img: Path, *extra: str, ckpt: Path | None = None
+) -> tuple[Path, dict[str, object]]:
     tmp_path.mkdir(exist_ok=True)
     out = tmp_path / "out"
-    ckpt = _tiny_checkpoint(tmp_path / "m.pt")
+    ckpt = ckpt or _tiny_checkpoint(tmp_path / "m.pt")
     argv = ["infer", str(img), "--model", str(ckpt), "--out", str(out)]
     argv += ["--tile", "64", "--device", "cpu", "--outputs", "classes", *extra]
     assert main(argv) == 0
@@ -335,3 +337,124 @@ def test_plain_tiff_infer_makes_no_geotiff(tmp_path: Path) -> None:
     out, summary = _infer(tmp_path, img)
     assert not (out / "classes.tif").exists()
     assert "crs" not in summary and "class_area_crs2" not in summary
+
+
+def _stripes_checkpoint(path: Path) -> Path:
+    """A tiny model set by hand: class 1 where band 1 is bright, 2 where band 2 is (a lattice
+    of blobs on :func:`_raster`'s sine bands), else 0."""
+    import torch
+
+    from tilenet.checkpoint import save_checkpoint
+    from tilenet.models import ModelSpec, create_model
+
+    model = create_model("tiny", in_channels=3, num_classes=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        conv, bn, head = model.enc[0], model.enc[1], model.head
+        bn.weight.fill_(1.0)
+        conv.weight[0, 0, 1, 1] = 1.0  # e0 = relu(normalised band 1)
+        conv.weight[1, 1, 1, 1] = 1.0  # e1 = relu(normalised band 2)
+        head.weight[1, 0, 0, 0] = 1.0
+        head.weight[2, 1, 0, 0] = 1.0
+        head.bias[0] = 0.5
+    spec = ModelSpec.from_model(
+        model, mean=[128.0] * 3, std=[60.0] * 3, class_names=["bg", "a", "b"]
+    )
+    return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
+
+
+def test_polygons_overlay_the_class_map_in_map_coordinates(tmp_path: Path) -> None:
+    import pyogrio
+    import shapely
+
+    from tilenet.outputs import GEOREF_KEY
+
+    img = tmp_path / "scene.tif"
+    _raster(img, 300, 340, nodata=None)
+    ckpt = _stripes_checkpoint(tmp_path / "stripes.pt")
+    out, summary = _infer(
+        tmp_path / "a", img, "--outputs", "classes,probabilities,geojson", ckpt=ckpt
+    )
+    assert summary["outputs"]["geopackage"] == str(out / "instances.gpkg")  # type: ignore[index]
+    with rasterio.open(out / "classes.tif") as cog:
+        classes = cog.read(1)
+        info = pyogrio.read_info(out / "instances.gpkg")
+        assert rasterio.crs.CRS.from_user_input(info["crs"]) == cog.crs
+        assert rasterio.crs.CRS.from_user_input(info["crs"]).to_epsg() == EPSG
+        assert info["geometry_type"] == "MultiPolygon" and info["features"] > 10
+        _, _, wkb, fields = pyogrio.raw.read(out / "instances.gpkg")
+        geoms = shapely.from_wkb(wkb)
+        ids, area, cls, names = fields
+        assert set(cls.tolist()) == {1, 2} and set(names.tolist()) == {"a", "b"}
+        # Every polygon's interior point, sampled from classes.tif, has the polygon's class.
+        pts = shapely.get_coordinates(shapely.point_on_surface(geoms))
+        rows, cols = rasterio.transform.rowcol(cog.transform, pts[:, 0], pts[:, 1])
+        np.testing.assert_array_equal(classes[rows, cols], cls)
+        assert cog.index(*pts[0]) == (rows[0], cols[0])
+        sampled = np.array([v[0] for v in cog.sample(pts.tolist())])
+        np.testing.assert_array_equal(sampled, cls)
+        # Exact outlines in map units: burnt into classes.tif's grid, the polygons give back
+        # its class map exactly (a shift by one pixel would not).
+        from rasterio.features import rasterize
+
+        burnt = rasterize(
+            zip(geoms, cls.tolist(), strict=True), out_shape=classes.shape, transform=cog.transform
+        )
+        np.testing.assert_array_equal(burnt, classes)
+        np.testing.assert_allclose(shapely.area(geoms), area)
+        for c in (1, 2):
+            assert area[cls == c].sum() == (classes == c).sum() * GSD * GSD
+        left, b, r, t = shapely.total_bounds(geoms)
+        assert cog.bounds.left <= left and r <= cog.bounds.right
+        assert cog.bounds.bottom <= b and t <= cog.bounds.top
+    # The GeoJSON in the input's CRS: same polygons, its CRS named.
+    gj = json.loads((out / "instances.geojson").read_text())
+    assert gj["crs"]["properties"]["name"] == f"urn:ogc:def:crs:EPSG::{EPSG}"
+    assert len(gj["features"]) == info["features"]
+    by_id = {int(i): g for i, g in zip(ids, geoms, strict=True)}
+    for f in gj["features"]:
+        g = shapely.geometry.shape(f["geometry"])
+        assert g.equals(by_id[f["properties"]["id"]])
+        assert f["properties"]["area"] == g.area
+    # The OME-Zarr outputs carry the georeferencing, scaled per stored level.
+    t0 = [ORIGIN[0], GSD, 0.0, ORIGIN[1], 0.0, -GSD]
+    for name in ("classes", "probabilities", "instances"):
+        geo = zarr.open_group(out / f"{name}.ome.zarr", mode="r").attrs[GEOREF_KEY]
+        assert rasterio.crs.CRS.from_wkt(geo["crs"]).to_epsg() == EPSG and geo["epsg"] == EPSG
+        assert geo["transforms"]["0"] == t0
+        assert geo["transforms"]["1"] == [ORIGIN[0], 2 * GSD, 0.0, ORIGIN[1], 0.0, -2 * GSD]
+    # WGS84 (RFC 7946): longitude/latitude near the scene (UTM 33N, E 500 km = 15 deg E).
+    wgs = _infer(tmp_path / "b", img, "--outputs", "geojson", "--geojson-crs", "wgs84", ckpt=ckpt)[
+        0
+    ]
+    gw = json.loads((wgs / "instances.geojson").read_text())
+    assert "crs" not in gw and len(gw["features"]) == len(gj["features"])
+    from rasterio.warp import transform_bounds
+
+    w, s, e, n = transform_bounds(f"EPSG:{EPSG}", "EPSG:4326", *cog.bounds)
+    assert 14.9 < w < e < 15.1 and 41.5 < s < n < 41.6
+    for f in gw["features"]:
+        lon, lat = np.array(shapely.get_coordinates(shapely.geometry.shape(f["geometry"]))).T
+        assert (w - 1e-9 <= lon).all() and (lon <= e + 1e-9).all()
+        assert (s - 1e-9 <= lat).all() and (lat <= n + 1e-9).all()
+    # Reprojected back, the vertices are the map-coordinate vertices of the same polygon.
+    f0 = gw["features"][0]
+    lon, lat = shapely.get_coordinates(shapely.geometry.shape(f0["geometry"])).T
+    xs, ys = rasterio.warp.transform("EPSG:4326", f"EPSG:{EPSG}", lon.tolist(), lat.tolist())
+    ref = shapely.get_coordinates(by_id[f0["properties"]["id"]])
+    np.testing.assert_allclose(np.c_[xs, ys], ref, atol=1e-3)
+
+
+def test_plain_input_geojson_stays_in_level0_pixels(tmp_path: Path) -> None:
+    img = tmp_path / "plain.tif"
+    yy, xx = np.mgrid[0:96, 0:96]
+    data = np.stack([128 + 100 * np.sin(yy / 7.0), 128 + 100 * np.cos(xx / 11.0), yy + xx], -1)
+    tifffile.imwrite(img, data.astype(np.uint8), photometric="rgb")
+    out, _ = _infer(tmp_path, img, "--outputs", "geojson")
+    gj = json.loads((out / "instances.geojson").read_text())
+    assert "crs" not in gj and gj["features"]
+    assert not (out / "instances.gpkg").exists()
+    xy = np.array([p for f in gj["features"] for p in f["geometry"]["coordinates"][0]])
+    assert xy.min() >= 0 and xy.max() <= 96 and np.issubdtype(xy.dtype, np.integer)
+    assert "tilenet:georef" not in zarr.open_group(out / "instances.ome.zarr").attrs

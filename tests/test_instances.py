@@ -13,7 +13,7 @@ import scipy.ndimage as ndi
 import zarr
 
 from tilenet.errors import ImageNotFoundError, InputError, ShapeMismatchError
-from tilenet.instances import META_KEY, label_instances, write_geojson
+from tilenet.instances import META_KEY, label_instances, write_geojson, write_geopackage
 from tilenet.io.writers import OmeZarrWriter
 
 H, W = 300, 500
@@ -318,3 +318,47 @@ def test_geojson_huge_object_is_traced_strided(tmp_path: Path) -> None:
     assert ft["properties"]["area"] == (inst == 7).sum()  # exact even when the outline is not
     xs = [x for x, _ in ft["geometry"]["coordinates"][0]]
     assert abs(min(xs) - 5) <= 16 and abs(max(xs) - 305) <= 16
+
+
+def test_geojson_and_geopackage_through_a_geotransform(tmp_path: Path, blobs: np.ndarray) -> None:
+    import pyogrio.raw
+    import shapely
+
+    out = tmp_path / "i.ome.zarr"
+    label_instances(_zarr(blobs), out, chunk=CHUNK)
+    px, geo = tmp_path / "px.geojson", tmp_path / "geo.geojson"
+    n = write_geojson(out, px)
+    t = (500_000.0, 10.0, 2.0, 4_600_000.0, 1.5, -10.0)  # sheared/rotated: every term counts
+    assert write_geojson(out, geo, transform=t, crs="EPSG:32633", min_area=5 * 103.0) < n
+    assert write_geojson(out, geo, transform=t, crs="EPSG:32633") == n
+    fc_px, fc_geo = (json.loads(p.read_text())["features"] for p in (px, geo))
+    for a, b in zip(fc_px, fc_geo, strict=True):
+        assert a["properties"]["id"] == b["properties"]["id"]
+        xy = shapely.get_coordinates(shapely.geometry.shape(a["geometry"]))
+        mapped = np.c_[
+            t[0] + xy[:, 0] * t[1] + xy[:, 1] * t[2], t[3] + xy[:, 0] * t[4] + xy[:, 1] * t[5]
+        ]
+        np.testing.assert_allclose(
+            shapely.get_coordinates(shapely.geometry.shape(b["geometry"])), mapped
+        )
+        assert b["properties"]["area"] == a["properties"]["area"] * 103.0  # |det| = |-100 - 3|
+    gpkg = tmp_path / "i.gpkg"
+    assert write_geopackage(out, gpkg, transform=t, crs="EPSG:32633", batch=7) == n
+    meta, _, wkb, (ids, area, cls, names) = pyogrio.raw.read(gpkg)
+    assert meta["crs"] == "EPSG:32633" and len(ids) == n and sorted(ids) == list(range(1, n + 1))
+    by_id = {f["properties"]["id"]: shapely.geometry.shape(f["geometry"]) for f in fc_geo}
+    for i, g, a_ in zip(ids.tolist(), shapely.from_wkb(wkb), area.tolist(), strict=True):
+        assert g.equals(by_id[i]) and g.area == pytest.approx(a_)
+    assert set(cls.tolist()) == {1, 2, 3} and names[0] == f"class {cls[0]}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["i.ome.zarr", "px.geojson", "geo.geojson", "i.gpkg"]
+    )
+    # nothing to write: an empty layer, still with its CRS
+    empty = tmp_path / "e.ome.zarr"
+    label_instances(_zarr(np.zeros((20, 20), np.uint8)), empty)
+    assert write_geopackage(empty, tmp_path / "e.gpkg", transform=t, crs="EPSG:32633") == 0
+    assert pyogrio.read_info(tmp_path / "e.gpkg")["crs"] == "EPSG:32633"
+    with pytest.raises(InputError, match="transform"):
+        write_geojson(out, geo, transform=(0, 1, 0, 0, 0, 0))
+    with pytest.raises(InputError, match="wgs84 needs"):
+        write_geojson(out, geo, transform=t, wgs84=True)

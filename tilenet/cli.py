@@ -361,7 +361,14 @@ def _add_infer(sub: Any) -> None:
         "--outputs",
         type=_comma_list,
         help="comma-separated subset of probabilities,classes,instances,preview,geojson "
-        f"({_default(InferConfig, 'outputs')})",
+        "(geojson: instances.geojson; for a georeferenced input in map coordinates, plus "
+        f"instances.gpkg) ({_default(InferConfig, 'outputs')})",
+    )
+    p.add_argument(
+        "--geojson-crs",
+        choices=["input", "wgs84"],
+        help="georeferenced inputs: instances.geojson in the input's CRS or in lon/lat "
+        f"(RFC 7946) ({_default(InferConfig, 'geojson_crs')})",
     )
     p.add_argument(
         "--probabilities-dtype",
@@ -452,6 +459,7 @@ INFER_FLAGS: dict[str, Sequence[str]] = {
         "tta",
         "outputs",
         "probabilities_dtype",
+        "geojson_crs",
         "min_foreground",
         "readers",
         "heap",

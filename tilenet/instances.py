@@ -58,12 +58,12 @@ from tilenet.errors import (
     ShapeMismatchError,
     UnsupportedFormatError,
 )
-from tilenet.fsutil import atomic_output
+from tilenet.fsutil import atomic_output, remove_path
 from tilenet.geometry import iter_blocks, spans
 from tilenet.io.writers import DEFAULT_PALETTE, OmeZarrWriter
 from tilenet.progress import progress_iter
 
-__all__ = ["label_instances", "write_geojson"]
+__all__ = ["label_instances", "write_geojson", "write_geopackage"]
 
 #: Name of the array attribute (on dataset "0") describing how the instances were made.
 META_KEY = "tilenet_instances"
@@ -424,13 +424,15 @@ def _trace(
     origin: tuple[int, int] = (0, 0),
     step: int = 1,
     scale: float = 1,
+    affine: Sequence[float] | None = None,
 ) -> Iterator[tuple[int, list[list[list[list[Any]]]]]]:
     """Exact pixel-edge polygons of the objects ``keep`` (sorted ids) in ``labels``.
 
     Yields ``(id, polygons)`` in id order; each polygon is a list of closed rings of [x, y]
     vertices (corners only), the outer ring first, then its holes. Pixel (r, c) of
     ``labels`` covers x in ``origin[0] + c * step + [0, step]`` (same for y), and every
-    coordinate is multiplied by ``scale``. An
+    coordinate is multiplied by ``scale``, or with ``affine`` (a GDAL-order geotransform)
+    pixel corner (x, y) goes to map coordinates instead. An
     object is one polygon per edge-connected piece: pieces that only touch diagonally (8-
     connected objects) are separate polygons meeting at a corner, and a hole that touches
     its outer ring diagonally touches it at one vertex, so the rings are simple (valid OGC).
@@ -500,7 +502,11 @@ def _trace(
     # level coordinates, undoing the padding; converted to Python numbers once
     vx = (sx[seq][cs] - 1) * step + origin[0]
     vy = (sy[seq][cs] - 1) * step + origin[1]
-    pts = (np.stack([vx, vy], axis=1) * scale).tolist()
+    if affine is None:
+        pts = (np.stack([vx, vy], axis=1) * scale).tolist()
+    else:
+        x0, dx, rx, y0, ry, dy = (float(v) for v in affine)
+        pts = np.stack([x0 + vx * dx + vy * rx, y0 + vx * ry + vy * dy], axis=1).tolist()
     order = np.lexsort((-area2, ring_owner, ring_id)).tolist()  # per owner: outer ring first
     ids, owners = ring_id.tolist(), ring_owner.tolist()
     polys: list[list[list[list[Any]]]] = []
@@ -548,32 +554,22 @@ class _Stats:
             self.hist[i][k] = self.hist[i].get(k, 0) + v
 
 
-def write_geojson(
+_Object = tuple[int, list[list[list[list[Any]]]], float, "int | None"]
+
+
+def _objects(
     instances: Any,
-    path: str | os.PathLike[str],
     *,
-    class_map: Any = None,
-    class_names: Sequence[str] | Mapping[int, str] | None = None,
-    downsample: float = 1,
-    min_area: float = 0,
-) -> int:
-    """Write the instances as a GeoJSON FeatureCollection of polygons for QuPath; return count.
+    class_map: Any,
+    downsample: float,
+    transform: Sequence[float] | None,
+    min_area: float,
+) -> Iterator[_Object]:
+    """Check the arguments, then return an iterator of ``(id, polygons, area, class)``.
 
-    ``instances`` is an instance map (zarr array or OME-Zarr path, e.g. from
-    :func:`label_instances`); ``downsample`` is its pixel size in level-0 pixels, so the
-    coordinates are level-0 pixel coordinates (x right, y down). Each object becomes one
-    Feature (``objectType`` "detection") whose geometry is the exact outline of its pixels
-    (Polygon, or MultiPolygon when the object's pieces only touch diagonally), with
-    properties ``id``, ``area`` (level-0 pixels) and ``classification`` {"name", "color"}:
-    the object's most frequent class in ``class_map`` if given, else the class recorded by
-    :func:`label_instances` (``per_class=True``), else none. ``class_names`` maps class ids
-    to names (default "class <id>"). Objects with ``area < min_area`` are left out.
-
-    Works block by block: objects inside one block are traced from it; objects crossing
-    block edges are traced afterwards from a crop of their bounding box (grouped per
-    block). An object whose box exceeds ~4 blocks is traced from a strided crop, i.e. its
-    outline is approximate at that stride (its area is still exact). Features come in that
-    order (block by block), not in id order. Written to a temporary name, then renamed.
+    Coordinates are level-0 pixels (``downsample`` per instance-map pixel), or map
+    coordinates through ``transform`` (the instance map's GDAL-order geotransform; areas in
+    square CRS units then).
     """
     inst = _open_2d(instances, "instance map")[0]
     cmap = None
@@ -586,18 +582,35 @@ def write_geojson(
             )
     if not downsample > 0 or not min_area >= 0:
         raise InputError(f"downsample must be > 0 and min_area >= 0, got {downsample}, {min_area}")
-    names = _class_names(class_names)
+    affine = None
+    if transform is not None:
+        affine = tuple(float(v) for v in transform)
+        if len(affine) != 6 or affine[1] * affine[5] - affine[2] * affine[4] == 0:
+            raise InputError(f"transform must be 6 GDAL-order numbers, invertible: {transform}")
     ranges: dict[int, list[int]] = {}
     meta: Any = inst.attrs.get(META_KEY) if isinstance(inst, zarr.Array) else None
     if cmap is None and meta and meta.get("class_ranges"):
         ranges = {int(k): v for k, v in meta["class_ranges"].items()}
+    return _iter_objects(inst, cmap, ranges, downsample, affine, min_area)
+
+
+def _iter_objects(
+    inst: Any,
+    cmap: Any,
+    ranges: dict[int, list[int]],
+    downsample: float,
+    affine: tuple[float, ...] | None,
+    min_area: float,
+) -> Iterator[_Object]:
     range_cls = sorted(ranges, key=lambda k: ranges[k][0])
     range_lo = [ranges[k][0] for k in range_cls]
-    palette = DEFAULT_PALETTE.tolist()
     bh, bw = _block_shape(None, inst)
     H, W = (int(s) for s in inst.shape)
     max_crop = 4 * bh * bw  # what a group of objects spanning 2x2 blocks needs anyway
-    area_scale = float(downsample) ** 2
+    if affine is None:
+        area_scale = float(downsample) ** 2
+    else:
+        area_scale = abs(affine[1] * affine[5] - affine[2] * affine[4])
     # integer coordinates stay integers in the JSON
     scale: float = int(downsample) if float(downsample).is_integer() else float(downsample)
 
@@ -609,18 +622,6 @@ def write_geojson(
             if t >= 0 and i <= ranges[range_cls[t]][1]:
                 return range_cls[t]
         return None
-
-    def feature(i: int, coords: list[Any], count: int, cls: int | None) -> str:
-        geom = (
-            {"type": "Polygon", "coordinates": coords[0]}
-            if len(coords) == 1
-            else {"type": "MultiPolygon", "coordinates": coords}
-        )
-        props: dict[str, Any] = {"objectType": "detection", "id": i, "area": count * area_scale}
-        if cls is not None:
-            colour = palette[cls % len(palette)]
-            props["classification"] = {"name": names.get(cls, f"class {cls}"), "color": colour}
-        return json.dumps({"type": "Feature", "geometry": geom, "properties": props})
 
     def block_stats(y0: int, y1: int, x0: int, x1: int):
         lab = np.asarray(inst[y0:y1, x0:x1])
@@ -640,61 +641,224 @@ def write_geojson(
                 hists[p_ // nc][p_ % nc] = c_
         return lab, ids, counts, boxes, hists
 
-    written = 0
     border = _Stats()
-    final = Path(path)
-    with atomic_output(final) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write('{"type": "FeatureCollection", "features": [\n')
+    for blk in iter_blocks((H, W), (bh, bw)):
+        y0, y1, x0, x1 = blk.y, blk.y1, blk.x, blk.x1
+        lab, ids, counts, boxes, hists = block_stats(y0, y1, x0, x1)
+        inside = []
+        for t, i in enumerate(ids.tolist()):
+            sy, sx = boxes[t]
+            box = [sy.start + y0, sx.start + x0, sy.stop + y0, sx.stop + x0]
+            cut = (
+                (box[0] == y0 and y0 > 0)
+                or (box[2] == y1 and y1 < H)
+                or (box[1] == x0 and x0 > 0)
+                or (box[3] == x1 and x1 < W)
+            )
+            if cut:
+                border.add(i, box, int(counts[t]), hists[t])
+            elif counts[t] * area_scale >= min_area:
+                inside.append(t)
+        if inside:
+            keep = ids[inside]
+            traced = _trace(lab, keep, origin=(x0, y0), scale=scale, affine=affine)
+            for (i, polys), t in zip(traced, inside, strict=True):
+                yield i, polys, int(counts[t]) * area_scale, classify(i, hists[t])
+    # objects crossing block edges: group those spanning at most 2x2 blocks by their
+    # top-left block and trace each group from one crop
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in sorted(border.box):
+        if border.count[i] * area_scale < min_area:
+            continue
+        y0, x0, y1, x1 = border.box[i]
+        by, bx = y0 // bh, x0 // bw
+        if y1 <= (by + 2) * bh and x1 <= (bx + 2) * bw:
+            groups.setdefault((by, bx), []).append(i)
+        else:
+            groups.setdefault((-1 - i, 0), []).append(i)  # alone
+    for members in groups.values():
+        boxes_m = np.array([border.box[i] for i in members])
+        y0, x0 = boxes_m[:, :2].min(axis=0)
+        y1, x1 = boxes_m[:, 2:].max(axis=0)
+        step = 1
+        while ((y1 - y0) // step) * ((x1 - x0) // step) > max_crop:
+            step *= 2
+        crop = np.asarray(inst[y0:y1:step, x0:x1:step])
+        traced = _trace(
+            crop, np.asarray(members), origin=(x0, y0), step=step, scale=scale, affine=affine
+        )
+        for i, polys in traced:
+            yield i, polys, border.count[i] * area_scale, classify(i, border.hist[i])
 
-        def emit(text: str) -> None:
-            nonlocal written
-            f.write((",\n" if written else "") + text)
+
+def _crs_name(crs: str) -> str:
+    """An OGC URN for a CRS with an EPSG code, else its WKT."""
+    from rasterio.crs import CRS
+
+    epsg = CRS.from_user_input(crs).to_epsg()
+    return f"urn:ogc:def:crs:EPSG::{epsg}" if epsg else crs
+
+
+def write_geojson(
+    instances: Any,
+    path: str | os.PathLike[str],
+    *,
+    class_map: Any = None,
+    class_names: Sequence[str] | Mapping[int, str] | None = None,
+    downsample: float = 1,
+    min_area: float = 0,
+    transform: Sequence[float] | None = None,
+    crs: str | None = None,
+    wgs84: bool = False,
+) -> int:
+    """Write the instances as a GeoJSON FeatureCollection of polygons for QuPath; return count.
+
+    ``instances`` is an instance map (zarr array or OME-Zarr path, e.g. from
+    :func:`label_instances`); ``downsample`` is its pixel size in level-0 pixels, so the
+    coordinates are level-0 pixel coordinates (x right, y down). Each object becomes one
+    Feature (``objectType`` "detection") whose geometry is the exact outline of its pixels
+    (Polygon, or MultiPolygon when the object's pieces only touch diagonally), with
+    properties ``id``, ``area`` (level-0 pixels) and ``classification`` {"name", "color"}:
+    the object's most frequent class in ``class_map`` if given, else the class recorded by
+    :func:`label_instances` (``per_class=True``), else none. ``class_names`` maps class ids
+    to names (default "class <id>"). Objects with ``area < min_area`` are left out.
+
+    Georeferenced: ``transform`` (the instance map's geotransform, GDAL order) puts the
+    pixel corners in map coordinates instead (``downsample`` unused; ``area`` and
+    ``min_area`` in square CRS units); ``crs`` (WKT or "EPSG:n") is recorded as the
+    collection's ``crs`` member (a URN where it has an EPSG code), or with ``wgs84`` the
+    vertices are reprojected to longitude/latitude (RFC 7946; no ``crs`` member).
+
+    Works block by block: objects inside one block are traced from it; objects crossing
+    block edges are traced afterwards from a crop of their bounding box (grouped per
+    block). An object whose box exceeds ~4 blocks is traced from a strided crop, i.e. its
+    outline is approximate at that stride (its area is still exact). Features come in that
+    order (block by block), not in id order. Written to a temporary name, then renamed.
+    """
+    if (crs is not None or wgs84) and transform is None:
+        raise InputError("crs and wgs84 need the instance map's transform")
+    if wgs84 and not crs:
+        raise InputError("wgs84 needs the CRS to reproject from")
+    objects = _objects(
+        instances,
+        class_map=class_map,
+        downsample=downsample,
+        transform=transform,
+        min_area=min_area,
+    )
+    names = _class_names(class_names)
+    palette = DEFAULT_PALETTE.tolist()
+    project = _to_wgs84(crs) if wgs84 and crs else None
+
+    def feature(i: int, coords: list[Any], area: float, cls: int | None) -> str:
+        if project is not None:
+            coords = project(coords)
+        geom = (
+            {"type": "Polygon", "coordinates": coords[0]}
+            if len(coords) == 1
+            else {"type": "MultiPolygon", "coordinates": coords}
+        )
+        props: dict[str, Any] = {"objectType": "detection", "id": i, "area": area}
+        if cls is not None:
+            colour = palette[cls % len(palette)]
+            props["classification"] = {"name": names.get(cls, f"class {cls}"), "color": colour}
+        return json.dumps({"type": "Feature", "geometry": geom, "properties": props})
+
+    written = 0
+    head: dict[str, Any] = {"type": "FeatureCollection"}
+    if crs and not wgs84:
+        head["crs"] = {"type": "name", "properties": {"name": _crs_name(crs)}}
+    with atomic_output(Path(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(head)[:-1] + ', "features": [\n')
+        for i, polys, area, cls in objects:
+            f.write((",\n" if written else "") + feature(i, polys, area, cls))
             written += 1
-
-        for blk in iter_blocks((H, W), (bh, bw)):
-            y0, y1, x0, x1 = blk.y, blk.y1, blk.x, blk.x1
-            lab, ids, counts, boxes, hists = block_stats(y0, y1, x0, x1)
-            inside = []
-            for t, i in enumerate(ids.tolist()):
-                sy, sx = boxes[t]
-                box = [sy.start + y0, sx.start + x0, sy.stop + y0, sx.stop + x0]
-                cut = (
-                    (box[0] == y0 and y0 > 0)
-                    or (box[2] == y1 and y1 < H)
-                    or (box[1] == x0 and x0 > 0)
-                    or (box[3] == x1 and x1 < W)
-                )
-                if cut:
-                    border.add(i, box, int(counts[t]), hists[t])
-                elif counts[t] * area_scale >= min_area:
-                    inside.append(t)
-            if inside:
-                keep = ids[inside]
-                traced = _trace(lab, keep, origin=(x0, y0), scale=scale)
-                for (i, polys), t in zip(traced, inside, strict=True):
-                    emit(feature(i, polys, int(counts[t]), classify(i, hists[t])))
-        # objects crossing block edges: group those spanning at most 2x2 blocks by their
-        # top-left block and trace each group from one crop
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i in sorted(border.box):
-            if border.count[i] * area_scale < min_area:
-                continue
-            y0, x0, y1, x1 = border.box[i]
-            by, bx = y0 // bh, x0 // bw
-            if y1 <= (by + 2) * bh and x1 <= (bx + 2) * bw:
-                groups.setdefault((by, bx), []).append(i)
-            else:
-                groups.setdefault((-1 - i, 0), []).append(i)  # alone
-        for members in groups.values():
-            boxes_m = np.array([border.box[i] for i in members])
-            y0, x0 = boxes_m[:, :2].min(axis=0)
-            y1, x1 = boxes_m[:, 2:].max(axis=0)
-            step = 1
-            while ((y1 - y0) // step) * ((x1 - x0) // step) > max_crop:
-                step *= 2
-            crop = np.asarray(inst[y0:y1:step, x0:x1:step])
-            traced = _trace(crop, np.asarray(members), origin=(x0, y0), step=step, scale=scale)
-            for i, polys in traced:
-                emit(feature(i, polys, border.count[i], classify(i, border.hist[i])))
         f.write("\n]}\n")
+    return written
+
+
+def _to_wgs84(crs: str) -> Any:
+    """A function reprojecting nested polygon coordinates from ``crs`` to lon/lat."""
+    from rasterio.warp import transform as warp
+
+    def project(polys: list[Any]) -> list[Any]:
+        flat = [pt for poly in polys for ring in poly for pt in ring]
+        xs, ys = warp(crs, "EPSG:4326", [p[0] for p in flat], [p[1] for p in flat])
+        it = iter(zip(xs, ys, strict=True))
+        return [[[list(next(it)) for _ in ring] for ring in poly] for poly in polys]
+
+    return project
+
+
+def write_geopackage(
+    instances: Any,
+    path: str | os.PathLike[str],
+    *,
+    transform: Sequence[float],
+    crs: str | None,
+    class_map: Any = None,
+    class_names: Sequence[str] | Mapping[int, str] | None = None,
+    min_area: float = 0,
+    layer: str = "instances",
+    batch: int = 4096,
+) -> int:
+    """Write the instances as a GeoPackage layer of polygons in ``crs`` (WKT or "EPSG:n"; None:
+    unknown); return the count.
+
+    Geometries are as in :func:`write_geojson` with ``transform`` (map coordinates; every
+    feature a MultiPolygon), with fields ``id``, ``area`` (square CRS units), ``class``
+    (-1: none) and ``class_name``. Written ``batch`` features at a time through pyogrio
+    (memory bounded by the batch and the blocks read), to a temporary name, then renamed.
+    """
+    import pyogrio.raw
+    import shapely
+
+    objects = _objects(
+        instances, class_map=class_map, downsample=1, transform=transform, min_area=min_area
+    )
+    names = _class_names(class_names)
+    fields = ["id", "area", "class", "class_name"]
+    written = 0
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.stem}.partial-{os.getpid()}{final.suffix}")
+    remove_path(tmp)  # the GPKG driver wants its own extension on the temporary name too
+    try:
+        rows: list[_Object] = []
+
+        def flush(append: bool) -> None:
+            geoms = [
+                shapely.MultiPolygon([(p[0], p[1:]) for p in polys]) for _, polys, _, _ in rows
+            ]
+            cls = [-1 if c is None else c for *_, c in rows]
+            data = [
+                np.array([r[0] for r in rows], np.int64),
+                np.array([r[2] for r in rows], np.float64),
+                np.array(cls, np.int32),
+                np.array([names.get(c, f"class {c}") if c >= 0 else "" for c in cls], object),
+            ]
+            pyogrio.raw.write(
+                str(tmp),
+                shapely.to_wkb(np.array(geoms, dtype=object)),
+                data,
+                fields,
+                layer=layer,
+                driver="GPKG",
+                geometry_type="MultiPolygon",
+                crs=crs,
+                append=append,
+            )
+            rows.clear()
+
+        for obj in objects:
+            rows.append(obj)
+            written += 1
+            if len(rows) >= batch:
+                flush(append=written > len(rows))
+        if rows or not written:
+            flush(append=written > len(rows))
+    except BaseException:
+        remove_path(tmp)
+        raise
+    os.replace(tmp, final)
     return written

@@ -11,7 +11,9 @@
   chunks are on disk;
 * finalize: pyramids, renames, the OME-TIFF, preview, instances and GeoJSON made from the
   finished class map (and for a georeferenced input ``classes.tif``, a Cloud-Optimized
-  GeoTIFF in the input's CRS), then ``config.yaml`` and ``summary.json``, and the resume state removed.
+  GeoTIFF in the input's CRS, the georeferencing in every OME-Zarr store's
+  :data:`GEOREF_KEY` attribute, the instances also as ``instances.gpkg`` in that CRS),
+  then ``config.yaml`` and ``summary.json``, and the resume state removed.
 
 The output chunks are the grid's cores, so bands of whole grid rows write disjoint chunks:
 any number of processes may fill the same partial stores without locks (batch jobs on dask).
@@ -37,13 +39,16 @@ from tilenet.fsutil import remove_path, write_text_atomic
 from tilenet.io.writers import OmeZarrWriter, write_ome_tiff, write_preview_png
 from tilenet.stitch import OutputSink
 
-__all__ = ["CLASSES_NODATA", "STATE_DIR", "OutputSet"]
+__all__ = ["CLASSES_NODATA", "GEOREF_KEY", "STATE_DIR", "OutputSet", "tag_georef"]
 
 #: Resume state beside the outputs (removed when the outputs are complete).
 STATE_DIR = ".regions"
 _KEY_FILE = "key.json"
 #: The class value of ``classes.tif`` pixels where the input had no data.
 CLASSES_NODATA = 255
+#: The attribute of a georeferenced input's OME-Zarr outputs holding their georeferencing:
+#: ``crs`` (WKT), ``epsg`` (or null), ``transforms`` (per level path, GDAL order).
+GEOREF_KEY = "tilenet:georef"
 #: How each store's pyramid levels are downsampled.
 _METHODS = {"probabilities": "mean", "classes": "mode"}
 
@@ -251,9 +256,17 @@ class OutputSet:
 
         out = Path(self.out)
         paths: dict[str, Path] = {}
+        geo = getattr(image, "transform", None) is not None
+        transform = None
+        if geo:
+            from tilenet.io.raster import scaled_transform
+
+            transform = scaled_transform(image.transform, downsample)
         for name in ("probabilities", "classes"):
             if name in self.stores:
                 paths[name] = self.finalize_store(name)
+                if transform is not None:
+                    tag_georef(paths[name], image.crs, transform)
         want = set(cfg.outputs)
         classes = zarr.open_group(paths["classes"], mode="r")
         if "classes" in want:
@@ -288,7 +301,28 @@ class OutputSet:
                 chunk=cfg.chunk,
             )
             paths["instances"] = out / "instances.ome.zarr"
-            if "geojson" in want:
+            if transform is not None:
+                tag_georef(paths["instances"], image.crs, transform)
+            if "geojson" in want and transform is not None:
+                crs = image.crs
+                instances.write_geojson(
+                    paths["instances"],
+                    out / "instances.geojson",
+                    class_names=list(class_names),
+                    transform=transform,
+                    crs=crs,
+                    wgs84=cfg.geojson_crs == "wgs84" and bool(crs),
+                )
+                instances.write_geopackage(
+                    paths["instances"],
+                    out / "instances.gpkg",
+                    transform=transform,
+                    crs=crs,
+                    class_names=list(class_names),
+                )
+                paths["geojson"] = out / "instances.geojson"
+                paths["geopackage"] = out / "instances.gpkg"
+            elif "geojson" in want:
                 instances.write_geojson(
                     paths["instances"],
                     out / "instances.geojson",
@@ -311,6 +345,39 @@ class OutputSet:
         remove_path(self.state_dir)
         remove_path(self.spill_dir())
         return summary
+
+
+def tag_georef(store: str | os.PathLike[str], crs: str | None, transform: Sequence[float]) -> None:
+    """Record the georeferencing of an OME-Zarr store in its :data:`GEOREF_KEY` attribute.
+
+    ``transform`` is the GDAL-order geotransform of level 0; each level of the store's
+    ``multiscales`` gets it scaled by that level's scale relative to level 0.
+    """
+    import zarr
+
+    from tilenet.io.raster import describe_georef, scaled_transform
+
+    group = zarr.open_group(store, mode="r+")
+    ms: Any = group.attrs.get("multiscales") or [{"datasets": [{"path": "0"}]}]
+    datasets = ms[0]["datasets"]
+
+    def scale(d: dict[str, Any]) -> list[float]:
+        ct = d.get("coordinateTransformations") or [{"scale": [1.0, 1.0]}]
+        return [float(v) for v in ct[0].get("scale", [1.0, 1.0])[-2:]]
+
+    base = scale(datasets[0])
+    levels = {}
+    for d in datasets:
+        sy, sx = scale(d)
+        levels[str(d["path"])] = list(
+            scaled_transform(tuple(transform), (sy / base[0], sx / base[1]))
+        )
+    group.attrs[GEOREF_KEY] = {
+        "crs": crs,
+        "epsg": describe_georef(crs, None)["epsg"],
+        "transform_order": "gdal",
+        "transforms": levels,
+    }
 
 
 def _write_classes_cog(

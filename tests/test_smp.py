@@ -480,7 +480,8 @@ def test_encoder_normalization_goes_into_the_checkpoint_and_infer(
     infer_image(
         image, run / "last.pt", out, outputs=["probabilities"], probabilities_dtype="float32"
     )
-    got = np.asarray(zarr.open_group(out / "probabilities.ome.zarr", mode="r")["0"][:])
+    probs: Any = zarr.open_group(out / "probabilities.ome.zarr", mode="r")["0"]
+    got = np.asarray(probs[:])
     x = (arr - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     with torch.inference_mode():
         t = torch.from_numpy(x.astype(np.float32)).permute(2, 0, 1)[None].contiguous()
@@ -549,4 +550,16 @@ def test_plan_shows_an_smp_model() -> None:
     m = plan["model"]
     assert (m["name"], m["stride"], m["per_pixel_norm"]) == ("smp.Unet", 8, False)
     assert "net.encoder.model.blocks.0.0.se" in m["exact_reason"]
-    assert "net.encoder.model.blocks.0.0.se" in format_plan(plan)
+    assert m["exact"] is False
+    assert "not exact: an operation over the whole input (mean over H, W at net.encoder.model." in (
+        format_plan(plan)
+    )
+    exact = plan_model(
+        ModelConfig(name="smp.Unet", kwargs={"encoder_name": "resnet18", **SMALL}),
+        tile=256,
+        memory="1GiB",
+        measure=False,
+    )
+    assert exact["model"]["exact"] is True and exact["model"]["exact_reason"] is None
+    text = format_plan(exact)
+    assert "exact        yes" in text and "warning" not in text

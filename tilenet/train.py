@@ -823,11 +823,11 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
     if mc.normalization == "encoder":
         # The encoder's statistics replace the data's, in training, validation and the spec.
         mean, std = _encoder_stats(model, mc, channels)
-        for dset in (ds, val_loader.dataset if val_loader is not None else None):
-            if dset is not None:
-                dset.mean, dset.std = mean, std
-                if hasattr(dset, "normalize"):
-                    dset.normalize = True
+        dsets: list[Any] = [ds] + ([val_loader.dataset] if val_loader is not None else [])
+        for dset in dsets:
+            dset.mean, dset.std = mean, std
+            if hasattr(dset, "normalize"):
+                dset.normalize = True
     model = model.to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -59,7 +59,7 @@ def test_write_json_atomic(tmp_path: Path) -> None:
     assert [p.name for p in out.parent.iterdir()] == ["r.json"]
 
 
-@pytest.mark.parametrize("script", ["bench_peers.py", "bench_scaling.py"])
+@pytest.mark.parametrize("script", ["bench_encoders.py", "bench_peers.py", "bench_scaling.py"])
 def test_help(script: str) -> None:
     res = subprocess.run(
         [sys.executable, str(SCRIPTS / script), "--help"], capture_output=True, text=True
@@ -111,3 +111,26 @@ def test_bench_scaling_quick(tmp_path: Path) -> None:
     r = json.loads(out.read_text())
     assert [s["side"] for s in r["sizes"]] == [1024, 2048]
     assert abs(r["rss_growth"]) < 0.25
+
+
+@pytest.mark.slow
+def test_bench_encoders_quick(tmp_path: Path) -> None:
+    pytest.importorskip("segmentation_models_pytorch")
+    out = tmp_path / "encoders.json"
+    res = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_encoders.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1].startswith("bench_encoders: 2 models")
+    r = json.loads(out.read_text())
+    rows = {m["label"]: m for m in r["models"]}
+    assert set(rows) == {"unet", "smp.Unet resnet18"}
+    smp = rows["smp.Unet resnet18"]
+    assert 14e6 < smp["parameters"] < 15e6 and smp["exact"] is True
+    # resnet18's receptive field needs more than the quick 512 px tile: 4 halos.
+    assert smp["infer_tile"] == 4 * smp["infer_halo"] > 512
+    for m in rows.values():
+        assert m["train_patches_per_s"] > 0 and m["infer_mpx_per_s"] > 0
+        assert m["train_activation_mb"] > 0 and m["infer_activation_mb"] > 0

@@ -18,14 +18,19 @@ import torch
 import zarr
 from torch import nn
 
-from tilenet.checkpoint import load_checkpoint, load_encoder_weights, save_checkpoint
+from tilenet.checkpoint import (
+    load_checkpoint,
+    load_encoder_weights,
+    load_model,
+    save_checkpoint,
+)
 from tilenet.cli import main as cli_main
 from tilenet.config import ModelConfig, load_config
 from tilenet.errors import ConfigError, ModelError
 from tilenet.geometry import ceil_to
 from tilenet.infer import infer_image
 from tilenet.models import ModelSpec, TileModel, analyze, create_model, exactness, list_models
-from tilenet.models.smp_models import ARCHITECTURES, SmpModel
+from tilenet.models.smp_models import ARCHITECTURES, SmpModel, encoder_normalization
 from tilenet.plan import format_plan, plan_model
 from tilenet.predictor import predict
 from tilenet.synth import synthesize
@@ -411,7 +416,8 @@ def _train(store: Path, out: Path, **extra: Any) -> Path:
         "train.out_dir": out,
         **extra,
     }
-    return train(load_config(None, [f"{k}={v}" for k, v in overrides.items()]))
+    # A None in extra drops that override.
+    return train(load_config(None, [f"{k}={v}" for k, v in overrides.items() if v is not None]))
 
 
 def test_train_from_encoder_weights_then_infer(store: Path, tmp_path: Path) -> None:
@@ -430,6 +436,71 @@ def test_train_from_encoder_weights_then_infer(store: Path, tmp_path: Path) -> N
     assert cli_main([*argv, "--out", str(tmp_path / "out"), "--quiet"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["exact"] is True
+
+
+SMP_KWARGS = (
+    "model.kwargs.encoder_name",
+    "model.kwargs.encoder_depth",
+    "model.kwargs.decoder_channels",
+)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def test_encoder_normalization_tables() -> None:
+    assert encoder_normalization("resnet18") == (IMAGENET_MEAN, IMAGENET_STD)
+    assert encoder_normalization("tu-convnext_atto") == (IMAGENET_MEAN, IMAGENET_STD)
+    assert encoder_normalization("tu-inception_v4") == ((0.5,) * 3, (0.5,) * 3)
+    assert encoder_normalization("xception")[1] == (0.5,) * 3
+    with pytest.raises(ValueError, match="no pretrained statistics for 'no_such_net'"):
+        encoder_normalization("tu-no_such_net")
+
+
+def test_encoder_normalization_goes_into_the_checkpoint_and_infer(
+    store: Path, tmp_path: Path
+) -> None:
+    """``model.normalization=encoder``: ImageNet's statistics x pixel_max in the spec, and
+    ``tilenet infer`` normalises with them; the default keeps the data's statistics."""
+    torch.save(_encoder_state("resnet18"), tmp_path / "enc.pt")
+    enc = {"model.encoder_weights": tmp_path / "enc.pt", "train.lr": 0.0}
+    data_run = _train(store, tmp_path / "data", **enc)
+    data_spec = load_model(data_run / "last.pt")[1]
+    run = _train(store, tmp_path / "run", **enc, **{"model.normalization": "encoder"})
+    model, spec = load_model(run / "last.pt")
+    assert spec.mean == pytest.approx([255 * m for m in IMAGENET_MEAN])
+    assert spec.std == pytest.approx([255 * s for s in IMAGENET_STD])
+    assert data_spec.mean != pytest.approx(spec.mean)  # the store's own statistics
+    scaled = _train(
+        store, tmp_path / "u16", **enc, **{"model.normalization": "encoder", "model.pixel_max": 2}
+    )
+    assert load_model(scaled / "last.pt")[1].std == pytest.approx([2 * s for s in IMAGENET_STD])
+
+    image = store.parent / "images" / "synth_000.tif"
+    arr = tifffile.imread(image)
+    out = tmp_path / "out"
+    infer_image(
+        image, run / "last.pt", out, outputs=["probabilities"], probabilities_dtype="float32"
+    )
+    probs: Any = zarr.open_group(out / "probabilities.ome.zarr", mode="r")["0"]
+    got = np.asarray(probs[:])
+    x = (arr - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    with torch.inference_mode():
+        t = torch.from_numpy(x.astype(np.float32)).permute(2, 0, 1)[None].contiguous()
+        want = predict(model, t)[0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"model.name": "unet", **dict.fromkeys(SMP_KWARGS)}, "needs an smp.. model"),
+        ({"model.pixel_max": 0}, "pixel_max must be a positive number"),
+    ],
+)
+def test_encoder_normalization_errors(
+    store: Path, tmp_path: Path, extra: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        _train(store, tmp_path / "run", **{"model.normalization": "encoder", **extra})
 
 
 def test_fine_tuning_controls(store: Path, tmp_path: Path) -> None:
@@ -479,4 +550,16 @@ def test_plan_shows_an_smp_model() -> None:
     m = plan["model"]
     assert (m["name"], m["stride"], m["per_pixel_norm"]) == ("smp.Unet", 8, False)
     assert "net.encoder.model.blocks.0.0.se" in m["exact_reason"]
-    assert "net.encoder.model.blocks.0.0.se" in format_plan(plan)
+    assert m["exact"] is False
+    assert "not exact: an operation over the whole input (mean over H, W at net.encoder.model." in (
+        format_plan(plan)
+    )
+    exact = plan_model(
+        ModelConfig(name="smp.Unet", kwargs={"encoder_name": "resnet18", **SMALL}),
+        tile=256,
+        memory="1GiB",
+        measure=False,
+    )
+    assert exact["model"]["exact"] is True and exact["model"]["exact_reason"] is None
+    text = format_plan(exact)
+    assert "exact        yes" in text and "warning" not in text

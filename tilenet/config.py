@@ -130,6 +130,13 @@ class ModelConfig:
     #: Optional local state dict of the model's encoder (smp.* models; e.g. ImageNet weights
     #: saved from timm or torchvision), loaded before ``weights``; never downloaded.
     encoder_weights: str | None = None
+    #: Input normalisation stored in the checkpoint and used in training and inference:
+    #: "data": the training data's per-channel mean/std (data.normalize); "encoder": the
+    #: statistics the (smp.*) encoder was pretrained with, scaled by pixel_max.
+    normalization: Literal["data", "encoder"] = "data"
+    #: The raw pixel value that is 1.0 in the encoder's [0, 1] range (normalization=encoder):
+    #: 255 for 8-bit images, e.g. 65535 for 16-bit ones.
+    pixel_max: float = 255.0
 
 
 @dataclass

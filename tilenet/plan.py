@@ -271,6 +271,7 @@ def plan_model(
             "stride": s,
             "receptive_field": rf,
             "dependency_interval": [list(v) for v in model.analysis.interval],
+            "exact": bool(spec.exact),
             "per_pixel_norm": bool(spec.exact),
             "exact_reason": spec.exact_reason,
         },
@@ -321,9 +322,12 @@ def format_plan(plan: dict[str, Any]) -> str:
     if not m["per_pixel_norm"]:
         why = m.get("exact_reason") or "GroupNorm/InstanceNorm or similar"
         lines.append(
-            f"warning      the model normalises over the whole input ({why}): "
-            "tiled results are not exactly a whole-image pass"
+            f"warning      not exact: an operation over the whole input ({why}): "
+            "tiled results are not exactly a whole-image pass (crop mode warns; use "
+            "--mode gaussian)"
         )
+    else:
+        lines.append("exact        yes: crop-mode tiles with this halo equal a whole-image pass")
     lines.append("")
     lines.append(
         f"memory for one batch of {mem['batch']} x {mem['tile']}x{mem['tile']}: activations "

@@ -76,7 +76,8 @@ the file. Unknown keys are errors that list the valid ones. Config sections:
           directories read lazily (data.images, data.labels), or the synthetic demo
           dataset (data.synth_dir: generated with a fixed seed when missing); patch,
           batch_size, num_workers, augment.*, class_names
-  model   registry model: name, in_channels, num_classes, kwargs.*, weights, encoder_weights
+  model   registry model: name, in_channels, num_classes, kwargs.*, weights, encoder_weights,
+          normalization (data | encoder), pixel_max
   train   loop: steps, lr, optimizer (adamw|sgd), schedule (cosine|onecycle|constant),
           warmup_steps, loss (ce|dice|ce+dice), class_weights, ignore_index, precision
           (fp32|bf16|fp16), device, channels_last, compile, grad_accum, grad_clip,
@@ -724,6 +725,30 @@ def train(cfg: Any) -> Path:
             dist.destroy_process_group()
 
 
+def _encoder_stats(model: Any, mc: Any, channels: int) -> tuple[list[float], list[float]]:
+    """``model.normalization=encoder``: the encoder's pretraining mean/std in raw pixel units."""
+    from tilenet.models.smp_models import SmpModel, encoder_normalization
+
+    if not isinstance(model, SmpModel):
+        raise ConfigError(
+            f"model.normalization=encoder needs an smp.* model with a pretrained encoder, "
+            f"not {mc.name!r}; use model.normalization=data"
+        )
+    scale = float(mc.pixel_max)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ConfigError(f"model.pixel_max must be a positive number, got {mc.pixel_max!r}")
+    try:
+        mean, std = encoder_normalization(model.encoder_name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if len(mean) != channels:
+        raise ConfigError(
+            f"model.normalization=encoder: encoder {model.encoder_name!r} has statistics for "
+            f"{len(mean)} channels but the data has {channels}; use model.normalization=data"
+        )
+    return [m * scale for m in mean], [v * scale for v in std]
+
+
 def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
     from tilenet.checkpoint import (
         load_checkpoint,
@@ -795,6 +820,14 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
         load_encoder_weights(model, mc.encoder_weights)
     if mc.weights:
         load_weights(model, mc.weights)
+    if mc.normalization == "encoder":
+        # The encoder's statistics replace the data's, in training, validation and the spec.
+        mean, std = _encoder_stats(model, mc, channels)
+        dsets: list[Any] = [ds] + ([val_loader.dataset] if val_loader is not None else [])
+        for dset in dsets:
+            dset.mean, dset.std = mean, std
+            if hasattr(dset, "normalize"):
+                dset.normalize = True
     model = model.to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)

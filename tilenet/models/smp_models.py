@@ -13,6 +13,9 @@ Offered: Unet, UnetPlusPlus, FPN, PSPNet, DeepLabV3, DeepLabV3Plus, PAN and UPer
 offered, because torch.fx cannot trace them (the receptive field would be unknown): Linknet
 (its decoder branches on a skip's channel count), MAnet (attention via ``flatten``/``bmm``),
 Segformer (a list of maps built in a Python loop over shapes) and DPT (a ViT encoder).
+
+:func:`encoder_normalization` gives the mean/std a pretrained encoder was trained with, from
+tables installed with timm and here (never the network; smp 0.6 keeps its own on the hub).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import nn
 
 from tilenet.models.registry import TileModel, register_model
 
-__all__ = ["ARCHITECTURES", "SmpModel"]
+__all__ = ["ARCHITECTURES", "SmpModel", "encoder_normalization"]
 
 #: smp classes offered (those missing from the installed smp raise a ModelError when built).
 ARCHITECTURES = (
@@ -42,6 +45,17 @@ ARCHITECTURES = (
 #: Extra downsampling of a decoder past the encoder: PAN's feature pyramid attention
 #: pools its input three more times (x8).
 _DECODER_STRIDE = {"PAN": 8}
+#: ImageNet statistics in [0, 1] (timm.data.IMAGENET_DEFAULT_MEAN/STD), which smp's own
+#: encoders were trained with, except those listed in _ENCODER_STATS (pretrainedmodels').
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+_DPN = ((124 / 255, 117 / 255, 104 / 255), (1 / (0.0167 * 255),) * 3)
+_ENCODER_STATS = {
+    "inceptionresnetv2": _HALF,
+    "inceptionv4": _HALF,
+    "xception": _HALF,
+    **{f"dpn{n}": _DPN for n in ("68", "68b", "92", "98", "107", "131")},
+}
 
 
 class SmpModel(TileModel):
@@ -62,9 +76,39 @@ class SmpModel(TileModel):
         return net.segmentation_head(net.decoder(net.encoder(x)))
 
     @property
+    def encoder_name(self) -> str:
+        """The smp encoder name (``resnet34``, ``tu-convnext_atto``, ...)."""
+        return str(self.spec.kwargs.get("encoder_name", "resnet34"))
+
+    @property
     def encoder(self) -> nn.Module:
         """The smp encoder (what encoder weight files fill)."""
         return self.net.encoder  # type: ignore[return-value]
+
+
+def encoder_normalization(encoder_name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) per RGB channel, in [0, 1], of the pretrained ``encoder_name``.
+
+    ``tu-<name>`` reads timm's offline ``pretrained_cfg`` of ``<name>``; smp's own encoders
+    use ImageNet's statistics except the few trained otherwise (inception, xception, dpn).
+    Raises ``ValueError`` for a timm encoder that timm knows no pretrained weights for.
+
+    >>> encoder_normalization("resnet34")
+    ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    >>> encoder_normalization("inceptionv4")[0]
+    (0.5, 0.5, 0.5)
+    """
+    if not encoder_name.startswith("tu-"):
+        return _ENCODER_STATS.get(encoder_name, _IMAGENET)
+    import timm.models
+
+    name = encoder_name[3:]
+    cfg = timm.models.get_pretrained_cfg(name) if timm.models.is_model_pretrained(name) else None
+    if cfg is None or cfg.mean is None or cfg.std is None:
+        raise ValueError(
+            f"timm has no pretrained statistics for {name!r}; use model.normalization=data"
+        )
+    return tuple(map(float, cfg.mean)), tuple(map(float, cfg.std))
 
 
 def _encoder_names(smp: Any) -> list[str]:

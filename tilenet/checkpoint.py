@@ -147,6 +147,19 @@ def load_model(
     return model, spec
 
 
+def _read_weights(path: Path, *, what: str) -> Any:
+    """``torch.load`` a local weights file as data only, with one-line errors naming it."""
+    import torch
+
+    if not path.is_file():
+        raise ModelError(f"{path}: {what} not found; give an existing local path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{path}: not a loadable weights file: {first[:200]}") from None
+
+
 def load_weights(model: TileModel, path: str | os.PathLike[str]) -> TileModel:
     """Load a local weights file into a registry ``model`` in place, and return the model.
 
@@ -155,16 +168,8 @@ def load_weights(model: TileModel, path: str | os.PathLike[str]) -> TileModel:
     tilenet checkpoint; it is read as data only (``weights_only=True``), never downloaded.
     Errors are one-line :class:`~tilenet.errors.ModelError` naming the file.
     """
-    import torch
-
     p = Path(path)
-    if not p.is_file():
-        raise ModelError(f"{p}: weights file not found; give an existing local path")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"{p}: not a loadable weights file: {first[:200]}") from None
+    state = _read_weights(p, what="weights file")
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         state = state.get("model")
     if not isinstance(state, dict):
@@ -202,13 +207,7 @@ def load_encoder_weights(model: TileModel, path: str | os.PathLike[str]) -> Tile
             "use an smp.* model, or model.weights for whole-model weights"
         )
     p = Path(path)
-    if not p.is_file():
-        raise ModelError(f"{p}: encoder weights file not found; give an existing local path")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"{p}: not a loadable weights file: {first[:200]}") from None
+    state = _read_weights(p, what="encoder weights file")
     for key in ("state_dict", "model"):  # common wrappers (training checkpoints)
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

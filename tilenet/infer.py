@@ -39,7 +39,7 @@ from tilenet.config import InferConfig, JobsConfig, ReaderConfig
 from tilenet.errors import ConfigError, InputError
 from tilenet.geometry import Tile, TileGrid, spans
 from tilenet.models.spec import ModelSpec
-from tilenet.outputs import OutputSet
+from tilenet.outputs import CLASSES_NODATA, OutputSet
 from tilenet.predictor import BLEND_STRIP_PX, Predictor, RunStats, plan_grid, tile_order
 from tilenet.progress import progress_bar
 from tilenet.stitch import BlendStitcher, CropStitcher
@@ -334,7 +334,7 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
     cfg, spec = plan.config, plan.spec
     names = list(spec.class_names)
     t_fin = time.perf_counter()
-    paths, n_inst = plan.outputs.finalize(
+    made = plan.outputs.finalize(
         image,
         cfg,
         class_names=names,
@@ -342,7 +342,11 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
         pixel_size=plan.pixel_size,
     )
     finalize_s = time.perf_counter() - t_fin
+    paths, n_inst, hist = made.paths, made.instances, made.geotiff_histogram
     area = [sum(int(r["area"][i]) for r in records) for i in range(spec.num_classes)]
+    # From classes.tif where it was written: the input's nodata area left out.
+    geo_area = [int(n) for n in hist[: spec.num_classes]] if hist is not None else area
+    geo_nodata = int(hist[CLASSES_NODATA]) if hist is not None else 0
     n_tiles = sum(int(r["tiles"]) for r in records)
     n_run = sum(int(r["tiles_run"]) for r in records)
     tiles_s = sum(float(r["seconds"]) for r in records)
@@ -384,12 +388,10 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
                 "epsg": geo["epsg"],
                 "crs_units": geo["crs_units"],
                 "transform": geo["transform"],
-                # From classes.tif where it was written: the input's nodata area left out.
                 "class_area_crs2": {
-                    n: float(a * geo["pixel_area"])
-                    for n, a in zip(names, plan.outputs.geotiff_area_px or area, strict=True)
+                    n: float(a * geo["pixel_area"]) for n, a in zip(names, geo_area, strict=True)
                 },
-                "nodata_area_crs2": float(plan.outputs.geotiff_nodata_px * geo["pixel_area"]),
+                "nodata_area_crs2": float(geo_nodata * geo["pixel_area"]),
             }
             if geo
             else {}

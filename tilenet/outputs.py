@@ -39,7 +39,7 @@ from tilenet.fsutil import remove_path, write_text_atomic
 from tilenet.io.writers import OmeZarrWriter, write_ome_tiff, write_preview_png
 from tilenet.stitch import OutputSink
 
-__all__ = ["CLASSES_NODATA", "GEOREF_KEY", "STATE_DIR", "OutputSet", "tag_georef"]
+__all__ = ["CLASSES_NODATA", "GEOREF_KEY", "STATE_DIR", "Finalized", "OutputSet", "tag_georef"]
 
 #: Resume state beside the outputs (removed when the outputs are complete).
 STATE_DIR = ".regions"
@@ -51,6 +51,19 @@ CLASSES_NODATA = 255
 GEOREF_KEY = "tilenet:georef"
 #: How each store's pyramid levels are downsampled.
 _METHODS = {"probabilities": "mean", "classes": "mode"}
+
+
+@dataclass(frozen=True)
+class Finalized:
+    """What :meth:`OutputSet.finalize` made."""
+
+    #: Output name -> path.
+    paths: dict[str, Path]
+    #: Instance counts (None when instances were not made).
+    instances: dict[str, Any] | None
+    #: Pixels of ``classes.tif`` per value (georeferenced inputs only; index
+    #: :data:`CLASSES_NODATA` counts the input's nodata area), else None.
+    geotiff_histogram: Any = None
 
 
 @dataclass
@@ -68,10 +81,6 @@ class OutputSet:
     probabilities_dtype: str
     #: Band indices whose markers were found valid when prepared (work a rerun keeps).
     resumed: list[int] = field(default_factory=list)
-    #: After :meth:`finalize` wrote ``classes.tif`` (georeferenced input): its pixels per
-    #: class, and its nodata pixels (the input's nodata area; 0 when it declares none).
-    geotiff_area_px: list[int] | None = None
-    geotiff_nodata_px: int = 0
 
     # -- making -----------------------------------------------------------------------------
     @classmethod
@@ -246,19 +255,16 @@ class OutputSet:
         class_names: Sequence[str],
         downsample: tuple[float, float],
         pixel_size: tuple[float, float] | None,
-    ) -> tuple[dict[str, Path], dict[str, Any] | None]:
+    ) -> Finalized:
         """Pyramids and renames, then the OME-TIFF, preview, instances and GeoJSON; for a
-        georeferenced ``image`` also ``classes.tif``, a COG in its CRS.
-
-        Returns the output paths and the instance counts (None when instances were not made).
-        """
+        georeferenced ``image`` also ``classes.tif``, a COG in its CRS."""
         import zarr
 
         out = Path(self.out)
         paths: dict[str, Path] = {}
-        geo = getattr(image, "transform", None) is not None
         transform = None
-        if geo:
+        geotiff_histogram = None
+        if getattr(image, "transform", None) is not None:
             from tilenet.io.raster import scaled_transform
 
             transform = scaled_transform(image.transform, downsample)
@@ -278,13 +284,17 @@ class OutputSet:
                 method="mode",
                 pixel_size=pixel_size,
             )
-            if getattr(image, "transform", None) is not None:
-                hist = np.zeros(256, dtype=np.int64)
+            if transform is not None:
+                geotiff_histogram = np.zeros(256, dtype=np.int64)
                 paths["classes_geotiff"] = _write_classes_cog(
-                    out, classes["0"], image, cfg.level, downsample, self.num_classes, hist
+                    out,
+                    classes["0"],
+                    image,
+                    cfg.level,
+                    transform,
+                    self.num_classes,
+                    geotiff_histogram,
                 )
-                self.geotiff_area_px = [int(n) for n in hist[: self.num_classes]]
-                self.geotiff_nodata_px = int(hist[CLASSES_NODATA])
         if "preview" in want:
             # The overlay needs the image at the inferred level; only level 0 is addressable
             # as its own source, so other levels preview the class map alone.
@@ -330,7 +340,7 @@ class OutputSet:
                     downsample=float(downsample[0]),
                 )
                 paths["geojson"] = out / "instances.geojson"
-        return paths, result
+        return Finalized(paths, result, geotiff_histogram)
 
     def publish(self, summary: dict[str, Any], cfg: InferConfig) -> dict[str, Any]:
         """Write ``config.yaml`` and ``summary.json``, then drop the resume state."""
@@ -385,7 +395,7 @@ def _write_classes_cog(
     classes: Any,
     image: Any,
     level: int,
-    downsample: tuple[float, float],
+    transform: tuple[float, ...],
     num_classes: int,
     histogram: Any,
 ) -> Path:
@@ -394,7 +404,7 @@ def _write_classes_cog(
     Where the input declares nodata, pixels whose bands are all nodata get
     :data:`CLASSES_NODATA` (the COG's nodata value) instead of a class.
     """
-    from tilenet.io.raster import scaled_transform, write_cog
+    from tilenet.io.raster import write_cog
 
     nodata = image.nodata
 
@@ -408,7 +418,7 @@ def _write_classes_cog(
         out / "classes.tif",
         classes,
         crs=image.crs,
-        transform=scaled_transform(image.transform, downsample),
+        transform=transform,
         nodata=CLASSES_NODATA if mask is not None else None,
         nodata_mask=mask,
         histogram=histogram,

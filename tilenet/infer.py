@@ -263,6 +263,10 @@ def plan_image(
     )
 
 
+#: The last image's foreground mask: [(input, fingerprint, bands), (mask, its downsample)].
+_MASK: list[Any] = [None, None]
+
+
 def _skip_mask(plan: ImagePlan, image: Any, tiles: list[Tile]) -> np.ndarray | None:
     """Tiles whose low-resolution foreground fraction is below ``min_foreground``."""
     cfg = plan.config
@@ -270,7 +274,12 @@ def _skip_mask(plan: ImagePlan, image: Any, tiles: list[Tile]) -> np.ndarray | N
         return None
     from tilenet.io.foreground import foreground_fractions, foreground_mask
 
-    mask, mask_ds = foreground_mask(image)
+    # One mask per image and process: the bands of a plan (run here, or on a dask worker)
+    # share it instead of reading the low-resolution level again for each band.
+    key = (plan.input, str(plan.outputs.key.get("fingerprint")), str(cfg.bands))
+    if _MASK[0] != key:
+        _MASK[:] = [key, foreground_mask(image)]
+    mask, mask_ds = _MASK[1]
     ds = image.levels[cfg.level].downsample
     return foreground_fractions([t.core for t in tiles], mask, mask_ds, ds) < cfg.min_foreground
 

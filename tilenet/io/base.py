@@ -52,6 +52,15 @@ class LazyImage(ABC):
     nodata: float | None = None
     #: One name per channel, where the file names them.
     band_names: list[str] | None = None
+    #: Whole-slide images: the scanner vendor (OpenSlide's name, e.g. "aperio"), the
+    #: objective power the slide was scanned at, and the associated images (label, macro,
+    #: thumbnail: name -> (H, W)), which are never pyramid levels.
+    vendor: str | None = None
+    objective_power: float | None = None
+    associated_images: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: The size (y, x) of this image's level-0 pixel in level-0 pixels of the file it comes
+    #: from: (1, 1) for a file; larger for a view resampled to a coarser pixel size.
+    reference_scale: tuple[float, float] = (1.0, 1.0)
 
     # -- description --------------------------------------------------------------------
     @property
@@ -63,6 +72,26 @@ class LazyImage(ABC):
     @property
     def chunks(self) -> tuple[int, int] | None:
         return self.levels[0].chunks
+
+    def pixel_transform(self, level: int = 0) -> tuple[float, ...]:
+        """The GDAL-order geotransform from pixels of ``level`` to reference coordinates.
+
+        Reference coordinates are the CRS's for a georeferenced image (``transform`` scaled
+        to the level) and the file's level-0 pixels otherwise (what QuPath annotations use).
+
+        >>> from pathlib import Path
+        >>> class Img(LazyImage):
+        ...     def _read(self, window, level): ...
+        >>> img = Img(Path("x"), "t", np.dtype("uint8"), 3, [Level((8, 8)), Level((4, 4), (2.0, 2.0))])
+        >>> img.pixel_transform(1)
+        (0.0, 2.0, 0.0, 0.0, 0.0, 2.0)
+        """
+        sy, sx = self.levels[level].downsample
+        if self.transform is not None:
+            x0, a, b, y0, d, e = self.transform
+            return (x0, a * sx, b * sy, y0, d * sx, e * sy)
+        ry, rx = self.reference_scale
+        return (0.0, sx * rx, 0.0, 0.0, 0.0, sy * ry)
 
     def level_for_downsample(self, factor: float) -> int:
         """The finest level whose downsample is <= ``factor`` (level 0 at worst)."""
@@ -85,6 +114,19 @@ class LazyImage(ABC):
             "chunks": [list(lv.chunks) if lv.chunks else None for lv in self.levels],
             "compression": self.compression,
             "pixel_size": list(self.pixel_size) if self.pixel_size else None,
+            # Whole-slide terms: microns per pixel (y, x) of level 0 and of every level.
+            "mpp": list(self.pixel_size) if self.pixel_size else None,
+            "level_mpp": (
+                [
+                    [self.pixel_size[0] * ds[0], self.pixel_size[1] * ds[1]]
+                    for ds in (lv.downsample for lv in self.levels)
+                ]
+                if self.pixel_size
+                else None
+            ),
+            "vendor": self.vendor,
+            "objective_power": self.objective_power,
+            "associated_images": {k: list(v) for k, v in self.associated_images.items()},
             **self._geo_info(),
         }
 
@@ -187,6 +229,10 @@ class LazyImage(ABC):
             transform=self.transform,
             nodata=self.nodata,
             band_names=[self.band_names[b - 1] for b in bands] if self.band_names else None,
+            vendor=self.vendor,
+            objective_power=self.objective_power,
+            associated_images=dict(self.associated_images),
+            reference_scale=self.reference_scale,
             source=self,
             indices=[b - 1 for b in bands],
         )

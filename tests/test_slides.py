@@ -280,6 +280,16 @@ def test_dicom_series_reads_like_openslide(slides: dict[str, Path]) -> None:
         _assert_reads_like_openslide(img, folder / "level0.dcm", levels=[0, 1])
 
 
+def test_dicom_series_without_file_extensions(slides: dict[str, Path], tmp_path: Path) -> None:
+    """PACS exports often name DICOM files by UID, without ``.dcm``: known by content."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for i, f in enumerate(sorted(slides["dicom"].iterdir())):
+        (folder / f"1.2.3.{i}").write_bytes(f.read_bytes())
+    with open_image(folder) as img:
+        assert img.vendor == "dicom" and img.shape == (*DICOM_SHAPE, 3)
+
+
 def test_non_integer_level_pixels_do_not_depend_on_the_window(slides: dict[str, Path]) -> None:
     """OpenSlide shifts a level with a non-integer downsample by where the read starts; tilenet
     reads such levels in fixed blocks, so a pixel is the same in every window (seam-free)."""

@@ -9,6 +9,7 @@ header cannot make tilenet allocate memory it claims to need.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from pathlib import Path
 from typing import Literal
@@ -92,7 +93,7 @@ def sniff(path: str | os.PathLike[str]) -> Format:
     if p.is_dir():
         if any((p / name).is_file() for name in _ZARR_META):
             return "zarr"
-        if any(f.suffix.lower() == ".dcm" for f in p.iterdir()):
+        if _holds_dicom(p):
             return "slide"  # a DICOM-WSI series: one file per level
         raise UnsupportedFormatError(
             f"{p}: is a directory but neither a zarr store (no .zarray, .zgroup or zarr.json) "
@@ -123,6 +124,22 @@ def sniff(path: str | os.PathLike[str]) -> Format:
     raise UnsupportedFormatError(
         f"{p}: not a TIFF, zarr, PNG, JPEG, JPEG 2000, VRT or whole-slide image{hint} (starts with {head[:8]!r})"
     )
+
+
+def _holds_dicom(folder: Path) -> bool:
+    """Whether ``folder`` holds DICOM files (a ``.dcm`` name, or the DICM preamble; only
+    the first 16 entries are looked at, so a huge folder costs nothing)."""
+    for f in itertools.islice(folder.iterdir(), 16):
+        if f.suffix.lower() == ".dcm":
+            return True
+        try:
+            if f.is_file():
+                with f.open("rb") as fh:
+                    if fh.read(132)[128:132] == b"DICM":
+                        return True
+        except OSError:
+            continue
+    return False
 
 
 def check_pixels(path: object, h: int, w: int, *, max_pixels: int | None) -> None:

@@ -304,6 +304,13 @@ def test_non_integer_level_pixels_do_not_depend_on_the_window(slides: dict[str, 
         block = _openslide_rgb(ref, 1, Window(0, 512, 22, 40))  # block (0, 1), off its edge
         np.testing.assert_array_equal(whole[0:22, 512:552], block)
         _assert_reads_like_openslide(img, path, levels=[0])
+        # OpenSlide's shift leaves the level's last column partly transparent: composited
+        # onto white (no background colour declared), never onto black.
+        rgba = np.asarray(ref.read_region((round(512 * ref.level_downsamples[1]), 0), 1, (55, 8)))
+        alpha = rgba[:, -1, 3:].astype(np.float64) / 255
+        assert 0 < alpha.min() < 1
+        white = np.rint(rgba[:, -1, :3] * alpha + 255 * (1 - alpha))
+        np.testing.assert_array_equal(whole[0:8, w - 1], white)
     with open_image(path) as img:  # open_image keeps a generic TIFF on tifffile
         assert isinstance(img, TiffImage) and len(img.levels) == 2
 

@@ -1,5 +1,6 @@
-"""Whole-slide images: slides written by public tools (tifffile: an Aperio-layout SVS and a
-generic pyramidal TIFF; pydicom: a DICOM-WSI series) read through tilenet exactly as
+"""Whole-slide images: slides written by public tools (tifffile: an Aperio-layout SVS, a
+generic pyramidal TIFF and a Philips-like TIFF; pydicom: a DICOM-WSI series) read through
+tilenet exactly as
 openslide-python reads them, with the same MPP; bad slides fail in one line."""
 
 from __future__ import annotations
@@ -104,6 +105,49 @@ def write_generic_tiff(path: Path) -> Path:
     return path
 
 
+def _philips_xml(mpp_mm: float, factors: tuple[int, ...]) -> str:
+    def spacing(v: float) -> str:
+        return (
+            '<Attribute Name="DICOM_PIXEL_SPACING" Group="0x0028" Element="0x0030" '
+            f'PMSVR="IDoubleArray">&quot;{v}&quot; &quot;{v}&quot;</Attribute>'
+        )
+
+    levels = "".join(
+        f'<DataObject ObjectType="PixelDataRepresentation">{spacing(mpp_mm * f)}</DataObject>'
+        for f in factors
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8" ?>\n<DataObject ObjectType="DPUfsImport">'
+        f"{spacing(mpp_mm)}"
+        '<Attribute Name="PIM_DP_SCANNED_IMAGES" Group="0x301D" Element="0x1003" '
+        'PMSVR="IDataObjectArray"><Array><DataObject ObjectType="DPScannedImage">'
+        '<Attribute Name="PIM_DP_IMAGE_TYPE" Group="0x301D" Element="0x1004" '
+        'PMSVR="IString">WSI</Attribute>'
+        '<Attribute Name="PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE" Group="0x1001" '
+        f'Element="0x8B01" PMSVR="IDataObjectArray"><Array>{levels}</Array></Attribute>'
+        "</DataObject></Array></Attribute></DataObject>\n"
+    )
+
+
+def write_philips(path: Path) -> Path:
+    """A Philips-like TIFF (OpenSlide's philips driver and tifffile's ``is_philips`` accept
+    it): Software "Philips DP...", a DPUfsImport XML description with pixel spacings (mm)."""
+    img = _tissue(1024, 1536, 5)
+    with tifffile.TiffWriter(path) as tw:
+        for f in (1, 4):
+            tw.write(
+                _level(img, f),
+                tile=(256, 256),
+                photometric="rgb",
+                compression="jpeg",
+                software="Philips DP v1.0",
+                description=_philips_xml(0.00025, (1, 4)) if f == 1 else "level",
+                metadata=None,
+                subfiletype=0 if f == 1 else 1,
+            )
+    return path
+
+
 def write_dicom(folder: Path, *, levels: tuple[int, ...] = (1, 4)) -> Path:
     """A DICOM-WSI series written with pydicom: VL Whole Slide Microscopy Image objects, one
     file per level, TILED_FULL, baseline JPEG frames (encoded by imagecodecs)."""
@@ -179,6 +223,7 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "svs": write_svs(tmp / "slide.svs"),
         "generic": write_generic_tiff(tmp / "generic.tif"),
         "dicom": write_dicom(tmp / "dicom"),
+        "philips": write_philips(tmp / "slide.tiff"),
     }
 
 
@@ -278,6 +323,15 @@ def test_dicom_series_reads_like_openslide(slides: dict[str, Path]) -> None:
             assert [lv.downsample for lv in img.levels] == [(1.0, 1.0), (4.0, 4.0)]
     with open_image(folder) as img:
         _assert_reads_like_openslide(img, folder / "level0.dcm", levels=[0, 1])
+
+
+def test_philips_tiff_goes_to_openslide(slides: dict[str, Path]) -> None:
+    """A vendor TIFF that tifffile parses but only OpenSlide reads faithfully (sparse tiles,
+    padded levels): open_image hands it to OpenSlide."""
+    with open_image(slides["philips"]) as img:
+        assert isinstance(img, SlideImage) and img.vendor == "philips"
+        assert img.pixel_size == (0.25, 0.25)
+        _assert_reads_like_openslide(img, slides["philips"], levels=[0, 1])
 
 
 def test_dicom_series_without_file_extensions(slides: dict[str, Path], tmp_path: Path) -> None:

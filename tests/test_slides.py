@@ -1,7 +1,7 @@
 """Whole-slide images: slides written by public tools (tifffile: an Aperio-layout SVS, a
 generic pyramidal TIFF and a Philips-like TIFF; pydicom: a DICOM-WSI series) read through
-tilenet exactly as
-openslide-python reads them, with the same MPP; bad slides fail in one line."""
+tilenet exactly as openslide-python reads them, with the same MPP; bad slides fail in one
+line."""
 
 from __future__ import annotations
 

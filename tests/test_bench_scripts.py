@@ -59,7 +59,9 @@ def test_write_json_atomic(tmp_path: Path) -> None:
     assert [p.name for p in out.parent.iterdir()] == ["r.json"]
 
 
-@pytest.mark.parametrize("script", ["bench_encoders.py", "bench_peers.py", "bench_scaling.py"])
+@pytest.mark.parametrize(
+    "script", ["bench_encoders.py", "bench_peers.py", "bench_scaling.py", "bench_slides.py"]
+)
 def test_help(script: str) -> None:
     res = subprocess.run(
         [sys.executable, str(SCRIPTS / script), "--help"], capture_output=True, text=True
@@ -134,3 +136,23 @@ def test_bench_encoders_quick(tmp_path: Path) -> None:
     for m in rows.values():
         assert m["train_patches_per_s"] > 0 and m["infer_mpx_per_s"] > 0
         assert m["train_activation_mb"] > 0 and m["infer_activation_mb"] > 0
+
+
+@pytest.mark.slow
+def test_bench_slides_quick(tmp_path: Path) -> None:
+    out = tmp_path / "slides.json"
+    res = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_slides.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1].startswith("bench_slides: 2048² slide")
+    r = json.loads(out.read_text())
+    assert set(r["formats"]) == {"svs", "dicom"}
+    for entry in r["formats"].values():
+        assert entry["identical"] is True  # tilenet and OpenSlide give the same pixels
+        assert set(entry["passes"]) == {"random", "grid"}
+        assert entry["passes"]["grid"]["windows"] == 16
+        assert all(v > 0 for v in entry["passes"]["random"]["ratio"].values())
+    assert set(r["formats"]["svs"]["passes"]["grid"]["ratio"]) == {"tilenet", "tilenet_openslide"}

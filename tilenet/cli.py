@@ -95,14 +95,20 @@ def _section(cfg: Any, name: str) -> Any:
 def _add_info(sub: Any) -> None:
     p = sub.add_parser(
         "info",
-        help="describe an image: format, shape, dtype, levels, chunking, compression",
-        description="Describe an image without decoding its pixels.",
+        help="describe an image: format, shape, dtype, levels, chunking, compression, MPP",
+        description=(
+            "Describe an image without decoding its pixels. Whole-slide images also show the "
+            "scanner vendor, the microns per pixel (MPP, y x) of level 0 and of every level, the "
+            "objective power, and the associated images (label, macro, thumbnail), which are "
+            "never pyramid levels. --json carries the same as mpp, level_mpp, vendor, "
+            "objective_power and associated_images."
+        ),
     )
     p.add_argument(
         "items",
         nargs="+",
         metavar="PATH",
-        help="image file or zarr store; "
+        help="image file, zarr store, or DICOM-WSI directory; "
         + CONFIG_ITEMS.format(example="reader.max_pixels_eager=400000000"),
     )
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -125,8 +131,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"shape:       {' x '.join(map(str, info['shape']))}  (H x W x C)")
     print(f"dtype:       {info['dtype']}")
     print(f"compression: {info['compression'] or 'none'}")
+    if info["vendor"]:
+        print(f"vendor:      {info['vendor']}")
     if info["pixel_size"]:
         print(f"pixel size:  {info['pixel_size'][0]:g} x {info['pixel_size'][1]:g} um")
+        print(f"mpp:         {info['mpp'][0]:g} x {info['mpp'][1]:g}  (y x, um per pixel)")
+    if info["objective_power"]:
+        print(f"objective:   {info['objective_power']:g}x")
     if info["crs"] or info["transform"]:
         crs = f"EPSG:{info['epsg']}" if info["epsg"] else (info["crs"] or "none").splitlines()[0]
         print(f"crs:         {crs[:100]}")
@@ -144,7 +155,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
         zip(info["levels"], info["downsamples"], info["chunks"], strict=True)
     ):
         chunk = f"tiles {ch[0]}x{ch[1]}" if ch else "untiled"
-        print(f"  {i}: {shape[0]} x {shape[1]}  (downsample {ds[0]:g}, {chunk})")
+        mpp = ""
+        if info["level_mpp"]:
+            mpp = "  mpp {:.4g} x {:.4g}".format(*info["level_mpp"][i])
+        print(f"  {i}: {shape[0]} x {shape[1]}  (downsample {ds[0]:g}, {chunk}){mpp}")
+    if info["associated_images"]:
+        print("associated images (not levels):")
+        for name, (h, w) in info["associated_images"].items():
+            print(f"  {name}: {h} x {w}")
     return EXIT_OK
 
 

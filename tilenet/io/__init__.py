@@ -40,8 +40,10 @@ def open_image(
     max_pixels_eager: int | None = ReaderConfig.max_pixels_eager,
     max_pixels: int | None = ReaderConfig.max_pixels,
 ) -> LazyImage:
-    """Open an image lazily: TIFF/BigTIFF/OME-TIFF, zarr/OME-Zarr, PNG/JPEG (via Pillow), or
-    a georeferenced raster (GeoTIFF, COG, JPEG 2000, VRT: via rasterio, with its CRS).
+    """Open an image lazily: TIFF/BigTIFF/OME-TIFF, zarr/OME-Zarr, PNG/JPEG (via Pillow),
+    a georeferenced raster (GeoTIFF, COG, JPEG 2000, VRT: via rasterio, with its CRS), or a
+    whole-slide image (Aperio SVS via tifffile; NDPI, VMS/VMU, SCN, MRXS, Philips TIFF,
+    SVSLIDE, Trestle, BIF and DICOM-WSI via OpenSlide).
 
     Only the header is read here. ``max_pixels`` refuses headers that claim more pixels
     (before anything is allocated). ``max_pixels_eager`` limits formats that must be decoded
@@ -53,8 +55,15 @@ def open_image(
     p = Path(path)
     kind = sniff(p)
     if kind == "tiff":
-        from tilenet.io.tiff import open_tiff
+        from tilenet.io.tiff import open_tiff, openslide_vendor
 
+        if openslide_vendor(p):
+            kind = "slide"  # NDPI, SCN, BIF, Philips, Trestle: OpenSlide reads them faithfully
+    if kind == "slide":
+        from tilenet.io.slide import open_slide
+
+        return open_slide(p, max_pixels=max_pixels)
+    if kind == "tiff":
         img = open_tiff(p, max_pixels=max_pixels)
         if not img.metadata.get("georeferenced"):
             return img  # plain TIFFs stay on tifffile (faster than GDAL here)

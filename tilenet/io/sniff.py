@@ -9,6 +9,7 @@ header cannot make tilenet allocate memory it claims to need.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from pathlib import Path
 from typing import Literal
@@ -30,7 +31,7 @@ __all__ = [
     "sniff",
 ]
 
-Format = Literal["tiff", "zarr", "pil", "raster"]
+Format = Literal["tiff", "zarr", "pil", "raster", "slide"]
 
 #: Largest single storage chunk (tile or strip), decoded, a reader will decode. A window read
 #: decodes whole chunks, so this bounds the memory of one read independently of the window.
@@ -61,6 +62,14 @@ _RASTER_MAGIC = {
     b"<VRTDataset": "VRT",
     b"EHFA_HEADER_TAG": "ERDAS Imagine",
 }
+# Whole-slide formats only OpenSlide reads, by content: DICOM (the "DICM" preamble at byte
+# 128), Sakura SVSLIDE (an SQLite database), Hamamatsu VMS/VMU (an ini file). MIRAX is a
+# ``.mrxs`` file beside its data folder: OpenSlide itself knows it by that name only.
+_SLIDE_MAGIC = {
+    b"SQLite format 3\x00": "Sakura SVSLIDE",
+    b"[Virtual Microscope Specimen]": "Hamamatsu VMS",
+    b"[Uncompressed Virtual Microscope Specimen]": "Hamamatsu VMU",
+}
 _ZARR_META = (".zarray", ".zgroup", "zarr.json")
 _FINGERPRINT_META = (".zarray", ".zgroup", ".zattrs", ".zmetadata", "zarr.json")
 _MiB = 2**20
@@ -71,6 +80,9 @@ def sniff(path: str | os.PathLike[str]) -> Format:
 
     ``"raster"`` (rasterio) is for formats only GDAL reads; a georeferenced TIFF is
     ``"tiff"`` here and sent to rasterio by :func:`tilenet.io.open_image` after its header.
+    ``"slide"`` (OpenSlide) is for whole-slide formats that are not TIFF: DICOM files or a
+    directory of them, SVSLIDE, VMS/VMU and MIRAX ``.mrxs``; vendor TIFFs (NDPI, SCN, BIF,
+    Philips, Trestle) are ``"tiff"`` here and sent on by ``open_image``.
 
     Raises :class:`ImageNotFoundError` for a missing path and :class:`UnsupportedFormatError`
     for an empty file, a directory that is not a zarr store, or unknown content.
@@ -81,18 +93,25 @@ def sniff(path: str | os.PathLike[str]) -> Format:
     if p.is_dir():
         if any((p / name).is_file() for name in _ZARR_META):
             return "zarr"
+        if _holds_dicom(p):
+            return "slide"  # a DICOM-WSI series: one file per level
         raise UnsupportedFormatError(
-            f"{p}: is a directory but not a zarr store (no .zarray, .zgroup or zarr.json)"
+            f"{p}: is a directory but neither a zarr store (no .zarray, .zgroup or zarr.json) "
+            "nor a DICOM series (no .dcm files)"
         )
     try:
         with p.open("rb") as fh:
-            head = fh.read(32)
+            head = fh.read(132)
     except OSError as exc:
         raise ImageNotFoundError(f"{p}: cannot be read ({exc.strerror or exc})") from exc
     if not head:
         raise UnsupportedFormatError(f"{p}: empty file (0 bytes)")
     if head[:4] in _TIFF_MAGIC:
         return "tiff"
+    if head[128:132] == b"DICM" or p.suffix.lower() == ".mrxs":
+        return "slide"
+    if any(head.startswith(magic) for magic in _SLIDE_MAGIC):
+        return "slide"
     if any(head.lstrip().startswith(magic) for magic in _RASTER_MAGIC):
         return "raster"
     for magic in _PIL_MAGIC:
@@ -103,8 +122,24 @@ def sniff(path: str | os.PathLike[str]) -> Format:
     if suffix in (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".zarr"):
         hint = f" despite its {suffix} name"
     raise UnsupportedFormatError(
-        f"{p}: not a TIFF, zarr, PNG, JPEG, JPEG 2000 or VRT image{hint} (starts with {head[:8]!r})"
+        f"{p}: not a TIFF, zarr, PNG, JPEG, JPEG 2000, VRT or whole-slide image{hint} (starts with {head[:8]!r})"
     )
+
+
+def _holds_dicom(folder: Path) -> bool:
+    """Whether ``folder`` holds DICOM files (a ``.dcm`` name, or the DICM preamble; only
+    the first 16 entries are looked at, so a huge folder costs nothing)."""
+    for f in itertools.islice(folder.iterdir(), 16):
+        if f.suffix.lower() == ".dcm":
+            return True
+        try:
+            if f.is_file():
+                with f.open("rb") as fh:
+                    if fh.read(132)[128:132] == b"DICM":
+                        return True
+        except OSError:
+            continue
+    return False
 
 
 def check_pixels(path: object, h: int, w: int, *, max_pixels: int | None) -> None:

@@ -35,7 +35,7 @@ from tilenet.io.base import LazyImage, Level
 from tilenet.io.raster import is_geotiff
 from tilenet.io.sniff import check_chunk, check_pixels, level_downsample
 
-__all__ = ["TILE_CACHE_BYTES", "TiffImage", "open_tiff", "tile_cache_bytes"]
+__all__ = ["TILE_CACHE_BYTES", "TiffImage", "open_tiff", "openslide_vendor", "tile_cache_bytes"]
 
 #: Budget of the process-wide cache of decoded tiles, shared by all open TIFFs, so many open
 #: images (a training set) cost no more than one.
@@ -80,6 +80,15 @@ _UNIT_UM = {
 _RESOLUTION_UNIT_UM = {3: 1e4, 4: 1e3, 5: 1.0}
 # "...|AppMag = 20|MPP = 0.4990|..." in an Aperio SVS ImageDescription: µm per level-0 pixel.
 _SVS_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
+_SVS_APPMAG = re.compile(r"\|\s*AppMag\s*=\s*([0-9]*\.?[0-9]+)")
+# Vendor TIFFs that only OpenSlide reads faithfully (overlapping or sparse tiles, vendor
+# pyramids, JPEG strips with restart markers): tifffile flag -> OpenSlide's vendor name.
+_OPENSLIDE_ONLY = {
+    "is_ndpi": "hamamatsu",
+    "is_scn": "leica",
+    "is_philips": "philips",
+    "is_bif": "ventana",
+}
 
 
 @dataclass(frozen=True)
@@ -155,8 +164,8 @@ def _pyramid(tf: Any) -> list[Any]:
     """The levels of the first series; separate same-layout smaller series count as levels."""
     s0 = tf.series[0]
     levels = list(s0.levels)
-    if len(levels) > 1 or len(tf.series) < 2:
-        return levels
+    if len(levels) > 1 or len(tf.series) < 2 or s0.kind == "svs":
+        return levels  # an SVS's other series are its thumbnail, label and macro
     iy, ix = s0.axes.index("Y"), s0.axes.index("X")
     fixed = [n for i, n in enumerate(s0.shape) if i not in (iy, ix)]
     for s in tf.series[1:]:
@@ -220,6 +229,46 @@ def _pixel_size(tf: Any, page: Any) -> tuple[float, float] | None:
     if per_unit_um is None or not (xres > 0 and yres > 0):
         return None
     return _positive(per_unit_um / yres, per_unit_um / xres)
+
+
+def _svs_extras(tf: Any) -> dict[str, Any]:
+    """An Aperio SVS's vendor, objective power (``AppMag``) and associated images."""
+    if not tf.is_svs:
+        return {}
+    match = _SVS_APPMAG.search(tf.pages[0].description or "")
+    power = float(match.group(1)) if match else None
+    assoc = {}
+    for s in tf.series[1:]:
+        if s.kind == "svs" and s.name and "Y" in s.axes and "X" in s.axes:
+            assoc[s.name.lower()] = (
+                int(s.shape[s.axes.index("Y")]),
+                int(s.shape[s.axes.index("X")]),
+            )
+    return {
+        "vendor": "aperio",
+        "objective_power": power if power and math.isfinite(power) else None,
+        "associated_images": assoc,
+    }
+
+
+def openslide_vendor(path: str | os.PathLike[str]) -> str | None:
+    """OpenSlide's vendor name for a TIFF that only OpenSlide reads faithfully, else None.
+
+    Hamamatsu NDPI, Leica SCN, Philips TIFF, Ventana BIF and Trestle are; Aperio SVS, OME-TIFF,
+    generic tiled TIFF are not (tifffile reads them, and faster). Reads the first page only.
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            for flag, vendor in _OPENSLIDE_ONLY.items():
+                if getattr(tf, flag, False):
+                    return vendor
+            if str(getattr(tf.pages[0], "software", "") or "").startswith("MedScan"):
+                return "trestle"
+    except Exception:
+        return None  # not a TIFF tifffile parses: open_tiff says why
+    return None
 
 
 def _ome_pixel_size(tf: Any) -> tuple[float, float] | None:
@@ -497,6 +546,7 @@ def _describe(p: Path, tf: Any, *, max_pixels: int | None) -> TiffImage:
             "series_kind": s0.kind,
             "georeferenced": is_geotiff(page0.tags),
         },
+        **_svs_extras(tf),
         _tf=tf,
         _series=levels,
         _layouts=layouts,

@@ -12,9 +12,10 @@ resumes where it stopped.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -262,7 +263,7 @@ def tile_images(
     label_field: str | None = TilingConfig.label_field,
     outside: str = TilingConfig.outside,
     min_annotated: float = TilingConfig.min_annotated,
-    class_map: dict[str, int] | None = None,
+    class_map: Mapping[str, int] = MappingProxyType({}),  # == TilingConfig's {}
 ) -> Path:
     """Cut ``images`` into ``patch`` x ``patch`` patches overlapping by ``overlap`` into ``out``.
 

@@ -640,7 +640,7 @@ def test_train_from_qupath_annotations_reaches_a_stated_dice(tmp_path: Path) -> 
         (tmp_path / split / "ann").mkdir(parents=True)
         for image, labels in synthesize(tmp_path / split, size=512, count=count, seed=seed):
             want = _annotate(labels, tmp_path / split / "ann" / f"{image.stem}.geojson", roi)
-            tifffile.imwrite(tmp_path / split / f"{image.stem}_roi.tif", want)
+            tifffile.imwrite(tmp_path / split / f"{image.stem}_roi.tif", want, tile=(64, 64))
     overrides = {
         "data.images": tmp_path / "train" / "images",
         "data.annotations": tmp_path / "train" / "ann",
@@ -670,4 +670,4 @@ def test_train_from_qupath_annotations_reaches_a_stated_dice(tmp_path: Path) -> 
         f"{scores['mean_dice']:.4f}, per class {scores['dice']}"
     )
     assert scores["class_names"] == ["background", "cell", "stroma"]
-    assert scores["mean_dice"] >= 0.75
+    assert scores["mean_dice"] >= 0.85  # reached 0.962 (2026-12-01, 2 shared cores)

@@ -184,6 +184,8 @@ def _class_of(props: Any, fields: Sequence[str]) -> str | None:
         v = props.get(f)
         if isinstance(v, dict):  # QuPath: {"name": "Tumor", "color": [...]}
             v = v.get("name")
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)  # a numeric field read as float: 2.0 names class "2"
         if v is not None and not (isinstance(v, float) and math.isnan(v)):
             return str(v)
     return None
@@ -325,6 +327,7 @@ def _clean(geoms: list[Any], names: list[str | None], path: Path) -> tuple[list[
         if n is None:
             unclassified += 1
             continue
+        g = shapely.force_2d(g)
         if not shapely.is_valid(g):
             repaired.append(shapely.is_valid_reason(g))
             g = shapely.make_valid(g)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -37,6 +38,8 @@ examples:
   tilenet convert scan.png scan.ome.tif               # any readable image -> pyramidal OME-TIFF
   tilenet tile data/synth/images --labels data/synth/labels --out patches.zarr
   tilenet tile scans/ --out p.zarr conf=my.yaml tiling.patch=512   # config file + override
+  tilenet tile slides/ --annotations qupath_export/ --min-annotated 0.3 --out p.zarr
+  tilenet tile scenes/ --vector-labels fields.gpkg --label-field crop --out p.zarr
   tilenet infer slides/ --model best.pt --out results --workers 2   # batch, resumable
 config: tile, infer and info also take conf=FILE and section.key=value items (as training
 does); flags given on the command line win over them, and they over the defaults
@@ -251,6 +254,40 @@ def _add_tile(sub: Any) -> None:
         help="label images: a directory (matched to images by file name), a glob, or a "
         "pattern with {stem} such as 'masks/{stem}_mask.tif'; same size as the images",
     )
+    p.add_argument(
+        "--annotations",
+        default=None,
+        metavar="FILE|DIR|PATTERN",
+        help="labels from QuPath annotations instead: GeoJSON exports (classification.name) in "
+        "level-0 pixels, matched to images by name (DIR/{stem}.geojson); rasterized per patch, "
+        "patches cut only where annotations are",
+    )
+    p.add_argument(
+        "--vector-labels",
+        default=None,
+        metavar="FILE",
+        help="labels from one vector file (GeoPackage, Shapefile, GeoJSON, FlatGeobuf) in any "
+        "CRS, reprojected to each raster; scenes it misses are skipped with a warning",
+    )
+    p.add_argument(
+        "--label-field",
+        default=None,
+        help="the field (property) holding the class name (needed with --vector-labels; "
+        "QuPath: classification.name)",
+    )
+    p.add_argument(
+        "--outside",
+        choices=("ignore", "background"),
+        default=None,
+        help="pixels outside every polygon: ignored by the loss (255) or class 0 "
+        f"'background' ({_default(TilingConfig, 'outside')}); nodata pixels are always ignored",
+    )
+    p.add_argument(
+        "--min-annotated",
+        type=float,
+        help="keep only patches with at least this fraction annotated, 0..1 "
+        f"({_default(TilingConfig, 'min_annotated')})",
+    )
     p.add_argument("--out", required=True, help="output store (.zarr)")
     p.add_argument(
         "--patch", type=int, help=f"patch side in pixels ({_default(TilingConfig, 'patch')})"
@@ -286,7 +323,18 @@ def _add_tile(sub: Any) -> None:
 
 #: Flags of ``tilenet tile`` by the config section whose key of the same name they set.
 TILE_FLAGS: dict[str, Sequence[str]] = {
-    "tiling": ("patch", "overlap", "level", "min_foreground", "workers"),
+    "tiling": (
+        "patch",
+        "overlap",
+        "level",
+        "min_foreground",
+        "workers",
+        "annotations",
+        "vector_labels",
+        "label_field",
+        "outside",
+        "min_annotated",
+    ),
     "jobs": ("quiet", "log_json"),
 }
 
@@ -678,7 +726,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     handler: Handler = args.handler
-    return run_guarded(lambda: handler(args), debug=args.debug)
+    show = warnings.formatwarning
+    # A warning is one line, as errors are (the source line means nothing to a user).
+    warnings.formatwarning = lambda msg, *a, **k: f"tilenet: warning: {msg}\n"
+    try:
+        return run_guarded(lambda: handler(args), debug=args.debug)
+    finally:
+        warnings.formatwarning = show
 
 
 if __name__ == "__main__":

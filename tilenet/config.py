@@ -65,6 +65,20 @@ class TilingConfig:
     workers: int = 2
     #: Patches per zarr chunk along N (one chunk = one contiguous training read).
     chunk_patches: int = 64
+    #: Vector labels instead of label images (tilenet.io.vector): QuPath GeoJSON exports in
+    #: level-0 pixels (a file, a directory or a pattern; matched to images by name) ...
+    annotations: str | None = None
+    #: ... or one vector file (GeoPackage, Shapefile, GeoJSON, FlatGeobuf) in any CRS for
+    #: every raster, reprojected to each.
+    vector_labels: str | None = None
+    #: The property / field holding the class name (QuPath: classification.name by default).
+    label_field: str | None = None
+    #: Pixels outside every polygon: "ignore" (255, skipped by the loss) or "background" (0).
+    outside: Literal["ignore", "background"] = "ignore"
+    #: Keep only patches with at least this fraction of pixels inside a polygon.
+    min_annotated: float = 0.0
+    #: Class name -> label index; default: the names in the files, sorted.
+    class_map: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,6 +107,12 @@ class DataConfig:
     #: Alternative to stores: image and label directories read lazily.
     images: str | None = None
     labels: str | None = None
+    #: Alternative to labels: vector labels sampled inside annotated regions (see tiling.*).
+    annotations: str | None = None
+    vector_labels: str | None = None
+    label_field: str | None = None
+    outside: Literal["ignore", "background"] = "ignore"
+    class_map: dict[str, int] = field(default_factory=dict)
     #: Held-out patch store(s) for validation.
     val_stores: list[str] = field(default_factory=list)
     patch: int = 256

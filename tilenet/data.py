@@ -33,6 +33,7 @@ from tilenet.augment import build_augment
 from tilenet.config import AugmentConfig, DataConfig
 from tilenet.errors import InputError
 from tilenet.geometry import Window, iter_bands
+from tilenet.io.vector import IGNORE_INDEX, mask_nodata
 from tilenet.normalize import Normalizer, channel_stats, normalize_
 from tilenet.patchstore import IMAGES, LABELS, open_store, read_attrs
 
@@ -469,6 +470,12 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
     Crops are drawn uniformly over each image (images chosen in proportion to their area),
     at pyramid ``level``; ``samples_per_epoch`` crops are split across ranks and workers.
     Reads go through :func:`tilenet.io.open_image`, so only the crop is decoded.
+
+    With ``vector`` (a :class:`tilenet.io.vector.VectorLabelPlan`: QuPath annotations or a
+    vector file) the masks are the polygons rasterized per crop, and crops are centred on
+    points drawn uniformly inside the annotated regions (images in proportion to their
+    annotated area); images the polygons miss are left out (with a warning). Pixels outside
+    every polygon are 255 or 0 (``vector.outside``), nodata pixels 255.
     """
 
     def __init__(
@@ -487,11 +494,18 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
         normalize: bool = True,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        vector: Any = None,
     ) -> None:
         super().__init__()
         from tilenet.io import open_image
 
         self.images = [Path(p) for p in images]
+        self.vector_labels: list[Any] | None = None
+        if vector is not None:
+            if labels is not None:
+                raise InputError("give label images or vector labels, not both")
+            self.images, self.vector_labels = _open_vector_labels(self.images, vector, level)
+            self.class_names = list(vector.class_names)
         self.labels = [Path(p) for p in labels] if labels is not None else None
         if not self.images:
             raise InputError("RandomCropDataset needs at least one image")
@@ -538,6 +552,8 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
     def windows(self, epoch: int | None = None) -> list[tuple[int, Window]]:
         """All crops of an epoch as (image index, window at ``level``), before sharding."""
         rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, 7])
+        if self.vector_labels is not None:
+            return self._annotated_windows(rng)
         area = np.array([h * w for h, w in self.shapes], dtype=np.float64)
         which = rng.choice(len(self.images), size=self.samples_per_epoch, p=area / area.sum())
         out = []
@@ -546,6 +562,33 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
             y = int(rng.integers(0, max(h - self.patch, 0) + 1))
             x = int(rng.integers(0, max(w - self.patch, 0) + 1))
             out.append((int(i), Window(y, x, self.patch, self.patch)))
+        return out
+
+    def _annotated_windows(self, rng: np.random.Generator) -> list[tuple[int, Window]]:
+        """Crops centred on points drawn uniformly inside the polygons."""
+        import shapely
+
+        assert self.vector_labels is not None
+        areas = [np.abs(shapely.area(lab.geoms)) for lab in self.vector_labels]
+        per_image = np.array(
+            [
+                a.sum() / _pixel_area(lab, self.level)
+                for a, lab in zip(areas, self.vector_labels, strict=True)
+            ]
+        )
+        which = rng.choice(
+            len(self.images), size=self.samples_per_epoch, p=per_image / per_image.sum()
+        )
+        out = []
+        for i in which:
+            lab = self.vector_labels[i]
+            k = int(rng.choice(len(areas[i]), p=areas[i] / areas[i].sum()))
+            x, y = _point_in(lab.geoms[k], rng)
+            row, col = _to_pixel(lab.pixel_transform(self.level), x, y)
+            h, w = self.shapes[i]
+            y0 = int(np.clip(round(row - self.patch / 2), 0, max(h - self.patch, 0)))
+            x0 = int(np.clip(round(col - self.patch / 2), 0, max(w - self.patch, 0)))
+            out.append((int(i), Window(y0, x0, self.patch, self.patch)))
         return out
 
     def __iter__(self) -> Iterator[Any]:
@@ -562,10 +605,62 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
             for j, (i, win) in enumerate(mine[s : s + step]):
                 img, lab = self._handles(i)
                 crops.append(img.read(win, self.level))
-                if lab is not None:
+                if self.vector_labels is not None:
+                    vec = self.vector_labels[i]
+                    masks[j] = vec.read(win, self.level, fill=IGNORE_INDEX)[..., 0]
+                    mask_nodata(masks[j], crops[-1], img.nodata)
+                elif lab is not None:
                     masks[j] = lab.read(win, self.level)[..., 0]
             yield from emit.feed(np.stack(crops), masks, np.arange(len(crops)))
         yield from emit.flush()
+
+
+def _open_vector_labels(
+    images: list[Path], vector: Any, level: int
+) -> tuple[list[Path], list[Any]]:
+    """The images the polygons overlap, and their label images."""
+    from tilenet.io import open_image
+
+    kept, labs = [], []
+    for i, p in enumerate(images):
+        with open_image(p) as img:
+            lab = vector.open(i, img)
+        if not lab.empty:  # a scene the labels miss: warned when opened
+            kept.append(p)
+            labs.append(lab)
+    if not kept:
+        raise InputError(f"no image overlaps the vector labels {vector.files[0]}")
+    return kept, labs
+
+
+def _pixel_area(lab: Any, level: int) -> float:
+    """Reference-coordinate area of one pixel of ``level``."""
+    _, a, b, _, d, e = lab.pixel_transform(level)
+    return abs(a * e - b * d)
+
+
+def _to_pixel(gt: Sequence[float], x: float, y: float) -> tuple[float, float]:
+    """(row, col) of reference point (x, y) under GDAL-order geotransform ``gt``."""
+    x0, a, b, y0, d, e = gt
+    det = a * e - b * d
+    dx, dy = x - x0, y - y0
+    return ((a * dy - d * dx) / det, (e * dx - b * dy) / det)
+
+
+def _point_in(geom: Any, rng: np.random.Generator) -> tuple[float, float]:
+    """A point drawn uniformly inside ``geom`` (rejection in its bounds; a point on its
+    surface when that keeps missing, e.g. for a thin sliver)."""
+    import shapely
+
+    x0, y0, x1, y1 = geom.bounds
+    for _ in range(8):
+        xs = rng.uniform(x0, x1, 64)
+        ys = rng.uniform(y0, y1, 64)
+        hit = np.flatnonzero(shapely.contains_xy(geom, xs, ys))
+        if len(hit):
+            return float(xs[hit[0]]), float(ys[hit[0]])
+    pt = shapely.point_on_surface(geom)
+    return float(pt.x), float(pt.y)
 
 
 # -- loaders -----------------------------------------------------------------------------
@@ -612,6 +707,20 @@ def build_loader(
 
         images = resolve_images([cfg.images])
         labels = match_labels(images, cfg.labels) if cfg.labels else None
+        vector = None
+        if cfg.annotations or cfg.vector_labels:
+            from tilenet.io.vector import plan_vector_labels
+
+            if labels is not None:
+                raise InputError("set data.labels or data.annotations/vector_labels, not both")
+            vector = plan_vector_labels(
+                images,
+                annotations=cfg.annotations or None,
+                vector_labels=cfg.vector_labels or None,
+                label_field=cfg.label_field,
+                outside=cfg.outside,
+                class_map=dict(cfg.class_map),
+            )
         ds = RandomCropDataset(
             images,
             labels,
@@ -623,6 +732,7 @@ def build_loader(
             world_size=world_size,
             augment=cfg.augment,
             normalize=cfg.normalize,
+            vector=vector,
         )
     else:
         what = "data.stores or data.images" if train else "data.val_stores"

@@ -12,9 +12,10 @@ resumes where it stopped.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from tilenet.fsutil import atomic_output
 from tilenet.geometry import TileGrid, Window
 from tilenet.io.foreground import foreground_fractions, foreground_mask
 from tilenet.io.paths import class_names_near, match_labels, resolve_images
+from tilenet.io.vector import IGNORE_INDEX, mask_nodata
 from tilenet.patchstore import (
     ARRAYS,
     CHUNKS_PER_SHARD,
@@ -60,6 +62,8 @@ class _Plan:
     fingerprint: str
     windows: list[Window]
     start: int = 0
+    #: Vector labels (QuPath annotations or a vector file) rasterized per window.
+    vector: Any = None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -89,6 +93,9 @@ def _plan_image(
     min_foreground: float,
     mask_max_side: int,
     limits: dict[str, Any],
+    vector: Any = None,
+    vindex: int = 0,
+    min_annotated: float = 0.0,
 ) -> _Plan:
     from tilenet.io import open_image
 
@@ -124,14 +131,36 @@ def _plan_image(
             mask, mask_ds = foreground_mask(img, max_side=mask_max_side)
             frac = foreground_fractions(windows, mask, mask_ds, img.levels[level].downsample)
             windows = [w for w, f in zip(windows, frac, strict=True) if f >= min_foreground]
+        vlab = None
+        if vector is not None:
+            vlab = vector.open(vindex, img)
+            windows = _annotated_windows(vlab, windows, level, vector.outside, min_annotated)
         return _Plan(
             path=path,
-            label=label,
+            label=vector.files[vindex] if vector is not None else label,
             shape=tuple(img.shape),  # type: ignore[arg-type]
             dtype=str(np.dtype(img.dtype)),
             fingerprint=fp,
             windows=windows,
+            vector=vlab,
         )
+
+
+def _annotated_windows(
+    lab: Any, windows: list[Window], level: int, outside: str, min_annotated: float
+) -> list[Window]:
+    """The windows to cut where vector labels are: none for a scene they miss (warned when
+    the labels were opened); with outside="ignore" only windows with annotated pixels (and at
+    least ``min_annotated`` of them); with outside="background" all, or those with
+    ``min_annotated`` > 0 annotated."""
+    if lab.empty:
+        return []
+    if outside == "background" and min_annotated <= 0:
+        return windows
+    windows = [w for w, hit in zip(windows, lab.candidates(windows, level), strict=True) if hit]
+    return [
+        w for w in windows if (f := lab.annotated_fraction(w, level)) > 0 and f >= min_annotated
+    ]
 
 
 def _write_range(
@@ -170,7 +199,8 @@ def _write_range(
             continue
         st = stats.setdefault(k, np.zeros(2 * channels + 1 + 512, dtype=np.float64))
         img = open_image(plan.path, **limits)
-        lab = open_image(plan.label, **limits) if plan.label is not None else None
+        vec = plan.vector
+        lab = open_image(plan.label, **limits) if plan.label is not None and vec is None else None
         try:
             for g in range(a, b):
                 win = plan.windows[g - plan.start]
@@ -184,7 +214,15 @@ def _write_range(
                 st[:channels] += px.sum(0)
                 st[channels : 2 * channels] += (px * px).sum(0)
                 st[2 * channels] += px.shape[0]
-                if lab is not None and labs is not None:
+                if vec is not None and labs is not None:
+                    # outside the image and where the image is nodata: ignored by the loss
+                    labs[i] = vec.read(win, level, fill=IGNORE_INDEX)[..., 0]
+                    mask_nodata(labs[i], data, img.nodata)
+                    counts = np.bincount(labs[i][inside.slices].ravel(), minlength=256)
+                    counts[IGNORE_INDEX] = 0
+                    st[2 * channels + 1 : 2 * channels + 257] += counts
+                    st[2 * channels + 257 :] += counts > 0
+                elif lab is not None and labs is not None:
                     labs[i] = lab.read(win, level)[..., 0]
                     counts = np.bincount(labs[i][inside.slices].ravel(), minlength=256)
                     st[2 * channels + 1 : 2 * channels + 257] += counts
@@ -220,6 +258,12 @@ def tile_images(
     reader: ReaderConfig | None = None,
     progress: bool = True,
     failures: dict[str, str] | None = None,
+    annotations: str | os.PathLike[str] | None = TilingConfig.annotations,
+    vector_labels: str | os.PathLike[str] | None = TilingConfig.vector_labels,
+    label_field: str | None = TilingConfig.label_field,
+    outside: str = TilingConfig.outside,
+    min_annotated: float = TilingConfig.min_annotated,
+    class_map: Mapping[str, int] = MappingProxyType({}),  # == TilingConfig's {}
 ) -> Path:
     """Cut ``images`` into ``patch`` x ``patch`` patches overlapping by ``overlap`` into ``out``.
 
@@ -236,6 +280,15 @@ def tile_images(
     fingerprint) and appends new ones. Returns the store path. With a ``failures`` dict an
     unreadable image (or one of another kind than the store's) is recorded there as
     ``{path: one-line reason}`` and left out instead of stopping the batch (tilenet.jobs).
+
+    Vector labels instead of label images: ``annotations`` (QuPath GeoJSON in level-0
+    pixels, one file per image matched by name, see :func:`tilenet.io.vector.match_annotations`)
+    or ``vector_labels`` (one vector file in any CRS for every raster, class in
+    ``label_field``). They are rasterized per patch; pixels outside every polygon are 255
+    (``outside="ignore"``) or 0 (``"background"``), nodata pixels always 255. Patches are cut
+    only where the polygons are, with at least ``min_annotated`` of their pixels annotated
+    (see :func:`_annotated_windows`); a scene the polygons miss gets no patches (a warning).
+    Class names come from the files (sorted) or ``class_map`` and are stored.
     """
     import dask
     import zarr
@@ -254,6 +307,11 @@ def tile_images(
     TileGrid.for_patches((patch, patch), patch, overlap)  # validates overlap up front
     out = Path(out)
     paths = resolve_images(images)
+    if labels is not None and (annotations or vector_labels):
+        raise InputError(
+            "give label images (--labels) or vector labels (--annotations, --vector-labels), "
+            "not both"
+        )
     if labels is None:
         label_paths: list[Path | None] = [None] * len(paths)
     elif isinstance(labels, str | os.PathLike):
@@ -262,8 +320,24 @@ def tile_images(
         label_paths = [Path(p) for p in labels]
         if len(label_paths) != len(paths):
             raise InputError(f"{len(label_paths)} label images given for {len(paths)} images")
-    has_labels = labels is not None
+    vector = None
+    if annotations or vector_labels:
+        from tilenet.io.vector import plan_vector_labels
+
+        if not 0.0 <= float(min_annotated) <= 1.0:
+            raise InputError(f"min_annotated must be in [0, 1], got {min_annotated!r}")
+        vector = plan_vector_labels(
+            paths,
+            annotations=annotations or None,
+            vector_labels=vector_labels or None,
+            label_field=label_field,
+            outside=outside,  # type: ignore[arg-type]
+            class_map=dict(class_map or {}),
+        )
+    has_labels = labels is not None or vector is not None
     names = list(class_names) if class_names else class_names_near([p for p in label_paths if p])
+    if vector is not None and not class_names:
+        names = list(vector.class_names)
 
     existing: dict[str, Any] | None = None
     if out.exists():
@@ -278,6 +352,11 @@ def tile_images(
                     f"{out}: store was tiled with {key}={existing[key]}, not {want}; "
                     "use the same settings to resume/append, or a new --out"
                 )
+        if vector is not None and existing.get("class_names") not in (None, [], names):
+            raise InputError(
+                f"{out}: store has classes {existing['class_names']}, these labels {names}; "
+                "give the same classes (tiling.class_map) or a new --out"
+            )
         if bool(existing.get("has_labels")) != has_labels:
             raise InputError(
                 f"{out}: store {'has' if existing.get('has_labels') else 'has no'} labels; "
@@ -289,6 +368,7 @@ def tile_images(
 
     done = {s["fingerprint"]: s for s in (existing or {}).get("sources", [])}
     todo: list[tuple[Path, Path | None, str]] = []
+    vindex = {p: i for i, p in enumerate(paths)}
     for p, lab in zip(paths, label_paths, strict=True):
         try:
             fp = str(fingerprint(p))
@@ -310,6 +390,9 @@ def tile_images(
             min_foreground=float(min_foreground),
             mask_max_side=mask_max_side,
             limits=limits,
+            vector=vector,
+            vindex=vindex[p],
+            min_annotated=float(min_annotated),
         )
         for p, lab, fp in todo
     ]
@@ -357,6 +440,8 @@ def tile_images(
             "has_labels": has_labels,
             "min_foreground": float(min_foreground),
             "class_names": names,
+            "vector_labels": vector.describe() if vector is not None else None,
+            "min_annotated": float(min_annotated),
             "count": 0,
             "sources": [],
             **stats_attrs([], channels),

@@ -1,0 +1,892 @@
+"""Vector labels: polygons rasterized into label images, one window at a time.
+
+Two sources, one machinery:
+
+* **QuPath annotations** (``kind="annotations"``): QuPath's GeoJSON export (a
+  FeatureCollection, a Feature, or the bare list of features QuPath writes), or plain GeoJSON
+  polygons with a class property. Coordinates are the file's level-0 pixels, as QuPath's are.
+  The class is ``properties.classification.name`` (QuPath), else ``properties.class`` or
+  ``properties.label``, or the property ``label_field`` names.
+* **Vector files** (``kind="vector"``): anything GDAL/OGR reads through pyogrio (GeoPackage,
+  Shapefile, GeoJSON, FlatGeobuf, ...) in any CRS, the class in the field ``label_field``.
+  Only the features inside a raster's bounds are read, and they are reprojected to the
+  raster's CRS.
+
+Polygons with holes and MultiPolygons are kept; invalid polygons are repaired with
+``shapely.make_valid`` (with a warning); other geometries are skipped (with a warning).
+
+:meth:`VectorLabels.for_image` gives a :class:`VectorLabelImage`: a one-channel uint8
+:class:`~tilenet.io.base.LazyImage` with the image's pyramid. A read rasterizes, with
+``rasterio.features.rasterize`` (GDAL, pixel-centre rule), only the polygons an STRtree
+finds in the window, in fixed 256² blocks of a global grid through
+``image.pixel_transform(level)``: a pixel's label is computed the same way whichever window
+it is read in, and never for the whole image at once. Pixels outside every polygon get
+:data:`IGNORE_INDEX` (``outside="ignore"``, the training loss skips them) or 0
+(``outside="background"``). Polygons later in the file are drawn over earlier ones.
+
+Class names are those the files use, sorted (with ``outside="background"``, class 0 is
+``"background"``), or come from a class map ``name -> index``; a name the map lacks is an
+error that lists the known ones. shapely, pyogrio and rasterio are imported lazily.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from tilenet.errors import ImageNotFoundError, InputError, UnsupportedFormatError
+from tilenet.fsutil import safe_stem
+from tilenet.geometry import Window
+from tilenet.io.base import LazyImage
+
+__all__ = [
+    "ANNOTATION_SUFFIXES",
+    "IGNORE_INDEX",
+    "OUTSIDE",
+    "VectorLabelImage",
+    "VectorLabelPlan",
+    "VectorLabels",
+    "mask_nodata",
+    "match_annotations",
+    "plan_vector_labels",
+    "read_annotations",
+    "read_class_names",
+    "read_vector_labels",
+    "resolve_classes",
+]
+
+#: The label of pixels outside every polygon with ``outside="ignore"`` (and of nodata
+#: pixels, always): ``train.ignore_index``'s default.
+IGNORE_INDEX = 255
+#: What pixels outside every polygon become.
+OUTSIDE = ("ignore", "background")
+#: File endings of annotation files found in a directory.
+ANNOTATION_SUFFIXES = (".geojson", ".json")
+
+Kind = Literal["annotations", "vector"]
+Outside = Literal["ignore", "background"]
+
+_BLOCK = 256  # side of the global rasterization blocks
+_CACHE_BLOCKS = 64  # rasterized blocks kept per label image (64 * 64 KiB)
+_DEFAULT_FIELDS = ("classification", "class", "label")
+_GEOMETRY_TYPES = {
+    "Point",
+    "MultiPoint",
+    "LineString",
+    "MultiLineString",
+    "Polygon",
+    "MultiPolygon",
+    "GeometryCollection",
+}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+# -- class names ---------------------------------------------------------------------------
+def _name_key(name: str) -> tuple[int, float, str]:
+    """Sort key: numeric names by value (``"2"`` before ``"10"``), then text."""
+    try:
+        return (0, float(name), name)
+    except ValueError:
+        return (1, 0.0, name)
+
+
+def resolve_classes(
+    found: Iterable[str],
+    *,
+    class_map: Mapping[str, int] | None = None,
+    outside: Outside = "ignore",
+    source: str = "annotations",
+) -> tuple[dict[str, int], list[str]]:
+    """The label value of each class name, and the class names by index.
+
+    Without ``class_map`` the names found are sorted (numbers by value) and numbered from 0;
+    with ``outside="background"`` index 0 is ``"background"`` (shared with a class of that
+    name) and the others follow. With ``class_map``, every name found must be in it.
+
+    >>> resolve_classes(["Tumor", "Stroma", "Tumor"])
+    ({'Stroma': 0, 'Tumor': 1}, ['Stroma', 'Tumor'])
+    >>> resolve_classes(["Tumor"], outside="background")
+    ({'Tumor': 1}, ['background', 'Tumor'])
+    >>> resolve_classes(["a"], class_map={"a": 2, "b": 1})
+    ({'a': 2, 'b': 1}, ['class_0', 'b', 'a'])
+    """
+    names = set(found)
+    if class_map:
+        cmap: dict[str, int] = {}
+        for name, idx in class_map.items():
+            if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < IGNORE_INDEX:
+                raise InputError(
+                    f"class map: index {idx!r} of {name!r} must be an int in 0..{IGNORE_INDEX - 1}"
+                    f" ({IGNORE_INDEX} is the ignore index)"
+                )
+            cmap[str(name)] = int(idx)
+        unknown = sorted(names - set(cmap), key=_name_key)
+        if unknown:
+            raise InputError(
+                f"{source}: class {unknown[0]!r} is not in the class map; known classes: "
+                f"{', '.join(sorted(cmap, key=_name_key))}"
+            )
+        by_index = {v: k for k, v in sorted(cmap.items(), key=lambda kv: _name_key(kv[0]))}
+        if outside == "background" and 0 in by_index and by_index[0].lower() != "background":
+            raise InputError(
+                f"class map gives index 0 to {by_index[0]!r}, but outside=background labels "
+                "pixels outside every polygon 0; map 'background' to 0 or use outside=ignore"
+            )
+        k = max(cmap.values()) + 1
+        out = [by_index.get(i, f"class_{i}") for i in range(k)]
+        if outside == "background" and 0 not in by_index:
+            out[0] = "background"
+        return cmap, out
+    ordered = sorted(names, key=_name_key)
+    mapping: dict[str, int] = {}
+    if outside == "background":
+        bg = [n for n in ordered if n.lower() == "background"]
+        out = [bg[0] if bg else "background"]
+        mapping.update({n: 0 for n in bg})
+        for n in ordered:
+            if n.lower() != "background":
+                mapping[n] = len(out)
+                out.append(n)
+    else:
+        mapping = {n: i for i, n in enumerate(ordered)}
+        out = list(ordered)
+    if len(out) > IGNORE_INDEX:
+        raise InputError(
+            f"{source}: {len(out)} classes; at most {IGNORE_INDEX} fit a uint8 label "
+            f"({IGNORE_INDEX} is the ignore index)"
+        )
+    return mapping, out
+
+
+def _class_of(props: Any, fields: Sequence[str]) -> str | None:
+    if not isinstance(props, dict):
+        return None
+    for f in fields:
+        v = props.get(f)
+        if isinstance(v, dict):  # QuPath: {"name": "Tumor", "color": [...]}
+            v = v.get("name")
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)  # a numeric field read as float: 2.0 names class "2"
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            return str(v)
+    return None
+
+
+# -- reading -------------------------------------------------------------------------------
+def _geojson_features(path: Path) -> list[dict[str, Any]]:
+    """The features of a GeoJSON file (FeatureCollection, Feature, geometry, or a list)."""
+    if not path.is_file():
+        raise ImageNotFoundError(f"{path}: annotation file not found")
+    try:
+        data = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UnsupportedFormatError(f"{path}: not GeoJSON ({_first_line(exc)})") from None
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        feats = data.get("features")
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        feats = [data]
+    elif isinstance(data, dict) and data.get("type") in _GEOMETRY_TYPES:
+        feats = [{"type": "Feature", "geometry": data, "properties": {}}]
+    elif isinstance(data, list):  # QuPath's "export as FeatureCollection: no"
+        feats = data
+    else:
+        raise UnsupportedFormatError(
+            f"{path}: not GeoJSON (expected a FeatureCollection, a Feature or a list of "
+            "features, as QuPath exports)"
+        )
+    if not isinstance(feats, list) or not all(
+        isinstance(f, dict) and f.get("type") == "Feature" for f in feats
+    ):
+        raise UnsupportedFormatError(f"{path}: not GeoJSON (its features are not all Features)")
+    return feats
+
+
+def _fields_for(label_field: str | None) -> tuple[str, ...]:
+    return (label_field,) if label_field else _DEFAULT_FIELDS
+
+
+def _annotation_names(
+    feats: list[dict[str, Any]], path: Path, label_field: str | None
+) -> list[str | None]:
+    fields = _fields_for(label_field)
+    names = [_class_of(f.get("properties"), fields) for f in feats]
+    if feats and all(n is None for n in names):
+        keys = sorted(
+            {k for f in feats if isinstance(f.get("properties"), dict) for k in f["properties"]}
+        )
+        raise InputError(
+            f"{path}: no feature has a class property ({', '.join(fields)}); its properties: "
+            f"{', '.join(keys) or 'none'}; name the class property with --label-field"
+        )
+    return names
+
+
+def _ogr_info(path: Path) -> dict[str, Any]:
+    import pyogrio
+
+    if not path.exists():
+        raise ImageNotFoundError(f"{path}: vector file not found")
+    try:
+        info = pyogrio.read_info(path)
+    except Exception as exc:
+        raise UnsupportedFormatError(
+            f"{path}: not a vector file GDAL/OGR reads ({_first_line(exc)})"
+        ) from None
+    if not info.get("geometry_type"):
+        raise UnsupportedFormatError(f"{path}: holds no geometries (not vector data)")
+    return info
+
+
+def _check_field(path: Path, info: dict[str, Any], label_field: str | None) -> str:
+    fields = [str(f) for f in info.get("fields", [])]
+    if not label_field:
+        raise InputError(
+            f"{path}: give the field that holds the class (--label-field); fields: "
+            f"{', '.join(fields) or 'none'}"
+        )
+    if label_field not in fields:
+        raise InputError(
+            f"{path}: has no field {label_field!r}; fields: {', '.join(fields) or 'none'}"
+        )
+    return label_field
+
+
+def read_class_names(
+    path: str | Path, *, kind: Kind = "annotations", label_field: str | None = None
+) -> set[str]:
+    """The class names used in an annotation or vector file (no geometry is parsed)."""
+    p = Path(path)
+    if kind == "annotations":
+        feats = _geojson_features(p)
+        return {n for n in _annotation_names(feats, p, label_field) if n is not None}
+    import pyogrio.raw
+
+    fld = _check_field(p, _ogr_info(p), label_field)
+    try:
+        _, _, _, data = pyogrio.raw.read(p, columns=[fld], read_geometry=False)
+    except Exception as exc:
+        raise UnsupportedFormatError(
+            f"{p}: cannot read field {fld!r} ({_first_line(exc)})"
+        ) from None
+    return {n for n in (_class_of({fld: v}, (fld,)) for v in data[0]) if n is not None}
+
+
+def _polygonal(geom: Any) -> Any:
+    """The polygonal part of a geometry (a Polygon, a MultiPolygon, or None)."""
+    import shapely
+
+    parts = [g for g in shapely.get_parts(geom) if g is not None]
+    polys: list[Any] = []
+    for g in parts:
+        t = shapely.get_type_id(g)
+        if t == 3:
+            polys.append(g)
+        elif t in (6, 7):
+            sub = _polygonal(g)
+            if sub is not None:
+                polys.extend(shapely.get_parts(sub))
+    polys = [p for p in polys if not p.is_empty]
+    if not polys:
+        return None
+    return polys[0] if len(polys) == 1 else shapely.MultiPolygon(polys)
+
+
+def _clean(geoms: list[Any], names: list[str | None], path: Path) -> tuple[list[Any], list[str]]:
+    """Polygons only (repaired where invalid), with their class names; warnings say what went."""
+    import shapely
+
+    out_g: list[Any] = []
+    out_n: list[str] = []
+    skipped: dict[str, int] = {}
+    unclassified = 0
+    repaired: list[str] = []
+    for g, n in zip(geoms, names, strict=True):
+        kind = "no geometry" if g is None else g.geom_type
+        if g is None or shapely.get_type_id(g) not in (3, 6, 7):
+            skipped[kind] = skipped.get(kind, 0) + 1
+            continue
+        if n is None:
+            unclassified += 1
+            continue
+        g = shapely.force_2d(g)
+        if not shapely.is_valid(g):
+            repaired.append(shapely.is_valid_reason(g))
+            g = shapely.make_valid(g)
+        poly = _polygonal(g)
+        if poly is None:
+            skipped[kind] = skipped.get(kind, 0) + 1
+            continue
+        out_g.append(poly)
+        out_n.append(n)
+    if repaired:
+        _warn(
+            f"{path}: repaired {len(repaired)} invalid polygon(s) with shapely.make_valid "
+            f"(first: {repaired[0]})"
+        )
+    if skipped:
+        what = ", ".join(f"{v} {k}" for k, v in sorted(skipped.items()))
+        _warn(f"{path}: skipped {sum(skipped.values())} non-polygon feature(s) ({what})")
+    if unclassified:
+        _warn(f"{path}: skipped {unclassified} polygon(s) without a class")
+    return out_g, out_n
+
+
+def read_annotations(path: str | Path, *, label_field: str | None = None) -> VectorLabels:
+    """Polygons of a QuPath GeoJSON export (or plain GeoJSON), in level-0 pixel coordinates."""
+    import shapely.geometry
+
+    p = Path(path)
+    feats = _geojson_features(p)
+    names = _annotation_names(feats, p, label_field)
+    geoms: list[Any] = []
+    for i, f in enumerate(feats):
+        g = f.get("geometry")
+        if g is None:
+            geoms.append(None)
+            continue
+        try:
+            geoms.append(shapely.geometry.shape(g))
+        except Exception as exc:
+            raise InputError(
+                f"{p}: feature {i} has a broken geometry ({_first_line(exc)})"
+            ) from None
+    kept, kept_names = _clean(geoms, names, p)
+    return VectorLabels(p, np.array(kept, dtype=object), kept_names, "annotations", None)
+
+
+def _crs_of(value: Any, what: str) -> Any:
+    from rasterio.crs import CRS
+
+    try:
+        return CRS.from_user_input(value)
+    except Exception as exc:
+        raise InputError(f"{what}: cannot read its CRS ({_first_line(exc)})") from None
+
+
+def _transform_xy(src: Any, dst: Any, xy: np.ndarray, what: str) -> np.ndarray:
+    from rasterio.warp import transform
+
+    try:
+        xs, ys = transform(src, dst, xy[:, 0], xy[:, 1])
+    except Exception as exc:
+        raise InputError(
+            f"{what}: cannot transform coordinates from {_crs_name(src)} to {_crs_name(dst)} "
+            f"({_first_line(exc)})"
+        ) from None
+    out = np.column_stack([np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)])
+    if out.size and not np.isfinite(out).all():
+        raise InputError(
+            f"{what}: cannot transform coordinates from {_crs_name(src)} to {_crs_name(dst)} "
+            "(the transformation gives non-finite values)"
+        )
+    return out
+
+
+def _crs_name(crs: Any) -> str:
+    """A short name: ``EPSG:32632``, ``IAU_2015:49900``, else the WKT's name."""
+    try:
+        auth = crs.to_authority()
+    except Exception:
+        auth = None
+    if auth:
+        return f"{auth[0]}:{auth[1]}"
+    wkt = str(crs.to_wkt()) if hasattr(crs, "to_wkt") else str(crs)
+    name = wkt.split('"')[1] if wkt.count('"') >= 2 else wkt
+    return name[:80]
+
+
+def read_vector_labels(
+    path: str | Path, *, label_field: str | None, image: LazyImage | None = None
+) -> VectorLabels:
+    """Polygons of a vector file, with the class from ``label_field``.
+
+    With ``image`` (georeferenced), only features within its bounds are read, and the result
+    is already in the image's CRS. A raster without a CRS given labels in a CRS, or CRSs that
+    cannot be transformed, are one-line errors.
+    """
+    import pyogrio.raw
+    import shapely
+
+    p = Path(path)
+    info = _ogr_info(p)
+    fld = _check_field(p, info, label_field)
+    src_crs = _crs_of(info["crs"], str(p)) if info.get("crs") else None
+    bbox = None
+    if image is not None and src_crs is not None:
+        if image.crs is None:
+            raise InputError(
+                f"{image.path}: has no CRS, but the vector labels {p} are in "
+                f"{_crs_name(src_crs)}; georeference the raster, or give labels without a CRS"
+            )
+        dst = _crs_of(image.crs, str(image.path))
+        corners = _extent_corners(image)
+        if dst != src_crs:
+            from rasterio.warp import transform_bounds
+
+            xs, ys = corners[:, 0], corners[:, 1]
+            try:
+                bbox = transform_bounds(dst, src_crs, xs.min(), ys.min(), xs.max(), ys.max())
+            except Exception as exc:
+                raise InputError(
+                    f"{p}: cannot transform coordinates from {_crs_name(src_crs)} to "
+                    f"{_crs_name(dst)} ({_first_line(exc)})"
+                ) from None
+            if not np.isfinite(bbox).all():
+                raise InputError(
+                    f"{p}: cannot transform coordinates from {_crs_name(src_crs)} to "
+                    f"{_crs_name(dst)} (non-finite bounds)"
+                )
+        else:
+            bbox = (
+                corners[:, 0].min(),
+                corners[:, 1].min(),
+                corners[:, 0].max(),
+                corners[:, 1].max(),
+            )
+    try:
+        _, _, wkb, data = pyogrio.raw.read(p, columns=[fld], bbox=bbox)
+    except Exception as exc:
+        raise UnsupportedFormatError(f"{p}: cannot read features ({_first_line(exc)})") from None
+    geoms = list(shapely.from_wkb(wkb)) if wkb is not None else []
+    names = [_class_of({fld: v}, (fld,)) for v in data[0]] if len(data) else []
+    kept, kept_names = _clean(geoms, names, p)
+    labels = VectorLabels(
+        p, np.array(kept, dtype=object), kept_names, "vector", src_crs.to_wkt() if src_crs else None
+    )
+    if image is not None:
+        labels = labels.to_crs(image)
+    return labels
+
+
+def match_annotations(images: Sequence[Path], spec: str | os.PathLike[str]) -> list[Path]:
+    """The annotation file of each image: ``spec`` is a file (one image), a directory (a
+    ``.geojson``/``.json`` file with the image's stem), a glob, or a pattern with ``{stem}``.
+
+    QuPath names exports after the image, with or without its extension (``a.svs.geojson``
+    and ``a.geojson`` both match ``a.svs``).
+    """
+    s = str(spec)
+    if "{stem}" in s:
+        found = [Path(s.replace("{stem}", safe_stem(p.name))) for p in images]
+        for img, ann in zip(images, found, strict=True):
+            if not ann.is_file():
+                raise ImageNotFoundError(f"{ann}: annotations for {img} not found")
+        return found
+    p = Path(s)
+    if p.is_file():
+        if len(images) != 1:
+            raise InputError(
+                f"{p}: one annotation file for {len(images)} images; QuPath annotations belong "
+                "to one slide: give a directory or a pattern with {stem}"
+            )
+        return [p]
+    if p.is_dir():
+        cands = [c for c in p.iterdir() if c.name.lower().endswith(ANNOTATION_SUFFIXES)]
+    elif glob.has_magic(s):
+        cands = [Path(h) for h in glob.glob(s)]
+    else:
+        raise ImageNotFoundError(f"{s}: no such annotation file, directory or pattern")
+    by_stem: dict[str, Path] = {}
+    for c in sorted(cands):
+        name = c.name
+        for suf in ANNOTATION_SUFFIXES:
+            if name.lower().endswith(suf):
+                name = name[: -len(suf)]
+                break
+        by_stem.setdefault(safe_stem(name), c)
+    out = []
+    for img in images:
+        hit = by_stem.get(safe_stem(img.name))
+        if hit is None:
+            raise ImageNotFoundError(
+                f"{img}: no annotation file named {safe_stem(img.name)}.geojson in {s}; "
+                "annotations are matched to images by file name"
+            )
+        out.append(hit)
+    return out
+
+
+def mask_nodata(labels: np.ndarray, pixels: np.ndarray, nodata: float | None) -> np.ndarray:
+    """Set ``labels`` (h, w) to :data:`IGNORE_INDEX` where every channel of ``pixels`` (h, w, C)
+    is ``nodata`` (NaN matches NaN); in place, and returned.
+
+    >>> lab = np.zeros((1, 2), np.uint8)
+    >>> mask_nodata(lab, np.array([[[0, 0], [0, 5]]]), 0).tolist()
+    [[255, 0]]
+    """
+    if nodata is None:
+        return labels
+    px = pixels if pixels.ndim == 3 else pixels[..., None]
+    hit = np.isnan(px).all(-1) if math.isnan(nodata) else (px == nodata).all(-1)
+    labels[hit] = IGNORE_INDEX
+    return labels
+
+
+# -- geometry helpers ----------------------------------------------------------------------
+def _affine(gt: Sequence[float]) -> Any:
+    from affine import Affine
+
+    return Affine.from_gdal(*gt)
+
+
+def _shifted(gt: Sequence[float], row: int, col: int) -> tuple[float, ...]:
+    """The geotransform of the pixels from (``row``, ``col``) on.
+
+    >>> _shifted((0.0, 2.0, 0.0, 0.0, 0.0, 2.0), 1, 3)
+    (6.0, 2.0, 0.0, 2.0, 0.0, 2.0)
+    """
+    x0, a, b, y0, d, e = gt
+    return (x0 + col * a + row * b, a, b, y0 + col * d + row * e, d, e)
+
+
+def _footprints(gt: Sequence[float], boxes: np.ndarray) -> Any:
+    """Polygons of pixel boxes (n, 4: y, x, h, w) in reference coordinates."""
+    import shapely
+
+    x0, a, b, y0, d, e = gt
+    y, x, h, w = (boxes[:, i].astype(np.float64) for i in range(4))
+    cols = np.stack([x, x + w, x + w, x, x], axis=1)
+    rows = np.stack([y, y, y + h, y + h, y], axis=1)
+    coords = np.stack([x0 + cols * a + rows * b, y0 + cols * d + rows * e], axis=-1)
+    return shapely.polygons(coords)
+
+
+def _extent_corners(image: LazyImage) -> np.ndarray:
+    """The corners (4, 2) of level 0 in reference coordinates."""
+    h, w = image.levels[0].shape
+    x0, a, b, y0, d, e = image.pixel_transform(0)
+    cols = np.array([0, w, w, 0], dtype=np.float64)
+    rows = np.array([0, 0, h, h], dtype=np.float64)
+    return np.column_stack([x0 + cols * a + rows * b, y0 + cols * d + rows * e])
+
+
+# -- polygons and label images -------------------------------------------------------------
+@dataclass
+class VectorLabels:
+    """Polygons with class names from one file, in one frame.
+
+    ``crs`` is None for pixel coordinates (QuPath: the file's level-0 pixels; or a vector file
+    without a CRS), else the CRS as WKT.
+    """
+
+    path: Path
+    geoms: np.ndarray
+    names: list[str]
+    kind: Kind = "annotations"
+    crs: str | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class names used, sorted (numbers by value)."""
+        return sorted(set(self.names), key=_name_key)
+
+    def to_crs(self, image: LazyImage) -> VectorLabels:
+        """These polygons in ``image``'s reference frame (its CRS, or its level-0 pixels)."""
+        import shapely
+
+        if self.crs is None:
+            if self.kind == "annotations" and image.transform is not None:
+                # QuPath pixels of a georeferenced raster: through its level-0 geotransform.
+                ry, rx = image.reference_scale
+                x0, a, b, y0, d, e = image.transform
+                a, b, d, e = a / rx, b / ry, d / rx, e / ry
+
+                def fn(xy: np.ndarray) -> np.ndarray:
+                    c, r = xy[:, 0], xy[:, 1]
+                    return np.column_stack([x0 + c * a + r * b, y0 + c * d + r * e])
+
+                return VectorLabels(
+                    self.path, shapely.transform(self.geoms, fn), self.names, self.kind, image.crs
+                )
+            if image.crs is not None:
+                _warn(
+                    f"{self.path}: has no CRS; its coordinates are taken to be in the CRS of "
+                    f"{image.path}"
+                )
+            return self
+        if image.crs is None:
+            raise InputError(
+                f"{image.path}: has no CRS, but the labels {self.path} are in "
+                f"{_crs_name(_crs_of(self.crs, str(self.path)))}; georeference the raster, or "
+                "give labels without a CRS"
+            )
+        src = _crs_of(self.crs, str(self.path))
+        dst = _crs_of(image.crs, str(image.path))
+        if src == dst or not len(self.geoms):
+            return VectorLabels(self.path, self.geoms, self.names, self.kind, image.crs)
+        what = str(self.path)
+        geoms = shapely.transform(self.geoms, lambda xy: _transform_xy(src, dst, xy, what))
+        bad = ~shapely.is_valid(geoms)
+        if bad.any():  # reprojection can fold a ring that was valid
+            geoms = np.array(
+                [
+                    _polygonal(shapely.make_valid(g)) if b else g
+                    for g, b in zip(geoms, bad, strict=True)
+                ],
+                dtype=object,
+            )
+        return VectorLabels(self.path, geoms, self.names, self.kind, image.crs)
+
+    def for_image(
+        self,
+        image: LazyImage,
+        *,
+        classes: Mapping[str, int] | None = None,
+        outside: Outside = "ignore",
+    ) -> VectorLabelImage:
+        """The label image of ``image``: its pyramid, one uint8 channel, rasterized per window.
+
+        ``classes`` maps names to label values (default :func:`resolve_classes` of this
+        file's names). Polygons outside the image are dropped, with a warning; QuPath
+        annotations all outside the image are an error (they belong to another slide),
+        vector labels all outside give an empty label image (``empty``), the scene to skip.
+        """
+        import shapely
+
+        if outside not in OUTSIDE:
+            raise InputError(f"outside must be one of {', '.join(OUTSIDE)}, got {outside!r}")
+        if classes is None:
+            classes, _ = resolve_classes(self.names, outside=outside, source=str(self.path))
+        unknown = sorted(set(self.names) - set(classes), key=_name_key)
+        if unknown:
+            raise InputError(
+                f"{self.path}: class {unknown[0]!r} is not in the class map; known classes: "
+                f"{', '.join(sorted(classes, key=_name_key))}"
+            )
+        framed = self.to_crs(image)
+        geoms = framed.geoms
+        extent = shapely.polygons(np.vstack([_extent_corners(image), _extent_corners(image)[:1]]))
+        inside = shapely.intersects(geoms, extent) if len(geoms) else np.zeros(0, bool)
+        n_out = int((~inside).sum())
+        if len(geoms) and not inside.any():
+            if self.kind == "annotations":
+                b = shapely.total_bounds(geoms)
+                raise InputError(
+                    f"{self.path}: all {len(geoms)} annotations lie outside {image.path} "
+                    f"(annotations span x {b[0]:.0f}..{b[2]:.0f}, y {b[1]:.0f}..{b[3]:.0f}; the "
+                    f"image is {image.shape[1]}x{image.shape[0]} px); are they from another image?"
+                )
+        elif n_out:
+            _warn(
+                f"{self.path}: {n_out} of {len(geoms)} polygons lie outside {image.path}; "
+                "they are ignored"
+            )
+        if not inside.any():
+            _warn(f"{image.path}: no polygon of {self.path} overlaps it; it gets no labels")
+        keep = np.flatnonzero(inside)
+        _, names = resolve_classes(
+            self.names, class_map=dict(classes), outside=outside, source=str(self.path)
+        )
+        return VectorLabelImage(
+            path=self.path,
+            format="vector-labels",
+            dtype=np.dtype(np.uint8),
+            channels=1,
+            levels=list(image.levels),
+            crs=image.crs,
+            transform=image.transform,
+            reference_scale=image.reference_scale,
+            metadata={"image": str(image.path), "kind": self.kind},
+            geoms=geoms[keep],
+            values=np.array([classes[self.names[i]] for i in keep], dtype=np.uint8),
+            outside=IGNORE_INDEX if outside == "ignore" else 0,
+            class_names=names,
+        )
+
+
+@dataclass
+class VectorLabelImage(LazyImage):
+    """A label image made of polygons (:meth:`VectorLabels.for_image`); nothing is
+    rasterized until a window is read, and then only that window's 256² blocks of a global
+    grid. ``geoms`` are in the image's reference frame (``pixel_transform``), ``values``
+    their labels; later polygons are drawn over earlier ones."""
+
+    geoms: Any = None
+    values: Any = None
+    #: The label of pixels outside every polygon (:data:`IGNORE_INDEX` or 0).
+    outside: int = IGNORE_INDEX
+    class_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._setup()
+
+    def _setup(self) -> None:
+        import shapely
+
+        self.geoms = np.asarray(self.geoms if self.geoms is not None else [], dtype=object)
+        self.values = np.asarray(self.values if self.values is not None else [], dtype=np.uint8)
+        self._tree = shapely.STRtree(self.geoms)
+        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers: the tree is rebuilt there
+        state = dict(self.__dict__)
+        for k in ("_tree", "_cache", "_lock"):
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._setup()
+
+    @property
+    def empty(self) -> bool:
+        """No polygon overlaps the image (a scene to skip)."""
+        return len(self.geoms) == 0
+
+    def candidates(self, windows: Sequence[Window], level: int = 0) -> np.ndarray:
+        """Which ``windows`` (pixels of ``level``) touch a polygon: a boolean array."""
+        hit = np.zeros(len(windows), dtype=bool)
+        if not len(windows) or self.empty:
+            return hit
+        boxes = np.array([(w.y, w.x, w.h, w.w) for w in windows], dtype=np.int64)
+        idx = self._tree.query(
+            _footprints(self.pixel_transform(level), boxes), predicate="intersects"
+        )
+        hit[np.unique(idx[0])] = True
+        return hit
+
+    def annotated_fraction(self, window: Window, level: int = 0) -> float:
+        """The share of ``window``'s pixels inside the image and inside some polygon."""
+        h, w = self.levels[level].shape
+        inside = window.clip(h, w)
+        if not inside.area or self.empty:
+            return 0.0
+        return float((self._raw(inside, level) != IGNORE_INDEX).sum()) / window.area
+
+    def _block(self, level: int, by: int, bx: int) -> np.ndarray:
+        key = (level, by, bx)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        from rasterio.features import rasterize
+
+        gt = self.pixel_transform(level)
+        box = np.array([[by * _BLOCK, bx * _BLOCK, _BLOCK, _BLOCK]], dtype=np.int64)
+        idx = np.sort(self._tree.query(_footprints(gt, box)[0], predicate="intersects"))
+        if len(idx):
+            out = rasterize(
+                zip(self.geoms[idx], self.values[idx].tolist(), strict=True),
+                out_shape=(_BLOCK, _BLOCK),
+                fill=IGNORE_INDEX,
+                transform=_affine(_shifted(gt, by * _BLOCK, bx * _BLOCK)),
+                all_touched=False,
+                dtype="uint8",
+            )
+        else:
+            out = np.full((_BLOCK, _BLOCK), IGNORE_INDEX, dtype=np.uint8)
+        with self._lock:
+            self._cache[key] = out
+            while len(self._cache) > _CACHE_BLOCKS:
+                self._cache.popitem(last=False)
+        return out
+
+    def _raw(self, window: Window, level: int) -> np.ndarray:
+        """Labels of ``window`` with :data:`IGNORE_INDEX` outside every polygon."""
+        out = np.full((window.h, window.w), IGNORE_INDEX, dtype=np.uint8)
+        if self.empty:
+            return out
+        for by in range(window.y // _BLOCK, (window.y1 - 1) // _BLOCK + 1):
+            for bx in range(window.x // _BLOCK, (window.x1 - 1) // _BLOCK + 1):
+                blk = Window(by * _BLOCK, bx * _BLOCK, _BLOCK, _BLOCK)
+                part = blk.intersect(window)
+                out[part.relative_to(window).slices] = self._block(level, by, bx)[
+                    part.relative_to(blk).slices
+                ]
+        return out
+
+    def _read(self, window: Window, level: int) -> np.ndarray:
+        out = self._raw(window, level)
+        if self.outside != IGNORE_INDEX:
+            out[out == IGNORE_INDEX] = self.outside
+        return out
+
+
+# -- many images -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VectorLabelPlan:
+    """Vector labels for a list of images: the file of each, and one class numbering for all.
+
+    Made by :func:`plan_vector_labels`; :meth:`open` gives an image's label image.
+    """
+
+    kind: Kind
+    files: tuple[Path, ...]
+    classes: dict[str, int]
+    class_names: list[str]
+    label_field: str | None = None
+    outside: Outside = "ignore"
+
+    def open(self, index: int, image: LazyImage) -> VectorLabelImage:
+        """The label image of ``image`` (the ``index``-th image of the plan)."""
+        path = self.files[index]
+        if self.kind == "annotations":
+            labels = read_annotations(path, label_field=self.label_field)
+        else:
+            labels = read_vector_labels(path, label_field=self.label_field, image=image)
+        return labels.for_image(image, classes=self.classes, outside=self.outside)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data for a patch store's attributes."""
+        return {
+            "kind": self.kind,
+            "label_field": self.label_field,
+            "outside": self.outside,
+            "ignore_index": IGNORE_INDEX,
+            "classes": dict(self.classes),
+        }
+
+
+def plan_vector_labels(
+    images: Sequence[Path],
+    *,
+    annotations: str | os.PathLike[str] | None = None,
+    vector_labels: str | os.PathLike[str] | None = None,
+    label_field: str | None = None,
+    outside: Outside = "ignore",
+    class_map: Mapping[str, int] | None = None,
+) -> VectorLabelPlan:
+    """Match ``annotations`` (QuPath GeoJSON per image, see :func:`match_annotations`) or
+    one ``vector_labels`` file (for every raster) to ``images`` and number their classes
+    (:func:`resolve_classes` over the names of all the files)."""
+    if (annotations is None) == (vector_labels is None):
+        raise InputError("give either annotations (QuPath GeoJSON) or vector_labels, not both")
+    if outside not in OUTSIDE:
+        raise InputError(f"outside must be one of {', '.join(OUTSIDE)}, got {outside!r}")
+    kind: Kind
+    if annotations is not None:
+        kind = "annotations"
+        files = match_annotations(images, annotations)
+    else:
+        assert vector_labels is not None
+        kind = "vector"
+        files = [Path(vector_labels)] * len(images)
+    found: set[str] = set()
+    for f in dict.fromkeys(files):
+        found |= read_class_names(f, kind=kind, label_field=label_field)
+    source = str(files[0]) if len(set(files)) == 1 else "annotations"
+    classes, names = resolve_classes(
+        found, class_map=class_map or None, outside=outside, source=source
+    )
+    return VectorLabelPlan(kind, tuple(files), classes, names, label_field, outside)

@@ -196,3 +196,13 @@ def test_score_class_map_blocks_equal_whole_image(block: object) -> None:
     assert got.foreground_dice == 2 * (pf & tf).sum() / (pf.sum() + tf.sum())
     with pytest.raises(ShapeMismatchError, match="23x30"):
         score_class_map(pred[:, :30], _LabelImage(true), 3)
+
+
+def test_confusion_matrix_accepts_read_only_numpy_blocks() -> None:
+    # A label file decoded in place gives read-only arrays; torch warns on those (an error
+    # under this suite's warning filter), so evaluation on such files failed.
+    pred = np.array([0, 1, 1, 2], dtype=np.uint8)
+    target = np.array([0, 1, 2, 255], dtype=np.uint8)
+    pred.flags.writeable = False
+    target.flags.writeable = False
+    assert confusion_matrix(pred, target, 3).tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 0]]

@@ -41,8 +41,13 @@ def confusion_matrix(
 ) -> torch.Tensor:
     """The (K, K) int64 confusion matrix of class maps ``pred`` and ``target`` (same shape).
 
-    Computed on the tensors' device with one ``bincount``.
+    Computed on the tensors' device with one ``bincount``. Read-only numpy blocks (a
+    memory-mapped or decoded-in-place label file) are accepted as they are.
     """
+    pred, target = (
+        np.array(a) if isinstance(a, np.ndarray) and not a.flags.writeable else a
+        for a in (pred, target)
+    )
     p = torch.as_tensor(pred).reshape(-1).to(torch.int64)
     t = torch.as_tensor(target).reshape(-1).to(device=p.device, dtype=torch.int64)
     if p.shape != t.shape:

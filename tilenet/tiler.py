@@ -288,7 +288,7 @@ def tile_images(
     from tilenet.io import fingerprint
 
     done = {s["fingerprint"]: s for s in (existing or {}).get("sources", [])}
-    todo: list[tuple[Path, Path | None, str]] = []
+    todo: list[tuple[Path | str, Path | None, str]] = []
     for p, lab in zip(paths, label_paths, strict=True):
         try:
             fp = str(fingerprint(p))

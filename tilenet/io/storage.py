@@ -45,6 +45,7 @@ __all__ = [
     "glob_urls",
     "head",
     "info",
+    "is_image_url",
     "is_url",
     "join",
     "list_dir",
@@ -101,6 +102,22 @@ def is_url(path: object) -> bool:
         return False
     proto = _protocol(path)
     return proto is not None and proto not in _LOCAL
+
+
+def is_image_url(path: object) -> bool:
+    """Whether ``path`` is a URL naming one image: an object or a ``.zarr`` prefix, not a
+    glob or a prefix of many (``s3://b/slides/``)."""
+    if not is_url(path):
+        return False
+    s = str(path)
+    if "*" in s or "[" in s:
+        return False
+    if s.rstrip("/").lower().endswith(".zarr"):
+        return True
+    try:
+        return info(s).get("type") == "file"
+    except TilenetError:
+        return True  # let the reader say what is wrong with it, in one line
 
 
 def local_path(path: str | os.PathLike[str]) -> Path:

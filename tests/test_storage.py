@@ -234,32 +234,137 @@ def _same_outputs(a: dict[str, bytes], b: dict[str, bytes]) -> None:
         assert a[name] == b[name], name
 
 
-def test_infer_url_in_and_out_equals_local(tmp_path: Path, bucket: str) -> None:
+def test_infer_url_in_and_out_equals_local(
+    tmp_path: Path, bucket: str, capfd: pytest.CaptureFixture[str]
+) -> None:
     """``tilenet infer s3://…/p.ome.tif --out s3://…/run`` == the same run on local files;
-    the secret key is nowhere in the outputs or on stderr."""
+    the secret key is nowhere in the outputs or on stdout/stderr."""
+    from tilenet.cli import main
+
     ckpt = _checkpoint(tmp_path / "m.pt")
-    _pyramid_tiff(tmp_path / "p.ome.tif")
+    _pyramid_tiff(tmp_path / "p.ome.tif", 200, 150)
     url = _upload(tmp_path / "p.ome.tif", f"{bucket}/in/p.ome.tif")
-    local = _cli(
-        "infer",
-        str(tmp_path / "p.ome.tif"),
-        "--model",
-        str(ckpt),
-        "--out",
-        str(tmp_path / "ref"),
-        *_INFER,
+    model = ("--model", str(ckpt))
+    assert (
+        main(
+            ["infer", str(tmp_path / "p.ome.tif"), *model, "--out", str(tmp_path / "ref"), *_INFER]
+        )
+        == 0
     )
-    assert local.returncode == 0, local.stderr
-    remote = _cli("infer", url, "--model", str(ckpt), "--out", f"{bucket}/run", *_INFER)
-    assert remote.returncode == 0, remote.stderr
+    assert main(["infer", url, *model, "--out", f"{bucket}/run", *_INFER]) == 0
+    printed = capfd.readouterr()
     got, want = _tree(f"{bucket}/run"), _tree(str(tmp_path / "ref"))
     _same_outputs(got, want)
     summary = json.loads(got["summary.json"])
-    assert (
-        summary["input"] == url
-        and summary["outputs"]["classes"] == f"{bucket}/run/classes.ome.zarr"
-    )
-    ref = json.loads(want["summary.json"])
-    assert summary["class_area_px"] == ref["class_area_px"]
+    assert summary["input"] == url
+    assert summary["outputs"]["classes"] == f"{bucket}/run/classes.ome.zarr"
+    assert summary["class_area_px"] == json.loads(want["summary.json"])["class_area_px"]
     assert all(SECRET.encode() not in data for data in got.values())
-    assert SECRET not in remote.stderr + remote.stdout
+    assert SECRET not in printed.out + printed.err
+    assert f"{bucket}/run/summary.json" in printed.out
+
+
+@pytest.mark.slow
+def test_batch_over_a_bucket_prefix_on_two_workers_equals_serial_local(
+    tmp_path: Path, bucket: str
+) -> None:
+    """``infer s3://b/slides/*.tif --out s3://b/batch --workers 2`` (a real LocalCluster,
+    one image split into bands across the workers) == a serial run on local copies; the
+    manifest is in the bucket and a rerun skips everything."""
+    from tilenet.jobs import read_manifest, run_jobs
+
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    src = tmp_path / "slides"
+    src.mkdir()
+    _pyramid_tiff(src / "a.tif", 200, 180)
+    tifffile.imwrite(src / "b.tif", _rgb(300, 260, seed=3), tile=(64, 64), photometric="rgb")
+    for name in ("a.tif", "b.tif"):
+        _upload(src / name, f"{bucket}/slides/{name}")
+    opts: dict[str, Any] = {"tile": 64, "device": "cpu", "probabilities_dtype": "float32"}
+    opts.update(threads=1, quiet=True, region_tiles=10)
+    serial = run_jobs([str(src)], ckpt, tmp_path / "serial", **opts)
+    dist = run_jobs([f"{bucket}/slides/*.tif"], ckpt, f"{bucket}/batch", workers=2, **opts)
+    assert serial.exit_code == 0 and dist.exit_code == 0 and len(dist.done) == 2
+    got = _tree(f"{bucket}/batch")
+    _same_outputs(got, _tree(str(tmp_path / "serial")))
+    manifest = read_manifest(f"{bucket}/batch/manifest.jsonl")
+    assert sorted(manifest) == [f"{bucket}/slides/a.tif", f"{bucket}/slides/b.tif"]
+    assert {r["status"] for r in manifest.values()} == {"done"}
+    assert not [n for n in got if "/.partial/" in n or n.startswith(".")]
+    again = run_jobs([f"{bucket}/slides/*.tif"], ckpt, f"{bucket}/batch", **opts)
+    assert len(again.skipped) == 2
+
+
+@pytest.mark.slow
+def test_sigkill_while_writing_to_the_bucket_then_rerun(tmp_path: Path, bucket: str) -> None:
+    """kill -9 after the first band marker lands in the bucket; the same command again keeps
+    the finished bands and ends with outputs identical to an uninterrupted local run."""
+    import signal
+    import time
+
+    import boto3
+
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    tifffile.imwrite(
+        tmp_path / "img.tif", _rgb(1064, 600, seed=5), tile=(64, 64), photometric="rgb"
+    )
+    url = _upload(tmp_path / "img.tif", f"{bucket}/img.tif")
+    out = f"{bucket}/run"
+    cmd = [sys.executable, "-m", "tilenet", "infer", url, "--model", str(ckpt), "--out", out]
+    cmd += [*_INFER, "--region-tiles", "11"]
+    s3 = boto3.client("s3")
+    name = bucket.removeprefix("s3://")
+
+    def markers() -> list[str]:
+        listed = s3.list_objects_v2(Bucket=name, Prefix="run/.partial/region-")
+        return [o["Key"] for o in listed.get("Contents", [])]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    try:
+        while not markers():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    kept = len(markers())
+    assert 1 <= kept < 19
+    listed = s3.list_objects_v2(Bucket=name, Prefix="run/")
+    assert "run/summary.json" not in [o["Key"] for o in listed.get("Contents", [])]
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    got = _tree(out)
+    summary = json.loads(got["summary.json"])
+    assert summary["regions"] == 19 and summary["regions_resumed"] == kept
+    from tilenet.cli import main
+
+    ref = tmp_path / "ref"
+    argv = ["infer", str(tmp_path / "img.tif"), "--model", str(ckpt), "--out", str(ref)]
+    assert main([*argv, *_INFER, "--region-tiles", "11"]) == 0
+    _same_outputs(got, _tree(str(ref)))
+    assert not [n for n in got if n.startswith(".")]
+
+
+def test_tile_from_a_bucket_equals_local(tmp_path: Path, bucket: str) -> None:
+    """``tilenet tile s3://…`` (TIFF pyramid and OME-Zarr) == the same on local copies."""
+    import zarr
+
+    from tilenet.tiler import tile_images
+
+    arr = _pyramid_tiff(tmp_path / "p.ome.tif")
+    _ome_zarr(tmp_path / "z.ome.zarr", arr)
+    urls = [_upload(tmp_path / n, f"{bucket}/{n}") for n in ("p.ome.tif", "z.ome.zarr")]
+    local = [tmp_path / "p.ome.tif", tmp_path / "z.ome.zarr"]
+    a = tile_images(local, out=tmp_path / "a.zarr", patch=64, progress=False)
+    b = tile_images(urls, out=tmp_path / "b.zarr", patch=64, progress=False)
+    ga, gb = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
+    assert sorted(ga.array_keys()) == sorted(gb.array_keys())
+    for k in ga.array_keys():
+        np.testing.assert_array_equal(ga[k][:], gb[k][:])

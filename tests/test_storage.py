@@ -188,6 +188,135 @@ def test_redact_and_vendor_slide_message(bucket: str) -> None:
         open_image(f"{bucket}/s.mrxs")
 
 
+class _CountingProxy:
+    """A plain HTTP proxy in front of the S3 server that counts what the server sends back:
+    GET requests and the bytes of their response bodies (headers not counted)."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        up = urlsplit(upstream)
+        proxy = self
+        self.gets = 0
+        self.bytes = 0
+        self._lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _forward(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else None
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                if self.command == "GET":
+                    with proxy._lock:
+                        proxy.gets += 1
+                        proxy.bytes += len(data)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.gets = self.bytes = 0
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_window_fetches_only_its_tiles(
+    tmp_path: Path, bucket: str, s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted at the server (through a proxy): reading a window fetches its tiles' compressed
+    bytes (one range request each) and nothing else; a small fraction of the file."""
+    from tilenet.geometry import Window
+    from tilenet.io import open_image
+
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)  # noise: tiles stay large
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, arr, tile=(64, 64), compression="zlib", photometric="rgb")
+    url = _upload(path, f"{bucket}/big.tif")
+    win = Window(200, 300, 100, 100)  # tile rows 3-4, columns 4-6: 6 tiles
+    with tifffile.TiffFile(path) as tf:
+        counts = tf.pages[0].databytecounts
+        tiles_bytes = sum(int(counts[ty * 16 + tx]) for ty in (3, 4) for tx in (4, 5, 6))
+    proxy = _CountingProxy(s3_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    try:
+        with open_image(url) as img:
+            header = proxy.bytes
+            proxy.reset()
+            data = img.read(win)
+            fetched, gets = proxy.bytes, proxy.gets
+    finally:
+        proxy.close()
+    np.testing.assert_array_equal(data, arr[200:300, 300:400])
+    assert gets == 6 and fetched == tiles_bytes  # exactly the 6 tiles, nothing else
+    size = path.stat().st_size
+    assert header < size / 10 and fetched < size / 30, (header, fetched, size)
+
+
+def test_a_server_that_stops_answering_fails_fast_and_the_batch_goes_on(
+    tmp_path: Path, s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server goes away after the header was read: the next read fails in one line
+    after the retries (no hang); in a batch that image fails and the others are done."""
+    import time
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from tilenet.geometry import Window
+    from tilenet.io import open_image, storage
+    from tilenet.jobs import run_jobs
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    monkeypatch.setattr(storage, "RETRIES", 2)
+    boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="going")
+    _pyramid_tiff(tmp_path / "p.tif", 128, 128)
+    url = _upload(tmp_path / "p.tif", "s3://going/p.tif")
+    img = open_image(url)
+    server.stop()
+    t0 = time.monotonic()
+    with pytest.raises(storage.StorageError, match=r"^s3://going/p.tif: storage did not answer"):
+        img.read(Window(0, 0, 64, 64))
+    img.close()
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    report = run_jobs([url, str(tmp_path / "p.tif")], ckpt, tmp_path / "out", quiet=True,
+                      tile=64, device="cpu")  # fmt: skip
+    assert time.monotonic() - t0 < 60
+    assert report.done == [str(tmp_path / "p.tif")]
+    assert list(report.failed) == [url] and "did not answer" in report.failed[url]
+    assert "\n" not in report.failed[url]
+
+
 # -- infer and tile -----------------------------------------------------------------------------
 def _checkpoint(path: Path) -> Path:
     import torch

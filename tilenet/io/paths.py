@@ -14,7 +14,15 @@ from pathlib import Path
 
 from tilenet.errors import ImageNotFoundError, InputError
 from tilenet.fsutil import safe_stem
-from tilenet.io.storage import glob_urls, info, is_url, list_dir, local_path, redact
+from tilenet.io.storage import (
+    StorageError,
+    glob_urls,
+    info,
+    is_url,
+    list_dir,
+    local_path,
+    redact,
+)
 
 __all__ = ["IMAGE_SUFFIXES", "class_names_near", "match_labels", "resolve_images"]
 
@@ -69,7 +77,10 @@ def _resolve_url(url: str) -> list[str]:
         if not hits:
             raise ImageNotFoundError(f"{shown}: pattern matches no objects")
         return hits
-    kind = info(url).get("type")
+    try:
+        kind = info(url).get("type")
+    except StorageError:
+        return [url]  # unreachable now: that image fails in one line, a batch goes on
     if kind == "directory" and not url.rstrip("/").lower().endswith(".zarr"):
         hits = [u for u in list_dir(url) if u.rstrip("/").lower().endswith(IMAGE_SUFFIXES)]
         if not hits:

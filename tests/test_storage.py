@@ -280,6 +280,35 @@ def test_a_window_fetches_only_its_tiles(
     assert header < size / 10 and fetched < size / 30, (header, fetched, size)
 
 
+def test_access_denied_is_one_line(
+    tmp_path: Path, bucket: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An IAM user without a policy (moto enforcing IAM from now on): one line, no retries."""
+    import boto3
+    import moto.settings
+    import s3fs
+
+    from tilenet.cli import main
+
+    _pyramid_tiff(tmp_path / "p.tif", 64, 64)
+    url = _upload(tmp_path / "p.tif", f"{bucket}/p.tif")
+    iam = boto3.client("iam")
+    user = f"nobody-{uuid.uuid4().hex[:6]}"
+    iam.create_user(UserName=user)
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    s3fs.S3FileSystem.clear_instance_cache()  # cached clients hold the old credentials
+    try:
+        assert main(["info", url]) == 2
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{url}: access denied" in err, err
+    assert key["SecretAccessKey"] not in err
+
+
 def test_a_server_that_stops_answering_fails_fast_and_the_batch_goes_on(
     tmp_path: Path, s3_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -420,6 +449,7 @@ def test_batch_over_a_bucket_prefix_on_two_workers_equals_serial_local(
     assert sorted(manifest) == [f"{bucket}/slides/a.tif", f"{bucket}/slides/b.tif"]
     assert {r["status"] for r in manifest.values()} == {"done"}
     assert not [n for n in got if "/.partial/" in n or n.startswith(".")]
+    assert all(SECRET.encode() not in data for data in got.values())
     again = run_jobs([f"{bucket}/slides/*.tif"], ckpt, f"{bucket}/batch", **opts)
     assert len(again.skipped) == 2
 

@@ -527,3 +527,25 @@ def test_tile_from_a_bucket_equals_local(tmp_path: Path, bucket: str) -> None:
     assert sorted(ga.array_keys()) == sorted(gb.array_keys())
     for k in ga.array_keys():
         np.testing.assert_array_equal(ga[k][:], gb[k][:])
+
+
+def test_geotiff_from_a_bucket_through_gdal_equals_local(tmp_path: Path, bucket: str) -> None:
+    """A georeferenced TIFF goes to rasterio (GDAL's /vsis3/ with the endpoint options)."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from tilenet.geometry import Window
+    from tilenet.io import open_image
+
+    arr = _rgb(200, 160, seed=7)
+    path = tmp_path / "g.tif"
+    profile = {"driver": "GTiff", "height": 200, "width": 160, "count": 3, "dtype": "uint8"}
+    profile.update(crs="EPSG:32633", transform=from_origin(500000, 4e6, 10, 10), tiled=True)
+    with rasterio.open(path, "w", blockxsize=64, blockysize=64, **profile) as ds:
+        ds.write(np.moveaxis(arr, -1, 0))
+    url = _upload(path, f"{bucket}/g.tif")
+    with open_image(path) as local, open_image(url) as remote:
+        assert remote.format == "geotiff" and remote.crs == local.crs
+        assert remote.transform == local.transform
+        win = Window(30, 50, 100, 90)
+        np.testing.assert_array_equal(remote.read(win), local.read(win))

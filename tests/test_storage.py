@@ -107,16 +107,6 @@ def _ome_zarr(path: Path, arr: np.ndarray) -> Path:
     return path
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tilenet", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-        timeout=300,
-    )
-
-
 # -- reading ------------------------------------------------------------------------------------
 def test_tiff_pyramid_and_ome_zarr_read_from_bucket_equal_local(
     tmp_path: Path, bucket: str
@@ -140,28 +130,37 @@ def test_tiff_pyramid_and_ome_zarr_read_from_bucket_equal_local(
         assert fp == fingerprint(url) and len(fp) == 64
 
 
-def test_cli_info_on_a_url_matches_local(tmp_path: Path, bucket: str) -> None:
+def test_cli_info_on_a_url_matches_local(
+    tmp_path: Path, bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tilenet.cli import main
+
     _pyramid_tiff(tmp_path / "p.tif")
     url = _upload(tmp_path / "p.tif", f"{bucket}/p.tif")
-    local, remote = _cli("info", str(tmp_path / "p.tif")), _cli("info", url)
-    assert local.returncode == 0 and remote.returncode == 0, remote.stderr
-    strip = [line for line in local.stdout.splitlines() if not line.startswith("path:")]
-    assert strip == [line for line in remote.stdout.splitlines() if not line.startswith("path:")]
-    assert f"path:        {url}" in remote.stdout
+    assert main(["info", str(tmp_path / "p.tif")]) == 0
+    local = capsys.readouterr().out
+    assert main(["info", url]) == 0
+    remote = capsys.readouterr().out
+    strip = [line for line in local.splitlines() if not line.startswith("path:")]
+    assert strip == [line for line in remote.splitlines() if not line.startswith("path:")]
+    assert f"path:        {url}" in remote
 
 
 @pytest.mark.parametrize(
     ("where", "expect"),
     [
-        ("s3://no-such-bucket-tilenet/a.tif", "no-such-bucket-tilenet/a.tif"),
+        ("s3://no-such-bucket-tilenet/a.tif", "a.tif: bucket does not exist"),
         ("{bucket}/missing.tif", "missing.tif: no such object"),
     ],
 )
-def test_missing_bucket_or_key_is_one_line_exit_2(bucket: str, where: str, expect: str) -> None:
-    r = _cli("info", where.format(bucket=bucket))
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and expect in lines[0] and "Traceback" not in r.stderr
+def test_missing_bucket_or_key_is_one_line_exit_2(
+    bucket: str, where: str, expect: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tilenet.cli import main
+
+    assert main(["info", where.format(bucket=bucket)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and expect in err and "Traceback" not in err
 
 
 def test_glob_and_prefix_expand_through_fsspec(tmp_path: Path, bucket: str) -> None:

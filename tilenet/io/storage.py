@@ -214,8 +214,10 @@ def _error(url: str, exc: BaseException) -> TilenetError:
     if isinstance(exc, TilenetError):
         return exc
     if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text or "NoSuchKey" in text:
-        what = "bucket does not exist" if "NoSuchBucket" in text else "no such object"
-        return ImageNotFoundError(f"{where}: {what}")
+        missing = "NoSuchBucket" in text or not _bucket_exists(url)
+        return ImageNotFoundError(
+            f"{where}: " + ("bucket does not exist" if missing else "no such object")
+        )
     if isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
         return StorageError(
             f"{where}: access denied; check the credentials (environment, config files, "
@@ -227,6 +229,18 @@ def _error(url: str, exc: BaseException) -> TilenetError:
             "is the endpoint reachable?"
         )
     return StorageError(f"{where}: storage request failed: {text}")
+
+
+def _bucket_exists(url: str) -> bool:
+    """Whether the bucket of a ``s3://`` (``gs://``, ``az://``) URL exists; True otherwise."""
+    proto = _protocol(url)
+    if proto in (None, "http", "https") or proto in _LOCAL:
+        return True
+    fs, path = filesystem(url)
+    try:
+        return bool(fs.exists(path.split("/", 1)[0]))
+    except Exception:
+        return True  # cannot tell: say "no such object"
 
 
 def storage_call(url: str, fn: Callable[[], _T]) -> _T:

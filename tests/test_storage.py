@@ -548,3 +548,21 @@ def test_geotiff_from_a_bucket_through_gdal_equals_local(tmp_path: Path, bucket:
         assert remote.transform == local.transform
         win = Window(30, 50, 100, 90)
         np.testing.assert_array_equal(remote.read(win), local.read(win))
+
+
+def test_http_url_reads_by_range_requests(tmp_path: Path, bucket: str, s3_server: str) -> None:
+    """An ``http://`` URL (here the object's path-style URL on the server) reads as a file."""
+    from tilenet.geometry import Window
+    from tilenet.io import open_image
+
+    import boto3
+
+    arr = _pyramid_tiff(tmp_path / "p.tif", 128, 192)
+    name = bucket.removeprefix("s3://")
+    boto3.client("s3").put_object(
+        Bucket=name, Key="pub/p.tif", Body=(tmp_path / "p.tif").read_bytes(), ACL="public-read"
+    )
+    url = f"{s3_server}/{name}/pub/p.tif"
+    with open_image(url) as img:
+        assert img.shape[:2] == (128, 192) and len(img.levels) == 3
+        np.testing.assert_array_equal(img.read(Window(10, 20, 70, 90)), arr[10:80, 20:110])

@@ -274,6 +274,9 @@ def test_a_window_fetches_only_its_tiles(
     finally:
         proxy.close()
     np.testing.assert_array_equal(data, arr[200:300, 300:400])
+    from tilenet.io.storage import READ_CACHE_BYTES, read_cache_bytes
+
+    assert 0 < read_cache_bytes() <= READ_CACHE_BYTES  # headers: one process-wide budget
     assert gets == 6 and fetched == tiles_bytes  # exactly the 6 tiles, nothing else
     size = path.stat().st_size
     assert header < size / 10 and fetched < size / 30, (header, fetched, size)
@@ -566,3 +569,19 @@ def test_http_url_reads_by_range_requests(tmp_path: Path, bucket: str, s3_server
     with open_image(url) as img:
         assert img.shape[:2] == (128, 192) and len(img.levels) == 3
         np.testing.assert_array_equal(img.read(Window(10, 20, 70, 90)), arr[10:80, 20:110])
+
+
+def test_the_block_cache_is_one_bounded_budget_for_all_open_files(
+    tmp_path: Path, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tilenet.io import open_image, storage
+
+    monkeypatch.setattr(storage, "READ_CACHE_BYTES", 3 * storage.BLOCK_SIZE)
+    _pyramid_tiff(tmp_path / "p.tif", 256, 256)
+    urls = [_upload(tmp_path / "p.tif", f"{bucket}/many/{i}.tif") for i in range(6)]
+    images = [open_image(u) for u in urls]  # all open at once, each header read
+    try:
+        assert 0 < storage.read_cache_bytes() <= 3 * storage.BLOCK_SIZE
+    finally:
+        for img in images:
+            img.close()

@@ -7,9 +7,9 @@ tilenet: nothing here logs or records them, and :func:`redact` strips ``user:pas
 query strings (presigned tokens) from a URL before it is shown or written anywhere.
 
 Reads never download a whole file: :func:`open_file` gives a seekable file whose reads are
-HTTP range requests through a block cache bounded by :data:`READ_CACHE_BYTES` per open file
-(headers, tile tables), and :func:`read_range` fetches one byte range (a tile) uncached
-(the readers cache decoded tiles themselves). Every request has connect/read timeouts and
+HTTP range requests of :data:`BLOCK_SIZE` through one process-wide block cache bounded by
+:data:`READ_CACHE_BYTES` (headers, tile tables), and :func:`read_range` fetches one byte range
+(a tile) uncached (the readers cache decoded tiles themselves). Every request has connect/read timeouts and
 transient failures are retried with exponential backoff (:data:`RETRIES`); what still fails
 becomes a one-line :class:`StorageError` (or :class:`~tilenet.errors.ImageNotFoundError`)
 naming the URL.
@@ -20,10 +20,13 @@ naming the URL.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -52,6 +55,7 @@ __all__ = [
     "local_path",
     "open_file",
     "read_bytes",
+    "read_cache_bytes",
     "read_range",
     "redact",
     "remote_fingerprint",
@@ -72,13 +76,15 @@ RETRIES = int(os.environ.get("TILENET_STORAGE_RETRIES", 4))
 _BACKOFF_S = 0.25
 #: Bytes per range request of a file opened with :func:`open_file` (headers, tile tables).
 BLOCK_SIZE = 256 * 2**10
-#: Budget of each open remote file's block cache (fsspec ``blockcache``, LRU of blocks).
-READ_CACHE_BYTES = 8 * 2**20
+#: Budget of the process-wide LRU of :data:`BLOCK_SIZE` blocks shared by every remote file
+#: opened with :func:`open_file` (however many are open: a training set costs no more).
+READ_CACHE_BYTES = 16 * 2**20
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _LOCAL = ("file", "local")
 _GDAL_PREFIX = {"s3": "/vsis3/", "gs": "/vsigs/", "gcs": "/vsigs/", "az": "/vsiaz/"}
 _T = TypeVar("_T")
+_CACHE_NAME = "tilenet-shared-blocks"
 # Protocols whose client retries transient failures itself (botocore's "standard" mode).
 _OWN_RETRIES = ("s3", "s3a")
 
@@ -316,19 +322,87 @@ def remove(url: str) -> None:
     storage_call(url, rm)
 
 
+class _SharedBlocks:
+    """The blocks of all remote files, LRU, bounded by :data:`READ_CACHE_BYTES` in total."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.items: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self.bytes = 0
+
+    def get(self, key: tuple[int, int]) -> bytes | None:
+        with self.lock:
+            data = self.items.get(key)
+            if data is not None:
+                self.items.move_to_end(key)
+            return data
+
+    def put(self, key: tuple[int, int], data: bytes) -> None:
+        with self.lock:
+            if key in self.items:
+                return
+            self.items[key] = data
+            self.bytes += len(data)
+            while self.bytes > READ_CACHE_BYTES and len(self.items) > 1:
+                _, old = self.items.popitem(last=False)
+                self.bytes -= len(old)
+
+
+_BLOCKS = _SharedBlocks()
+_FILE_IDS = itertools.count()
+
+
+def read_cache_bytes() -> int:
+    """Bytes held now by the process-wide block cache (at most :data:`READ_CACHE_BYTES`)."""
+    return _BLOCKS.bytes
+
+
+def _cache_class() -> Any:
+    """An fsspec cache type reading whole blocks through :data:`_BLOCKS` (registered once)."""
+    from fsspec.caching import BaseCache, caches, register_cache
+
+    if _CACHE_NAME in caches:
+        return caches[_CACHE_NAME]
+
+    class SharedBlockCache(BaseCache):
+        name = _CACHE_NAME
+
+        def __init__(self, blocksize: int, fetcher: Any, size: int, **kwargs: Any) -> None:
+            super().__init__(blocksize, fetcher, size)
+            self.file_id = next(_FILE_IDS)  # never reused, unlike id()
+
+        def _fetch(self, start: int | None, stop: int | None) -> bytes:
+            start = 0 if start is None else start
+            stop = self.size if stop is None or stop > self.size else stop
+            if start >= stop:
+                return b""
+            bs = self.blocksize
+            first, last = start // bs, (stop - 1) // bs
+            data = b"".join(self._block(i) for i in range(first, last + 1))
+            return data[start - first * bs : stop - first * bs]
+
+        def _block(self, i: int) -> bytes:
+            key = (self.file_id, i)
+            data = _BLOCKS.get(key)
+            if data is None:
+                self.miss_count += 1
+                data = self.fetcher(i * self.blocksize, min(self.size, (i + 1) * self.blocksize))
+                _BLOCKS.put(key, data)
+            else:
+                self.hit_count += 1
+            return data
+
+    register_cache(SharedBlockCache)
+    return SharedBlockCache
+
+
 def open_file(url: str) -> Any:
-    """``url`` as a seekable binary file: range requests of :data:`BLOCK_SIZE` through an
-    LRU block cache bounded by :data:`READ_CACHE_BYTES`; never a whole-file download."""
+    """``url`` as a seekable binary file: range requests of :data:`BLOCK_SIZE` blocks through
+    the process-wide block cache (:data:`READ_CACHE_BYTES`); never a whole-file download."""
     fs, path = filesystem(url)
+    cache = _cache_class()
     return storage_call(
-        url,
-        lambda: fs.open(
-            path,
-            "rb",
-            block_size=BLOCK_SIZE,
-            cache_type="blockcache",
-            cache_options={"maxblocks": max(1, READ_CACHE_BYTES // BLOCK_SIZE)},
-        ),
+        url, lambda: fs.open(path, "rb", block_size=BLOCK_SIZE, cache_type=cache.name)
     )
 
 

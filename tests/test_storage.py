@@ -555,10 +555,10 @@ def test_geotiff_from_a_bucket_through_gdal_equals_local(tmp_path: Path, bucket:
 
 def test_http_url_reads_by_range_requests(tmp_path: Path, bucket: str, s3_server: str) -> None:
     """An ``http://`` URL (here the object's path-style URL on the server) reads as a file."""
+    import boto3
+
     from tilenet.geometry import Window
     from tilenet.io import open_image
-
-    import boto3
 
     arr = _pyramid_tiff(tmp_path / "p.tif", 128, 192)
     name = bucket.removeprefix("s3://")
@@ -585,3 +585,24 @@ def test_the_block_cache_is_one_bounded_budget_for_all_open_files(
     finally:
         for img in images:
             img.close()
+
+
+def test_convert_from_a_bucket_and_local_only_outputs(tmp_path: Path, bucket: str) -> None:
+    """``tilenet convert s3://… local.ome.tif`` works (the workaround the readers name);
+    patch stores and converted files are not written to a URL: a one-line error, not a
+    local directory named ``s3:``."""
+    from tilenet.errors import InputError
+    from tilenet.geometry import Window
+    from tilenet.io import convert, open_image
+    from tilenet.tiler import tile_images
+
+    arr = _pyramid_tiff(tmp_path / "p.tif", 96, 128)
+    url = _upload(tmp_path / "p.tif", f"{bucket}/p.tif")
+    out = convert(url, tmp_path / "c.ome.tif", tile=32)
+    with open_image(out) as img:
+        np.testing.assert_array_equal(img.read(Window(0, 0, 96, 128)), arr)
+    with pytest.raises(InputError, match="convert writes a local file"):
+        convert(url, f"{bucket}/c.ome.tif")
+    with pytest.raises(InputError, match="tile locally, then upload"):
+        tile_images([url], out=f"{bucket}/p.zarr", patch=32, overlap=0, progress=False)
+    assert not Path("s3:").exists()

@@ -29,6 +29,7 @@ from tilenet.fsutil import atomic_output
 from tilenet.geometry import TileGrid, Window
 from tilenet.io.foreground import foreground_fractions, foreground_mask
 from tilenet.io.paths import class_names_near, match_labels, resolve_images
+from tilenet.io.storage import is_url, redact
 from tilenet.patchstore import (
     ARRAYS,
     CHUNKS_PER_SHARD,
@@ -252,6 +253,11 @@ def tile_images(
         raise InputError(f"chunk_patches must be a positive int, got {chunk_patches!r}")
     limits = asdict(reader if reader is not None else ReaderConfig())
     TileGrid.for_patches((patch, patch), patch, overlap)  # validates overlap up front
+    if is_url(out):
+        raise InputError(
+            f"{redact(str(out))}: the patch store is written to a local path (it is committed "
+            "by renames, which object stores lack); tile locally, then upload it"
+        )
     out = Path(out)
     paths = resolve_images(images)
     if labels is None:

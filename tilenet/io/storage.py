@@ -460,7 +460,10 @@ def zarr_store(url: str, *, read_only: bool) -> Any:
 
         fs = AsyncFileSystemWrapper(fs)
     elif not fs.asynchronous:
+        retries = getattr(fs, "retries", None)
         fs = type(fs)(**{**fs.storage_options, "asynchronous": True})
+        if retries is not None:
+            fs.retries = retries  # as :func:`filesystem` set it (botocore retries for S3)
     return FsspecStore(fs, path=path, read_only=read_only)
 
 

@@ -606,3 +606,21 @@ def test_convert_from_a_bucket_and_local_only_outputs(tmp_path: Path, bucket: st
     with pytest.raises(InputError, match="tile locally, then upload"):
         tile_images([url], out=f"{bucket}/p.zarr", patch=32, overlap=0, progress=False)
     assert not Path("s3:").exists()
+
+
+@pytest.mark.slow
+def test_bench_s3_quick(tmp_path: Path) -> None:
+    """scripts/bench_s3.py --quick: both sources read, bytes counted at the server."""
+    out = tmp_path / "s3.json"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_s3.py"
+    res = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(out.read_text())
+    s3 = [run for run in r["runs"] if run["source"] == "s3"]
+    assert s3 and all(0 < run["bytes_per_window"] < r["file_bytes"] / 2 for run in s3)
+    assert "win/s" in res.stdout

@@ -547,6 +547,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tilenet.infer import infer_image
+    from tilenet.io.storage import is_image_url
 
     cfg, inputs = _config(args.inputs, args, INFER_FLAGS)
     if not inputs:
@@ -556,7 +557,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     reader: ReaderConfig = _section(cfg, "reader")
     # A batch job (manifest, per-image directories) when asked for one by a job option.
     batch = any((jobs.workers, jobs.scheduler, jobs.retry_failed, jobs.force, jobs.log_json))
-    single = len(inputs) == 1 and Path(inputs[0]).is_file()
+    single = len(inputs) == 1 and (Path(inputs[0]).is_file() or is_image_url(inputs[0]))
     if batch or not single:
         from tilenet.jobs import format_report, run_jobs
 

@@ -38,6 +38,7 @@ import numpy as np
 from tilenet.config import InferConfig, JobsConfig, ReaderConfig
 from tilenet.errors import ConfigError, InputError
 from tilenet.geometry import Tile, TileGrid, spans
+from tilenet.io.storage import is_url, redact
 from tilenet.models.spec import ModelSpec
 from tilenet.outputs import CLASSES_NODATA, OutputSet
 from tilenet.predictor import BLEND_STRIP_PX, Predictor, RunStats, plan_grid, tile_order
@@ -233,8 +234,9 @@ def plan_image(
     pixel_size = None
     if image.pixel_size:
         pixel_size = (image.pixel_size[0] * ds[0], image.pixel_size[1] * ds[1])
-    outp = Path(out)
-    outp.mkdir(parents=True, exist_ok=True)
+    outp: Any = str(out) if is_url(out) else Path(out)  # a URL: see RemoteOutputSet
+    if not is_url(out):
+        outp.mkdir(parents=True, exist_ok=True)
     outputs = OutputSet.prepare(
         outp,
         key=key,
@@ -368,7 +370,7 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
 
     summary: dict[str, Any] = {
         "tilenet_version": __version__,
-        "input": plan.input,
+        "input": redact(plan.input),
         "model": plan.model or spec.name,
         "model_name": spec.name,
         "shape": list(plan.grid.shape),

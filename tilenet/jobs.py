@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from tilenet.config import JobsConfig, ReaderConfig
 from tilenet.errors import EXIT_OK, EXIT_PARTIAL, TilenetError
 from tilenet.fsutil import safe_stem
+from tilenet.io.storage import is_url, redact
 from tilenet.progress import progress_bar, show_progress
 
 if TYPE_CHECKING:
@@ -119,10 +120,11 @@ def unique_stems(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """The latest record per image (by input path); a torn last line (a kill) is ignored."""
     latest: dict[str, dict[str, Any]] = {}
+    text = _RemoteManifest.read(str(path)) if is_url(path) else None
     p = Path(path)
-    if not p.is_file():
+    if text is None and not p.is_file():
         return latest
-    for line in p.read_text().splitlines():
+    for line in (p.read_text() if text is None else text).splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
@@ -148,6 +150,32 @@ class _Manifest:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+
+class _RemoteManifest:
+    """:class:`_Manifest` in object storage (no appends there): the whole object is rewritten
+    after each record (a few hundred bytes per image), so it is always whole."""
+
+    def __init__(self, url: str) -> None:
+        self.path = url
+        self._text = self.read(url)
+        if self._text and not self._text.endswith("\n"):
+            self._text += "\n"
+
+    @staticmethod
+    def read(url: str) -> str:
+        from tilenet.io.storage import read_bytes
+
+        try:
+            return read_bytes(url).decode()
+        except FileNotFoundError:
+            return ""
+
+    def append(self, record: dict[str, Any]) -> None:
+        from tilenet.io.storage import write_bytes
+
+        self._text += json.dumps(record, sort_keys=True) + "\n"
+        write_bytes(self.path, self._text.encode())
 
 
 def _one_line(exc: BaseException) -> str:
@@ -252,7 +280,19 @@ def _task_image(plan: ImagePlan, threads: int | None) -> dict[str, Any]:
 
 def _outputs_complete(rec: dict[str, Any]) -> bool:
     outs = rec.get("outputs") or {}
-    return bool(outs) and all(Path(p).exists() for p in outs.values())
+    return bool(outs) and all(_exists(str(p)) for p in outs.values())
+
+
+def _exists(path: str) -> bool:
+    if not is_url(path):
+        return Path(path).exists()
+    from tilenet.io.storage import info
+
+    try:
+        info(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 # -- executors --------------------------------------------------------------------------------
@@ -406,19 +446,29 @@ def run_jobs(
         "options_hash": options_hash(cfg),
     }
     paths = resolve_images(inputs)
-    out = Path(out_dir).absolute()  # workers may run elsewhere (another cwd)
-    out.mkdir(parents=True, exist_ok=True)
-    items = [
-        JobItem(str(p), s, str(out / s)) for p, s in zip(paths, unique_stems(paths), strict=True)
-    ]
-    manifest = _Manifest(out / MANIFEST)
+    out: Any = str(out_dir).rstrip("/") if is_url(out_dir) else Path(out_dir).absolute()
+    if is_url(out):  # object storage: outputs, resume state and the manifest in the bucket
+        from tilenet.io.storage import join
+
+        items = [
+            JobItem(str(p), s, join(out, s))
+            for p, s in zip(paths, unique_stems(paths), strict=True)
+        ]
+        manifest: _Manifest | _RemoteManifest = _RemoteManifest(join(out, MANIFEST))
+    else:  # workers may run elsewhere (another cwd): absolute paths
+        out.mkdir(parents=True, exist_ok=True)
+        items = [
+            JobItem(str(p), s, str(out / s))
+            for p, s in zip(paths, unique_stems(paths), strict=True)
+        ]
+        manifest = _Manifest(out / MANIFEST)
     previous = read_manifest(manifest.path)
     report = JobReport(out_dir=str(out), manifest=str(manifest.path))
     events = _Events(quiet=quiet, log_json=log_json, total_images=len(items))
     events.emit("start", images=len(items), out=str(out), workers=workers, scheduler=scheduler)
 
     def record(item: JobItem, status: str, **fields: Any) -> None:
-        rec = {"image": item.path, "stem": item.stem, "status": status, **base, **fields}
+        rec = {"image": redact(item.path), "stem": item.stem, "status": status, **base, **fields}
         rec.setdefault("time", round(time.time(), 3))
         manifest.append(rec)
         if status == "failed":
@@ -439,7 +489,7 @@ def run_jobs(
             record(item, "failed", error=_one_line(exc), fingerprint=None)
             continue
         key = {"fingerprint": fp, **base}
-        prev = previous.get(item.path)
+        prev = previous.get(redact(item.path))
         same = bool(prev) and all(prev.get(k) == v for k, v in key.items())  # type: ignore[union-attr]
         same = same and prev.get("stem") == item.stem  # type: ignore[union-attr]
         if prev and same and not force:

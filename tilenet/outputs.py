@@ -34,12 +34,22 @@ from typing import Any
 import numpy as np
 
 from tilenet.config import InferConfig, to_yaml
-from tilenet.errors import InputError
+from tilenet.errors import ImageNotFoundError, InputError, TilenetError
 from tilenet.fsutil import remove_path, write_text_atomic
+from tilenet.io.storage import is_url
 from tilenet.io.writers import OmeZarrWriter, write_ome_tiff, write_preview_png
 from tilenet.stitch import OutputSink
 
-__all__ = ["CLASSES_NODATA", "GEOREF_KEY", "STATE_DIR", "Finalized", "OutputSet", "tag_georef"]
+__all__ = [
+    "CLASSES_NODATA",
+    "GEOREF_KEY",
+    "REMOTE_STATE",
+    "STATE_DIR",
+    "Finalized",
+    "OutputSet",
+    "RemoteOutputSet",
+    "tag_georef",
+]
 
 #: Resume state beside the outputs (removed when the outputs are complete).
 STATE_DIR = ".regions"
@@ -104,8 +114,14 @@ class OutputSet:
         (key file first, so a kill here leaves state that is discarded again next time). A
         store that a killed finalize already renamed into place (its ``finalized-<name>``
         marker is there, its partial gone) counts as finished. Leftovers of other runs
-        (older partial stores, spill directories) are removed.
+        (older partial stores, spill directories) are removed. A URL ``out`` gets a
+        :class:`RemoteOutputSet`.
         """
+        if cls is OutputSet and is_url(out):
+            return RemoteOutputSet.prepare(
+                out, key=key, shape=shape, chunk=chunk, class_names=class_names, cfg=cfg,
+                pixel_size=pixel_size, bands=bands, force=force,
+            )  # fmt: skip
         outp = Path(out)
         state = outp / STATE_DIR
         key_file = state / _KEY_FILE
@@ -430,5 +446,219 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# -- outputs in object storage ------------------------------------------------------------------
+#: Resume state of a URL ``out`` (partial level-0 stores, key, band markers), under the output.
+REMOTE_STATE = ".partial"
+
+
+@dataclass
+class RemoteOutputSet(OutputSet):
+    """:class:`OutputSet` for a URL ``out`` (``s3://bucket/run``): object stores cannot rename.
+
+    The level-0 stores are zarr arrays under ``out/.partial/`` written chunk by chunk by any
+    worker (disjoint chunks per band, as locally), with ``key.json`` and the band markers
+    beside them (an object appears whole or not at all, so a marker is atomic). Finalize
+    copies the level-0 stores into a local temporary directory, makes every output there
+    exactly as a local run does, and :meth:`publish` uploads them, ``summary.json`` last:
+    ``summary.json`` is what marks ``out`` complete, so it is removed before anything is
+    replaced. The resume state is removed only after the summary is up.
+    """
+
+    #: The local directory finalize made the outputs in (set by :meth:`finalize`).
+    stage: str | None = None
+
+    @classmethod
+    def prepare(
+        cls,
+        out: str | os.PathLike[str],
+        *,
+        key: dict[str, Any],
+        shape: tuple[int, int],
+        chunk: int,
+        class_names: Sequence[str],
+        cfg: InferConfig,
+        pixel_size: tuple[float, float] | None,
+        bands: Sequence[tuple[int, int]],
+        force: bool = False,
+    ) -> RemoteOutputSet:
+        """Reopen the partial state under ``out/.partial/`` made with an equal ``key``, or
+        start anew (then an old ``summary.json`` is removed first: nothing looks complete)."""
+        import zarr
+
+        from tilenet.io.storage import join, read_bytes, remove, write_bytes, zarr_store
+
+        url = str(out).rstrip("/")
+        state = join(url, REMOTE_STATE)
+        names = ["classes"] + (["probabilities"] if "probabilities" in cfg.outputs else [])
+        stores = {n: join(state, f"{n}.zarr") for n in names}
+        same = not force and _remote_json(join(state, _KEY_FILE)) == json.loads(json.dumps(key))
+        if same:
+            for store in stores.values():
+                try:
+                    read_bytes(join(store, ".zarray"))
+                except TilenetError:
+                    same = False
+        if not same:
+            remove(join(url, "summary.json"))
+            remove(state)
+            k = len(class_names)
+            h, w = shape
+            cy, cx = min(chunk, h), min(chunk, w)
+            for name, store in stores.items():
+                probs = name == "probabilities"
+                zarr.create_array(
+                    zarr_store(store, read_only=False),
+                    shape=(k, h, w) if probs else (h, w),
+                    chunks=(k, cy, cx) if probs else (cy, cx),
+                    dtype=np.dtype(cfg.probabilities_dtype if probs else "uint8"),
+                    fill_value=0,
+                    zarr_format=2,
+                    overwrite=True,
+                )
+            write_bytes(join(state, _KEY_FILE), json.dumps(key, sort_keys=True).encode())
+        outputs = cls(
+            out=url,
+            key=key,
+            stores=stores,
+            num_classes=len(class_names),
+            probabilities_dtype=cfg.probabilities_dtype,
+        )
+        outputs.resumed = [i for i, rows in enumerate(bands) if outputs.band_record(i, rows)]
+        return outputs
+
+    def _marker_url(self, band: int) -> str:
+        from tilenet.io.storage import join
+
+        return join(self.out, REMOTE_STATE, f"region-{band:05d}.json")
+
+    def sink(self) -> OutputSink:
+        """A sink writing into the partial stores in the bucket."""
+        import zarr
+
+        from tilenet.io.storage import zarr_store
+
+        probs = self.stores.get("probabilities")
+        return OutputSink(
+            num_classes=self.num_classes,
+            probabilities=(
+                zarr.open_array(zarr_store(probs, read_only=False), mode="r+") if probs else None
+            ),
+            classes=zarr.open_array(zarr_store(self.stores["classes"], read_only=False), mode="r+"),
+            probabilities_dtype=self.probabilities_dtype,
+        )
+
+    def spill_dir(self) -> Path:
+        """Local scratch for blend modes (never shared: a blended image is one task)."""
+        import hashlib
+        import tempfile
+
+        tag = hashlib.sha1(self.out.encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"tilenet-spill-{tag}-{os.getpid()}"
+
+    def band_record(self, band: int, rows: tuple[int, int]) -> dict[str, Any] | None:
+        rec = _remote_json(self._marker_url(band))
+        if rec.get("key") != json.loads(json.dumps(self.key)) or rec.get("rows") != list(rows):
+            return None
+        return rec
+
+    def mark_band(self, band: int, record: dict[str, Any]) -> None:
+        from tilenet.io.storage import write_bytes
+
+        write_bytes(self._marker_url(band), json.dumps({**record, "key": self.key}).encode())
+
+    def finalize(
+        self,
+        image: Any,
+        cfg: InferConfig,
+        *,
+        class_names: Sequence[str],
+        downsample: tuple[float, float],
+        pixel_size: tuple[float, float] | None,
+    ) -> Finalized:
+        """Every output made locally (as :meth:`OutputSet.finalize`) from a copy of the
+        level-0 stores; :meth:`publish` uploads them."""
+        import tempfile
+
+        import zarr
+
+        from tilenet.geometry import iter_blocks
+        from tilenet.io.storage import join, remove, zarr_store
+
+        remove(join(self.out, "summary.json"))  # from here on ``out`` is not complete
+        stage = Path(tempfile.mkdtemp(prefix="tilenet-out-"))
+        local: dict[str, str] = {}
+        for name, url in self.stores.items():
+            src = zarr.open_array(zarr_store(url, read_only=True), mode="r")
+            probs = name == "probabilities"
+            h, w = src.shape[-2:]
+            writer = OmeZarrWriter(
+                stage / f"{name}.ome.zarr",
+                shape=tuple(src.shape),
+                dtype=src.dtype,
+                axes="cyx" if probs else "yx",
+                chunks=int(src.chunks[-1]),
+                pixel_size=pixel_size,
+                name=name,
+                channel_names=[str(n) for n in class_names] if probs else None,
+                resumable=True,
+            )
+            for win in iter_blocks((h, w), (int(src.chunks[-2]), int(src.chunks[-1]))):
+                block = np.asarray(src[..., win.y : win.y1, win.x : win.x1])
+                writer.write(win.y, win.x, np.moveaxis(block, 0, -1) if probs else block)
+            local[name] = str(writer.tmp)
+        staged = OutputSet(
+            out=str(stage),
+            key=self.key,
+            stores=local,
+            num_classes=self.num_classes,
+            probabilities_dtype=self.probabilities_dtype,
+        )
+        self.stage = str(stage)
+        return staged.finalize(
+            image, cfg, class_names=class_names, downsample=downsample, pixel_size=pixel_size
+        )
+
+    def publish(self, summary: dict[str, Any], cfg: InferConfig) -> dict[str, Any]:
+        """Upload the staged outputs and ``config.yaml``, then ``summary.json`` (last), then
+        drop the resume state in the bucket and the local stage."""
+        import shutil
+
+        from tilenet.io.storage import join, remove, upload, write_bytes
+
+        if self.stage is None:
+            raise InputError(f"{self.out}: publish before finalize")
+        stage = Path(self.stage)
+        prefix = str(stage)
+        summary["outputs"] = {
+            k: join(self.out, os.path.relpath(v, prefix)) if str(v).startswith(prefix) else v
+            for k, v in summary["outputs"].items()
+        }
+        summary["outputs"]["config"] = join(self.out, "config.yaml")
+        summary["outputs"]["summary"] = join(self.out, "summary.json")
+        text = to_yaml({"infer": cfg})
+        if summary.get("model"):
+            text += f"# model: {summary['model']}\n"
+        write_text_atomic(stage / "config.yaml", text)
+        for entry in sorted(stage.iterdir()):
+            if entry.name != STATE_DIR and not entry.name.startswith("."):
+                upload(entry, join(self.out, entry.name))
+        body = json.dumps(summary, indent=2) + "\n"
+        write_bytes(join(self.out, "summary.json"), body.encode())
+        remove(join(self.out, REMOTE_STATE))
+        shutil.rmtree(stage, ignore_errors=True)
+        remove_path(self.spill_dir())
+        return summary
+
+
+def _remote_json(url: str) -> dict[str, Any]:
+    from tilenet.io.storage import read_bytes
+
+    try:
+        data = json.loads(read_bytes(url))
+    except (ImageNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
     return data if isinstance(data, dict) else {}

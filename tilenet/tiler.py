@@ -30,6 +30,7 @@ from tilenet.fsutil import atomic_output
 from tilenet.geometry import TileGrid, Window
 from tilenet.io.foreground import foreground_fractions, foreground_mask
 from tilenet.io.paths import class_names_near, match_labels, resolve_images
+from tilenet.io.storage import is_url, redact
 from tilenet.io.vector import IGNORE_INDEX, mask_nodata
 from tilenet.patchstore import (
     ARRAYS,
@@ -305,6 +306,11 @@ def tile_images(
         raise InputError(f"chunk_patches must be a positive int, got {chunk_patches!r}")
     limits = asdict(reader if reader is not None else ReaderConfig())
     TileGrid.for_patches((patch, patch), patch, overlap)  # validates overlap up front
+    if is_url(out):
+        raise InputError(
+            f"{redact(str(out))}: the patch store is written to a local path (it is committed "
+            "by renames, which object stores lack); tile locally, then upload it"
+        )
     out = Path(out)
     paths = resolve_images(images)
     if labels is not None and (annotations or vector_labels):
@@ -367,7 +373,7 @@ def tile_images(
     from tilenet.io import fingerprint
 
     done = {s["fingerprint"]: s for s in (existing or {}).get("sources", [])}
-    todo: list[tuple[Path, Path | None, str]] = []
+    todo: list[tuple[Path | str, Path | None, str]] = []
     vindex = {p: i for i, p in enumerate(paths)}
     for p, lab in zip(paths, label_paths, strict=True):
         try:

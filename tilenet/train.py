@@ -369,7 +369,7 @@ def prepare_demo_data(data_cfg: Any) -> dict[str, list[str]]:
     return out
 
 
-def _held_out_pairs(images: Sequence[str], labels: Sequence[str]) -> list[tuple[Path, Path]]:
+def _held_out_pairs(images: Sequence[str], labels: Sequence[str]) -> list[tuple[Path | str, Path]]:
     """``train.val_images`` (files, dirs, globs) paired with ``train.val_labels``.
 
     ``val_labels`` is one label file per image, or a single directory/pattern matched by name.

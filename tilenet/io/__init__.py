@@ -8,11 +8,13 @@ pixels only when a window is read.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import Any
 
 from tilenet.config import ReaderConfig
+from tilenet.errors import UnsupportedFormatError
 from tilenet.io.base import LazyImage, Level
 from tilenet.io.sniff import fingerprint, sniff
+from tilenet.io.storage import is_url, local_path, redact
 
 # isort: split
 # -- writers (maintained with tilenet/io/writers.py and tilenet/io/convert.py) ----------------
@@ -52,13 +54,20 @@ def open_image(
     ``open_image(p, **asdict(cfg.reader))``). Errors are
     :class:`~tilenet.errors.TilenetError` subclasses with a one-line message naming the file.
     """
-    p = Path(path)
+    p: Any = str(path) if is_url(path) else local_path(path)  # URLs stay strings (fsspec)
     kind = sniff(p)
+    if kind == "pil" and is_url(p):
+        raise UnsupportedFormatError(
+            f"{redact(p)}: PNG/JPEG are decoded whole, so tilenet does not read them from "
+            "storage; copy the file locally, or convert it to a tiled OME-TIFF (tilenet convert)"
+        )
     if kind == "tiff":
         from tilenet.io.tiff import open_tiff, openslide_vendor
 
-        if openslide_vendor(p):
-            kind = "slide"  # NDPI, SCN, BIF, Philips, Trestle: OpenSlide reads them faithfully
+        if not is_url(p) and openslide_vendor(p):
+            # NDPI, SCN, BIF, Philips, Trestle: OpenSlide reads them faithfully (local files
+            # only: from storage they stay on tifffile, which reads them by range requests)
+            kind = "slide"
     if kind == "slide":
         from tilenet.io.slide import open_slide
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tilenet.errors import CorruptImageError, InputError
+from tilenet.errors import CorruptImageError, InputError, TilenetError
 from tilenet.geometry import Window, spans
 
 __all__ = ["BandSelection", "LazyImage", "Level"]
@@ -170,6 +170,8 @@ class LazyImage(ABC):
         except InputError:
             raise
         except (MemoryError, KeyboardInterrupt):
+            raise
+        except TilenetError:  # a StorageError (object storage): one line naming the URL
             raise
         except Exception as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

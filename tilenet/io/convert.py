@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from tilenet.errors import InputError
 from tilenet.geometry import iter_blocks
+from tilenet.io.storage import is_url, redact
 from tilenet.io.writers import DownsampleMethod, OmeZarrWriter, write_ome_tiff
 
 __all__ = ["DEFAULT_TIFF_COMPRESSION", "convert"]
@@ -52,12 +54,18 @@ def convert(
     """
     from tilenet.io import open_image
 
-    src, out = Path(input), Path(output)
+    if is_url(output):
+        raise InputError(
+            f"{redact(str(output))}: convert writes a local file; convert locally, then upload "
+            "it (e.g. aws s3 cp)"
+        )
+    src: Any = str(input) if is_url(input) else Path(input)  # reading from storage is fine
+    out = Path(output)
     kind = _output_kind(out)
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 16 or tile % 16:
         raise InputError(f"tile must be a positive multiple of 16, got {tile!r}")
     if out.exists():
-        if src.exists() and out.resolve() == src.resolve():
+        if isinstance(src, Path) and src.exists() and out.resolve() == src.resolve():
             raise InputError(f"{out}: output is the input; choose another output path")
         if not force:
             raise InputError(f"{out}: already exists (use --force to overwrite)")
@@ -79,7 +87,7 @@ def convert(
             axes="yx" if c == 1 else "yxc",
             chunks=tile,
             pixel_size=img.pixel_size,
-            name=src.name,
+            name=src.name if isinstance(src, Path) else src.rstrip("/").rsplit("/", 1)[-1],
             compression=compression,
             overwrite=True,
         ) as writer:

@@ -14,6 +14,15 @@ from pathlib import Path
 
 from tilenet.errors import ImageNotFoundError, InputError
 from tilenet.fsutil import safe_stem
+from tilenet.io.storage import (
+    StorageError,
+    glob_urls,
+    info,
+    is_url,
+    list_dir,
+    local_path,
+    redact,
+)
 
 __all__ = ["IMAGE_SUFFIXES", "class_names_near", "match_labels", "resolve_images"]
 
@@ -22,15 +31,20 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".zarr", ".svs", ".n
 _LABEL_SUFFIXES = ("", "_label", "_labels", "_mask")
 
 
-def resolve_images(specs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+def resolve_images(specs: Sequence[str | os.PathLike[str]]) -> list[Path | str]:
     """Expand files, directories and glob patterns into a sorted list of image paths.
 
     A directory contributes the images directly inside it (by suffix). Duplicates are dropped.
+    URLs (``s3://bucket/slides/*.tif``, a prefix, an object) are expanded through fsspec and
+    stay URL strings.
     """
-    out: list[Path] = []
+    out: list[Path | str] = []
     for spec in specs:
         s = str(spec)
-        p = Path(s)
+        if is_url(spec):
+            out.extend(_resolve_url(s))
+            continue
+        p = local_path(s)
         if p.is_dir() and p.suffix.lower() != ".zarr":
             hits = sorted(c for c in p.iterdir() if c.name.lower().endswith(IMAGE_SUFFIXES))
             if not hits:
@@ -47,15 +61,37 @@ def resolve_images(specs: Sequence[str | os.PathLike[str]]) -> list[Path]:
             out.extend(hits)
         else:
             raise ImageNotFoundError(f"{s}: no such file or directory")
-    seen: dict[Path, None] = {}
-    for p in out:
-        seen.setdefault(p.resolve(), None)
+    seen: dict[Path | str, None] = {}
+    for item in out:
+        seen.setdefault(item if isinstance(item, str) else item.resolve(), None)
     if not seen:
         raise InputError("no input images given")
     return list(seen)
 
 
-def match_labels(images: Sequence[Path], labels: str | os.PathLike[str]) -> list[Path]:
+def _resolve_url(url: str) -> list[str]:
+    """A URL's images: the matches of a glob, the images under a prefix, or the object."""
+    shown = redact(url)
+    if glob.has_magic(url.split("://", 1)[1]):
+        hits = glob_urls(url)
+        if not hits:
+            raise ImageNotFoundError(f"{shown}: pattern matches no objects")
+        return hits
+    try:
+        kind = info(url).get("type")
+    except StorageError:
+        return [url]  # unreachable now: that image fails in one line, a batch goes on
+    if kind == "directory" and not url.rstrip("/").lower().endswith(".zarr"):
+        hits = [u for u in list_dir(url) if u.rstrip("/").lower().endswith(IMAGE_SUFFIXES)]
+        if not hits:
+            raise ImageNotFoundError(
+                f"{shown}: prefix holds no images ({', '.join(IMAGE_SUFFIXES)})"
+            )
+        return hits
+    return [url]
+
+
+def match_labels(images: Sequence[Path | str], labels: str | os.PathLike[str]) -> list[Path]:
     """The label image of each image, matched by name.
 
     ``labels`` is a directory (a file with the image's stem, optionally followed by
@@ -64,7 +100,7 @@ def match_labels(images: Sequence[Path], labels: str | os.PathLike[str]) -> list
     """
     spec = str(labels)
     if "{stem}" in spec:
-        found = [Path(spec.replace("{stem}", safe_stem(p.name))) for p in images]
+        found = [Path(spec.replace("{stem}", safe_stem(str(p)))) for p in images]
         for img, lab in zip(images, found, strict=True):
             if not lab.exists():
                 raise ImageNotFoundError(f"{lab}: label image for {img} not found")
@@ -80,7 +116,7 @@ def match_labels(images: Sequence[Path], labels: str | os.PathLike[str]) -> list
     by_stem = {safe_stem(c.name): c for c in sorted(candidates)}
     out: list[Path] = []
     for img in images:
-        stem = safe_stem(img.name)
+        stem = safe_stem(str(img))
         hit = next((by_stem[stem + s] for s in _LABEL_SUFFIXES if stem + s in by_stem), None)
         if hit is None:
             raise ImageNotFoundError(

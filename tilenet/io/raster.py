@@ -33,6 +33,7 @@ from tilenet.fsutil import atomic_output, remove_path, tmp_sibling
 from tilenet.geometry import Window, iter_blocks
 from tilenet.io.base import LazyImage, Level
 from tilenet.io.sniff import check_chunk, check_pixels, level_downsample
+from tilenet.io.storage import gdal_options, gdal_path, is_url
 
 __all__ = [
     "GDAL_CACHE_BYTES",
@@ -72,6 +73,20 @@ def _quiet_georef() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         yield
+
+
+def _gdal_name(path: Any) -> Any:
+    """What rasterio opens for ``path``: GDAL's virtual path for a URL (``/vsis3/...``)."""
+    return gdal_path(path) if is_url(path) else path
+
+
+def _remote_env(path: Any) -> contextlib.AbstractContextManager[Any]:
+    """GDAL's options for a URL (endpoint, timeouts, retries) around a remote open or read."""
+    if not is_url(path):
+        return contextlib.nullcontext()
+    import rasterio
+
+    return rasterio.Env(**gdal_options(path))
 
 
 def is_geotiff(tags: Any) -> bool:
@@ -141,8 +156,8 @@ class RasterImage(LazyImage):
             ds = self._handles.get(key)
         if ds is None:
             kw = {"overview_level": self._overviews[level - 1]} if level else {}
-            with _quiet_georef():
-                ds = rasterio.open(self.path, **kw)
+            with _quiet_georef(), _remote_env(self.path):
+                ds = rasterio.open(_gdal_name(self.path), **kw)
             with self._lock:
                 self._handles[key] = ds
         return ds
@@ -151,7 +166,8 @@ class RasterImage(LazyImage):
         from rasterio.windows import Window as RioWindow
 
         ds = self._dataset(level)
-        data = ds.read(window=RioWindow(window.x, window.y, window.w, window.h))
+        with _remote_env(self.path):
+            data = ds.read(window=RioWindow(window.x, window.y, window.w, window.h))
         return np.moveaxis(data, 0, -1).astype(self.dtype, copy=False)
 
     def close(self) -> None:
@@ -168,15 +184,15 @@ def open_raster(
     """Open a raster GDAL reads, lazily; only its header (and its overviews' headers)."""
     import rasterio
 
-    p = Path(path)
+    p: Any = str(path) if is_url(path) else Path(path)
     _bound_gdal_cache()
     try:
-        with _quiet_georef():
-            ds = rasterio.open(p)
+        with _quiet_georef(), _remote_env(p):
+            ds = rasterio.open(_gdal_name(p))
     except Exception as exc:
         raise CorruptImageError(f"{p}: not a raster GDAL can read: {_first_line(exc)}") from exc
     try:
-        with ds, _quiet_georef():
+        with ds, _quiet_georef(), _remote_env(p):
             return _describe(p, ds, rasterio, max_pixels=max_pixels)
     except TilenetError:
         raise
@@ -190,7 +206,7 @@ def _chunks(ds: Any) -> tuple[int, int] | None:
     return None if bw >= ds.width and bh < ds.height else (int(bh), int(bw))
 
 
-def _describe(p: Path, ds: Any, rasterio: Any, *, max_pixels: int | None) -> RasterImage:
+def _describe(p: Any, ds: Any, rasterio: Any, *, max_pixels: int | None) -> RasterImage:
     if ds.count < 1:
         raise UnsupportedFormatError(f"{p}: raster has no bands")
     dtypes = set(ds.dtypes)
@@ -205,7 +221,7 @@ def _describe(p: Path, ds: Any, rasterio: Any, *, max_pixels: int | None) -> Ras
     levels = [Level((h0, w0), (1.0, 1.0), _chunks(ds))]
     factors = list(ds.overviews(1))
     for i in range(len(factors)):
-        with rasterio.open(p, overview_level=i) as ov:
+        with rasterio.open(_gdal_name(p), overview_level=i) as ov:
             shape = (int(ov.height), int(ov.width))
             check_chunk(p, tuple(ov.block_shapes[0]), dtype.itemsize * ds.count)
             levels.append(Level(shape, level_downsample((h0, w0), shape), _chunks(ov)))

@@ -20,6 +20,7 @@ from tilenet.errors import (
     ImageTooLargeError,
     UnsupportedFormatError,
 )
+from tilenet.io.storage import head, info, is_url, join, redact, remote_fingerprint
 
 __all__ = [
     "MAX_CHUNK_BYTES",
@@ -87,6 +88,8 @@ def sniff(path: str | os.PathLike[str]) -> Format:
     Raises :class:`ImageNotFoundError` for a missing path and :class:`UnsupportedFormatError`
     for an empty file, a directory that is not a zarr store, or unknown content.
     """
+    if is_url(path):
+        return _sniff_url(str(path))
     p = Path(path)
     if not p.exists():
         raise ImageNotFoundError(f"{p}: no such file or directory")
@@ -142,6 +145,37 @@ def _holds_dicom(folder: Path) -> bool:
     return False
 
 
+def _sniff_url(url: str) -> Format:
+    """:func:`sniff` for a URL: a prefix holding zarr metadata, or an object's first bytes."""
+    shown = redact(url)
+    if info(url).get("type") == "directory":
+        for name in _ZARR_META:
+            try:
+                head(join(url, name), 1)
+                return "zarr"
+            except ImageNotFoundError:
+                continue
+        raise UnsupportedFormatError(f"{shown}: is a prefix but not a zarr store")
+    first = head(url, 32)
+    if not first:
+        raise UnsupportedFormatError(f"{shown}: empty object (0 bytes)")
+    if first[:4] in _TIFF_MAGIC:
+        return "tiff"
+    if any(first.lstrip().startswith(magic) for magic in _RASTER_MAGIC):
+        return "raster"
+    if any(first.startswith(magic) for magic in _PIL_MAGIC):
+        return "pil"
+    name = url.split("?", 1)[0].lower()
+    if name.endswith((".mrxs", ".vms", ".vmu", ".dcm", ".scn", ".bif", ".vsi", ".svslide")):
+        raise UnsupportedFormatError(
+            f"{shown}: OpenSlide reads only local files; copy the slide to local disk, or "
+            "convert it once with `tilenet convert SLIDE out.ome.tif` and read that from storage"
+        )
+    raise UnsupportedFormatError(
+        f"{shown}: not a TIFF, zarr, PNG, JPEG, JPEG 2000 or VRT image (starts with {first[:8]!r})"
+    )
+
+
 def check_pixels(path: object, h: int, w: int, *, max_pixels: int | None) -> None:
     """Refuse a header whose level-0 size is non-positive or above ``max_pixels``."""
     if h <= 0 or w <= 0:
@@ -175,6 +209,8 @@ def fingerprint(path: str | os.PathLike[str]) -> str:
     relative paths and contents of their metadata files. Cheap by design: a change confined
     to the middle of a large file, or to zarr chunk data only, goes unnoticed.
     """
+    if is_url(path):  # size + ETag/mtime (or zarr metadata) from the store, not the content
+        return remote_fingerprint(str(path), _FINGERPRINT_META)
     p = Path(path)
     if not p.exists():
         raise ImageNotFoundError(f"{p}: no such file or directory")

@@ -34,6 +34,7 @@ from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
 from tilenet.io.raster import is_geotiff
 from tilenet.io.sniff import check_chunk, check_pixels, level_downsample
+from tilenet.io.storage import is_url, open_file, read_range
 
 __all__ = ["TILE_CACHE_BYTES", "TiffImage", "open_tiff", "openslide_vendor", "tile_cache_bytes"]
 
@@ -450,7 +451,9 @@ class TiffImage(LazyImage):
         return seg
 
     def _read_bytes(self, offset: int, count: int) -> bytes:
-        if hasattr(os, "pread"):
+        if is_url(self.path):  # one range request: only this tile's bytes are fetched
+            data = read_range(str(self.path), offset, count)
+        elif hasattr(os, "pread"):
             # pread needs no seek, so reader threads never wait for each other here.
             with self._lock:
                 if self._fd is None:
@@ -484,10 +487,15 @@ def open_tiff(
     """Open a TIFF/BigTIFF lazily; only its header and tile tables are read."""
     import tifffile
 
-    p = Path(path)
+    p: Any = str(path) if is_url(path) else Path(path)
     with _tifffile_log() as messages:
         try:
-            tf = tifffile.TiffFile(p)
+            # A URL: tifffile on a remote file; range requests for the header and tile tables.
+            tf = (
+                tifffile.TiffFile(open_file(p), name=p.rsplit("/", 1)[-1])
+                if is_url(p)
+                else (tifffile.TiffFile(p))
+            )
         except Exception as exc:
             raise CorruptImageError(f"{p}: not a readable TIFF: {_first_line(exc)}") from exc
         try:
@@ -505,7 +513,7 @@ def open_tiff(
     return img
 
 
-def _describe(p: Path, tf: Any, *, max_pixels: int | None) -> TiffImage:
+def _describe(p: Any, tf: Any, *, max_pixels: int | None) -> TiffImage:
     if not tf.series:
         raise CorruptImageError(
             f"{p}: TIFF contains no readable image (corrupt or truncated header)"
@@ -517,7 +525,7 @@ def _describe(p: Path, tf: Any, *, max_pixels: int | None) -> TiffImage:
         raise UnsupportedFormatError(f"{p}: unsupported TIFF sample type {dtype}")
     layouts = [_layout(p, lv.axes, tuple(lv.shape)) for lv in levels]
     check_pixels(p, layouts[0].height, layouts[0].width, max_pixels=max_pixels)
-    file_size = p.stat().st_size
+    file_size = int(tf.filehandle.size) if is_url(p) else p.stat().st_size
     out_levels = []
     for lv, lay in zip(levels, layouts, strict=True):
         if lay.channels != layouts[0].channels or np.dtype(lv.dtype) != dtype:

@@ -21,6 +21,7 @@ from tilenet.errors import CorruptImageError, TilenetError, UnsupportedFormatErr
 from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
 from tilenet.io.sniff import check_chunk, check_pixels, level_downsample
+from tilenet.io.storage import is_url, zarr_store
 
 __all__ = ["ZarrImage", "open_zarr"]
 
@@ -112,7 +113,7 @@ def _dimension_names(arr: Any) -> list[str] | None:
     return [str(n) for n in dims] if isinstance(dims, list) else None
 
 
-def _multiscale(p: Path, group: Any) -> tuple[list[Any], list[str] | None, list[Any]]:
+def _multiscale(p: Any, group: Any) -> tuple[list[Any], list[str] | None, list[Any]]:
     attrs = dict(group.attrs)
     ms = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
     if not ms:
@@ -148,9 +149,10 @@ def open_zarr(
     """Open a zarr array or OME-Zarr group lazily; only metadata is read."""
     import zarr
 
-    p = Path(path)
+    p: Any = str(path) if is_url(path) else Path(path)
     try:
-        node = zarr.open(p, mode="r")
+        # A URL: zarr's own FsspecStore, chunk by chunk (object by object) from storage.
+        node = zarr.open(zarr_store(p, read_only=True) if is_url(p) else p, mode="r")
     except Exception as exc:
         raise CorruptImageError(f"{p}: not a readable zarr store: {_first_line(exc)}") from exc
     try:
@@ -161,7 +163,7 @@ def open_zarr(
         raise CorruptImageError(f"{p}: corrupt zarr metadata: {_first_line(exc)}") from exc
 
 
-def _describe(p: Path, node: Any, zarr: Any, *, max_pixels: int | None) -> ZarrImage:
+def _describe(p: Any, node: Any, zarr: Any, *, max_pixels: int | None) -> ZarrImage:
     scales: list[Any] = []
     units: list[Any] = []
     if isinstance(node, zarr.Group):

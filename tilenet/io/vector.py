@@ -40,7 +40,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import numpy as np
@@ -477,7 +477,7 @@ def read_vector_labels(
     return labels
 
 
-def match_annotations(images: Sequence[Path], spec: str | os.PathLike[str]) -> list[Path]:
+def match_annotations(images: Sequence[Path | str], spec: str | os.PathLike[str]) -> list[Path]:
     """The annotation file of each image: ``spec`` is a file (one image), a directory (a
     ``.geojson``/``.json`` file with the image's stem), a glob, or a pattern with ``{stem}``.
 
@@ -486,7 +486,7 @@ def match_annotations(images: Sequence[Path], spec: str | os.PathLike[str]) -> l
     """
     s = str(spec)
     if "{stem}" in s:
-        found = [Path(s.replace("{stem}", safe_stem(p.name))) for p in images]
+        found = [Path(s.replace("{stem}", safe_stem(_name(p)))) for p in images]
         for img, ann in zip(images, found, strict=True):
             if not ann.is_file():
                 raise ImageNotFoundError(f"{ann}: annotations for {img} not found")
@@ -515,14 +515,19 @@ def match_annotations(images: Sequence[Path], spec: str | os.PathLike[str]) -> l
         by_stem.setdefault(safe_stem(name), c)
     out = []
     for img in images:
-        hit = by_stem.get(safe_stem(img.name))
+        hit = by_stem.get(safe_stem(_name(img)))
         if hit is None:
             raise ImageNotFoundError(
-                f"{img}: no annotation file named {safe_stem(img.name)}.geojson in {s}; "
+                f"{img}: no annotation file named {safe_stem(_name(img))}.geojson in {s}; "
                 "annotations are matched to images by file name"
             )
         out.append(hit)
     return out
+
+
+def _name(image: Path | str) -> str:
+    """The file name of a local path or a URL (``s3://b/a/x.svs?v=1`` -> ``x.svs``)."""
+    return PurePosixPath(str(image).split("?", 1)[0]).name if isinstance(image, str) else image.name
 
 
 def mask_nodata(labels: np.ndarray, pixels: np.ndarray, nodata: float | None) -> np.ndarray:
@@ -859,7 +864,7 @@ class VectorLabelPlan:
 
 
 def plan_vector_labels(
-    images: Sequence[Path],
+    images: Sequence[Path | str],
     *,
     annotations: str | os.PathLike[str] | None = None,
     vector_labels: str | os.PathLike[str] | None = None,

@@ -8,6 +8,9 @@ images stay small; the layers traced are the same as at depth 5.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import zarr
 from torch import nn
 
 from tilenet.checkpoint import (
+    is_pretrained_name,
     load_checkpoint,
     load_encoder_weights,
     load_model,
@@ -396,6 +400,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train(store: Path, out: Path, **extra: Any) -> Path:
+    return train(load_config(None, _overrides(store, out, **extra)))
+
+
+def _overrides(store: Path, out: Path, **extra: Any) -> list[str]:
     overrides: dict[str, Any] = {
         "data.stores": f"[{store}]",
         "data.patch": 32,
@@ -417,7 +425,7 @@ def _train(store: Path, out: Path, **extra: Any) -> Path:
         **extra,
     }
     # A None in extra drops that override.
-    return train(load_config(None, [f"{k}={v}" for k, v in overrides.items() if v is not None]))
+    return [f"{k}={v}" for k, v in overrides.items() if v is not None]
 
 
 def test_train_from_encoder_weights_then_infer(store: Path, tmp_path: Path) -> None:
@@ -563,3 +571,134 @@ def test_plan_shows_an_smp_model() -> None:
     assert exact["model"]["exact"] is True and exact["model"]["exact_reason"] is None
     text = format_plan(exact)
     assert "exact        yes" in text and "warning" not in text
+
+
+# -- published encoder weights (smp's and timm's own downloads), from a local hub cache ----------
+
+HUB_SCRIPT = """
+import json, sys, torch
+from tilenet.checkpoint import load_pretrained_encoder
+from tilenet.models import create_model
+from tilenet.train import main
+out = {"train": main(sys.argv[2:])}
+for weights in ("imagenet", "hf-hub:someone/regnet-finetuned"):
+    m = create_model("smp.Unet", encoder_name="tu-regnetx_002", encoder_depth=3,
+                     decoder_channels=[16, 8, 8])
+    out[weights] = load_pretrained_encoder(m, weights, allow_download=True)
+    torch.save(m.encoder.state_dict(), sys.argv[1] + "/" + weights.replace("/", "_") + ".pt")
+print(json.dumps(out))
+"""
+
+
+def _hub_file(hf_home: Path, repo: str, files: dict[str, Any], revision: str | None) -> None:
+    """Place ``files`` where huggingface_hub keeps a download of ``repo`` (HF_HOME/hub)."""
+    from safetensors.torch import save_file
+
+    root = hf_home / "hub" / ("models--" + repo.replace("/", "--"))
+    if revision is None:  # a branch: refs/main names the snapshot
+        revision = "0123456789abcdef0123456789abcdef01234567"
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text(revision)
+    snap = root / "snapshots" / revision
+    snap.mkdir(parents=True)
+    for name, data in files.items():
+        if name.endswith(".safetensors"):
+            save_file(data, snap / name)
+        else:
+            (snap / name).write_text(json.dumps(data))
+
+
+def _timm_state(name: str, seed: int) -> dict[str, torch.Tensor]:
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(name)
+    for t in model.state_dict().values():
+        if t.is_floating_point():
+            t.uniform_(-1, 1)
+    return {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def test_published_encoder_weights_come_from_the_hub_cache(store: Path, tmp_path: Path) -> None:
+    """``model.encoder_weights=imagenet model.allow_download=true``: smp's own download (and
+    timm's, also from any hub repository) fills the encoder; the statistics published with
+    the weights become the checkpoint's normalisation. Offline, from a local cache."""
+    import segmentation_models_pytorch as smp
+
+    hf = tmp_path / "hf"
+    settings = smp.encoders.encoders["resnet18"]["pretrained_settings"]["imagenet"]
+    resnet = _encoder_state("resnet18", seed=5)
+    stats: dict[str, Any] = {
+        "mean": [0.5, 0.4, 0.3],
+        "std": [0.2, 0.25, 0.3],
+        "input_range": [0, 1],
+    }
+    files = {"model.safetensors": resnet, "config.json": stats}
+    _hub_file(hf, settings["repo_id"], files, settings["revision"])
+    regnet, mine = _timm_state("regnetx_002", 6), _timm_state("regnetx_002", 7)
+    _hub_file(hf, "timm/regnetx_002.pycls_in1k", {"model.safetensors": regnet}, None)
+    _hub_file(hf, "someone/regnet-finetuned", {"model.safetensors": mine}, None)
+    env = {
+        **os.environ,
+        "HF_HOME": str(hf),
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    argv = _overrides(
+        store,
+        tmp_path / "run",
+        **{
+            "model.encoder_weights": "imagenet",
+            "model.allow_download": "true",
+            "model.normalization": "encoder",
+            "train.lr": 0.0,
+        },
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", HUB_SCRIPT, str(tmp_path), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["train"] == 0
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    for k, v in resnet.items():  # lr 0: the convolutions are still the published ones
+        if v.ndim == 4:
+            torch.testing.assert_close(ckpt["model"][f"net.encoder.{k}"], v)
+    published = {"weights": "imagenet", "mean": stats["mean"], "std": stats["std"]}
+    assert ckpt["encoder_pretrained"] == published
+    assert ckpt["spec"]["mean"] == pytest.approx([255 * m for m in stats["mean"]])
+    assert ckpt["spec"]["std"] == pytest.approx([255 * s for s in stats["std"]])
+    # timm: its default tag's repository, or any hub repository; timm's own statistics.
+    assert out["imagenet"] == [list(IMAGENET_MEAN), list(IMAGENET_STD)]
+    for weights, want in (("imagenet", regnet), ("hf-hub:someone_regnet-finetuned", mine)):
+        got = torch.load(tmp_path / f"{weights}.pt", weights_only=True)
+        torch.testing.assert_close(got["model.stem.conv.weight"], want["stem.conv.weight"])
+
+
+def test_published_encoder_weights_need_the_opt_in(store: Path, tmp_path: Path) -> None:
+    assert is_pretrained_name("imagenet") and is_pretrained_name("hf-hub:org/repo")
+    assert not is_pretrained_name(tmp_path / "enc.pt")
+    enc = {"model.encoder_weights": "imagenet"}
+    with pytest.raises(ModelError, match=r"set model\.allow_download=true to allow it") as info:
+        _train(store, tmp_path / "a", **enc)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ModelError, match="smp publishes for encoder 'resnet18': imagenet, ssl"):
+        _train(store, tmp_path / "b", **{"model.encoder_weights": "imagenet22k"})
+    with pytest.raises(ModelError, match="model 'tiny' has none"):
+        train(
+            load_config(
+                None,
+                [
+                    f"data.stores=[{store}]",
+                    "data.patch=32",
+                    "model.name=tiny",
+                    "model.encoder_weights=imagenet",
+                    f"train.out_dir={tmp_path / 'c'}",
+                ],
+            )
+        )

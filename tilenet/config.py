@@ -128,8 +128,12 @@ class ModelConfig:
     #: Optional local weights file (never downloaded).
     weights: str | None = None
     #: Optional local state dict of the model's encoder (smp.* models; e.g. ImageNet weights
-    #: saved from timm or torchvision), loaded before ``weights``; never downloaded.
+    #: saved from timm or torchvision), loaded before ``weights``; or, with allow_download,
+    #: the name of published weights.
     encoder_weights: str | None = None
+    #: Let ``encoder_weights`` name published weights (``imagenet``, ``hf-hub:ORG/REPO``),
+    #: fetched by smp/timm from the Hugging Face hub (network, or HF_HOME's cache).
+    allow_download: bool = False
     #: Input normalisation stored in the checkpoint and used in training and inference:
     #: "data": the training data's per-channel mean/std (data.normalize); "encoder": the
     #: statistics the (smp.*) encoder was pretrained with, scaled by pixel_max.

@@ -2,7 +2,9 @@
 
 Keyword arguments go to the smp class (``encoder_name``, ``encoder_depth``, ...), except
 ``encoder_weights``, which is always ``None`` here: models read no files and never download;
-encoder weights come from :func:`tilenet.checkpoint.load_encoder_weights`. smp and timm are
+encoder weights come from a local file (:func:`tilenet.checkpoint.load_encoder_weights`) or,
+as an explicit opt-in, through smp's and timm's own downloads
+(:func:`tilenet.checkpoint.load_pretrained_encoder`). smp and timm are
 imported when a model is built, not when the registry is (importing them takes seconds).
 
 The stride is the encoder's output stride; the receptive field and exactness come from
@@ -129,8 +131,9 @@ def _builder(arch: str) -> Any:
             raise ValueError(f"the installed smp {smp.__version__} has no {arch}")
         if kwargs.get("encoder_weights") is not None:
             raise ValueError(
-                "encoder_weights: tilenet loads encoder weights from a local file "
-                "(model.encoder_weights: PATH), not through smp"
+                "model.kwargs.encoder_weights: tilenet loads encoder weights from a local file "
+                "or, with model.allow_download=true, by name (imagenet): set "
+                "model.encoder_weights instead"
             )
         kwargs["encoder_weights"] = None
         name = kwargs.get("encoder_name", "resnet34")

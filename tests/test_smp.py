@@ -702,3 +702,34 @@ def test_published_encoder_weights_need_the_opt_in(store: Path, tmp_path: Path) 
                 ],
             )
         )
+
+
+def test_frozen_encoder_computes_no_gradients_and_thaws_on_resume(
+    store: Path, tmp_path: Path
+) -> None:
+    """While frozen the encoder's parameters get no gradient (AdamW keeps no state for a
+    parameter that never had one); a run stopped while frozen and resumed thaws at step N."""
+    state = _encoder_state("resnet18")
+    torch.save(state, tmp_path / "enc.pt")
+    run = tmp_path / "run"
+    base = {
+        "model.encoder_weights": tmp_path / "enc.pt",
+        "train.lr": 0.01,
+        "train.steps": 3,
+        "train.freeze_encoder_steps": 2,
+    }
+    _train(store, run, **base, **{"train.max_steps_this_run": 2})
+    ckpt = load_checkpoint(run / "last.pt")
+    decoder_group, encoder_group = ckpt["optimizer"]["param_groups"]
+    has_state = set(ckpt["optimizer"]["state"])
+    assert ckpt["step"] == 2
+    assert has_state >= set(decoder_group["params"])
+    assert not has_state & set(encoder_group["params"])  # no gradient in 2 steps
+    torch.testing.assert_close(ckpt["model"]["net.encoder.conv1.weight"], state["conv1.weight"])
+    _train(store, run, **base, **{"train.resume": "true"})
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["step"] == 3
+    assert set(ckpt["optimizer"]["state"]) & set(encoder_group["params"])  # depth 3: not all
+    assert not torch.equal(ckpt["model"]["net.encoder.conv1.weight"], state["conv1.weight"])
+    bn = "layer1.0.bn1.running_mean"  # in train mode again after thawing
+    assert not torch.equal(ckpt["model"][f"net.encoder.{bn}"], state[bn])

@@ -166,8 +166,9 @@ class TrainConfig:
     #: Learning rate of the model's encoder (smp.* models), under the same schedule;
     #: null: train.lr.
     encoder_lr: float | None = None
-    #: Keep the encoder fixed for the first N steps (smp.* models): its learning rate is 0
-    #: and its BatchNorm layers stay in eval mode (running statistics unchanged).
+    #: Keep the encoder fixed for the first N steps (smp.* models): it computes no gradients
+    #: (requires_grad off: no backward memory), its learning rate is 0 and its BatchNorm
+    #: layers stay in eval mode (running statistics unchanged).
     freeze_encoder_steps: int = 0
     loss: Literal["ce", "dice", "ce+dice"] = "ce+dice"
     class_weights: list[float] = field(default_factory=list)

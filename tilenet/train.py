@@ -898,13 +898,23 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
         save_config(cfg, run_dir)
     log = _Log(run_dir, enabled=d.main, resume_step=state.step if ckpt_path else None)
 
-    # -- wrap for DDP / compile
-    net: torch.nn.Module = model
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    # -- a frozen encoder computes no gradients (requires_grad False) until step `freeze`
+    frozen = bool(freeze) and state.step < freeze
+    encoder_params = list(getattr(model, "encoder", torch.nn.Identity()).parameters())
+    for p in encoder_params if frozen else ():
+        p.requires_grad_(False)
 
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd = torch.compile(net) if tc.compile else net
+    # -- wrap for DDP / compile
+    def wrap() -> tuple[torch.nn.Module, Any]:
+        # DDP syncs the parameters that require grad when wrapped: rewrapped on thawing.
+        net: torch.nn.Module = model
+        if d.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return net, torch.compile(net) if tc.compile else net
+
+    net, fwd = wrap()
 
     def checkpoint(name: str) -> None:
         # Every rank's data position and RNG states, so each resumes its own shard exactly.
@@ -998,6 +1008,11 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
     try:
         while state.step < stop_at:
             t0 = time.perf_counter()
+            if frozen and state.step >= freeze:
+                frozen = False
+                for p in encoder_params:
+                    p.requires_grad_(True)
+                net, fwd = wrap()
             for bn in encoder_bns:  # a frozen encoder keeps its running statistics
                 bn.train(state.step >= freeze)
             opt.zero_grad(set_to_none=True)

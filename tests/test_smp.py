@@ -62,6 +62,8 @@ def test_every_architecture_is_registered() -> None:
         "Unet",
         "UnetPlusPlus",
         "FPN",
+        "Linknet",
+        "MAnet",
         "PSPNet",
         "DeepLabV3",
         "DeepLabV3Plus",
@@ -233,6 +235,8 @@ ARCH_CASES = {
     "Unet": (32, None),
     "UnetPlusPlus": (32, None),
     "FPN": (32, "GroupNorm at net.decoder.seg_blocks.0"),
+    "Linknet": (32, None),
+    "MAnet": (32, "AdaptiveAvgPool2d at net.decoder.blocks.0.SE_ll.0"),
     "PSPNet": (8, "AdaptiveAvgPool2d at net.decoder.psp.blocks.0"),
     "DeepLabV3": (8, "AdaptiveAvgPool2d at net.decoder.aspp.convs.4.0"),
     "DeepLabV3Plus": (16, "AdaptiveAvgPool2d at net.decoder.aspp.0.convs.4.0"),
@@ -292,10 +296,15 @@ def _reference(model: TileModel, arr: np.ndarray) -> np.ndarray:
         return predict(model.eval(), t)[0, :, :h, :w].numpy()
 
 
-def _crop_run(encoder: str, tmp_path: Path, layout: str) -> tuple[dict[str, Any], float]:
+def _crop_run(
+    encoder: str, tmp_path: Path, layout: str, arch: str = "Unet"
+) -> tuple[dict[str, Any], float]:
     torch.manual_seed(0)
     # The checkpoint's model is rebuilt by infer_image; the reference runs this copy of it.
-    model = _unet(encoder)
+    if arch == "Unet":
+        model = _unet(encoder)
+    else:  # Linknet has no decoder_channels
+        model = create_model(f"smp.{arch}", num_classes=3, encoder_name=encoder, encoder_depth=3)
     ckpt = _checkpoint(tmp_path / "m.pt", model)
     s, halo = model.stride, ceil_to(model.receptive_field, model.stride)
     tile = ceil_to(2 * halo + max(halo, 32), s)
@@ -327,6 +336,27 @@ def test_crop_mode_equals_whole_image_pass(encoder: str, layout: str, tmp_path: 
     summary, err = _crop_run(encoder, tmp_path, layout)
     assert summary["exact"] is True
     assert err < 1e-4
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "tu-convnext_atto"])
+def test_linknet_traces_and_tiles_exactly(encoder: str, tmp_path: Path) -> None:
+    """Linknet runs with its skip test decided up front (torch.fx cannot trace smp's): the
+    same output as smp's forward, also where an encoder has an empty stride-2 skip."""
+    m = create_model("smp.Linknet", num_classes=3, encoder_name=encoder, encoder_depth=3)
+    assert isinstance(m, SmpModel) and (m.stride, m.spec.exact) == (8, True)
+    x = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(x), m.net(x), rtol=0, atol=0)
+    if encoder == "resnet18":
+        summary, err = _crop_run(encoder, tmp_path, "tall", arch="Linknet")
+        assert summary["exact"] is True
+        assert err < 1e-4
+
+
+def test_manet_attention_is_reported_not_exact() -> None:
+    m = create_model("smp.MAnet", encoder_name="resnet18", **SMALL)
+    assert m.spec.exact is False
+    assert any("reshape merging H, W" in op for op in m.analysis.global_ops)
 
 
 def test_squeeze_excite_is_reported_not_exact(tmp_path: Path) -> None:

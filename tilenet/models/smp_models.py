@@ -11,10 +11,12 @@ The stride is the encoder's output stride; the receptive field and exactness com
 tracing the encoder, decoder and head (:mod:`tilenet.models.receptive`), so encoders with
 squeeze-and-excitation, attention or pyramid pooling are reported as not exact.
 
-Offered: Unet, UnetPlusPlus, FPN, PSPNet, DeepLabV3, DeepLabV3Plus, PAN and UPerNet. Not
-offered, because torch.fx cannot trace them (the receptive field would be unknown): Linknet
-(its decoder branches on a skip's channel count), MAnet (attention via ``flatten``/``bmm``),
-Segformer (a list of maps built in a Python loop over shapes) and DPT (a ViT encoder).
+Offered: Unet, UnetPlusPlus, FPN, Linknet, MAnet, PSPNet, DeepLabV3, DeepLabV3Plus, PAN and
+UPerNet. Linknet's decoder tests a skip's channel count, which torch.fx cannot trace: it runs
+here with that test decided from the encoder's declared channels (same output). MAnet's
+attention over all positions (a reshape merging H and W) and squeeze-and-excitation make it
+not exact. Not offered, because their receptive field cannot be traced: Segformer (a list of
+maps built in a Python loop over shapes) and DPT (a ViT encoder).
 
 :func:`encoder_normalization` gives the mean/std a pretrained encoder was trained with, from
 tables installed with timm and here (never the network; smp 0.6 keeps its own on the hub).
@@ -38,6 +40,8 @@ ARCHITECTURES = (
     "DeepLabV3",
     "DeepLabV3Plus",
     "FPN",
+    "Linknet",
+    "MAnet",
     "PAN",
     "PSPNet",
     "UPerNet",
@@ -75,7 +79,23 @@ class SmpModel(TileModel):
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         # smp's forward minus its input-shape check (TileModel.forward does that).
         net: Any = self.net
-        return net.segmentation_head(net.decoder(net.encoder(x)))
+        features = net.encoder(x)
+        if type(net).__name__ == "Linknet":
+            return net.segmentation_head(self._linknet_decoder(features))
+        return net.segmentation_head(net.decoder(features))
+
+    def _linknet_decoder(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """smp's ``LinknetDecoder.forward``, its test of a skip's channel count (which
+        torch.fx cannot trace) decided from the encoder's declared channels instead."""
+        net: Any = self.net
+        channels = list(net.encoder.out_channels)[1:][::-1]
+        features = features[1:][::-1]
+        x = features[0]
+        for i, block in enumerate(net.decoder.blocks):
+            x = block.block(x)
+            if i + 1 < len(features) and channels[i + 1] != 0:
+                x = x + features[i + 1]
+        return x
 
     @property
     def encoder_name(self) -> str:

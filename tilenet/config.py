@@ -82,6 +82,11 @@ class AugmentConfig:
     hue: float = 0.0
     #: Random rescale range; (1.0, 1.0) disables it.
     scale: tuple[float, float] = (1.0, 1.0)
+    #: HED stain augmentation for H&E (Tellez et al. 2018): each stain scaled by
+    #: U(1 - hed, 1 + hed) and shifted by U(-hed_bias, hed_bias) per patch (null: hed);
+    #: e.g. 0.05 light, 0.2 strong. 0: off. RGB images only.
+    hed: float = 0.0
+    hed_bias: float | None = None
 
 
 @dataclass

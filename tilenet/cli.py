@@ -252,6 +252,11 @@ def _add_tile(sub: Any) -> None:
         f"below this, 0..1 ({_default(TilingConfig, 'min_foreground')}: keep all)",
     )
     p.add_argument(
+        "--bands",
+        type=_int_list,
+        help="bands to keep, 1-based, in the model's order, e.g. 4,3,2 (all)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         help=f"parallel dask threads ({_default(TilingConfig, 'workers')})",
@@ -268,7 +273,7 @@ def _add_tile(sub: Any) -> None:
 
 #: Flags of ``tilenet tile`` by the config section whose key of the same name they set.
 TILE_FLAGS: dict[str, Sequence[str]] = {
-    "tiling": ("patch", "overlap", "level", "min_foreground", "workers"),
+    "tiling": ("patch", "overlap", "level", "min_foreground", "workers", "bands"),
     "jobs": ("quiet", "log_json"),
 }
 

@@ -65,6 +65,8 @@ class TilingConfig:
     workers: int = 2
     #: Patches per zarr chunk along N (one chunk = one contiguous training read).
     chunk_patches: int = 64
+    #: Bands to keep, 1-based and in the model's order (e.g. [4, 3, 2]); all when null.
+    bands: list[int] | None = None
 
 
 @dataclass
@@ -106,6 +108,8 @@ class DataConfig:
     shuffle_buffer: int = 1024
     #: Crops per epoch when sampling from images directly.
     samples_per_epoch: int = 1024
+    #: data.images: bands to read, 1-based and in the model's order; all when null.
+    bands: list[int] | None = None
     #: Oversample patches containing rare classes.
     class_balance: bool = False
     normalize: bool = True

@@ -7,6 +7,10 @@ model (training batches, inference tiles) then applies the stored ``mean``/``std
 are, with :func:`normalize_` (or a :class:`Normalizer` made once and applied per batch):
 ``x = (x - mean) * (1 / std)``, in float32, in place. The same arithmetic everywhere means
 a patch is fed to the model bit for bit the same in training and in inference.
+
+Pixels the image marks as nodata (every channel equal to its ``nodata`` value, as for the
+nodata area of ``classes.tif``) are left out of the statistics and get :data:`IGNORE_INDEX`
+in training labels (:func:`nodata_mask`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["STD_FLOOR", "Normalizer", "channel_stats", "normalize_"]
+__all__ = ["IGNORE_INDEX", "STD_FLOOR", "Normalizer", "channel_stats", "nodata_mask", "normalize_"]
+
+#: The label value the loss ignores (``train.ignore_index``'s default): nodata pixels get it.
+IGNORE_INDEX = 255
 
 #: Smallest standard deviation a statistic reports: sqrt(1e-12). The tiler floored the std
 #: at 1e-6 and ``store_stats`` the variance at 1e-12; both give exactly this value
@@ -42,6 +49,21 @@ def channel_stats(
     mean = np.asarray(sums, dtype=np.float64) / n
     var = np.asarray(sumsq, dtype=np.float64) / n - mean**2
     return mean, np.maximum(np.sqrt(np.maximum(var, 0.0)), STD_FLOOR)
+
+
+def nodata_mask(pixels: np.ndarray, nodata: float | None) -> np.ndarray | None:
+    """True where every channel of ``pixels`` (h, w, C) is ``nodata`` (NaN matches NaN);
+    None when there is no nodata value.
+
+    >>> nodata_mask(np.array([[[0, 0], [0, 5]]]), 0).tolist()
+    [[True, False]]
+    """
+    if nodata is None:
+        return None
+    px = pixels if pixels.ndim == 3 else pixels[..., None]
+    if np.isnan(nodata):
+        return np.isnan(px).all(-1) if px.dtype.kind == "f" else np.zeros(px.shape[:2], bool)
+    return np.asarray(np.asarray(px == nodata).all(-1))
 
 
 class Normalizer:

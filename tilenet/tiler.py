@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from tilenet.fsutil import atomic_output
 from tilenet.geometry import TileGrid, Window
 from tilenet.io.foreground import foreground_fractions, foreground_mask
 from tilenet.io.paths import class_names_near, match_labels, resolve_images
+from tilenet.normalize import IGNORE_INDEX, nodata_mask
 from tilenet.patchstore import (
     ARRAYS,
     CHUNKS_PER_SHARD,
@@ -42,6 +43,9 @@ from tilenet.patchstore import (
     stats_attrs,
 )
 from tilenet.progress import progress_bar
+
+if TYPE_CHECKING:
+    from tilenet.io.base import LazyImage
 
 __all__ = [
     "tile_images",
@@ -60,6 +64,13 @@ class _Plan:
     fingerprint: str
     windows: list[Window]
     start: int = 0
+    #: The image's bands to keep (1-based, in this order); None: all.
+    bands: tuple[int, ...] | None = None
+
+
+def _bands(img: LazyImage, bands: Sequence[int] | None) -> LazyImage:
+    """``img`` with only ``bands`` (1-based), or as is."""
+    return img.select_bands(list(bands)) if bands else img
 
 
 def _one_line(exc: BaseException) -> str:
@@ -89,10 +100,11 @@ def _plan_image(
     min_foreground: float,
     mask_max_side: int,
     limits: dict[str, Any],
+    bands: Sequence[int] | None = None,
 ) -> _Plan:
     from tilenet.io import open_image
 
-    with open_image(path, **limits) as img:
+    with _bands(open_image(path, **limits), bands) as img:
         if not 0 <= level < len(img.levels):
             raise InputError(
                 f"{path}: has no pyramid level {level} (levels 0..{len(img.levels) - 1}); "
@@ -131,6 +143,7 @@ def _plan_image(
             dtype=str(np.dtype(img.dtype)),
             fingerprint=fp,
             windows=windows,
+            bands=tuple(bands) if bands else None,
         )
 
 
@@ -169,7 +182,7 @@ def _write_range(
         if a >= b:
             continue
         st = stats.setdefault(k, np.zeros(2 * channels + 1 + 512, dtype=np.float64))
-        img = open_image(plan.path, **limits)
+        img = _bands(open_image(plan.path, **limits), plan.bands)
         lab = open_image(plan.label, **limits) if plan.label is not None else None
         try:
             for g in range(a, b):
@@ -180,12 +193,17 @@ def _write_range(
                 coords[i] = (src_index[k], level, win.y, win.x)
                 # stats over the part inside the image only (zero padding is not data)
                 inside = win.clip(*img.levels[level].shape).relative_to(win)
-                px = data[inside.slices].reshape(-1, channels).astype(np.float64)
+                none = nodata_mask(data, img.nodata)  # nodata: not in the stats, label ignored
+                px = data[inside.slices]
+                px = px[~none[inside.slices]] if none is not None else px
+                px = px.reshape(-1, channels).astype(np.float64)
                 st[:channels] += px.sum(0)
                 st[channels : 2 * channels] += (px * px).sum(0)
                 st[2 * channels] += px.shape[0]
                 if lab is not None and labs is not None:
                     labs[i] = lab.read(win, level)[..., 0]
+                    if none is not None:
+                        labs[i][none] = IGNORE_INDEX
                     counts = np.bincount(labs[i][inside.slices].ravel(), minlength=256)
                     st[2 * channels + 1 : 2 * channels + 257] += counts
                     st[2 * channels + 257 :] += counts > 0
@@ -220,6 +238,7 @@ def tile_images(
     reader: ReaderConfig | None = None,
     progress: bool = True,
     failures: dict[str, str] | None = None,
+    bands: Sequence[int] | None = TilingConfig.bands,
 ) -> Path:
     """Cut ``images`` into ``patch`` x ``patch`` patches overlapping by ``overlap`` into ``out``.
 
@@ -230,7 +249,9 @@ def tile_images(
     resolved images. Patches whose foreground fraction (from a low-resolution Otsu mask on
     the finest level no larger than ``mask_max_side``) is below ``min_foreground`` are
     dropped. Work runs on ``workers`` dask threads; each task reads and writes one shard of
-    ``4 * chunk_patches`` patches.
+    ``4 * chunk_patches`` patches. ``bands`` (1-based) keeps those bands of every image, in
+    that order. Where an image declares nodata, pixels with every band nodata are left out of
+    the statistics and labelled 255 (ignored by the loss).
 
     Rerunning into an existing store skips images already complete (same content
     fingerprint) and appends new ones. Returns the store path. With a ``failures`` dict an
@@ -310,6 +331,7 @@ def tile_images(
             min_foreground=float(min_foreground),
             mask_max_side=mask_max_side,
             limits=limits,
+            bands=bands,
         )
         for p, lab, fp in todo
     ]

@@ -93,6 +93,10 @@ def test_unet_resnet18_keeps_the_tile_model_contract() -> None:
     ("kwargs", "match"),
     [
         ({"encoder_name": "resnet19"}, "unknown encoder 'resnet19'; close matches: resnet18"),
+        (
+            {"encoder_name": "tu-convnext_atoo"},
+            "unknown timm encoder 'tu-convnext_atoo'; close matches: tu-convnext_atto",
+        ),
         ({"encoder_weights": "imagenet"}, "from a local file"),
         ({"classes": 4}, "'classes' is set by tilenet"),
         ({"decoder_widths": 3}, "smp.Unet has no option 'decoder_widths'; valid options: "),

@@ -163,6 +163,16 @@ def _builder(arch: str) -> Any:
             raise ValueError(
                 f"unknown encoder {name!r}; close matches: {', '.join(close) or 'none'}"
             )
+        if name.startswith("tu-"):  # timm's names, with an optional pretrained tag
+            import timm
+
+            base = name[3:].split(".")[0]
+            if not timm.is_model(base):
+                close = difflib.get_close_matches(base, timm.list_models(), n=5)
+                raise ValueError(
+                    f"unknown timm encoder {name!r}; close matches: "
+                    f"{', '.join('tu-' + c for c in close) or 'none'}"
+                )
         for key in ("in_channels", "classes", "aux_params"):
             if key in kwargs:
                 raise ValueError(f"{key!r} is set by tilenet, not in kwargs")

@@ -491,6 +491,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def test_encoder_normalization_tables() -> None:
     assert encoder_normalization("resnet18") == (IMAGENET_MEAN, IMAGENET_STD)
     assert encoder_normalization("tu-convnext_atto") == (IMAGENET_MEAN, IMAGENET_STD)
+    # with a pretrained tag, as smp takes it (tu-NAME.TAG)
+    assert encoder_normalization("tu-convnext_atto.d2_in1k") == (IMAGENET_MEAN, IMAGENET_STD)
     assert encoder_normalization("tu-inception_v4") == ((0.5,) * 3, (0.5,) * 3)
     assert encoder_normalization("xception")[1] == (0.5,) * 3
     with pytest.raises(ValueError, match="no pretrained statistics for 'no_such_net'"):

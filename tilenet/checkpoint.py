@@ -299,7 +299,7 @@ def load_pretrained_encoder(
     kwargs = dict(spec.kwargs)
     value: Any = weights
     if enc.startswith("tu-"):
-        import timm.models
+        from tilenet.models.smp_models import timm_pretrained_cfg
 
         if weights.startswith(HUB_PREFIX):
             repo = weights[len(HUB_PREFIX) :]
@@ -309,7 +309,7 @@ def load_pretrained_encoder(
                 f"model.encoder_weights={weights!r}: timm encoder {enc!r} takes imagenet "
                 "(choose the weights by tag in its name: tu-NAME.TAG) or hf-hub:ORG/REPO"
             )
-        elif not timm.models.is_model_pretrained(enc[3:]):
+        elif timm_pretrained_cfg(enc[3:]) is None:
             raise ModelError(f"timm has no pretrained weights for {enc[3:]!r}")
         value = True
     else:

@@ -33,7 +33,7 @@ from torch import nn
 
 from tilenet.models.registry import TileModel, register_model
 
-__all__ = ["ARCHITECTURES", "SmpModel", "encoder_normalization"]
+__all__ = ["ARCHITECTURES", "SmpModel", "encoder_normalization", "timm_pretrained_cfg"]
 
 #: smp classes offered (those missing from the installed smp raise a ModelError when built).
 ARCHITECTURES = (
@@ -122,15 +122,29 @@ def encoder_normalization(encoder_name: str) -> tuple[tuple[float, ...], tuple[f
     """
     if not encoder_name.startswith("tu-"):
         return _ENCODER_STATS.get(encoder_name, _IMAGENET)
-    import timm.models
-
     name = encoder_name[3:]
-    cfg = timm.models.get_pretrained_cfg(name) if timm.models.is_model_pretrained(name) else None
+    cfg = timm_pretrained_cfg(name)
     if cfg is None or cfg.mean is None or cfg.std is None:
         raise ValueError(
             f"timm has no pretrained statistics for {name!r}; use model.normalization=data"
         )
     return tuple(map(float, cfg.mean)), tuple(map(float, cfg.std))
+
+
+def timm_pretrained_cfg(name: str) -> Any:
+    """timm's offline ``pretrained_cfg`` of ``name`` (``NAME`` or ``NAME.TAG``) when timm
+    publishes weights for it, else None.
+
+    >>> timm_pretrained_cfg("regnetx_002").hf_hub_id
+    'timm/regnetx_002.pycls_in1k'
+    """
+    import timm.models
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except (RuntimeError, ValueError):  # an unknown tag
+        return None
+    return cfg if cfg is not None and (cfg.hf_hub_id or cfg.url or cfg.file) else None
 
 
 def _encoder_names(smp: Any) -> list[str]:

@@ -769,3 +769,44 @@ def test_frozen_encoder_computes_no_gradients_and_thaws_on_resume(
     assert not torch.equal(ckpt["model"]["net.encoder.conv1.weight"], state["conv1.weight"])
     bn = "layer1.0.bn1.running_mean"  # in train mode again after thawing
     assert not torch.equal(ckpt["model"][f"net.encoder.{bn}"], state[bn])
+
+
+@pytest.mark.slow
+def test_torchrun_with_a_frozen_encoder_and_unused_stages(tmp_path: Path) -> None:
+    """2 gloo ranks, encoder frozen for 2 of 4 steps, encoder_depth 3 (the encoder keeps
+    layer3/layer4, which get no gradient): DDP is rewrapped on thawing and told to look for
+    unused parameters, and the encoder trains after the switch."""
+    synthesize(tmp_path / "d", size=64, count=2, seed=0, tile=64)  # 2 chunks: one per rank
+    store = tile_images(
+        [tmp_path / "d" / "images"],
+        labels=tmp_path / "d" / "labels",
+        out=tmp_path / "s.zarr",
+        patch=32,
+        overlap=0,
+        workers=1,
+        chunk_patches=4,
+        progress=False,
+    )
+    state = _encoder_state("resnet18")
+    torch.save(state, tmp_path / "enc.pt")
+    run = tmp_path / "run"
+    argv = _overrides(
+        store,
+        run,
+        **{
+            "model.encoder_weights": tmp_path / "enc.pt",
+            "train.steps": 4,
+            "train.freeze_encoder_steps": 2,
+            "train.lr": 0.01,
+        },
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [*cmd, "-m", "tilenet.train", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["step"] == 4 and len(ckpt["data_pos"]) == 2
+    assert not torch.equal(ckpt["model"]["net.encoder.conv1.weight"], state["conv1.weight"])

@@ -911,7 +911,18 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
         if d.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+            # Parameters of layers the forward never calls (an smp encoder's stages past
+            # encoder_depth) get no gradient: DDP must be told to look for them.
+            called = getattr(getattr(model, "analysis", None), "called", None)
+            unused = called is not None and any(
+                p.requires_grad and name.rpartition(".")[0] not in called
+                for name, p in model.named_parameters()
+            )
+            net = DDP(
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=unused,
+            )
         return net, torch.compile(net) if tc.compile else net
 
     net, fwd = wrap()

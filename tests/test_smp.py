@@ -8,6 +8,9 @@ images stay small; the layers traced are the same as at depth 5.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import zarr
 from torch import nn
 
 from tilenet.checkpoint import (
+    is_pretrained_name,
     load_checkpoint,
     load_encoder_weights,
     load_model,
@@ -58,6 +62,8 @@ def test_every_architecture_is_registered() -> None:
         "Unet",
         "UnetPlusPlus",
         "FPN",
+        "Linknet",
+        "MAnet",
         "PSPNet",
         "DeepLabV3",
         "DeepLabV3Plus",
@@ -87,6 +93,10 @@ def test_unet_resnet18_keeps_the_tile_model_contract() -> None:
     ("kwargs", "match"),
     [
         ({"encoder_name": "resnet19"}, "unknown encoder 'resnet19'; close matches: resnet18"),
+        (
+            {"encoder_name": "tu-convnext_atoo"},
+            "unknown timm encoder 'tu-convnext_atoo'; close matches: tu-convnext_atto",
+        ),
         ({"encoder_weights": "imagenet"}, "from a local file"),
         ({"classes": 4}, "'classes' is set by tilenet"),
         ({"decoder_widths": 3}, "smp.Unet has no option 'decoder_widths'; valid options: "),
@@ -229,6 +239,8 @@ ARCH_CASES = {
     "Unet": (32, None),
     "UnetPlusPlus": (32, None),
     "FPN": (32, "GroupNorm at net.decoder.seg_blocks.0"),
+    "Linknet": (32, None),
+    "MAnet": (32, "AdaptiveAvgPool2d at net.decoder.blocks.0.SE_ll.0"),
     "PSPNet": (8, "AdaptiveAvgPool2d at net.decoder.psp.blocks.0"),
     "DeepLabV3": (8, "AdaptiveAvgPool2d at net.decoder.aspp.convs.4.0"),
     "DeepLabV3Plus": (16, "AdaptiveAvgPool2d at net.decoder.aspp.0.convs.4.0"),
@@ -288,10 +300,15 @@ def _reference(model: TileModel, arr: np.ndarray) -> np.ndarray:
         return predict(model.eval(), t)[0, :, :h, :w].numpy()
 
 
-def _crop_run(encoder: str, tmp_path: Path, layout: str) -> tuple[dict[str, Any], float]:
+def _crop_run(
+    encoder: str, tmp_path: Path, layout: str, arch: str = "Unet"
+) -> tuple[dict[str, Any], float]:
     torch.manual_seed(0)
     # The checkpoint's model is rebuilt by infer_image; the reference runs this copy of it.
-    model = _unet(encoder)
+    if arch == "Unet":
+        model = _unet(encoder)
+    else:  # Linknet has no decoder_channels
+        model = create_model(f"smp.{arch}", num_classes=3, encoder_name=encoder, encoder_depth=3)
     ckpt = _checkpoint(tmp_path / "m.pt", model)
     s, halo = model.stride, ceil_to(model.receptive_field, model.stride)
     tile = ceil_to(2 * halo + max(halo, 32), s)
@@ -323,6 +340,27 @@ def test_crop_mode_equals_whole_image_pass(encoder: str, layout: str, tmp_path: 
     summary, err = _crop_run(encoder, tmp_path, layout)
     assert summary["exact"] is True
     assert err < 1e-4
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "tu-convnext_atto"])
+def test_linknet_traces_and_tiles_exactly(encoder: str, tmp_path: Path) -> None:
+    """Linknet runs with its skip test decided up front (torch.fx cannot trace smp's): the
+    same output as smp's forward, also where an encoder has an empty stride-2 skip."""
+    m = create_model("smp.Linknet", num_classes=3, encoder_name=encoder, encoder_depth=3)
+    assert isinstance(m, SmpModel) and (m.stride, m.spec.exact) == (8, True)
+    x = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(x), m.net(x), rtol=0, atol=0)
+    if encoder == "resnet18":
+        summary, err = _crop_run(encoder, tmp_path, "tall", arch="Linknet")
+        assert summary["exact"] is True
+        assert err < 1e-4
+
+
+def test_manet_attention_is_reported_not_exact() -> None:
+    m = create_model("smp.MAnet", encoder_name="resnet18", **SMALL)
+    assert m.spec.exact is False
+    assert any("reshape merging H, W" in op for op in m.analysis.global_ops)
 
 
 def test_squeeze_excite_is_reported_not_exact(tmp_path: Path) -> None:
@@ -396,6 +434,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train(store: Path, out: Path, **extra: Any) -> Path:
+    return train(load_config(None, _overrides(store, out, **extra)))
+
+
+def _overrides(store: Path, out: Path, **extra: Any) -> list[str]:
     overrides: dict[str, Any] = {
         "data.stores": f"[{store}]",
         "data.patch": 32,
@@ -417,7 +459,7 @@ def _train(store: Path, out: Path, **extra: Any) -> Path:
         **extra,
     }
     # A None in extra drops that override.
-    return train(load_config(None, [f"{k}={v}" for k, v in overrides.items() if v is not None]))
+    return [f"{k}={v}" for k, v in overrides.items() if v is not None]
 
 
 def test_train_from_encoder_weights_then_infer(store: Path, tmp_path: Path) -> None:
@@ -449,6 +491,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def test_encoder_normalization_tables() -> None:
     assert encoder_normalization("resnet18") == (IMAGENET_MEAN, IMAGENET_STD)
     assert encoder_normalization("tu-convnext_atto") == (IMAGENET_MEAN, IMAGENET_STD)
+    # with a pretrained tag, as smp takes it (tu-NAME.TAG)
+    assert encoder_normalization("tu-convnext_atto.d2_in1k") == (IMAGENET_MEAN, IMAGENET_STD)
     assert encoder_normalization("tu-inception_v4") == ((0.5,) * 3, (0.5,) * 3)
     assert encoder_normalization("xception")[1] == (0.5,) * 3
     with pytest.raises(ValueError, match="no pretrained statistics for 'no_such_net'"):
@@ -563,3 +607,206 @@ def test_plan_shows_an_smp_model() -> None:
     assert exact["model"]["exact"] is True and exact["model"]["exact_reason"] is None
     text = format_plan(exact)
     assert "exact        yes" in text and "warning" not in text
+
+
+# -- published encoder weights (smp's and timm's own downloads), from a local hub cache ----------
+
+HUB_SCRIPT = """
+import json, sys, torch
+from tilenet.checkpoint import load_pretrained_encoder
+from tilenet.models import create_model
+from tilenet.train import main
+out = {"train": main(sys.argv[2:])}
+for weights in ("imagenet", "hf-hub:someone/regnet-finetuned"):
+    m = create_model("smp.Unet", encoder_name="tu-regnetx_002", encoder_depth=3,
+                     decoder_channels=[16, 8, 8])
+    out[weights] = load_pretrained_encoder(m, weights, allow_download=True)
+    torch.save(m.encoder.state_dict(), sys.argv[1] + "/" + weights.replace("/", "_") + ".pt")
+print(json.dumps(out))
+"""
+
+
+def _hub_file(hf_home: Path, repo: str, files: dict[str, Any], revision: str | None) -> None:
+    """Place ``files`` where huggingface_hub keeps a download of ``repo`` (HF_HOME/hub)."""
+    from safetensors.torch import save_file
+
+    root = hf_home / "hub" / ("models--" + repo.replace("/", "--"))
+    if revision is None:  # a branch: refs/main names the snapshot
+        revision = "0123456789abcdef0123456789abcdef01234567"
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text(revision)
+    snap = root / "snapshots" / revision
+    snap.mkdir(parents=True)
+    for name, data in files.items():
+        if name.endswith(".safetensors"):
+            save_file(data, snap / name)
+        else:
+            (snap / name).write_text(json.dumps(data))
+
+
+def _timm_state(name: str, seed: int) -> dict[str, torch.Tensor]:
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(name)
+    for t in model.state_dict().values():
+        if t.is_floating_point():
+            t.uniform_(-1, 1)
+    return {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def test_published_encoder_weights_come_from_the_hub_cache(store: Path, tmp_path: Path) -> None:
+    """``model.encoder_weights=imagenet model.allow_download=true``: smp's own download (and
+    timm's, also from any hub repository) fills the encoder; the statistics published with
+    the weights become the checkpoint's normalisation. Offline, from a local cache."""
+    import segmentation_models_pytorch as smp
+
+    hf = tmp_path / "hf"
+    settings = smp.encoders.encoders["resnet18"]["pretrained_settings"]["imagenet"]
+    resnet = _encoder_state("resnet18", seed=5)
+    stats: dict[str, Any] = {
+        "mean": [0.5, 0.4, 0.3],
+        "std": [0.2, 0.25, 0.3],
+        "input_range": [0, 1],
+    }
+    files = {"model.safetensors": resnet, "config.json": stats}
+    _hub_file(hf, settings["repo_id"], files, settings["revision"])
+    regnet, mine = _timm_state("regnetx_002", 6), _timm_state("regnetx_002", 7)
+    _hub_file(hf, "timm/regnetx_002.pycls_in1k", {"model.safetensors": regnet}, None)
+    _hub_file(hf, "someone/regnet-finetuned", {"model.safetensors": mine}, None)
+    env = {
+        **os.environ,
+        "HF_HOME": str(hf),
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    argv = _overrides(
+        store,
+        tmp_path / "run",
+        **{
+            "model.encoder_weights": "imagenet",
+            "model.allow_download": "true",
+            "model.normalization": "encoder",
+            "train.lr": 0.0,
+        },
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", HUB_SCRIPT, str(tmp_path), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["train"] == 0
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    for k, v in resnet.items():  # lr 0: the convolutions are still the published ones
+        if v.ndim == 4:
+            torch.testing.assert_close(ckpt["model"][f"net.encoder.{k}"], v)
+    published = {"weights": "imagenet", "mean": stats["mean"], "std": stats["std"]}
+    assert ckpt["encoder_pretrained"] == published
+    assert ckpt["spec"]["mean"] == pytest.approx([255 * m for m in stats["mean"]])
+    assert ckpt["spec"]["std"] == pytest.approx([255 * s for s in stats["std"]])
+    # timm: its default tag's repository, or any hub repository; timm's own statistics.
+    assert out["imagenet"] == [list(IMAGENET_MEAN), list(IMAGENET_STD)]
+    for weights, want in (("imagenet", regnet), ("hf-hub:someone_regnet-finetuned", mine)):
+        got = torch.load(tmp_path / f"{weights}.pt", weights_only=True)
+        torch.testing.assert_close(got["model.stem.conv.weight"], want["stem.conv.weight"])
+
+
+def test_published_encoder_weights_need_the_opt_in(store: Path, tmp_path: Path) -> None:
+    assert is_pretrained_name("imagenet") and is_pretrained_name("hf-hub:org/repo")
+    assert not is_pretrained_name(tmp_path / "enc.pt")
+    enc = {"model.encoder_weights": "imagenet"}
+    with pytest.raises(ModelError, match=r"set model\.allow_download=true to allow it") as info:
+        _train(store, tmp_path / "a", **enc)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ModelError, match="smp publishes for encoder 'resnet18': imagenet, ssl"):
+        _train(store, tmp_path / "b", **{"model.encoder_weights": "imagenet22k"})
+    with pytest.raises(ModelError, match="model 'tiny' has none"):
+        train(
+            load_config(
+                None,
+                [
+                    f"data.stores=[{store}]",
+                    "data.patch=32",
+                    "model.name=tiny",
+                    "model.encoder_weights=imagenet",
+                    f"train.out_dir={tmp_path / 'c'}",
+                ],
+            )
+        )
+
+
+def test_frozen_encoder_computes_no_gradients_and_thaws_on_resume(
+    store: Path, tmp_path: Path
+) -> None:
+    """While frozen the encoder's parameters get no gradient (AdamW keeps no state for a
+    parameter that never had one); a run stopped while frozen and resumed thaws at step N."""
+    state = _encoder_state("resnet18")
+    torch.save(state, tmp_path / "enc.pt")
+    run = tmp_path / "run"
+    base = {
+        "model.encoder_weights": tmp_path / "enc.pt",
+        "train.lr": 0.01,
+        "train.steps": 3,
+        "train.freeze_encoder_steps": 2,
+    }
+    _train(store, run, **base, **{"train.max_steps_this_run": 2})
+    ckpt = load_checkpoint(run / "last.pt")
+    decoder_group, encoder_group = ckpt["optimizer"]["param_groups"]
+    has_state = set(ckpt["optimizer"]["state"])
+    assert ckpt["step"] == 2
+    assert has_state >= set(decoder_group["params"])
+    assert not has_state & set(encoder_group["params"])  # no gradient in 2 steps
+    torch.testing.assert_close(ckpt["model"]["net.encoder.conv1.weight"], state["conv1.weight"])
+    _train(store, run, **base, **{"train.resume": "true"})
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["step"] == 3
+    assert set(ckpt["optimizer"]["state"]) & set(encoder_group["params"])  # depth 3: not all
+    assert not torch.equal(ckpt["model"]["net.encoder.conv1.weight"], state["conv1.weight"])
+    bn = "layer1.0.bn1.running_mean"  # in train mode again after thawing
+    assert not torch.equal(ckpt["model"][f"net.encoder.{bn}"], state[bn])
+
+
+@pytest.mark.slow
+def test_torchrun_with_a_frozen_encoder_and_unused_stages(tmp_path: Path) -> None:
+    """2 gloo ranks, encoder frozen for 2 of 4 steps, encoder_depth 3 (the encoder keeps
+    layer3/layer4, which get no gradient): DDP is rewrapped on thawing and told to look for
+    unused parameters, and the encoder trains after the switch."""
+    synthesize(tmp_path / "d", size=64, count=2, seed=0, tile=64)  # 2 chunks: one per rank
+    store = tile_images(
+        [tmp_path / "d" / "images"],
+        labels=tmp_path / "d" / "labels",
+        out=tmp_path / "s.zarr",
+        patch=32,
+        overlap=0,
+        workers=1,
+        chunk_patches=4,
+        progress=False,
+    )
+    state = _encoder_state("resnet18")
+    torch.save(state, tmp_path / "enc.pt")
+    run = tmp_path / "run"
+    argv = _overrides(
+        store,
+        run,
+        **{
+            "model.encoder_weights": tmp_path / "enc.pt",
+            "train.steps": 4,
+            "train.freeze_encoder_steps": 2,
+            "train.lr": 0.01,
+        },
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [*cmd, "-m", "tilenet.train", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["step"] == 4 and len(ckpt["data_pos"]) == 2
+    assert not torch.equal(ckpt["model"]["net.encoder.conv1.weight"], state["conv1.weight"])

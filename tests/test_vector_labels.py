@@ -23,8 +23,8 @@ from tilenet.cli import main
 from tilenet.errors import InputError, TilenetError
 from tilenet.geometry import TileGrid, Window
 from tilenet.io import open_image
+from tilenet.io.base import IGNORE_INDEX
 from tilenet.io.vector import (
-    IGNORE_INDEX,
     read_annotations,
     read_vector_labels,
     resolve_classes,

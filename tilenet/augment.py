@@ -5,6 +5,14 @@ Images are uint8 (or other integer/float) tensors (B, C, H, W) *before* normalis
 sub-batches at once, so they cost almost nothing per patch; colour jitter and rescaling
 draw their parameters per patch. The mask follows every geometric change; pixels that a
 rescale brings in from outside the patch get ``ignore_index`` in the mask.
+
+HED stain augmentation (Tellez et al. 2018, for H&E): each RGB patch is unmixed into
+haematoxylin, eosin and DAB optical densities with the Ruifrok-Johnston matrix as
+scikit-image publishes it (``skimage.color.hed_from_rgb``, same scaling as ``rgb2hed``), each
+stain is perturbed ``h' = alpha * h + beta`` with ``alpha ~ U(1 - sigma, 1 + sigma)`` and
+``beta ~ U(-bias, bias)`` per patch, and the result mixed back to RGB. It runs on the whole
+batch as tensors in the loader (no per-patch NumPy round trip); unlike ``rgb2hed`` the
+stains are not clipped at 0, so ``alpha = 1, beta = 0`` gives back the input.
 """
 
 from __future__ import annotations
@@ -16,8 +24,55 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from tilenet.config import AugmentConfig
+from tilenet.errors import ConfigError
 
-__all__ = ["JointAugment", "RandomRot90", "build_augment"]
+__all__ = [
+    "HED_FROM_RGB",
+    "RGB_FROM_HED",
+    "JointAugment",
+    "RandomRot90",
+    "build_augment",
+    "hed_jitter",
+]
+
+#: Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB), as
+#: ``skimage.color.rgb_from_hed``; HED_FROM_RGB is its inverse (``hed_from_rgb``).
+RGB_FROM_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))
+HED_FROM_RGB = tuple(
+    map(tuple, torch.linalg.inv(torch.tensor(RGB_FROM_HED, dtype=torch.float64)).tolist())
+)
+#: scikit-image's optical density scale: log(1e-6) (``rgb2hed``'s ``log_adjust``).
+_LOG_ADJUST = float(torch.log(torch.tensor(1e-6, dtype=torch.float64)))
+
+
+def hed_jitter(images: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Scale and shift the H, E, D stains of RGB ``images`` (B, 3, H, W), one (3,) ``alpha``
+    and ``beta`` per image (``alpha``, ``beta``: (B, 3)); same dtype out.
+
+    Integer images are read as 0 .. their dtype's maximum, floats as 0 .. 1; the result is
+    rounded and clipped to that range.
+
+    >>> x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    >>> bool((hed_jitter(x, torch.ones(2, 3), torch.zeros(2, 3)) == x).all())
+    True
+    """
+    b, c, h, w = images.shape
+    integer = not images.dtype.is_floating_point
+    top = float(torch.iinfo(images.dtype).max) if integer else 1.0
+    # Unmixing, scaling the stains and mixing back are linear in optical density, so one
+    # 3x3 matrix and offset per image do it: od' = od @ (H diag(alpha) R) + beta @ R.
+    to_hed = torch.tensor(HED_FROM_RGB, dtype=torch.float32)
+    to_rgb = torch.tensor(RGB_FROM_HED, dtype=torch.float32)
+    alpha, beta = alpha.to(torch.float32), beta.to(torch.float32)
+    mix = to_hed[None] * alpha[:, None, :] @ to_rgb  # (B, 3, 3)
+    shift = (beta @ to_rgb) * _LOG_ADJUST  # (B, 3), in log space
+    logs = torch.log(images.to(torch.float32).div_(top).clamp_(1e-6)).reshape(b, c, h * w)
+    # Channels first: (B, 3, 3) @ (B, 3, HW), much faster than (B, HW, 3) @ (B, 3, 3).
+    out = torch.baddbmm(shift[:, :, None], mix.transpose(1, 2), logs).exp_().clamp_(0.0, 1.0)
+    out = out.reshape(b, c, h, w)
+    if not integer:
+        return out.to(images.dtype)
+    return out.mul_(top).round_().to(images.dtype)
 
 
 class RandomRot90(v2.Transform):
@@ -75,11 +130,23 @@ class JointAugment:
                 )
             )
         self.per_sample = v2.Compose(per_sample) if per_sample else None
+        self.hed = float(cfg.hed)
+        self.hed_bias = float(cfg.hed if cfg.hed_bias is None else cfg.hed_bias)
+        if not 0.0 <= self.hed < 1.0 or self.hed_bias < 0.0:
+            raise ConfigError(
+                f"data.augment.hed must be in [0, 1) and hed_bias >= 0, got {cfg.hed!r}, "
+                f"{cfg.hed_bias!r}"
+            )
+        if (self.hed or self.hed_bias) and channels != 3:
+            raise ConfigError(
+                f"data.augment.hed: HED stain augmentation needs RGB images, got {channels} "
+                "channels"
+            )
 
     @property
     def is_identity(self) -> bool:
         c = self.cfg
-        return not (c.hflip or c.vflip or c.rot90 or self.per_sample)
+        return not (c.hflip or c.vflip or c.rot90 or self.per_sample or self.hed or self.hed_bias)
 
     def __call__(
         self, images: torch.Tensor, masks: torch.Tensor
@@ -102,6 +169,10 @@ class JointAugment:
                 if len(idx):
                     images[idx] = torch.rot90(images[idx], r, dims=(-2, -1))
                     masks[idx] = torch.rot90(masks[idx], r, dims=(-2, -1))
+        if self.hed or self.hed_bias:  # stains first, then the generic colour jitter
+            alpha = 1.0 + (torch.rand(b, 3) * 2 - 1) * self.hed
+            beta = (torch.rand(b, 3) * 2 - 1) * self.hed_bias
+            images = hed_jitter(images, alpha, beta)
         if self.per_sample is not None:
             for i in range(b):
                 images[i], masks[i] = self.per_sample(

@@ -14,7 +14,8 @@ Layout::
                "mean", "std", "class_names", "tilenet_version", "exact", "exact_reason"},
       "model": state_dict,
       # training state, optional: "optimizer", "scheduler", "scaler", "step", "epoch",
-      # "rng", "config", "metrics"
+      # "rng", "config", "metrics", "encoder_pretrained" (published encoder weights
+      # fetched: {"weights", "mean", "std"}, the statistics in [0, 1] that came with them)
     }
 
 Checkpoints written before ``exact`` and ``exact_reason`` existed load too (they read as
@@ -38,10 +39,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "HUB_PREFIX",
     "file_checksum",
+    "is_pretrained_name",
     "load_checkpoint",
     "load_encoder_weights",
     "load_model",
+    "load_pretrained_encoder",
     "load_weights",
     "save_checkpoint",
 ]
@@ -244,6 +248,102 @@ def load_encoder_weights(model: TileModel, path: str | os.PathLike[str]) -> Tile
             )
     encoder.load_state_dict({k: best[k] for k in matched})
     return model
+
+
+#: ``model.encoder_weights`` values naming the hub rather than a file start with this.
+HUB_PREFIX = "hf-hub:"
+
+
+def is_pretrained_name(value: str | os.PathLike[str]) -> bool:
+    """Whether ``model.encoder_weights`` names published weights rather than a local file.
+
+    Published: ``hf-hub:ORG/REPO``, or a bare word that is not an existing file (``imagenet``,
+    ``ssl``, ...: no path separator, no file extension).
+
+    >>> is_pretrained_name("imagenet"), is_pretrained_name("weights/enc.pt")
+    (True, False)
+    """
+    s = str(value)
+    if s.startswith(HUB_PREFIX):
+        return True
+    return not ("/" in s or os.sep in s or "." in s or Path(s).is_file())
+
+
+def load_pretrained_encoder(
+    model: TileModel, weights: str, *, allow_download: bool = False
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Fill ``model.encoder`` (``smp.*`` models) with the libraries' own pretrained weights.
+
+    ``weights`` is what smp calls ``encoder_weights``: a name it publishes for the encoder
+    (``imagenet``, ``ssl``, ...; fetched by smp from its Hugging Face hub repositories), or
+    for timm encoders (``tu-NAME[.TAG]``) ``imagenet`` (timm's pretrained weights of that
+    model and tag) or ``hf-hub:ORG/REPO`` (timm weights in any hub repository). Fetching
+    uses the network only with ``allow_download``; files already in the Hugging Face cache
+    (``HF_HOME``, with ``HF_HUB_OFFLINE=1``) are used as they are. The whole smp model is
+    built once with the weights (smp's own ``encoder_weights=`` / timm's ``pretrained=True``
+    path) and its encoder copied into ``model``; returns the (mean, std) per channel in
+    [0, 1] that came with the weights. One-line :class:`~tilenet.errors.ModelError` on
+    failure.
+    """
+    encoder = getattr(model, "encoder", None)
+    name = model.spec.name if hasattr(model, "spec") else type(model).__name__
+    if encoder is None or not name.startswith("smp."):
+        raise ModelError(
+            f"model.encoder_weights={weights!r} names published encoder weights: model "
+            f"{name!r} has none; use an smp.* model, or model.weights for a local file"
+        )
+    spec = model.spec
+    enc = str(spec.kwargs.get("encoder_name", "resnet34"))
+    import segmentation_models_pytorch as smp
+
+    kwargs = dict(spec.kwargs)
+    value: Any = weights
+    if enc.startswith("tu-"):
+        from tilenet.models.smp_models import timm_pretrained_cfg
+
+        if weights.startswith(HUB_PREFIX):
+            repo = weights[len(HUB_PREFIX) :]
+            kwargs["pretrained_cfg_overlay"] = {"hf_hub_id": repo, "source": "hf-hub"}
+        elif weights != "imagenet":
+            raise ModelError(
+                f"model.encoder_weights={weights!r}: timm encoder {enc!r} takes imagenet "
+                "(choose the weights by tag in its name: tu-NAME.TAG) or hf-hub:ORG/REPO"
+            )
+        elif timm_pretrained_cfg(enc[3:]) is None:
+            raise ModelError(f"timm has no pretrained weights for {enc[3:]!r}")
+        value = True
+    else:
+        offered = sorted(smp.encoders.encoders.get(enc, {}).get("pretrained_settings", {}))
+        if weights not in offered:
+            raise ModelError(
+                f"model.encoder_weights={weights!r}: smp publishes for encoder {enc!r}: "
+                f"{', '.join(offered) or 'nothing'}"
+            )
+    if not allow_download:
+        raise ModelError(
+            f"model.encoder_weights={weights!r} fetches published weights for encoder "
+            f"{enc!r} over the network: set model.allow_download=true to allow it, or give "
+            "a local weights file (model.encoder_weights=PATH)"
+        )
+    try:
+        net = getattr(smp, name[4:])(
+            in_channels=spec.in_channels, classes=spec.num_classes, encoder_weights=value, **kwargs
+        )
+        if enc.startswith("tu-"):
+            cfg = getattr(net.encoder.model, "pretrained_cfg", None) or {}
+            mean, std = cfg.get("mean"), cfg.get("std")
+        else:
+            params = smp.encoders.get_preprocessing_params(enc, pretrained=weights)
+            mean, std = params.get("mean"), params.get("std")
+        encoder.load_state_dict(net.encoder.state_dict())
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(
+            f"cannot fetch encoder weights {weights!r} for {enc!r}: {first[:200]}"
+        ) from None
+    if mean is None or std is None:
+        raise ModelError(f"encoder weights {weights!r} for {enc!r} came without mean/std")
+    return tuple(map(float, mean)), tuple(map(float, std))
 
 
 def file_checksum(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:

@@ -307,6 +307,11 @@ def _add_tile(sub: Any) -> None:
         f"below this, 0..1 ({_default(TilingConfig, 'min_foreground')}: keep all)",
     )
     p.add_argument(
+        "--bands",
+        type=_int_list,
+        help="bands to keep, 1-based, in the model's order, e.g. 4,3,2 (all)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         help=f"parallel dask threads ({_default(TilingConfig, 'workers')})",
@@ -334,6 +339,7 @@ TILE_FLAGS: dict[str, Sequence[str]] = {
         "label_field",
         "outside",
         "min_annotated",
+        "bands",
     ),
     "jobs": ("quiet", "log_json"),
 }

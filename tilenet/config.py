@@ -79,6 +79,8 @@ class TilingConfig:
     min_annotated: float = 0.0
     #: Class name -> label index; default: the names in the files, sorted.
     class_map: dict[str, int] = field(default_factory=dict)
+    #: Bands to keep, 1-based and in the model's order (e.g. [4, 3, 2]); all when null.
+    bands: list[int] | None = None
 
 
 @dataclass
@@ -96,6 +98,11 @@ class AugmentConfig:
     hue: float = 0.0
     #: Random rescale range; (1.0, 1.0) disables it.
     scale: tuple[float, float] = (1.0, 1.0)
+    #: HED stain augmentation for H&E (Tellez et al. 2018): each stain scaled by
+    #: U(1 - hed, 1 + hed) and shifted by U(-hed_bias, hed_bias) per patch (null: hed);
+    #: e.g. 0.05 light, 0.2 strong. 0: off. RGB images only.
+    hed: float = 0.0
+    hed_bias: float | None = None
 
 
 @dataclass
@@ -121,6 +128,8 @@ class DataConfig:
     shuffle_buffer: int = 1024
     #: Crops per epoch when sampling from images directly.
     samples_per_epoch: int = 1024
+    #: data.images: bands to read, 1-based and in the model's order; all when null.
+    bands: list[int] | None = None
     #: Oversample patches containing rare classes.
     class_balance: bool = False
     normalize: bool = True
@@ -148,8 +157,12 @@ class ModelConfig:
     #: Optional local weights file (never downloaded).
     weights: str | None = None
     #: Optional local state dict of the model's encoder (smp.* models; e.g. ImageNet weights
-    #: saved from timm or torchvision), loaded before ``weights``; never downloaded.
+    #: saved from timm or torchvision), loaded before ``weights``; or, with allow_download,
+    #: the name of published weights.
     encoder_weights: str | None = None
+    #: Let ``encoder_weights`` name published weights (``imagenet``, ``hf-hub:ORG/REPO``),
+    #: fetched by smp/timm from the Hugging Face hub (network, or HF_HOME's cache).
+    allow_download: bool = False
     #: Input normalisation stored in the checkpoint and used in training and inference:
     #: "data": the training data's per-channel mean/std (data.normalize); "encoder": the
     #: statistics the (smp.*) encoder was pretrained with, scaled by pixel_max.
@@ -182,8 +195,9 @@ class TrainConfig:
     #: Learning rate of the model's encoder (smp.* models), under the same schedule;
     #: null: train.lr.
     encoder_lr: float | None = None
-    #: Keep the encoder fixed for the first N steps (smp.* models): its learning rate is 0
-    #: and its BatchNorm layers stay in eval mode (running statistics unchanged).
+    #: Keep the encoder fixed for the first N steps (smp.* models): it computes no gradients
+    #: (requires_grad off: no backward memory), its learning rate is 0 and its BatchNorm
+    #: layers stay in eval mode (running statistics unchanged).
     freeze_encoder_steps: int = 0
     loss: Literal["ce", "dice", "ce+dice"] = "ce+dice"
     class_weights: list[float] = field(default_factory=list)

@@ -14,7 +14,7 @@ Yields, in both datasets:
   batch of a worker may be smaller. Use ``DataLoader(ds, batch_size=None)``.
 
 Masks are 0 where no labels exist; pixels that augmentation brings in from outside a
-patch are 255 (the training ``ignore_index``).
+patch, and the image's nodata pixels, are 255 (the training ``ignore_index``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tilenet.augment import build_augment
 from tilenet.config import AugmentConfig, DataConfig
 from tilenet.errors import InputError
 from tilenet.geometry import Window, iter_bands
-from tilenet.io.vector import IGNORE_INDEX, mask_nodata
+from tilenet.io.base import IGNORE_INDEX, nodata_mask
 from tilenet.normalize import Normalizer, channel_stats, normalize_
 from tilenet.patchstore import IMAGES, LABELS, open_store, read_attrs
 
@@ -108,12 +108,20 @@ class _EpochMixin:
 
 
 # -- statistics --------------------------------------------------------------------------
-def store_stats(stores: PathLike | Sequence[PathLike]) -> dict[str, Any]:
+def _select(img: Any, bands: Sequence[int] | None) -> Any:
+    """``img`` with only ``bands`` (1-based, in that order), or as is."""
+    return img.select_bands(list(bands)) if bands else img
+
+
+def store_stats(
+    stores: PathLike | Sequence[PathLike], *, bands: Sequence[int] | None = None
+) -> dict[str, Any]:
     """Per-channel mean/std, class names and channel count of patch stores or image dirs.
 
     For stores these come from the attributes the tiler wrote (combined, weighted by pixel
     count). For images (files or directories) they are computed from a low-resolution
-    level, so this stays cheap for gigapixel images.
+    level, so this stays cheap for gigapixel images, over ``bands`` (1-based; all when None)
+    and leaving out nodata pixels.
     """
     paths = _as_list(stores)
     if not paths:
@@ -135,10 +143,12 @@ def store_stats(stores: PathLike | Sequence[PathLike]) -> dict[str, Any]:
         assert s is not None and ss is not None and chans is not None
         mean, std = channel_stats(s, ss, n)
         return {"mean": mean.tolist(), "std": std.tolist(), "class_names": names, "channels": chans}
-    return _image_stats(paths)
+    return _image_stats(paths, bands=bands)
 
 
-def _image_stats(paths: list[Path], *, max_side: int = 1024) -> dict[str, Any]:
+def _image_stats(
+    paths: list[Path], *, max_side: int = 1024, bands: Sequence[int] | None = None
+) -> dict[str, Any]:
     from tilenet.io import open_image
     from tilenet.io.paths import resolve_images
 
@@ -146,7 +156,7 @@ def _image_stats(paths: list[Path], *, max_side: int = 1024) -> dict[str, Any]:
     n = 0
     chans = None
     for path in resolve_images([str(p) for p in paths]):
-        with open_image(path) as img:
+        with _select(open_image(path), bands) as img:
             lv = next(
                 (i for i, v in enumerate(img.levels) if max(v.shape) <= max_side),
                 len(img.levels) - 1,
@@ -156,6 +166,8 @@ def _image_stats(paths: list[Path], *, max_side: int = 1024) -> dict[str, Any]:
             band = step * max(1, 512 // step)
             for win in iter_bands((h, w), band):
                 px = img.read(win, lv)[::step, ::step]
+                none = nodata_mask(px, img.nodata)
+                px = px[~none] if none is not None else px
                 px = px.reshape(-1, img.channels).astype(np.float64)
                 s = px.sum(0) + (s if s is not None else 0)
                 ss = (px * px).sum(0) + (ss if ss is not None else 0)
@@ -495,9 +507,12 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         vector: Any = None,
+        bands: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         from tilenet.io import open_image
+
+        self.bands = list(bands) if bands else None
 
         self.images = [Path(p) for p in images]
         self.vector_labels: list[Any] | None = None
@@ -519,7 +534,7 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
         self._init_epoch()
         self.shapes = []
         for i, p in enumerate(self.images):
-            with open_image(p) as img:
+            with _select(open_image(p), self.bands) as img:
                 if level >= len(img.levels):
                     raise InputError(f"{p}: has no pyramid level {level}")
                 self.shapes.append(img.levels[level].shape)
@@ -532,7 +547,7 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
                             f"but {p} is {img.shape[0]}x{img.shape[1]}"
                         )
         if normalize and (mean is None or std is None):
-            st = store_stats(self.images)
+            st = store_stats(self.images, bands=self.bands)
             mean, std = st["mean"], st["std"]
         self.mean, self.std = (mean, std) if normalize else (None, None)
         self._open: dict[int, tuple[Any, Any]] = {}
@@ -546,7 +561,7 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
 
         if i not in self._open:
             lab = open_image(self.labels[i]) if self.labels is not None else None
-            self._open[i] = (open_image(self.images[i]), lab)
+            self._open[i] = (_select(open_image(self.images[i]), self.bands), lab)
         return self._open[i]
 
     def windows(self, epoch: int | None = None) -> list[tuple[int, Window]]:
@@ -606,11 +621,14 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
                 img, lab = self._handles(i)
                 crops.append(img.read(win, self.level))
                 if self.vector_labels is not None:
-                    vec = self.vector_labels[i]
-                    masks[j] = vec.read(win, self.level, fill=IGNORE_INDEX)[..., 0]
-                    mask_nodata(masks[j], crops[-1], img.nodata)
+                    masks[j] = self.vector_labels[i].read(win, self.level, fill=IGNORE_INDEX)[
+                        ..., 0
+                    ]
                 elif lab is not None:
                     masks[j] = lab.read(win, self.level)[..., 0]
+                none = nodata_mask(crops[-1], img.nodata)
+                if none is not None:  # ignored by the loss
+                    masks[j][none] = IGNORE_INDEX
             yield from emit.feed(np.stack(crops), masks, np.arange(len(crops)))
         yield from emit.flush()
 
@@ -684,6 +702,11 @@ def build_loader(
     seed = int(seed) + int(cfg.seed)
     stores = list(cfg.stores if train else cfg.val_stores)
     ds: IterableDataset
+    if stores and cfg.bands:
+        raise InputError(
+            "data.bands picks the bands of data.images; a patch store holds the bands it was "
+            "tiled with (tilenet tile --bands)"
+        )
     if stores:
         ds = PatchStoreDataset(
             stores,
@@ -733,6 +756,7 @@ def build_loader(
             augment=cfg.augment,
             normalize=cfg.normalize,
             vector=vector,
+            bands=cfg.bands,
         )
     else:
         what = "data.stores or data.images" if train else "data.val_stores"

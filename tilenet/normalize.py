@@ -7,6 +7,10 @@ model (training batches, inference tiles) then applies the stored ``mean``/``std
 are, with :func:`normalize_` (or a :class:`Normalizer` made once and applied per batch):
 ``x = (x - mean) * (1 / std)``, in float32, in place. The same arithmetic everywhere means
 a patch is fed to the model bit for bit the same in training and in inference.
+
+Pixels the image marks as nodata (every channel equal to its ``nodata`` value, as for the
+nodata area of ``classes.tif``) are left out of the statistics and get :data:`tilenet.io.base.IGNORE_INDEX`
+in training labels (:func:`tilenet.io.base.nodata_mask`).
 """
 
 from __future__ import annotations

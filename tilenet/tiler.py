@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,10 +28,10 @@ from tilenet.errors import (
 )
 from tilenet.fsutil import atomic_output
 from tilenet.geometry import TileGrid, Window
+from tilenet.io.base import IGNORE_INDEX, nodata_mask
 from tilenet.io.foreground import foreground_fractions, foreground_mask
 from tilenet.io.paths import class_names_near, match_labels, resolve_images
 from tilenet.io.storage import is_url, redact
-from tilenet.io.vector import IGNORE_INDEX, mask_nodata
 from tilenet.patchstore import (
     ARRAYS,
     CHUNKS_PER_SHARD,
@@ -45,6 +45,9 @@ from tilenet.patchstore import (
     stats_attrs,
 )
 from tilenet.progress import progress_bar
+
+if TYPE_CHECKING:
+    from tilenet.io.base import LazyImage
 
 __all__ = [
     "tile_images",
@@ -65,6 +68,13 @@ class _Plan:
     start: int = 0
     #: Vector labels (QuPath annotations or a vector file) rasterized per window.
     vector: Any = None
+    #: The image's bands to keep (1-based, in this order); None: all.
+    bands: tuple[int, ...] | None = None
+
+
+def _bands(img: LazyImage, bands: Sequence[int] | None) -> LazyImage:
+    """``img`` with only ``bands`` (1-based), or as is."""
+    return img.select_bands(list(bands)) if bands else img
 
 
 def _one_line(exc: BaseException) -> str:
@@ -97,10 +107,11 @@ def _plan_image(
     vector: Any = None,
     vindex: int = 0,
     min_annotated: float = 0.0,
+    bands: Sequence[int] | None = None,
 ) -> _Plan:
     from tilenet.io import open_image
 
-    with open_image(path, **limits) as img:
+    with _bands(open_image(path, **limits), bands) as img:
         if not 0 <= level < len(img.levels):
             raise InputError(
                 f"{path}: has no pyramid level {level} (levels 0..{len(img.levels) - 1}); "
@@ -144,6 +155,7 @@ def _plan_image(
             fingerprint=fp,
             windows=windows,
             vector=vlab,
+            bands=tuple(bands) if bands else None,
         )
 
 
@@ -199,7 +211,7 @@ def _write_range(
         if a >= b:
             continue
         st = stats.setdefault(k, np.zeros(2 * channels + 1 + 512, dtype=np.float64))
-        img = open_image(plan.path, **limits)
+        img = _bands(open_image(plan.path, **limits), plan.bands)
         vec = plan.vector
         lab = open_image(plan.label, **limits) if plan.label is not None and vec is None else None
         try:
@@ -211,21 +223,24 @@ def _write_range(
                 coords[i] = (src_index[k], level, win.y, win.x)
                 # stats over the part inside the image only (zero padding is not data)
                 inside = win.clip(*img.levels[level].shape).relative_to(win)
-                px = data[inside.slices].reshape(-1, channels).astype(np.float64)
+                none = nodata_mask(data, img.nodata)  # nodata: not in the stats, label ignored
+                px = data[inside.slices]
+                px = px[~none[inside.slices]] if none is not None else px
+                px = px.reshape(-1, channels).astype(np.float64)
                 st[:channels] += px.sum(0)
                 st[channels : 2 * channels] += (px * px).sum(0)
                 st[2 * channels] += px.shape[0]
-                if vec is not None and labs is not None:
-                    # outside the image and where the image is nodata: ignored by the loss
-                    labs[i] = vec.read(win, level, fill=IGNORE_INDEX)[..., 0]
-                    mask_nodata(labs[i], data, img.nodata)
+                if labs is not None and (vec is not None or lab is not None):
+                    # vector labels: outside the image and outside every polygon is ignored
+                    labs[i] = (
+                        vec.read(win, level, fill=IGNORE_INDEX)
+                        if vec is not None
+                        else lab.read(win, level)  # type: ignore[union-attr]
+                    )[..., 0]
+                    if none is not None:  # nodata: ignored by the loss
+                        labs[i][none] = IGNORE_INDEX
                     counts = np.bincount(labs[i][inside.slices].ravel(), minlength=256)
-                    counts[IGNORE_INDEX] = 0
-                    st[2 * channels + 1 : 2 * channels + 257] += counts
-                    st[2 * channels + 257 :] += counts > 0
-                elif lab is not None and labs is not None:
-                    labs[i] = lab.read(win, level)[..., 0]
-                    counts = np.bincount(labs[i][inside.slices].ravel(), minlength=256)
+                    counts[IGNORE_INDEX] = 0  # not a class
                     st[2 * channels + 1 : 2 * channels + 257] += counts
                     st[2 * channels + 257 :] += counts > 0
                 row += 1
@@ -265,6 +280,7 @@ def tile_images(
     outside: str = TilingConfig.outside,
     min_annotated: float = TilingConfig.min_annotated,
     class_map: Mapping[str, int] = MappingProxyType({}),  # == TilingConfig's {}
+    bands: Sequence[int] | None = TilingConfig.bands,
 ) -> Path:
     """Cut ``images`` into ``patch`` x ``patch`` patches overlapping by ``overlap`` into ``out``.
 
@@ -275,7 +291,9 @@ def tile_images(
     resolved images. Patches whose foreground fraction (from a low-resolution Otsu mask on
     the finest level no larger than ``mask_max_side``) is below ``min_foreground`` are
     dropped. Work runs on ``workers`` dask threads; each task reads and writes one shard of
-    ``4 * chunk_patches`` patches.
+    ``4 * chunk_patches`` patches. ``bands`` (1-based) keeps those bands of every image, in
+    that order. Where an image declares nodata, pixels with every band nodata are left out of
+    the statistics and labelled 255 (ignored by the loss).
 
     Rerunning into an existing store skips images already complete (same content
     fingerprint) and appends new ones. Returns the store path. With a ``failures`` dict an
@@ -399,6 +417,7 @@ def tile_images(
             vector=vector,
             vindex=vindex[p],
             min_annotated=float(min_annotated),
+            bands=bands,
         )
         for p, lab, fp in todo
     ]

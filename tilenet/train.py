@@ -77,7 +77,7 @@ the file. Unknown keys are errors that list the valid ones. Config sections:
           dataset (data.synth_dir: generated with a fixed seed when missing); patch,
           batch_size, num_workers, augment.*, class_names
   model   registry model: name, in_channels, num_classes, kwargs.*, weights, encoder_weights,
-          normalization (data | encoder), pixel_max
+          allow_download (encoder_weights=imagenet), normalization (data | encoder), pixel_max
   train   loop: steps, lr, optimizer (adamw|sgd), schedule (cosine|onecycle|constant),
           warmup_steps, loss (ce|dice|ce+dice), class_weights, ignore_index, precision
           (fp32|bf16|fp16), device, channels_last, compile, grad_accum, grad_clip,
@@ -725,8 +725,11 @@ def train(cfg: Any) -> Path:
             dist.destroy_process_group()
 
 
-def _encoder_stats(model: Any, mc: Any, channels: int) -> tuple[list[float], list[float]]:
-    """``model.normalization=encoder``: the encoder's pretraining mean/std in raw pixel units."""
+def _encoder_stats(
+    model: Any, mc: Any, channels: int, came_with: Any = None
+) -> tuple[list[float], list[float]]:
+    """``model.normalization=encoder``: the encoder's pretraining mean/std in raw pixel units
+    (``came_with``: those that came with fetched weights, else timm's/smp's tables)."""
     from tilenet.models.smp_models import SmpModel, encoder_normalization
 
     if not isinstance(model, SmpModel):
@@ -738,7 +741,7 @@ def _encoder_stats(model: Any, mc: Any, channels: int) -> tuple[list[float], lis
     if not (math.isfinite(scale) and scale > 0):
         raise ConfigError(f"model.pixel_max must be a positive number, got {mc.pixel_max!r}")
     try:
-        mean, std = encoder_normalization(model.encoder_name)
+        mean, std = came_with or encoder_normalization(model.encoder_name)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if len(mean) != channels:
@@ -751,8 +754,10 @@ def _encoder_stats(model: Any, mc: Any, channels: int) -> tuple[list[float], lis
 
 def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
     from tilenet.checkpoint import (
+        is_pretrained_name,
         load_checkpoint,
         load_encoder_weights,
+        load_pretrained_encoder,
         load_weights,
         save_checkpoint,
     )
@@ -816,13 +821,22 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model = create_model_from_config(mc)
-    if mc.encoder_weights:
+    # Published encoder weights fetched: their name and the mean/std that came with them.
+    fetched: dict[str, Any] | None = None
+    if mc.encoder_weights and is_pretrained_name(mc.encoder_weights):
+        mean_std = load_pretrained_encoder(
+            model, str(mc.encoder_weights), allow_download=bool(mc.allow_download)
+        )
+        fetched = {"weights": str(mc.encoder_weights), "mean": mean_std[0], "std": mean_std[1]}
+    elif mc.encoder_weights:
         load_encoder_weights(model, mc.encoder_weights)
     if mc.weights:
         load_weights(model, mc.weights)
     if mc.normalization == "encoder":
         # The encoder's statistics replace the data's, in training, validation and the spec.
-        mean, std = _encoder_stats(model, mc, channels)
+        mean, std = _encoder_stats(
+            model, mc, channels, fetched and (fetched["mean"], fetched["std"])
+        )
         dsets: list[Any] = [ds] + ([val_loader.dataset] if val_loader is not None else [])
         for dset in dsets:
             dset.mean, dset.std = mean, std
@@ -884,13 +898,34 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
         save_config(cfg, run_dir)
     log = _Log(run_dir, enabled=d.main, resume_step=state.step if ckpt_path else None)
 
-    # -- wrap for DDP / compile
-    net: torch.nn.Module = model
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    # -- a frozen encoder computes no gradients (requires_grad False) until step `freeze`
+    frozen = bool(freeze) and state.step < freeze
+    encoder_params = list(getattr(model, "encoder", torch.nn.Identity()).parameters())
+    for p in encoder_params if frozen else ():
+        p.requires_grad_(False)
 
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd = torch.compile(net) if tc.compile else net
+    # -- wrap for DDP / compile
+    def wrap() -> tuple[torch.nn.Module, Any]:
+        # DDP syncs the parameters that require grad when wrapped: rewrapped on thawing.
+        net: torch.nn.Module = model
+        if d.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # Parameters of layers the forward never calls (an smp encoder's stages past
+            # encoder_depth) get no gradient: DDP must be told to look for them.
+            called = getattr(getattr(model, "analysis", None), "called", None)
+            unused = called is not None and any(
+                p.requires_grad and name.rpartition(".")[0] not in called
+                for name, p in model.named_parameters()
+            )
+            net = DDP(
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=unused,
+            )
+        return net, torch.compile(net) if tc.compile else net
+
+    net, fwd = wrap()
 
     def checkpoint(name: str) -> None:
         # Every rank's data position and RNG states, so each resumes its own shard exactly.
@@ -911,6 +946,10 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
             "config": OmegaConf.to_container(cfg, resolve=True),
             "metrics": {"best": state.best, "bad": state.bad},
         }
+        if fetched is not None:  # in [0, 1], as published with the weights
+            payload["encoder_pretrained"] = {
+                k_: list(v) if isinstance(v, tuple) else v for k_, v in fetched.items()
+            }
         save_checkpoint(run_dir / name, payload)
 
     def validate() -> dict[str, Any]:
@@ -980,6 +1019,11 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
     try:
         while state.step < stop_at:
             t0 = time.perf_counter()
+            if frozen and state.step >= freeze:
+                frozen = False
+                for p in encoder_params:
+                    p.requires_grad_(True)
+                net, fwd = wrap()
             for bn in encoder_bns:  # a frozen encoder keeps its running statistics
                 bn.train(state.step >= freeze)
             opt.zero_grad(set_to_none=True)

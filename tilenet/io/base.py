@@ -17,7 +17,27 @@ import numpy as np
 from tilenet.errors import CorruptImageError, InputError, TilenetError
 from tilenet.geometry import Window, spans
 
-__all__ = ["BandSelection", "LazyImage", "Level"]
+__all__ = ["IGNORE_INDEX", "BandSelection", "LazyImage", "Level", "nodata_mask"]
+
+
+#: The label of pixels without one (``train.ignore_index``'s default): nodata pixels, pixels
+#: outside every annotation, the part of a window outside the image.
+IGNORE_INDEX = 255
+
+
+def nodata_mask(pixels: np.ndarray, nodata: float | None) -> np.ndarray | None:
+    """True where every channel of ``pixels`` (h, w, C) is ``nodata`` (NaN matches NaN);
+    None when there is no nodata value.
+
+    >>> nodata_mask(np.array([[[0, 0], [0, 5]]]), 0).tolist()
+    [[True, False]]
+    """
+    if nodata is None:
+        return None
+    px = pixels if pixels.ndim == 3 else pixels[..., None]
+    if np.isnan(nodata):
+        return np.isnan(px).all(-1) if px.dtype.kind == "f" else np.zeros(px.shape[:2], bool)
+    return np.asarray(np.asarray(px == nodata).all(-1))
 
 
 @dataclass(frozen=True)

@@ -48,16 +48,14 @@ import numpy as np
 from tilenet.errors import ImageNotFoundError, InputError, UnsupportedFormatError
 from tilenet.fsutil import safe_stem
 from tilenet.geometry import Window
-from tilenet.io.base import LazyImage
+from tilenet.io.base import IGNORE_INDEX, LazyImage
 
 __all__ = [
     "ANNOTATION_SUFFIXES",
-    "IGNORE_INDEX",
     "OUTSIDE",
     "VectorLabelImage",
     "VectorLabelPlan",
     "VectorLabels",
-    "mask_nodata",
     "match_annotations",
     "plan_vector_labels",
     "read_annotations",
@@ -68,7 +66,6 @@ __all__ = [
 
 #: The label of pixels outside every polygon with ``outside="ignore"`` (and of nodata
 #: pixels, always): ``train.ignore_index``'s default.
-IGNORE_INDEX = 255
 #: What pixels outside every polygon become.
 OUTSIDE = ("ignore", "background")
 #: File endings of annotation files found in a directory.
@@ -528,22 +525,6 @@ def match_annotations(images: Sequence[Path | str], spec: str | os.PathLike[str]
 def _name(image: Path | str) -> str:
     """The file name of a local path or a URL (``s3://b/a/x.svs?v=1`` -> ``x.svs``)."""
     return PurePosixPath(str(image).split("?", 1)[0]).name if isinstance(image, str) else image.name
-
-
-def mask_nodata(labels: np.ndarray, pixels: np.ndarray, nodata: float | None) -> np.ndarray:
-    """Set ``labels`` (h, w) to :data:`IGNORE_INDEX` where every channel of ``pixels`` (h, w, C)
-    is ``nodata`` (NaN matches NaN); in place, and returned.
-
-    >>> lab = np.zeros((1, 2), np.uint8)
-    >>> mask_nodata(lab, np.array([[[0, 0], [0, 5]]]), 0).tolist()
-    [[255, 0]]
-    """
-    if nodata is None:
-        return labels
-    px = pixels if pixels.ndim == 3 else pixels[..., None]
-    hit = np.isnan(px).all(-1) if math.isnan(nodata) else (px == nodata).all(-1)
-    labels[hit] = IGNORE_INDEX
-    return labels
 
 
 # -- geometry helpers ----------------------------------------------------------------------

@@ -17,8 +17,9 @@ what makes crop-mode tiled inference with ``halo = ceil_to(receptive_field, stri
 
 An operation the analysis does not know raises :class:`~tilenet.errors.ModelError` rather
 than guess. A *global* operation (adaptive pooling, a mean over H and W, a LayerNorm over
-spatial dimensions: squeeze-and-excitation, pyramid pooling, ASPP's image pooling) makes a
-map whose values depend on the whole input; its map is left out of the intervals (the
+spatial dimensions, a reshape merging H and W: squeeze-and-excitation, pyramid pooling,
+ASPP's image pooling, attention over all positions) makes a map whose values depend on the
+whole input; its map is left out of the intervals (the
 receptive field is that of the local paths) and the operation is listed in
 :attr:`Analysis.global_ops`, so :func:`exactness` reports the model as not exact. Channels-last
 layouts (``permute``, as ConvNeXt's blocks do) are followed: a LayerNorm or Linear over the
@@ -146,6 +147,9 @@ _CONSTANT_METHODS = {"new_zeros", "new_ones", "new_full", "new_empty"}
 _NORMALISING = ("LayerNorm over H, W", "layer_norm over H, W")
 _REDUCE_METHODS = {"mean", "sum", "amax", "max", "std", "var"}
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax}
+# Reshapes: one that merges H and W (MAnet's attention over all positions) is global.
+_RESHAPE_METHODS = {"flatten", "view", "reshape"}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
 
 # A (y, x) pair of intervals, or None for a map whose values depend on the whole input.
 _State = tuple["_Axis", "_Axis"] | None
@@ -374,6 +378,11 @@ def _global_op(node: fx.Node, modules: dict[str, nn.Module], layout: tuple[int, 
         dims = _dims(node, _ndim(node.all_input_nodes[0]))
         if dims is None or dims & set(layout):
             what = f"{getattr(node.target, '__name__', node.target)} over H, W"
+    elif (node.op == "call_method" and node.target in _RESHAPE_METHODS) or (
+        node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS
+    ):
+        if _spatial(node, layout) != _spatial(node.all_input_nodes[0], layout):
+            what = "a reshape merging H, W (attention over all positions)"
     return f"{what} at {_where(node)}" if what else ""
 
 

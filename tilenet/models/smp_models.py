@@ -2,17 +2,21 @@
 
 Keyword arguments go to the smp class (``encoder_name``, ``encoder_depth``, ...), except
 ``encoder_weights``, which is always ``None`` here: models read no files and never download;
-encoder weights come from :func:`tilenet.checkpoint.load_encoder_weights`. smp and timm are
+encoder weights come from a local file (:func:`tilenet.checkpoint.load_encoder_weights`) or,
+as an explicit opt-in, through smp's and timm's own downloads
+(:func:`tilenet.checkpoint.load_pretrained_encoder`). smp and timm are
 imported when a model is built, not when the registry is (importing them takes seconds).
 
 The stride is the encoder's output stride; the receptive field and exactness come from
 tracing the encoder, decoder and head (:mod:`tilenet.models.receptive`), so encoders with
 squeeze-and-excitation, attention or pyramid pooling are reported as not exact.
 
-Offered: Unet, UnetPlusPlus, FPN, PSPNet, DeepLabV3, DeepLabV3Plus, PAN and UPerNet. Not
-offered, because torch.fx cannot trace them (the receptive field would be unknown): Linknet
-(its decoder branches on a skip's channel count), MAnet (attention via ``flatten``/``bmm``),
-Segformer (a list of maps built in a Python loop over shapes) and DPT (a ViT encoder).
+Offered: Unet, UnetPlusPlus, FPN, Linknet, MAnet, PSPNet, DeepLabV3, DeepLabV3Plus, PAN and
+UPerNet. Linknet's decoder tests a skip's channel count, which torch.fx cannot trace: it runs
+here with that test decided from the encoder's declared channels (same output). MAnet's
+attention over all positions (a reshape merging H and W) and squeeze-and-excitation make it
+not exact. Not offered, because their receptive field cannot be traced: Segformer (a list of
+maps built in a Python loop over shapes) and DPT (a ViT encoder).
 
 :func:`encoder_normalization` gives the mean/std a pretrained encoder was trained with, from
 tables installed with timm and here (never the network; smp 0.6 keeps its own on the hub).
@@ -29,13 +33,15 @@ from torch import nn
 
 from tilenet.models.registry import TileModel, register_model
 
-__all__ = ["ARCHITECTURES", "SmpModel", "encoder_normalization"]
+__all__ = ["ARCHITECTURES", "SmpModel", "encoder_normalization", "timm_pretrained_cfg"]
 
 #: smp classes offered (those missing from the installed smp raise a ModelError when built).
 ARCHITECTURES = (
     "DeepLabV3",
     "DeepLabV3Plus",
     "FPN",
+    "Linknet",
+    "MAnet",
     "PAN",
     "PSPNet",
     "UPerNet",
@@ -73,7 +79,23 @@ class SmpModel(TileModel):
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         # smp's forward minus its input-shape check (TileModel.forward does that).
         net: Any = self.net
-        return net.segmentation_head(net.decoder(net.encoder(x)))
+        features = net.encoder(x)
+        if type(net).__name__ == "Linknet":
+            return net.segmentation_head(self._linknet_decoder(features))
+        return net.segmentation_head(net.decoder(features))
+
+    def _linknet_decoder(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """smp's ``LinknetDecoder.forward``, its test of a skip's channel count (which
+        torch.fx cannot trace) decided from the encoder's declared channels instead."""
+        net: Any = self.net
+        channels = list(net.encoder.out_channels)[1:][::-1]
+        features = features[1:][::-1]
+        x = features[0]
+        for i, block in enumerate(net.decoder.blocks):
+            x = block.block(x)
+            if i + 1 < len(features) and channels[i + 1] != 0:
+                x = x + features[i + 1]
+        return x
 
     @property
     def encoder_name(self) -> str:
@@ -100,15 +122,29 @@ def encoder_normalization(encoder_name: str) -> tuple[tuple[float, ...], tuple[f
     """
     if not encoder_name.startswith("tu-"):
         return _ENCODER_STATS.get(encoder_name, _IMAGENET)
-    import timm.models
-
     name = encoder_name[3:]
-    cfg = timm.models.get_pretrained_cfg(name) if timm.models.is_model_pretrained(name) else None
+    cfg = timm_pretrained_cfg(name)
     if cfg is None or cfg.mean is None or cfg.std is None:
         raise ValueError(
             f"timm has no pretrained statistics for {name!r}; use model.normalization=data"
         )
     return tuple(map(float, cfg.mean)), tuple(map(float, cfg.std))
+
+
+def timm_pretrained_cfg(name: str) -> Any:
+    """timm's offline ``pretrained_cfg`` of ``name`` (``NAME`` or ``NAME.TAG``) when timm
+    publishes weights for it, else None.
+
+    >>> timm_pretrained_cfg("regnetx_002").hf_hub_id
+    'timm/regnetx_002.pycls_in1k'
+    """
+    import timm.models
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except (RuntimeError, ValueError):  # an unknown tag
+        return None
+    return cfg if cfg is not None and (cfg.hf_hub_id or cfg.url or cfg.file) else None
 
 
 def _encoder_names(smp: Any) -> list[str]:
@@ -129,8 +165,9 @@ def _builder(arch: str) -> Any:
             raise ValueError(f"the installed smp {smp.__version__} has no {arch}")
         if kwargs.get("encoder_weights") is not None:
             raise ValueError(
-                "encoder_weights: tilenet loads encoder weights from a local file "
-                "(model.encoder_weights: PATH), not through smp"
+                "model.kwargs.encoder_weights: tilenet loads encoder weights from a local file "
+                "or, with model.allow_download=true, by name (imagenet): set "
+                "model.encoder_weights instead"
             )
         kwargs["encoder_weights"] = None
         name = kwargs.get("encoder_name", "resnet34")
@@ -140,6 +177,16 @@ def _builder(arch: str) -> Any:
             raise ValueError(
                 f"unknown encoder {name!r}; close matches: {', '.join(close) or 'none'}"
             )
+        if name.startswith("tu-"):  # timm's names, with an optional pretrained tag
+            import timm
+
+            base = name[3:].split(".")[0]
+            if not timm.is_model(base):
+                close = difflib.get_close_matches(base, timm.list_models(), n=5)
+                raise ValueError(
+                    f"unknown timm encoder {name!r}; close matches: "
+                    f"{', '.join('tu-' + c for c in close) or 'none'}"
+                )
         for key in ("in_channels", "classes", "aux_params"):
             if key in kwargs:
                 raise ValueError(f"{key!r} is set by tilenet, not in kwargs")

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tilenet.augment import build_augment
-from tilenet.config import AugmentConfig, DataConfig
+from tilenet.config import AugmentConfig, DataConfig, ResolutionConfig
 from tilenet.errors import InputError
 from tilenet.geometry import Window, iter_bands
 from tilenet.normalize import Normalizer, channel_stats, normalize_
@@ -363,8 +363,10 @@ class PatchStoreDataset(_EpochMixin, IterableDataset):
         self.has_labels: list[bool] = []
         self.patch = None
         class_patches = np.zeros(256)
+        pixels: list[dict[str, Any]] = []
         for k, path in enumerate(self.paths):
             at = dict(open_store(path).attrs)
+            pixels += list(at.get("sources") or [])
             if self.patch is not None and at["patch"] != self.patch:
                 raise InputError(f"{path}: patch {at['patch']} differs from {self.patch}")
             self.patch = at["patch"]
@@ -381,6 +383,10 @@ class PatchStoreDataset(_EpochMixin, IterableDataset):
         self.normalize = normalize
         self.class_repeat = repeat_factors(class_patches, sum(self.counts))
         self._groups: list[Any] | None = None
+        from tilenet.io.resolution import training_resolution
+
+        #: The patches' pixel size where all sources agree (what a checkpoint records).
+        self.resolution = training_resolution(pixels)
 
     def __len__(self) -> int:
         """Patches (or batches) this rank delivers per epoch, summed over its workers.
@@ -487,10 +493,15 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
         normalize: bool = True,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        resolution: ResolutionConfig | None = None,
     ) -> None:
         super().__init__()
         from tilenet.io import open_image
+        from tilenet.io.resolution import check_resolution, pixel_record, training_resolution
 
+        if resolution is not None:
+            check_resolution(resolution, level=level)
+        self.target = resolution
         self.images = [Path(p) for p in images]
         self.labels = [Path(p) for p in labels] if labels is not None else None
         if not self.images:
@@ -504,12 +515,17 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
         self.augment_cfg = augment
         self._init_epoch()
         self.shapes = []
+        pixels = []
         for i, p in enumerate(self.images):
-            with open_image(p) as img:
-                if level >= len(img.levels):
-                    raise InputError(f"{p}: has no pyramid level {level}")
-                self.shapes.append(img.levels[level].shape)
+            img, lv = self._open_at(open_image(p))
+            with img:
+                if lv >= len(img.levels):
+                    raise InputError(f"{p}: has no pyramid level {lv}")
+                self.shapes.append(img.levels[lv].shape)
                 self.channels = img.channels
+                pixels.append(pixel_record(img, lv))
+                if "resolution" in img.metadata:  # the file's extent, for the label check
+                    img = img.source
             if self.labels is not None:
                 with open_image(self.labels[i]) as lab:
                     if lab.shape[:2] != img.shape[:2]:
@@ -522,6 +538,17 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
             mean, std = st["mean"], st["std"]
         self.mean, self.std = (mean, std) if normalize else (None, None)
         self._open: dict[int, tuple[Any, Any]] = {}
+        #: The crops' pixel size where all images agree (what a checkpoint records).
+        self.resolution = training_resolution(pixels)
+
+    def _open_at(self, img: Any) -> tuple[Any, int]:
+        """``img`` at the target pixel size (a resampled view) and the level to read."""
+        if self.target is None:
+            return img, self.level
+        from tilenet.io.resolution import at_resolution
+
+        view, res = at_resolution(img, self.target, level=self.level)
+        return view, self.level if res is None else 0
 
     def __len__(self) -> int:
         n = len(range(self.rank, self.samples_per_epoch, self.world_size))
@@ -531,8 +558,11 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
         from tilenet.io import open_image
 
         if i not in self._open:
+            from tilenet.io.resolution import label_view
+
+            img, _ = self._open_at(open_image(self.images[i]))
             lab = open_image(self.labels[i]) if self.labels is not None else None
-            self._open[i] = (open_image(self.images[i]), lab)
+            self._open[i] = (img, label_view(lab, img) if lab is not None else None)
         return self._open[i]
 
     def windows(self, epoch: int | None = None) -> list[tuple[int, Window]]:
@@ -561,16 +591,23 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
             crops, masks = [], np.zeros((len(mine[s : s + step]), self.patch, self.patch), np.uint8)
             for j, (i, win) in enumerate(mine[s : s + step]):
                 img, lab = self._handles(i)
-                crops.append(img.read(win, self.level))
+                lv = 0 if "resolution" in img.metadata else self.level
+                crops.append(img.read(win, lv))
                 if lab is not None:
-                    masks[j] = lab.read(win, self.level)[..., 0]
+                    masks[j] = lab.read(win, lv)[..., 0]
             yield from emit.feed(np.stack(crops), masks, np.arange(len(crops)))
         yield from emit.flush()
 
 
 # -- loaders -----------------------------------------------------------------------------
 def build_loader(
-    data_cfg: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0
+    data_cfg: DataConfig,
+    *,
+    train: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    resolution: ResolutionConfig | None = None,
 ) -> DataLoader:
     """A DataLoader of batches ``(float32 (B, C, P, P), int64 (B, P, P))`` for ``data_cfg``.
 
@@ -579,7 +616,8 @@ def build_loader(
     order, unaugmented. The synthetic dataset of ``synth_dir`` is made into stores before,
     by :func:`tilenet.train.prepare_demo_data` (training does it). The dataset is
     ``loader.dataset``: call ``loader.dataset.set_epoch(e)`` each epoch. Workers are
-    persistent (started once, not every epoch).
+    persistent (started once, not every epoch). ``resolution`` is the pixel size crops
+    from ``images`` are read at (:mod:`tilenet.io.resolution`); stores have theirs already.
     """
     cfg = data_cfg
     if not isinstance(cfg, DataConfig):  # an omegaconf section: plain dataclasses pickle to workers
@@ -623,6 +661,7 @@ def build_loader(
             world_size=world_size,
             augment=cfg.augment,
             normalize=cfg.normalize,
+            resolution=resolution,
         )
     else:
         what = "data.stores or data.images" if train else "data.val_stores"

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tilenet.config import ReaderConfig, TilingConfig
+from tilenet.config import ReaderConfig, ResolutionConfig, TilingConfig
 from tilenet.errors import (
     InputError,
     ShapeMismatchError,
@@ -60,6 +60,9 @@ class _Plan:
     fingerprint: str
     windows: list[Window]
     start: int = 0
+    #: The pixel size its patches have (``pixel_record``), and how it was resampled.
+    pixel: dict[str, Any] | None = None
+    resolution: dict[str, Any] | None = None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -68,6 +71,25 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, TilenetError):
         return first
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _open_at(
+    path: Path, limits: dict[str, Any], resolution: ResolutionConfig | None, level: int
+) -> tuple[Any, int]:
+    """The image at ``resolution`` (a resampled view, see :mod:`tilenet.io.resolution`) and
+    the level to read it at: ``level`` without a target, else the view's level 0."""
+    from tilenet.io import open_image
+    from tilenet.io.resolution import at_resolution
+
+    img = open_image(path, **limits)
+    if resolution is None:
+        return img, level
+    try:
+        view, res = at_resolution(img, resolution, level=level)
+    except BaseException:
+        img.close()
+        raise
+    return view, level if res is None else 0
 
 
 def _plan_or_reason(*args: Any, **kwargs: Any) -> _Plan | str:
@@ -89,10 +111,13 @@ def _plan_image(
     min_foreground: float,
     mask_max_side: int,
     limits: dict[str, Any],
+    resolution: ResolutionConfig | None = None,
 ) -> _Plan:
     from tilenet.io import open_image
+    from tilenet.io.resolution import ResampledImage, label_view, pixel_record
 
-    with open_image(path, **limits) as img:
+    img, level = _open_at(path, limits, resolution, level)
+    with img:
         if not 0 <= level < len(img.levels):
             raise InputError(
                 f"{path}: has no pyramid level {level} (levels 0..{len(img.levels) - 1}); "
@@ -101,11 +126,13 @@ def _plan_image(
         lh, lw = img.levels[level].shape
         if label is not None:
             with open_image(label, **limits) as lab:
-                if lab.shape[:2] != img.shape[:2]:
+                src = img.source if isinstance(img, ResampledImage) and img.source else img
+                if lab.shape[:2] != src.shape[:2]:
                     raise ShapeMismatchError(
                         f"{label}: label image is {lab.shape[0]}x{lab.shape[1]} but {path} is "
-                        f"{img.shape[0]}x{img.shape[1]}; labels must have the image's size"
+                        f"{src.shape[0]}x{src.shape[1]}; labels must have the image's size"
                     )
+                lab = label_view(lab, img)  # on a resampled view's grid (nearest)
                 if lab.channels != 1:
                     raise InputError(
                         f"{label}: label image has {lab.channels} channels; expected one "
@@ -127,10 +154,12 @@ def _plan_image(
         return _Plan(
             path=path,
             label=label,
-            shape=tuple(img.shape),  # type: ignore[arg-type]
+            shape=tuple(img.shape),
             dtype=str(np.dtype(img.dtype)),
             fingerprint=fp,
             windows=windows,
+            pixel=pixel_record(img, level),
+            resolution=img.metadata.get("resolution"),
         )
 
 
@@ -145,6 +174,7 @@ def _write_range(
     patch: int,
     channels: int,
     limits: dict[str, Any],
+    resolution: ResolutionConfig | None = None,
 ) -> dict[int, np.ndarray]:
     """Read patches ``lo:hi`` (global rows) of ``plans`` and write them; return partial stats.
 
@@ -154,6 +184,7 @@ def _write_range(
     import zarr
 
     from tilenet.io import open_image
+    from tilenet.io.resolution import label_view
 
     group = zarr.open_group(store, mode="r+")
     arr_img: Any = group[IMAGES]
@@ -169,8 +200,10 @@ def _write_range(
         if a >= b:
             continue
         st = stats.setdefault(k, np.zeros(2 * channels + 1 + 512, dtype=np.float64))
-        img = open_image(plan.path, **limits)
+        img, level = _open_at(plan.path, limits, resolution, level)
         lab = open_image(plan.label, **limits) if plan.label is not None else None
+        if lab is not None:
+            lab = label_view(lab, img)
         try:
             for g in range(a, b):
                 win = plan.windows[g - plan.start]
@@ -220,6 +253,7 @@ def tile_images(
     reader: ReaderConfig | None = None,
     progress: bool = True,
     failures: dict[str, str] | None = None,
+    resolution: ResolutionConfig | None = None,
 ) -> Path:
     """Cut ``images`` into ``patch`` x ``patch`` patches overlapping by ``overlap`` into ``out``.
 
@@ -236,6 +270,12 @@ def tile_images(
     fingerprint) and appends new ones. Returns the store path. With a ``failures`` dict an
     unreadable image (or one of another kind than the store's) is recorded there as
     ``{path: one-line reason}`` and left out instead of stopping the batch (tilenet.jobs).
+
+    ``resolution`` cuts every image at a target pixel size (``mpp``/``gsd``/
+    ``magnification``: the nearest finer level resampled per window, label images by nearest
+    neighbour; see :mod:`tilenet.io.resolution`); patches and coordinates are then in that
+    grid. Each source records the pixel size of its patches (``mpp``/``gsd``), which training
+    stores in the checkpoint.
     """
     import dask
     import zarr
@@ -252,6 +292,13 @@ def tile_images(
         raise InputError(f"chunk_patches must be a positive int, got {chunk_patches!r}")
     limits = asdict(reader if reader is not None else ReaderConfig())
     TileGrid.for_patches((patch, patch), patch, overlap)  # validates overlap up front
+    if resolution is not None:
+        from tilenet.io.resolution import check_resolution
+
+        check_resolution(resolution, level=level)
+        if resolution == ResolutionConfig():
+            resolution = None
+    res_attr = asdict(resolution) if resolution is not None else None
     out = Path(out)
     paths = resolve_images(images)
     if labels is None:
@@ -272,8 +319,13 @@ def tile_images(
             raise InputError(
                 f"{out}: exists and is not a tilenet patch store; choose another --out or remove it"
             )
-        for key, want in (("patch", patch), ("overlap", overlap), ("level", level)):
-            if existing[key] != want:
+        for key, want in (
+            ("patch", patch),
+            ("overlap", overlap),
+            ("level", level),
+            ("resolution", res_attr),
+        ):
+            if existing.get(key) != want:
                 raise InputError(
                     f"{out}: store was tiled with {key}={existing[key]}, not {want}; "
                     "use the same settings to resume/append, or a new --out"
@@ -310,6 +362,7 @@ def tile_images(
             min_foreground=float(min_foreground),
             mask_max_side=mask_max_side,
             limits=limits,
+            resolution=resolution,
         )
         for p, lab, fp in todo
     ]
@@ -351,6 +404,7 @@ def tile_images(
             "patch": patch,
             "overlap": overlap,
             "level": level,
+            "resolution": res_attr,
             "channels": channels,
             "dtype": dtype,
             "chunk_patches": chunk_patches,
@@ -404,6 +458,7 @@ def tile_images(
                     workers=workers,
                     limits=limits,
                     bar=bar,
+                    resolution=resolution,
                 )
                 batch = []
     finally:
@@ -425,6 +480,7 @@ def _write_batch(
     workers: int,
     limits: dict[str, Any],
     bar: Any,
+    resolution: ResolutionConfig | None = None,
 ) -> int:
     import dask
 
@@ -462,6 +518,7 @@ def _write_batch(
                 patch=patch,
                 channels=channels,
                 limits=limits,
+                resolution=resolution,
             ),
             hi - lo,
         )
@@ -489,6 +546,8 @@ def _write_batch(
                 "npix": float(st[2 * channels]),
                 "class_pixels": [int(v) for v in cp[:k]],
                 "class_patches": [int(v) for v in st[2 * channels + 257 :][:k]],
+                **(plan.pixel or {}),
+                "resolution": plan.resolution,
             }
         )
     # The commit point: written after every shard of the batch is on disk.

@@ -49,7 +49,9 @@ __all__ = [
     "at_resolution",
     "check_resolution",
     "label_view",
+    "pixel_record",
     "plan_resolution",
+    "training_resolution",
 ]
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,31 @@ class Resolution:
         if self.used_as_is:
             d["note"] = "level used as is"
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Resolution:
+        """The inverse of :meth:`to_dict` (extra keys ignored).
+
+        >>> r = Resolution({"mpp": 1.0}, 0, (1.0, 1.0), (2.0, 2.0), False, (2.0, 2.0), (4, 5))
+        >>> Resolution.from_dict(r.to_dict()) == r
+        True
+        """
+
+        def pair(v: Any) -> Any:
+            return (float(v[0]), float(v[1])) if v else None
+
+        return cls(
+            requested={str(k): float(v) for k, v in d["requested"].items()},
+            source_level=int(d["source_level"]),
+            source_downsample=pair(d["source_downsample"]),
+            factor=pair(d["factor"]),
+            used_as_is=bool(d["used_as_is"]),
+            scale=pair(d["scale"]),
+            shape=(int(d["shape"][0]), int(d["shape"][1])),
+            pixel_size=pair(d.get("pixel_size")),
+            assumed=bool(d.get("pixel_size_assumed")),
+            gsd=pair(d.get("gsd")),
+        )
 
 
 def _gsd(transform: tuple[float, ...]) -> tuple[float, float]:
@@ -320,20 +347,65 @@ class ResampledImage(LazyImage):
             self.source.close()
 
 
-def label_view(labels: LazyImage, like: LazyImage) -> LazyImage:
+def label_view(labels: LazyImage, like: LazyImage | Resolution) -> LazyImage:
     """``labels`` (a label image of the same file extent as ``like``'s source) on the pixel
-    grid of the view ``like``, by nearest neighbour from the labels' level 0.
+    grid of the view ``like`` (or of a :class:`Resolution`), by nearest neighbour from the
+    labels' level 0.
 
     Returns ``labels`` itself when ``like`` is not a :class:`ResampledImage`.
     """
-    res = getattr(like, "resolution", None)
-    if not isinstance(like, ResampledImage) or res is None:
+    res = like if isinstance(like, Resolution) else getattr(like, "resolution", None)
+    if not isinstance(res, Resolution):
         return labels
     view_res = replace(res, source_level=0, used_as_is=False)
     view = ResampledImage.of(labels, view_res, kind="labels")
     view.levels = view.levels[:1]
     view.source_levels = [0]
     return view
+
+
+def pixel_record(image: LazyImage, level: int = 0) -> dict[str, Any]:
+    """The pixel size of ``level``: ``mpp`` [y, x] (µm) and ``gsd`` [y, x] with
+    ``crs_units``, each None where the image does not know it."""
+    ds = image.levels[level].downsample
+    rec: dict[str, Any] = {"mpp": None, "gsd": None, "crs_units": None}
+    if image.pixel_size:
+        rec["mpp"] = [image.pixel_size[0] * ds[0], image.pixel_size[1] * ds[1]]
+    if image.transform is not None:
+        from tilenet.io.raster import describe_georef
+
+        info = describe_georef(image.crs, _scaled(image.transform, ds))
+        rec["gsd"], rec["crs_units"] = info["gsd"], info["crs_units"]
+    return rec
+
+
+def training_resolution(
+    records: list[dict[str, Any]], *, rel: float = 0.01
+) -> dict[str, Any] | None:
+    """What a checkpoint records of its training data's pixel size (``ModelSpec.resolution``).
+
+    ``{"mpp": m}`` when every record (:func:`pixel_record`) has a pixel size and they agree
+    within ``rel``; else ``{"gsd": g, "crs_units": u}`` likewise; else None (unknown or mixed).
+
+    >>> training_resolution([{"mpp": [0.5, 0.5]}, {"mpp": [0.501, 0.5]}])
+    {'mpp': 0.5}
+    >>> training_resolution([{"mpp": [0.5, 0.5]}, {"mpp": None}]) is None
+    True
+    """
+    for key in ("mpp", "gsd"):
+        values = [r.get(key) for r in records]
+        if not values or any(not v for v in values):
+            continue
+        flat = [float(x) for v in values for x in (v or ())]
+        lo, hi = min(flat), max(flat)
+        units = {r.get("crs_units") for r in records}
+        if hi > lo * (1 + rel) or (key == "gsd" and len(units) > 1):
+            continue
+        out: dict[str, Any] = {key: round(flat[0], 6)}
+        if key == "gsd":
+            out["crs_units"] = units.pop()
+        return out
+    return None
 
 
 # -- resampling ----------------------------------------------------------------------------

@@ -350,3 +350,60 @@ def test_checkpoint_pixel_size_is_the_default(
     s = infer_image(bare, ckpt, tmp_path / "c", **OPTS)
     assert s["resolution"]["chosen_by"] == "level" and s["shape"] == [64, 64]
     assert "trained at 2.0 µm/px" in caplog.text and "has no pixel size" in caplog.text
+
+
+# -- tiling and training ------------------------------------------------------------------------
+def test_tile_and_train_at_mpp_record_the_pixel_size(slide: Path, tmp_path: Path) -> None:
+    """Patches and label patches on the 1.0 µm/px grid; the checkpoint records 1.0 µm/px and
+    inference on the 0.5 µm/px slide then runs at it by default."""
+    from tilenet.checkpoint import load_checkpoint
+    from tilenet.config import load_config
+    from tilenet.data import PatchStoreDataset, RandomCropDataset
+    from tilenet.tiler import tile_images
+    from tilenet.train import train
+
+    lab = tmp_path / "lab.tif"
+    tifffile.imwrite(lab, (_disk()[..., 0] > 100).astype(np.uint8), tile=(64, 64))
+    store = tmp_path / "p.zarr"
+    rc = ResolutionConfig(mpp=1.0)
+    tile_images([slide], labels=[lab], out=store, patch=64, overlap=0, resolution=rc,
+                progress=False)  # fmt: skip
+    g = zarr.open_group(store, mode="r")
+    src = dict(g.attrs)["sources"][0]
+    assert src["mpp"] == [1.0, 1.0] and src["resolution"]["factor"] == [2.0, 2.0]
+    assert src["shape"][:2] == [H // 2, W // 2]
+    coords = np.asarray(g["coords"][:])
+    with open_image(slide) as img:
+        view, _ = at_resolution(img, rc)
+        for i in (0, len(coords) // 2, len(coords) - 1):
+            _, lv, y, x = coords[i].tolist()
+            assert lv == 0
+            np.testing.assert_array_equal(g["images"][i], view.read(Window(y, x, 64, 64)))
+    # the label patch under the disk's centre (view pixel (CY/2, CX/2)) is 1, a corner 0
+    cy, cx = CY // 2, CX // 2
+    k = next(
+        i
+        for i, c in enumerate(coords.tolist())
+        if c[2] <= cy < c[2] + 64 and c[3] <= cx < c[3] + 64
+    )
+    labels = np.asarray(g["labels"][k])
+    assert labels[cy - coords[k][2], cx - coords[k][3]] == 1 and labels.sum() > 0
+    assert int(np.asarray(g["labels"][0])[0, 0]) == 0
+    # an existing store is only extended at the same pixel size
+    with pytest.raises(InputError, match="resolution"):
+        tile_images([slide], out=store, patch=64, overlap=0, labels=[lab], progress=False)
+    assert PatchStoreDataset(store).resolution == {"mpp": 1.0}
+    crops = RandomCropDataset([slide], [lab], patch=32, samples_per_epoch=2, resolution=rc)
+    assert crops.resolution == {"mpp": 1.0} and crops.shapes == [(H // 2, W // 2)]
+    over = {
+        "data.stores": f"[{store}]", "data.patch": 64, "data.batch_size": 2,
+        "model.name": "tiny", "model.num_classes": 2, "train.device": "cpu",
+        "train.progress": False, "train.steps": 1, "train.warmup_steps": 0,
+        "train.val_every": 100, "train.out_dir": tmp_path / "run", "data.class_names": "[a,b]",
+    }  # fmt: skip
+    run = train(load_config(None, [f"{k}={v}" for k, v in over.items()]))
+    ckpt = run / "last.pt"
+    assert load_checkpoint(ckpt)["spec"]["resolution"] == {"mpp": 1.0}
+    s = infer_image(slide, ckpt, tmp_path / "o", **{**OPTS, "outputs": ["classes"]})
+    assert s["resolution"]["chosen_by"] == "checkpoint" and s["resolution"]["factor"] == [2.0, 2.0]
+    assert s["shape"] == [H // 2, W // 2]

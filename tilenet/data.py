@@ -33,6 +33,13 @@ from tilenet.augment import build_augment
 from tilenet.config import AugmentConfig, DataConfig, ResolutionConfig
 from tilenet.errors import InputError
 from tilenet.geometry import Window, iter_bands
+from tilenet.io.resolution import (
+    at_resolution,
+    check_resolution,
+    label_view,
+    pixel_record,
+    training_resolution,
+)
 from tilenet.normalize import Normalizer, channel_stats, normalize_
 from tilenet.patchstore import IMAGES, LABELS, open_store, read_attrs
 
@@ -383,8 +390,6 @@ class PatchStoreDataset(_EpochMixin, IterableDataset):
         self.normalize = normalize
         self.class_repeat = repeat_factors(class_patches, sum(self.counts))
         self._groups: list[Any] | None = None
-        from tilenet.io.resolution import training_resolution
-
         #: The patches' pixel size where all sources agree (what a checkpoint records).
         self.resolution = training_resolution(pixels)
 
@@ -497,7 +502,6 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
     ) -> None:
         super().__init__()
         from tilenet.io import open_image
-        from tilenet.io.resolution import check_resolution, pixel_record, training_resolution
 
         if resolution is not None:
             check_resolution(resolution, level=level)
@@ -545,8 +549,6 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
         """``img`` at the target pixel size (a resampled view) and the level to read."""
         if self.target is None:
             return img, self.level
-        from tilenet.io.resolution import at_resolution
-
         view, res = at_resolution(img, self.target, level=self.level)
         return view, self.level if res is None else 0
 
@@ -558,8 +560,6 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
         from tilenet.io import open_image
 
         if i not in self._open:
-            from tilenet.io.resolution import label_view
-
             img, _ = self._open_at(open_image(self.images[i]))
             lab = open_image(self.labels[i]) if self.labels is not None else None
             self._open[i] = (img, label_view(lab, img) if lab is not None else None)

@@ -420,7 +420,7 @@ def _taps(
 
     >>> idx, w = _taps(np.arange(2), 2.0, 4, "area")
     >>> idx.tolist(), w.tolist()
-    ([[0, 1, 1], [2, 3, 3]], [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]])
+    ([[0, 1, 2], [2, 3, 3]], [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]])
     """
     i = out.astype(np.float64)[:, None]
     if kind == "nearest":

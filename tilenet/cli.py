@@ -300,6 +300,7 @@ def _add_tile(sub: Any) -> None:
     p.add_argument(
         "--level", type=int, help=f"pyramid level to cut ({_default(TilingConfig, 'level')})"
     )
+    _add_resolution_flags(p)
     p.add_argument(
         "--min-foreground",
         type=float,
@@ -326,6 +327,40 @@ def _add_tile(sub: Any) -> None:
     p.set_defaults(handler=_cmd_tile, items_dest="images")
 
 
+def _add_resolution_flags(p: Any, *, infer: bool = False) -> None:
+    """--mpp, --gsd, --magnification, --assume-mpp (the ``resolution`` config section)."""
+    p.add_argument(
+        "--mpp",
+        type=float,
+        metavar="UM",
+        help="work at this pixel size in µm per pixel, e.g. --mpp 0.5: run at 0.5 µm/px: the "
+        "nearest finer pyramid level, resampled by the rest per window (area averaging; a "
+        "level within resolution.tolerance, 5%%, is used as is)"
+        + ("; default: the pixel size the checkpoint was trained at" if infer else ""),
+    )
+    p.add_argument(
+        "--gsd",
+        type=float,
+        metavar="SIZE",
+        help="georeferenced rasters: work at this ground sample distance in the CRS's units "
+        "per pixel, e.g. --gsd 10 (metres in a UTM zone): the nearest finer overview, "
+        "resampled by the rest; outputs get the scaled geotransform",
+    )
+    p.add_argument(
+        "--magnification",
+        type=float,
+        metavar="X",
+        help="slides stating their objective power: work at this magnification, e.g. 10 on a "
+        "40x scan = 4x its level-0 pixel size",
+    )
+    p.add_argument(
+        "--assume-mpp",
+        type=float,
+        metavar="UM",
+        help="the pixel size (µm) of an image whose file states none (for --mpp)",
+    )
+
+
 #: Flags of ``tilenet tile`` by the config section whose key of the same name they set.
 TILE_FLAGS: dict[str, Sequence[str]] = {
     "tiling": (
@@ -341,6 +376,7 @@ TILE_FLAGS: dict[str, Sequence[str]] = {
         "min_annotated",
         "bands",
     ),
+    "resolution": ("mpp", "gsd", "magnification", "assume_mpp"),
     "jobs": ("quiet", "log_json"),
 }
 
@@ -356,6 +392,7 @@ def _cmd_tile(args: argparse.Namespace) -> int:
         quiet=cfg.jobs.quiet,
         log_json=cfg.jobs.log_json,
         reader=_section(cfg, "reader"),
+        resolution=_section(cfg, "resolution"),
         **asdict(_section(cfg, "tiling")),
     )
     print(f"wrote {args.out}")
@@ -412,6 +449,7 @@ def _add_infer(sub: Any) -> None:
     p.add_argument(
         "--level", type=int, help=f"pyramid level to run on ({_default(InferConfig, 'level')})"
     )
+    _add_resolution_flags(p, infer=True)
     p.add_argument(
         "--bands",
         type=_int_list,
@@ -536,6 +574,7 @@ INFER_FLAGS: dict[str, Sequence[str]] = {
         "readers",
         "heap",
     ),
+    "resolution": ("mpp", "gsd", "magnification", "assume_mpp"),
     "jobs": (
         "workers",
         "scheduler",
@@ -561,13 +600,24 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     options = asdict(_section(cfg, "infer"))
     jobs: JobsConfig = _section(cfg, "jobs")
     reader: ReaderConfig = _section(cfg, "reader")
+    if args.level is not None:  # an explicit level: not the checkpoint's pixel size
+        cfg.resolution.from_checkpoint = False
+    resolution = _section(cfg, "resolution")
     # A batch job (manifest, per-image directories) when asked for one by a job option.
     batch = any((jobs.workers, jobs.scheduler, jobs.retry_failed, jobs.force, jobs.log_json))
     single = len(inputs) == 1 and (Path(inputs[0]).is_file() or is_image_url(inputs[0]))
     if batch or not single:
         from tilenet.jobs import format_report, run_jobs
 
-        report = run_jobs(inputs, args.model, args.out, reader=reader, **asdict(jobs), **options)
+        report = run_jobs(
+            inputs,
+            args.model,
+            args.out,
+            reader=reader,
+            resolution=resolution,
+            **asdict(jobs),
+            **options,
+        )
         print(format_report(report))
         return report.exit_code
     from tilenet.runtime import torch_threads
@@ -580,6 +630,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             progress=not jobs.quiet,
             region_tiles=jobs.region_tiles,
             reader=reader,
+            resolution=resolution,
             **options,
         )
     for name, path in summary["outputs"].items():

@@ -31,6 +31,7 @@ __all__ = [
     "JobsConfig",
     "ModelConfig",
     "ReaderConfig",
+    "ResolutionConfig",
     "TilingConfig",
     "TrainConfig",
     "load_config",
@@ -50,6 +51,27 @@ class ReaderConfig:
     max_pixels_eager: int = 200_000_000
     #: Largest level-0 size (pixels) accepted from any header; guards against crafted files.
     max_pixels: int = 10**12
+
+
+@dataclass
+class ResolutionConfig:
+    """The pixel size to work at (tiling, training from images, inference); see
+    :mod:`tilenet.io.resolution`. At most one of ``mpp``, ``gsd``, ``magnification``: the
+    finest pyramid level at or finer than it is read and resampled by the rest, per window."""
+
+    #: Microns per pixel (slides), e.g. 0.5.
+    mpp: float | None = None
+    #: Ground sample distance in the CRS's units per pixel (georeferenced rasters), e.g. 10.
+    gsd: float | None = None
+    #: Objective magnification (slides stating their objective power), e.g. 20.
+    magnification: float | None = None
+    #: The pixel size (µm) to assume for an image whose file states none.
+    assume_mpp: float | None = None
+    #: A level whose pixel size is within this relative tolerance of the target is used as is.
+    tolerance: float = 0.05
+    #: Inference without a target (and at level 0): run at the pixel size the checkpoint was
+    #: trained at, when the image has one.
+    from_checkpoint: bool = True
 
 
 @dataclass
@@ -282,6 +304,7 @@ class Config:
     """The whole tree. Components receive their own section."""
 
     reader: ReaderConfig = field(default_factory=ReaderConfig)
+    resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
     tiling: TilingConfig = field(default_factory=TilingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,10 +30,17 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tilenet.augment import build_augment
-from tilenet.config import AugmentConfig, DataConfig
+from tilenet.config import AugmentConfig, DataConfig, ResolutionConfig
 from tilenet.errors import InputError
 from tilenet.geometry import Window, iter_bands
 from tilenet.io.base import IGNORE_INDEX, nodata_mask
+from tilenet.io.resolution import (
+    at_resolution,
+    check_resolution,
+    label_view,
+    pixel_record,
+    training_resolution,
+)
 from tilenet.normalize import Normalizer, channel_stats, normalize_
 from tilenet.patchstore import IMAGES, LABELS, open_store, read_attrs
 
@@ -376,8 +383,10 @@ class PatchStoreDataset(_EpochMixin, IterableDataset):
         self.has_labels: list[bool] = []
         self.patch = None
         class_patches = np.zeros(256)
+        pixels: list[dict[str, Any]] = []
         for k, path in enumerate(self.paths):
             at = dict(open_store(path).attrs)
+            pixels += list(at.get("sources") or [])
             if self.patch is not None and at["patch"] != self.patch:
                 raise InputError(f"{path}: patch {at['patch']} differs from {self.patch}")
             self.patch = at["patch"]
@@ -394,6 +403,8 @@ class PatchStoreDataset(_EpochMixin, IterableDataset):
         self.normalize = normalize
         self.class_repeat = repeat_factors(class_patches, sum(self.counts))
         self._groups: list[Any] | None = None
+        #: The patches' pixel size where all sources agree (what a checkpoint records).
+        self.resolution = training_resolution(pixels)
 
     def __len__(self) -> int:
         """Patches (or batches) this rank delivers per epoch, summed over its workers.
@@ -508,37 +519,51 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
         std: Sequence[float] | None = None,
         vector: Any = None,
         bands: Sequence[int] | None = None,
+        resolution: ResolutionConfig | None = None,
     ) -> None:
         super().__init__()
         from tilenet.io import open_image
 
         self.bands = list(bands) if bands else None
-
+        if resolution is not None:
+            check_resolution(resolution, level=level)
+        self.target = resolution
+        self.level = int(level)
         self.images = [Path(p) for p in images]
         self.vector_labels: list[Any] | None = None
         if vector is not None:
             if labels is not None:
                 raise InputError("give label images or vector labels, not both")
-            self.images, self.vector_labels = _open_vector_labels(self.images, vector, level)
+            self.images, self.vector_labels = _open_vector_labels(
+                self.images, vector, lambda p: self._open_at(open_image(p))[0]
+            )
             self.class_names = list(vector.class_names)
         self.labels = [Path(p) for p in labels] if labels is not None else None
         if not self.images:
             raise InputError("RandomCropDataset needs at least one image")
         if self.labels is not None and len(self.labels) != len(self.images):
             raise InputError(f"{len(self.labels)} label images for {len(self.images)} images")
-        self.patch, self.level = int(patch), int(level)
+        self.patch = int(patch)
         self.samples_per_epoch = int(samples_per_epoch)
         self.batch_size = batch_size
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
         self.augment_cfg = augment
         self._init_epoch()
         self.shapes = []
+        #: The level each image is read at: ``level``, or 0 of its resampled view.
+        self._levels: list[int] = []
+        pixels = []
         for i, p in enumerate(self.images):
-            with _select(open_image(p), self.bands) as img:
-                if level >= len(img.levels):
-                    raise InputError(f"{p}: has no pyramid level {level}")
-                self.shapes.append(img.levels[level].shape)
+            img, lv = self._open_at(open_image(p))
+            with img:
+                if lv >= len(img.levels):
+                    raise InputError(f"{p}: has no pyramid level {lv}")
+                self.shapes.append(img.levels[lv].shape)
+                self._levels.append(lv)
                 self.channels = img.channels
+                pixels.append(pixel_record(img, lv))
+                if "resolution" in img.metadata:  # the file's extent, for the label check
+                    img = img.source
             if self.labels is not None:
                 with open_image(self.labels[i]) as lab:
                     if lab.shape[:2] != img.shape[:2]:
@@ -551,6 +576,17 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
             mean, std = st["mean"], st["std"]
         self.mean, self.std = (mean, std) if normalize else (None, None)
         self._open: dict[int, tuple[Any, Any]] = {}
+        #: The crops' pixel size where all images agree (what a checkpoint records).
+        self.resolution = training_resolution(pixels)
+
+    def _open_at(self, img: Any) -> tuple[Any, int]:
+        """``img`` (its ``bands``) at the target pixel size (a resampled view) and the level
+        to read."""
+        img = _select(img, self.bands)
+        if self.target is None:
+            return img, self.level
+        view, res = at_resolution(img, self.target, level=self.level)
+        return view, self.level if res is None else 0
 
     def __len__(self) -> int:
         n = len(range(self.rank, self.samples_per_epoch, self.world_size))
@@ -560,8 +596,9 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
         from tilenet.io import open_image
 
         if i not in self._open:
+            img, _ = self._open_at(open_image(self.images[i]))
             lab = open_image(self.labels[i]) if self.labels is not None else None
-            self._open[i] = (_select(open_image(self.images[i]), self.bands), lab)
+            self._open[i] = (img, label_view(lab, img) if lab is not None else None)
         return self._open[i]
 
     def windows(self, epoch: int | None = None) -> list[tuple[int, Window]]:
@@ -587,8 +624,8 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
         areas = [np.abs(shapely.area(lab.geoms)) for lab in self.vector_labels]
         per_image = np.array(
             [
-                a.sum() / _pixel_area(lab, self.level)
-                for a, lab in zip(areas, self.vector_labels, strict=True)
+                a.sum() / _pixel_area(lab, lv)
+                for a, lab, lv in zip(areas, self.vector_labels, self._levels, strict=True)
             ]
         )
         which = rng.choice(
@@ -599,7 +636,7 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
             lab = self.vector_labels[i]
             k = int(rng.choice(len(areas[i]), p=areas[i] / areas[i].sum()))
             x, y = _point_in(lab.geoms[k], rng)
-            row, col = _to_pixel(lab.pixel_transform(self.level), x, y)
+            row, col = _to_pixel(lab.pixel_transform(self._levels[i]), x, y)
             h, w = self.shapes[i]
             y0 = int(np.clip(round(row - self.patch / 2), 0, max(h - self.patch, 0)))
             x0 = int(np.clip(round(col - self.patch / 2), 0, max(w - self.patch, 0)))
@@ -619,13 +656,12 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
             crops, masks = [], np.zeros((len(mine[s : s + step]), self.patch, self.patch), np.uint8)
             for j, (i, win) in enumerate(mine[s : s + step]):
                 img, lab = self._handles(i)
-                crops.append(img.read(win, self.level))
+                lv = self._levels[i]
+                crops.append(img.read(win, lv))
                 if self.vector_labels is not None:
-                    masks[j] = self.vector_labels[i].read(win, self.level, fill=IGNORE_INDEX)[
-                        ..., 0
-                    ]
+                    masks[j] = self.vector_labels[i].read(win, lv, fill=IGNORE_INDEX)[..., 0]
                 elif lab is not None:
-                    masks[j] = lab.read(win, self.level)[..., 0]
+                    masks[j] = lab.read(win, lv)[..., 0]
                 none = nodata_mask(crops[-1], img.nodata)
                 if none is not None:  # ignored by the loss
                     masks[j][none] = IGNORE_INDEX
@@ -634,14 +670,13 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
 
 
 def _open_vector_labels(
-    images: list[Path], vector: Any, level: int
+    images: list[Path], vector: Any, opener: Callable[[Path], Any]
 ) -> tuple[list[Path], list[Any]]:
-    """The images the polygons overlap, and their label images."""
-    from tilenet.io import open_image
-
+    """The images the polygons overlap, and their label images (on the grid of the image
+    ``opener`` gives: a band selection, a resampled view)."""
     kept, labs = [], []
     for i, p in enumerate(images):
-        with open_image(p) as img:
+        with opener(p) as img:
             lab = vector.open(i, img)
         if not lab.empty:  # a scene the labels miss: warned when opened
             kept.append(p)
@@ -683,7 +718,13 @@ def _point_in(geom: Any, rng: np.random.Generator) -> tuple[float, float]:
 
 # -- loaders -----------------------------------------------------------------------------
 def build_loader(
-    data_cfg: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0
+    data_cfg: DataConfig,
+    *,
+    train: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    resolution: ResolutionConfig | None = None,
 ) -> DataLoader:
     """A DataLoader of batches ``(float32 (B, C, P, P), int64 (B, P, P))`` for ``data_cfg``.
 
@@ -692,7 +733,8 @@ def build_loader(
     order, unaugmented. The synthetic dataset of ``synth_dir`` is made into stores before,
     by :func:`tilenet.train.prepare_demo_data` (training does it). The dataset is
     ``loader.dataset``: call ``loader.dataset.set_epoch(e)`` each epoch. Workers are
-    persistent (started once, not every epoch).
+    persistent (started once, not every epoch). ``resolution`` is the pixel size crops
+    from ``images`` are read at (:mod:`tilenet.io.resolution`); stores have theirs already.
     """
     cfg = data_cfg
     if not isinstance(cfg, DataConfig):  # an omegaconf section: plain dataclasses pickle to workers
@@ -757,6 +799,7 @@ def build_loader(
             normalize=cfg.normalize,
             vector=vector,
             bands=cfg.bands,
+            resolution=resolution,
         )
     else:
         what = "data.stores or data.images" if train else "data.val_stores"

@@ -21,6 +21,7 @@ rows, so a band computes exactly what it computes inside a whole-grid run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from tilenet.config import InferConfig, JobsConfig, ReaderConfig
+from tilenet.config import InferConfig, JobsConfig, ReaderConfig, ResolutionConfig
 from tilenet.errors import ConfigError, InputError
 from tilenet.geometry import Tile, TileGrid, spans
 from tilenet.io.storage import is_url, redact
@@ -50,6 +51,7 @@ __all__ = [
     "REGION_TILES",
     "ImagePlan",
     "bands_of",
+    "choose_resolution",
     "finish",
     "infer_image",
     "job_key",
@@ -169,12 +171,25 @@ class ImagePlan:
     t0: float
     #: How the input is opened again (in a worker process, for each band and for finish).
     reader: ReaderConfig = field(default_factory=ReaderConfig)
+    #: The target pixel size run at (None: the image's level ``config.level`` as is), and
+    #: how it was chosen (``summary.json``'s ``resolution``).
+    resolution: ResolutionConfig | None = None
+    resolution_info: dict[str, Any] | None = None
 
     def open(self) -> Any:
         """Open the input image (a context manager), with the plan's reader limits."""
         from tilenet.io import open_image
 
-        return select_input_bands(open_image(self.input, **asdict(self.reader)), self.config)
+        return self.view(open_image(self.input, **asdict(self.reader)))
+
+    def view(self, image: Any) -> Any:
+        """``image`` as the plan runs it: input bands picked, at the plan's pixel size."""
+        image = select_input_bands(image, self.config)
+        if self.resolution is None or "resolution" in image.metadata:
+            return image
+        from tilenet.io.resolution import at_resolution
+
+        return at_resolution(image, self.resolution, level=self.config.level)[0]
 
     @property
     def pending(self) -> list[int]:
@@ -200,6 +215,7 @@ def plan_image(
     key: dict[str, Any] | None = None,
     force: bool = False,
     reader: ReaderConfig | None = None,
+    resolution: ResolutionConfig | None = None,
 ) -> ImagePlan:
     """Plan ``image`` (an open LazyImage) for a model and prepare its outputs in ``out``.
 
@@ -207,11 +223,20 @@ def plan_image(
     memory). ``key`` identifies what the outputs are computed from (:func:`job_key`; made
     here when not given). Partial outputs of an earlier run with the same key and band
     layout are kept; ``force`` discards them. ``reader`` holds the limits the input is
-    opened with again by :meth:`ImagePlan.open`.
+    opened with again by :meth:`ImagePlan.open`. ``resolution`` sets the pixel size to run
+    at (:mod:`tilenet.io.resolution`); without a target there, the one the checkpoint was
+    trained at is used where the image has a pixel size (see :func:`choose_resolution`).
     """
     t0 = time.time()
     spec = ModelSpec.coerce(spec)
     image = select_input_bands(image, cfg)
+    target, res_info = choose_resolution(image, spec, cfg, resolution or ResolutionConfig())
+    if target is not None:
+        from tilenet.io.resolution import at_resolution
+
+        image, res = at_resolution(image, target, level=cfg.level)
+        assert res is not None
+        res_info = {**res_info, **res.to_dict()}
     if not 0 <= cfg.level < len(image.levels):
         raise InputError(
             f"{image.path}: level {cfg.level} does not exist; the image has levels "
@@ -230,6 +255,8 @@ def plan_image(
     if key is None:
         key = job_key(image.path, checkpoint, cfg)
     key = {**key, "band_rows": bands[0][1] - bands[0][0], "mode": cfg.mode}
+    if target is not None:
+        key["resolution"] = asdict(target)
     ds = image.levels[cfg.level].downsample
     pixel_size = None
     if image.pixel_size:
@@ -262,7 +289,54 @@ def plan_image(
         outputs=outputs,
         t0=t0,
         reader=reader if reader is not None else ReaderConfig(),
+        resolution=target,
+        resolution_info=res_info,
     )
+
+
+def choose_resolution(
+    image: Any, spec: ModelSpec, cfg: InferConfig, resolution: ResolutionConfig
+) -> tuple[ResolutionConfig | None, dict[str, Any]]:
+    """The target pixel size to run ``image`` at, and how it was chosen.
+
+    A target in ``resolution`` wins ("requested"). Without one, at level 0 and with
+    ``resolution.from_checkpoint``, the pixel size the model was trained at
+    (``spec.resolution``) is used where the image has one ("checkpoint"); where it has none,
+    a warning says so and the image runs at level 0 as it is.
+    """
+    from tilenet.io.resolution import check_resolution
+
+    check_resolution(resolution, level=cfg.level)
+    if any(v is not None for v in (resolution.mpp, resolution.gsd, resolution.magnification)):
+        return resolution, {"chosen_by": "requested"}
+    trained = dict(spec.resolution or {})
+    if not trained or cfg.level != 0 or not resolution.from_checkpoint:
+        return None, {"chosen_by": "level", "level": cfg.level}
+    if trained.get("mpp") is not None:
+        if image.pixel_size is not None or resolution.assume_mpp is not None:
+            return dataclasses.replace(resolution, mpp=float(trained["mpp"])), {
+                "chosen_by": "checkpoint"
+            }
+        why = f"the model was trained at {trained['mpp']} µm/px but {image.path} has no pixel size"
+    elif trained.get("gsd") is not None:
+        units = trained.get("crs_units")
+        here = None
+        if image.transform is not None and image.crs:
+            from tilenet.io.raster import describe_georef
+
+            here = describe_georef(image.crs, None)["crs_units"]
+        if image.transform is not None and (units is None or here is None or units == here):
+            return dataclasses.replace(resolution, gsd=float(trained["gsd"])), {
+                "chosen_by": "checkpoint"
+            }
+        why = (
+            f"the model was trained at a GSD of {trained['gsd']} {units or 'CRS units'} but "
+            f"{image.path} " + ("is in " + str(here) if image.transform else "has no geotransform")
+        )
+    else:
+        return None, {"chosen_by": "level", "level": cfg.level}
+    log.warning("%s; running at level 0 as it is (give --mpp/--gsd or --level)", why)
+    return None, {"chosen_by": "level", "level": 0, "warning": why}
 
 
 #: The last image's foreground mask: [(input, fingerprint, bands), (mask, its downsample)].
@@ -278,7 +352,12 @@ def _skip_mask(plan: ImagePlan, image: Any, tiles: list[Tile]) -> np.ndarray | N
 
     # One mask per image and process: the bands of a plan (run here, or on a dask worker)
     # share it instead of reading the low-resolution level again for each band.
-    key = (plan.input, str(plan.outputs.key.get("fingerprint")), str(cfg.bands))
+    key = (
+        plan.input,
+        str(plan.outputs.key.get("fingerprint")),
+        str(cfg.bands),
+        str(plan.resolution),
+    )
     if _MASK[0] != key:
         _MASK[:] = [key, foreground_mask(image)]
     mask, mask_ds = _MASK[1]
@@ -295,7 +374,7 @@ def run_band(
     on_tiles: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Run band ``band`` of ``plan`` into its partial stores; record and return it as done."""
-    image = select_input_bands(image, plan.config)
+    image = plan.view(image)
     tiles = plan.tiles(band)
     sink = plan.outputs.sink()
     stitcher: CropStitcher | BlendStitcher
@@ -340,7 +419,7 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
     """Finalize the outputs of a plan whose bands are all done; write and return the summary."""
     from tilenet import __version__
 
-    image = select_input_bands(image, plan.config)
+    image = plan.view(image)
     records = plan.outputs.band_records(plan.bands)
     cfg, spec = plan.config, plan.spec
     names = list(spec.class_names)
@@ -361,7 +440,9 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
     n_tiles = sum(int(r["tiles"]) for r in records)
     n_run = sum(int(r["tiles_run"]) for r in records)
     tiles_s = sum(float(r["seconds"]) for r in records)
-    px_area = math.prod(plan.pixel_size) if plan.pixel_size else None
+    # µm² only for a real pixel size (not one assumed with --assume-mpp).
+    assumed = bool((plan.resolution_info or {}).get("pixel_size_assumed"))
+    px_area = math.prod(plan.pixel_size) if plan.pixel_size and not assumed else None
     geo = _georef(image, plan.downsample)
     devices = sorted({str(r.get("device")) for r in records})
 
@@ -375,6 +456,7 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
         "model_name": spec.name,
         "shape": list(plan.grid.shape),
         "level": cfg.level,
+        "resolution": plan.resolution_info,
         "mode": cfg.mode,
         "exact": all(bool(r.get("exact")) for r in records),
         "tile": plan.grid.tile[0],  # as run (crop mode may shrink the requested tile)
@@ -459,6 +541,7 @@ def infer_image(
     progress: bool = False,
     region_tiles: int = REGION_TILES,
     reader: ReaderConfig | None = None,
+    resolution: ResolutionConfig | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Run tiled inference of ``model`` on ``input`` and write the outputs to ``out_dir``.
@@ -467,7 +550,8 @@ def infer_image(
     checkpoint path, a ``(module, spec)`` pair or a :class:`~tilenet.predictor.Predictor`;
     ``options`` are :class:`InferConfig` fields. Crop-mode images are run in bands of about
     ``region_tiles`` tiles; when a run over a checkpoint is interrupted, the same call again
-    keeps the finished bands. ``reader`` sets the input's reader limits. Returns the summary
+    keeps the finished bands. ``reader`` sets the input's reader limits, ``resolution`` the
+    pixel size to run at (:func:`plan_image`). Returns the summary
     also written to ``out_dir/summary.json``.
     """
     t_start = time.perf_counter()
@@ -490,6 +574,7 @@ def infer_image(
             model=predictor.checkpoint,
             region_tiles=region_tiles,
             reader=reader,
+            resolution=resolution,
         )
         setup_s = time.perf_counter() - t_start
 

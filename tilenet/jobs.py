@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tilenet.config import JobsConfig, ReaderConfig
+from tilenet.config import JobsConfig, ReaderConfig, ResolutionConfig
 from tilenet.errors import EXIT_OK, EXIT_PARTIAL, TilenetError
 from tilenet.fsutil import safe_stem
 from tilenet.io.storage import is_url, redact
@@ -414,6 +414,7 @@ def run_jobs(
     region_tiles: int = JobsConfig.region_tiles,
     threads: int | None = JobsConfig.threads,
     reader: ReaderConfig | None = None,
+    resolution: ResolutionConfig | None = None,
     **options: Any,
 ) -> JobReport:
     """Infer every image of ``inputs`` (files, directories, globs) into ``out_dir/<stem>/``.
@@ -426,7 +427,8 @@ def run_jobs(
     worker); by default torch's own in serial and ``cores // workers`` on a LocalCluster.
     Outputs are bit-identical across serial and distributed runs at equal ``threads``: CPU
     kernels round differently with another thread count (last float bit). ``reader`` sets
-    the reader limits every image is opened with.
+    the reader limits every image is opened with, ``resolution`` the pixel size each image
+    runs at (:func:`tilenet.infer.plan_image`).
     """
     from tilenet import __version__
     from tilenet.checkpoint import file_checksum, load_checkpoint
@@ -440,11 +442,13 @@ def run_jobs(
     reader = reader if reader is not None else ReaderConfig()
     spec = ModelSpec.coerce(load_checkpoint(model)["spec"])  # a bad checkpoint: exit 2
     model = str(Path(model).resolve())
-    base = {
+    base: dict[str, Any] = {
         "tilenet_version": __version__,
         "model_checksum": file_checksum(model),
         "options_hash": options_hash(cfg),
     }
+    if resolution is not None and resolution != ResolutionConfig():
+        base["resolution"] = asdict(resolution)  # another pixel size: not the same job
     paths = resolve_images(inputs)
     out: Any = str(out_dir).rstrip("/") if is_url(out_dir) else Path(out_dir).absolute()
     if is_url(out):  # object storage: outputs, resume state and the manifest in the bucket
@@ -503,7 +507,7 @@ def run_jobs(
             with open_image(item.path, **asdict(reader)) as image:
                 plan = plan_image(
                     image, spec, cfg, item.out, model=model, region_tiles=region_tiles,
-                    key=key, force=force, reader=reader,
+                    key=key, force=force, reader=reader, resolution=resolution,
                 )  # fmt: skip
         except Exception as exc:
             record(item, "failed", fingerprint=fp, error=_one_line(exc))

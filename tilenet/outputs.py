@@ -349,11 +349,16 @@ class OutputSet:
                 paths["geojson"] = out / "instances.geojson"
                 paths["geopackage"] = out / "instances.gpkg"
             elif "geojson" in want:
+                # Level-0 pixels of the file (QuPath's frame), whatever level or pixel size
+                # (a resampled view: tilenet.io.resolution) inference ran at.
+                pt = image.pixel_transform(cfg.level)
+                iso = abs(pt[1] - pt[5]) <= 1e-9 * abs(pt[5]) and pt[0] == pt[3] == 0
                 instances.write_geojson(
                     paths["instances"],
                     out / "instances.geojson",
                     class_names=list(class_names),
-                    downsample=float(downsample[0]),
+                    downsample=float(pt[5]) if iso else 1,
+                    transform=None if iso else pt,
                 )
                 paths["geojson"] = out / "instances.geojson"
         return Finalized(paths, result, geotiff_histogram)

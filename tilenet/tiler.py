@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tilenet.config import ReaderConfig, TilingConfig
+from tilenet.config import ReaderConfig, ResolutionConfig, TilingConfig
 from tilenet.errors import (
     InputError,
     ShapeMismatchError,
@@ -71,6 +71,10 @@ class _Plan:
     #: The image's bands to keep (1-based, in this order); None: all.
     bands: tuple[int, ...] | None = None
 
+    #: The pixel size its patches have (``pixel_record``), and how it was resampled.
+    pixel: dict[str, Any] | None = None
+    resolution: dict[str, Any] | None = None
+
 
 def _bands(img: LazyImage, bands: Sequence[int] | None) -> LazyImage:
     """``img`` with only ``bands`` (1-based), or as is."""
@@ -83,6 +87,30 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, TilenetError):
         return first
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _open_at(
+    path: Path | str,
+    limits: dict[str, Any],
+    resolution: ResolutionConfig | None,
+    level: int,
+    bands: Sequence[int] | None = None,
+) -> tuple[Any, int]:
+    """The image (its ``bands``, 1-based, or all) at ``resolution`` (a resampled view, see
+    :mod:`tilenet.io.resolution`) and the level to read it at: ``level`` without a target,
+    else the view's level 0."""
+    from tilenet.io import open_image
+    from tilenet.io.resolution import at_resolution
+
+    img = _bands(open_image(path, **limits), bands)
+    if resolution is None:
+        return img, level
+    try:
+        view, res = at_resolution(img, resolution, level=level)
+    except BaseException:
+        img.close()
+        raise
+    return view, level if res is None else 0
 
 
 def _plan_or_reason(*args: Any, **kwargs: Any) -> _Plan | str:
@@ -108,10 +136,13 @@ def _plan_image(
     vindex: int = 0,
     min_annotated: float = 0.0,
     bands: Sequence[int] | None = None,
+    resolution: ResolutionConfig | None = None,
 ) -> _Plan:
     from tilenet.io import open_image
+    from tilenet.io.resolution import ResampledImage, label_view, pixel_record
 
-    with _bands(open_image(path, **limits), bands) as img:
+    img, level = _open_at(path, limits, resolution, level, bands)
+    with img:
         if not 0 <= level < len(img.levels):
             raise InputError(
                 f"{path}: has no pyramid level {level} (levels 0..{len(img.levels) - 1}); "
@@ -120,11 +151,13 @@ def _plan_image(
         lh, lw = img.levels[level].shape
         if label is not None:
             with open_image(label, **limits) as lab:
-                if lab.shape[:2] != img.shape[:2]:
+                src = img.source if isinstance(img, ResampledImage) and img.source else img
+                if lab.shape[:2] != src.shape[:2]:
                     raise ShapeMismatchError(
                         f"{label}: label image is {lab.shape[0]}x{lab.shape[1]} but {path} is "
-                        f"{img.shape[0]}x{img.shape[1]}; labels must have the image's size"
+                        f"{src.shape[0]}x{src.shape[1]}; labels must have the image's size"
                     )
+                lab = label_view(lab, img)  # on a resampled view's grid (nearest)
                 if lab.channels != 1:
                     raise InputError(
                         f"{label}: label image has {lab.channels} channels; expected one "
@@ -150,12 +183,14 @@ def _plan_image(
         return _Plan(
             path=path,
             label=vector.files[vindex] if vector is not None else label,
-            shape=tuple(img.shape),  # type: ignore[arg-type]
+            shape=tuple(img.shape),
             dtype=str(np.dtype(img.dtype)),
             fingerprint=fp,
             windows=windows,
             vector=vlab,
             bands=tuple(bands) if bands else None,
+            pixel=pixel_record(img, level),
+            resolution=img.metadata.get("resolution"),
         )
 
 
@@ -187,6 +222,7 @@ def _write_range(
     patch: int,
     channels: int,
     limits: dict[str, Any],
+    resolution: ResolutionConfig | None = None,
 ) -> dict[int, np.ndarray]:
     """Read patches ``lo:hi`` (global rows) of ``plans`` and write them; return partial stats.
 
@@ -196,6 +232,7 @@ def _write_range(
     import zarr
 
     from tilenet.io import open_image
+    from tilenet.io.resolution import label_view
 
     group = zarr.open_group(store, mode="r+")
     arr_img: Any = group[IMAGES]
@@ -211,9 +248,11 @@ def _write_range(
         if a >= b:
             continue
         st = stats.setdefault(k, np.zeros(2 * channels + 1 + 512, dtype=np.float64))
-        img = _bands(open_image(plan.path, **limits), plan.bands)
+        img, level = _open_at(plan.path, limits, resolution, level, plan.bands)
         vec = plan.vector
         lab = open_image(plan.label, **limits) if plan.label is not None and vec is None else None
+        if lab is not None:
+            lab = label_view(lab, img)
         try:
             for g in range(a, b):
                 win = plan.windows[g - plan.start]
@@ -281,6 +320,7 @@ def tile_images(
     min_annotated: float = TilingConfig.min_annotated,
     class_map: Mapping[str, int] = MappingProxyType({}),  # == TilingConfig's {}
     bands: Sequence[int] | None = TilingConfig.bands,
+    resolution: ResolutionConfig | None = None,
 ) -> Path:
     """Cut ``images`` into ``patch`` x ``patch`` patches overlapping by ``overlap`` into ``out``.
 
@@ -308,6 +348,12 @@ def tile_images(
     only where the polygons are, with at least ``min_annotated`` of their pixels annotated
     (see :func:`_annotated_windows`); a scene the polygons miss gets no patches (a warning).
     Class names come from the files (sorted) or ``class_map`` and are stored.
+
+    ``resolution`` cuts every image at a target pixel size (``mpp``/``gsd``/
+    ``magnification``: the nearest finer level resampled per window, label images by nearest
+    neighbour; see :mod:`tilenet.io.resolution`); patches and coordinates are then in that
+    grid. Each source records the pixel size of its patches (``mpp``/``gsd``), which training
+    stores in the checkpoint.
     """
     import dask
     import zarr
@@ -329,6 +375,13 @@ def tile_images(
             f"{redact(str(out))}: the patch store is written to a local path (it is committed "
             "by renames, which object stores lack); tile locally, then upload it"
         )
+    if resolution is not None:
+        from tilenet.io.resolution import check_resolution
+
+        check_resolution(resolution, level=level)
+        if resolution == ResolutionConfig():
+            resolution = None
+    res_attr = asdict(resolution) if resolution is not None else None
     out = Path(out)
     paths = resolve_images(images)
     if labels is not None and (annotations or vector_labels):
@@ -370,8 +423,13 @@ def tile_images(
             raise InputError(
                 f"{out}: exists and is not a tilenet patch store; choose another --out or remove it"
             )
-        for key, want in (("patch", patch), ("overlap", overlap), ("level", level)):
-            if existing[key] != want:
+        for key, want in (
+            ("patch", patch),
+            ("overlap", overlap),
+            ("level", level),
+            ("resolution", res_attr),
+        ):
+            if existing.get(key) != want:
                 raise InputError(
                     f"{out}: store was tiled with {key}={existing[key]}, not {want}; "
                     "use the same settings to resume/append, or a new --out"
@@ -418,6 +476,7 @@ def tile_images(
             vindex=vindex[p],
             min_annotated=float(min_annotated),
             bands=bands,
+            resolution=resolution,
         )
         for p, lab, fp in todo
     ]
@@ -459,6 +518,7 @@ def tile_images(
             "patch": patch,
             "overlap": overlap,
             "level": level,
+            "resolution": res_attr,
             "channels": channels,
             "dtype": dtype,
             "chunk_patches": chunk_patches,
@@ -514,6 +574,7 @@ def tile_images(
                     workers=workers,
                     limits=limits,
                     bar=bar,
+                    resolution=resolution,
                 )
                 batch = []
     finally:
@@ -535,6 +596,7 @@ def _write_batch(
     workers: int,
     limits: dict[str, Any],
     bar: Any,
+    resolution: ResolutionConfig | None = None,
 ) -> int:
     import dask
 
@@ -572,6 +634,7 @@ def _write_batch(
                 patch=patch,
                 channels=channels,
                 limits=limits,
+                resolution=resolution,
             ),
             hi - lo,
         )
@@ -599,6 +662,8 @@ def _write_batch(
                 "npix": float(st[2 * channels]),
                 "class_pixels": [int(v) for v in cp[:k]],
                 "class_patches": [int(v) for v in st[2 * channels + 257 :][:k]],
+                **(plan.pixel or {}),
+                "resolution": plan.resolution,
             }
         )
     # The commit point: written after every shard of the batch is on disk.

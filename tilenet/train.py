@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -51,6 +52,7 @@ from omegaconf import DictConfig, OmegaConf
 from tilenet.config import (
     DataConfig,
     InferConfig,
+    ResolutionConfig,
     load_config,
     save_config,
     split_config_args,
@@ -520,6 +522,7 @@ def evaluate_images(
     infer: InferConfig | None = None,
     ignore_index: int = 255,
     work_dir: str | os.PathLike[str] | None = None,
+    resolution: ResolutionConfig | None = None,
 ) -> dict[str, Any]:
     """Dice/IoU of whole images predicted by the tiled inference engine against labels.
 
@@ -529,7 +532,9 @@ def evaluate_images(
     ``tilenet infer``) into a temporary directory, class map only; it is compared with the
     label image block by block (:func:`tilenet.metrics.score_class_map`), so memory stays
     bounded by a block. Returns ``{"dice", "iou", "mean_dice", "mean_iou", ...}`` over all
-    images together (:func:`tilenet.metrics.scores_from_confusion`).
+    images together (:func:`tilenet.metrics.scores_from_confusion`). ``resolution`` is the
+    pixel size to run at (by default the one the model was trained at, see
+    :func:`tilenet.infer.choose_resolution`); labels follow the grid run (nearest).
     """
     import dataclasses
 
@@ -537,6 +542,7 @@ def evaluate_images(
 
     from tilenet.infer import infer_image
     from tilenet.io import open_image
+    from tilenet.io.resolution import Resolution, label_view
     from tilenet.metrics import ConfusionMatrix, score_class_map
     from tilenet.predictor import Predictor
 
@@ -546,10 +552,16 @@ def evaluate_images(
     cm = ConfusionMatrix(k, ignore_index=ignore_index)
     for image, labels in pairs:
         with tempfile.TemporaryDirectory(prefix=".heldout-", dir=work_dir) as tmp:
-            infer_image(image, predictor, tmp, progress=False, **dataclasses.asdict(cfg))
+            summary = infer_image(
+                image, predictor, tmp, progress=False, resolution=resolution,
+                **dataclasses.asdict(cfg),
+            )  # fmt: skip
             pred: Any = zarr.open_group(Path(tmp) / "classes.ome.zarr", mode="r")["0"]
             h, w = pred.shape
+            ran = (summary.get("resolution") or {}).get("scale")
             with open_image(labels) as lab:
+                if ran is not None:  # run on a resampled grid: the labels on the same one
+                    lab = label_view(lab, Resolution.from_dict(summary["resolution"]))
                 if lab.shape[:2] != (h, w):
                     raise InputError(
                         f"{labels}: label image is {lab.shape[0]}x{lab.shape[1]} but {image} "
@@ -784,7 +796,11 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
             tc.val_labels = prepared["val_labels"]
     held_out = _held_out_pairs(list(tc.val_images), list(tc.val_labels))
     data_cfg: DataConfig = OmegaConf.to_object(cfg.data)  # type: ignore[assignment]
-    loader = build_loader(data_cfg, train=True, rank=d.rank, world_size=d.world, seed=int(tc.seed))
+    res_cfg: Any = OmegaConf.to_object(cfg.resolution) if "resolution" in cfg else None
+    loader = build_loader(
+        data_cfg, train=True, rank=d.rank, world_size=d.world, seed=int(tc.seed),
+        resolution=res_cfg,
+    )  # fmt: skip
     ds: Any = loader.dataset
     channels = int(ds.channels)
     if channels != int(mc.in_channels):
@@ -846,6 +862,8 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     spec = ModelSpec.from_model(model, mean=mean, std=std, class_names=names)
+    if getattr(ds, "resolution", None):  # the training data's pixel size: infer's default
+        spec = dataclasses.replace(spec, resolution=ds.resolution)
     opt = _build_optimizer(_param_groups(model, tc), tc)
     freeze = int(tc.freeze_encoder_steps)
     encoder_bns = [
@@ -989,6 +1007,7 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
                     infer=_infer_config(cfg, device),
                     ignore_index=int(tc.ignore_index),
                     work_dir=run_dir,
+                    resolution=res_cfg,
                 )
             res = {
                 "heldout_dice": s["mean_dice"],

@@ -48,6 +48,9 @@ class ModelSpec:
     tilenet_version: str = ""
     exact: bool | None = None
     exact_reason: str | None = None
+    #: The pixel size the model was trained at, where known: {"mpp": µm} or
+    #: {"gsd": size, "crs_units": name}; inference defaults to it (tilenet.infer).
+    resolution: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -84,6 +87,12 @@ class ModelSpec:
             raise ModelError(
                 f"model spec: exact_reason must be a str or null, got {self.exact_reason!r}"
             )
+        if self.resolution is not None:
+            if not isinstance(self.resolution, Mapping):
+                raise ModelError(
+                    f"model spec: resolution must be a mapping, got {self.resolution!r}"
+                )
+            self._set("resolution", _plain(self.resolution))
 
     def _set(self, key: str, value: Any) -> None:
         object.__setattr__(self, key, value)
@@ -103,6 +112,7 @@ class ModelSpec:
             "tilenet_version": self.tilenet_version,
             "exact": self.exact,
             "exact_reason": self.exact_reason,
+            "resolution": _plain(self.resolution) if self.resolution is not None else None,
         }
 
     @classmethod

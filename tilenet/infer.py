@@ -61,7 +61,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Outputs ``--outputs`` may name.
-OUTPUTS = ("probabilities", "classes", "instances", "preview", "geojson")
+OUTPUTS = ("probabilities", "classes", "instances", "preview", "geojson", "probabilities_tif")
 
 #: Default tiles per band: the unit of resume (and of parallel work in batch jobs).
 REGION_TILES = JobsConfig.region_tiles
@@ -405,6 +405,9 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
             if geo
             else {}
         ),
+        # Connected regions per class (classes.geojson), when made.
+        "class_regions": made.regions
+        and {n: int(made.regions["count"].get(n, 0)) for n in names[1:]},
         "instances": n_inst
         and {
             "count": int(n_inst["count"]),

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -169,7 +170,7 @@ def test_plain_image_qupath_detections_and_annotations(tmp_path: Path) -> None:
     ckpt = _stripes_checkpoint(tmp_path / "m.pt")
     out = tmp_path / "out"
     argv = ["infer", str(img), "--model", str(ckpt), "--out", str(out), "--tile", "64"]
-    assert main([*argv, "--device", "cpu", "--outputs", "classes,geojson"]) == 0
+    assert main([*argv, "--device", "cpu", "--outputs", "classes,geojson,probabilities_tif"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     cm = zarr.open_group(out / "classes.ome.zarr", mode="r")["0"][:]
     assert {1, 2} <= set(np.unique(cm).tolist())
@@ -202,6 +203,18 @@ def test_plain_image_qupath_detections_and_annotations(tmp_path: Path) -> None:
     assert summary["class_area_um2"] is None  # no real pixel size: pixels only
     assert summary["outputs"]["classes_geojson"] == str(out / "classes.geojson")
     assert not (out / "classes.gpkg").exists()
+    # probabilities.tif without georeferencing: pixels only, still a valid COG.
+    from rasterio.errors import NotGeoreferencedWarning
+    from rio_cogeo.cogeo import cog_validate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        assert cog_validate(str(out / "probabilities.tif"))[0]
+    with tifffile.TiffFile(out / "probabilities.tif") as tf:
+        page = tf.pages[0]
+        assert page.is_tiled and page.shape == (120, 140, 3) and 33922 not in page.tags
+        q = page.asarray()
+    assert q.max() <= 254 and (np.argmax(q, axis=-1) == cm).mean() > 0.99
 
 
 def _geotiff(path: Path, h: int, w: int) -> None:
@@ -288,7 +301,8 @@ def test_georeferenced_regions_and_probabilities_cog(tmp_path: Path) -> None:
     # WGS84 per RFC 7946: lon/lat, exterior rings counter-clockwise, no crs member.
     out2 = tmp_path / "wgs"
     argv[argv.index(str(out))] = str(out2)
-    assert main([*argv, "--outputs", "classes,geojson", "--geojson-crs", "wgs84"]) == 0
+    assert main([*argv, "--outputs", "classes,regions", "--geojson-crs", "wgs84"]) == 0
+    assert not (out2 / "instances.ome.zarr").exists()  # regions alone: no instances
     gw = json.loads((out2 / "classes.geojson").read_text())
     assert "crs" not in gw and len(gw["features"]) == len(gj["features"])
     from rasterio.warp import transform_bounds
@@ -313,7 +327,7 @@ _RSS_SCRIPT = textwrap.dedent(
         with open("/proc/self/status") as f:
             return int(next(ln for ln in f if ln.startswith("VmHWM")).split()[1]) * 1024
     s = infer_image(img, ckpt, out, tile=1024, batch=1, device="cpu",
-                    outputs=["classes", "geojson", "probabilities_tif"], probabilities_dtype="uint8")
+                    outputs=["classes", "regions", "probabilities_tif"], probabilities_dtype="uint8")
     print(json.dumps({"peak": peak(), "regions": s["class_regions"], "total_s": s["timings"]["total_s"]}))
     """
 )

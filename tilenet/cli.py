@@ -361,9 +361,10 @@ def _add_infer(sub: Any) -> None:
         "--outputs",
         type=_comma_list,
         help="comma-separated subset of probabilities,classes,instances,preview,geojson,"
-        "probabilities_tif (geojson: QuPath detections instances.geojson and merged class "
-        "regions classes.geojson as QuPath annotations, in level-0 pixels; for a "
+        "regions,probabilities_tif (geojson: QuPath detections instances.geojson and merged "
+        "class regions classes.geojson as QuPath annotations, in level-0 pixels; for a "
         "georeferenced input in map coordinates, plus instances.gpkg and classes.gpkg. "
+        "regions: classes.geojson (and .gpkg) alone. "
         "probabilities_tif: probabilities.tif, a COG of uint8 p*254 (scale 1/254, 255 = "
         f"nodata)) ({_default(InferConfig, 'outputs')})",
     )

@@ -202,7 +202,8 @@ class InferConfig:
     precision: Precision = "fp32"
     tta: bool = False
     #: Any of probabilities, classes, instances, preview, geojson (instances.geojson and the
-    #: class regions classes.geojson) and probabilities_tif (a COG; needs no "probabilities").
+    #: class regions classes.geojson), regions (classes.geojson alone, no instances) and
+    #: probabilities_tif (a COG; needs no "probabilities").
     outputs: list[str] = field(
         default_factory=lambda: ["probabilities", "classes", "instances", "preview"]
     )

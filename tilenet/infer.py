@@ -61,7 +61,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Outputs ``--outputs`` may name.
-OUTPUTS = ("probabilities", "classes", "instances", "preview", "geojson", "probabilities_tif")
+OUTPUTS = (
+    "probabilities",
+    "classes",
+    "instances",
+    "preview",
+    "geojson",
+    "regions",
+    "probabilities_tif",
+)
 
 #: Default tiles per band: the unit of resume (and of parallel work in batch jobs).
 REGION_TILES = JobsConfig.region_tiles
@@ -425,6 +433,7 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
             "read_wait_s": total("read_wait_s"),
             "heap_trims": int(total("heap_trims")),
             "finalize_s": round(finalize_s, 3),
+            "cog_s": round(made.cog_s, 3),  # classes.tif and probabilities.tif, in finalize
             "total_s": round(time.time() - plan.t0, 3),
         },
         "tiles_per_s": round(n_tiles / max(tiles_s, 1e-9), 3),

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,8 @@ class Finalized:
     geotiff_histogram: Any = None
     #: Class regions written (:func:`tilenet.regions.write_class_regions`), else None.
     regions: dict[str, Any] | None = None
+    #: Seconds spent writing the Cloud-Optimized GeoTIFFs (classes.tif, probabilities.tif).
+    cog_s: float = 0.0
 
 
 @dataclass
@@ -267,6 +271,7 @@ class OutputSet:
         paths: dict[str, Path] = {}
         transform = None
         geotiff_histogram = None
+        cog_s = 0.0
         if getattr(image, "transform", None) is not None:
             from tilenet.io.raster import scaled_transform
 
@@ -288,6 +293,7 @@ class OutputSet:
                 pixel_size=pixel_size,
             )
             if transform is not None:
+                t_cog = time.perf_counter()
                 geotiff_histogram = np.zeros(256, dtype=np.int64)
                 paths["classes_geotiff"] = _write_classes_cog(
                     out,
@@ -298,11 +304,14 @@ class OutputSet:
                     self.num_classes,
                     geotiff_histogram,
                 )
+                cog_s += time.perf_counter() - t_cog
         if "probabilities_tif" in want:
+            t_cog = time.perf_counter()
             probs = zarr.open_group(paths["probabilities"], mode="r")["0"]
             paths["probabilities_geotiff"] = _write_probabilities_cog(
                 out, probs, image, cfg.level, transform, class_names
             )
+            cog_s += time.perf_counter() - t_cog
         if "preview" in want:
             # The overlay needs the image at the inferred level; only level 0 is addressable
             # as its own source, so other levels preview the class map alone.
@@ -351,14 +360,14 @@ class OutputSet:
                 )
                 paths["geojson"] = out / "instances.geojson"
         regions = None
-        if "geojson" in want:
+        if want & {"geojson", "regions"}:
             regions = _write_regions(
                 out, classes["0"], image, cfg, transform, class_names, self.key
             )
             paths["classes_geojson"] = out / "classes.geojson"
             if transform is not None:
                 paths["classes_geopackage"] = out / "classes.gpkg"
-        return Finalized(paths, result, geotiff_histogram, regions)
+        return Finalized(paths, result, geotiff_histogram, regions, cog_s)
 
     def publish(self, summary: dict[str, Any], cfg: InferConfig) -> dict[str, Any]:
         """Write ``config.yaml`` and ``summary.json``, then drop the resume state."""
@@ -514,7 +523,9 @@ def _write_probabilities_cog(
     Stored as uint8 ``round(p * 254)`` with a GDAL band scale of 1/254 (GDAL, QGIS and
     ``rasterio``'s ``scales`` read back p), so 255 is free for nodata: pixels where the
     input declares nodata get 255 in every band. uint8 and not float16, which GDAL's COG
-    driver does not write; a quarter of float32's size. Overviews are averages.
+    driver does not write; a quarter of float32's size. Overviews are averages; deflate at
+    level 1 (measured on 4096² x 3 classes: 0.6 CPU s against 2.4 s at GDAL's default 6, 5
+    against 4 MB).
     """
     from tilenet.io.raster import write_cog
 
@@ -526,17 +537,23 @@ def _write_probabilities_cog(
         none = np.isnan(pixels) if np.isnan(nd) else pixels == nd
         return np.all(none, axis=-1)
 
-    return write_cog(
-        out / "probabilities.tif",
-        _ProbabilityBytes(probabilities),
-        crs=getattr(image, "crs", None),
-        transform=transform,
-        nodata=CLASSES_NODATA if nodata is not None else None,
-        nodata_mask=missing if nodata is not None else None,
-        resampling="average",
-        band_names=[str(n) for n in class_names],
-        scale=1 / 254,
-    )
+    with warnings.catch_warnings():
+        if transform is None:  # a plain image's COG: pixels only, as asked
+            from rasterio.errors import NotGeoreferencedWarning
+
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return write_cog(
+            out / "probabilities.tif",
+            _ProbabilityBytes(probabilities),
+            crs=getattr(image, "crs", None),
+            transform=transform,
+            nodata=CLASSES_NODATA if nodata is not None else None,
+            nodata_mask=missing if nodata is not None else None,
+            resampling="average",
+            band_names=[str(n) for n in class_names],
+            scale=1 / 254,
+            level=1,  # noisy probabilities: deflate 1 is ~4x faster than 6, ~20 % larger
+        )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

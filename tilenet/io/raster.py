@@ -248,11 +248,13 @@ def write_cog(
     compress: str = "deflate",
     band_names: list[str] | None = None,
     scale: float | None = None,
+    level: int | None = None,
 ) -> Path:
     """Write a 2-D array-like (numpy, zarr) as a Cloud-Optimized GeoTIFF, out of core.
 
     A 3-D (bands, H, W) array-like becomes a multi-band COG (``band_names`` its band
-    descriptions; ``scale`` each band's GDAL scale, i.e. value = stored * scale).
+    descriptions; ``scale`` each band's GDAL scale, i.e. value = stored * scale). ``level``
+    is the compression level (GDAL's default when None).
 
     ``transform`` is in GDAL order. The array is copied block by block into a temporary tiled
     GeoTIFF beside ``path``; there ``nodata_mask(window)`` (a bool (h, w) array, True where
@@ -321,6 +323,7 @@ def write_cog(
                 driver="COG",
                 blocksize=_COG_BLOCK,
                 compress=compress,
+                **({"level": level} if level is not None else {}),
                 overview_resampling=resampling,
                 bigtiff="if_safer",
             )

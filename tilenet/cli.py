@@ -371,8 +371,8 @@ def _add_infer(sub: Any) -> None:
     p.add_argument(
         "--geojson-crs",
         choices=["input", "wgs84"],
-        help="georeferenced inputs: instances.geojson and classes.geojson in the input's CRS or in lon/lat "
-        f"(RFC 7946) ({_default(InferConfig, 'geojson_crs')})",
+        help="georeferenced inputs: instances.geojson and classes.geojson in the input's CRS "
+        f"or in lon/lat (RFC 7946) ({_default(InferConfig, 'geojson_crs')})",
     )
     p.add_argument(
         "--probabilities-dtype",

@@ -116,7 +116,9 @@ def iter_regions(
         rows = (win.y if win.y > 0 else None, win.y1 if win.y1 < h else None)
         at = Affine.translation(win.x, win.y)
         for geom, value in shapes(data, mask=mask, connectivity=4, transform=at):
-            poly = shapely.geometry.shape(geom)
+            # GDAL puts a vertex at every pixel step; keep only the corners (exact: tolerance
+            # 0 drops collinear vertices), which is what bounds the seam union's memory.
+            poly = shapely.simplify(shapely.geometry.shape(geom), 0.0)
             x0, y0, x1, y1 = poly.bounds
             c = int(value)
             if x0 == edges[0] or x1 == edges[1] or y0 == rows[0] or y1 == rows[1]:

@@ -241,6 +241,7 @@ def test_outputs_and_summary(tmp_path: Path) -> None:
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
         [
+            "classes.geojson",  # the merged class regions (geojson output), QuPath annotations
             "classes.ome.tif",
             "classes.ome.zarr",
             "config.yaml",

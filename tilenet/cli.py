@@ -470,15 +470,19 @@ def _add_infer(sub: Any) -> None:
     p.add_argument(
         "--outputs",
         type=_comma_list,
-        help="comma-separated subset of probabilities,classes,instances,preview,geojson "
-        "(geojson: instances.geojson; for a georeferenced input in map coordinates, plus "
-        f"instances.gpkg) ({_default(InferConfig, 'outputs')})",
+        help="comma-separated subset of probabilities,classes,instances,preview,geojson,"
+        "regions,probabilities_tif (geojson: QuPath detections instances.geojson and merged "
+        "class regions classes.geojson as QuPath annotations, in level-0 pixels; for a "
+        "georeferenced input in map coordinates, plus instances.gpkg and classes.gpkg. "
+        "regions: classes.geojson (and .gpkg) alone. "
+        "probabilities_tif: probabilities.tif, a COG of uint8 p*254 (scale 1/254, 255 = "
+        f"nodata)) ({_default(InferConfig, 'outputs')})",
     )
     p.add_argument(
         "--geojson-crs",
         choices=["input", "wgs84"],
-        help="georeferenced inputs: instances.geojson in the input's CRS or in lon/lat "
-        f"(RFC 7946) ({_default(InferConfig, 'geojson_crs')})",
+        help="georeferenced inputs: instances.geojson and classes.geojson in the input's CRS "
+        f"or in lon/lat (RFC 7946) ({_default(InferConfig, 'geojson_crs')})",
     )
     p.add_argument(
         "--probabilities-dtype",

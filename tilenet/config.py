@@ -257,12 +257,15 @@ class InferConfig:
     device: str = "auto"
     precision: Precision = "fp32"
     tta: bool = False
+    #: Any of probabilities, classes, instances, preview, geojson (instances.geojson and the
+    #: class regions classes.geojson), regions (classes.geojson alone, no instances) and
+    #: probabilities_tif (a COG; needs no "probabilities").
     outputs: list[str] = field(
         default_factory=lambda: ["probabilities", "classes", "instances", "preview"]
     )
-    #: Georeferenced inputs: the CRS of instances.geojson: the input's ("input", its name
-    #: recorded) or longitude/latitude per RFC 7946 ("wgs84"). instances.gpkg is always in
-    #: the input's CRS; other inputs get QuPath GeoJSON in level-0 pixels.
+    #: Georeferenced inputs: the CRS of instances.geojson and classes.geojson: the input's
+    #: ("input", its name recorded) or longitude/latitude per RFC 7946 ("wgs84"). The .gpkg
+    #: files are always in the input's CRS; other inputs get QuPath GeoJSON in level-0 pixels.
     geojson_crs: Literal["input", "wgs84"] = "input"
     #: float32 keeps the exact probabilities (for checks); float16/uint8 save space.
     probabilities_dtype: Literal["float16", "uint8", "float32"] = "float16"

@@ -64,7 +64,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Outputs ``--outputs`` may name.
-OUTPUTS = ("probabilities", "classes", "instances", "preview", "geojson")
+OUTPUTS = (
+    "probabilities",
+    "classes",
+    "instances",
+    "preview",
+    "geojson",
+    "regions",
+    "probabilities_tif",
+)
 
 #: Default tiles per band: the unit of resume (and of parallel work in batch jobs).
 REGION_TILES = JobsConfig.region_tiles
@@ -489,6 +497,9 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
             if geo
             else {}
         ),
+        # Connected regions per class (classes.geojson), when made.
+        "class_regions": made.regions
+        and {n: int(made.regions["count"].get(n, 0)) for n in names[1:]},
         "instances": n_inst
         and {
             "count": int(n_inst["count"]),
@@ -506,6 +517,7 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
             "read_wait_s": total("read_wait_s"),
             "heap_trims": int(total("heap_trims")),
             "finalize_s": round(finalize_s, 3),
+            "cog_s": round(made.cog_s, 3),  # classes.tif and probabilities.tif, in finalize
             "total_s": round(time.time() - plan.t0, 3),
         },
         "tiles_per_s": round(n_tiles / max(tiles_s, 1e-9), 3),

@@ -42,6 +42,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ __all__ = ["label_instances", "write_geojson", "write_geopackage"]
 #: Name of the array attribute (on dataset "0") describing how the instances were made.
 META_KEY = "tilenet_instances"
 _MAX_ID = np.iinfo(np.uint32).max
+#: Namespace of the GeoJSON features' UUIDs (uuid5 of a seed and the instance id).
+_UUID_NAMESPACE = uuid.UUID("6f1c4f5e-3a57-4b0c-9d7e-2b8f1a5c0e12")
 
 
 # -- input normalisation -----------------------------------------------------------------------
@@ -710,6 +713,7 @@ def write_geojson(
     transform: Sequence[float] | None = None,
     crs: str | None = None,
     wgs84: bool = False,
+    seed: str = "",
 ) -> int:
     """Write the instances as a GeoJSON FeatureCollection of polygons for QuPath; return count.
 
@@ -721,7 +725,8 @@ def write_geojson(
     properties ``id``, ``area`` (level-0 pixels) and ``classification`` {"name", "color"}:
     the object's most frequent class in ``class_map`` if given, else the class recorded by
     :func:`label_instances` (``per_class=True``), else none. ``class_names`` maps class ids
-    to names (default "class <id>"). Objects with ``area < min_area`` are left out.
+    to names (default "class <id>"). Objects with ``area < min_area`` are left out. Each
+    feature's ``id`` is a UUID (uuid5 of ``seed`` and the instance id), as QuPath writes.
 
     Georeferenced: ``transform`` (the instance map's geotransform, GDAL order) puts the
     pixel corners in map coordinates instead (``downsample`` unused; ``area`` and
@@ -762,7 +767,9 @@ def write_geojson(
         if cls is not None:
             colour = palette[cls % len(palette)]
             props["classification"] = {"name": names.get(cls, f"class {cls}"), "color": colour}
-        return json.dumps({"type": "Feature", "geometry": geom, "properties": props})
+        # QuPath (0.4+) reads a feature's "id" as the object's UUID.
+        fid = str(uuid.uuid5(_UUID_NAMESPACE, f"{seed}:instances:{i}"))
+        return json.dumps({"type": "Feature", "id": fid, "geometry": geom, "properties": props})
 
     written = 0
     head: dict[str, Any] = {"type": "FeatureCollection"}

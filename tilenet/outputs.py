@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +76,10 @@ class Finalized:
     #: Pixels of ``classes.tif`` per value (georeferenced inputs only; index
     #: :data:`CLASSES_NODATA` counts the input's nodata area), else None.
     geotiff_histogram: Any = None
+    #: Class regions written (:func:`tilenet.regions.write_class_regions`), else None.
+    regions: dict[str, Any] | None = None
+    #: Seconds spent writing the Cloud-Optimized GeoTIFFs (classes.tif, probabilities.tif).
+    cog_s: float = 0.0
 
 
 @dataclass
@@ -125,7 +131,8 @@ class OutputSet:
         outp = Path(out)
         state = outp / STATE_DIR
         key_file = state / _KEY_FILE
-        names = ["classes"] + (["probabilities"] if "probabilities" in cfg.outputs else [])
+        probs = {"probabilities", "probabilities_tif"} & set(cfg.outputs)
+        names = ["classes"] + (["probabilities"] if probs else [])
         finals = {n: outp / f"{n}.ome.zarr" for n in names}
         same = (
             not force and key_file.is_file() and _read_json(key_file) == json.loads(json.dumps(key))
@@ -280,6 +287,7 @@ class OutputSet:
         paths: dict[str, Path] = {}
         transform = None
         geotiff_histogram = None
+        cog_s = 0.0
         if getattr(image, "transform", None) is not None:
             from tilenet.io.raster import scaled_transform
 
@@ -301,6 +309,7 @@ class OutputSet:
                 pixel_size=pixel_size,
             )
             if transform is not None:
+                t_cog = time.perf_counter()
                 geotiff_histogram = np.zeros(256, dtype=np.int64)
                 paths["classes_geotiff"] = _write_classes_cog(
                     out,
@@ -311,6 +320,14 @@ class OutputSet:
                     self.num_classes,
                     geotiff_histogram,
                 )
+                cog_s += time.perf_counter() - t_cog
+        if "probabilities_tif" in want:
+            t_cog = time.perf_counter()
+            probs = zarr.open_group(paths["probabilities"], mode="r")["0"]
+            paths["probabilities_geotiff"] = _write_probabilities_cog(
+                out, probs, image, cfg.level, transform, class_names
+            )
+            cog_s += time.perf_counter() - t_cog
         if "preview" in want:
             # The overlay needs the image at the inferred level; only level 0 is addressable
             # as its own source, so other levels preview the class map alone.
@@ -334,6 +351,7 @@ class OutputSet:
                 instances.write_geojson(
                     paths["instances"],
                     out / "instances.geojson",
+                    seed=f"{self.key.get('fingerprint')}:{self.key.get('model_checksum')}",
                     class_names=list(class_names),
                     transform=transform,
                     crs=crs,
@@ -356,12 +374,21 @@ class OutputSet:
                 instances.write_geojson(
                     paths["instances"],
                     out / "instances.geojson",
+                    seed=f"{self.key.get('fingerprint')}:{self.key.get('model_checksum')}",
                     class_names=list(class_names),
                     downsample=float(pt[5]) if iso else 1,
                     transform=None if iso else pt,
                 )
                 paths["geojson"] = out / "instances.geojson"
-        return Finalized(paths, result, geotiff_histogram)
+        regions = None
+        if want & {"geojson", "regions"}:
+            regions = _write_regions(
+                out, classes["0"], image, cfg, transform, class_names, self.key
+            )
+            paths["classes_geojson"] = out / "classes.geojson"
+            if transform is not None:
+                paths["classes_geopackage"] = out / "classes.gpkg"
+        return Finalized(paths, result, geotiff_histogram, regions, cog_s)
 
     def publish(self, summary: dict[str, Any], cfg: InferConfig) -> dict[str, Any]:
         """Write ``config.yaml`` and ``summary.json``, then drop the resume state."""
@@ -445,6 +472,109 @@ def _write_classes_cog(
         histogram=histogram,
         resampling="mode",
     )
+
+
+def _write_regions(
+    out: Path,
+    classes: Any,
+    image: Any,
+    cfg: InferConfig,
+    transform: tuple[float, ...] | None,
+    class_names: Sequence[str],
+    key: dict[str, Any],
+) -> dict[str, Any]:
+    """``classes.geojson`` (QuPath annotations; for a georeferenced image in its CRS or in
+    WGS84) and, georeferenced, ``classes.gpkg`` in its CRS: the merged class regions.
+
+    A georeferenced image's regions come from ``classes.tif`` where it was written, so its
+    nodata area is no region and the polygons overlay it exactly.
+    """
+    from tilenet import regions
+
+    seed = f"{key.get('fingerprint')}:{key.get('model_checksum')}"
+    source: Any = classes
+    if transform is None:
+        return regions.write_class_regions(
+            classes,
+            out / "classes.geojson",
+            transform=image.pixel_transform(cfg.level),
+            class_names=class_names,
+            seed=seed,
+        )
+    if (out / "classes.tif").is_file() and "classes" in cfg.outputs:
+        source = out / "classes.tif"
+    return regions.write_class_regions(
+        source,
+        out / "classes.geojson",
+        transform=transform,
+        class_names=class_names,
+        skip=(0, CLASSES_NODATA),
+        crs=image.crs,
+        wgs84=cfg.geojson_crs == "wgs84" and bool(image.crs),
+        vector=out / "classes.gpkg",
+        seed=seed,
+    )
+
+
+class _ProbabilityBytes:
+    """A (k, H, W) probabilities store read as uint8 0..254 (p * 254; 255 is nodata)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.shape = tuple(store.shape)
+        self.dtype = np.dtype("uint8")
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        p = np.asarray(self.store[key], dtype=np.float32)
+        if self.store.dtype == np.uint8:
+            p /= 255.0
+        return np.clip(np.rint(p * 254.0), 0, 254).astype(np.uint8)
+
+
+def _write_probabilities_cog(
+    out: Path,
+    probabilities: Any,
+    image: Any,
+    level: int,
+    transform: tuple[float, ...] | None,
+    class_names: Sequence[str],
+) -> Path:
+    """``probabilities.tif``: one band per class, a COG in the input's CRS (if it has one).
+
+    Stored as uint8 ``round(p * 254)`` with a GDAL band scale of 1/254 (GDAL, QGIS and
+    ``rasterio``'s ``scales`` read back p), so 255 is free for nodata: pixels where the
+    input declares nodata get 255 in every band. uint8 and not float16, which GDAL's COG
+    driver does not write; a quarter of float32's size. Overviews are averages; deflate at
+    level 1 (measured on 4096² x 3 classes: 0.6 CPU s against 2.4 s at GDAL's default 6, 5
+    against 4 MB).
+    """
+    from tilenet.io.raster import write_cog
+
+    nodata = getattr(image, "nodata", None)
+
+    def missing(window: Any) -> Any:
+        nd = float(nodata)  # type: ignore[arg-type]
+        pixels = image.read(window, level, fill=nd)
+        none = np.isnan(pixels) if np.isnan(nd) else pixels == nd
+        return np.all(none, axis=-1)
+
+    with warnings.catch_warnings():
+        if transform is None:  # a plain image's COG: pixels only, as asked
+            from rasterio.errors import NotGeoreferencedWarning
+
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return write_cog(
+            out / "probabilities.tif",
+            _ProbabilityBytes(probabilities),
+            crs=getattr(image, "crs", None),
+            transform=transform,
+            nodata=CLASSES_NODATA if nodata is not None else None,
+            nodata_mask=missing if nodata is not None else None,
+            resampling="average",
+            band_names=[str(n) for n in class_names],
+            scale=1 / 254,
+            level=1,  # noisy probabilities: deflate 1 is ~4x faster than 6, ~20 % larger
+        )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

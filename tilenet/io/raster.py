@@ -262,8 +262,15 @@ def write_cog(
     histogram: np.ndarray | None = None,
     resampling: str = "mode",
     compress: str = "deflate",
+    band_names: list[str] | None = None,
+    scale: float | None = None,
+    level: int | None = None,
 ) -> Path:
     """Write a 2-D array-like (numpy, zarr) as a Cloud-Optimized GeoTIFF, out of core.
+
+    A 3-D (bands, H, W) array-like becomes a multi-band COG (``band_names`` its band
+    descriptions; ``scale`` each band's GDAL scale, i.e. value = stored * scale). ``level``
+    is the compression level (GDAL's default when None).
 
     ``transform`` is in GDAL order. The array is copied block by block into a temporary tiled
     GeoTIFF beside ``path``; there ``nodata_mask(window)`` (a bool (h, w) array, True where
@@ -281,17 +288,19 @@ def write_cog(
     from rasterio.windows import Window as RioWindow
 
     final = Path(path)
-    if len(array.shape) != 2:
-        raise InputError(f"{final}: write_cog takes a 2-D array, got shape {array.shape}")
+    if len(array.shape) not in (2, 3):
+        raise InputError(f"{final}: write_cog takes a 2-D or 3-D array, got shape {array.shape}")
     if nodata_mask is not None and nodata is None:
         raise InputError(f"{final}: a nodata mask needs a nodata value")
-    h, w = (int(n) for n in array.shape)
+    bands = len(array.shape) == 3
+    count = int(array.shape[0]) if bands else 1
+    h, w = (int(n) for n in array.shape[-2:])
     dtype = np.dtype(array.dtype)
     profile: dict[str, Any] = {
         "driver": "GTiff",
         "height": h,
         "width": w,
-        "count": 1,
+        "count": count,
         "dtype": dtype.name,
         "tiled": True,
         "blockxsize": _COG_BLOCK,
@@ -308,14 +317,21 @@ def write_cog(
     _bound_gdal_cache()
     try:
         with rasterio.open(staging, "w", **profile) as dst:
+            if band_names:
+                dst.descriptions = tuple(band_names)
+            if scale is not None:
+                dst.scales = (scale,) * count
             for window in iter_blocks((h, w), _COG_BLOCK):
-                block = np.array(array[window.slices], dtype=dtype)
+                if bands:
+                    block = np.array(array[(slice(None), *window.slices)], dtype=dtype)
+                else:
+                    block = np.array(array[window.slices], dtype=dtype)
                 if nodata_mask is not None:
-                    block[nodata_mask(window)] = nodata
+                    block[..., nodata_mask(window)] = nodata
                 if histogram is not None:
                     histogram += np.bincount(block.ravel(), minlength=len(histogram))
                 rio = RioWindow(window.x, window.y, window.w, window.h)
-                dst.write(block, 1, window=rio)
+                dst.write(block, None if bands else 1, window=rio)
         with atomic_output(final) as tmp:
             rasterio.shutil.copy(
                 staging,
@@ -323,6 +339,7 @@ def write_cog(
                 driver="COG",
                 blocksize=_COG_BLOCK,
                 compress=compress,
+                **({"level": level} if level is not None else {}),
                 overview_resampling=resampling,
                 bigtiff="if_safer",
             )

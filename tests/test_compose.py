@@ -478,3 +478,46 @@ def test_infer_svs_at_mpp(tmp_path: Path) -> None:
     tol = 4
     assert abs(x0 - (CX - R)) <= tol and abs(x1 - (CX + R + 1)) <= tol
     assert abs(y0 - (CY - R)) <= tol and abs(y1 - (CY + R + 1)) <= tol
+
+
+def _dihedral(a: np.ndarray) -> list[np.ndarray]:
+    """The 8 flips/rotations of ``a`` (..., H, W) in its last two axes."""
+    rots = [np.rot90(a, k, axes=(-2, -1)) for k in range(4)]
+    return rots + [np.flip(r, -1) for r in rots]
+
+
+def test_default_augmentation_on_two_uint16_bands(scene: dict[str, Any]) -> None:
+    """Flips and rotations move uint16 band pixels and their labels together (torch has no
+    index_put for uint16), and the default brightness/contrast jitter takes 2 bands
+    (torchvision's ColorJitter takes 1 or 3)."""
+    view = _gsd_view(scene["data"])
+    ref = _gsd_labels(scene, view)
+    cfg = DataConfig(
+        images=str(scene["image"]),
+        vector_labels=str(scene["labels"]),
+        label_field="crop",
+        outside="background",
+        bands=[4, 2],
+        patch=16,
+        batch_size=8,
+        samples_per_epoch=16,
+        normalize=False,
+        augment=AugmentConfig(brightness=0.0, contrast=0.0, saturation=0.0),
+    )
+    torch.manual_seed(0)
+    loader = build_loader(cfg, train=True, resolution=ResolutionConfig(gsd=20.0))
+    wins = loader.dataset.windows(0)  # type: ignore[attr-defined]
+    batches = [(x.numpy(), m.numpy()) for x, m in loader]
+    x = np.concatenate([b[0] for b in batches])
+    m = np.concatenate([b[1] for b in batches])
+    moved = 0
+    for crop, mask, (_, win) in zip(x, m, wins, strict=True):
+        want = np.moveaxis(view[win.slices], -1, 0)
+        k = next(i for i, t in enumerate(_dihedral(want)) if np.array_equal(t, crop))
+        np.testing.assert_array_equal(mask, _dihedral(ref[win.slices])[k])
+        moved += k > 0
+    assert moved > 8  # most crops were flipped or rotated
+    cfg.augment = AugmentConfig()  # brightness and contrast 0.1: per band
+    cfg.normalize = True
+    x, m = next(iter(build_loader(cfg, train=True, resolution=ResolutionConfig(gsd=20.0))))
+    assert x.shape == (8, 2, 16, 16) and bool(torch.isfinite(x).all())

@@ -521,3 +521,15 @@ def test_default_augmentation_on_two_uint16_bands(scene: dict[str, Any]) -> None
     cfg.normalize = True
     x, m = next(iter(build_loader(cfg, train=True, resolution=ResolutionConfig(gsd=20.0))))
     assert x.shape == (8, 2, 16, 16) and bool(torch.isfinite(x).all())
+
+
+def test_colour_jitter_keeps_float_reflectances() -> None:
+    """Float rasters (e.g. reflectance in 0..10000) are jittered by about brightness and
+    contrast, not clamped to torchvision's [0, 1] float range."""
+    from tilenet.augment import build_augment
+
+    aug = build_augment(AugmentConfig(hflip=0, vflip=0, rot90=False), channels=3)
+    assert aug is not None
+    x = torch.linspace(2000.0, 3000.0, 2 * 3 * 8 * 8).reshape(2, 3, 8, 8)
+    y, _ = aug(x.clone(), torch.zeros(2, 8, 8, dtype=torch.uint8))
+    assert y.dtype == torch.float32 and 1500.0 < float(y.min()) and float(y.max()) < 3700.0

@@ -105,7 +105,7 @@ class JointAugment:
         self.cfg = cfg
         self.hflip = v2.RandomHorizontalFlip(p=1.0)
         self.vflip = v2.RandomVerticalFlip(p=1.0)
-        #: torchvision's colour jitter, for RGB images of the dtypes it takes.
+        #: torchvision's colour jitter, for uint8 RGB images (it clamps floats to [0, 1]).
         self.colour: v2.Transform | None = None
         if channels == 3 and any((cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)):
             self.colour = v2.ColorJitter(
@@ -114,8 +114,9 @@ class JointAugment:
                 saturation=cfg.saturation or None,
                 hue=cfg.hue or None,
             )
-        #: Brightness/contrast where ColorJitter refuses the images (not 1 or 3 channels,
-        #: or uint16): per band (:func:`_band_jitter`); saturation and hue need RGB.
+        #: Brightness/contrast for other images (any bands, any dtype; ColorJitter refuses
+        #: 2 or 4 bands and uint16, and clamps floats to [0, 1]): per band
+        #: (:func:`_band_jitter`); saturation and hue need uint8 RGB.
         self.band_jitter = (float(cfg.brightness), float(cfg.contrast))
         self.channels = channels
         self.affine: v2.Transform | None = None
@@ -176,7 +177,7 @@ class JointAugment:
             beta = (torch.rand(b, 3) * 2 - 1) * self.hed_bias
             images = hed_jitter(images, alpha, beta)
         per_sample = self.per_sample
-        if self.channels != 3 or dtype in _SIGNED:
+        if self.channels != 3 or dtype != torch.uint8:  # ColorJitter: floats in [0, 1]
             if any(self.band_jitter):
                 images = _band_jitter(images, *self.band_jitter)
             per_sample = self.affine

@@ -198,6 +198,28 @@ def test_tile_qupath_annotations_at_mpp(slide: dict[str, Any], tmp_path: Path) -
         assert (labels[pure] == NAMES.index(name)).mean() >= 0.98
 
 
+def test_labels_on_the_view_are_window_independent(slide: dict[str, Any]) -> None:
+    """Annotations rasterized on the 1 µm/px view: any window equals the same region of a
+    whole read (seam-free), and the whole read is the scaled polygons'."""
+    from tilenet.io.resolution import at_resolution
+    from tilenet.io.vector import read_annotations
+
+    with open_image(slide["image"]) as img:
+        view, _ = at_resolution(img, ResolutionConfig(mpp=1.0))
+        lab = read_annotations(slide["annotations"]).for_image(view)
+        h, w = view.levels[0].shape
+        whole = lab.read(Window(0, 0, h, w))[..., 0]
+        assert (whole == _reference(2.0)).mean() >= 0.98
+        rng = np.random.default_rng(0)
+        for _ in range(20):
+            y, x = int(rng.integers(-20, h)), int(rng.integers(-20, w))
+            wh, ww = int(rng.integers(1, 90)), int(rng.integers(1, 90))
+            got = lab.read(Window(y, x, wh, ww), fill=IGNORE_INDEX)[..., 0]
+            pad = np.full((h + 200, w + 200), IGNORE_INDEX, np.uint8)
+            pad[20 : 20 + h, 20 : 20 + w] = whole
+            np.testing.assert_array_equal(got, pad[20 + y : 20 + y + wh, 20 + x : 20 + x + ww])
+
+
 def test_random_crops_with_annotations_at_mpp(slide: dict[str, Any]) -> None:
     """build_loader with data.images + data.annotations at mpp 1.0: masks agree with the
     crops' colours and with the scaled polygons at the crops' windows."""
@@ -347,7 +369,9 @@ def _gsd_labels(scene: dict[str, Any], view: np.ndarray) -> np.ndarray:
     return want
 
 
-def test_tile_bands_at_gsd_with_vector_labels(scene: dict[str, Any], tmp_path: Path) -> None:
+def test_tile_bands_at_gsd_with_vector_labels(
+    scene: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--bands 4,2 --gsd 20: patches are 2x2 means of bands 4 and 2 (nodata left out),
     labels on that grid, nodata pixels ignored."""
     out = tmp_path / "g.zarr"
@@ -374,6 +398,14 @@ def test_tile_bands_at_gsd_with_vector_labels(scene: dict[str, Any], tmp_path: P
     print(f"gsd: {np.mean(agree):.5f} of label pixels agree with GDAL's at 20 m")
     assert np.mean(agree) >= 0.98
     assert set(np.unique(labels).tolist()) == {0, 1, 2, IGNORE_INDEX}
+    # the store records its bands: a rerun resumes, other bands are refused, not mixed in
+    assert attrs["bands"] == [4, 2]
+    assert main(argv) == 0
+    assert zarr.open_group(out, mode="r")["images"].shape[0] == len(images)  # type: ignore[union-attr]
+    assert main([a if a != "4,2" else "3,2" for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("store was tiled with bands=[4, 2], not [3, 2]; use the same settings "
+                        "to resume/append, or a new --out") and "\n" not in err  # fmt: skip
 
 
 def test_random_crops_bands_at_gsd_with_vector_labels(scene: dict[str, Any]) -> None:
@@ -450,16 +482,19 @@ def _bright_model(path: Path) -> Path:
     return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
 
 
-def test_infer_svs_at_mpp(tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", [["--mpp", "1.0"], ["--magnification", "10"]])
+def test_infer_svs_at_mpp(tmp_path: Path, target: list[str]) -> None:
+    """--mpp 1.0 (or 10x of the scan's 20x) on a 0.5 µm/px SVS: 2x coarser, outputs in the
+    slide's frame."""
     pytest.importorskip("openslide")
     svs = _write_svs(tmp_path / "slide.svs")
     model = _bright_model(tmp_path / "m.pt")
     out = tmp_path / "out"
-    argv = ["infer", str(svs), "--model", str(model), "--out", str(out), "--mpp", "1.0"]
+    argv = ["infer", str(svs), "--model", str(model), "--out", str(out), *target]
     assert main([*argv, "--tile", "64", "--outputs", "classes,instances,geojson", "--quiet"]) == 0
     s = json.loads((out / "summary.json").read_text())
     res = s["resolution"]
-    assert res["requested"] == {"mpp": 1.0} and res["source_level"] == 0
+    assert res["requested"] == {target[0][2:]: float(target[1])} and res["source_level"] == 0
     assert res["factor"] == [2.0, 2.0] and res["pixel_size"] == [1.0, 1.0]
     assert s["shape"] == [SH // 2, SW // 2]
     # areas from the effective pixel size: the disk is pi * (32 µm)^2

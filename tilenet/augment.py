@@ -105,30 +105,29 @@ class JointAugment:
         self.cfg = cfg
         self.hflip = v2.RandomHorizontalFlip(p=1.0)
         self.vflip = v2.RandomVerticalFlip(p=1.0)
-        per_sample: list[v2.Transform] = []
+        #: torchvision's colour jitter, for uint8 RGB images (it clamps floats to [0, 1]).
+        self.colour: v2.Transform | None = None
         if channels == 3 and any((cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)):
-            per_sample.append(
-                v2.ColorJitter(
-                    brightness=cfg.brightness or None,
-                    contrast=cfg.contrast or None,
-                    saturation=cfg.saturation or None,
-                    hue=cfg.hue or None,
-                )
+            self.colour = v2.ColorJitter(
+                brightness=cfg.brightness or None,
+                contrast=cfg.contrast or None,
+                saturation=cfg.saturation or None,
+                hue=cfg.hue or None,
             )
-        elif channels != 3 and (cfg.brightness or cfg.contrast):
-            # saturation/hue need RGB; brightness/contrast do not
-            per_sample.append(
-                v2.ColorJitter(brightness=cfg.brightness or None, contrast=cfg.contrast or None)
-            )
+        #: Brightness/contrast for other images (any bands, any dtype; ColorJitter refuses
+        #: 2 or 4 bands and uint16, and clamps floats to [0, 1]): per band
+        #: (:func:`_band_jitter`); saturation and hue need uint8 RGB.
+        self.band_jitter = (float(cfg.brightness), float(cfg.contrast))
+        self.channels = channels
+        self.affine: v2.Transform | None = None
         lo, hi = (float(v) for v in cfg.scale)
         if (lo, hi) != (1.0, 1.0):
-            per_sample.append(
-                v2.RandomAffine(
-                    degrees=0.0,
-                    scale=(lo, hi),
-                    fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index},
-                )
+            self.affine = v2.RandomAffine(
+                degrees=0.0,
+                scale=(lo, hi),
+                fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index},
             )
+        per_sample = [t for t in (self.colour, self.affine) if t is not None]
         self.per_sample = v2.Compose(per_sample) if per_sample else None
         self.hed = float(cfg.hed)
         self.hed_bias = float(cfg.hed if cfg.hed_bias is None else cfg.hed_bias)
@@ -156,6 +155,9 @@ class JointAugment:
         images = images.as_subclass(torch.Tensor)
         masks = masks.as_subclass(torch.Tensor)
         b = images.shape[0]
+        dtype = images.dtype
+        if dtype in _SIGNED:  # no index_put for wide unsigned ints: move bits as signed ones
+            images = images.view(_SIGNED[dtype])
         for p, op in ((self.cfg.hflip, self.hflip), (self.cfg.vflip, self.vflip)):
             if p > 0:
                 idx = torch.nonzero(torch.rand(b) < p).flatten()
@@ -169,16 +171,50 @@ class JointAugment:
                 if len(idx):
                     images[idx] = torch.rot90(images[idx], r, dims=(-2, -1))
                     masks[idx] = torch.rot90(masks[idx], r, dims=(-2, -1))
+        images = images.view(dtype)
         if self.hed or self.hed_bias:  # stains first, then the generic colour jitter
             alpha = 1.0 + (torch.rand(b, 3) * 2 - 1) * self.hed
             beta = (torch.rand(b, 3) * 2 - 1) * self.hed_bias
             images = hed_jitter(images, alpha, beta)
-        if self.per_sample is not None:
+        per_sample = self.per_sample
+        if self.channels != 3 or dtype != torch.uint8:  # ColorJitter: floats in [0, 1]
+            if any(self.band_jitter):
+                images = _band_jitter(images, *self.band_jitter)
+            per_sample = self.affine
+        if per_sample is not None:
             for i in range(b):
-                images[i], masks[i] = self.per_sample(
+                images[i], masks[i] = per_sample(
                     tv_tensors.Image(images[i]), tv_tensors.Mask(masks[i])
                 )
         return images, masks
+
+
+#: Unsigned integer dtypes torch cannot index_put, and the signed ones of their width.
+_SIGNED = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+
+
+def _band_jitter(images: torch.Tensor, brightness: float, contrast: float) -> torch.Tensor:
+    """Brightness and contrast per image for any number of bands and any dtype: each image
+    is scaled by a factor in [1 - brightness, 1 + brightness], then pulled towards (or pushed
+    from) its mean over all bands by one in [1 - contrast, 1 + contrast]; integers are
+    rounded and clamped to their dtype's range, floats are not clamped.
+
+    >>> x = torch.full((2, 4, 3, 3), 1000, dtype=torch.uint16)
+    >>> y = _band_jitter(x, 0.1, 0.1)
+    >>> y.dtype, bool(((y.int() >= 900) & (y.int() <= 1100)).all())
+    (torch.uint16, True)
+    """
+    b = images.shape[0]
+    f = images.to(torch.float32)
+    if brightness:
+        f = f * (1.0 + (torch.rand(b, 1, 1, 1) * 2 - 1) * brightness)
+    if contrast:
+        mean = f.mean(dim=(1, 2, 3), keepdim=True)
+        f = mean + (f - mean) * (1.0 + (torch.rand(b, 1, 1, 1) * 2 - 1) * contrast)
+    if images.dtype.is_floating_point:
+        return f.to(images.dtype)
+    info = torch.iinfo(images.dtype)
+    return f.round_().clamp_(info.min, info.max).to(images.dtype)
 
 
 def build_augment(cfg: AugmentConfig | None, *, channels: int) -> JointAugment | None:

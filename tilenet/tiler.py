@@ -382,6 +382,8 @@ def tile_images(
         if resolution == ResolutionConfig():
             resolution = None
     res_attr = asdict(resolution) if resolution is not None else None
+    # the bands a store holds: a rerun or an append with other bands must not mix them
+    bands_attr = [int(b) for b in bands] if bands else None
     out = Path(out)
     paths = resolve_images(images)
     if labels is not None and (annotations or vector_labels):
@@ -428,10 +430,11 @@ def tile_images(
             ("overlap", overlap),
             ("level", level),
             ("resolution", res_attr),
+            ("bands", bands_attr),
         ):
             if existing.get(key) != want:
                 raise InputError(
-                    f"{out}: store was tiled with {key}={existing[key]}, not {want}; "
+                    f"{out}: store was tiled with {key}={existing.get(key)}, not {want}; "
                     "use the same settings to resume/append, or a new --out"
                 )
         if vector is not None and existing.get("class_names") not in (None, [], names):
@@ -519,6 +522,7 @@ def tile_images(
             "overlap": overlap,
             "level": level,
             "resolution": res_attr,
+            "bands": bands_attr,
             "channels": channels,
             "dtype": dtype,
             "chunk_patches": chunk_patches,

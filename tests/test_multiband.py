@@ -5,6 +5,7 @@ inference picks them by default."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -267,3 +268,19 @@ def test_spec_bands_are_checked() -> None:
         ModelSpec.from_dict({**spec.to_dict(), "bands": [0, 2]})
     with pytest.raises(ModelError, match="bands must be a list"):
         ModelSpec.from_dict({**spec.to_dict(), "bands": "4,2"})
+
+
+def test_plan_shows_the_bands(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "model.name=tiny", "--tile", "64", "--memory", "1GB", "--no-measure"]
+    assert main([*argv, "model.in_channels=2", "tiling.bands=[4,2]", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)["model"]
+    assert m["bands"] == [4, 2] and m["bands_from"] == "tiling.bands"
+    assert main([*argv, "data.bands=[4,2]", "infer.bands=[3,2,1]"]) == 0
+    out = capsys.readouterr().out
+    assert "bands        3,2,1 of the input image" in out and "(infer.bands)" in out
+    assert main([*argv, "data.bands=[4,2]"]) == 0
+    assert (
+        "(data.bands); but model.in_channels=3: set model.in_channels=2" in capsys.readouterr().out
+    )
+    assert main(argv) == 0
+    assert "bands   " not in capsys.readouterr().out

@@ -691,6 +691,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{rest[0]!r} is not conf=FILE or section.key=value (e.g. model.name=unet)"
         )
+    # The input bands the model takes, as the config picks them (a checkpoint records them).
+    picked = next((k for k in ("infer", "data", "tiling") if cfg[k].bands), None)
     result = plan_model(
         cfg.model,
         tile=args.tile,
@@ -698,6 +700,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         memory=args.memory,
         precisions=args.precision,
         measure=False if args.no_measure else None,
+        bands=list(cfg[picked].bands) if picked else None,
+        bands_from=f"{picked}.bands" if picked else None,
     )
     if cfg.model.weights:  # plan reads no files; the weights must still fit the model
         from tilenet.checkpoint import load_weights

@@ -51,6 +51,7 @@ __all__ = [
     "REGION_TILES",
     "ImagePlan",
     "bands_of",
+    "choose_bands",
     "choose_resolution",
     "finish",
     "infer_image",
@@ -89,6 +90,27 @@ def select_input_bands(image: Any, cfg: InferConfig) -> Any:
     if not cfg.bands or image.metadata.get("bands") == list(cfg.bands):
         return image
     return image.select_bands(list(cfg.bands))
+
+
+def choose_bands(image: Any, spec: ModelSpec, cfg: InferConfig) -> tuple[InferConfig, str | None]:
+    """``cfg`` with the input bands to run, and where they came from.
+
+    ``cfg.bands`` when given ("requested"); else the bands the model was trained on
+    (``spec.bands``, recorded in the checkpoint: "checkpoint"); else all bands (None). An
+    image without the checkpoint's bands is refused in one line.
+    """
+    if cfg.bands:
+        return cfg, "requested"
+    if not spec.bands:
+        return cfg, None
+    bands = list(spec.bands)
+    if image.metadata.get("bands") != bands and max(bands) > image.channels:
+        raise InputError(
+            f"{image.path}: the model was trained on bands {','.join(map(str, bands))} "
+            f"(recorded in its checkpoint) but the image has bands 1..{image.channels}; "
+            "give --bands to pick others"
+        )
+    return dataclasses.replace(cfg, bands=bands), "checkpoint"
 
 
 # -- options --------------------------------------------------------------------------------
@@ -183,6 +205,8 @@ class ImagePlan:
     #: how it was chosen (``summary.json``'s ``resolution``).
     resolution: ResolutionConfig | None = None
     resolution_info: dict[str, Any] | None = None
+    #: Where ``config.bands`` came from: "requested", "checkpoint" or None (all bands).
+    bands_from: str | None = None
 
     def open(self) -> Any:
         """Open the input image (a context manager), with the plan's reader limits."""
@@ -237,6 +261,7 @@ def plan_image(
     """
     t0 = time.time()
     spec = ModelSpec.coerce(spec)
+    cfg, bands_from = choose_bands(image, spec, cfg)
     image = select_input_bands(image, cfg)
     target, res_info = choose_resolution(image, spec, cfg, resolution or ResolutionConfig())
     if target is not None:
@@ -299,6 +324,7 @@ def plan_image(
         reader=reader if reader is not None else ReaderConfig(),
         resolution=target,
         resolution_info=res_info,
+        bands_from=bands_from,
     )
 
 
@@ -465,6 +491,9 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
         "shape": list(plan.grid.shape),
         "level": cfg.level,
         "resolution": plan.resolution_info,
+        # The input bands run (1-based, the model's order; null: all) and where they came from.
+        "bands": list(cfg.bands) if cfg.bands else None,
+        "bands_from": plan.bands_from,
         "mode": cfg.mode,
         "exact": all(bool(r.get("exact")) for r in records),
         "tile": plan.grid.tile[0],  # as run (crop mode may shrink the requested tile)

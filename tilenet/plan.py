@@ -15,6 +15,7 @@ CUDA the measured peak next to the estimate.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from tilenet.errors import InputError
@@ -104,6 +105,20 @@ def parse_memory(value: str | int | float) -> int:
     return out
 
 
+def _bands_line(m: dict[str, Any]) -> list[str]:
+    """The ``bands`` line of :func:`format_plan` (none when the model takes all bands)."""
+    bands = m.get("bands")
+    if not bands:
+        return []
+    line = (
+        f"bands        {','.join(map(str, bands))} of the input image, 1-based, in the model's "
+        f"order ({m.get('bands_from') or 'given'})"
+    )
+    if len(bands) != m["in_channels"]:
+        line += f"; but model.in_channels={m['in_channels']}: set model.in_channels={len(bands)}"
+    return [line]
+
+
 def _fmt_bytes(n: float) -> str:
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
@@ -180,13 +195,17 @@ def plan_model(
     precisions: tuple[str, ...] | list[str] | None = None,
     tiles: tuple[int, ...] | list[int] = DEFAULT_TILES,
     measure: bool | None = None,
+    bands: Sequence[int] | None = None,
+    bands_from: str | None = None,
 ) -> dict[str, Any]:
     """The plan for the model of ``model_cfg`` (a ``ModelConfig``) as plain data.
 
     Its ``weights`` are not read (weights change no sizes, and plan reads no files).
 
     ``memory`` is the budget (default: the CUDA device's memory, else 16 GiB). ``measure``
-    runs one batch on CUDA (default: when CUDA is available).
+    runs one batch on CUDA (default: when CUDA is available). ``bands`` are the input bands
+    the model takes (1-based, in its order; None: all), ``bands_from`` the config key they
+    came from; both are reported as they are.
     """
     import torch
 
@@ -274,6 +293,8 @@ def plan_model(
             "exact": bool(spec.exact),
             "per_pixel_norm": bool(spec.exact),
             "exact_reason": spec.exact_reason,
+            "bands": [int(b) for b in bands] if bands else None,
+            "bands_from": bands_from if bands else None,
         },
         "seeds": {
             "dense_units": DENSE_UNITS,
@@ -306,6 +327,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines = [
         f"model        {m['name']}({kw})  in_channels={m['in_channels']} "
         f"num_classes={m['num_classes']}",
+        *_bands_line(m),
         f"parameters   {m['parameters']:,} ({_fmt_bytes(4 * m['parameters'])} in fp32), "
         "the same at any input size",
         f"dense        a fully connected layer of {seeds['dense_units']} units on one "

@@ -65,7 +65,7 @@ from tilenet.runtime import autocast, resolve_device
 if TYPE_CHECKING:
     pass
 
-__all__ = ["evaluate_images", "main", "prepare_demo_data", "train"]
+__all__ = ["evaluate_images", "main", "prepare_demo_data", "train", "training_bands"]
 
 HELP = """\
 Train a segmentation model on streamed patches.
@@ -764,6 +764,27 @@ def _encoder_stats(
     return [m * scale for m in mean], [v * scale for v in std]
 
 
+def training_bands(data: DataConfig) -> tuple[int, ...] | None:
+    """The input bands (1-based) the training data was picked from, for the checkpoint.
+
+    ``data.bands`` for random crops of ``data.images``; for patch stores, the ``bands`` they
+    were tiled with (``tilenet tile --bands``; None: all). Stores with different bands are
+    refused in one line (their channels would not mean the same).
+    """
+    from tilenet.patchstore import read_attrs
+
+    if not data.stores:
+        return tuple(int(b) for b in data.bands) if data.images and data.bands else None
+    found: dict[str, tuple[int, ...] | None] = {}
+    for path in data.stores:
+        raw = (read_attrs(path) or {}).get("bands")
+        found[str(path)] = tuple(int(b) for b in raw) if raw else None
+    if len(set(found.values())) > 1:
+        seen = "; ".join(f"{p}: {','.join(map(str, b)) if b else 'all'}" for p, b in found.items())
+        raise ConfigError(f"data.stores were tiled with different bands ({seen}); use one set")
+    return next(iter(found.values()))
+
+
 def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
     from tilenet.checkpoint import (
         is_pretrained_name,
@@ -802,6 +823,7 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
         resolution=res_cfg,
     )  # fmt: skip
     ds: Any = loader.dataset
+    train_bands = training_bands(data_cfg)
     channels = int(ds.channels)
     if channels != int(mc.in_channels):
         raise ConfigError(
@@ -864,6 +886,8 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
     spec = ModelSpec.from_model(model, mean=mean, std=std, class_names=names)
     if getattr(ds, "resolution", None):  # the training data's pixel size: infer's default
         spec = dataclasses.replace(spec, resolution=ds.resolution)
+    if train_bands:  # the bands the training data was picked from: infer's default too
+        spec = dataclasses.replace(spec, bands=train_bands)
     opt = _build_optimizer(_param_groups(model, tc), tc)
     freeze = int(tc.freeze_encoder_steps)
     encoder_bns = [

@@ -51,6 +51,9 @@ class ModelSpec:
     #: The pixel size the model was trained at, where known: {"mpp": µm} or
     #: {"gsd": size, "crs_units": name}; inference defaults to it (tilenet.infer).
     resolution: Mapping[str, Any] | None = None
+    #: The input bands the model was trained on (1-based, in the model's order), where a
+    #: subset was picked; inference picks them by default (tilenet.infer).
+    bands: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -93,6 +96,13 @@ class ModelSpec:
                     f"model spec: resolution must be a mapping, got {self.resolution!r}"
                 )
             self._set("resolution", _plain(self.resolution))
+        if self.bands is not None:
+            bands = _bands(self.bands)
+            if len(bands) != n:
+                raise ModelError(
+                    f"model spec: bands {list(bands)} are {len(bands)} for {n} input channels"
+                )
+            self._set("bands", bands)
 
     def _set(self, key: str, value: Any) -> None:
         object.__setattr__(self, key, value)
@@ -113,6 +123,7 @@ class ModelSpec:
             "exact": self.exact,
             "exact_reason": self.exact_reason,
             "resolution": _plain(self.resolution) if self.resolution is not None else None,
+            "bands": list(self.bands) if self.bands is not None else None,
         }
 
     @classmethod
@@ -205,6 +216,16 @@ def _floats(values: Any, key: str) -> tuple[float, ...]:
             raise ModelError(f"model spec: {key} must be finite numbers, got {v!r}")
         out.append(float(v))
     return tuple(out)
+
+
+def _bands(values: Any) -> tuple[int, ...]:
+    if isinstance(values, str | bytes | Mapping) or not hasattr(values, "__iter__"):
+        raise ModelError(f"model spec: bands must be a list of band numbers, got {values!r}")
+    out = tuple(values)
+    bad = [b for b in out if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1]
+    if not out or bad:
+        raise ModelError(f"model spec: bands must be band numbers >= 1, got {list(out)!r}")
+    return tuple(int(b) for b in out)
 
 
 def _strs(values: Any, key: str) -> tuple[str, ...]:

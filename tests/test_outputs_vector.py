@@ -114,6 +114,21 @@ def test_regions_are_the_connected_components_merged_across_blocks(block: int) -
         assert a.cls == b.cls and a.polygon.equals(b.polygon)
 
 
+def test_seam_regions_touching_at_a_corner_stay_apart_and_come_in_reading_order() -> None:
+    """Seam pieces are merged per group of touching pieces: two regions of a class meeting at
+    a block corner only diagonally stay two (4-connected), and seam regions come top to
+    bottom, then left to right."""
+    cm = np.zeros((8, 8), np.uint8)
+    cm[3, 3] = cm[4, 4] = 1  # diagonal across the corner of four blocks
+    cm[2:6, 6] = 1  # a bar across the horizontal seam
+    got = [(r.cls, r.pixels, r.polygon.bounds) for r in iter_regions(cm, block=4)]
+    assert got == [
+        (1, 4, (6.0, 2.0, 7.0, 6.0)),
+        (1, 1, (3.0, 3.0, 4.0, 4.0)),
+        (1, 1, (4.0, 4.0, 5.0, 5.0)),
+    ]
+
+
 def test_write_class_regions_qupath_geojson(tmp_path: Path) -> None:
     cm = zarr.open_array(tmp_path / "c.zarr", mode="w", shape=(70, 90), chunks=(32, 32), dtype="u1")
     cm[:] = _class_map(70, 90)

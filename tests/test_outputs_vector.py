@@ -422,7 +422,8 @@ def _blocky_geotiff(path: Path, side: int, blk: int = 1000) -> None:
     reason="measured 2026-12-01 18:36-18:44 after the seam-union fix: 40000² peak 2.11 GB vs "
     "1.81 GB at 4000² (+303 MB; before: 2.26 vs 1.91 GB). The class-region pass is no "
     "longer the peak: sampled RSS reaches its maximum in the inference loop (1.92 GB after "
-    "the first batches, 2.15 GB after ~90 s of batches) under the default heap policy",
+    "the first batches, 2.15 GB after ~90 s of batches) under the default heap policy "
+    "'reuse'; with heap='flat' the peaks are 1.471 and 1.474 GB (+3 MB)",
 )
 def test_peak_rss_on_a_40000_geotiff_is_bounded_by_the_tile(tmp_path: Path) -> None:
     """``tilenet infer`` (default tile 1024 and batch 4) on a 40000² GeoTIFF (1.6 Gpx: 4.8 GB

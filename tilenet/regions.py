@@ -5,11 +5,13 @@
 :func:`tilenet.instances.label_instances` calls one object of a class). A piece that
 touches no block seam is a whole region and is yielded at once; pieces touching a seam are
 kept (in exact integer pixel coordinates) and, once every block is read, merged per class
-with ``shapely.unary_union``, which joins the pieces sharing seam edges and keeps holes.
+and per group of touching pieces with ``shapely.unary_union``, which joins the pieces sharing
+seam edges and keeps holes; merged regions come top to bottom, then left to right.
 By design memory scales with the vector output (the outlines of the regions crossing seams),
-not with the image: the class map is read one block at a time and never held whole. (Measured
-over a 40000² class map the pass still grew ~380 MB with the blocks read, in the block reads
-rather than the polygons; see docs/benchmarks.md, "Peak RSS on a 40000² GeoTIFF".)
+not with the image: the class map is read one block at a time and never held whole, and
+GEOS's overlay only ever holds one group of pieces (one union of every seam piece of a class
+peaked at +232 MB over a 40000² class map; see docs/benchmarks.md, "Peak RSS on a 40000²
+GeoTIFF").
 
 :func:`write_class_regions` writes the regions once polygonized, in one pass:
 
@@ -105,13 +107,16 @@ def iter_regions(
     if len(classes.shape) != 2:
         raise InputError(f"a class map must be 2-D (H, W), got shape {tuple(classes.shape)}")
     h, w = (int(s) for s in classes.shape)
-    skip_arr = np.asarray(list(skip), dtype=np.int64)
+    skip_values = [int(v) for v in skip]
     seams: dict[int, list[Any]] = {}
     for win in iter_blocks((h, w), block):
         data = np.asarray(classes[win.slices])
         if data.dtype not in (np.uint8, np.uint16, np.int16, np.int32, np.float32):
             data = data.astype(np.int32)
-        mask = ~np.isin(data, skip_arr)
+        # Not np.isin: its lookup table indexes with intp copies of the block (8 bytes a pixel).
+        mask = np.ones(data.shape, bool)
+        for v in skip_values:
+            mask &= data != v
         if not mask.any():
             continue
         edges = (win.x if win.x > 0 else None, win.x1 if win.x1 < w else None)
@@ -128,9 +133,31 @@ def iter_regions(
             else:
                 yield Region(c, poly, round(poly.area))
     for c in sorted(seams):
-        merged = shapely.unary_union(seams.pop(c))
-        for poly in shapely.get_parts(merged):
+        for poly in _merge_seam_pieces(seams.pop(c)):
             yield Region(c, poly, round(poly.area))
+
+
+def _merge_seam_pieces(pieces: list[Any]) -> list[Any]:
+    """The regions the pieces of one class form, top to bottom then left to right.
+
+    Only pieces that touch can merge, so each group of touching pieces is unioned on its own:
+    one ``unary_union`` of all of a class's pieces held GEOS's overlay graph of every piece
+    at once (measured: +232 MB and 5.1 s for the 960 pieces of a 40000² class map, against
+    +11 MB and 0.4 s by groups). Same regions, in a defined order.
+    """
+    import shapely
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    geoms = np.asarray(pieces, dtype=object)
+    i, j = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    n = len(geoms)
+    _, group = connected_components(coo_matrix((np.ones(len(i), bool), (i, j)), shape=(n, n)))
+    order = np.argsort(group, kind="stable")
+    merged: list[Any] = []
+    for members in np.split(order, np.flatnonzero(np.diff(group[order])) + 1):
+        merged.extend(shapely.get_parts(shapely.unary_union(geoms[members])))
+    return sorted(merged, key=lambda p: (p.bounds[1], p.bounds[0]))
 
 
 def _to_reference(transform: Sequence[float]) -> Callable[[Any], Any]:

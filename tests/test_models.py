@@ -306,7 +306,11 @@ def test_spec_from_model() -> None:
 # -- forward passes ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize(
+    "name",
+    # the ResNet-50 models (~8 s each) run with -m slow; their crop test runs them by default
+    [pytest.param(n, marks=pytest.mark.slow) if "resnet50" in n else n for n in ALL],
+)
 def test_runs_on_cpu_at_two_sizes(name: str) -> None:
     s = STRIDES[name]
     m = create_model(name, in_channels=1, num_classes=3)

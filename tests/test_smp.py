@@ -499,6 +499,7 @@ def test_encoder_normalization_tables() -> None:
         encoder_normalization("tu-no_such_net")
 
 
+@pytest.mark.slow  # ~16 s: trains and infers twice
 def test_encoder_normalization_goes_into_the_checkpoint_and_infer(
     store: Path, tmp_path: Path
 ) -> None:
@@ -547,6 +548,7 @@ def test_encoder_normalization_errors(
         _train(store, tmp_path / "run", **{"model.normalization": "encoder", **extra})
 
 
+@pytest.mark.slow  # ~18 s: two short training runs; the frozen-encoder test covers freezing
 def test_fine_tuning_controls(store: Path, tmp_path: Path) -> None:
     state = _encoder_state("resnet18")
     torch.save(state, tmp_path / "enc.pt")

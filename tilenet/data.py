@@ -115,11 +115,6 @@ class _EpochMixin:
 
 
 # -- statistics --------------------------------------------------------------------------
-def _select(img: Any, bands: Sequence[int] | None) -> Any:
-    """``img`` with only ``bands`` (1-based, in that order), or as is."""
-    return img.select_bands(list(bands)) if bands else img
-
-
 def store_stats(
     stores: PathLike | Sequence[PathLike], *, bands: Sequence[int] | None = None
 ) -> dict[str, Any]:
@@ -163,7 +158,7 @@ def _image_stats(
     n = 0
     chans = None
     for path in resolve_images([str(p) for p in paths]):
-        with _select(open_image(path), bands) as img:
+        with open_image(path).select_bands(bands) as img:
             lv = next(
                 (i for i, v in enumerate(img.levels) if max(v.shape) <= max_side),
                 len(img.levels) - 1,
@@ -582,7 +577,7 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
     def _open_at(self, img: Any) -> tuple[Any, int]:
         """``img`` (its ``bands``) at the target pixel size (a resampled view) and the level
         to read."""
-        img = _select(img, self.bands)
+        img = img.select_bands(self.bands)
         if self.target is None:
             return img, self.level
         view, res = at_resolution(img, self.target, level=self.level)

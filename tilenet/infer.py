@@ -87,9 +87,9 @@ def select_input_bands(image: Any, cfg: InferConfig) -> Any:
 
     (Spectral bands of the input, not the row bands a plan is run in.)
     """
-    if not cfg.bands or image.metadata.get("bands") == list(cfg.bands):
+    if cfg.bands and image.metadata.get("bands") == list(cfg.bands):
         return image
-    return image.select_bands(list(cfg.bands))
+    return image.select_bands(cfg.bands)
 
 
 def choose_bands(image: Any, spec: ModelSpec, cfg: InferConfig) -> tuple[InferConfig, str | None]:

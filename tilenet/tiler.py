@@ -47,7 +47,7 @@ from tilenet.patchstore import (
 from tilenet.progress import progress_bar
 
 if TYPE_CHECKING:
-    from tilenet.io.base import LazyImage
+    pass
 
 __all__ = [
     "tile_images",
@@ -76,11 +76,6 @@ class _Plan:
     resolution: dict[str, Any] | None = None
 
 
-def _bands(img: LazyImage, bands: Sequence[int] | None) -> LazyImage:
-    """``img`` with only ``bands`` (1-based), or as is."""
-    return img.select_bands(list(bands)) if bands else img
-
-
 def _one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     first = lines[0] if lines else ""
@@ -102,7 +97,7 @@ def _open_at(
     from tilenet.io import open_image
     from tilenet.io.resolution import at_resolution
 
-    img = _bands(open_image(path, **limits), bands)
+    img = open_image(path, **limits).select_bands(bands)
     if resolution is None:
         return img, level
     try:

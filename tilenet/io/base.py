@@ -8,6 +8,7 @@ filled with ``fill`` (zeros by default), so callers never special-case the edge.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,11 +230,15 @@ class LazyImage(ABC):
             block, dtype=self.dtype, chunks=(ych, xch, (self.channels,)), meta=np.empty((0, 0, 0))
         )
 
-    def select_bands(self, bands: list[int]) -> BandSelection:
-        """A view with the channels ``bands`` (1-based, GDAL's numbering), in that order."""
+    def select_bands(self, bands: Sequence[int] | None) -> LazyImage:
+        """A view with the channels ``bands`` (1-based, GDAL's numbering), in that order; the
+        image itself when ``bands`` is None or empty (all bands, as configs say it)."""
+        if not bands:
+            return self
+        bands = list(bands)
         n = self.channels
         bad = [b for b in bands if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= n]
-        if not bands or bad:
+        if bad:
             names = f" ({', '.join(self.band_names)})" if self.band_names else ""
             raise InputError(
                 f"{self.path}: bands {bad or bands} do not exist; the image has bands 1..{n}{names}"

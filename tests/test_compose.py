@@ -22,6 +22,7 @@ import pytest
 import tifffile
 import torch
 import zarr
+from slidewriters import write_aperio_svs, write_philips_tiff
 
 from tilenet.checkpoint import save_checkpoint
 from tilenet.cli import main
@@ -79,32 +80,6 @@ def _feature(ring: list[tuple[float, float]], name: str) -> dict[str, Any]:
     }
 
 
-def _philips_xml(mpp_mm: float, factors: tuple[int, ...]) -> str:
-    """The DPUfsImport description OpenSlide's philips driver reads pixel spacings (mm) from."""
-
-    def spacing(v: float) -> str:
-        return (
-            '<Attribute Name="DICOM_PIXEL_SPACING" Group="0x0028" Element="0x0030" '
-            f'PMSVR="IDoubleArray">&quot;{v}&quot; &quot;{v}&quot;</Attribute>'
-        )
-
-    levels = "".join(
-        f'<DataObject ObjectType="PixelDataRepresentation">{spacing(mpp_mm * f)}</DataObject>'
-        for f in factors
-    )
-    return (
-        '<?xml version="1.0" encoding="UTF-8" ?>\n<DataObject ObjectType="DPUfsImport">'
-        f"{spacing(mpp_mm)}"
-        '<Attribute Name="PIM_DP_SCANNED_IMAGES" Group="0x301D" Element="0x1003" '
-        'PMSVR="IDataObjectArray"><Array><DataObject ObjectType="DPScannedImage">'
-        '<Attribute Name="PIM_DP_IMAGE_TYPE" Group="0x301D" Element="0x1004" '
-        'PMSVR="IString">WSI</Attribute>'
-        '<Attribute Name="PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE" Group="0x1001" '
-        f'Element="0x8B01" PMSVR="IDataObjectArray"><Array>{levels}</Array></Attribute>'
-        "</DataObject></Array></Attribute></DataObject>\n"
-    )
-
-
 @pytest.fixture(scope="module", params=["ome", "philips"])
 def slide(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A 0.5 µm/px pyramid (levels at downsample 1, 4) and its QuPath export: an OME-TIFF
@@ -120,20 +95,9 @@ def slide(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             tw.write(low, subfiletype=1, tile=(16, 16), photometric="rgb")
     else:
         pytest.importorskip("openslide")
-        path = root / "slide.tiff"
-        with tifffile.TiffWriter(path) as tw:
-            for i, lv in enumerate((arr, low)):
-                tw.write(
-                    lv,
-                    tile=(128, 128),
-                    photometric="rgb",
-                    compression="jpeg",
-                    compressionargs={"level": 95},
-                    software="Philips DP v1.0",
-                    description=_philips_xml(0.0005, (1, 4)) if i == 0 else "level",
-                    metadata=None,
-                    subfiletype=0 if i == 0 else 1,
-                )
+        path = write_philips_tiff(
+            root / "slide.tiff", [arr, low], mpp_mm=0.0005, factors=(1, 4), tile=128
+        )
     with open_image(path) as img:  # what the reader decodes (JPEG is lossy)
         vendor = img.vendor
         assert img.pixel_size == pytest.approx((0.5, 0.5))
@@ -442,28 +406,14 @@ def test_random_crops_bands_at_gsd_with_vector_labels(scene: dict[str, Any]) -> 
 # -- tilenet infer on an Aperio SVS at --mpp 1.0 -----------------------------------------
 SH, SW = 512, 768
 CY, CX, R = 240, 400, 64
-_DESC = "Aperio Image Library v12.0.15 \r\n"
 
 
 def _write_svs(path: Path) -> Path:
-    """Aperio layout (tifffile): tiled JPEG level 0, a thumbnail page, a level at 1/4."""
+    """Aperio layout: a bright disk on a dark slide, 0.5 µm/px, a level at 1/4."""
     yy, xx = np.mgrid[0:SH, 0:SW]
     img = np.full((SH, SW, 3), 20, np.uint8)
     img[(yy - CY) ** 2 + (xx - CX) ** 2 <= R * R] = 230
-    jpeg: dict[str, Any] = {"photometric": "rgb", "compression": "jpeg", "metadata": None}
-    meta = "|AppMag = 20|MPP = 0.5|Date = 12/01/26"
-    with tifffile.TiffWriter(path) as tw:
-        tw.write(img, tile=(256, 256), description=f"{_DESC}{SW}x{SH} (256x256){meta}", **jpeg)
-        thumb = img[::8, ::8]
-        tw.write(
-            thumb,
-            description=f"{_DESC}{SW}x{SH} -> {thumb.shape[1]}x{thumb.shape[0]}{meta}",
-            **jpeg,
-        )
-        low = img[::4, ::4]
-        desc = f"{_DESC}{SW}x{SH} -> {low.shape[1]}x{low.shape[0]}{meta}"
-        tw.write(low, tile=(256, 256), description=desc, **jpeg)
-    return path
+    return write_aperio_svs(path, img, mpp=0.5, levels=(4,))
 
 
 def _bright_model(path: Path) -> Path:

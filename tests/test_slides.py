@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tifffile
+from slidewriters import write_aperio_svs, write_philips_tiff
 
 from tilenet.cli import main
 from tilenet.errors import CorruptImageError, UnsupportedFormatError
@@ -28,7 +29,6 @@ pytestmark = pytest.mark.timeout(120)
 H, W = 1000, 1500  # SVS level 0; levels 1/4 exact, 1/16 rounded (63 x 94): not an integer
 DICOM_SHAPE = (1024, 1536)
 DICOM_MPP = 0.25
-_DESC = "Aperio Image Library v12.0.15 \r\n"
 
 
 def _tissue(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -52,40 +52,16 @@ def _level(img: np.ndarray, f: int) -> np.ndarray:
 
 
 def write_svs(path: Path, *, pyramid: bool = True) -> Path:
-    """An Aperio-layout SVS as OpenSlide's aperio driver expects it: a description starting
-    with "Aperio", tiled JPEG levels, a stripped thumbnail as the second page, then label
-    (LZW) and macro (JPEG) pages named on the description's second line."""
-    img = _tissue(H, W)
-    jpeg: dict[str, Any] = {"photometric": "rgb", "compression": "jpeg", "metadata": None}
-    jpeg["compressionargs"] = {"level": 90}
-    meta = "|AppMag = 20|MPP = 0.4990|Date = 12/01/26"
-    with tifffile.TiffWriter(path) as tw:
-        tw.write(
-            img,
-            tile=(256, 256),
-            description=f"{_DESC}{W}x{H} (256x256) JPEG/RGB Q=90{meta}",
-            **jpeg,
-        )
-        thumb = img[::8, ::8]
-        tw.write(
-            thumb, description=f"{_DESC}{W}x{H} -> {thumb.shape[1]}x{thumb.shape[0]}{meta}", **jpeg
-        )
-        for f in (4, 16) if pyramid else ():
-            lv = _level(img, f)
-            desc = f"{_DESC}{W}x{H} -> {lv.shape[1]}x{lv.shape[0]}{meta}"
-            tw.write(lv, tile=(256, 256), description=desc, **jpeg)
-        label = _tissue(100, 120, 1)
-        tw.write(
-            label,
-            description=f"{_DESC}label 120x100",
-            subfiletype=1,
-            photometric="rgb",
-            compression="lzw",
-            metadata=None,
-        )
-        macro = _tissue(150, 400, 2)
-        tw.write(macro, description=f"{_DESC}macro 400x150", subfiletype=9, **jpeg)
-    return path
+    """An Aperio-layout SVS (0.499 µm/px, levels 1/4 and 1/16 unless not ``pyramid``) with
+    a thumbnail, a label and a macro."""
+    return write_aperio_svs(
+        path,
+        _tissue(H, W),
+        mpp=0.4990,
+        levels=(4, 16) if pyramid else (),
+        label=_tissue(100, 120, 1),
+        macro=_tissue(150, 400, 2),
+    )
 
 
 def write_generic_tiff(path: Path) -> Path:
@@ -105,47 +81,11 @@ def write_generic_tiff(path: Path) -> Path:
     return path
 
 
-def _philips_xml(mpp_mm: float, factors: tuple[int, ...]) -> str:
-    def spacing(v: float) -> str:
-        return (
-            '<Attribute Name="DICOM_PIXEL_SPACING" Group="0x0028" Element="0x0030" '
-            f'PMSVR="IDoubleArray">&quot;{v}&quot; &quot;{v}&quot;</Attribute>'
-        )
-
-    levels = "".join(
-        f'<DataObject ObjectType="PixelDataRepresentation">{spacing(mpp_mm * f)}</DataObject>'
-        for f in factors
-    )
-    return (
-        '<?xml version="1.0" encoding="UTF-8" ?>\n<DataObject ObjectType="DPUfsImport">'
-        f"{spacing(mpp_mm)}"
-        '<Attribute Name="PIM_DP_SCANNED_IMAGES" Group="0x301D" Element="0x1003" '
-        'PMSVR="IDataObjectArray"><Array><DataObject ObjectType="DPScannedImage">'
-        '<Attribute Name="PIM_DP_IMAGE_TYPE" Group="0x301D" Element="0x1004" '
-        'PMSVR="IString">WSI</Attribute>'
-        '<Attribute Name="PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE" Group="0x1001" '
-        f'Element="0x8B01" PMSVR="IDataObjectArray"><Array>{levels}</Array></Attribute>'
-        "</DataObject></Array></Attribute></DataObject>\n"
-    )
-
-
 def write_philips(path: Path) -> Path:
-    """A Philips-like TIFF (OpenSlide's philips driver and tifffile's ``is_philips`` accept
-    it): Software "Philips DP...", a DPUfsImport XML description with pixel spacings (mm)."""
+    """A Philips-like TIFF, 0.25 µm/px, levels 1 and 1/4."""
     img = _tissue(1024, 1536, 5)
-    with tifffile.TiffWriter(path) as tw:
-        for f in (1, 4):
-            tw.write(
-                _level(img, f),
-                tile=(256, 256),
-                photometric="rgb",
-                compression="jpeg",
-                software="Philips DP v1.0",
-                description=_philips_xml(0.00025, (1, 4)) if f == 1 else "level",
-                metadata=None,
-                subfiletype=0 if f == 1 else 1,
-            )
-    return path
+    levels = [_level(img, f) for f in (1, 4)]
+    return write_philips_tiff(path, levels, mpp_mm=0.00025, factors=(1, 4), tile=256)
 
 
 def write_dicom(folder: Path, *, levels: tuple[int, ...] = (1, 4)) -> Path:

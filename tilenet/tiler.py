@@ -350,7 +350,6 @@ def tile_images(
     grid. Each source records the pixel size of its patches (``mpp``/``gsd``), which training
     stores in the checkpoint.
     """
-    import dask
     import zarr
 
     from tilenet import __version__
@@ -459,8 +458,13 @@ def tile_images(
             continue
         if fp not in done and fp not in {t[2] for t in todo}:
             todo.append((p, lab, fp))
-    plan_tasks = [
-        dask.delayed(_plan_image if failures is None else _plan_or_reason)(
+    # Planned in this thread, one image after another (headers and a low-resolution mask
+    # each): their warnings (a scene the labels miss, a resampling note) then reach the
+    # caller. From pool threads they raced other threads' warnings.catch_warnings blocks,
+    # which are process-wide, and were sometimes lost.
+    make_plan: Any = _plan_image if failures is None else _plan_or_reason
+    plans: list[_Plan] = [
+        make_plan(
             p,
             lab,
             fp,
@@ -478,7 +482,6 @@ def tile_images(
         )
         for p, lab, fp in todo
     ]
-    plans: list[_Plan] = list(dask.compute(*plan_tasks, scheduler="threads", num_workers=workers))
     if failures is not None:
         failures.update(
             {str(t[0]): pl for t, pl in zip(todo, plans, strict=True) if isinstance(pl, str)}

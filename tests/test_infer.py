@@ -491,6 +491,33 @@ def test_heap_policies_give_identical_outputs(tmp_path: Path) -> None:
         infer_image(img, ckpt, tmp_path / "bad", tile=64, heap="huge")
 
 
+def test_a_run_whose_heap_passes_the_ceiling_finishes_flat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reuse policy's ceiling (runtime.HeapGuard) switches a run to flat mid-way: the
+    summary says so, and the numbers are those of a run that never switched."""
+    import dataclasses
+
+    from tilenet.runtime import HEAP_POLICIES
+
+    ckpt = _checkpoint(tmp_path / "m.pt", "unet", base=4, depth=2)
+    img = tmp_path / "img.tif"
+    _image(img, 150, 170)
+    kw: dict[str, Any] = dict(tile=64, batch=3, outputs=["probabilities"])
+    s = infer_image(img, ckpt, tmp_path / "a", probabilities_dtype="float32", **kw)
+    assert s["timings"]["heap_went_flat"] == 0
+    # A ceiling below the RSS the run starts from: passed at the second batch, whatever the
+    # machine (the first batch sets it).
+    low = dataclasses.replace(HEAP_POLICIES["reuse"], ceiling=-1.0)
+    monkeypatch.setitem(HEAP_POLICIES, "reuse", low)
+    s = infer_image(img, ckpt, tmp_path / "b", probabilities_dtype="float32", **kw)
+    assert s["timings"]["heap_went_flat"] >= 1  # bands that went flat
+    a, b = (
+        zarr.open_group(tmp_path / d / "probabilities.ome.zarr", mode="r")["0"][:] for d in "ab"
+    )
+    np.testing.assert_array_equal(a, b)
+
+
 def _infer_cli(img: Path, ckpt: Path, out: Path) -> list[str]:
     return [
         *(sys.executable, "-m", "tilenet", "infer", str(img), "--model", str(ckpt)),

@@ -115,6 +115,36 @@ def test_heap_policy_restores_nested_settings() -> None:
     assert set(HEAP_POLICIES) == {"reuse", "flat", "trim", "system"}
 
 
+@pytest.mark.skipif(not GLIBC, reason="heap policies act on glibc's malloc")
+def test_reuse_goes_flat_when_the_rss_passes_its_ceiling() -> None:
+    """The first batch's growth sets the ceiling (base + 2x); held memory under it keeps the
+    reuse thresholds, a batch that ends above it switches the rest of the block to flat."""
+    import numpy as np
+
+    before = current_heap_settings()
+    with heap_policy("reuse") as guard:
+        reuse = current_heap_settings()
+        first = np.ones(100 << 20, np.uint8)  # the first batch's working set: 100 MiB
+        guard.check()
+        assert guard.ceiling_bytes is not None
+        held = np.ones(60 << 20, np.uint8)  # fragments held for reuse: under the ceiling
+        guard.check()
+        assert guard.went_flat_at is None and current_heap_settings() == reuse
+        more = np.ones(140 << 20, np.uint8)  # ... and past it
+        guard.check()
+        assert guard.went_flat_at == 3
+        assert current_heap_settings() == HEAP_POLICIES["flat"].thresholds
+        trims = guard.trims
+        for _ in range(16):
+            guard.check()
+        assert guard.trims == trims  # flat holds nothing to trim
+        del first, held, more
+    assert current_heap_settings() == before
+    with heap_policy("flat") as guard:
+        guard.check()
+        assert guard.ceiling_bytes is None  # only reuse holds memory that needs a cap
+
+
 def test_torch_threads_are_restored() -> None:
     before = torch.get_num_threads()
     with torch_threads(1):

@@ -503,10 +503,11 @@ def _add_infer(sub: Any) -> None:
         "--heap",
         choices=("reuse", "flat", "trim", "system"),
         help="host memory policy during the run (restored after it): reuse keeps freed "
-        "buffers for the next batch, fast on a CPU; flat returns every large buffer at once, "
-        "so peak RSS stays flat on gigapixel images at 1.4-1.8x slower CPU forward passes; "
-        "trim and system leave glibc's settings alone (trim still hands free memory back "
-        f"every 8 batches) ({_default(InferConfig, 'heap')})",
+        "buffers for the next batch, fast on a CPU, and goes flat if the heap it keeps "
+        "passes twice the first batch's working set; flat returns every large buffer at "
+        "once, for the lowest peak RSS at 1.4-1.8x slower CPU forward passes; trim and "
+        "system leave glibc's settings alone (trim still hands free memory back every 8 "
+        f"batches) ({_default(InferConfig, 'heap')})",
     )
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
     p.add_argument(

@@ -275,7 +275,8 @@ class InferConfig:
     #: Host memory policy while the engine runs (glibc; restored after the run, see
     #: tilenet.runtime). "reuse": freed buffers are kept for the next batch and trimmed every
     #: 8 batches (fast on a CPU; peak RSS saturates a few per cent above its level on
-    #: mid-size images). "flat": every buffer above 128 KiB is its own mapping, returned when
+    #: mid-size images, and the run goes flat if the RSS passes the RSS before the first
+    #: batch plus twice what that batch added). "flat": every buffer above 128 KiB is its own mapping, returned when
     #: freed (peak RSS flat to ~0.3 % from 8192² to 32768², CPU forward passes 1.4-1.8x
     #: slower). "trim": glibc's settings plus the periodic trim; "system": nothing changed.
     heap: Literal["reuse", "flat", "trim", "system"] = "reuse"

@@ -441,6 +441,7 @@ def run_band(
         "model_s": round(stats.model_s, 3),
         "read_wait_s": round(stats.read_wait_s, 3),
         "heap_trims": stats.heap_trims,
+        "heap_flat_after": stats.heap_flat_after,
         "device": str(predictor.device),
         "exact": predictor.run_is_exact,
     }
@@ -545,6 +546,8 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
             "model_s": total("model_s"),
             "read_wait_s": total("read_wait_s"),
             "heap_trims": int(total("heap_trims")),
+            # Bands whose reuse heap reached its ceiling and finished flat (tilenet.runtime).
+            "heap_went_flat": sum(r.get("heap_flat_after") is not None for r in records),
             "finalize_s": round(finalize_s, 3),
             "cog_s": round(made.cog_s, 3),  # classes.tif and probabilities.tif, in finalize
             "total_s": round(time.time() - plan.t0, 3),

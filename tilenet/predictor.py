@@ -250,6 +250,9 @@ class RunStats:
     #: Seconds the model waited for tiles to be read.
     read_wait_s: float = 0.0
     heap_trims: int = 0
+    #: The batch after which the ``reuse`` heap policy hit its ceiling and went ``flat``
+    #: (None: it did not; see :class:`tilenet.runtime.HeapGuard`).
+    heap_flat_after: int | None = None
 
 
 #: Loaded, prepared models by (checkpoint, size, mtime, device): a dask worker runs many
@@ -441,6 +444,7 @@ class Predictor:
             writer.close()
             stitcher.close()
         stats.heap_trims = guard.trims
+        stats.heap_flat_after = guard.went_flat_at
         stats.seconds = time.perf_counter() - t_start
         stats.cpu_s = time.process_time() - c_start
         return stats

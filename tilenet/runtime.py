@@ -20,6 +20,13 @@ in again: measured ~300k faults and ~40 % of the CPU time in the kernel per batc
     mmap threshold 256 MiB, trim threshold 1 GiB: freed buffers stay mapped and are reused
     (0.43 instead of 0.79 s per batch at 1024², 0.10 instead of 0.14 s at 512²), and
     :class:`HeapGuard` hands free fragments back with ``malloc_trim(0)`` every 8 batches.
+    glibc places the reused buffers where they fit, so the heap they leave behind creeps up
+    with the number of batches (fragmentation; +0.1-0.35 GB over the first few hundred
+    batches of 4 x 1024² tiles, then it settles). That creep is *capped*: the guard takes the
+    RSS before the first batch plus ``ceiling`` (2) times what the first batch added (the
+    tile's working set), and if the RSS after a batch ever passes it, the rest of the run
+    goes ``flat``. So the peak is bounded by the tile by construction, whatever the image,
+    and a run that never reaches the cap (most do) keeps ``reuse``'s speed.
 ``flat``
     every buffer above 128 KiB is its own mapping, returned when freed: peak RSS flat to
     ~0.3 % from 8192² to 32768², CPU forward passes 1.4-1.8x slower.
@@ -38,6 +45,8 @@ their documented values (128 KiB each). Off glibc every policy is a no-op.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +56,8 @@ from tilenet.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "HEAP_POLICIES",
@@ -154,11 +165,15 @@ class HeapPolicy:
     thresholds: tuple[int, int] | None
     #: ``malloc_trim(0)`` every this many model batches; 0 never.
     trim_every: int
+    #: The cap on what the policy may hold: when the RSS after a batch passes the RSS before
+    #: the first batch plus this many times the first batch's working set, the rest of the
+    #: run goes ``flat``. None: no cap (the policy holds nothing it would need to cap).
+    ceiling: float | None = None
 
 
 #: The policies ``InferConfig.heap`` / ``--heap`` may name (see the module docstring).
 HEAP_POLICIES: dict[str, HeapPolicy] = {
-    "reuse": HeapPolicy("reuse", (256 << 20, 1 << 30), 8),
+    "reuse": HeapPolicy("reuse", (256 << 20, 1 << 30), 8, ceiling=2.0),
     "flat": HeapPolicy("flat", (128 << 10, 128 << 10), 0),
     "trim": HeapPolicy("trim", None, 8),
     "system": HeapPolicy("system", None, 0),
@@ -210,7 +225,7 @@ def heap_policy(name: str) -> Iterator[HeapGuard]:
         before = _current
         if policy.thresholds is not None:
             _set_thresholds(policy.thresholds)
-    guard = HeapGuard(policy.trim_every)
+    guard = HeapGuard(policy.trim_every, ceiling=policy.ceiling)
     try:
         yield guard
     finally:
@@ -233,8 +248,23 @@ def malloc_trim() -> bool:
     return bool(libc.malloc_trim(0)) if libc is not None else False
 
 
+#: The least working set a ceiling is computed from (a first batch of tiny tiles adds little
+#: more than noise to the RSS).
+_MIN_WORKING_SET = 64 << 20
+
+
+def _rss() -> int | None:
+    """This process's resident set in bytes (``/proc/self/statm``), or None off Linux."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class HeapGuard:
-    """Hand the heap's free fragments back to the OS every ``every`` batches (0: never).
+    """Hand the heap's free fragments back to the OS every ``every`` batches (0: never), and
+    go ``flat`` if the RSS passes the ceiling (None: no ceiling).
 
     Freed memory is reused between trims (fast: no page faults for the next batch's
     activations), and fragments that no later request fits cannot pile up for long.
@@ -242,15 +272,56 @@ class HeapGuard:
     back most of what keeping memory gains; trimming on RSS drift instead trimmed after most
     batches wherever batch sizes alternate (crop mode cuts batches at grid rows) and was
     ~30 % slower; every 8 batches kept the speed.
+
+    Trimming does not stop the heap's *address space* from fragmenting, though: glibc puts
+    each reused buffer where it fits, a few hundred batches leave the live buffers spread
+    over a larger heap, and reusing it makes it resident again. ``ceiling`` caps that: the
+    first ``check()`` sets ``ceiling_bytes`` to the RSS when the guard was made plus
+    ``ceiling`` times what the first batch added (at least 64 MiB), and a later ``check()``
+    that finds the RSS above it sets the ``flat`` thresholds for the rest of the block
+    (``went_flat_at`` records the batch). The peak is then at most about the ceiling plus one
+    batch's working set: a function of the tile, never of the image.
     """
 
-    def __init__(self, every: int = 8) -> None:
+    def __init__(self, every: int = 8, *, ceiling: float | None = None) -> None:
         self.every = max(0, every)
         self.batches = 0
         self.trims = 0
+        self.ceiling = ceiling
+        self._base = _rss() if ceiling else None
+        #: The RSS cap in bytes, set by the first ``check()`` (None: none).
+        self.ceiling_bytes: int | None = None
+        #: The batch after which the block went ``flat`` (None: it did not).
+        self.went_flat_at: int | None = None
 
     def check(self) -> None:
         self.batches += 1
+        if self.went_flat_at is not None:
+            return  # flat returns large buffers itself: nothing is held to trim
+        if self.ceiling and self._base is not None:
+            rss = _rss()
+            if rss is not None:
+                if self.ceiling_bytes is None:
+                    grew = max(rss - self._base, _MIN_WORKING_SET)
+                    self.ceiling_bytes = self._base + int(self.ceiling * grew)
+                elif rss > self.ceiling_bytes:
+                    self._go_flat(rss)
+                    return
         if self.every and self.batches % self.every == 0:
             malloc_trim()
             self.trims += 1
+
+    def _go_flat(self, rss: int) -> None:
+        with _heap_lock:
+            _set_thresholds(HEAP_POLICIES["flat"].thresholds)
+        malloc_trim()
+        self.trims += 1
+        self.went_flat_at = self.batches
+        log.info(
+            "heap: %d MB resident after batch %d passed the ceiling of %d MB (the heap kept "
+            "for reuse had fragmented); large buffers are returned at once from here on, "
+            "as with --heap flat",
+            rss >> 20,
+            self.batches,
+            (self.ceiling_bytes or 0) >> 20,
+        )

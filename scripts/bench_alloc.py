@@ -6,6 +6,7 @@ and repeated so that load from other processes on a shared machine hits them ali
 * ``tilenet``: the engine as it is: freed buffers kept mapped for reuse
   (``tilenet.runtime.heap_policy("reuse")``: mmap threshold 256 MiB, trim threshold 1 GiB) and
   ``malloc_trim(0)`` every 8 model batches (``tilenet.runtime.HeapGuard``);
+* ``flat``: the engine with ``heap="flat"`` (every buffer above 128 KiB its own mapping);
 * ``trim_only``: glibc defaults plus the engine's ``HeapGuard`` trimming;
 * ``default``: glibc defaults, the engine's settings switched off;
 * ``fixed128k``: a fixed ``M_MMAP_THRESHOLD`` of 128 KiB, no trimming (the engine's setting
@@ -37,6 +38,7 @@ import _benchutil as bu
 
 CONFIGS = (
     "tilenet",
+    "flat",
     "trim_only",
     "default",
     "fixed128k",
@@ -83,7 +85,9 @@ def child(a: dict[str, Any]) -> dict[str, Any]:
     from tilenet.infer import infer_image
 
     opts = dict(a["opts"])
-    if not a["config"].startswith("tilenet"):
+    if a["config"] == "flat":
+        opts["heap"] = "flat"
+    elif not a["config"].startswith("tilenet"):
         # The engine's allocator setting off ("trim": its malloc_trim kept; "system": off too).
         opts["heap"] = "trim" if a["config"] == "trim_only" else "system"
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -97,6 +101,9 @@ def child(a: dict[str, Any]) -> dict[str, Any]:
         "infer_sys_s": round(ru1.ru_stime - ru0.ru_stime, 2),
         "minflt": ru1.ru_minflt - ru0.ru_minflt,
         "tiles": s["tiles"],
+        "model_s": s["timings"]["model_s"],
+        # Bands whose reuse heap passed its ceiling and finished flat (runtime.HeapGuard).
+        "heap_went_flat": s["timings"].get("heap_went_flat", 0),
     }
 
 

@@ -505,7 +505,7 @@ def _add_infer(sub: Any) -> None:
         help="host memory policy during the run (restored after it): reuse keeps freed "
         "buffers for the next batch, fast on a CPU, and goes flat if the heap it keeps "
         "passes twice the first batch's working set; flat returns every large buffer at "
-        "once, for the lowest peak RSS at 1.4-1.8x slower CPU forward passes; trim and "
+        "once, for the lowest peak RSS at 1.2-1.8x slower CPU forward passes; trim and "
         "system leave glibc's settings alone (trim still hands free memory back every 8 "
         f"batches) ({_default(InferConfig, 'heap')})",
     )

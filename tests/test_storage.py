@@ -624,3 +624,28 @@ def test_bench_s3_quick(tmp_path: Path) -> None:
     s3 = [run for run in r["runs"] if run["source"] == "s3"]
     assert s3 and all(0 < run["bytes_per_window"] < r["file_bytes"] / 2 for run in s3)
     assert "win/s" in res.stdout
+
+
+def test_credentials_in_a_url_never_reach_an_error_line(
+    tmp_path: Path, bucket: str, s3_server: str
+) -> None:
+    """A URL given with ``user:password@`` and a presigned query names a damaged TIFF: the
+    one-line error names the object, and shows neither secret."""
+    import boto3
+
+    _pyramid_tiff(tmp_path / "p.tif", 128, 192)
+    data = (tmp_path / "p.tif").read_bytes()
+    name = bucket.removeprefix("s3://")
+    s3 = boto3.client("s3")
+    for key, body in (("cut.tif", data[: len(data) // 3]), ("junk.tif", b"II*\x00\x08\0\0\0xx")):
+        s3.put_object(Bucket=name, Key=f"pub/{key}", Body=body, ACL="public-read")
+        url = f"{s3_server}/{name}/pub/{key}".replace("://", f"://ann:{SECRET}@", 1)
+        res = subprocess.run(
+            [sys.executable, "-m", "tilenet", "info", f"{url}?X-Amz-Signature={SECRET}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.count("\n") == 1 and f"/pub/{key}?...: " in res.stderr, res.stderr
+        assert SECRET not in res.stderr + res.stdout, res.stderr

@@ -16,7 +16,14 @@ from dataclasses import asdict
 from typing import Any
 
 from tilenet.config import InferConfig, JobsConfig, ReaderConfig, TilingConfig
-from tilenet.errors import EXIT_OK, EXIT_USAGE, InputError, run_guarded
+from tilenet.errors import (
+    EXIT_OK,
+    EXIT_USAGE,
+    InputError,
+    credentials_scrubbed,
+    run_guarded,
+    scrub_credentials,
+)
 
 __all__ = ["main"]
 
@@ -795,9 +802,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     show = warnings.formatwarning
     # A warning is one line, as errors are (the source line means nothing to a user).
-    warnings.formatwarning = lambda msg, *a, **k: f"tilenet: warning: {msg}\n"
+    warnings.formatwarning = lambda msg, *a, **k: (
+        f"tilenet: warning: {scrub_credentials(str(msg))}\n"
+    )
     try:
-        return run_guarded(lambda: handler(args), debug=args.debug)
+        with credentials_scrubbed():
+            return run_guarded(lambda: handler(args), debug=args.debug)
     finally:
         warnings.formatwarning = show
 

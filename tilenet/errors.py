@@ -10,10 +10,12 @@ class's ``exit_code``; messages name the offending file or value and, where ther
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import select
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
 __all__ = [
@@ -31,7 +33,9 @@ __all__ = [
     "ShapeMismatchError",
     "TilenetError",
     "UnsupportedFormatError",
+    "credentials_scrubbed",
     "run_guarded",
+    "scrub_credentials",
 ]
 
 #: Exit codes shared by every command.
@@ -87,6 +91,49 @@ class CheckpointError(InputError):
     """A checkpoint file is missing, corrupt or not a tilenet checkpoint."""
 
 
+_SCHEME = r"[A-Za-z][A-Za-z0-9+.-]*://"
+_USERINFO = re.compile(rf"({_SCHEME})[^/\s@'\"]+@")
+_QUERY = re.compile(rf"({_SCHEME}[^\s?#'\"]+)\?[^\s#'\"]*?(?=:?(?:\s|$)|[#'\"])")
+
+
+def scrub_credentials(text: str) -> str:
+    """``text`` with every URL's ``user:password@`` and query string (presigned tokens) cut,
+    as :func:`tilenet.io.storage.redact` cuts them from one URL. The CLI passes every line it
+    prints through it, so a message that names a URL as given never shows a secret.
+
+    >>> scrub_credentials("https://ann:pw@host/x.tif?X-Amz-Signature=abc: truncated")
+    'https://host/x.tif?...: truncated'
+    >>> scrub_credentials("s3://bucket/a.tif: no such object")
+    's3://bucket/a.tif: no such object'
+    """
+    return _QUERY.sub(r"\1?...", _USERINFO.sub(r"\1", text))
+
+
+class _ScrubCredentials(logging.Filter):
+    """Cut credentials out of a log record's message (see :func:`scrub_credentials`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = scrub_credentials(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+@contextlib.contextmanager
+def credentials_scrubbed() -> Iterator[None]:
+    """For the block, log lines printed by logging's last-resort handler (the CLI's, which
+    configures no other) have credentials cut out of any URL they name."""
+    handler, scrub = logging.lastResort, _ScrubCredentials()
+    if handler is not None:
+        handler.addFilter(scrub)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            handler.removeFilter(scrub)
+
+
 def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
     """Run ``fn``; turn expected failures into one stderr line and an exit code.
 
@@ -103,12 +150,12 @@ def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
             return EXIT_BROKEN_PIPE
         if debug:  # a pipe of ours to something else (a worker, a subprocess): a real error
             raise
-        print(f"tilenet: error: {_os_error_line(exc)}", file=sys.stderr)
+        print(f"tilenet: error: {scrub_credentials(_os_error_line(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except TilenetError as exc:
         if debug:
             raise
-        print(f"tilenet: error: {exc}", file=sys.stderr)
+        print(f"tilenet: error: {scrub_credentials(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("tilenet: interrupted", file=sys.stderr)
@@ -121,12 +168,12 @@ def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
     except OSError as exc:
         if debug:
             raise
-        print(f"tilenet: error: {_os_error_line(exc)}", file=sys.stderr)
+        print(f"tilenet: error: {scrub_credentials(_os_error_line(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # a bug: still one line, the traceback on --debug
         if debug:
             raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
+        first = scrub_credentials(str(exc).splitlines()[0]) if str(exc) else ""
         print(
             f"tilenet: error: unexpected {type(exc).__name__}: {first} "
             "(rerun with --debug for the traceback)",

@@ -34,7 +34,7 @@ from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
 from tilenet.io.raster import is_geotiff
 from tilenet.io.sniff import check_chunk, check_pixels, level_downsample
-from tilenet.io.storage import is_url, open_file, read_range
+from tilenet.io.storage import is_url, open_file, read_range, redact
 
 __all__ = ["TILE_CACHE_BYTES", "TiffImage", "open_tiff", "openslide_vendor", "tile_cache_bytes"]
 
@@ -183,7 +183,7 @@ def _pyramid(tf: Any) -> list[Any]:
     return levels
 
 
-def _check_pages(path: Path, level: Any, file_size: int) -> None:
+def _check_pages(path: object, level: Any, file_size: int) -> None:
     """Tile tables must match the image size and point inside the file."""
     for page in level.pages:
         if page is None:
@@ -467,7 +467,7 @@ class TiffImage(LazyImage):
                 data = fh.read(count)
         if len(data) != count:
             raise CorruptImageError(
-                f"{self.path}: tile at byte {offset:,} is cut short ({len(data)} of {count} bytes)"
+                f"{redact(str(self.path))}: tile at byte {offset:,} is cut short ({len(data)} of {count} bytes)"
             )
         return data
 
@@ -488,6 +488,7 @@ def open_tiff(
     import tifffile
 
     p: Any = str(path) if is_url(path) else Path(path)
+    name: Any = redact(p) if is_url(p) else p  # what messages show: no credentials
     with _tifffile_log() as messages:
         try:
             # A URL: tifffile on a remote file; range requests for the header and tile tables.
@@ -497,43 +498,46 @@ def open_tiff(
                 else (tifffile.TiffFile(p))
             )
         except Exception as exc:
-            raise CorruptImageError(f"{p}: not a readable TIFF: {_first_line(exc)}") from exc
+            raise CorruptImageError(f"{name}: not a readable TIFF: {_first_line(exc)}") from exc
         try:
             img = _describe(p, tf, max_pixels=max_pixels)
             if any("circular" in m for m in messages):
-                raise CorruptImageError(f"{p}: corrupt TIFF: its chain of IFDs (pages) is cyclic")
+                raise CorruptImageError(
+                    f"{name}: corrupt TIFF: its chain of IFDs (pages) is cyclic"
+                )
         except TilenetError:
             tf.close()
             raise
         except Exception as exc:
             tf.close()
-            raise CorruptImageError(f"{p}: corrupt TIFF structure: {_first_line(exc)}") from exc
+            raise CorruptImageError(f"{name}: corrupt TIFF structure: {_first_line(exc)}") from exc
     if messages:
         img.metadata["warnings"] = [m.splitlines()[0] for m in messages]
     return img
 
 
 def _describe(p: Any, tf: Any, *, max_pixels: int | None) -> TiffImage:
+    name: Any = redact(p) if is_url(p) else p  # what messages show: no credentials
     if not tf.series:
         raise CorruptImageError(
-            f"{p}: TIFF contains no readable image (corrupt or truncated header)"
+            f"{name}: TIFF contains no readable image (corrupt or truncated header)"
         )
     levels = _pyramid(tf)
     s0 = levels[0]
     dtype = np.dtype(s0.dtype)
     if dtype.kind not in "uifb" or dtype.itemsize > 8:
-        raise UnsupportedFormatError(f"{p}: unsupported TIFF sample type {dtype}")
-    layouts = [_layout(p, lv.axes, tuple(lv.shape)) for lv in levels]
-    check_pixels(p, layouts[0].height, layouts[0].width, max_pixels=max_pixels)
+        raise UnsupportedFormatError(f"{name}: unsupported TIFF sample type {dtype}")
+    layouts = [_layout(name, lv.axes, tuple(lv.shape)) for lv in levels]
+    check_pixels(name, layouts[0].height, layouts[0].width, max_pixels=max_pixels)
     file_size = int(tf.filehandle.size) if is_url(p) else p.stat().st_size
     out_levels = []
     for lv, lay in zip(levels, layouts, strict=True):
         if lay.channels != layouts[0].channels or np.dtype(lv.dtype) != dtype:
-            raise CorruptImageError(f"{p}: pyramid levels disagree in channels or dtype")
+            raise CorruptImageError(f"{name}: pyramid levels disagree in channels or dtype")
         page = lv.keyframe
         if page.compression != 1 or page.is_tiled:
-            check_chunk(p, tuple(page.chunks), dtype.itemsize)
-        _check_pages(p, lv, file_size)
+            check_chunk(name, tuple(page.chunks), dtype.itemsize)
+        _check_pages(name, lv, file_size)
         shape = (lay.height, lay.width)
         chunks = (int(page.tilelength), int(page.tilewidth)) if page.is_tiled else None
         out_levels.append(

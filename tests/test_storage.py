@@ -649,3 +649,37 @@ def test_credentials_in_a_url_never_reach_an_error_line(
         assert res.returncode == 2, res.stderr
         assert res.stderr.count("\n") == 1 and f"/pub/{key}?...: " in res.stderr, res.stderr
         assert SECRET not in res.stderr + res.stdout, res.stderr
+
+
+def test_credentials_in_urls_are_not_written_to_the_outputs(
+    tmp_path: Path, bucket: str, s3_server: str
+) -> None:
+    """``tilenet infer`` of a URL given with ``user:password@`` and a presigned query writes
+    outputs, summary.json and config.yaml that name the input without either secret."""
+    import boto3
+
+    _pyramid_tiff(tmp_path / "p.tif", 128, 192)
+    name = bucket.removeprefix("s3://")
+    boto3.client("s3").put_object(
+        Bucket=name, Key="pub/p.tif", Body=(tmp_path / "p.tif").read_bytes(), ACL="public-read"
+    )
+    url = f"{s3_server}/{name}/pub/p.tif".replace("://", f"://ann:{SECRET}@", 1)
+    out = tmp_path / "out"
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    res = subprocess.run(
+        [
+            *(sys.executable, "-m", "tilenet", "infer", f"{url}?X-Amz-Signature={SECRET}"),
+            *("--model", str(ckpt), "--out", str(out), "--tile", "64", "--quiet"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert SECRET not in res.stdout + res.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["input"].endswith(f"/{name}/pub/p.tif?...")
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert len(written) > 5 and (out / "config.yaml") in written
+    for p in written:
+        assert SECRET.encode() not in p.read_bytes(), p

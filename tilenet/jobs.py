@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tilenet.config import JobsConfig, ReaderConfig, ResolutionConfig
-from tilenet.errors import EXIT_OK, EXIT_PARTIAL, TilenetError
+from tilenet.errors import EXIT_OK, EXIT_PARTIAL, TilenetError, scrub_credentials
 from tilenet.fsutil import safe_stem
 from tilenet.io.storage import is_url, redact
 from tilenet.progress import progress_bar, show_progress
@@ -147,7 +147,7 @@ class _Manifest:
 
     def append(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.write(scrub_credentials(json.dumps(record, sort_keys=True)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -174,7 +174,7 @@ class _RemoteManifest:
     def append(self, record: dict[str, Any]) -> None:
         from tilenet.io.storage import write_bytes
 
-        self._text += json.dumps(record, sort_keys=True) + "\n"
+        self._text += scrub_credentials(json.dumps(record, sort_keys=True)) + "\n"
         write_bytes(self.path, self._text.encode())
 
 
@@ -221,10 +221,12 @@ class _Events:
     def emit(self, event: str, **fields: Any) -> None:
         if self.log_json:
             rec = {"event": event, "time": round(time.time(), 3), **fields}
-            print(json.dumps(rec, sort_keys=True, default=str), file=sys.stderr, flush=True)
+            line = json.dumps(rec, sort_keys=True, default=str)
+            print(scrub_credentials(line), file=sys.stderr, flush=True)
         elif event == "dashboard" or (not self.quiet and event == "failed"):
             msg = fields.get("error") or fields.get("link")
             line = f"{event}: {fields.get('image', '')} {msg}".replace("  ", " ")
+            line = scrub_credentials(line)
             if self.bar is not None:
                 self.bar.write(line, file=sys.stderr)
             else:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from tilenet.config import InferConfig, to_yaml
-from tilenet.errors import ImageNotFoundError, InputError, TilenetError
+from tilenet.errors import ImageNotFoundError, InputError, TilenetError, scrub_credentials
 from tilenet.fsutil import remove_path, write_text_atomic
 from tilenet.io.storage import is_url
 from tilenet.io.writers import OmeZarrWriter, write_ome_tiff, write_preview_png
@@ -398,8 +398,10 @@ class OutputSet:
         text = to_yaml({"infer": cfg})
         if summary.get("model"):
             text += f"# model: {summary['model']}\n"
-        write_text_atomic(out / "config.yaml", text)
-        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        # No URL is written with its credentials (the input or model as given, say).
+        write_text_atomic(out / "config.yaml", scrub_credentials(text))
+        body = scrub_credentials(json.dumps(summary, indent=2))
+        write_text_atomic(out / "summary.json", body + "\n")
         remove_path(self.state_dir)
         remove_path(self.spill_dir())
         return summary
@@ -777,11 +779,11 @@ class RemoteOutputSet(OutputSet):
         text = to_yaml({"infer": cfg})
         if summary.get("model"):
             text += f"# model: {summary['model']}\n"
-        write_text_atomic(stage / "config.yaml", text)
+        write_text_atomic(stage / "config.yaml", scrub_credentials(text))
         for entry in sorted(stage.iterdir()):
             if entry.name != STATE_DIR and not entry.name.startswith("."):
                 upload(entry, join(self.out, entry.name))
-        body = json.dumps(summary, indent=2) + "\n"
+        body = scrub_credentials(json.dumps(summary, indent=2)) + "\n"
         write_bytes(join(self.out, "summary.json"), body.encode())
         remove(join(self.out, REMOTE_STATE))
         shutil.rmtree(stage, ignore_errors=True)

@@ -500,10 +500,10 @@ def test_a_run_whose_heap_passes_the_ceiling_finishes_flat(
 
     from tilenet.runtime import HEAP_POLICIES
 
-    ckpt = _checkpoint(tmp_path / "m.pt", "unet", base=4, depth=2)
+    ckpt = _checkpoint(tmp_path / "m.pt", "tiny")
     img = tmp_path / "img.tif"
-    _image(img, 150, 170)
-    kw: dict[str, Any] = dict(tile=64, batch=3, outputs=["probabilities"])
+    _image(img, 100, 120)
+    kw: dict[str, Any] = dict(tile=48, batch=2, outputs=["probabilities"])
     s = infer_image(img, ckpt, tmp_path / "a", probabilities_dtype="float32", **kw)
     assert s["timings"]["heap_went_flat"] == 0
     # A ceiling below the RSS the run starts from: passed at the second batch, whatever the

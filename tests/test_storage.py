@@ -311,6 +311,7 @@ def test_access_denied_is_one_line(
     assert key["SecretAccessKey"] not in err
 
 
+@pytest.mark.slow  # .ci/run runs the slow storage tests too
 def test_a_server_that_stops_answering_fails_fast_and_the_batch_goes_on(
     tmp_path: Path, s3_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -513,6 +514,7 @@ def test_sigkill_while_writing_to_the_bucket_then_rerun(tmp_path: Path, bucket: 
     assert not [n for n in got if n.startswith(".")]
 
 
+@pytest.mark.slow  # .ci/run runs the slow storage tests too
 def test_tile_from_a_bucket_equals_local(tmp_path: Path, bucket: str) -> None:
     """``tilenet tile s3://…`` (TIFF pyramid and OME-Zarr) == the same on local copies."""
     import zarr

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from tilenet.checkpoint import save_checkpoint
 from tilenet.cli import main
-from tilenet.config import ResolutionConfig
+from tilenet.config import ResolutionConfig, load_config
 from tilenet.errors import ConfigError, InputError
 from tilenet.geometry import Window
 from tilenet.infer import infer_image
@@ -141,6 +141,18 @@ def test_infer_at_mpp(
     tol = scale + 1
     assert abs(x0 - (CX - R)) <= tol and abs(x1 - (CX + R + 1)) <= tol
     assert abs(y0 - (CY - R)) <= tol and abs(y1 - (CY + R + 1)) <= tol
+    # config.yaml is the resolved config: the pixel size it ran at, and a rerun from it (no
+    # --mpp) runs at that pixel size again and writes the same class map.
+    cfg = load_config(out / "config.yaml")
+    assert cfg.resolution.mpp == mpp and cfg.infer.tile == 64
+    again = tmp_path / "again"
+    assert main(["infer", str(slide), f"conf={out / 'config.yaml'}", "--model", str(model),
+                 "--out", str(again), "--quiet"]) == 0  # fmt: skip
+    s2 = json.loads((again / "summary.json").read_text())
+    assert s2["resolution"]["pixel_size"] == [mpp, mpp] and s2["shape"] == s["shape"]
+    with open_image(out / "classes.ome.zarr") as a, open_image(again / "classes.ome.zarr") as b:
+        whole = Window(0, 0, a.shape[0], a.shape[1])
+        np.testing.assert_array_equal(a.read(whole), b.read(whole))
 
 
 def test_tolerance_and_magnification(slide: Path) -> None:

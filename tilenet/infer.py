@@ -555,7 +555,10 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
         "tiles_per_s": round(n_tiles / max(tiles_s, 1e-9), 3),
         "outputs": {name: str(p) for name, p in paths.items()},
     }
-    return plan.outputs.publish(summary, cfg)
+    # The pixel size it ran at, stated (chosen from the checkpoint, say): a rerun from this
+    # config.yaml runs at it again.
+    resolution = plan.resolution or ResolutionConfig(from_checkpoint=False)
+    return plan.outputs.publish(summary, cfg, {"reader": plan.reader, "resolution": resolution})
 
 
 def _georef(image: Any, downsample: tuple[float, float]) -> dict[str, Any] | None:

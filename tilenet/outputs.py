@@ -82,6 +82,16 @@ class Finalized:
     cog_s: float = 0.0
 
 
+def _config_text(summary: dict[str, Any], cfg: InferConfig, sections: dict[str, Any] | None) -> str:
+    """The resolved config of one run, as ``config.yaml`` beside its outputs: the sections it
+    ran with (reader limits, the pixel size it ran at), then ``infer``; a comment names the
+    model. ``tilenet infer IMG conf=config.yaml --model M`` repeats the run."""
+    text = to_yaml({**(sections or {}), "infer": cfg})
+    if summary.get("model"):
+        text += f"# model: {summary['model']}\n"
+    return text
+
+
 @dataclass
 class OutputSet:
     """The stores and resume state of one image's inference in ``out`` (plain data: picklable).
@@ -390,14 +400,15 @@ class OutputSet:
                 paths["classes_geopackage"] = out / "classes.gpkg"
         return Finalized(paths, result, geotiff_histogram, regions, cog_s)
 
-    def publish(self, summary: dict[str, Any], cfg: InferConfig) -> dict[str, Any]:
-        """Write ``config.yaml`` and ``summary.json``, then drop the resume state."""
+    def publish(
+        self, summary: dict[str, Any], cfg: InferConfig, sections: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Write ``config.yaml`` (``sections``, e.g. reader and resolution, then ``infer``) and
+        ``summary.json``, then drop the resume state."""
         out = Path(self.out)
         summary["outputs"]["config"] = str(out / "config.yaml")
         summary["outputs"]["summary"] = str(out / "summary.json")
-        text = to_yaml({"infer": cfg})
-        if summary.get("model"):
-            text += f"# model: {summary['model']}\n"
+        text = _config_text(summary, cfg, sections)
         # No URL is written with its credentials (the input or model as given, say).
         write_text_atomic(out / "config.yaml", scrub_credentials(text))
         body = scrub_credentials(json.dumps(summary, indent=2))
@@ -759,7 +770,9 @@ class RemoteOutputSet(OutputSet):
             image, cfg, class_names=class_names, downsample=downsample, pixel_size=pixel_size
         )
 
-    def publish(self, summary: dict[str, Any], cfg: InferConfig) -> dict[str, Any]:
+    def publish(
+        self, summary: dict[str, Any], cfg: InferConfig, sections: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Upload the staged outputs and ``config.yaml``, then ``summary.json`` (last), then
         drop the resume state in the bucket and the local stage."""
         import shutil
@@ -776,9 +789,7 @@ class RemoteOutputSet(OutputSet):
         }
         summary["outputs"]["config"] = join(self.out, "config.yaml")
         summary["outputs"]["summary"] = join(self.out, "summary.json")
-        text = to_yaml({"infer": cfg})
-        if summary.get("model"):
-            text += f"# model: {summary['model']}\n"
+        text = _config_text(summary, cfg, sections)
         write_text_atomic(stage / "config.yaml", scrub_credentials(text))
         for entry in sorted(stage.iterdir()):
             if entry.name != STATE_DIR and not entry.name.startswith("."):

@@ -206,3 +206,20 @@ def test_confusion_matrix_accepts_read_only_numpy_blocks() -> None:
     pred.flags.writeable = False
     target.flags.writeable = False
     assert confusion_matrix(pred, target, 3).tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 0]]
+
+
+@pytest.mark.parametrize("name", ["ce", "dice", "ce+dice"])
+def test_label_255_is_ignored_whatever_the_ignore_index(name: str) -> None:
+    """train.ignore_index=0 ("class 0 is unlabelled") on data whose no-label pixels are 255
+    (vector labels outside every polygon, nodata, augmentation's fill): those pixels count
+    for nothing, as the ignore index's own do, instead of failing as an out-of-range class."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, 7, requires_grad=True)
+    target = torch.randint(0, 3, (2, 5, 7))
+    target[0, :2] = 255
+    loss = build_loss(name, num_classes=3, ignore_index=0)
+    got = loss(logits, target)
+    want = loss(logits, torch.where(target == 255, 0, target))
+    assert torch.isfinite(got) and torch.allclose(got, want)
+    got.backward()
+    assert logits.grad is not None and not bool(logits.grad[0, :, :2].any())

@@ -223,6 +223,9 @@ class TrainConfig:
     freeze_encoder_steps: int = 0
     loss: Literal["ce", "dice", "ce+dice"] = "ce+dice"
     class_weights: list[float] = field(default_factory=list)
+    #: A label the loss and the metrics skip. 255 ("no label": outside every annotation,
+    #: nodata, augmentation's fill) is skipped whatever this is; set it to, say, 0 where
+    #: class 0 of your label images means "unlabelled".
     ignore_index: int = 255
     val_every: int = 100
     val_images: list[str] = field(default_factory=list)

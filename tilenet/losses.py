@@ -1,7 +1,9 @@
 """Segmentation losses: cross-entropy, soft Dice, and their sum.
 
 All take logits (N, K, H, W) and integer targets (N, H, W); pixels equal to
-``ignore_index`` contribute nothing, and optional per-class weights apply to both.
+``ignore_index`` contribute nothing, and optional per-class weights apply to both. Pixels
+labelled 255 (:data:`tilenet.io.base.IGNORE_INDEX`: outside every annotation, nodata, the fill
+of augmentation) contribute nothing either, whatever ``ignore_index`` is.
 
 >>> import torch
 >>> loss = build_loss("ce+dice", num_classes=2)
@@ -19,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tilenet.errors import ConfigError
+from tilenet.io.base import IGNORE_INDEX
 
 __all__ = ["LOSSES", "CombinedLoss", "DiceLoss", "build_loss"]
 
@@ -86,6 +89,8 @@ class _CrossEntropy(nn.CrossEntropyLoss):
     """Cross-entropy in float32 (stable under autocast) that is 0, not NaN, if all ignored."""
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.ignore_index != IGNORE_INDEX:  # the data's own "ignore" label: ignored too
+            target = torch.where(target == IGNORE_INDEX, self.ignore_index, target)
         if self.ignore_index >= 0 and bool((target == self.ignore_index).all()):
             return logits.sum() * 0.0  # keeps the graph (DDP needs every parameter used)
         return super().forward(logits.float(), target.long())

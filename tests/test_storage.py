@@ -653,6 +653,7 @@ def test_credentials_in_a_url_never_reach_an_error_line(
         assert SECRET not in res.stderr + res.stdout, res.stderr
 
 
+@pytest.mark.slow  # .ci/run runs the slow storage tests too
 def test_credentials_in_urls_are_not_written_to_the_outputs(
     tmp_path: Path, bucket: str, s3_server: str
 ) -> None:

@@ -19,7 +19,7 @@ from tilenet.checkpoint import load_checkpoint, save_checkpoint
 from tilenet.cli import main
 from tilenet.config import DataConfig, load_config
 from tilenet.data import build_loader, store_stats
-from tilenet.errors import ConfigError, InputError, ModelError
+from tilenet.errors import CheckpointError, ConfigError, InputError, ModelError
 from tilenet.infer import infer_image
 from tilenet.io.base import IGNORE_INDEX, nodata_mask
 from tilenet.models import ModelSpec
@@ -218,6 +218,14 @@ def test_checkpoint_records_data_bands(
     assert load_checkpoint(ckpt)["spec"]["bands"] == [4, 2]
     s = infer_image(images / "scene.tif", ckpt, tmp_path / "o", **OPTS)
     assert s["bands"] == [4, 2] and s["bands_from"] == "checkpoint"
+    # A resume on the same bands goes on; on other bands of the same count (the weights
+    # would load) it is refused in one line, naming both.
+    more = {**crops, "train.resume": ckpt, "train.steps": 3}
+    assert load_checkpoint(_train(tmp_path, "more", **more))["step"] == 3
+    with pytest.raises(
+        CheckpointError, match=r"trained on bands 4,2, the data now gives bands 2,4"
+    ):
+        _train(tmp_path, "swapped", **{**more, "data.bands": "[2,4]"})
 
 
 def test_stores_with_other_bands_are_refused(

@@ -925,6 +925,17 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
             raise CheckpointError(
                 f"{ckpt_path}: cannot resume with this config: {first[:200]}"
             ) from None
+        # Same channel count, other bands (4,2 -> 2,4) loads: it would go on silently as
+        # another experiment, under the checkpoint's name.
+        was = [int(b) for b in (ckpt.get("spec") or {}).get("bands") or []]
+        if was != list(train_bands or []):
+            now = ",".join(map(str, train_bands)) if train_bands else "all bands"
+            raise CheckpointError(
+                f"{ckpt_path}: cannot resume with this config: it was trained on "
+                f"{'bands ' + ','.join(map(str, was)) if was else 'all bands'}, the data now "
+                f"gives {'bands ' + now if train_bands else now}; resume with the same "
+                "data.bands (or stores tiled with them), or start a new run"
+            )
         done = ckpt.get("metrics") or {}
         state.best, state.bad = done.get("best"), int(done.get("bad", 0))
         state.step = int(ckpt["step"])

@@ -202,6 +202,9 @@ class _CountingProxy:
         self.gets = 0
         self.bytes = 0
         self._lock = threading.Lock()
+        #: While set, GET requests get no answer (until ``release`` or 60 s): a stalled server.
+        self.stall = threading.Event()
+        self.release = threading.Event()
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -210,6 +213,10 @@ class _CountingProxy:
                 pass
 
             def _forward(self) -> None:
+                if self.command == "GET" and proxy.stall.is_set():
+                    proxy.release.wait(60)
+                    self.close_connection = True
+                    return
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else None
                 conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
@@ -242,6 +249,7 @@ class _CountingProxy:
             self.gets = self.bytes = 0
 
     def close(self) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -347,6 +355,41 @@ def test_a_server_that_stops_answering_fails_fast_and_the_batch_goes_on(
     assert report.done == [str(tmp_path / "p.tif")]
     assert list(report.failed) == [url] and "did not answer" in report.failed[url]
     assert "\n" not in report.failed[url]
+
+
+@pytest.mark.slow  # .ci/run runs the slow storage tests too
+def test_a_server_that_stalls_mid_read_times_out(
+    tmp_path: Path, bucket: str, s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server accepts the tile request and never answers: the read gives up after the
+    read timeout and the retries, in one line, instead of hanging."""
+    import time
+
+    import boto3
+
+    from tilenet.geometry import Window
+    from tilenet.io import open_image, storage
+
+    monkeypatch.setattr(storage, "READ_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(storage, "RETRIES", 2)
+    _pyramid_tiff(tmp_path / "p.tif", 128, 192)
+    name = bucket.removeprefix("s3://")
+    boto3.client("s3").put_object(
+        Bucket=name, Key="pub/p.tif", Body=(tmp_path / "p.tif").read_bytes(), ACL="public-read"
+    )
+    proxy = _CountingProxy(s3_server)
+    try:
+        url = f"{proxy.url}/{name}/pub/p.tif"
+        with open_image(url) as img:
+            proxy.stall.set()
+            t0 = time.monotonic()
+            with pytest.raises(storage.StorageError, match=r"p\.tif: storage did not answer"):
+                img.read(Window(0, 0, 64, 64))
+            took = time.monotonic() - t0
+        print(f"gave up after {took:.1f} s")
+        assert 1.0 <= took < 20, took
+    finally:
+        proxy.close()
 
 
 # -- infer and tile -----------------------------------------------------------------------------

@@ -729,3 +729,45 @@ def test_credentials_in_urls_are_not_written_to_the_outputs(
     assert len(written) > 5 and (out / "config.yaml") in written
     for p in written:
         assert SECRET.encode() not in p.read_bytes(), p
+
+
+def test_train_from_patch_stores_in_a_bucket_equals_local(tmp_path: Path, bucket: str) -> None:
+    """Training nodes without a shared disk: ``data.stores`` (and ``data.val_stores``) given
+    as URLs of stores in a bucket train the same weights as the local stores, with loader
+    worker processes reading the bucket themselves. A store URL that is not there is one
+    line naming it."""
+    import tifffile
+    import torch
+
+    from tilenet.config import load_config
+    from tilenet.errors import ImageNotFoundError
+    from tilenet.tiler import tile_images
+    from tilenet.train import train
+
+    arr = _rgb(160, 224)
+    tifffile.imwrite(tmp_path / "img.tif", arr, tile=(64, 64), photometric="rgb")
+    tifffile.imwrite(tmp_path / "img_labels.tif", (arr[..., 0] > 128).astype(np.uint8))
+    store = tile_images(
+        [tmp_path / "img.tif"], labels=[tmp_path / "img_labels.tif"], out=tmp_path / "s.zarr",
+        patch=32, overlap=0, progress=False,
+    )  # fmt: skip
+    url = _upload(Path(store), f"{bucket}/stores/s.zarr")
+
+    def run(where: str, stores: str) -> dict[str, torch.Tensor]:
+        over = {
+            "data.stores": f"[{stores}]", "data.val_stores": f"[{stores}]",
+            "data.patch": 32, "data.batch_size": 4, "data.num_workers": 2,
+            "model.name": "tiny", "model.num_classes": 2, "model.kwargs.width": 2,
+            "train.device": "cpu", "train.progress": False, "train.steps": 4,
+            "train.warmup_steps": 0, "train.val_every": 2, "train.out_dir": tmp_path / where,
+        }  # fmt: skip
+        run_dir = train(load_config(None, [f"{k}={v}" for k, v in over.items()]))
+        ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+        return dict(ckpt["model"])
+
+    local, remote = run("local", str(store)), run("remote", url)
+    assert local.keys() == remote.keys()
+    for k in local:
+        assert torch.equal(local[k], remote[k]), k
+    with pytest.raises(ImageNotFoundError, match=r"stores/nope\.zarr: patch store not found"):
+        run("missing", f"{bucket}/stores/nope.zarr")

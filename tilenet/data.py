@@ -41,6 +41,7 @@ from tilenet.io.resolution import (
     pixel_record,
     training_resolution,
 )
+from tilenet.io.storage import is_url
 from tilenet.normalize import Normalizer, channel_stats, normalize_
 from tilenet.patchstore import IMAGES, LABELS, open_store, read_attrs
 
@@ -57,10 +58,16 @@ PathLike = str | os.PathLike[str]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def _as_list(paths: PathLike | Sequence[PathLike]) -> list[Path]:
+def _as_list(paths: PathLike | Sequence[PathLike]) -> list[Any]:
+    """Paths as ``Path``; URLs (patch stores or images in object storage) stay strings."""
     if isinstance(paths, str | os.PathLike):
-        return [Path(paths)]
-    return [Path(p) for p in paths]
+        paths = [paths]
+    return [str(p) if is_url(p) else Path(p) for p in paths]
+
+
+def _is_store(path: Any) -> bool:
+    local = not isinstance(path, str) or not is_url(path)
+    return (not local or (path / "zarr.json").is_file()) and read_attrs(path) is not None
 
 
 def _shard(items: list[Any], rank: int, world_size: int) -> list[Any]:
@@ -128,7 +135,7 @@ def store_stats(
     paths = _as_list(stores)
     if not paths:
         raise InputError("no patch stores or images given")
-    if all((p / "zarr.json").is_file() and read_attrs(p) is not None for p in paths):
+    if all(_is_store(p) for p in paths):
         s, ss, n, chans = None, None, 0.0, None
         names: list[str] = []
         for p in paths:
@@ -421,12 +428,10 @@ class PatchStoreDataset(_EpochMixin, IterableDataset):
         return units
 
     def _read(self, unit: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-        import zarr
-
         if self._groups is None:  # opened lazily, once per worker process
             self._groups = []
             for p, labelled in zip(self.paths, self.has_labels, strict=True):
-                g = zarr.open_group(p, mode="r")
+                g = open_store(p)  # a directory, or a URL: zarr's FsspecStore
                 self._groups.append((g[IMAGES], g[LABELS] if labelled else None))
         k, lo, hi = unit
         arr_images, arr_labels = self._groups[k]

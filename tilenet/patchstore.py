@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from tilenet.errors import ImageNotFoundError, InputError
+from tilenet.errors import ImageNotFoundError, InputError, TilenetError
+from tilenet.io.storage import is_url, redact, zarr_store
 from tilenet.normalize import channel_stats
 
 __all__ = [
@@ -50,31 +51,48 @@ ARRAYS = (IMAGES, LABELS, COORDS)
 CHUNKS_PER_SHARD = 4
 
 
-def read_attrs(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The attributes of the patch store at ``path``, or None if it is not one (or absent)."""
+def _group(path: str | os.PathLike[str], mode: str) -> Any:
+    """The zarr group at ``path``: a local directory, or a URL (read only) through zarr's
+    ``FsspecStore``, so that training nodes without a shared disk read stores from a bucket."""
     import zarr
 
+    if is_url(path):
+        if mode != "r":
+            raise InputError(f"{redact(str(path))}: patch stores in object storage are read only")
+        return zarr.open_group(zarr_store(str(path), read_only=True), mode="r")
+    return zarr.open_group(Path(path), mode=mode)  # type: ignore[arg-type]
+
+
+def read_attrs(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The attributes of the patch store at ``path`` (a directory or a URL), or None if it is
+    not one (or absent)."""
     try:
-        attrs = dict(zarr.open_group(Path(path), mode="r").attrs)
+        attrs = dict(_group(path, "r").attrs)
     except Exception:
         return None
     return attrs if attrs.get("format") == FORMAT else None
 
 
 def open_store(path: str | os.PathLike[str], *, mode: str = "r") -> Any:
-    """The zarr group of the patch store at ``path``; one-line errors when it is not one."""
-    import zarr
-
-    p = Path(path)
-    if not p.exists():
-        raise ImageNotFoundError(f"{p}: patch store not found; make one with `tilenet tile`")
+    """The zarr group of the patch store at ``path`` (a directory, or a URL to read from);
+    one-line errors when it is not one."""
+    url = is_url(path)
+    shown = redact(str(path)) if url else str(Path(path))
+    if not url and not Path(path).exists():
+        raise ImageNotFoundError(f"{shown}: patch store not found; make one with `tilenet tile`")
     try:
-        group = zarr.open_group(p, mode=mode)  # type: ignore[arg-type]
+        group = _group(path, mode)
         attrs = dict(group.attrs)
+    except TilenetError:
+        raise
+    except FileNotFoundError:
+        raise ImageNotFoundError(
+            f"{shown}: patch store not found; make one with `tilenet tile`"
+        ) from None
     except Exception as exc:
-        raise InputError(f"{p}: not a zarr patch store ({type(exc).__name__})") from None
+        raise InputError(f"{shown}: not a zarr patch store ({type(exc).__name__})") from None
     if attrs.get("format") != FORMAT:
-        raise InputError(f"{p}: not a tilenet patch store; make one with `tilenet tile`")
+        raise InputError(f"{shown}: not a tilenet patch store; make one with `tilenet tile`")
     return group
 
 

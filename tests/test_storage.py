@@ -634,12 +634,11 @@ def test_the_block_cache_is_one_bounded_budget_for_all_open_files(
 
 def test_convert_from_a_bucket_and_local_only_outputs(tmp_path: Path, bucket: str) -> None:
     """``tilenet convert s3://… local.ome.tif`` works (the workaround the readers name);
-    patch stores and converted files are not written to a URL: a one-line error, not a
-    local directory named ``s3:``."""
+    converted files are not written to a URL: a one-line error, not a local directory named
+    ``s3:``."""
     from tilenet.errors import InputError
     from tilenet.geometry import Window
     from tilenet.io import convert, open_image
-    from tilenet.tiler import tile_images
 
     arr = _pyramid_tiff(tmp_path / "p.tif", 96, 128)
     url = _upload(tmp_path / "p.tif", f"{bucket}/p.tif")
@@ -648,9 +647,48 @@ def test_convert_from_a_bucket_and_local_only_outputs(tmp_path: Path, bucket: st
         np.testing.assert_array_equal(img.read(Window(0, 0, 96, 128)), arr)
     with pytest.raises(InputError, match="convert writes a local file"):
         convert(url, f"{bucket}/c.ome.tif")
-    with pytest.raises(InputError, match="tile locally, then upload"):
-        tile_images([url], out=f"{bucket}/p.zarr", patch=32, overlap=0, progress=False)
     assert not Path("s3:").exists()
+
+
+@pytest.mark.slow  # .ci/run runs the slow storage tests too
+def test_tile_into_a_bucket_equals_local(
+    tmp_path: Path, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tilenet tile IMG --out s3://…/a.zarr``: the store is tiled in a local stage and
+    uploaded, root zarr.json last; it equals a local tiling, trains like one, has its
+    manifest beside it, leaves no stage behind, and a second run into it is one line."""
+    import tempfile
+
+    import tifffile
+    import zarr
+
+    from tilenet.cli import main
+    from tilenet.data import store_stats
+    from tilenet.io.storage import list_dir, read_bytes, zarr_store
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    arr = _rgb(96, 160)
+    tifffile.imwrite(tmp_path / "img.tif", arr, tile=(32, 32), photometric="rgb")
+    (tmp_path / "labels").mkdir()
+    tifffile.imwrite(tmp_path / "labels" / "img.tif", (arr[..., 1] > 100).astype(np.uint8))
+    argv = ["tile", str(tmp_path / "img.tif"), "--labels", str(tmp_path / "labels"),
+            "--patch", "32", "--overlap", "0", "--quiet"]  # fmt: skip
+    url = f"{bucket}/stores/a.zarr"
+    assert main([*argv, "--out", str(tmp_path / "a.zarr")]) == 0
+    assert main([*argv, "--out", url]) == 0
+    local = zarr.open_group(tmp_path / "a.zarr", mode="r")
+    remote = zarr.open_group(zarr_store(url, read_only=True), mode="r")
+    assert sorted(local.array_keys()) == sorted(remote.array_keys())
+    assert {"images", "labels"} <= set(local.array_keys())
+    for k in local.array_keys():
+        np.testing.assert_array_equal(local[k][:], remote[k][:])
+    assert store_stats([url]) == store_stats([tmp_path / "a.zarr"])
+    lines = read_bytes(f"{url}.manifest.jsonl").decode().splitlines()
+    assert [json.loads(ln)["status"] for ln in lines] == ["done"]
+    assert not list((tmp_path / "tmp").rglob("*.zarr"))  # the stage is gone
+    assert "zarr.json" in [u.rsplit("/", 1)[-1] for u in list_dir(url)]
+    assert main([*argv, "--out", url]) == 2  # not appended to: one line
 
 
 @pytest.mark.slow
@@ -731,6 +769,7 @@ def test_credentials_in_urls_are_not_written_to_the_outputs(
         assert SECRET.encode() not in p.read_bytes(), p
 
 
+@pytest.mark.slow  # .ci/run runs the slow storage tests too
 def test_train_from_patch_stores_in_a_bucket_equals_local(tmp_path: Path, bucket: str) -> None:
     """Training nodes without a shared disk: ``data.stores`` (and ``data.val_stores``) given
     as URLs of stores in a bucket train the same weights as the local stores, with loader

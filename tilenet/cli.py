@@ -295,7 +295,12 @@ def _add_tile(sub: Any) -> None:
         help="keep only patches with at least this fraction annotated, 0..1 "
         f"({_default(TilingConfig, 'min_annotated')})",
     )
-    p.add_argument("--out", required=True, help="output store (.zarr)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output store (.zarr): a local path, or a bucket URL (s3://B/p.zarr), where the "
+        "store is tiled in a local stage and uploaded when complete",
+    )
     p.add_argument(
         "--patch", type=int, help=f"patch side in pixels ({_default(TilingConfig, 'patch')})"
     )
@@ -402,7 +407,7 @@ def _cmd_tile(args: argparse.Namespace) -> int:
         resolution=_section(cfg, "resolution"),
         **asdict(_section(cfg, "tiling")),
     )
-    print(f"wrote {args.out}")
+    print(scrub_credentials(f"wrote {args.out}"))
     print(format_report(report))
     return report.exit_code
 

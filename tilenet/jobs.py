@@ -613,14 +613,19 @@ def tile_jobs(
     from tilenet.tiler import tile_images
 
     t0 = time.time()
-    store = Path(out)
+    # A bucket: the store is tiled locally and uploaded (tilenet.tiler), the manifest beside it.
+    store: Any = str(out).rstrip("/") if is_url(out) else Path(out)
     paths = resolve_images(images)
-    manifest = _Manifest(store.with_name(store.name + ".manifest.jsonl"))
-    report = JobReport(out_dir=str(store), manifest=str(manifest.path))
+    manifest: _Manifest | _RemoteManifest = (
+        _RemoteManifest(store + ".manifest.jsonl")
+        if isinstance(store, str)
+        else _Manifest(store.with_name(store.name + ".manifest.jsonl"))
+    )
+    report = JobReport(out_dir=redact(str(store)), manifest=redact(str(manifest.path)))
     events = _Events(quiet=True, log_json=log_json, total_images=len(paths))
-    events.emit("start", images=len(paths), out=str(store))
+    events.emit("start", images=len(paths), out=redact(str(store)))
 
-    before = source_fingerprints(store) if store.exists() else set()
+    before = source_fingerprints(store) if isinstance(store, str) or store.exists() else set()
     failures: dict[str, str] = {}
     tile_images(
         paths, out=store, failures=failures, progress=not quiet and not log_json, **tile_options
@@ -635,7 +640,7 @@ def tile_jobs(
         else:
             fp = fingerprint(p)
             rec["fingerprint"] = fp
-            rec["outputs"] = {"store": str(store)}
+            rec["outputs"] = {"store": redact(str(store))}
             status = "skipped" if fp in before else "done" if fp in after else "failed"
             if status == "failed":
                 rec["error"] = report.failed[str(p)] = "not in the store after tiling"

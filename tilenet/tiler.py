@@ -292,6 +292,38 @@ def _write_range(
     return stats
 
 
+def _stage_dir(url: str) -> Path:
+    """Where a store for ``url`` is tiled before upload: the same directory for the same URL,
+    so that a rerun after an interruption resumes the tiling there."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "tilenet-stage" / key / url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _tile_to_bucket(images: Sequence[str | os.PathLike[str]], url: str, **kw: Any) -> Any:
+    """:func:`tile_images` with ``out`` in object storage. A store there is not appended to
+    (object stores have no renames to commit shards by): the store is tiled in a local stage
+    (:func:`_stage_dir`, resumable), uploaded with its root ``zarr.json`` last (a reader finds
+    no store until every chunk is there), and the stage removed. Returns ``url``."""
+    import shutil
+
+    from tilenet.io.storage import upload
+
+    if read_attrs(url) is not None:
+        raise InputError(
+            f"{redact(url)}: already holds a patch store, and stores in object storage are not "
+            "appended to; give a new --out (or tile locally, then upload)"
+        )
+    stage = _stage_dir(url)
+    stage.parent.mkdir(parents=True, exist_ok=True)
+    tile_images(images, out=stage, **kw)
+    upload(stage, url, last="zarr.json")
+    shutil.rmtree(stage.parent, ignore_errors=True)
+    return url
+
+
 def tile_images(
     images: Sequence[str | os.PathLike[str]],
     *,
@@ -365,10 +397,12 @@ def tile_images(
     limits = asdict(reader if reader is not None else ReaderConfig())
     TileGrid.for_patches((patch, patch), patch, overlap)  # validates overlap up front
     if is_url(out):
-        raise InputError(
-            f"{redact(str(out))}: the patch store is written to a local path (it is committed "
-            "by renames, which object stores lack); tile locally, then upload it"
-        )
+        import inspect
+
+        given = locals()
+        params = inspect.signature(tile_images).parameters
+        kw = {n: given[n] for n in params if n not in ("images", "out")}
+        return _tile_to_bucket(images, str(out), **kw)
     if resolution is not None:
         from tilenet.io.resolution import check_resolution
 

@@ -296,15 +296,19 @@ def write_bytes(url: str, data: bytes) -> None:
     storage_call(url, lambda: fs.pipe_file(path, data))
 
 
-def upload(local: str | os.PathLike[str], url: str) -> None:
-    """Upload a local file or directory tree to ``url``."""
+def upload(local: str | os.PathLike[str], url: str, *, last: str | None = None) -> None:
+    """Upload a local file or directory tree to ``url``; the tree's file at relative path
+    ``last`` (a zarr store's root ``zarr.json``, say: what makes it a store) goes last, so
+    that what a reader finds complete is complete."""
     fs, path = filesystem(url)
     src = Path(local)
     if src.is_dir():
-        for f in sorted(src.rglob("*")):
-            if f.is_file():
-                dest = path.rstrip("/") + "/" + f.relative_to(src).as_posix()
-                storage_call(url, partial(fs.put_file, str(f), dest))
+        files = [f for f in sorted(src.rglob("*")) if f.is_file()]
+        if last is not None:
+            files.sort(key=lambda f: f.relative_to(src).as_posix() == last)
+        for f in files:
+            dest = path.rstrip("/") + "/" + f.relative_to(src).as_posix()
+            storage_call(url, partial(fs.put_file, str(f), dest))
     else:
         storage_call(url, lambda: fs.put_file(str(src), path))
 

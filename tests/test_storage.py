@@ -633,9 +633,9 @@ def test_the_block_cache_is_one_bounded_budget_for_all_open_files(
 
 
 def test_convert_from_a_bucket_and_local_only_outputs(tmp_path: Path, bucket: str) -> None:
-    """``tilenet convert s3://… local.ome.tif`` works (the workaround the readers name);
-    converted files are not written to a URL: a one-line error, not a local directory named
-    ``s3:``."""
+    """``tilenet convert s3://… local.ome.tif`` works (the workaround the readers name), and
+    so does converting into the bucket (OME-TIFF and OME-Zarr: made in a local stage and
+    uploaded), refusing to overwrite without --force; never a local directory named ``s3:``."""
     from tilenet.errors import InputError
     from tilenet.geometry import Window
     from tilenet.io import convert, open_image
@@ -645,8 +645,16 @@ def test_convert_from_a_bucket_and_local_only_outputs(tmp_path: Path, bucket: st
     out = convert(url, tmp_path / "c.ome.tif", tile=32)
     with open_image(out) as img:
         np.testing.assert_array_equal(img.read(Window(0, 0, 96, 128)), arr)
-    with pytest.raises(InputError, match="convert writes a local file"):
-        convert(url, f"{bucket}/c.ome.tif")
+    for name in ("c.ome.tif", "c.ome.zarr"):
+        assert (
+            convert(tmp_path / "p.tif", f"{bucket}/conv/{name}", tile=32) == f"{bucket}/conv/{name}"
+        )
+        with open_image(f"{bucket}/conv/{name}") as img:
+            assert img.shape[:2] == (96, 128)
+            np.testing.assert_array_equal(img.read(Window(0, 0, 96, 128)), arr)
+        with pytest.raises(InputError, match=r"conv/c\.ome\.\w+: already exists"):
+            convert(url, f"{bucket}/conv/{name}", tile=32)
+        assert convert(url, f"{bucket}/conv/{name}", tile=32, force=True)
     assert not Path("s3:").exists()
 
 

@@ -187,7 +187,11 @@ def _add_convert(sub: Any) -> None:
         ),
     )
     p.add_argument("input", help="input image")
-    p.add_argument("output", help="output path ending in .tif, .tiff or .zarr")
+    p.add_argument(
+        "output",
+        help="output path ending in .tif, .tiff or .zarr; a bucket URL is converted in a "
+        "local stage and uploaded when complete",
+    )
     p.add_argument("--tile", type=int, default=512, help="tile/chunk size (default 512)")
     p.add_argument(
         "--compression",
@@ -206,7 +210,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     out = convert(
         args.input, args.output, tile=args.tile, compression=args.compression, force=args.force
     )
-    print(f"wrote {out}")
+    print(scrub_credentials(f"wrote {out}"))
     return EXIT_OK
 
 

@@ -292,35 +292,26 @@ def _write_range(
     return stats
 
 
-def _stage_dir(url: str) -> Path:
-    """Where a store for ``url`` is tiled before upload: the same directory for the same URL,
-    so that a rerun after an interruption resumes the tiling there."""
-    import hashlib
-    import tempfile
-
-    key = hashlib.sha256(url.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "tilenet-stage" / key / url.rstrip("/").rsplit("/", 1)[-1]
-
-
 def _tile_to_bucket(images: Sequence[str | os.PathLike[str]], url: str, **kw: Any) -> Any:
     """:func:`tile_images` with ``out`` in object storage. A store there is not appended to
     (object stores have no renames to commit shards by): the store is tiled in a local stage
-    (:func:`_stage_dir`, resumable), uploaded with its root ``zarr.json`` last (a reader finds
+    (:func:`tilenet.io.storage.stage_dir`, resumable), uploaded with its root ``zarr.json`` last (a reader finds
     no store until every chunk is there), and the stage removed. Returns ``url``."""
     import shutil
 
-    from tilenet.io.storage import upload
+    from tilenet.io.storage import stage_dir, upload
 
     if read_attrs(url) is not None:
         raise InputError(
             f"{redact(url)}: already holds a patch store, and stores in object storage are not "
             "appended to; give a new --out (or tile locally, then upload)"
         )
-    stage = _stage_dir(url)
-    stage.parent.mkdir(parents=True, exist_ok=True)
-    tile_images(images, out=stage, **kw)
-    upload(stage, url, last="zarr.json")
-    shutil.rmtree(stage.parent, ignore_errors=True)
+    stage = stage_dir(url)
+    stage.mkdir(parents=True, exist_ok=True)
+    local = stage / url.rstrip("/").rsplit("/", 1)[-1]
+    tile_images(images, out=local, **kw)
+    upload(local, url, last="zarr.json")
+    shutil.rmtree(stage, ignore_errors=True)
     return url
 
 

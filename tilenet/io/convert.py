@@ -33,6 +33,27 @@ def _output_kind(path: Path) -> str:
     )
 
 
+def _convert_to_bucket(input: str | os.PathLike[str], url: str, *, force: bool, **kw: Any) -> Any:
+    """:func:`convert` to ``url``: converted in a local stage, uploaded when complete (an
+    OME-Zarr with its root ``zarr.json`` last, so nothing at ``url`` looks complete before it
+    is), the stage removed. Returns ``url``."""
+    import shutil
+
+    from tilenet.io.storage import exists, remove, stage_dir, upload
+
+    if exists(url):
+        if not force:
+            raise InputError(f"{redact(url)}: already exists (use --force to overwrite)")
+        remove(url)
+    stage = stage_dir(url)
+    stage.mkdir(parents=True, exist_ok=True)
+    local = stage / url.rstrip("/").rsplit("/", 1)[-1]
+    convert(input, local, force=True, **kw)
+    upload(local, url, last="zarr.json")
+    shutil.rmtree(stage, ignore_errors=True)
+    return url
+
+
 def convert(
     input: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -54,10 +75,9 @@ def convert(
     """
     from tilenet.io import open_image
 
-    if is_url(output):
-        raise InputError(
-            f"{redact(str(output))}: convert writes a local file; convert locally, then upload "
-            "it (e.g. aws s3 cp)"
+    if is_url(output):  # made in a local stage, then uploaded (a zarr's root zarr.json last)
+        return _convert_to_bucket(
+            input, str(output), tile=tile, compression=compression, force=force, method=method
         )
     src: Any = str(input) if is_url(input) else Path(input)  # reading from storage is fine
     out = Path(output)

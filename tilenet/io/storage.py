@@ -313,6 +313,23 @@ def upload(local: str | os.PathLike[str], url: str, *, last: str | None = None) 
         storage_call(url, lambda: fs.put_file(str(src), path))
 
 
+def stage_dir(url: str) -> Path:
+    """A local directory to build what goes to ``url`` in before uploading it: the same one
+    for the same URL (under the temporary directory), so that a rerun after an interruption
+    finds the work done there. The URL's last name is the entry to build in it."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "tilenet-stage" / key
+
+
+def exists(url: str) -> bool:
+    """Whether an object or a prefix (a zarr store, say) is at ``url``."""
+    fs, path = filesystem(url)
+    return bool(storage_call(url, lambda: fs.exists(path)))
+
+
 def remove(url: str) -> None:
     """Remove the object or prefix ``url`` (nothing when it is not there)."""
     fs, path = filesystem(url)

@@ -657,6 +657,7 @@ def _timm_state(name: str, seed: int) -> dict[str, torch.Tensor]:
     return {k: v.clone().contiguous() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow  # 8.6 s: three offline hub-cache downloads
 def test_published_encoder_weights_come_from_the_hub_cache(store: Path, tmp_path: Path) -> None:
     """``model.encoder_weights=imagenet model.allow_download=true``: smp's own download (and
     timm's, also from any hub repository) fills the encoder; the statistics published with

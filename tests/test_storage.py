@@ -632,6 +632,7 @@ def test_the_block_cache_is_one_bounded_budget_for_all_open_files(
             img.close()
 
 
+@pytest.mark.slow  # .ci/run runs the slow storage tests too
 def test_convert_from_a_bucket_and_local_only_outputs(tmp_path: Path, bucket: str) -> None:
     """``tilenet convert s3://… local.ome.tif`` works (the workaround the readers name), and
     so does converting into the bucket (OME-TIFF and OME-Zarr: made in a local stage and

@@ -230,13 +230,13 @@ class _CountingProxy:
                         self.send_header(k, v)
                 length = resp.getheader("Content-Length") if self.command == "HEAD" else None
                 self.send_header("Content-Length", length or str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                if self.command == "GET":
+                if self.command == "GET":  # counted before the client can have the answer
                     with proxy._lock:
                         proxy.gets += 1
                         proxy.bytes += len(data)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 

@@ -127,7 +127,9 @@ def test_models_read_no_weight_files(tmp_path) -> None:
         create_model("tiny", weights=tmp_path / "w.pt")
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if "resnet50" in n else n for n in ALL]
+)
 def test_spec_is_plain_data_and_rebuilds_the_model(name: str) -> None:
     kw = {"unet": {"depth": 3, "base": 8}, "tiny": {"width": 4}}.get(name, {})
     m = create_model(name, in_channels=4, num_classes=5, **kw)
@@ -430,7 +432,11 @@ def test_crop_with_halo_reproduces_the_whole_pass_2d(name: str, kwargs: dict) ->
     assert _crop_gap(m, x, _short(rf, s), axis=0) > 1e-12
 
 
-@pytest.mark.parametrize("name", ["unet", *HEAVY])
+@pytest.mark.parametrize(
+    "name",
+    # The ResNet-50 models run with -m slow (the default run's 4-minute budget).
+    ["unet", *(pytest.param(n, marks=pytest.mark.slow) if "resnet50" in n else n for n in HEAVY)],
+)
 def test_crop_with_halo_reproduces_the_whole_pass_thin(name: str) -> None:
     m = _prepared(name)
     s, rf = m.stride, m.receptive_field

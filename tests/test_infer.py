@@ -526,6 +526,8 @@ def _infer_cli(img: Path, ckpt: Path, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # 22 s (three CLI processes); resuming from partial bands stays in the
+# default run (test_jobs.py::test_partial_bands_reused_only_for_the_same_input, blend reruns)
 def test_sigkill_plain_infer_resumes_identically(
     tmp_path: Path, kill_after_first_band: Callable[..., int]
 ) -> None:

@@ -85,11 +85,17 @@ class Finalized:
 def _config_text(summary: dict[str, Any], cfg: InferConfig, sections: dict[str, Any] | None) -> str:
     """The resolved config of one run, as ``config.yaml`` beside its outputs: the sections it
     ran with (reader limits, the pixel size it ran at), then ``infer``; a comment names the
-    model. ``tilenet infer IMG conf=config.yaml --model M`` repeats the run."""
+    model. ``tilenet infer IMG conf=config.yaml --model M`` repeats the run. Like
+    :func:`_summary_text`, no URL in it keeps its credentials."""
     text = to_yaml({**(sections or {}), "infer": cfg})
     if summary.get("model"):
         text += f"# model: {summary['model']}\n"
-    return text
+    return scrub_credentials(text)
+
+
+def _summary_text(summary: dict[str, Any]) -> str:
+    """``summary.json``'s text, without credentials in any URL it names (an input as given)."""
+    return scrub_credentials(json.dumps(summary, indent=2)) + "\n"
 
 
 @dataclass
@@ -408,11 +414,8 @@ class OutputSet:
         out = Path(self.out)
         summary["outputs"]["config"] = str(out / "config.yaml")
         summary["outputs"]["summary"] = str(out / "summary.json")
-        text = _config_text(summary, cfg, sections)
-        # No URL is written with its credentials (the input or model as given, say).
-        write_text_atomic(out / "config.yaml", scrub_credentials(text))
-        body = scrub_credentials(json.dumps(summary, indent=2))
-        write_text_atomic(out / "summary.json", body + "\n")
+        write_text_atomic(out / "config.yaml", _config_text(summary, cfg, sections))
+        write_text_atomic(out / "summary.json", _summary_text(summary))
         remove_path(self.state_dir)
         remove_path(self.spill_dir())
         return summary
@@ -789,13 +792,11 @@ class RemoteOutputSet(OutputSet):
         }
         summary["outputs"]["config"] = join(self.out, "config.yaml")
         summary["outputs"]["summary"] = join(self.out, "summary.json")
-        text = _config_text(summary, cfg, sections)
-        write_text_atomic(stage / "config.yaml", scrub_credentials(text))
+        write_text_atomic(stage / "config.yaml", _config_text(summary, cfg, sections))
         for entry in sorted(stage.iterdir()):
             if entry.name != STATE_DIR and not entry.name.startswith("."):
                 upload(entry, join(self.out, entry.name))
-        body = scrub_credentials(json.dumps(summary, indent=2)) + "\n"
-        write_bytes(join(self.out, "summary.json"), body.encode())
+        write_bytes(join(self.out, "summary.json"), _summary_text(summary).encode())
         remove(join(self.out, REMOTE_STATE))
         shutil.rmtree(stage, ignore_errors=True)
         remove_path(self.spill_dir())

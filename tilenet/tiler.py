@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -45,9 +45,6 @@ from tilenet.patchstore import (
     stats_attrs,
 )
 from tilenet.progress import progress_bar
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "tile_images",
@@ -293,25 +290,18 @@ def _write_range(
 
 
 def _tile_to_bucket(images: Sequence[str | os.PathLike[str]], url: str, **kw: Any) -> Any:
-    """:func:`tile_images` with ``out`` in object storage. A store there is not appended to
-    (object stores have no renames to commit shards by): the store is tiled in a local stage
-    (:func:`tilenet.io.storage.stage_dir`, resumable), uploaded with its root ``zarr.json`` last (a reader finds
-    no store until every chunk is there), and the stage removed. Returns ``url``."""
-    import shutil
-
-    from tilenet.io.storage import stage_dir, upload
+    """:func:`tile_images` with ``out`` in object storage: tiled in a local stage (resumable)
+    and uploaded when complete (:func:`tilenet.io.storage.staged_upload`). A store there is
+    not appended to: object stores have no renames to commit shards by. Returns ``url``."""
+    from tilenet.io.storage import staged_upload
 
     if read_attrs(url) is not None:
         raise InputError(
             f"{redact(url)}: already holds a patch store, and stores in object storage are not "
             "appended to; give a new --out (or tile locally, then upload)"
         )
-    stage = stage_dir(url)
-    stage.mkdir(parents=True, exist_ok=True)
-    local = stage / url.rstrip("/").rsplit("/", 1)[-1]
-    tile_images(images, out=local, **kw)
-    upload(local, url, last="zarr.json")
-    shutil.rmtree(stage, ignore_errors=True)
+    with staged_upload(url) as local:
+        tile_images(images, out=local, **kw)
     return url
 
 

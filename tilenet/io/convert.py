@@ -34,23 +34,16 @@ def _output_kind(path: Path) -> str:
 
 
 def _convert_to_bucket(input: str | os.PathLike[str], url: str, *, force: bool, **kw: Any) -> Any:
-    """:func:`convert` to ``url``: converted in a local stage, uploaded when complete (an
-    OME-Zarr with its root ``zarr.json`` last, so nothing at ``url`` looks complete before it
-    is), the stage removed. Returns ``url``."""
-    import shutil
-
-    from tilenet.io.storage import exists, remove, stage_dir, upload
+    """:func:`convert` to ``url``: converted in a local stage and uploaded when complete
+    (:func:`tilenet.io.storage.staged_upload`). Returns ``url``."""
+    from tilenet.io.storage import exists, remove, staged_upload
 
     if exists(url):
         if not force:
             raise InputError(f"{redact(url)}: already exists (use --force to overwrite)")
         remove(url)
-    stage = stage_dir(url)
-    stage.mkdir(parents=True, exist_ok=True)
-    local = stage / url.rstrip("/").rsplit("/", 1)[-1]
-    convert(input, local, force=True, **kw)
-    upload(local, url, last="zarr.json")
-    shutil.rmtree(stage, ignore_errors=True)
+    with staged_upload(url) as local:
+        convert(input, local, force=True, **kw)
     return url
 
 

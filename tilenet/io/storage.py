@@ -19,6 +19,7 @@ naming the URL.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -27,7 +28,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +43,7 @@ __all__ = [
     "READ_TIMEOUT_S",
     "RETRIES",
     "StorageError",
+    "exists",
     "filesystem",
     "gdal_options",
     "gdal_path",
@@ -60,6 +62,7 @@ __all__ = [
     "redact",
     "remote_fingerprint",
     "remove",
+    "staged_upload",
     "storage_call",
     "upload",
     "write_bytes",
@@ -313,15 +316,23 @@ def upload(local: str | os.PathLike[str], url: str, *, last: str | None = None) 
         storage_call(url, lambda: fs.put_file(str(src), path))
 
 
-def stage_dir(url: str) -> Path:
-    """A local directory to build what goes to ``url`` in before uploading it: the same one
-    for the same URL (under the temporary directory), so that a rerun after an interruption
-    finds the work done there. The URL's last name is the entry to build in it."""
-    import hashlib
+@contextlib.contextmanager
+def staged_upload(url: str) -> Iterator[Path]:
+    """A local path to build what goes to ``url`` at (a file or a zarr store, named as the
+    URL's last name); when the block ends without error it is uploaded (a store's root
+    ``zarr.json`` last: until every chunk is there, there is no store at ``url``) and the
+    stage removed. The stage is the same directory for the same URL (under the temporary
+    directory), so a rerun after an interruption finds the work done there."""
+    import shutil
     import tempfile
 
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "tilenet-stage" / key
+    stage = Path(tempfile.gettempdir()) / "tilenet-stage" / key
+    stage.mkdir(parents=True, exist_ok=True)
+    local = stage / url.rstrip("/").rsplit("/", 1)[-1]
+    yield local
+    upload(local, url, last="zarr.json")
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def exists(url: str) -> bool:

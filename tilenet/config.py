@@ -279,9 +279,10 @@ class InferConfig:
     #: tilenet.runtime). "reuse": freed buffers are kept for the next batch and trimmed every
     #: 8 batches (fast on a CPU; peak RSS saturates a few per cent above its level on
     #: mid-size images, and the run goes flat if the RSS passes the RSS before the first
-    #: batch plus twice what that batch added). "flat": every buffer above 128 KiB is its own mapping, returned when
-    #: freed (peak RSS flat to ~0.3 % from 8192² to 32768², CPU forward passes 1.4-1.8x
-    #: slower). "trim": glibc's settings plus the periodic trim; "system": nothing changed.
+    #: batch plus twice what that batch added). "flat": every buffer above 128 KiB is its
+    #: own mapping, returned when freed (peak RSS flat to ~0.3 % from 8192² to 32768², CPU
+    #: forward passes 1.2-1.8x slower). "trim": glibc's settings plus the periodic trim;
+    #: "system": nothing changed.
     heap: Literal["reuse", "flat", "trim", "system"] = "reuse"
 
 

@@ -65,9 +65,11 @@ def _as_list(paths: PathLike | Sequence[PathLike]) -> list[Any]:
     return [str(p) if is_url(p) else Path(p) for p in paths]
 
 
-def _is_store(path: Any) -> bool:
-    local = not isinstance(path, str) or not is_url(path)
-    return (not local or (path / "zarr.json").is_file()) and read_attrs(path) is not None
+def _store_attrs(path: Any) -> dict[str, Any] | None:
+    """A patch store's attributes (``path`` from :func:`_as_list`: a URL is a str), or None."""
+    if isinstance(path, Path) and not (path / "zarr.json").is_file():
+        return None  # an image or a directory of images: no zarr open attempted
+    return read_attrs(path)
 
 
 def _shard(items: list[Any], rank: int, world_size: int) -> list[Any]:
@@ -135,11 +137,12 @@ def store_stats(
     paths = _as_list(stores)
     if not paths:
         raise InputError("no patch stores or images given")
-    if all(_is_store(p) for p in paths):
+    found = [_store_attrs(p) for p in paths]  # read once: a URL's costs a request
+    if all(at is not None for at in found):
         s, ss, n, chans = None, None, 0.0, None
         names: list[str] = []
-        for p in paths:
-            at = dict(open_store(p).attrs)
+        for p, at in zip(paths, found, strict=True):
+            assert at is not None
             if chans is not None and at["channels"] != chans:
                 raise InputError(f"{p}: has {at['channels']} channels, other stores {chans}")
             chans = at["channels"]

@@ -29,7 +29,8 @@ in again: measured ~300k faults and ~40 % of the CPU time in the kernel per batc
     and a run that never reaches the cap (most do) keeps ``reuse``'s speed.
 ``flat``
     every buffer above 128 KiB is its own mapping, returned when freed: peak RSS flat to
-    ~0.3 % from 8192² to 32768², CPU forward passes 1.4-1.8x slower.
+    ~0.3 % from 8192² to 32768², CPU forward passes 1.2-1.8x slower
+    (``scripts/bench_alloc.py``).
 ``trim``
     glibc's own settings, plus the periodic ``malloc_trim``.
 ``system``

@@ -785,6 +785,11 @@ def training_bands(data: DataConfig) -> tuple[int, ...] | None:
     return next(iter(found.values()))
 
 
+def _bands_text(bands: Sequence[int] | None) -> str:
+    """``bands 4,2``, or ``all bands``."""
+    return f"bands {','.join(map(str, bands))}" if bands else "all bands"
+
+
 def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
     from tilenet.checkpoint import (
         is_pretrained_name,
@@ -929,12 +934,10 @@ def _train(cfg: DictConfig, d: _Dist, device: torch.device) -> Path:
         # another experiment, under the checkpoint's name.
         was = [int(b) for b in (ckpt.get("spec") or {}).get("bands") or []]
         if was != list(train_bands or []):
-            now = ",".join(map(str, train_bands)) if train_bands else "all bands"
             raise CheckpointError(
                 f"{ckpt_path}: cannot resume with this config: it was trained on "
-                f"{'bands ' + ','.join(map(str, was)) if was else 'all bands'}, the data now "
-                f"gives {'bands ' + now if train_bands else now}; resume with the same "
-                "data.bands (or stores tiled with them), or start a new run"
+                f"{_bands_text(was)}, the data now gives {_bands_text(train_bands)}; resume "
+                "with the same data.bands (or stores tiled with them), or start a new run"
             )
         done = ckpt.get("metrics") or {}
         state.best, state.bad = done.get("best"), int(done.get("bad", 0))

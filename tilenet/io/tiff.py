@@ -500,7 +500,7 @@ def open_tiff(
         except Exception as exc:
             raise CorruptImageError(f"{name}: not a readable TIFF: {_first_line(exc)}") from exc
         try:
-            img = _describe(p, tf, max_pixels=max_pixels)
+            img = _describe(p, name, tf, max_pixels=max_pixels)
             if any("circular" in m for m in messages):
                 raise CorruptImageError(
                     f"{name}: corrupt TIFF: its chain of IFDs (pages) is cyclic"
@@ -516,8 +516,8 @@ def open_tiff(
     return img
 
 
-def _describe(p: Any, tf: Any, *, max_pixels: int | None) -> TiffImage:
-    name: Any = redact(p) if is_url(p) else p  # what messages show: no credentials
+def _describe(p: Any, name: Any, tf: Any, *, max_pixels: int | None) -> TiffImage:
+    """The image of ``tf`` opened from ``p``; messages call it ``name`` (redacted)."""
     if not tf.series:
         raise CorruptImageError(
             f"{name}: TIFF contains no readable image (corrupt or truncated header)"

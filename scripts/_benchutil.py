@@ -90,7 +90,7 @@ def make_checkpoint(path: Path, name: str, kwargs: dict[str, Any], num_classes: 
     """A tilenet checkpoint of registry model ``name`` with seeded random weights."""
     import torch
 
-    from tilenet.checkpoint import save_checkpoint
+    from tilenet.engine.checkpoint import save_checkpoint
     from tilenet.models import ModelSpec, create_model
 
     torch.manual_seed(0)

@@ -47,10 +47,10 @@ MODELS: list[tuple[str, str, dict[str, Any]]] = [
 def child(a: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    import tilenet.infer
+    import tilenet.engine.infer
     import tilenet.io  # noqa: F401  (imported before the clock)
+    from tilenet.engine.infer import infer_image
     from tilenet.geometry import ceil_to
-    from tilenet.infer import infer_image
     from tilenet.models import create_model, exactness, model_memory
 
     torch.manual_seed(0)

@@ -76,7 +76,7 @@ def make_checkpoint(
 ) -> Path:
     import torch
 
-    from tilenet.checkpoint import save_checkpoint
+    from tilenet.engine.checkpoint import save_checkpoint
     from tilenet.models import ModelSpec, create_model
 
     torch.manual_seed(0)
@@ -89,9 +89,9 @@ def raw_forward(ckpt: Path, shape: tuple[int, int], opts: dict[str, Any]) -> dic
     """Seconds for the model alone over batches shaped like the grid's read windows."""
     import torch
 
-    from tilenet.checkpoint import load_model
-    from tilenet.infer import resolve_options
-    from tilenet.predictor import batch_shapes, plan_grid, prepare_model
+    from tilenet.engine.checkpoint import load_model
+    from tilenet.engine.infer import resolve_options
+    from tilenet.engine.predictor import batch_shapes, plan_grid, prepare_model
     from tilenet.runtime import autocast, heap_policy, resolve_device
 
     cfg = resolve_options(opts)
@@ -123,8 +123,8 @@ def raw_forward(ckpt: Path, shape: tuple[int, int], opts: dict[str, Any]) -> dic
 
 _CHILD = """
 import json, resource, sys, time
-import torch, tilenet.models, tilenet.io, tilenet.instances, zarr, tifffile
-from tilenet.infer import infer_image
+import torch, tilenet.models, tilenet.io, tilenet.outputs.instances, zarr, tifffile
+from tilenet.engine.infer import infer_image
 img, ckpt, out, opts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 c0 = time.process_time()
 s = infer_image(img, ckpt, out, **opts)

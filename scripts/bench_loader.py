@@ -7,7 +7,7 @@ without augmentation. It also times training steps of the default model (``unet`
 classes, AdamW, cross-entropy) on the same machine and reports each loader rate as a multiple
 of the training rate (both in patches/s). Two outputs are measured: ``float`` (normalised
 float32 batches + int64 masks, made in the workers) and ``uint8`` (raw batches for
-normalising on the GPU with ``tilenet.data.normalize_batch``). Writes JSON.
+normalising on the GPU with ``tilenet.patches.data.normalize_batch``). Writes JSON.
 
     python scripts/bench_loader.py --out bench_loader.json
 """
@@ -29,7 +29,7 @@ def make_store(root: Path, *, images: int, size: int, patch: int) -> Path:
     import tifffile
     from scipy import ndimage
 
-    from tilenet.tiler import tile_images
+    from tilenet.patches.tiler import tile_images
 
     rng = np.random.default_rng(0)
     (root / "im").mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,7 @@ def loader_rate(
     from torch.utils.data import DataLoader
 
     from tilenet.config import AugmentConfig
-    from tilenet.data import PatchStoreDataset
+    from tilenet.patches.data import PatchStoreDataset
 
     ds = PatchStoreDataset(
         store,

@@ -5,10 +5,10 @@ normalisation ((x - 128) / 64), tile/ROI size, overlap, batch and dtype (fp32), 
 a fresh subprocess that reports its own peak RSS. Contenders, run interleaved per round:
 
 * ``model_crop`` / ``model_gauss``: the model alone (``model(x)``, inference mode), prepared
-  as the engine prepares it (``tilenet.predictor.prepare_model``: BatchNorm folded into the
+  as the engine prepares it (``tilenet.engine.predictor.prepare_model``: BatchNorm folded into the
   convolutions, channels_last) under the engine's allocator setting
   (``tilenet.runtime.heap_policy``), on random batches shaped and grouped exactly
-  like the engine's (``tilenet.predictor.batch_shapes``): the numerator of tilenet's pipeline
+  like the engine's (``tilenet.engine.predictor.batch_shapes``): the numerator of tilenet's pipeline
   efficiency;
 * ``tilenet_crop``: ``infer_image(mode="crop")`` at the default tile (1024, the largest
   read window: the engine fits the grid below it) with the automatic halo (exact);
@@ -66,7 +66,7 @@ DEFAULT = ALL[:-1]
 
 # -- children -------------------------------------------------------------------------------
 def _load(ckpt: str, device: str = "cpu") -> tuple[Any, Any]:
-    from tilenet.checkpoint import load_model
+    from tilenet.engine.checkpoint import load_model
 
     return load_model(ckpt, device=device)
 
@@ -127,7 +127,7 @@ def child_tilenet(a: dict[str, Any]) -> dict[str, Any]:
     import tilenet.io
     import tilenet.io.writers
     import tilenet.models  # noqa: F401
-    from tilenet.infer import infer_image
+    from tilenet.engine.infer import infer_image
 
     opts = {
         "tile": a["tile"],
@@ -159,8 +159,8 @@ def child_model(a: dict[str, Any]) -> dict[str, Any]:
     import tifffile
     import torch
 
-    from tilenet.infer import resolve_options
-    from tilenet.predictor import batch_shapes, plan_grid, prepare_model
+    from tilenet.engine.infer import resolve_options
+    from tilenet.engine.predictor import batch_shapes, plan_grid, prepare_model
     from tilenet.runtime import heap_policy
 
     dev = a.get("device", "cpu")
@@ -309,8 +309,8 @@ def _run(kind: str, args: dict[str, Any]) -> dict[str, Any]:
 def bench_size(
     side: int, ckpt: Path, spec: Any, work: Path, opt: argparse.Namespace
 ) -> dict[str, Any]:
-    from tilenet.infer import resolve_options
-    from tilenet.predictor import plan_grid
+    from tilenet.engine.infer import resolve_options
+    from tilenet.engine.predictor import plan_grid
 
     img = bu.make_tiff(work / f"peers_{side}.tif", side)
     gcfg = resolve_options({"tile": opt.tile, "mode": "gaussian", "overlap": opt.overlap})
@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(reps) != len(sizes):
         ap.error("--repeats needs one value or one per size")
 
-    from tilenet.checkpoint import load_model
+    from tilenet.engine.checkpoint import load_model
 
     tmp = None if opt.workdir else tempfile.mkdtemp(prefix="bench_peers-")
     work = Path(opt.workdir or tmp)  # type: ignore[arg-type]

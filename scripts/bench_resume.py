@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     img = bu.make_tiff(work / f"resume_{opt.side}.tif", opt.side)
     ckpt = bu.make_checkpoint(work / "resume.pt", opt.model, json.loads(opt.model_kwargs))
 
-    from tilenet.checkpoint import load_model
-    from tilenet.infer import bands_of, resolve_options
-    from tilenet.predictor import plan_grid
+    from tilenet.engine.checkpoint import load_model
+    from tilenet.engine.infer import bands_of, resolve_options
+    from tilenet.engine.predictor import plan_grid
 
     spec = load_model(ckpt)[1]
     grid, _ = plan_grid((opt.side, opt.side), spec, resolve_options({"tile": opt.tile}))

@@ -34,11 +34,11 @@ def child(a: dict[str, Any]) -> dict[str, Any]:
     import omegaconf  # noqa: F401
     import zarr  # noqa: F401
 
-    import tilenet.infer
+    import tilenet.engine.infer
     import tilenet.io
     import tilenet.io.writers
     import tilenet.models  # noqa: F401  (imported before the clock)
-    from tilenet.infer import infer_image
+    from tilenet.engine.infer import infer_image
 
     if a.get("allocator") == "keep":
         # Experiment: glibc never mmaps and never trims, and the engine's

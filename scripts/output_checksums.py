@@ -37,10 +37,11 @@ def _inputs(d: Path) -> dict[str, tuple[Path, list[str]]]:
     from slidewriters import write_aperio_svs
 
     from tilenet.geometry import Window
+
     try:
         from tilenet.patches.synth import render
     except ImportError:  # before the folder move
-        from tilenet.synth import render  # type: ignore[no-redef]
+        from tilenet.patches.synth import render  # type: ignore[no-redef]
 
     img = render(Window(0, 0, 700, 900), seed=3)[0]
     plain = d / "plain.tif"
@@ -74,8 +75,15 @@ def _digest(path: Path) -> str:
         with tifffile.TiffFile(path) as tf:
             for page in tf.pages:
                 h.update(page.asarray().tobytes())
-                h.update(repr(sorted((t.name, str(t.value)) for t in page.tags.values()
-                                     if t.name not in ("ImageDescription",))).encode())
+                h.update(
+                    repr(
+                        sorted(
+                            (t.name, str(t.value))
+                            for t in page.tags.values()
+                            if t.name not in ("ImageDescription",)
+                        )
+                    ).encode()
+                )
         return h.hexdigest()
     if path.suffix == ".gpkg":  # holds timestamps: its features and CRS
         import pyogrio

@@ -19,7 +19,7 @@ from tilenet.config import (
 from tilenet.errors import ConfigError
 from tilenet.io import open_image
 from tilenet.jobs import run_jobs
-from tilenet.tiler import tile_images
+from tilenet.patches.tiler import tile_images
 
 
 def test_defaults_yaml_then_overrides(tmp_path: Path) -> None:
@@ -115,7 +115,7 @@ def test_every_key_is_an_option_of_its_consumer_with_the_same_default(
     section: type, consumer: Callable[..., Any]
 ) -> None:
     # A key the consumer does not take would do nothing; a different default would mean the
-    # default lives in two places. (Behaviour per key: tests/test_tiler.py, test_cli*.py.)
+    # default lives in two places. (Behaviour per key: tests/patches/test_tiler.py, test_cli*.py.)
     params = inspect.signature(consumer).parameters
     for f in fields(section):
         assert f.name in params, f"{section.__name__}.{f.name} does not reach {consumer}"

@@ -50,7 +50,7 @@ with heap_policy(sys.argv[1]) as guard:
 out["after"] = faults()
 out["settings_after"] = current_heap_settings()
 if len(sys.argv) > 2:
-    from tilenet.infer import infer_image
+    from tilenet.engine.infer import infer_image
     infer_image(sys.argv[2], sys.argv[3], sys.argv[4], tile=64, device="cpu")
     out["after_infer"] = faults()
     out["settings_after_infer"] = current_heap_settings()
@@ -85,7 +85,7 @@ def test_infer_image_leaves_the_process_heap_settings_as_they_were(tmp_path: Pat
     import numpy as np
     import tifffile
 
-    from tilenet.checkpoint import save_checkpoint
+    from tilenet.engine.checkpoint import save_checkpoint
     from tilenet.models import ModelSpec, create_model
 
     img = tmp_path / "img.tif"

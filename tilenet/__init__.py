@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from tilenet._version import __version__
 
 __all__ = ["Predictor", "__version__", "infer_image", "load_model", "open_image"]
 
 if TYPE_CHECKING:
-    from tilenet.checkpoint import load_model
-    from tilenet.infer import infer_image
+    from tilenet.engine.checkpoint import load_model
+    from tilenet.engine.infer import infer_image
+    from tilenet.engine.predictor import Predictor
     from tilenet.io import open_image
-    from tilenet.predictor import Predictor
 
 
 def __getattr__(name: str) -> Any:
@@ -22,15 +22,15 @@ def __getattr__(name: str) -> Any:
 
         return open_image
     if name == "load_model":
-        from tilenet.checkpoint import load_model
+        from tilenet.engine.checkpoint import load_model
 
         return load_model
     if name == "infer_image":
-        from tilenet.infer import infer_image
+        from tilenet.engine.infer import infer_image
 
         return infer_image
     if name == "Predictor":
-        from tilenet.predictor import Predictor
+        from tilenet.engine.predictor import Predictor
 
         return Predictor
     raise AttributeError(f"module 'tilenet' has no attribute {name!r}")

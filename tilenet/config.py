@@ -76,7 +76,7 @@ class ResolutionConfig:
 
 @dataclass
 class TilingConfig:
-    """``tilenet tile``: the keyword options of :func:`tilenet.tiler.tile_images`."""
+    """``tilenet tile``: the keyword options of :func:`tilenet.patches.tiler.tile_images`."""
 
     patch: int = 256
     overlap: int = 32
@@ -156,7 +156,7 @@ class DataConfig:
     class_balance: bool = False
     normalize: bool = True
     #: "float": normalised float32 batches from the loader; "uint8": raw batches, normalised
-    #: on the device with tilenet.data.normalize_batch (4x less to move between processes).
+    #: on the device with tilenet.patches.data.normalize_batch (4x less to move between processes).
     output: Literal["float", "uint8"] = "float"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     class_names: list[str] = field(default_factory=list)

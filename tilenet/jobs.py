@@ -17,10 +17,10 @@ to stderr instead: ``start``, ``dashboard``, ``region``, ``done``, ``skipped``, 
 
 Regions
 -------
-Every image is planned with :func:`tilenet.infer.plan_image`: a crop-mode image with more
+Every image is planned with :func:`tilenet.engine.infer.plan_image`: a crop-mode image with more
 than ``region_tiles`` tiles is split into bands of whole grid rows, run as separate tasks
-(:func:`tilenet.infer.run_band`) into the same partial stores (disjoint chunks: workers need
-no locks), and one finalize task (:func:`tilenet.infer.finish`) makes the outputs, exactly as
+(:func:`tilenet.engine.infer.run_band`) into the same partial stores (disjoint chunks: workers need
+no locks), and one finalize task (:func:`tilenet.engine.infer.finish`) makes the outputs, exactly as
 ``tilenet infer`` does for one image. A band's marker is written only after all its chunks
 are, and holds the job key (fingerprint + model checksum + options hash), so a changed
 input, model or options invalidates the partial state. After a SIGKILL a rerun redoes only
@@ -51,7 +51,7 @@ from tilenet.io.storage import is_url, redact
 from tilenet.progress import progress_bar, show_progress
 
 if TYPE_CHECKING:
-    from tilenet.infer import ImagePlan
+    from tilenet.engine.infer import ImagePlan
 
 __all__ = [
     "JobItem",
@@ -256,8 +256,8 @@ def _guarded(kind: str, key: Any, fn: Callable[..., dict[str, Any]], *args: Any)
 
 def _task_bands(plan: ImagePlan, bands: Sequence[int], threads: int | None) -> dict[str, Any]:
     """Run ``bands`` of ``plan`` (each recorded as done when written); their records."""
-    from tilenet.infer import run_band
-    from tilenet.predictor import Predictor
+    from tilenet.engine.infer import run_band
+    from tilenet.engine.predictor import Predictor
     from tilenet.runtime import torch_threads
 
     with torch_threads(threads), plan.open() as image:
@@ -268,7 +268,7 @@ def _task_bands(plan: ImagePlan, bands: Sequence[int], threads: int | None) -> d
 
 def _task_finish(plan: ImagePlan) -> dict[str, Any]:
     """Pyramids, renames, OME-TIFF/preview/instances; the summary as ``tilenet infer`` writes."""
-    from tilenet.infer import finish
+    from tilenet.engine.infer import finish
 
     with plan.open() as image:
         return finish(plan, image)
@@ -430,11 +430,11 @@ def run_jobs(
     Outputs are bit-identical across serial and distributed runs at equal ``threads``: CPU
     kernels round differently with another thread count (last float bit). ``reader`` sets
     the reader limits every image is opened with, ``resolution`` the pixel size each image
-    runs at (:func:`tilenet.infer.plan_image`).
+    runs at (:func:`tilenet.engine.infer.plan_image`).
     """
-    from tilenet import __version__
-    from tilenet.checkpoint import file_checksum, load_checkpoint
-    from tilenet.infer import options_hash, plan_image, resolve_options
+    from tilenet._version import __version__
+    from tilenet.engine.checkpoint import file_checksum, load_checkpoint
+    from tilenet.engine.infer import options_hash, plan_image, resolve_options
     from tilenet.io import fingerprint, open_image
     from tilenet.io.paths import resolve_images
     from tilenet.models import ModelSpec
@@ -598,7 +598,7 @@ def tile_jobs(
     log_json: bool = False,
     **tile_options: Any,
 ) -> JobReport:
-    """``tilenet tile`` as a batch job: :func:`tilenet.tiler.tile_images` with failures recorded.
+    """``tilenet tile`` as a batch job: :func:`tilenet.patches.tiler.tile_images` with failures recorded.
 
     The patch store keeps its own per-image completion record (source fingerprints, committed
     with the shards); this adds what batches share: ``<out>.manifest.jsonl`` with one line per
@@ -606,14 +606,14 @@ def tile_jobs(
     an image failed, while the others are still tiled.
     """
 
-    from tilenet import __version__
+    from tilenet._version import __version__
     from tilenet.io.paths import resolve_images
     from tilenet.io.sniff import fingerprint
-    from tilenet.patchstore import source_fingerprints
-    from tilenet.tiler import tile_images
+    from tilenet.patches.patchstore import source_fingerprints
+    from tilenet.patches.tiler import tile_images
 
     t0 = time.time()
-    # A bucket: the store is tiled locally and uploaded (tilenet.tiler), the manifest beside it.
+    # A bucket: the store is tiled locally and uploaded (tilenet.patches.tiler), the manifest beside it.
     store: Any = str(out).rstrip("/") if is_url(out) else Path(out)
     paths = resolve_images(images)
     manifest: _Manifest | _RemoteManifest = (

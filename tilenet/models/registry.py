@@ -20,7 +20,7 @@ returning a :class:`TileModel`. :func:`create_model` builds it, then analyses it
     (GroupNorm, InstanceNorm, ...): crop-mode tiling is then not exact
     (:func:`~tilenet.models.exactness`).
 
-Models read no files: weights are loaded by :func:`tilenet.checkpoint.load_weights`.
+Models read no files: weights are loaded by :func:`tilenet.engine.checkpoint.load_weights`.
 """
 
 from __future__ import annotations
@@ -133,11 +133,11 @@ def create_model(
 ) -> TileModel:
     """Build a registered model with freshly initialised weights.
 
-    Weights come from :func:`tilenet.checkpoint.load_weights` (models read no files). Unknown
+    Weights come from :func:`tilenet.engine.checkpoint.load_weights` (models read no files). Unknown
     names and unknown or bad keyword arguments raise
     :class:`~tilenet.errors.ModelError`.
     """
-    from tilenet import __version__
+    from tilenet._version import __version__
     from tilenet.models.receptive import analyze, exactness
 
     if name not in _REGISTRY:
@@ -149,7 +149,7 @@ def create_model(
     if "weights" in kwargs and "weights" not in params:
         raise ModelError(
             f"model {name!r}: create_model reads no weight files; "
-            "load them with tilenet.checkpoint.load_weights(model, path)"
+            "load them with tilenet.engine.checkpoint.load_weights(model, path)"
         )
     open_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
     for key in kwargs:
@@ -192,7 +192,7 @@ def create_model_from_config(model_cfg: Any) -> TileModel:
     """Build from a :class:`~tilenet.config.ModelConfig` (or anything with its fields).
 
     Its ``weights`` file is not read here (models read no files): pass the model to
-    :func:`tilenet.checkpoint.load_weights`.
+    :func:`tilenet.engine.checkpoint.load_weights`.
     """
     from omegaconf import DictConfig, OmegaConf
 

@@ -2,9 +2,9 @@
 
 Keyword arguments go to the smp class (``encoder_name``, ``encoder_depth``, ...), except
 ``encoder_weights``, which is always ``None`` here: models read no files and never download;
-encoder weights come from a local file (:func:`tilenet.checkpoint.load_encoder_weights`) or,
+encoder weights come from a local file (:func:`tilenet.engine.checkpoint.load_encoder_weights`) or,
 as an explicit opt-in, through smp's and timm's own downloads
-(:func:`tilenet.checkpoint.load_pretrained_encoder`). smp and timm are
+(:func:`tilenet.engine.checkpoint.load_pretrained_encoder`). smp and timm are
 imported when a model is built, not when the registry is (importing them takes seconds).
 
 The stride is the encoder's output stride; the receptive field and exactness come from

@@ -49,10 +49,10 @@ class ModelSpec:
     exact: bool | None = None
     exact_reason: str | None = None
     #: The pixel size the model was trained at, where known: {"mpp": µm} or
-    #: {"gsd": size, "crs_units": name}; inference defaults to it (tilenet.infer).
+    #: {"gsd": size, "crs_units": name}; inference defaults to it (tilenet.engine.infer).
     resolution: Mapping[str, Any] | None = None
     #: The input bands the model was trained on (1-based, in the model's order), where a
-    #: subset was picked; inference picks them by default (tilenet.infer).
+    #: subset was picked; inference picks them by default (tilenet.engine.infer).
     bands: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -171,7 +171,7 @@ class ModelSpec:
         ``stride``, ``receptive_field`` and ``exact`` come from ``model`` itself
         (:func:`tilenet.models.exactness`); ``None`` keeps the defaults of :class:`ModelSpec`.
         """
-        from tilenet import __version__
+        from tilenet._version import __version__
         from tilenet.models.receptive import exactness
 
         base = getattr(model, "spec", None)

@@ -1,0 +1,639 @@
+"""Tiled inference of one image: plan, run bands of tiles, finish; resumable after a kill.
+
+``infer_image(input, model, out_dir, **options)`` is what ``tilenet infer`` runs; the options
+are the fields of :class:`tilenet.config.InferConfig`. It is three public steps, which batch
+jobs (:mod:`tilenet.jobs`) run the same way, on dask workers when asked:
+
+1. :func:`plan_image` plans the tile grid (:func:`tilenet.engine.predictor.plan_grid`), splits it
+   into bands of whole grid rows (crop mode; blend modes are one band), and prepares the
+   outputs (:class:`tilenet.outputs.outputset.OutputSet`): partial stores under temporary names,
+   reopened when an earlier run with the same input, model and options was interrupted.
+2. :func:`run_band` runs one band's tiles through a :class:`tilenet.engine.predictor.Predictor`
+   into the partial stores and records the band as finished. Bands write disjoint output
+   chunks, so they may run in any order and in different processes.
+3. :func:`finish` builds the pyramids, renames the stores into place, makes the OME-TIFF,
+   preview, instances and GeoJSON, and writes ``config.yaml`` and ``summary.json``.
+
+A run killed with SIGKILL and started again with the same command keeps the bands it had
+finished and ends with outputs identical to an uninterrupted run: batches never span grid
+rows, so a band computes exactly what it computes inside a whole-grid run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tilenet.config import InferConfig, JobsConfig, ReaderConfig, ResolutionConfig
+from tilenet.engine.predictor import BLEND_STRIP_PX, Predictor, RunStats, plan_grid, tile_order
+from tilenet.engine.stitch import BlendStitcher, CropStitcher
+from tilenet.errors import ConfigError, InputError
+from tilenet.geometry import Tile, TileGrid, spans
+from tilenet.io.storage import is_url, redact
+from tilenet.models.spec import ModelSpec
+from tilenet.outputs.outputset import CLASSES_NODATA, OutputSet
+from tilenet.progress import progress_bar
+
+__all__ = [
+    "OUTPUTS",
+    "REGION_TILES",
+    "ImagePlan",
+    "bands_of",
+    "choose_bands",
+    "choose_resolution",
+    "finish",
+    "infer_image",
+    "job_key",
+    "plan_image",
+    "resolve_options",
+    "run_band",
+    "select_input_bands",
+]
+
+log = logging.getLogger(__name__)
+
+#: Outputs ``--outputs`` may name.
+OUTPUTS = (
+    "probabilities",
+    "classes",
+    "instances",
+    "preview",
+    "geojson",
+    "regions",
+    "probabilities_tif",
+)
+
+#: Default tiles per band: the unit of resume (and of parallel work in batch jobs).
+REGION_TILES = JobsConfig.region_tiles
+
+#: Options that change how fast, not what is computed (left out of the resume key).
+_NOT_HASHED = ("readers", "device", "heap")
+
+
+def select_input_bands(image: Any, cfg: InferConfig) -> Any:
+    """``image`` with the input bands (channels) ``cfg.bands`` picked, once; as is without.
+
+    (Spectral bands of the input, not the row bands a plan is run in.)
+    """
+    if cfg.bands and image.metadata.get("bands") == list(cfg.bands):
+        return image
+    return image.select_bands(cfg.bands)
+
+
+def choose_bands(image: Any, spec: ModelSpec, cfg: InferConfig) -> tuple[InferConfig, str | None]:
+    """``cfg`` with the input bands to run, and where they came from.
+
+    ``cfg.bands`` when given ("requested"); else the bands the model was trained on
+    (``spec.bands``, recorded in the checkpoint: "checkpoint"); else all bands (None). An
+    image without the checkpoint's bands is refused in one line.
+    """
+    if cfg.bands:
+        return cfg, "requested"
+    if not spec.bands:
+        return cfg, None
+    bands = list(spec.bands)
+    if image.metadata.get("bands") != bands and max(bands) > image.channels:
+        raise InputError(
+            f"{image.path}: the model was trained on bands {','.join(map(str, bands))} "
+            f"(recorded in its checkpoint) but the image has bands 1..{image.channels}; "
+            "give --bands to pick others"
+        )
+    return dataclasses.replace(cfg, bands=bands), "checkpoint"
+
+
+# -- options --------------------------------------------------------------------------------
+def resolve_options(options: dict[str, Any] | InferConfig | None = None) -> InferConfig:
+    """Validate keyword options against :class:`InferConfig` (types, choices, unknown keys)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(options, InferConfig):
+        options = asdict(options)
+    options = dict(options or {})
+    valid = sorted(f.name for f in fields(InferConfig))
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown infer option {unknown[0]!r}; valid: {', '.join(valid)}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(InferConfig), options)
+        cfg: InferConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"invalid infer option {key!r}: {str(exc).splitlines()[0]}") from None
+    bad = [o for o in cfg.outputs if o not in OUTPUTS]
+    if bad:
+        raise ConfigError(f"unknown output {bad[0]!r}; choose from {', '.join(OUTPUTS)}")
+    if not 0 <= cfg.overlap < 1:
+        raise ConfigError(f"overlap must be a fraction of the tile in [0, 1), got {cfg.overlap!r}")
+    if cfg.tile <= 0 or cfg.batch <= 0:
+        raise ConfigError(f"tile and batch must be positive, got {cfg.tile!r}, {cfg.batch!r}")
+    if not 0 <= cfg.min_foreground <= 1:
+        raise ConfigError(f"min_foreground must be in [0, 1], got {cfg.min_foreground!r}")
+    return cfg
+
+
+def options_hash(cfg: InferConfig) -> str:
+    """A short hash of the options that change what is computed."""
+    d = {k: v for k, v in asdict(cfg).items() if k not in _NOT_HASHED}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def job_key(
+    input: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None, cfg: InferConfig
+) -> dict[str, str]:
+    """What an image's outputs are computed from: input fingerprint, model, options, version.
+
+    Partial outputs are resumed only under an equal key. Without a checkpoint file (a module
+    given in memory) the key is unique to this call, so nothing is ever resumed.
+    """
+    from tilenet._version import __version__
+    from tilenet.engine.checkpoint import file_checksum
+    from tilenet.io import fingerprint
+
+    return {
+        "fingerprint": fingerprint(input),
+        "tilenet_version": __version__,
+        "model_checksum": file_checksum(checkpoint) if checkpoint else uuid.uuid4().hex,
+        "options_hash": options_hash(cfg),
+    }
+
+
+def bands_of(rows: int, cols: int, region_tiles: int) -> list[tuple[int, int]]:
+    """Bands of whole grid rows with about ``region_tiles`` tiles each.
+
+    >>> bands_of(5, 4, 8)
+    [(0, 2), (2, 4), (4, 5)]
+    """
+    return spans(rows, max(1, region_tiles // max(1, cols)))
+
+
+# -- the plan -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImagePlan:
+    """Everything needed to run and finish one image's inference (plain data: picklable)."""
+
+    input: str
+    out: str
+    config: InferConfig
+    spec: ModelSpec
+    #: The checkpoint path, or None for a model given in memory.
+    model: str | None
+    grid: TileGrid
+    halo: int
+    #: Downsample of the inferred level relative to level 0, and its pixel size (µm) if known.
+    downsample: tuple[float, float]
+    pixel_size: tuple[float, float] | None
+    bands: tuple[tuple[int, int], ...]
+    outputs: OutputSet
+    #: Wall-clock time (``time.time()``) when planning began.
+    t0: float
+    #: How the input is opened again (in a worker process, for each band and for finish).
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    #: The target pixel size run at (None: the image's level ``config.level`` as is), and
+    #: how it was chosen (``summary.json``'s ``resolution``).
+    resolution: ResolutionConfig | None = None
+    resolution_info: dict[str, Any] | None = None
+    #: Where ``config.bands`` came from: "requested", "checkpoint" or None (all bands).
+    bands_from: str | None = None
+
+    def open(self) -> Any:
+        """Open the input image (a context manager), with the plan's reader limits."""
+        from tilenet.io import open_image
+
+        return self.view(open_image(self.input, **asdict(self.reader)))
+
+    def view(self, image: Any) -> Any:
+        """``image`` as the plan runs it: input bands picked, at the plan's pixel size."""
+        image = select_input_bands(image, self.config)
+        if self.resolution is None or "resolution" in image.metadata:
+            return image
+        from tilenet.io.resolution import at_resolution
+
+        return at_resolution(image, self.resolution, level=self.config.level)[0]
+
+    @property
+    def pending(self) -> list[int]:
+        """Indices of the bands still to run (finished ones of an earlier run are kept)."""
+        return [i for i in range(len(self.bands)) if i not in self.outputs.resumed]
+
+    def tiles(self, band: int) -> list[Tile]:
+        """The tiles of ``band`` in the order the engine runs them."""
+        if self.config.mode != "crop":
+            return tile_order(self.grid, self.config.mode)
+        r0, r1 = self.bands[band]
+        return [t for r in range(r0, r1) for t in self.grid.row(r)]
+
+
+def plan_image(
+    image: Any,
+    spec: ModelSpec | dict[str, Any],
+    cfg: InferConfig,
+    out: str | os.PathLike[str],
+    *,
+    model: str | os.PathLike[str] | None = None,
+    region_tiles: int = REGION_TILES,
+    key: dict[str, Any] | None = None,
+    force: bool = False,
+    reader: ReaderConfig | None = None,
+    resolution: ResolutionConfig | None = None,
+) -> ImagePlan:
+    """Plan ``image`` (an open LazyImage) for a model and prepare its outputs in ``out``.
+
+    ``spec`` is the model's spec, ``model`` its checkpoint path (None for a model in
+    memory). ``key`` identifies what the outputs are computed from (:func:`job_key`; made
+    here when not given). Partial outputs of an earlier run with the same key and band
+    layout are kept; ``force`` discards them. ``reader`` holds the limits the input is
+    opened with again by :meth:`ImagePlan.open`. ``resolution`` sets the pixel size to run
+    at (:mod:`tilenet.io.resolution`); without a target there, the one the checkpoint was
+    trained at is used where the image has a pixel size (see :func:`choose_resolution`).
+    """
+    t0 = time.time()
+    spec = ModelSpec.coerce(spec)
+    cfg, bands_from = choose_bands(image, spec, cfg)
+    image = select_input_bands(image, cfg)
+    target, res_info = choose_resolution(image, spec, cfg, resolution or ResolutionConfig())
+    if target is not None:
+        from tilenet.io.resolution import at_resolution
+
+        image, res = at_resolution(image, target, level=cfg.level)
+        assert res is not None
+        res_info = {**res_info, **res.to_dict()}
+    if not 0 <= cfg.level < len(image.levels):
+        raise InputError(
+            f"{image.path}: level {cfg.level} does not exist; the image has levels "
+            f"0..{len(image.levels) - 1}"
+        )
+    if spec.in_channels != image.channels:
+        raise InputError(
+            f"{image.path}: image has {image.channels} channels but the model expects "
+            f"{spec.in_channels}"
+        )
+    shape = image.levels[cfg.level].shape
+    grid, halo = plan_grid(shape, spec, cfg)
+    rows, cols = grid.counts
+    bands = bands_of(rows, cols, region_tiles) if cfg.mode == "crop" else [(0, rows)]
+    checkpoint = str(model) if model is not None else None
+    if key is None:
+        key = job_key(image.path, checkpoint, cfg)
+    key = {**key, "band_rows": bands[0][1] - bands[0][0], "mode": cfg.mode}
+    if target is not None:
+        key["resolution"] = asdict(target)
+    ds = image.levels[cfg.level].downsample
+    pixel_size = None
+    if image.pixel_size:
+        pixel_size = (image.pixel_size[0] * ds[0], image.pixel_size[1] * ds[1])
+    outp: Any = str(out) if is_url(out) else Path(out)  # a URL: see RemoteOutputSet
+    if not is_url(out):
+        outp.mkdir(parents=True, exist_ok=True)
+    outputs = OutputSet.prepare(
+        outp,
+        key=key,
+        shape=shape,
+        chunk=grid.core[0],  # output chunk = tile core: one writer per chunk
+        class_names=spec.class_names,
+        cfg=cfg,
+        pixel_size=pixel_size,
+        bands=bands,
+        force=force,
+    )
+    return ImagePlan(
+        input=str(image.path),
+        out=str(outp),
+        config=cfg,
+        spec=spec,
+        model=checkpoint,
+        grid=grid,
+        halo=halo,
+        downsample=(float(ds[0]), float(ds[1])),
+        pixel_size=pixel_size,
+        bands=tuple(bands),
+        outputs=outputs,
+        t0=t0,
+        reader=reader if reader is not None else ReaderConfig(),
+        resolution=target,
+        resolution_info=res_info,
+        bands_from=bands_from,
+    )
+
+
+def choose_resolution(
+    image: Any, spec: ModelSpec, cfg: InferConfig, resolution: ResolutionConfig
+) -> tuple[ResolutionConfig | None, dict[str, Any]]:
+    """The target pixel size to run ``image`` at, and how it was chosen.
+
+    A target in ``resolution`` wins ("requested"). Without one, at level 0 and with
+    ``resolution.from_checkpoint``, the pixel size the model was trained at
+    (``spec.resolution``) is used where the image has one ("checkpoint"); where it has none,
+    a warning says so and the image runs at level 0 as it is.
+    """
+    from tilenet.io.resolution import check_resolution
+
+    check_resolution(resolution, level=cfg.level)
+    if any(v is not None for v in (resolution.mpp, resolution.gsd, resolution.magnification)):
+        return resolution, {"chosen_by": "requested"}
+    trained = dict(spec.resolution or {})
+    if not trained or cfg.level != 0 or not resolution.from_checkpoint:
+        return None, {"chosen_by": "level", "level": cfg.level}
+    if trained.get("mpp") is not None:
+        if image.pixel_size is not None or resolution.assume_mpp is not None:
+            return dataclasses.replace(resolution, mpp=float(trained["mpp"])), {
+                "chosen_by": "checkpoint"
+            }
+        why = f"the model was trained at {trained['mpp']} µm/px but {image.path} has no pixel size"
+    elif trained.get("gsd") is not None:
+        units = trained.get("crs_units")
+        here = None
+        if image.transform is not None and image.crs:
+            from tilenet.io.raster import describe_georef
+
+            here = describe_georef(image.crs, None)["crs_units"]
+        if image.transform is not None and (units is None or here is None or units == here):
+            return dataclasses.replace(resolution, gsd=float(trained["gsd"])), {
+                "chosen_by": "checkpoint"
+            }
+        why = (
+            f"the model was trained at a GSD of {trained['gsd']} {units or 'CRS units'} but "
+            f"{image.path} " + ("is in " + str(here) if image.transform else "has no geotransform")
+        )
+    else:
+        return None, {"chosen_by": "level", "level": cfg.level}
+    log.warning("%s; running at level 0 as it is (give --mpp/--gsd or --level)", why)
+    return None, {"chosen_by": "level", "level": 0, "warning": why}
+
+
+#: The last image's foreground mask: [(input, fingerprint, bands), (mask, its downsample)].
+_MASK: list[Any] = [None, None]
+
+
+def _skip_mask(plan: ImagePlan, image: Any, tiles: list[Tile]) -> np.ndarray | None:
+    """Tiles whose low-resolution foreground fraction is below ``min_foreground``."""
+    cfg = plan.config
+    if cfg.min_foreground <= 0:
+        return None
+    from tilenet.io.foreground import foreground_fractions, foreground_mask
+
+    # One mask per image and process: the bands of a plan (run here, or on a dask worker)
+    # share it instead of reading the low-resolution level again for each band.
+    key = (
+        plan.input,
+        str(plan.outputs.key.get("fingerprint")),
+        str(cfg.bands),
+        str(plan.resolution),
+    )
+    if _MASK[0] != key:
+        _MASK[:] = [key, foreground_mask(image)]
+    mask, mask_ds = _MASK[1]
+    ds = image.levels[cfg.level].downsample
+    return foreground_fractions([t.core for t in tiles], mask, mask_ds, ds) < cfg.min_foreground
+
+
+def run_band(
+    plan: ImagePlan,
+    band: int,
+    predictor: Predictor,
+    image: Any,
+    *,
+    on_tiles: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Run band ``band`` of ``plan`` into its partial stores; record and return it as done."""
+    image = plan.view(image)
+    tiles = plan.tiles(band)
+    sink = plan.outputs.sink()
+    stitcher: CropStitcher | BlendStitcher
+    if plan.config.mode == "crop":
+        stitcher = CropStitcher(sink)
+    else:
+        strip = max(1, BLEND_STRIP_PX // plan.grid.core[1])
+        stitcher = BlendStitcher(
+            plan.grid,
+            sink,
+            mode=plan.config.mode,
+            spill_dir=plan.outputs.spill_dir(),
+            strip_tiles=strip,
+        )
+    stats: RunStats = predictor.run(
+        image,
+        tiles,
+        stitcher,
+        grid=plan.grid,
+        skip=_skip_mask(plan, image, tiles),
+        on_tiles=on_tiles,
+    )
+    record = {
+        "rows": list(plan.bands[band]),
+        "tiles": stats.tiles,
+        "tiles_run": stats.tiles_run,
+        "area": [int(a) for a in sink.area],
+        "seconds": round(stats.seconds, 3),
+        "cpu_s": round(stats.cpu_s, 3),
+        "model_s": round(stats.model_s, 3),
+        "read_wait_s": round(stats.read_wait_s, 3),
+        "heap_trims": stats.heap_trims,
+        "heap_flat_after": stats.heap_flat_after,
+        "device": str(predictor.device),
+        "exact": predictor.run_is_exact,
+    }
+    # Written only now, when every chunk of the band is on disk: the marker is the proof.
+    plan.outputs.mark_band(band, record)
+    return record
+
+
+def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict[str, Any]:
+    """Finalize the outputs of a plan whose bands are all done; write and return the summary."""
+    from tilenet._version import __version__
+
+    image = plan.view(image)
+    records = plan.outputs.band_records(plan.bands)
+    cfg, spec = plan.config, plan.spec
+    names = list(spec.class_names)
+    t_fin = time.perf_counter()
+    made = plan.outputs.finalize(
+        image,
+        cfg,
+        class_names=names,
+        downsample=plan.downsample,
+        pixel_size=plan.pixel_size,
+    )
+    finalize_s = time.perf_counter() - t_fin
+    paths, n_inst, hist = made.paths, made.instances, made.geotiff_histogram
+    area = [sum(int(r["area"][i]) for r in records) for i in range(spec.num_classes)]
+    # From classes.tif where it was written: the input's nodata area left out.
+    geo_area = [int(n) for n in hist[: spec.num_classes]] if hist is not None else area
+    geo_nodata = int(hist[CLASSES_NODATA]) if hist is not None else 0
+    n_tiles = sum(int(r["tiles"]) for r in records)
+    n_run = sum(int(r["tiles_run"]) for r in records)
+    tiles_s = sum(float(r["seconds"]) for r in records)
+    # µm² only for a real pixel size (not one assumed with --assume-mpp).
+    assumed = bool((plan.resolution_info or {}).get("pixel_size_assumed"))
+    px_area = math.prod(plan.pixel_size) if plan.pixel_size and not assumed else None
+    geo = _georef(image, plan.downsample)
+    devices = sorted({str(r.get("device")) for r in records})
+
+    def total(key: str) -> float:
+        return round(sum(float(r.get(key, 0.0)) for r in records), 3)
+
+    summary: dict[str, Any] = {
+        "tilenet_version": __version__,
+        "input": redact(plan.input),
+        "model": plan.model or spec.name,
+        "model_name": spec.name,
+        "shape": list(plan.grid.shape),
+        "level": cfg.level,
+        "resolution": plan.resolution_info,
+        # The input bands run (1-based, the model's order; null: all) and where they came from.
+        "bands": list(cfg.bands) if cfg.bands else None,
+        "bands_from": plan.bands_from,
+        "mode": cfg.mode,
+        "exact": all(bool(r.get("exact")) for r in records),
+        "tile": plan.grid.tile[0],  # as run (crop mode may shrink the requested tile)
+        "halo": plan.halo,
+        "stride": spec.stride,
+        "receptive_field": spec.receptive_field,
+        "tiles": n_tiles,
+        "tiles_run": n_run,
+        "tiles_skipped": n_tiles - n_run,
+        "regions": len(records),
+        "regions_resumed": len(plan.outputs.resumed),
+        "device": ",".join(devices),
+        "precision": cfg.precision,
+        "class_names": names,
+        "class_area_px": dict(zip(names, area, strict=True)),
+        "class_area_um2": (
+            {n: float(a * px_area) for n, a in zip(names, area, strict=True)} if px_area else None
+        ),
+        **(
+            {
+                "crs": geo["crs"],
+                "epsg": geo["epsg"],
+                "crs_units": geo["crs_units"],
+                "transform": geo["transform"],
+                "class_area_crs2": {
+                    n: float(a * geo["pixel_area"]) for n, a in zip(names, geo_area, strict=True)
+                },
+                "nodata_area_crs2": float(geo_nodata * geo["pixel_area"]),
+            }
+            if geo
+            else {}
+        ),
+        # Connected regions per class (classes.geojson), when made.
+        "class_regions": made.regions
+        and {n: int(made.regions["count"].get(n, 0)) for n in names[1:]},
+        "instances": n_inst
+        and {
+            "count": int(n_inst["count"]),
+            "per_class": {
+                names[int(c)]: int(n) for c, n in n_inst.get("per_class_counts", {}).items()
+            },
+        },
+        "timings": {
+            **({"setup_s": round(setup_s, 3)} if setup_s is not None else {}),
+            # Summed over bands (of every run that contributed one, when resumed).
+            "tiles_s": round(tiles_s, 3),
+            # CPU seconds of all threads in the tile phase (robust to a busy machine).
+            "tiles_cpu_s": total("cpu_s"),
+            "model_s": total("model_s"),
+            "read_wait_s": total("read_wait_s"),
+            "heap_trims": int(total("heap_trims")),
+            # Bands whose reuse heap reached its ceiling and finished flat (tilenet.runtime).
+            "heap_went_flat": sum(r.get("heap_flat_after") is not None for r in records),
+            "finalize_s": round(finalize_s, 3),
+            "cog_s": round(made.cog_s, 3),  # classes.tif and probabilities.tif, in finalize
+            "total_s": round(time.time() - plan.t0, 3),
+        },
+        "tiles_per_s": round(n_tiles / max(tiles_s, 1e-9), 3),
+        "outputs": {name: str(p) for name, p in paths.items()},
+    }
+    # The pixel size it ran at, stated (chosen from the checkpoint, say): a rerun from this
+    # config.yaml runs at it again.
+    resolution = plan.resolution or ResolutionConfig(from_checkpoint=False)
+    return plan.outputs.publish(summary, cfg, {"reader": plan.reader, "resolution": resolution})
+
+
+def _georef(image: Any, downsample: tuple[float, float]) -> dict[str, Any] | None:
+    """The CRS, the transform of the level run (GDAL order) and a pixel's area in CRS units²."""
+    transform = getattr(image, "transform", None)
+    if transform is None:
+        return None
+    from tilenet.io.raster import describe_georef, scaled_transform
+
+    t = scaled_transform(transform, downsample)
+    info = describe_georef(image.crs, t)
+    return {
+        "crs": image.crs,
+        "epsg": info["epsg"],
+        "crs_units": info["crs_units"],
+        "transform": list(t),
+        "pixel_area": abs(t[1] * t[5] - t[2] * t[4]),
+    }
+
+
+# -- one image, in this process ---------------------------------------------------------------
+def infer_image(
+    input: Any,
+    model: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    progress: bool = False,
+    region_tiles: int = REGION_TILES,
+    reader: ReaderConfig | None = None,
+    resolution: ResolutionConfig | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Run tiled inference of ``model`` on ``input`` and write the outputs to ``out_dir``.
+
+    ``input`` is a path (or an open :class:`~tilenet.io.base.LazyImage`); ``model`` a
+    checkpoint path, a ``(module, spec)`` pair or a :class:`~tilenet.engine.predictor.Predictor`;
+    ``options`` are :class:`InferConfig` fields. Crop-mode images are run in bands of about
+    ``region_tiles`` tiles; when a run over a checkpoint is interrupted, the same call again
+    keeps the finished bands. ``reader`` sets the input's reader limits, ``resolution`` the
+    pixel size to run at (:func:`plan_image`). Returns the summary
+    also written to ``out_dir/summary.json``.
+    """
+    t_start = time.perf_counter()
+    cfg = resolve_options(options)
+    reader = reader if reader is not None else ReaderConfig()
+    if isinstance(input, str | os.PathLike):
+        from tilenet.io import open_image
+
+        image = open_image(input, **asdict(reader))
+    else:
+        image = input
+    try:
+        predictor = model.with_config(cfg) if isinstance(model, Predictor) else None
+        predictor = predictor or Predictor(model, cfg)
+        plan = plan_image(
+            image,
+            predictor.spec,
+            cfg,
+            out_dir,
+            model=predictor.checkpoint,
+            region_tiles=region_tiles,
+            reader=reader,
+            resolution=resolution,
+        )
+        setup_s = time.perf_counter() - t_start
+
+        resumed = sum(len(plan.tiles(i)) for i in plan.outputs.resumed)
+        with progress_bar(
+            len(plan.grid), desc="infer", unit="tile", enabled=progress, initial=resumed
+        ) as bar:
+            for band in plan.pending:
+                run_band(plan, band, predictor, image, on_tiles=bar.update)
+        if plan.outputs.resumed:
+            log.info("%s: kept %d finished bands", image.path, len(plan.outputs.resumed))
+        return finish(plan, image, setup_s=setup_s)
+    finally:
+        if image is not input:
+            image.close()

@@ -1,0 +1,450 @@
+"""The predictor: a model made ready for tiled inference, run over tiles into a stitcher.
+
+:class:`Predictor` is the engine's public seam (in the spirit of nnU-Net's predictor and
+MONAI's splitter/merger pair). ``tilenet infer``, batch jobs (whole images and row bands),
+training's whole-image validation and the benchmarks all run tiles through one::
+
+    predictor = Predictor("best.pt", InferConfig(device="cpu"))
+    grid, halo = predictor.plan(image.levels[0].shape)
+    stats = predictor.run(image, list(grid), CropStitcher(sink), grid=grid)
+
+Geometry
+--------
+Tiles come from :class:`tilenet.geometry.TileGrid` with ``align`` = the model's total stride
+and ``edge="clamp"``. In crop mode the halo is ``ceil_to(receptive_field, stride)``; each
+tile's core is kept and its halo discarded. The model sees every read window exactly as it
+would see that part of the whole image: read origins and sizes are multiples of the stride,
+the < stride rows/columns past the image are zero *after* normalisation, and the network's
+own zero padding at the image border is what it gets at a clamped edge tile. So crop-mode
+output equals one forward pass over the whole image (zero-padded after normalisation to a
+multiple of the stride, then cropped) to float rounding, for any network whose layers act
+per pixel at inference (convolutions, eval-mode BatchNorm, pooling, interpolation).
+
+What breaks exactness: normalisation whose statistics are taken over the input (GroupNorm,
+InstanceNorm, LayerNorm over space) or global pooling, because a tile's statistics differ
+from the whole image's (:func:`tilenet.models.exactness` names the layer); a ``halo``
+override below the receptive field; and reduced precision (bf16/fp16). Such models get a
+warning in crop mode; use ``mode="gaussian"`` for them.
+
+Test-time augmentation (``tta``) averages the softmax over the four flips. A flipped read
+window is still stride-aligned inside the flipped (stride-padded) image, so crop-mode TTA
+equals whole-image TTA too.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+
+from tilenet.config import InferConfig
+from tilenet.engine.pipeline import BackgroundWriter, prefetch
+from tilenet.engine.stitch import BlendStitcher, CropStitcher, strip_order
+from tilenet.errors import InputError
+from tilenet.geometry import Tile, TileGrid, Window, ceil_to
+from tilenet.models.spec import ModelSpec
+from tilenet.normalize import Normalizer
+from tilenet.runtime import autocast, heap_policy, resolve_device
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "BLEND_STRIP_PX",
+    "Predictor",
+    "RunStats",
+    "batch_shapes",
+    "plan_grid",
+    "predict",
+    "prepare_model",
+]
+
+log = logging.getLogger(__name__)
+
+#: Width (pixels) of the vertical strips blend mode processes; bounds its open chunks.
+BLEND_STRIP_PX = 8192
+
+Stitcher = CropStitcher | BlendStitcher
+
+
+# -- geometry -------------------------------------------------------------------------------
+def plan_grid(
+    shape: tuple[int, int], spec: ModelSpec | dict[str, Any], cfg: InferConfig
+) -> tuple[TileGrid, int]:
+    """The tile grid for an image of ``shape`` and a model ``spec``; returns (grid, halo).
+
+    In crop mode ``cfg.tile`` is the largest read window: the tile shrinks to the smallest
+    stride multiple that still covers the image with as many tiles, so the last row and
+    column of tiles do not recompute most of their neighbours (e.g. 4096² with a 128 px halo:
+    6 x 6 tiles of 1024² = 2.25x the image at most; 944² tiles cover it in the same 36,
+    1.91x). Any stride-aligned grid is exact, so this changes the work, not the output.
+
+    >>> spec = {"name": "m", "in_channels": 3, "num_classes": 2, "stride": 16,
+    ...         "receptive_field": 40}
+    >>> g, halo = plan_grid((1000, 700), spec, InferConfig(tile=256))
+    >>> halo, g.tile, g.core, g.counts
+    (48, (240, 240), (144, 144), (7, 5))
+    >>> g, _ = plan_grid((1000, 700), spec, InferConfig(tile=256, mode="gaussian"))
+    >>> g.tile, g.counts
+    ((256, 256), (6, 4))
+    """
+    spec = ModelSpec.coerce(spec)
+    stride = max(1, spec.stride)
+    if cfg.tile % stride:
+        raise InputError(
+            f"tile {cfg.tile} must be a multiple of the model's stride {stride}; "
+            f"try --tile {ceil_to(cfg.tile, stride)}"
+        )
+    if cfg.mode == "crop":
+        halo = ceil_to(cfg.halo if cfg.halo is not None else spec.receptive_field, stride)
+    else:
+        halo = ceil_to(round(cfg.overlap * cfg.tile / 2), stride)
+    if cfg.tile < 2 * halo + stride:
+        suggest = max(ceil_to(4 * halo, stride), 2 * halo + stride)
+        why = "the model's receptive field" if cfg.mode == "crop" else "--overlap"
+        raise InputError(
+            f"tile {cfg.tile} is too small for a halo of {halo} px on each side (from {why}); "
+            f"use --tile {suggest} or larger"
+        )
+    tile = cfg.tile
+    if cfg.mode == "crop":
+        # The smallest core that keeps each axis's tile count (a stride multiple).
+        core_max, core = cfg.tile - 2 * halo, stride
+        for side in shape:
+            n = math.ceil(side / core_max)
+            core = max(core, ceil_to(math.ceil(side / n), stride))
+        tile = min(cfg.tile, core + 2 * halo)
+    return TileGrid(shape, tile, halo, align=stride, edge="clamp"), halo
+
+
+def tile_order(grid: TileGrid, mode: str) -> list[Tile]:
+    """The order the engine runs ``grid``'s tiles in: row-major (crop), strips (blend)."""
+    if mode == "crop":
+        return list(grid)
+    return strip_order(grid, max(1, BLEND_STRIP_PX // grid.core[1]))
+
+
+def batch_shapes(grid: TileGrid, cfg: InferConfig) -> list[tuple[int, tuple[int, int]]]:
+    """(batch size, read shape) of every model batch the engine runs over ``grid``.
+
+    The engine's own order and grouping (no tiles skipped), for benchmarks that time the
+    model alone on exactly the batches a :class:`Predictor` runs.
+
+    >>> spec = {"name": "m", "in_channels": 3, "num_classes": 2, "stride": 16,
+    ...         "receptive_field": 40}
+    >>> g, _ = plan_grid((1000, 700), spec, InferConfig(tile=256, batch=4))
+    >>> batch_shapes(g, InferConfig(tile=256, batch=4))[:3]
+    [(4, (240, 240)), (1, (240, 240)), (4, (240, 240))]
+    """
+    tiles = tile_order(grid, cfg.mode)
+    items = (((i, t, False), None) for i, t in enumerate(tiles))
+    by_row = cfg.mode == "crop"
+    return [(len(b), b[0][0].read.shape) for b in _batches(items, cfg.batch, by_row=by_row)]
+
+
+def _batches(
+    items: Iterator[tuple[tuple[int, Tile, bool], np.ndarray | None]],
+    size: int,
+    *,
+    by_row: bool = False,
+) -> Iterator[list[tuple[Tile, bool, np.ndarray | None]]]:
+    """Group consecutive tiles into batches of equal read shape (skipped tiles pass alone).
+
+    ``by_row``: a batch never spans two grid rows, so a run over a band of whole rows
+    batches its tiles exactly as a run over the whole grid does (oneDNN's results can
+    depend on the batch size in the last bit; this keeps banded runs bit-identical).
+    """
+    batch: list[tuple[Tile, bool, np.ndarray | None]] = []
+    for (_, tile, skipped), arr in items:
+        if batch and (
+            len(batch) >= size
+            or skipped
+            or batch[-1][1]
+            or batch[-1][0].read.shape != tile.read.shape
+            or (by_row and batch[-1][0].index[0] != tile.index[0])
+        ):
+            yield batch
+            batch = []
+        batch.append((tile, skipped, arr))
+    if batch:
+        yield batch
+
+
+# -- tensors --------------------------------------------------------------------------------
+_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
+
+
+def predict(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    *,
+    tta: bool = False,
+    regions: Sequence[Window] | None = None,
+) -> Any:
+    """Softmax probabilities (float32) of a batch ``x`` (B, C, h, w); TTA averages 4 flips.
+
+    Without ``regions`` returns a (B, K, h, w) tensor. With one window per batch item (in
+    ``x``'s coordinates) returns a list of (K, h_i, w_i) tensors: the softmax is computed only
+    there (a tile's core in crop mode), which saves most of its cost.
+    """
+    import torch
+
+    flips = _FLIPS if tta else ((),)
+    total: list[torch.Tensor] | None = None
+    for dims in flips:
+        logits = model(torch.flip(x, dims) if dims else x)
+        logits = torch.flip(logits, dims) if dims else logits
+        if regions is None:
+            parts = [torch.softmax(logits.float(), dim=1)]
+        else:
+            parts = [
+                torch.softmax(logits[j, :, r.y : r.y1, r.x : r.x1].float(), dim=0)
+                for j, r in enumerate(regions)
+            ]
+        total = parts if total is None else [t + p for t, p in zip(total, parts, strict=True)]
+    assert total is not None
+    if tta:
+        total = [t / len(flips) for t in total]
+    return total[0] if regions is None else total
+
+
+def prepare_model(module: torch.nn.Module) -> torch.nn.Module:
+    """Make a loaded model ready for inference, in place: eval mode, BatchNorm folded into
+    the convolutions before it (:func:`tilenet.models.fuse.fuse_conv_bn`), channels_last.
+
+    Returns ``module``. A :class:`Predictor` calls it once per loaded model; benchmarks call
+    it so that "the model alone" is the same model the engine runs.
+    """
+    import torch
+
+    from tilenet.models.fuse import fuse_conv_bn
+
+    module.eval()
+    if not getattr(module, "_tilenet_prepared", False):
+        n = fuse_conv_bn(module)
+        log.debug("folded %d BatchNorm layers into convolutions", n)
+        module._tilenet_prepared = True  # type: ignore[assignment]
+    return module.to(memory_format=torch.channels_last)
+
+
+# -- the predictor --------------------------------------------------------------------------
+@dataclass
+class RunStats:
+    """What one :meth:`Predictor.run` did."""
+
+    tiles: int = 0
+    tiles_run: int = 0
+    #: Wall and CPU seconds of the whole run (read, model, stitch).
+    seconds: float = 0.0
+    cpu_s: float = 0.0
+    #: Seconds in the model (input transfer, forward, softmax, output transfer).
+    model_s: float = 0.0
+    #: Seconds the model waited for tiles to be read.
+    read_wait_s: float = 0.0
+    heap_trims: int = 0
+    #: The batch after which the ``reuse`` heap policy hit its ceiling and went ``flat``
+    #: (None: it did not; see :class:`tilenet.runtime.HeapGuard`).
+    heap_flat_after: int | None = None
+
+
+#: Loaded, prepared models by (checkpoint, size, mtime, device): a dask worker runs many
+#: bands of one model and loads it once.
+_LOADED: dict[tuple[str, int, int, str], tuple[Any, ModelSpec]] = {}
+
+
+class Predictor:
+    """A model ready for tiled inference under an :class:`InferConfig`.
+
+    ``model`` is a checkpoint path, a ``(module, spec)`` pair (the module is copied, never
+    changed), or another Predictor (its prepared model is shared). The model is put in eval
+    mode with BatchNorm folded and channels_last (:func:`prepare_model`) on ``cfg.device``.
+    ``cache=True`` keeps a checkpoint's prepared model for the next Predictor of the same
+    file in this process (batch workers).
+    """
+
+    def __init__(self, model: Any, cfg: InferConfig | None = None, *, cache: bool = False) -> None:
+        from tilenet.models import exactness
+
+        self.config = cfg if cfg is not None else InferConfig()
+        self.device = resolve_device(self.config.device)
+        self.checkpoint: str | None = None
+        self.module: torch.nn.Module
+        self.spec: ModelSpec
+        if isinstance(model, Predictor):
+            self.module, self.spec, self.checkpoint = model.module, model.spec, model.checkpoint
+            if model.device != self.device:
+                self.module = copy.deepcopy(model.module).to(self.device)
+        elif isinstance(model, str | os.PathLike):
+            self.checkpoint = str(model)
+            self.module, self.spec = self._load(Path(model), cache=cache)
+        else:
+            try:
+                module, spec = model
+            except (TypeError, ValueError):
+                raise InputError(
+                    "model must be a checkpoint path, a (module, spec) pair or a Predictor, "
+                    f"got {type(model).__name__}"
+                ) from None
+            self.spec = ModelSpec.coerce(spec)
+            # A caller's module is left as it was: folding works on a copy.
+            self.module = prepare_model(copy.deepcopy(module).to(self.device))
+        if self.spec.exact is not None:
+            self.exact, self.exact_reason = self.spec.exact, self.spec.exact_reason
+        else:
+            self.exact, self.exact_reason = exactness(self.module)
+        if self.config.mode == "crop" and not self.exact:
+            log.warning(
+                "model %s: crop mode is not exact (%s); prefer --mode gaussian",
+                self.spec.name,
+                self.exact_reason or "it normalises over each tile",
+            )
+        if self.spec.num_classes > 255:
+            raise InputError(
+                f"model has {self.spec.num_classes} classes; class maps are uint8 (at most 255)"
+            )
+
+    def _load(self, path: Path, *, cache: bool) -> tuple[Any, ModelSpec]:
+        from tilenet.engine.checkpoint import load_model
+
+        key: tuple[str, int, int, str] | None = None
+        if cache and path.is_file():
+            st = path.stat()
+            key = (str(path.resolve()), st.st_size, st.st_mtime_ns, str(self.device))
+            if key in _LOADED:
+                return _LOADED[key]
+        module, spec = load_model(path, device=self.device)
+        loaded = (prepare_model(module), ModelSpec.coerce(spec))
+        if key is not None:
+            _LOADED[key] = loaded
+        return loaded
+
+    # -- planning ---------------------------------------------------------------------------
+    def with_config(self, cfg: InferConfig) -> Predictor:
+        """The same prepared model under other options (no copy unless the device changes)."""
+        return Predictor(self, cfg)
+
+    def plan(self, shape: tuple[int, int]) -> tuple[TileGrid, int]:
+        """The tile grid (and halo) this predictor runs over an image of ``shape``."""
+        return plan_grid(shape, self.spec, self.config)
+
+    @property
+    def run_is_exact(self) -> bool:
+        """Whether crop-mode output equals a whole-image pass for these options."""
+        cfg = self.config
+        enough = cfg.halo is None or cfg.halo >= self.spec.receptive_field
+        return bool(self.exact and cfg.mode == "crop" and cfg.precision == "fp32" and enough)
+
+    # -- running ----------------------------------------------------------------------------
+    def run(
+        self,
+        image: Any,
+        tiles: Sequence[Tile],
+        stitcher: Stitcher,
+        *,
+        grid: TileGrid,
+        skip: np.ndarray | None = None,
+        on_tiles: Callable[[int], None] | None = None,
+    ) -> RunStats:
+        """Run ``tiles`` of ``image`` (at ``config.level``) through the model into ``stitcher``.
+
+        Tiles are read ahead in ``config.readers`` threads, batched (``config.batch``, never
+        across grid rows in crop mode), normalised on the device, and their probabilities
+        stitched by one background writer thread. ``skip[i]`` marks tiles written as
+        background without running the model. ``on_tiles(n)`` reports progress. The host
+        memory policy ``config.heap`` is in force only during the call
+        (:func:`tilenet.runtime.heap_policy`). The stitcher is closed before returning.
+        """
+        import torch
+
+        cfg = self.config
+        spec, device, module = self.spec, self.device, self.module
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        h, w = grid.shape
+        k = spec.num_classes
+        crop = cfg.mode == "crop"
+        pin = device.type == "cuda"
+        normalize = Normalizer(spec.mean, spec.std, device=device)
+        # uint8 tiles travel as uint8 (4x fewer bytes to the device, 4x less read-ahead
+        # memory) and are normalised there; other dtypes become float32 here.
+        keep_raw = np.dtype(image.dtype) == np.uint8
+        skip = np.zeros(len(tiles), dtype=bool) if skip is None else skip
+
+        def read(item: tuple[int, Tile, bool]) -> np.ndarray | None:
+            _, tile, skipped = item
+            if skipped:
+                return None
+            raw = image.read(tile.read, cfg.level)
+            return raw if keep_raw else raw.astype(np.float32)
+
+        def to_input(batch: list[tuple[Tile, bool, np.ndarray | None]]) -> torch.Tensor:
+            """Raw (B, h, w, C) tiles -> normalised channels_last (B, C, h, w) on the device."""
+            x = torch.from_numpy(np.stack([cast(np.ndarray, a) for _, _, a in batch]))
+            if pin:
+                x = x.pin_memory()
+            # NHWC memory viewed as NCHW is channels_last: no copy, and the ops keep it.
+            x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2).float()
+            normalize(x)  # in place, as training batches are
+            for j, (tile, _, _) in enumerate(batch):
+                # Past the image (alignment rows) the input is zero *after* normalisation,
+                # like the network's own zero padding at the image border.
+                r = tile.read
+                x[j, :, max(0, h - r.y) :, :] = 0
+                x[j, :, :, max(0, w - r.x) :] = 0
+            return x
+
+        def background(tile: Tile) -> np.ndarray:
+            win = tile.core if crop else tile.read.clip(h, w)
+            p = np.zeros((k, win.h, win.w), np.float32)
+            p[0] = 1.0
+            return p
+
+        def region(tile: Tile) -> Window:
+            # What the stitcher takes, in read-window coordinates.
+            return tile.core_in_read if crop else tile.read.clip(h, w).relative_to(tile.read)
+
+        stats = RunStats(tiles=len(tiles), tiles_run=int((~skip).sum()))
+        t_start, c_start = time.perf_counter(), time.process_time()
+        items = [(i, t, bool(skip[i])) for i, t in enumerate(tiles)]
+        depth = max(2 * cfg.batch, 2 * cfg.readers)
+        with (
+            heap_policy(cfg.heap) as guard,
+            BackgroundWriter[tuple[Any, ...]](
+                lambda job: stitcher.add(*job), depth=2 * cfg.batch
+            ) as writer,
+        ):
+            reads = prefetch(items, read, workers=cfg.readers, depth=depth)
+            t0 = time.perf_counter()
+            for batch in _batches(reads, cfg.batch, by_row=crop):
+                stats.read_wait_s += time.perf_counter() - t0
+                if batch[0][1]:
+                    for tile, _, _ in batch:
+                        writer.submit((tile, background(tile)))
+                else:
+                    t1 = time.perf_counter()
+                    x = to_input(batch)
+                    regions = [region(tile) for tile, _, _ in batch]
+                    with torch.inference_mode(), autocast(device, cfg.precision):
+                        probs = predict(module, x, tta=cfg.tta, regions=regions)
+                    for (tile, _, _), p in zip(batch, probs, strict=True):
+                        writer.submit((tile, p.contiguous().cpu().numpy()))
+                    stats.model_s += time.perf_counter() - t1
+                    guard.check()  # keeps peak RSS flat on huge images (see runtime)
+                if on_tiles is not None:
+                    on_tiles(len(batch))
+                t0 = time.perf_counter()
+            writer.close()
+            stitcher.close()
+        stats.heap_trims = guard.trims
+        stats.heap_flat_after = guard.went_flat_at
+        stats.seconds = time.perf_counter() - t_start
+        stats.cpu_s = time.process_time() - c_start
+        return stats

@@ -1,0 +1,1 @@
+"""Patches: the tiler, the patch store, sampling and loading, augmentation, synthetic data."""

@@ -22,12 +22,12 @@ __all__ = ["demo_config_path", "run_demo"]
 
 
 def demo_config_path() -> Path:
-    """``conf/demo.yaml`` of the source tree, or the copy installed inside the package."""
-    here = Path(__file__).resolve().parent.parent  # tilenet/
-    for candidate in (here.parent / "conf" / "demo.yaml", here / "conf" / "demo.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"{here.parent / 'conf' / 'demo.yaml'}: demo config not found")
+    """``conf/demo.yaml``, shipped inside the package (``tilenet/conf``; the repository's
+    ``conf/`` is a link to it), so a wheel install finds it as a source checkout does."""
+    path = Path(__file__).resolve().parent.parent / "conf" / "demo.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: demo config not found (a broken install?)")
+    return path
 
 
 def _scores(classes: Any, labels_path: Path, names: list[str]) -> dict[str, Any]:

@@ -211,14 +211,7 @@ def plan_model(
 
     from tilenet.models import create_model_from_config, model_memory
 
-    precisions = tuple(precisions or PRECISIONS)
-    for p in precisions:
-        if p not in PRECISIONS:
-            raise InputError(f"precision {p!r} is not one of {', '.join(PRECISIONS)}")
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile <= 0:
-        raise InputError(f"tile must be a positive int, got {tile!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
-        raise InputError(f"batch must be a positive int, got {batch!r}")
+    precisions = _checked(precisions, tile, batch)
     cuda = torch.cuda.is_available()
     budget, source = _budget(memory, cuda)
 
@@ -286,6 +279,21 @@ def plan_model(
         "max_batch": table,
         "measured": measured,
     }
+
+
+def _checked(
+    precisions: tuple[str, ...] | list[str] | None, tile: Any, batch: Any
+) -> tuple[str, ...]:
+    """The precisions to show (default all), once they, ``tile`` and ``batch`` are checked."""
+    precisions = tuple(precisions or PRECISIONS)
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise InputError(f"precision {p!r} is not one of {', '.join(PRECISIONS)}")
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile <= 0:
+        raise InputError(f"tile must be a positive int, got {tile!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
+        raise InputError(f"batch must be a positive int, got {batch!r}")
+    return precisions
 
 
 def _budget(memory: str | int | None, cuda: bool) -> tuple[int, str]:

@@ -211,23 +211,9 @@ def plan_model(
 
     from tilenet.models import create_model_from_config, model_memory
 
-    precisions = tuple(precisions or PRECISIONS)
-    for p in precisions:
-        if p not in PRECISIONS:
-            raise InputError(f"precision {p!r} is not one of {', '.join(PRECISIONS)}")
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile <= 0:
-        raise InputError(f"tile must be a positive int, got {tile!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
-        raise InputError(f"batch must be a positive int, got {batch!r}")
+    precisions = _checked(precisions, tile, batch)
     cuda = torch.cuda.is_available()
-    if memory is None:
-        if cuda:
-            budget = int(torch.cuda.get_device_properties(0).total_memory)
-            source = f"CUDA device 0 ({torch.cuda.get_device_name(0)})"
-        else:
-            budget, source = 16 * 2**30, "default (no CUDA device)"
-    else:
-        budget, source = parse_memory(memory), "--memory"
+    budget, source = _budget(memory, cuda)
 
     model = create_model_from_config(model_cfg)
     spec = model.spec
@@ -246,17 +232,7 @@ def plan_model(
             )
             for mode in ("inference", "training")
         }
-    table = []
-    for t in sorted({ceil_to(v, s) for v in (*tiles, tile_used)}):
-        row: dict[str, Any] = {"tile": t, "core": max(0, t - 2 * halo)}
-        for p in precisions:
-            row[p] = {
-                mode: max_batch(
-                    model, tile=t, precision=p, training=mode == "training", budget=budget
-                )
-                for mode in ("inference", "training")
-            }
-        table.append(row)
+    table = _batch_table(model, (*tiles, tile_used), precisions, halo=halo, budget=budget)
 
     measured = None
     if measure is None:
@@ -264,21 +240,7 @@ def plan_model(
     if measure:
         if not cuda:
             raise InputError("--measure needs a CUDA device; none is available")
-        p0 = precisions[0]
-        measured = {
-            "device": torch.cuda.get_device_name(0),
-            "tile": tile_used,
-            "batch": batch,
-            "precision": p0,
-        }
-        for mode in ("inference", "training"):
-            got = measure_cuda(
-                model, tile=tile_used, batch=batch, precision=p0, training=mode == "training"
-            )
-            est = per_precision[p0][mode]["total_bytes"]
-            got["estimated_bytes"] = est
-            got["ratio"] = got["peak_bytes"] / est if got["peak_bytes"] else None
-            measured[mode] = got
+        measured = _measured(model, tile_used, batch, precisions[0], per_precision[precisions[0]])
 
     return {
         "model": {
@@ -317,6 +279,78 @@ def plan_model(
         "max_batch": table,
         "measured": measured,
     }
+
+
+def _checked(
+    precisions: tuple[str, ...] | list[str] | None, tile: Any, batch: Any
+) -> tuple[str, ...]:
+    """The precisions to show (default all), once they, ``tile`` and ``batch`` are checked."""
+    precisions = tuple(precisions or PRECISIONS)
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise InputError(f"precision {p!r} is not one of {', '.join(PRECISIONS)}")
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile <= 0:
+        raise InputError(f"tile must be a positive int, got {tile!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
+        raise InputError(f"batch must be a positive int, got {batch!r}")
+    return precisions
+
+
+def _budget(memory: str | int | None, cuda: bool) -> tuple[int, str]:
+    """The memory budget in bytes and where it came from."""
+    import torch
+
+    if memory is None:
+        if cuda:
+            budget = int(torch.cuda.get_device_properties(0).total_memory)
+            source = f"CUDA device 0 ({torch.cuda.get_device_name(0)})"
+        else:
+            budget, source = 16 * 2**30, "default (no CUDA device)"
+    else:
+        budget, source = parse_memory(memory), "--memory"
+    return budget, source
+
+
+def _batch_table(
+    model: Any, tiles: Sequence[int], precisions: Sequence[str], *, halo: int, budget: int
+) -> list[dict[str, Any]]:
+    """The largest batch per tile side (rounded up to the stride), precision and mode."""
+    s = int(model.stride)
+    table = []
+    for t in sorted({ceil_to(v, s) for v in tiles}):
+        row: dict[str, Any] = {"tile": t, "core": max(0, t - 2 * halo)}
+        for p in precisions:
+            row[p] = {
+                mode: max_batch(
+                    model, tile=t, precision=p, training=mode == "training", budget=budget
+                )
+                for mode in ("inference", "training")
+            }
+        table.append(row)
+    return table
+
+
+def _measured(
+    model: Any, tile: int, batch: int, precision: str, estimates: dict[str, Any]
+) -> dict[str, Any]:
+    """Peak CUDA memory of one batch per mode, next to the estimate (``estimates[mode]``)."""
+    import torch
+
+    measured: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0),
+        "tile": tile,
+        "batch": batch,
+        "precision": precision,
+    }
+    for mode in ("inference", "training"):
+        got = measure_cuda(
+            model, tile=tile, batch=batch, precision=precision, training=mode == "training"
+        )
+        est = estimates[mode]["total_bytes"]
+        got["estimated_bytes"] = est
+        got["ratio"] = got["peak_bytes"] / est if got["peak_bytes"] else None
+        measured[mode] = got
+    return measured
 
 
 def format_plan(plan: dict[str, Any]) -> str:

@@ -1,0 +1,87 @@
+"""``tilenet info``: describe an image without decoding its pixels."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from typing import Any
+
+from tilenet.cli._common import CONFIG_ITEMS, _config, _section
+from tilenet.errors import EXIT_OK, InputError
+
+__all__: list[str] = []
+
+
+def _add_info(sub: Any) -> None:
+    p = sub.add_parser(
+        "info",
+        help="describe an image: format, shape, dtype, levels, chunking, compression, MPP",
+        description=(
+            "Describe an image without decoding its pixels. Whole-slide images also show the "
+            "scanner vendor, the microns per pixel (MPP, y x) of level 0 and of every level, the "
+            "objective power, and the associated images (label, macro, thumbnail), which are "
+            "never pyramid levels. --json carries the same as mpp, level_mpp, vendor, "
+            "objective_power and associated_images."
+        ),
+    )
+    p.add_argument(
+        "items",
+        nargs="+",
+        metavar="PATH",
+        help="image file, zarr store, or DICOM-WSI directory; "
+        + CONFIG_ITEMS.format(example="reader.max_pixels_eager=400000000"),
+    )
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(handler=_cmd_info, items_dest="items")
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from tilenet.io import open_image
+
+    cfg, paths = _config(args.items, args, {})
+    if len(paths) != 1:
+        raise InputError(f"give one image path, got {len(paths)}: {' '.join(paths) or '-'}")
+    with open_image(paths[0], **asdict(_section(cfg, "reader"))) as img:
+        info = img.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    print(f"path:        {info['path']}")
+    print(f"format:      {info['format']}")
+    print(f"shape:       {' x '.join(map(str, info['shape']))}  (H x W x C)")
+    print(f"dtype:       {info['dtype']}")
+    print(f"compression: {info['compression'] or 'none'}")
+    if info["vendor"]:
+        print(f"vendor:      {info['vendor']}")
+    if info["pixel_size"]:
+        print(f"pixel size:  {info['pixel_size'][0]:g} x {info['pixel_size'][1]:g} um")
+        print(f"mpp:         {info['mpp'][0]:g} x {info['mpp'][1]:g}  (y x, um per pixel)")
+    if info["objective_power"]:
+        print(f"objective:   {info['objective_power']:g}x")
+    if info["crs"] or info["transform"]:
+        crs = f"EPSG:{info['epsg']}" if info["epsg"] else (info["crs"] or "none").splitlines()[0]
+        print(f"crs:         {crs[:100]}")
+        coefs = ", ".join(f"{v:.10g}" for v in info["transform"] or [])
+        print(f"transform:   {coefs}  (GDAL order)")
+        if info["gsd"]:
+            units = info["crs_units"] or "CRS units"
+            print(f"gsd:         {info['gsd'][0]:g} x {info['gsd'][1]:g} {units}")
+    if info["nodata"] is not None:
+        print(f"nodata:      {info['nodata']:g}")
+    if info["bands"]:
+        print(f"bands:       {', '.join(info['bands'])}")
+    print("levels:")
+    for i, (shape, ds, ch) in enumerate(
+        zip(info["levels"], info["downsamples"], info["chunks"], strict=True)
+    ):
+        chunk = f"tiles {ch[0]}x{ch[1]}" if ch else "untiled"
+        mpp = ""
+        if info["level_mpp"]:
+            mpp = "  mpp {:.4g} x {:.4g}".format(*info["level_mpp"][i])
+        print(f"  {i}: {shape[0]} x {shape[1]}  (downsample {ds[0]:g}, {chunk}){mpp}")
+    if info["associated_images"]:
+        print("associated images (not levels):")
+        for name, (h, w) in info["associated_images"].items():
+            print(f"  {name}: {h} x {w}")
+    return EXIT_OK

@@ -435,3 +435,32 @@ def test_cli_tile_reader_limits_reach_the_readers(
     assert failed(str(tmp_path / "eager.zarr"), "max_pixels_eager") == {"b.png"}
     assert failed(str(tmp_path / "all.zarr"), "max_pixels") == {"a.tif", "b.png"}
     assert "above the limit" in capsys.readouterr().out
+
+
+def test_same_pixels_with_other_labels_are_another_source(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    """Finished work is keyed by image and labels: two copies of one image with different
+    label files are both stored, and a rerun skips both (issue: the second was dropped while
+    the run said "2 done")."""
+    img = _image(rng, 64, 64)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    paths = []
+    for name, value in (("a", 1), ("b", 2)):
+        p = tmp_path / "images" / f"{name}.tif"
+        _write_pyramid(p, img, levels=1)
+        _write_pyramid(tmp_path / "labels" / f"{name}.tif", np.full((64, 64), value, np.uint8))
+        paths.append(p)
+    out = tmp_path / "s.zarr"
+    kw: dict[str, Any] = {"labels": tmp_path / "labels", "out": out, "patch": 32}
+    tile_images(paths, overlap=0, progress=False, **kw)
+    g = zarr.open_group(out, mode="r")
+    sources = g.attrs["sources"]
+    assert [Path(s["path"]).name for s in sources] == ["a.tif", "b.tif"]
+    assert sources[0]["fingerprint"] == sources[1]["fingerprint"]
+    assert sources[0]["labels_fingerprint"] != sources[1]["labels_fingerprint"]
+    n = g.attrs["count"]
+    assert sorted(np.unique(g["labels"][:n]).tolist()) == [1, 2]
+    tile_images(paths, overlap=0, progress=False, **kw)
+    assert zarr.open_group(out, mode="r").attrs["count"] == n

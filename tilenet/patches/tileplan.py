@@ -33,6 +33,8 @@ class ImagePlan:
     dtype: str
     fingerprint: str
     windows: list[Window]
+    #: The content fingerprint of its labels (label image or vector file); None: none.
+    labels_fingerprint: str | None = None
     start: int = 0
     #: Vector labels (QuPath annotations or a vector file) rasterized per window.
     vector: Any = None

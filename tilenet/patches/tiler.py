@@ -311,6 +311,10 @@ def _check_store(run: _Run) -> dict[str, Any] | None:
     return existing
 
 
+#: A finished source recorded before labels were fingerprinted: it matches any labels.
+_ANY = "*"
+
+
 def _plan_tiling(run: _Run, existing: dict[str, Any] | None) -> tuple[list[ImagePlan], int, str]:
     """Phase 1: the plans of the images not yet in the store, and their channels and dtype.
 
@@ -320,19 +324,28 @@ def _plan_tiling(run: _Run, existing: dict[str, Any] | None) -> tuple[list[Image
     from tilenet.io import fingerprint
 
     failures = run.failures
-    done = {s["fingerprint"]: s for s in (existing or {}).get("sources", [])}
+    # Finished work is keyed by the image AND its labels: the same pixels with other
+    # annotations are another source. Stores written before labels were fingerprinted
+    # (no "labels_fingerprint" key) match by the image alone, as they were written.
+    done = {
+        (s["fingerprint"], s.get("labels_fingerprint", _ANY))
+        for s in (existing or {}).get("sources", [])
+    }
     todo: list[tuple[Path | str, Path | None, str]] = []
+    keys: list[tuple[str, str | None]] = []
     vindex = {p: i for i, p in enumerate(run.paths)}
     for p, lab in zip(run.paths, run.label_paths, strict=True):
+        labels = lab if lab is not None else run.vector.files[vindex[p]] if run.vector else None
         try:
-            fp = str(fingerprint(p))
+            key = (str(fingerprint(p)), str(fingerprint(labels)) if labels else None)
         except OSError as exc:
             if failures is None:
                 raise
             failures[str(p)] = one_line(exc)
             continue
-        if fp not in done and fp not in {t[2] for t in todo}:
-            todo.append((p, lab, fp))
+        if key not in done and (key[0], _ANY) not in done and key not in keys:
+            todo.append((p, lab, key[0]))
+            keys.append(key)
     # Planned in this thread, one image after another (headers and a low-resolution mask
     # each): their warnings (a scene the labels miss, a resampling note) then reach the
     # caller. From pool threads they raced other threads' warnings.catch_warnings blocks,
@@ -357,6 +370,9 @@ def _plan_tiling(run: _Run, existing: dict[str, Any] | None) -> tuple[list[Image
         )
         for p, lab, fp in todo
     ]
+    for pl, (_, lfp) in zip(plans, keys, strict=True):
+        if not isinstance(pl, str):
+            pl.labels_fingerprint = lfp
     if failures is not None:
         failures.update(
             {str(t[0]): pl for t, pl in zip(todo, plans, strict=True) if isinstance(pl, str)}

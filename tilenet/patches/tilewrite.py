@@ -180,6 +180,7 @@ def write_batch(
                 "shape": list(plan.shape),
                 "dtype": plan.dtype,
                 "fingerprint": plan.fingerprint,
+                "labels_fingerprint": plan.labels_fingerprint,
                 "start": plan.start,
                 "count": len(plan.windows),
                 "sum": [float(v) for v in st[:channels]],

@@ -259,12 +259,22 @@ def test_cli_tile(tmp_path: Path, dataset: tuple, capsys: pytest.CaptureFixture[
             "64",
             "--overlap",
             "16",
-            "--workers",
+            "--threads",
             "1",
         ]
     )
     assert rc == 0
     assert _check_exact(out, imgs, labs, 64) > 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    argv = ["tile", pattern, "--labels", str(labdir), "--out", str(out), "--patch", "64"]
+    assert main([*argv, "--overlap", "16", "--workers", "1"]) == 0  # the old name still works
+    assert "nothing new, every image is already in the store" in capsys.readouterr().out
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "broken.tif").write_bytes(b"II*\x00" + bytes(100))
+    assert main(["tile", str(junk), "--out", str(tmp_path / "j.zarr")]) != 0
+    out_text = capsys.readouterr().out
+    assert "nothing written to" in out_text and "wrote" not in out_text
     rc = main(["tile", str(tmp_path / "missing.tif"), "--out", str(tmp_path / "d.zarr")])
     assert rc == 2
     assert "missing.tif: no such file" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The ``tilenet`` command line. Thin: parse, build config, call one library function.
 
-Exit codes: 0 ok, 1 some items of a batch failed, 2 bad input or usage. A
+Exit codes: 0 ok, 1 some items of a batch failed, 2 bad input or usage, 130 interrupted,
+141 output pipe closed. A
 :class:`~tilenet.errors.TilenetError` prints one line on stderr (no traceback unless
 ``--debug``).
 """
@@ -48,7 +49,9 @@ examples:
 config: tile, infer and info also take conf=FILE and section.key=value items (as training
 does); flags given on the command line win over them, and they over the defaults
 (python -m tilenet.train --print-config lists every key).
-exit codes: 0 ok, 1 some items of a batch failed, 2 bad input or usage.
+exit codes: 0 ok; 1 some items of a batch failed (the others are done); 2 bad input or
+usage (one line on stderr naming the file and the problem); 130 interrupted (Ctrl-C: a rerun
+resumes); 141 the output pipe closed (e.g. piped into head).
 """
 
 

@@ -72,9 +72,14 @@ def _add_tile(sub: Any) -> None:
         help="bands to keep, 1-based, in the model's order, e.g. 4,3,2 (all)",
     )
     p.add_argument(
+        "--threads",
         "--workers",
+        dest="workers",
         type=int,
-        help=f"parallel dask threads ({_default(TilingConfig, 'workers')})",
+        metavar="N",
+        help="threads reading and writing patches in this process; --workers is the old name "
+        "(infer's --workers are worker processes) "
+        f"({_default(TilingConfig, 'workers')})",
     )
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
     p.add_argument(
@@ -164,6 +169,11 @@ def _cmd_tile(args: argparse.Namespace) -> int:
         resolution=_section(cfg, "resolution"),
         **asdict(_section(cfg, "tiling")),
     )
-    print(scrub_credentials(f"wrote {args.out}"))
+    if report.done:
+        print(scrub_credentials(f"wrote {args.out}"))
+    elif report.skipped and not report.failed:
+        print(scrub_credentials(f"{args.out}: nothing new, every image is already in the store"))
+    else:
+        print(scrub_credentials(f"nothing written to {args.out}"))
     print(format_report(report))
     return report.exit_code

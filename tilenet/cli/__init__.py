@@ -416,6 +416,41 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+TRAIN_EPILOG = """\
+examples:
+  tilenet train conf=conf/demo.yaml                 # synthetic data, made on first use; CPU
+  tilenet train conf=conf/demo.yaml train.steps=20 data.batch_size=4    # file, then overrides
+  tilenet train conf=conf/demo.yaml train.out_dir=runs/a train.resume=true   # continue a run
+  tilenet train conf=conf/demo.yaml --print-config  # the resolved config; nothing is trained
+  torchrun --nproc_per_node=4 -m tilenet.train conf=conf/pathology.yaml     # DDP
+
+tilenet train is python -m tilenet.train: the same arguments, the same run. The last line
+printed is `run_dir: DIR`. Exit codes: 0 ok, 2 bad input or config.
+"""
+
+
+def _add_train(sub: Any) -> None:
+    # tilenet.train imports no torch until it trains: the parser stays cheap.
+    from tilenet.train import HELP, add_arguments
+
+    p = sub.add_parser(
+        "train",
+        help="train a segmentation model on streamed patches: conf=FILE key=value ...",
+        description=HELP,
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(handler=_cmd_train, items_dest="items")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tilenet.train import parse_items, run_training
+
+    conf, overrides = parse_items(args.items)
+    return run_training(conf, overrides, print_config=args.print_config)
+
+
 def _add_infer(sub: Any) -> None:
     p = sub.add_parser(
         "infer",
@@ -768,6 +803,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     _add_convert,
     _add_synth,
     _add_tile,
+    _add_train,
     _add_infer,
     _add_plan,
     _add_demo,

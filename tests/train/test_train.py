@@ -101,6 +101,73 @@ def test_bad_arguments_and_configs_exit_2(tmp_path: Path, capsys) -> None:
     assert "not a metric" in capsys.readouterr().err
 
 
+# -- tilenet train: the CLI subcommand -------------------------------------------------------
+def test_tilenet_train_help_teaches_conf_and_overrides(capsys) -> None:
+    from tilenet.cli import main as cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli(["--help"])
+    assert exc.value.code == 0
+    assert "\n    train " in capsys.readouterr().out  # listed among the commands
+    with pytest.raises(SystemExit) as exc:
+        cli(["train", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: tilenet train" in text and "conf=FILE" in text and "key=value" in text
+    assert "tilenet train conf=conf/demo.yaml train.steps=20" in text  # an example
+    for section in ("data", "model", "train", "infer"):
+        assert f"\n  {section} " in text
+
+
+def test_tilenet_train_parser_imports_no_torch() -> None:
+    code = (
+        "import sys; from tilenet.cli import build_parser; build_parser(); "
+        "sys.exit(3 if {'torch', 'omegaconf'} & set(sys.modules) else 0)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+
+
+def test_tilenet_train_trains_and_reports_errors(stores, tmp_path: Path, capsys) -> None:
+    from tilenet.cli import main as cli
+
+    over = {"train.steps": 2, "train.val_every": 2}
+    assert cli(["train", *_overrides(stores, tmp_path / "r", **over)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"run_dir: {tmp_path / 'r'}"
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["step"] == 2
+    assert [r["step"] for r in _records(tmp_path / "r") if "val_dice" in r] == [2]
+    # --print-config prints what python -m tilenet.train --print-config prints
+    items = [f"conf={REPO / 'conf' / 'demo.yaml'}", "train.steps=7"]
+    assert cli(["train", *items, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert main([*items, "--print-config"]) == 0
+    assert capsys.readouterr().out == printed and "steps: 7" in printed
+    # bad items are one-line errors, exit 2
+    assert cli(["train", "not-a-key-value"]) == 2
+    assert "'not-a-key-value' must be conf=FILE or key=value" in capsys.readouterr().err
+    assert cli(["train", "train.no_such_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_key" in err and "valid keys" in err
+
+
+@pytest.mark.slow
+def test_tilenet_train_equals_python_dash_m(stores, tmp_path: Path, capsys) -> None:
+    """The same items through both entry points train the same weights, bit for bit."""
+    from tilenet.cli import main as cli
+
+    over = {"train.steps": 2, "train.val_every": 2, "train.deterministic": True}
+    assert cli(["train", *_overrides(stores, tmp_path / "cli", **over)]) == 0
+    assert main(_overrides(stores, tmp_path / "m", **over)) == 0
+    a, b = (
+        load_checkpoint(tmp_path / "cli" / "last.pt"),
+        load_checkpoint(tmp_path / "m" / "last.pt"),
+    )
+    assert a["step"] == b["step"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
 def test_channel_mismatch_is_a_clear_error(stores, tmp_path: Path, capsys) -> None:
     assert main(_overrides(stores, tmp_path / "r", **{"model.in_channels": 4})) == 2
     assert "model.in_channels=4 but the training data has 3 channels" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from tilenet.cli.info import _add_info
 from tilenet.cli.plan import _add_plan
 from tilenet.cli.synth import _add_synth
 from tilenet.cli.tile import TILE_FLAGS, _add_tile
+from tilenet.cli.train import _add_train
 from tilenet.errors import EXIT_USAGE, credentials_scrubbed, run_guarded, scrub_credentials
 
 __all__ = ["INFER_FLAGS", "TILE_FLAGS", "build_parser", "main"]
@@ -61,6 +62,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     _add_convert,
     _add_synth,
     _add_tile,
+    _add_train,
     _add_infer,
     _add_plan,
     _add_demo,

@@ -480,7 +480,8 @@ class TiffImage(LazyImage):
             return None
         tiles = []
         inside = window.clip(*self.levels[level].shape)
-        for ty in range(inside.y // t.th, -(-inside.y1 // t.th)):
+        rows = range(inside.y // t.th, -(-inside.y1 // t.th)) if inside.area else range(0)
+        for ty in rows:
             for tx in range(inside.x // t.tw, -(-inside.x1 // t.tw)):
                 index = ty * t.nx + tx
                 count = int(t.page.databytecounts[index])

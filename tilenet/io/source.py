@@ -13,7 +13,7 @@ This module knows no reader and no torch.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -113,12 +113,13 @@ def decode_tile(ew: EncodedWindow, data: bytes) -> np.ndarray:
             shape=(th, tw),
         )
     else:
-        raw = {
+        codecs: dict[str, Callable[[bytes], Any]] = {
             "deflate": imagecodecs.zlib_decode,
             "lzw": imagecodecs.lzw_decode,
             "zstd": imagecodecs.zstd_decode,
             "none": bytes,
-        }[ew.codec](data)
+        }
+        raw = codecs[ew.codec](data)
         arr = np.frombuffer(raw, dtype=ew.dtype, count=th * tw * ew.samples)
     return np.asarray(arr).reshape(th, tw, ew.samples).astype(ew.dtype.newbyteorder("="))
 

@@ -6,6 +6,7 @@ tests/io/test_source.py; these tests build EncodedWindows directly.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import imagecodecs
@@ -162,3 +163,50 @@ def test_cpu_decoder_output_goes_to_the_device() -> None:
     x = CpuDecoder().decode([ew], device="cuda")
     assert x.device.type == "cuda"
     assert np.array_equal(x.permute(0, 2, 3, 1).cpu().numpy()[0], decode_window(ew))
+
+
+class _Collect:
+    """A stitcher that keeps every tile's probabilities."""
+
+    def __init__(self) -> None:
+        self.probs: dict[tuple[int, int], np.ndarray] = {}
+
+    def add(self, tile: Any, probs: np.ndarray) -> None:
+        self.probs[tile.index] = probs
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("bands", [None, [3, 1, 2]])  # a band selection has no raw path
+def test_predictor_with_the_cpu_decoder_is_bit_identical(
+    tmp_path: Path, bands: list[int] | None
+) -> None:
+    """The opt-in hook: readers fetch stored JPEG tiles, the decoder decodes each batch; the
+    probabilities equal those of the default read path, bit for bit."""
+    import tifffile
+
+    from tilenet.config import InferConfig
+    from tilenet.engine.predictor import Predictor
+    from tilenet.io import open_image
+
+    tifffile.imwrite(tmp_path / "j.tif", _rgb(90, 110), tile=(32, 32), photometric="rgb",
+                     compression="jpeg", metadata=None)  # fmt: skip
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(4, 2, 1))
+    spec = {"name": "m", "in_channels": 3, "num_classes": 2, "stride": 1,
+            "receptive_field": 2, "mean": [120.0, 80.0, 60.0], "std": [50.0, 40.0, 30.0]}  # fmt: skip
+    predictor = Predictor((model, spec), InferConfig(device="cpu", tile=48, batch=3))
+    with open_image(tmp_path / "j.tif") as image:
+        view = image.select_bands(bands)
+        grid, _ = predictor.plan(image.levels[0].shape)
+        runs = []
+        for decoder in (None, CpuDecoder()):
+            out = _Collect()
+            predictor.run(view, list(grid), out, grid=grid, decoder=decoder)
+            runs.append(out.probs)
+            if decoder is not None:
+                assert bool(decoder.tiles) == (bands is None)  # the decoder ran where it could
+    assert runs[0].keys() == runs[1].keys() == {t.index for t in grid}
+    for index, probs in runs[0].items():
+        assert np.array_equal(probs, runs[1][index])

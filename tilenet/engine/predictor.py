@@ -46,10 +46,12 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from tilenet.config import InferConfig
+from tilenet.engine.decode import Decoder
 from tilenet.engine.pipeline import BackgroundWriter, prefetch
 from tilenet.engine.stitch import Stitcher, strip_order
 from tilenet.errors import InputError
 from tilenet.geometry import Tile, TileGrid, Window, ceil_to
+from tilenet.io.source import EncodedWindow, decode_window
 from tilenet.models.spec import ModelSpec
 from tilenet.normalize import Normalizer
 from tilenet.runtime import autocast, heap_policy, resolve_device
@@ -149,18 +151,18 @@ def batch_shapes(grid: TileGrid, cfg: InferConfig) -> list[tuple[int, tuple[int,
 
 
 def _batches(
-    items: Iterator[tuple[tuple[int, Tile, bool], np.ndarray | None]],
+    items: Iterator[tuple[tuple[int, Tile, bool], Any]],
     size: int,
     *,
     by_row: bool = False,
-) -> Iterator[list[tuple[Tile, bool, np.ndarray | None]]]:
+) -> Iterator[list[tuple[Tile, bool, Any]]]:
     """Group consecutive tiles into batches of equal read shape (skipped tiles pass alone).
 
     ``by_row``: a batch never spans two grid rows, so a run over a band of whole rows
     batches its tiles exactly as a run over the whole grid does (oneDNN's results can
     depend on the batch size in the last bit; this keeps banded runs bit-identical).
     """
-    batch: list[tuple[Tile, bool, np.ndarray | None]] = []
+    batch: list[tuple[Tile, bool, Any]] = []
     for (_, tile, skipped), arr in items:
         if batch and (
             len(batch) >= size
@@ -350,6 +352,7 @@ class Predictor:
         grid: TileGrid,
         skip: np.ndarray | None = None,
         on_tiles: Callable[[int], None] | None = None,
+        decoder: Decoder | None = None,
     ) -> RunStats:
         """Run ``tiles`` of ``image`` (at ``config.level``) through the model into ``stitcher``.
 
@@ -359,6 +362,10 @@ class Predictor:
         background without running the model. ``on_tiles(n)`` reports progress. The host
         memory policy ``config.heap`` is in force only during the call
         (:func:`tilenet.runtime.heap_policy`). The stitcher is closed before returning.
+
+        ``decoder`` (opt-in; :mod:`tilenet.engine.decode`): reader threads fetch the stored
+        tiles only (``image.encoded``) and ``decoder`` decodes each batch onto the device;
+        windows without a raw path are read as without it.
         """
         import torch
 
@@ -368,9 +375,10 @@ class Predictor:
         crop = cfg.mode == "crop"
         # uint8 tiles travel as uint8 (4x fewer bytes to the device, 4x less read-ahead
         # memory) and are normalised there; other dtypes become float32 here.
-        reader = _TileReader(image, cfg.level, keep_raw=np.dtype(image.dtype) == np.uint8)
+        keep_raw = np.dtype(image.dtype) == np.uint8
+        reader = _TileReader(image, cfg.level, keep_raw=keep_raw, encoded=decoder is not None)
         normalize = Normalizer(self.spec.mean, self.spec.std, device=self.device)
-        inputs = _Inputs(self.device, normalize, grid.shape)
+        inputs = _Inputs(self.device, normalize, grid.shape, decoder, keep_raw=keep_raw)
         outputs = _Outputs(grid.shape, self.spec.num_classes, crop=crop)
         skip = np.zeros(len(tiles), dtype=bool) if skip is None else skip
 
@@ -421,22 +429,26 @@ class Predictor:
             yield tile, p.contiguous().cpu().numpy()
 
 
-_Batch = list[tuple[Tile, bool, np.ndarray | None]]
+_Batch = list[tuple[Tile, bool, Any]]  # (tile, skipped, pixels | EncodedWindow | None)
 
 
 @dataclass(frozen=True)
 class _TileReader:
     """Reads a tile's window of ``image`` at ``level`` (in a reader thread); a skipped tile
-    reads nothing. ``keep_raw``: the pixels stay in the image's dtype, else float32."""
+    reads nothing. ``keep_raw``: the pixels stay in the image's dtype, else float32.
+    ``encoded``: the stored tiles where the image has a raw path for the window."""
 
     image: Any
     level: int
     keep_raw: bool
+    encoded: bool = False
 
-    def __call__(self, item: tuple[int, Tile, bool]) -> np.ndarray | None:
+    def __call__(self, item: tuple[int, Tile, bool]) -> np.ndarray | EncodedWindow | None:
         _, tile, skipped = item
         if skipped:
             return None
+        if self.encoded and (ew := self.image.encoded(tile.read, self.level)) is not None:
+            return cast(EncodedWindow, ew)
         raw = self.image.read(tile.read, self.level)
         return raw if self.keep_raw else raw.astype(np.float32)
 
@@ -452,17 +464,24 @@ class _Inputs:
     device: torch.device
     normalize: Normalizer
     shape: tuple[int, int]
+    decoder: Decoder | None = None
+    keep_raw: bool = True
 
     def __call__(self, batch: _Batch) -> torch.Tensor:
         import torch
 
         device = self.device
         pin = device.type == "cuda"
-        x = torch.from_numpy(np.stack([cast(np.ndarray, a) for _, _, a in batch]))
-        if pin:
-            x = x.pin_memory()
-        # NHWC memory viewed as NCHW is channels_last: no copy, and the ops keep it.
-        x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2).float()
+        items = [a for _, _, a in batch]
+        if self.decoder is not None and all(isinstance(a, EncodedWindow) for a in items):
+            x = self.decoder.decode(items, device).float()
+        else:
+            arrays = [self._pixels(a) for a in items]
+            x = torch.from_numpy(np.stack(arrays))
+            if pin:
+                x = x.pin_memory()
+            # NHWC memory viewed as NCHW is channels_last: no copy, and the ops keep it.
+            x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2).float()
         self.normalize(x)  # in place, as training batches are
         h, w = self.shape
         for j, (tile, _, _) in enumerate(batch):
@@ -470,6 +489,13 @@ class _Inputs:
             x[j, :, max(0, h - r.y) :, :] = 0
             x[j, :, :, max(0, w - r.x) :] = 0
         return x
+
+    def _pixels(self, item: np.ndarray | EncodedWindow) -> np.ndarray:
+        """A read tile, or an encoded one in a batch the decoder does not take whole."""
+        if not isinstance(item, EncodedWindow):
+            return item
+        raw = decode_window(item)
+        return raw if self.keep_raw else raw.astype(np.float32)
 
 
 @dataclass(frozen=True)

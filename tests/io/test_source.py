@@ -23,9 +23,11 @@ import tifffile
 from PIL import Image
 from slidewriters import write_aperio_svs
 
+from tilenet.config import ResolutionConfig
 from tilenet.engine.decode import ADOBE_RGB, DECODERS, decode_jpegs, jpeg_stream
 from tilenet.geometry import Window
 from tilenet.io import LazyImage, open_image
+from tilenet.io.resolution import at_resolution
 from tilenet.io.source import CODECS, EncodedWindow, TileSource, decode_window
 
 H, W, T = 70, 100, 32  # 3 x 4 tiles; the last row and column are partial
@@ -333,7 +335,8 @@ def test_a_window_inside_a_sparse_tile_is_zero(tmp_path: Path) -> None:
 
 
 def test_layouts_without_a_raw_path_say_so(tmp_path: Path) -> None:
-    """Strips, TIFF predictors, planar storage and band selections: encoded() is None."""
+    """Strips, TIFF predictors, planar storage, band selections and resampled views:
+    encoded() is None."""
     img = _image()
     _write(tmp_path / "pred.tif", img, compression="zlib", predictor=True)
     tifffile.imwrite(tmp_path / "strips.tif", img, compression="zlib", rowsperstrip=16)
@@ -345,6 +348,11 @@ def test_layouts_without_a_raw_path_say_so(tmp_path: Path) -> None:
             assert im.read(Window(0, 0, 8, 8)).shape == (8, 8, 3)
     with open_image(tmp_path / "pred.tif") as im:
         assert im.select_bands([2, 1]).encoded(Window(0, 0, 8, 8)) is None
+    _svs(tmp_path / "s.svs")
+    with open_image(tmp_path / "s.svs") as im:
+        assert im.encoded(Window(0, 0, 8, 8)) is not None
+        view, res = at_resolution(im, ResolutionConfig(mpp=0.8))  # resampled per window
+        assert res is not None and view.encoded(Window(0, 0, 8, 8)) is None
 
 
 def test_encoded_checks_the_level(aperio: LazyImage) -> None:
@@ -358,3 +366,38 @@ def test_an_encoded_window_is_what_a_reader_thread_fetched(aperio: LazyImage) ->
     ew = aperio.encoded(Window(0, 0, H, W))
     assert isinstance(ew, EncodedWindow) and len(ew.tiles) == 12
     assert ew.nbytes == sum(len(t.data) for t in ew.tiles) > 0
+
+
+def test_a_tiff_in_a_bucket_hands_over_the_same_tiles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Remote reads fetch each tile by a range request, as read() does: same bytes, same
+    pixels as the local file."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from tilenet.io.storage import upload
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for key, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():  # fmt: skip
+            monkeypatch.setenv(key, value)
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="tiles")
+        _write_tables(tmp_path / "a.tif", aperio=True)
+        upload(tmp_path / "a.tif", "s3://tiles/a.tif")
+        wins = [Window(-5, -7, *SIZE), Window(T - 20, T - 25, *SIZE)]
+        with open_image("s3://tiles/a.tif") as remote, open_image(tmp_path / "a.tif") as local:
+            got, want = (img.encoded(w) for img in (remote, local) for w in wins[1:])
+            assert got is not None and want is not None
+            assert [t.data for t in got.tiles] == [t.data for t in want.tiles]
+            x = DECODERS["cpu"]().decode([remote.encoded(w) for w in wins])  # type: ignore[misc]
+            assert np.array_equal(_decoded(x), np.stack([remote.read(w) for w in wins]))
+    finally:
+        server.stop()

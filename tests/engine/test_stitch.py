@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from tilenet.engine.pipeline import BackgroundWriter, prefetch
 from tilenet.engine.stitch import (
+    STITCHERS,
     BlendStitcher,
     CropStitcher,
     blend_weights,
@@ -218,3 +219,29 @@ def test_background_writer_runs_in_order_and_reraises() -> None:
         for i in range(50):
             w2.submit(i)
         w2.close()
+
+
+@pytest.mark.parametrize("name", sorted(STITCHERS))
+@pytest.mark.parametrize("constant", [True, False])
+def test_every_registered_stitcher_returns_the_field(
+    tmp_path: Path, name: str, constant: bool
+) -> None:
+    """Every STITCHERS entry, fed tiles of one field (the identity model), writes that field
+    back: crop takes each tile's core, the blends the read window clipped to the image, in
+    strips; overlaps average the same values."""
+    g = TileGrid((50, 70), 32, 6)
+    k = 3
+    field = np.full((k, 50, 70), 1 / k, np.float32) if constant else _field(k, 50, 70, seed=5)
+    sink = _sink(tmp_path, g, k)
+    stitcher = STITCHERS[name](g, sink, tmp_path / "scratch", strip_tiles=2)
+    for t in strip_order(g, 2):
+        win = t.core if name == "crop" else t.read.clip(*g.shape)
+        stitcher.add(t, field[(slice(None), *win.slices)])
+    stitcher.close()
+    got = sink.probabilities[:]
+    if name == "crop":
+        np.testing.assert_array_equal(got, field)
+    else:
+        np.testing.assert_allclose(got, field, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(sink.classes[:], field.argmax(0))
+    assert not (tmp_path / "scratch").exists()  # spills are removed on close

@@ -38,7 +38,7 @@ import numpy as np
 
 from tilenet.config import InferConfig, JobsConfig, ReaderConfig, ResolutionConfig
 from tilenet.engine.predictor import BLEND_STRIP_PX, Predictor, RunStats, plan_grid, tile_order
-from tilenet.engine.stitch import BlendStitcher, CropStitcher
+from tilenet.engine.stitch import STITCHERS
 from tilenet.errors import ConfigError, InputError
 from tilenet.geometry import Tile, TileGrid, spans
 from tilenet.io.storage import is_url, redact
@@ -411,18 +411,10 @@ def run_band(
     image = plan.view(image)
     tiles = plan.tiles(band)
     sink = plan.outputs.sink()
-    stitcher: CropStitcher | BlendStitcher
-    if plan.config.mode == "crop":
-        stitcher = CropStitcher(sink)
-    else:
-        strip = max(1, BLEND_STRIP_PX // plan.grid.core[1])
-        stitcher = BlendStitcher(
-            plan.grid,
-            sink,
-            mode=plan.config.mode,
-            spill_dir=plan.outputs.spill_dir(),
-            strip_tiles=strip,
-        )
+    strip = max(1, BLEND_STRIP_PX // plan.grid.core[1])
+    stitcher = STITCHERS[plan.config.mode](
+        plan.grid, sink, plan.outputs.spill_dir(), strip_tiles=strip
+    )
     stats: RunStats = predictor.run(
         image,
         tiles,

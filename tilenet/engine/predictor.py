@@ -6,7 +6,7 @@ training's whole-image validation and the benchmarks all run tiles through one::
 
     predictor = Predictor("best.pt", InferConfig(device="cpu"))
     grid, halo = predictor.plan(image.levels[0].shape)
-    stats = predictor.run(image, list(grid), CropStitcher(sink), grid=grid)
+    stats = predictor.run(image, list(grid), STITCHERS["crop"](grid, sink, scratch), grid=grid)
 
 Geometry
 --------
@@ -46,10 +46,12 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from tilenet.config import InferConfig
+from tilenet.engine.decode import Decoder
 from tilenet.engine.pipeline import BackgroundWriter, prefetch
-from tilenet.engine.stitch import BlendStitcher, CropStitcher, strip_order
+from tilenet.engine.stitch import Stitcher, strip_order
 from tilenet.errors import InputError
 from tilenet.geometry import Tile, TileGrid, Window, ceil_to
+from tilenet.io.source import EncodedWindow, decode_window
 from tilenet.models.spec import ModelSpec
 from tilenet.normalize import Normalizer
 from tilenet.runtime import autocast, heap_policy, resolve_device
@@ -71,8 +73,6 @@ log = logging.getLogger(__name__)
 
 #: Width (pixels) of the vertical strips blend mode processes; bounds its open chunks.
 BLEND_STRIP_PX = 8192
-
-Stitcher = CropStitcher | BlendStitcher
 
 
 # -- geometry -------------------------------------------------------------------------------
@@ -151,18 +151,18 @@ def batch_shapes(grid: TileGrid, cfg: InferConfig) -> list[tuple[int, tuple[int,
 
 
 def _batches(
-    items: Iterator[tuple[tuple[int, Tile, bool], np.ndarray | None]],
+    items: Iterator[tuple[tuple[int, Tile, bool], Any]],
     size: int,
     *,
     by_row: bool = False,
-) -> Iterator[list[tuple[Tile, bool, np.ndarray | None]]]:
+) -> Iterator[list[tuple[Tile, bool, Any]]]:
     """Group consecutive tiles into batches of equal read shape (skipped tiles pass alone).
 
     ``by_row``: a batch never spans two grid rows, so a run over a band of whole rows
     batches its tiles exactly as a run over the whole grid does (oneDNN's results can
     depend on the batch size in the last bit; this keeps banded runs bit-identical).
     """
-    batch: list[tuple[Tile, bool, np.ndarray | None]] = []
+    batch: list[tuple[Tile, bool, Any]] = []
     for (_, tile, skipped), arr in items:
         if batch and (
             len(batch) >= size
@@ -352,6 +352,7 @@ class Predictor:
         grid: TileGrid,
         skip: np.ndarray | None = None,
         on_tiles: Callable[[int], None] | None = None,
+        decoder: Decoder | None = None,
     ) -> RunStats:
         """Run ``tiles`` of ``image`` (at ``config.level``) through the model into ``stitcher``.
 
@@ -361,55 +362,25 @@ class Predictor:
         background without running the model. ``on_tiles(n)`` reports progress. The host
         memory policy ``config.heap`` is in force only during the call
         (:func:`tilenet.runtime.heap_policy`). The stitcher is closed before returning.
+
+        ``decoder`` (opt-in; :mod:`tilenet.engine.decode`): reader threads fetch the stored
+        tiles only (``image.encoded``) and ``decoder`` decodes each batch onto the device;
+        windows without a raw path are read as without it.
         """
         import torch
 
         cfg = self.config
-        spec, device, module = self.spec, self.device, self.module
-        if device.type == "cuda":
+        if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        h, w = grid.shape
-        k = spec.num_classes
         crop = cfg.mode == "crop"
-        pin = device.type == "cuda"
-        normalize = Normalizer(spec.mean, spec.std, device=device)
         # uint8 tiles travel as uint8 (4x fewer bytes to the device, 4x less read-ahead
         # memory) and are normalised there; other dtypes become float32 here.
         keep_raw = np.dtype(image.dtype) == np.uint8
+        reader = _TileReader(image, cfg.level, keep_raw=keep_raw, encoded=decoder is not None)
+        normalize = Normalizer(self.spec.mean, self.spec.std, device=self.device)
+        inputs = _Inputs(self.device, normalize, grid.shape, decoder, keep_raw=keep_raw)
+        outputs = _Outputs(grid.shape, self.spec.num_classes, crop=crop)
         skip = np.zeros(len(tiles), dtype=bool) if skip is None else skip
-
-        def read(item: tuple[int, Tile, bool]) -> np.ndarray | None:
-            _, tile, skipped = item
-            if skipped:
-                return None
-            raw = image.read(tile.read, cfg.level)
-            return raw if keep_raw else raw.astype(np.float32)
-
-        def to_input(batch: list[tuple[Tile, bool, np.ndarray | None]]) -> torch.Tensor:
-            """Raw (B, h, w, C) tiles -> normalised channels_last (B, C, h, w) on the device."""
-            x = torch.from_numpy(np.stack([cast(np.ndarray, a) for _, _, a in batch]))
-            if pin:
-                x = x.pin_memory()
-            # NHWC memory viewed as NCHW is channels_last: no copy, and the ops keep it.
-            x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2).float()
-            normalize(x)  # in place, as training batches are
-            for j, (tile, _, _) in enumerate(batch):
-                # Past the image (alignment rows) the input is zero *after* normalisation,
-                # like the network's own zero padding at the image border.
-                r = tile.read
-                x[j, :, max(0, h - r.y) :, :] = 0
-                x[j, :, :, max(0, w - r.x) :] = 0
-            return x
-
-        def background(tile: Tile) -> np.ndarray:
-            win = tile.core if crop else tile.read.clip(h, w)
-            p = np.zeros((k, win.h, win.w), np.float32)
-            p[0] = 1.0
-            return p
-
-        def region(tile: Tile) -> Window:
-            # What the stitcher takes, in read-window coordinates.
-            return tile.core_in_read if crop else tile.read.clip(h, w).relative_to(tile.read)
 
         stats = RunStats(tiles=len(tiles), tiles_run=int((~skip).sum()))
         t_start, c_start = time.perf_counter(), time.process_time()
@@ -421,21 +392,17 @@ class Predictor:
                 lambda job: stitcher.add(*job), depth=2 * cfg.batch
             ) as writer,
         ):
-            reads = prefetch(items, read, workers=cfg.readers, depth=depth)
+            reads = prefetch(items, reader, workers=cfg.readers, depth=depth)
             t0 = time.perf_counter()
             for batch in _batches(reads, cfg.batch, by_row=crop):
                 stats.read_wait_s += time.perf_counter() - t0
                 if batch[0][1]:
                     for tile, _, _ in batch:
-                        writer.submit((tile, background(tile)))
+                        writer.submit((tile, outputs.background(tile)))
                 else:
                     t1 = time.perf_counter()
-                    x = to_input(batch)
-                    regions = [region(tile) for tile, _, _ in batch]
-                    with torch.inference_mode(), autocast(device, cfg.precision):
-                        probs = predict(module, x, tta=cfg.tta, regions=regions)
-                    for (tile, _, _), p in zip(batch, probs, strict=True):
-                        writer.submit((tile, p.contiguous().cpu().numpy()))
+                    for tile, p in self._predict(inputs(batch), batch, outputs):
+                        writer.submit((tile, p))
                     stats.model_s += time.perf_counter() - t1
                     guard.check()  # keeps peak RSS flat on huge images (see runtime)
                 if on_tiles is not None:
@@ -448,3 +415,107 @@ class Predictor:
         stats.seconds = time.perf_counter() - t_start
         stats.cpu_s = time.process_time() - c_start
         return stats
+
+    def _predict(
+        self, x: torch.Tensor, batch: _Batch, outputs: _Outputs
+    ) -> Iterator[tuple[Tile, np.ndarray]]:
+        """Each tile of ``batch`` with its probabilities (what the stitcher takes), on the host."""
+        import torch
+
+        regions = [outputs.region(tile) for tile, _, _ in batch]
+        with torch.inference_mode(), autocast(self.device, self.config.precision):
+            probs = predict(self.module, x, tta=self.config.tta, regions=regions)
+        for (tile, _, _), p in zip(batch, probs, strict=True):
+            yield tile, p.contiguous().cpu().numpy()
+
+
+_Batch = list[tuple[Tile, bool, Any]]  # (tile, skipped, pixels | EncodedWindow | None)
+
+
+@dataclass(frozen=True)
+class _TileReader:
+    """Reads a tile's window of ``image`` at ``level`` (in a reader thread); a skipped tile
+    reads nothing. ``keep_raw``: the pixels stay in the image's dtype, else float32.
+    ``encoded``: the stored tiles where the image has a raw path for the window."""
+
+    image: Any
+    level: int
+    keep_raw: bool
+    encoded: bool = False
+
+    def __call__(self, item: tuple[int, Tile, bool]) -> np.ndarray | EncodedWindow | None:
+        _, tile, skipped = item
+        if skipped:
+            return None
+        if self.encoded and (ew := self.image.encoded(tile.read, self.level)) is not None:
+            return cast(EncodedWindow, ew)
+        raw = self.image.read(tile.read, self.level)
+        return raw if self.keep_raw else raw.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """Raw (B, h, w, C) tiles -> normalised channels_last (B, C, h, w) on the device.
+
+    Past the image of ``shape`` (alignment rows and columns) the input is zero *after*
+    normalisation, like the network's own zero padding at the image border.
+    """
+
+    device: torch.device
+    normalize: Normalizer
+    shape: tuple[int, int]
+    decoder: Decoder | None = None
+    keep_raw: bool = True
+
+    def __call__(self, batch: _Batch) -> torch.Tensor:
+        import torch
+
+        device = self.device
+        pin = device.type == "cuda"
+        items = [a for _, _, a in batch]
+        if self.decoder is not None and all(isinstance(a, EncodedWindow) for a in items):
+            x = self.decoder.decode(items, device).float()
+        else:
+            arrays = [self._pixels(a) for a in items]
+            x = torch.from_numpy(np.stack(arrays))
+            if pin:
+                x = x.pin_memory()
+            # NHWC memory viewed as NCHW is channels_last: no copy, and the ops keep it.
+            x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2).float()
+        self.normalize(x)  # in place, as training batches are
+        h, w = self.shape
+        for j, (tile, _, _) in enumerate(batch):
+            r = tile.read
+            x[j, :, max(0, h - r.y) :, :] = 0
+            x[j, :, :, max(0, w - r.x) :] = 0
+        return x
+
+    def _pixels(self, item: np.ndarray | EncodedWindow) -> np.ndarray:
+        """A read tile, or an encoded one in a batch the decoder does not take whole."""
+        if not isinstance(item, EncodedWindow):
+            return item
+        raw = decode_window(item)
+        return raw if self.keep_raw else raw.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """What the stitcher takes of a tile: its core (crop mode) or its read window clipped
+    to the image of ``shape`` (blend modes)."""
+
+    shape: tuple[int, int]
+    num_classes: int
+    crop: bool
+
+    def region(self, tile: Tile) -> Window:
+        """That part in read-window coordinates."""
+        return (
+            tile.core_in_read if self.crop else tile.read.clip(*self.shape).relative_to(tile.read)
+        )
+
+    def background(self, tile: Tile) -> np.ndarray:
+        """Probabilities of a skipped tile: class 0 everywhere."""
+        win = tile.core if self.crop else tile.read.clip(*self.shape)
+        p = np.zeros((self.num_classes, win.h, win.w), np.float32)
+        p[0] = 1.0
+        return p

@@ -28,9 +28,12 @@ import numpy as np
 from tilenet.geometry import Tile, TileGrid, Window, spans
 
 __all__ = [
+    "STITCHERS",
     "BlendStitcher",
     "CropStitcher",
     "Sink",
+    "Stitcher",
+    "StitcherFactory",
     "blend_weights",
     "strip_order",
 ]
@@ -45,6 +48,32 @@ class Sink(Protocol):
     area: np.ndarray
 
     def write(self, window: Window, probs: np.ndarray) -> None: ...
+
+
+class Stitcher(Protocol):
+    """Takes each tile's probabilities and writes finished regions to a :class:`Sink`.
+
+    Only the one writer thread calls it. ``close`` is called once, after the last tile; it
+    raises if a tile is missing.
+    """
+
+    def add(self, tile: Tile, probs: np.ndarray) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class StitcherFactory(Protocol):
+    """Builds a stitcher for a grid: its sink, local ``scratch`` space for spills, and the
+    width of the vertical strips its tiles come in (:func:`strip_order`)."""
+
+    def __call__(
+        self,
+        grid: TileGrid,
+        sink: Sink,
+        scratch: str | os.PathLike[str],
+        *,
+        strip_tiles: int = 8,
+    ) -> Stitcher: ...
 
 
 def blend_weights(shape: tuple[int, int], mode: BlendMode, *, ramp: int = 0) -> np.ndarray:
@@ -236,3 +265,28 @@ class BlendStitcher:
                 f"blend stitcher closed early: {self._pos}/{len(self.order)} tiles added, "
                 f"{len(self._open) + len(self._spilled)} chunks unfinished"
             )
+
+
+def _crop(
+    grid: TileGrid, sink: Sink, scratch: str | os.PathLike[str], *, strip_tiles: int = 8
+) -> Stitcher:
+    return CropStitcher(sink)
+
+
+def _blend(mode: BlendMode) -> StitcherFactory:
+    def make(
+        grid: TileGrid, sink: Sink, scratch: str | os.PathLike[str], *, strip_tiles: int = 8
+    ) -> Stitcher:
+        return BlendStitcher(grid, sink, mode=mode, spill_dir=scratch, strip_tiles=strip_tiles)
+
+    return make
+
+
+#: Stitchers by ``InferConfig.mode``: crop keeps each tile's core (it takes the core's
+#: probabilities), gaussian and linear blend overlapping reads (they take the read window's,
+#: clipped to the image).
+STITCHERS: dict[str, StitcherFactory] = {
+    "crop": _crop,
+    "gaussian": _blend("gaussian"),
+    "linear": _blend("linear"),
+}

@@ -17,6 +17,7 @@ import numpy as np
 
 from tilenet.errors import CorruptImageError, InputError, TilenetError
 from tilenet.geometry import Window, spans
+from tilenet.io.source import EncodedWindow
 
 __all__ = ["IGNORE_INDEX", "BandSelection", "LazyImage", "Level", "nodata_mask"]
 
@@ -207,6 +208,11 @@ class LazyImage(ABC):
                 f"expected {(window.h, window.w, self.channels)}"
             )
         return data
+
+    def encoded(self, window: Window, level: int = 0) -> EncodedWindow | None:
+        """``window``'s stored tiles, undecoded (:mod:`tilenet.io.source`), or None where this
+        image has no raw path for it (the default): :meth:`read` it."""
+        return None
 
     @abstractmethod
     def _read(self, window: Window, level: int) -> np.ndarray:

@@ -29,11 +29,12 @@ from typing import Any
 import numpy as np
 
 from tilenet.config import ReaderConfig
-from tilenet.errors import CorruptImageError, TilenetError, UnsupportedFormatError
+from tilenet.errors import CorruptImageError, InputError, TilenetError, UnsupportedFormatError
 from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
 from tilenet.io.raster import is_geotiff
 from tilenet.io.sniff import check_chunk, check_pixels, level_downsample
+from tilenet.io.source import EncodedTile, EncodedWindow
 from tilenet.io.storage import is_url, open_file, read_range, redact
 
 __all__ = ["TILE_CACHE_BYTES", "TiffImage", "open_tiff", "openslide_vendor", "tile_cache_bytes"]
@@ -60,6 +61,16 @@ _COMPRESSION_NAMES = {
     "LZMA": "lzma",
     "JPEGXL": "jpegxl",
 }
+# TIFF compressions whose stored tiles an EncodedWindow carries -> its codec name.
+_RAW_CODECS = {
+    "NONE": "none",
+    "JPEG": "jpeg",
+    "ADOBE_DEFLATE": "deflate",
+    "DEFLATE": "deflate",
+    "LZW": "lzw",
+    "ZSTD": "zstd",
+}
+_RAW_JPEG_PHOTOMETRIC = frozenset({"minisblack", "rgb", "ycbcr", "separated"})
 # Length units of OME PhysicalSize*Unit and ImageJ's 'unit' -> micrometres. Not 'inch': an
 # ImageJ unit of inch is a print DPI that ImageJ took over from the file.
 _UNIT_UM = {
@@ -372,6 +383,7 @@ class TiffImage(LazyImage):
     _fd: int | None = field(default=None, repr=False)
     #: Tiles this image has decoded so far (cache hits excluded): what a window read cost.
     tiles_decoded: int = field(default=0, repr=False)
+    _raw: dict[int, tuple[str, str] | None] = field(default_factory=dict, repr=False)
 
     def _array(self, level: int) -> Any:
         """The level as an indexable array: a read-only memmap or a zarr view of the tiles."""
@@ -449,6 +461,72 @@ class TiffImage(LazyImage):
         data = self._read_bytes(int(t.page.dataoffsets[index]), count)
         seg, _, _ = t.page.decode(data, index, jpegtables=t.jpegtables, jpegheader=t.jpegheader)
         return seg
+
+    def encoded(self, window: Window, level: int = 0) -> EncodedWindow | None:
+        """The stored tiles ``window`` touches, undecoded (:mod:`tilenet.io.source`).
+
+        Tiled, chunky levels in JPEG, deflate, LZW, zstd or no compression only; None for
+        strips, planar storage, TIFF predictors, packed bits and JPEG with extra samples.
+        """
+        if not 0 <= level < len(self.levels):
+            raise InputError(f"{self.path}: level {level} does not exist")
+        t = self._array(level)
+        if not isinstance(t, _Tiles):
+            return None
+        if level not in self._raw:
+            self._raw[level] = self._raw_format(t)
+        fmt = self._raw[level]
+        if fmt is None:
+            return None
+        tiles = []
+        inside = window.clip(*self.levels[level].shape)
+        rows = range(inside.y // t.th, -(-inside.y1 // t.th)) if inside.area else range(0)
+        for ty in rows:
+            for tx in range(inside.x // t.tw, -(-inside.x1 // t.tw)):
+                index = ty * t.nx + tx
+                count = int(t.page.databytecounts[index])
+                if count == 0:
+                    continue  # sparse: stays zero, as read() leaves it
+                stored = Window(ty * t.th, tx * t.tw, t.th, t.tw)
+                part = inside.intersect(stored)
+                data = self._read_bytes(int(t.page.dataoffsets[index]), count)
+                key = (t.token, index)
+                tiles.append(
+                    EncodedTile(key, data, part.relative_to(stored), part.relative_to(window))
+                )
+        page = t.page
+        return EncodedWindow(
+            window=window,
+            level=level,
+            codec=fmt[0],
+            photometric=fmt[1],
+            tables=t.jpegtables if fmt[0] == "jpeg" else None,
+            tile_shape=(t.th, t.tw),
+            dtype=np.dtype(page.dtype).newbyteorder(self._tf.byteorder),
+            samples=t.spp,
+            bits=int(page.bitspersample),
+            tiles=tuple(tiles),
+        )
+
+    def _raw_format(self, t: _Tiles) -> tuple[str, str] | None:
+        """(codec, photometric) of a level whose tiles an EncodedWindow can carry, or None."""
+        page = t.page
+        codec = _RAW_CODECS.get(page.compression.name)
+        photometric = page.photometric.name.lower()
+        if codec is None or not page.is_tiled or t.planes != 1 or t.jpegheader is not None:
+            return None
+        if codec == "jpeg":  # tifffile ignores predictor and fill order for JPEG
+            if page.extrasamples or photometric not in _RAW_JPEG_PHOTOMETRIC:
+                return None
+            # tifffile's rule (TiffPage.is_jfif: the first tile): JFIF samples are YCbCr.
+            first, count = int(page.dataoffsets[0]), int(page.databytecounts[0])
+            if photometric == "rgb" and first and count >= 11:
+                photometric = "ycbcr" if self._read_bytes(first + 6, 4) == b"JFIF" else "rgb"
+            return codec, photometric
+        itembits = np.dtype(page.dtype).itemsize * 8
+        if page.predictor != 1 or page.fillorder != 1 or page.bitspersample != itembits:
+            return None
+        return (codec, photometric) if photometric != "ycbcr" else None
 
     def _read_bytes(self, offset: int, count: int) -> bytes:
         if is_url(self.path):  # one range request: only this tile's bytes are fetched

@@ -1,0 +1,233 @@
+"""Decoders: a batch of :class:`~tilenet.io.source.EncodedWindow` -> one (B, C, h, w) tensor.
+
+Reader threads fetch stored tile bytes only (``image.encoded(window, level)``); a decoder
+turns a batch into pixels on a device, decoding each distinct tile of the batch once
+(overlapping read windows share tiles). Decoders plug in by name (:data:`DECODERS`,
+:func:`register_decoder`) and say which codecs they take; every one must equal
+:func:`tilenet.io.source.decode_window`, which is what ``read`` returns.
+
+The ``cpu`` decoder sends 8-bit baseline/progressive JPEG with 1 or 3 components through
+libjpeg-turbo in torchvision (the decoder a GPU one replaces) and the rest (12-bit, CMYK,
+lossless JPEG; deflate, LZW, zstd, none) through imagecodecs. Two stream fixes make a TIFF
+tile a JPEG file any decoder reads as tifffile does:
+
+* the level's JPEG tables (quantisation and Huffman) go in front of each tile's stream;
+* an RGB-tagged stream without a JFIF or Adobe marker (Aperio) gets an Adobe APP14 marker
+  with transform 0. libjpeg guesses the colour space from the stream alone, and takes
+  component ids 0, 1, 2 for YCbCr: without it the colours are wrong (off by up to ~250).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import numpy as np
+
+from tilenet.io.source import EncodedWindow, decode_tile
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "ADOBE_RGB",
+    "DECODERS",
+    "CpuDecoder",
+    "Decoder",
+    "decode_jpegs",
+    "jpeg_frame",
+    "jpeg_stream",
+    "register_decoder",
+]
+
+#: Adobe APP14 segment, transform 0: the three components are RGB, not YCbCr.
+ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+
+_SOI, _EOI, _SOS = 0xD8, 0xD9, 0xDA
+# Start-of-frame markers libjpeg-turbo in torchvision decodes: baseline, extended, progressive
+# (Huffman). SOF3 (lossless) and arithmetic coding go to imagecodecs.
+_TORCHVISION_SOF = frozenset({0xC0, 0xC1, 0xC2})
+
+
+class Decoder(Protocol):
+    """Turns a batch of encoded windows (all the same shape) into (B, C, h, w) pixels."""
+
+    codecs: ClassVar[frozenset[str]]
+
+    def decode(self, batch: Sequence[EncodedWindow], device: Any = "cpu") -> torch.Tensor: ...
+
+
+#: Decoders by name: what ``InferConfig.decode`` will name.
+DECODERS: dict[str, Callable[[], Decoder]] = {}
+
+
+def register_decoder(name: str) -> Callable[[type[Any]], type[Any]]:
+    """Class decorator: register a :class:`Decoder` class under ``name``."""
+
+    def add(cls: type[Any]) -> type[Any]:
+        if name in DECODERS:
+            raise ValueError(f"decoder {name!r} is registered already")
+        DECODERS[name] = cls
+        return cls
+
+    return add
+
+
+# -- JPEG streams -----------------------------------------------------------------------------
+def _segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(marker, start, end) of each marker segment after SOI, up to and including SOS or EOI.
+
+    Walks lengths, never searches for a marker: FF D9 can occur inside a table.
+    """
+    pos, n = 2, len(data)
+    while pos + 1 < n:
+        if data[pos] != 0xFF:
+            return  # not a marker where one must be: a corrupt stream; the decoder says so
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == _EOI or 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            yield marker, pos, pos + 2
+            if marker == _EOI:
+                return
+            pos += 2
+            continue
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        yield marker, pos, end
+        if marker == _SOS:
+            return
+        pos = end
+
+
+def jpeg_frame(stream: bytes) -> tuple[int, int, int, bool]:
+    """(SOF marker, precision, components, colour marker) of a JPEG stream or tile.
+
+    The colour marker is a JFIF APP0 or an Adobe APP14, which fix the colour space. A stream
+    without a frame header gives (0, 0, 0, marker).
+    """
+    colour = False
+    for marker, start, end in _segments(stream):
+        body = stream[start + 4 : end]
+        if (marker == 0xE0 and body.startswith(b"JFIF\x00")) or (
+            marker == 0xEE and body.startswith(b"Adobe")
+        ):
+            colour = True
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker, body[0], body[5], colour
+    return 0, 0, 0, colour
+
+
+def jpeg_stream(tables: bytes | None, tile: bytes, photometric: str) -> bytes:
+    """A stored JPEG tile as a standalone JPEG file that decodes as tifffile decodes it.
+
+    The tables' segments go between SOI and the tile's own (which still override them, as in
+    an abbreviated stream); an RGB stream without a JFIF/Adobe marker gets :data:`ADOBE_RGB`.
+    """
+    if tile[:2] != b"\xff\xd8":
+        raise ValueError("a JPEG tile must start with SOI (FF D8)")
+    stream = tile
+    if tables:
+        end = next((s for m, s, _ in _segments(tables) if m == _EOI), len(tables))
+        stream = tables[:end] + tile[2:]
+    if photometric == "rgb":
+        _, _, components, colour = jpeg_frame(stream)
+        if components == 3 and not colour:
+            stream = stream[:2] + ADOBE_RGB + stream[2:]
+    return stream
+
+
+def decode_jpegs(streams: Sequence[bytes], device: Any = "cpu") -> list[torch.Tensor]:
+    """Decode whole JPEG files to (C, H, W) uint8 tensors: the one call of torchvision's
+    ``decode_jpeg`` (deprecated in favour of TorchCodec; change it here only)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = [torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in streams]
+    with warnings.catch_warnings():  # torchvision 0.29 warns on every call
+        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
+        return list(decode_jpeg(data, mode=ImageReadMode.UNCHANGED, device=device))
+
+
+# -- the CPU decoder --------------------------------------------------------------------------
+@register_decoder("cpu")
+class CpuDecoder:
+    """libjpeg-turbo (torchvision) for 8-bit JPEG, imagecodecs for the rest; then to ``device``.
+
+    ``tiles`` counts the distinct tiles decoded by each path ("torchvision", "imagecodecs").
+    """
+
+    codecs: ClassVar[frozenset[str]] = frozenset({"jpeg", "deflate", "lzw", "zstd", "none"})
+
+    def __init__(self) -> None:
+        self.tiles: Counter[str] = Counter()
+
+    def decode(self, batch: Sequence[EncodedWindow], device: Any = "cpu") -> torch.Tensor:
+        """(B, C, h, w) pixels of ``batch`` (channels_last memory) on ``device``."""
+        import torch
+
+        first = _check_batch(batch, self.codecs)
+        dtype = first.dtype.newbyteorder("=")
+        decoded = self._tiles(batch)
+        out = torch.from_numpy(np.zeros((len(batch), *first.shape), dtype=dtype))
+        for b, ew in enumerate(batch):
+            for tile in ew.tiles:
+                seg = decoded[tile.key]
+                out[(b, *tile.dst.slices)] = seg[tile.src.slices]
+        # NHWC viewed as NCHW is channels_last: no copy, as the predictor's own input.
+        return out.to(device).permute(0, 3, 1, 2)
+
+    def _tiles(self, batch: Sequence[EncodedWindow]) -> dict[Hashable, torch.Tensor]:
+        """Each distinct tile of ``batch`` decoded once, as (th, tw, C)."""
+        import torch
+
+        todo: dict[Hashable, tuple[EncodedWindow, bytes]] = {}
+        for ew in batch:
+            for tile in ew.tiles:
+                todo.setdefault(tile.key, (ew, tile.data))
+        streams: dict[Hashable, bytes] = {}
+        done: dict[Hashable, torch.Tensor] = {}
+        for key, (ew, data) in todo.items():
+            if ew.codec == "jpeg" and _torchvision_takes(ew, data):
+                streams[key] = jpeg_stream(ew.tables, data, ew.photometric)
+        if streams:
+            try:
+                images = decode_jpegs(list(streams.values()))
+            except RuntimeError:  # a stream libjpeg rejects: imagecodecs decodes (or says why)
+                images = []
+            for key, img in zip(streams, images, strict=False):
+                ew = todo[key][0]
+                if tuple(img.shape) == (ew.samples, *ew.tile_shape):
+                    done[key] = img.permute(1, 2, 0)
+        if done:
+            self.tiles["torchvision"] += len(done)
+        for key, (ew, data) in todo.items():
+            if key not in done:
+                done[key] = torch.from_numpy(decode_tile(ew, data))
+                self.tiles["imagecodecs"] += 1
+        return done
+
+
+def _torchvision_takes(ew: EncodedWindow, tile: bytes) -> bool:
+    """Whether libjpeg-turbo in torchvision decodes this tile as tifffile does."""
+    if ew.photometric not in ("minisblack", "rgb", "ycbcr") or ew.bits != 8:
+        return False  # CMYK ("separated"): torchvision's RGB conversion assumes Adobe's
+    sof, precision, components, _ = jpeg_frame(tile)
+    return sof in _TORCHVISION_SOF and precision == 8 and components in (1, 3)
+
+
+def _check_batch(batch: Sequence[EncodedWindow], codecs: frozenset[str]) -> EncodedWindow:
+    if not batch:
+        raise ValueError("cannot decode an empty batch")
+    first = batch[0]
+    for ew in batch:
+        if ew.codec not in codecs:
+            raise ValueError(f"codec {ew.codec!r} is not one of {sorted(codecs)}")
+        if ew.shape != first.shape or ew.dtype.newbyteorder("=") != first.dtype.newbyteorder("="):
+            raise ValueError(
+                f"a batch must share shape and dtype: {ew.shape} {ew.dtype} vs "
+                f"{first.shape} {first.dtype}"
+            )
+    return first

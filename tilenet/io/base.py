@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from tilenet.errors import CorruptImageError, InputError, TilenetError
+from tilenet.errors import CorruptImageError, InputError, TilenetError, one_line
 from tilenet.geometry import Window, spans
 
 __all__ = ["IGNORE_INDEX", "BandSelection", "LazyImage", "Level", "nodata_mask"]
@@ -195,9 +195,9 @@ class LazyImage(ABC):
         except TilenetError:  # a StorageError (object storage): one line naming the URL
             raise
         except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CorruptImageError(
-                f"{self.path}: cannot decode window {window} at level {level}: {first}"
+                f"{self.path}: cannot decode window {window} at level {level}: "
+                f"{one_line(exc, typed=False)}"
             ) from exc
         if data.ndim == 2:
             data = data[:, :, None]

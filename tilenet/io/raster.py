@@ -28,7 +28,13 @@ from typing import Any
 import numpy as np
 
 from tilenet.config import ReaderConfig
-from tilenet.errors import CorruptImageError, InputError, TilenetError, UnsupportedFormatError
+from tilenet.errors import (
+    CorruptImageError,
+    InputError,
+    TilenetError,
+    UnsupportedFormatError,
+    one_line,
+)
 from tilenet.fsutil import atomic_output, remove_path, tmp_sibling
 from tilenet.geometry import Window, iter_blocks
 from tilenet.io.base import LazyImage, Level
@@ -58,11 +64,6 @@ _CACHE_SET = False
 
 #: Block size of the COGs written (and of the temporary GeoTIFF they are made from).
 _COG_BLOCK = 512
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -190,14 +191,18 @@ def open_raster(
         with _quiet_georef(), _remote_env(p):
             ds = rasterio.open(_gdal_name(p))
     except Exception as exc:
-        raise CorruptImageError(f"{p}: not a raster GDAL can read: {_first_line(exc)}") from exc
+        raise CorruptImageError(
+            f"{p}: not a raster GDAL can read: {one_line(exc, typed=False)}"
+        ) from exc
     try:
         with ds, _quiet_georef(), _remote_env(p):
             return _describe(p, ds, rasterio, max_pixels=max_pixels)
     except TilenetError:
         raise
     except Exception as exc:
-        raise CorruptImageError(f"{p}: corrupt raster header: {_first_line(exc)}") from exc
+        raise CorruptImageError(
+            f"{p}: corrupt raster header: {one_line(exc, typed=False)}"
+        ) from exc
 
 
 def _chunks(ds: Any) -> tuple[int, int] | None:

@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tilenet.errors import ImageNotFoundError, InputError, UnsupportedFormatError
+from tilenet.errors import ImageNotFoundError, InputError, UnsupportedFormatError, one_line
 from tilenet.fsutil import safe_stem
 from tilenet.geometry import Window
 from tilenet.io.base import IGNORE_INDEX, LazyImage
@@ -86,11 +86,6 @@ _GEOMETRY_TYPES = {
     "MultiPolygon",
     "GeometryCollection",
 }
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _warn(message: str) -> None:
@@ -196,7 +191,9 @@ def _geojson_features(path: Path) -> list[dict[str, Any]]:
     try:
         data = json.loads(path.read_bytes())
     except (UnicodeDecodeError, ValueError) as exc:
-        raise UnsupportedFormatError(f"{path}: not GeoJSON ({_first_line(exc)})") from None
+        raise UnsupportedFormatError(
+            f"{path}: not GeoJSON ({one_line(exc, typed=False)})"
+        ) from None
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
         feats = data.get("features")
     elif isinstance(data, dict) and data.get("type") == "Feature":
@@ -246,7 +243,7 @@ def _ogr_info(path: Path) -> dict[str, Any]:
         info = pyogrio.read_info(path)
     except Exception as exc:
         raise UnsupportedFormatError(
-            f"{path}: not a vector file GDAL/OGR reads ({_first_line(exc)})"
+            f"{path}: not a vector file GDAL/OGR reads ({one_line(exc, typed=False)})"
         ) from None
     if not info.get("geometry_type"):
         raise UnsupportedFormatError(f"{path}: holds no geometries (not vector data)")
@@ -282,7 +279,7 @@ def read_class_names(
         _, _, _, data = pyogrio.raw.read(p, columns=[fld], read_geometry=False)
     except Exception as exc:
         raise UnsupportedFormatError(
-            f"{p}: cannot read field {fld!r} ({_first_line(exc)})"
+            f"{p}: cannot read field {fld!r} ({one_line(exc, typed=False)})"
         ) from None
     return {n for n in (_class_of({fld: v}, (fld,)) for v in data[0]) if n is not None}
 
@@ -364,7 +361,7 @@ def read_annotations(path: str | Path, *, label_field: str | None = None) -> Vec
             geoms.append(shapely.geometry.shape(g))
         except Exception as exc:
             raise InputError(
-                f"{p}: feature {i} has a broken geometry ({_first_line(exc)})"
+                f"{p}: feature {i} has a broken geometry ({one_line(exc, typed=False)})"
             ) from None
     kept, kept_names = _clean(geoms, names, p)
     return VectorLabels(p, np.array(kept, dtype=object), kept_names, "annotations", None)
@@ -376,7 +373,7 @@ def _crs_of(value: Any, what: str) -> Any:
     try:
         return CRS.from_user_input(value)
     except Exception as exc:
-        raise InputError(f"{what}: cannot read its CRS ({_first_line(exc)})") from None
+        raise InputError(f"{what}: cannot read its CRS ({one_line(exc, typed=False)})") from None
 
 
 def _transform_xy(src: Any, dst: Any, xy: np.ndarray, what: str) -> np.ndarray:
@@ -387,7 +384,7 @@ def _transform_xy(src: Any, dst: Any, xy: np.ndarray, what: str) -> np.ndarray:
     except Exception as exc:
         raise InputError(
             f"{what}: cannot transform coordinates from {_crs_name(src)} to {_crs_name(dst)} "
-            f"({_first_line(exc)})"
+            f"({one_line(exc, typed=False)})"
         ) from None
     out = np.column_stack([np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)])
     if out.size and not np.isfinite(out).all():
@@ -445,7 +442,7 @@ def read_vector_labels(
             except Exception as exc:
                 raise InputError(
                     f"{p}: cannot transform coordinates from {_crs_name(src_crs)} to "
-                    f"{_crs_name(dst)} ({_first_line(exc)})"
+                    f"{_crs_name(dst)} ({one_line(exc, typed=False)})"
                 ) from None
             if not np.isfinite(bbox).all():
                 raise InputError(
@@ -462,7 +459,9 @@ def read_vector_labels(
     try:
         _, _, wkb, data = pyogrio.raw.read(p, columns=[fld], bbox=bbox)
     except Exception as exc:
-        raise UnsupportedFormatError(f"{p}: cannot read features ({_first_line(exc)})") from None
+        raise UnsupportedFormatError(
+            f"{p}: cannot read features ({one_line(exc, typed=False)})"
+        ) from None
     geoms = list(shapely.from_wkb(wkb)) if wkb is not None else []
     names = [_class_of({fld: v}, (fld,)) for v in data[0]] if len(data) else []
     kept, kept_names = _clean(geoms, names, p)

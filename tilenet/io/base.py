@@ -17,6 +17,7 @@ import numpy as np
 
 from tilenet.errors import CorruptImageError, InputError, TilenetError, one_line
 from tilenet.geometry import Window, spans
+from tilenet.io.crs import describe_georef
 
 __all__ = ["IGNORE_INDEX", "BandSelection", "LazyImage", "Level", "nodata_mask"]
 
@@ -156,8 +157,6 @@ class LazyImage(ABC):
         geo["transform"] = list(self.transform) if self.transform else None
         geo["gsd"] = None
         if self.crs is not None or self.transform is not None:
-            from tilenet.io.raster import describe_georef
-
             geo.update(describe_georef(self.crs, self.transform))
         geo["nodata"] = self.nodata
         geo["bands"] = list(self.band_names) if self.band_names else None

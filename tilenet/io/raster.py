@@ -38,6 +38,7 @@ from tilenet.errors import (
 from tilenet.fsutil import atomic_output, remove_path, tmp_sibling
 from tilenet.geometry import Window, iter_blocks
 from tilenet.io.base import LazyImage, Level
+from tilenet.io.crs import describe_georef  # re-exported: engine/infer.py, outputs/outputset.py
 from tilenet.io.sniff import check_chunk, check_pixels, level_downsample
 from tilenet.io.storage import gdal_options, gdal_path, is_url
 
@@ -116,25 +117,6 @@ def gsd_of(transform: tuple[float, ...]) -> tuple[float, float]:
     """
     _, a, b, _, d, e = transform
     return (math.hypot(b, e), math.hypot(a, d))
-
-
-def describe_georef(crs: str | None, transform: tuple[float, ...] | None) -> dict[str, Any]:
-    """``epsg`` (where the CRS has one), ``crs_units`` and ``gsd`` (y, x) in those units."""
-    epsg = units = None
-    if crs:
-        from rasterio.crs import CRS
-
-        try:
-            c = CRS.from_wkt(crs)
-            epsg = c.to_epsg()
-            units = c.linear_units if c.is_projected else "degree" if c.is_geographic else None
-        except Exception:
-            pass
-    return {
-        "epsg": epsg,
-        "crs_units": units,
-        "gsd": list(gsd_of(transform)) if transform else None,
-    }
 
 
 @dataclass

@@ -42,6 +42,7 @@ from tilenet.config import ResolutionConfig
 from tilenet.errors import ConfigError, InputError
 from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
+from tilenet.io.crs import describe_georef
 
 __all__ = [
     "ResampledImage",
@@ -372,8 +373,6 @@ def pixel_record(image: LazyImage, level: int = 0) -> dict[str, Any]:
     if image.pixel_size:
         rec["mpp"] = [image.pixel_size[0] * ds[0], image.pixel_size[1] * ds[1]]
     if image.transform is not None:
-        from tilenet.io.raster import describe_georef
-
         info = describe_georef(image.crs, _scaled(image.transform, ds))
         rec["gsd"], rec["crs_units"] = info["gsd"], info["crs_units"]
     return rec

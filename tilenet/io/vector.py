@@ -49,6 +49,8 @@ from tilenet.errors import ImageNotFoundError, InputError, UnsupportedFormatErro
 from tilenet.fsutil import safe_stem
 from tilenet.geometry import Window
 from tilenet.io.base import IGNORE_INDEX, LazyImage
+from tilenet.io.crs import display_name
+from tilenet.io.crs import parse as parse_crs
 
 __all__ = [
     "ANNOTATION_SUFFIXES",
@@ -367,15 +369,6 @@ def read_annotations(path: str | Path, *, label_field: str | None = None) -> Vec
     return VectorLabels(p, np.array(kept, dtype=object), kept_names, "annotations", None)
 
 
-def _crs_of(value: Any, what: str) -> Any:
-    from rasterio.crs import CRS
-
-    try:
-        return CRS.from_user_input(value)
-    except Exception as exc:
-        raise InputError(f"{what}: cannot read its CRS ({one_line(exc, typed=False)})") from None
-
-
 def _transform_xy(src: Any, dst: Any, xy: np.ndarray, what: str) -> np.ndarray:
     from rasterio.warp import transform
 
@@ -383,29 +376,16 @@ def _transform_xy(src: Any, dst: Any, xy: np.ndarray, what: str) -> np.ndarray:
         xs, ys = transform(src, dst, xy[:, 0], xy[:, 1])
     except Exception as exc:
         raise InputError(
-            f"{what}: cannot transform coordinates from {_crs_name(src)} to {_crs_name(dst)} "
+            f"{what}: cannot transform coordinates from {display_name(src)} to {display_name(dst)} "
             f"({one_line(exc, typed=False)})"
         ) from None
     out = np.column_stack([np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)])
     if out.size and not np.isfinite(out).all():
         raise InputError(
-            f"{what}: cannot transform coordinates from {_crs_name(src)} to {_crs_name(dst)} "
+            f"{what}: cannot transform coordinates from {display_name(src)} to {display_name(dst)} "
             "(the transformation gives non-finite values)"
         )
     return out
-
-
-def _crs_name(crs: Any) -> str:
-    """A short name: ``EPSG:32632``, ``IAU_2015:49900``, else the WKT's name."""
-    try:
-        auth = crs.to_authority()
-    except Exception:
-        auth = None
-    if auth:
-        return f"{auth[0]}:{auth[1]}"
-    wkt = str(crs.to_wkt()) if hasattr(crs, "to_wkt") else str(crs)
-    name = wkt.split('"')[1] if wkt.count('"') >= 2 else wkt
-    return name[:80]
 
 
 def read_vector_labels(
@@ -423,15 +403,15 @@ def read_vector_labels(
     p = Path(path)
     info = _ogr_info(p)
     fld = _check_field(p, info, label_field)
-    src_crs = _crs_of(info["crs"], str(p)) if info.get("crs") else None
+    src_crs = parse_crs(info["crs"], str(p)) if info.get("crs") else None
     bbox = None
     if image is not None and src_crs is not None:
         if image.crs is None:
             raise InputError(
                 f"{image.path}: has no CRS, but the vector labels {p} are in "
-                f"{_crs_name(src_crs)}; georeference the raster, or give labels without a CRS"
+                f"{display_name(src_crs)}; georeference the raster, or give labels without a CRS"
             )
-        dst = _crs_of(image.crs, str(image.path))
+        dst = parse_crs(image.crs, str(image.path))
         corners = _extent_corners(image)
         if dst != src_crs:
             from rasterio.warp import transform_bounds
@@ -441,13 +421,13 @@ def read_vector_labels(
                 bbox = transform_bounds(dst, src_crs, xs.min(), ys.min(), xs.max(), ys.max())
             except Exception as exc:
                 raise InputError(
-                    f"{p}: cannot transform coordinates from {_crs_name(src_crs)} to "
-                    f"{_crs_name(dst)} ({one_line(exc, typed=False)})"
+                    f"{p}: cannot transform coordinates from {display_name(src_crs)} to "
+                    f"{display_name(dst)} ({one_line(exc, typed=False)})"
                 ) from None
             if not np.isfinite(bbox).all():
                 raise InputError(
-                    f"{p}: cannot transform coordinates from {_crs_name(src_crs)} to "
-                    f"{_crs_name(dst)} (non-finite bounds)"
+                    f"{p}: cannot transform coordinates from {display_name(src_crs)} to "
+                    f"{display_name(dst)} (non-finite bounds)"
                 )
         else:
             bbox = (
@@ -611,11 +591,11 @@ class VectorLabels:
         if image.crs is None:
             raise InputError(
                 f"{image.path}: has no CRS, but the labels {self.path} are in "
-                f"{_crs_name(_crs_of(self.crs, str(self.path)))}; georeference the raster, or "
+                f"{display_name(parse_crs(self.crs, str(self.path)))}; georeference the raster, or "
                 "give labels without a CRS"
             )
-        src = _crs_of(self.crs, str(self.path))
-        dst = _crs_of(image.crs, str(image.path))
+        src = parse_crs(self.crs, str(self.path))
+        dst = parse_crs(image.crs, str(image.path))
         if src == dst or not len(self.geoms):
             return VectorLabels(self.path, self.geoms, self.names, self.kind, image.crs)
         what = str(self.path)

@@ -61,6 +61,7 @@ from tilenet.errors import (
 )
 from tilenet.fsutil import atomic_output, remove_path
 from tilenet.geometry import iter_blocks, spans
+from tilenet.io.crs import ogc_name, to_wgs84
 from tilenet.io.writers import DEFAULT_PALETTE, OmeZarrWriter
 from tilenet.progress import progress_iter
 
@@ -694,14 +695,6 @@ def _iter_objects(
             yield i, polys, border.count[i] * area_scale, classify(i, border.hist[i])
 
 
-def _crs_name(crs: str) -> str:
-    """An OGC URN for a CRS with an EPSG code, else its WKT."""
-    from rasterio.crs import CRS
-
-    epsg = CRS.from_user_input(crs).to_epsg()
-    return f"urn:ogc:def:crs:EPSG::{epsg}" if epsg else crs
-
-
 def write_geojson(
     instances: Any,
     path: str | os.PathLike[str],
@@ -774,7 +767,7 @@ def write_geojson(
     written = 0
     head: dict[str, Any] = {"type": "FeatureCollection"}
     if crs and not wgs84:
-        head["crs"] = {"type": "name", "properties": {"name": _crs_name(crs)}}
+        head["crs"] = {"type": "name", "properties": {"name": ogc_name(crs)}}
     with atomic_output(Path(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(json.dumps(head)[:-1] + ', "features": [\n')
         for i, polys, area, cls in objects:
@@ -786,13 +779,12 @@ def write_geojson(
 
 def _to_wgs84(crs: str) -> Any:
     """A function reprojecting nested polygon coordinates from ``crs`` to lon/lat."""
-    from rasterio.warp import transform as warp
+    to_lonlat = to_wgs84(crs)
 
     def project(polys: list[Any]) -> list[Any]:
         flat = [pt for poly in polys for ring in poly for pt in ring]
-        xs, ys = warp(crs, "EPSG:4326", [p[0] for p in flat], [p[1] for p in flat])
-        it = iter(zip(xs, ys, strict=True))
-        return [[[list(next(it)) for _ in ring] for ring in poly] for poly in polys]
+        it = iter(to_lonlat(np.asarray(flat, dtype=np.float64).reshape(-1, 2)).tolist())
+        return [[[next(it) for _ in ring] for ring in poly] for poly in polys]
 
     return project
 

@@ -40,6 +40,7 @@ import numpy as np
 from tilenet.errors import InputError
 from tilenet.fsutil import atomic_output, remove_path
 from tilenet.geometry import iter_blocks
+from tilenet.io.crs import ogc_name, to_wgs84
 from tilenet.io.writers import DEFAULT_PALETTE
 
 __all__ = ["REGION_BLOCK", "Region", "iter_regions", "write_class_regions"]
@@ -175,16 +176,9 @@ def _to_reference(transform: Sequence[float]) -> Callable[[Any], Any]:
 
 def _to_wgs84(crs: str) -> Callable[[Any], Any]:
     import shapely
-    from rasterio.warp import transform as warp
 
-    def project(poly: Any) -> Any:
-        def f(xy: np.ndarray) -> np.ndarray:
-            xs, ys = warp(crs, "EPSG:4326", xy[:, 0].tolist(), xy[:, 1].tolist())
-            return np.c_[xs, ys]
-
-        return shapely.transform(poly, f)
-
-    return project
+    project = to_wgs84(crs)
+    return lambda poly: shapely.transform(poly, project)
 
 
 def _coords(poly: Any, integral: bool) -> list[Any]:
@@ -255,7 +249,7 @@ def write_class_regions(
     area: dict[str, float] = {}
     head: dict[str, Any] = {"type": "FeatureCollection"}
     if crs and not wgs84:
-        head["crs"] = {"type": "name", "properties": {"name": _crs_name(crs)}}
+        head["crs"] = {"type": "name", "properties": {"name": ogc_name(crs)}}
     rows: list[tuple[int, Any, int]] = []
 
     def flush(append: bool) -> None:
@@ -325,11 +319,3 @@ def write_class_regions(
         if opened is not None:
             opened.close()
     return {"count": count, "area": area}
-
-
-def _crs_name(crs: str) -> str:
-    """An OGC URN for a CRS with an EPSG code, else its WKT."""
-    from rasterio.crs import CRS
-
-    epsg = CRS.from_user_input(crs).to_epsg()
-    return f"urn:ogc:def:crs:EPSG::{epsg}" if epsg else crs

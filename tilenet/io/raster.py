@@ -16,7 +16,6 @@ rasterio is imported lazily: importing :mod:`tilenet.io` stays cheap.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
 import warnings
@@ -36,7 +35,7 @@ from tilenet.errors import (
     one_line,
 )
 from tilenet.fsutil import atomic_output, remove_path, tmp_sibling
-from tilenet.geometry import Window, iter_blocks
+from tilenet.geometry import GeoTransform, Window, iter_blocks
 from tilenet.io.base import LazyImage, Level
 from tilenet.io.crs import describe_georef  # re-exported: engine/infer.py, outputs/outputset.py
 from tilenet.io.sniff import check_chunk, check_pixels, level_downsample
@@ -96,27 +95,18 @@ def is_geotiff(tags: Any) -> bool:
     return any(code in tags for code in GEOTIFF_TAGS)
 
 
-def scaled_transform(
-    transform: tuple[float, ...], downsample: tuple[float, float]
-) -> tuple[float, ...]:
-    """The geotransform (GDAL order) of a level downsampled by (y, x) ``downsample``.
+def scaled_transform(transform: tuple[float, ...], downsample: tuple[float, float]) -> GeoTransform:
+    """``GeoTransform(*transform).scaled(downsample)``: kept for callers of the GDAL tuple.
 
-    >>> scaled_transform((500000.0, 10.0, 0.0, 4e6, 0.0, -10.0), (2.0, 2.0))
+    >>> scaled_transform((500000.0, 10.0, 0.0, 4e6, 0.0, -10.0), (2.0, 2.0)).to_gdal()
     (500000.0, 20.0, 0.0, 4000000.0, 0.0, -20.0)
     """
-    x0, a, b, y0, d, e = transform
-    sy, sx = downsample
-    return (x0, a * sx, b * sy, y0, d * sx, e * sy)
+    return GeoTransform(*transform).scaled(downsample)
 
 
 def gsd_of(transform: tuple[float, ...]) -> tuple[float, float]:
-    """Ground sample distance (y, x) in CRS units of a GDAL-order geotransform.
-
-    >>> gsd_of((500000.0, 10.0, 0.0, 4e6, 0.0, -10.0))
-    (10.0, 10.0)
-    """
-    _, a, b, _, d, e = transform
-    return (math.hypot(b, e), math.hypot(a, d))
+    """``GeoTransform(*transform).gsd``: kept for callers of the GDAL tuple."""
+    return GeoTransform(*transform).gsd
 
 
 @dataclass
@@ -231,7 +221,7 @@ def _describe(p: Any, ds: Any, rasterio: Any, *, max_pixels: int | None) -> Rast
         pixel_size=None,  # a ground sample distance is not a microscope pixel: see transform
         metadata={"driver": ds.driver},
         crs=crs,
-        transform=tuple(float(v) for v in ds.transform.to_gdal()) if georef else None,
+        transform=GeoTransform(*(float(v) for v in ds.transform.to_gdal())) if georef else None,
         nodata=float(ds.nodata) if ds.nodata is not None else None,
         band_names=names,
         _overviews=list(range(len(factors))),

@@ -31,7 +31,6 @@ error that lists the known ones. shapely, pyogrio and rasterio are imported lazi
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -40,17 +39,17 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from tilenet.errors import ImageNotFoundError, InputError, UnsupportedFormatError, one_line
-from tilenet.fsutil import safe_stem
-from tilenet.geometry import Window
+from tilenet.geometry import GeoTransform, Window
 from tilenet.io.base import IGNORE_INDEX, LazyImage
 from tilenet.io.crs import display_name
 from tilenet.io.crs import parse as parse_crs
+from tilenet.io.paths import match_by_stem
 
 __all__ = [
     "ANNOTATION_SUFFIXES",
@@ -454,94 +453,40 @@ def read_vector_labels(
 
 
 def match_annotations(images: Sequence[Path | str], spec: str | os.PathLike[str]) -> list[Path]:
-    """The annotation file of each image: ``spec`` is a file (one image), a directory (a
-    ``.geojson``/``.json`` file with the image's stem), a glob, or a pattern with ``{stem}``.
+    """The annotation file of each image (:func:`~tilenet.io.paths.match_by_stem`): ``spec``
+    is a file (one image), a directory (a ``.geojson``/``.json`` file with the image's stem),
+    a glob, or a pattern with ``{stem}``.
 
     QuPath names exports after the image, with or without its extension (``a.svs.geojson``
     and ``a.geojson`` both match ``a.svs``).
     """
-    s = str(spec)
-    if "{stem}" in s:
-        found = [Path(s.replace("{stem}", safe_stem(_name(p)))) for p in images]
-        for img, ann in zip(images, found, strict=True):
-            if not ann.is_file():
-                raise ImageNotFoundError(f"{ann}: annotations for {img} not found")
-        return found
-    p = Path(s)
-    if p.is_file():
-        if len(images) != 1:
-            raise InputError(
-                f"{p}: one annotation file for {len(images)} images; QuPath annotations belong "
-                "to one slide: give a directory or a pattern with {stem}"
-            )
-        return [p]
-    if p.is_dir():
-        cands = [c for c in p.iterdir() if c.name.lower().endswith(ANNOTATION_SUFFIXES)]
-    elif glob.has_magic(s):
-        cands = [Path(h) for h in glob.glob(s)]
-    else:
-        raise ImageNotFoundError(f"{s}: no such annotation file, directory or pattern")
-    by_stem: dict[str, Path] = {}
-    for c in sorted(cands):
-        name = c.name
-        for suf in ANNOTATION_SUFFIXES:
-            if name.lower().endswith(suf):
-                name = name[: -len(suf)]
-                break
-        by_stem.setdefault(safe_stem(name), c)
-    out = []
-    for img in images:
-        hit = by_stem.get(safe_stem(_name(img)))
-        if hit is None:
-            raise ImageNotFoundError(
-                f"{img}: no annotation file named {safe_stem(_name(img))}.geojson in {s}; "
-                "annotations are matched to images by file name"
-            )
-        out.append(hit)
-    return out
-
-
-def _name(image: Path | str) -> str:
-    """The file name of a local path or a URL (``s3://b/a/x.svs?v=1`` -> ``x.svs``)."""
-    return PurePosixPath(str(image).split("?", 1)[0]).name if isinstance(image, str) else image.name
+    return match_by_stem(images, spec, suffixes=ANNOTATION_SUFFIXES, what="annotation file")
 
 
 # -- geometry helpers ----------------------------------------------------------------------
-def _affine(gt: Sequence[float]) -> Any:
+def _affine(gt: GeoTransform) -> Any:
+    """rasterio's ``Affine`` for ``gt`` (what ``rasterize`` takes)."""
     from affine import Affine
 
-    return Affine.from_gdal(*gt)
+    return Affine.from_gdal(*gt.to_gdal())
 
 
-def _shifted(gt: Sequence[float], row: int, col: int) -> tuple[float, ...]:
-    """The geotransform of the pixels from (``row``, ``col``) on.
-
-    >>> _shifted((0.0, 2.0, 0.0, 0.0, 0.0, 2.0), 1, 3)
-    (6.0, 2.0, 0.0, 2.0, 0.0, 2.0)
-    """
-    x0, a, b, y0, d, e = gt
-    return (x0 + col * a + row * b, a, b, y0 + col * d + row * e, d, e)
-
-
-def _footprints(gt: Sequence[float], boxes: np.ndarray) -> Any:
+def _footprints(gt: GeoTransform, boxes: np.ndarray) -> Any:
     """Polygons of pixel boxes (n, 4: y, x, h, w) in reference coordinates."""
     import shapely
 
-    x0, a, b, y0, d, e = gt
     y, x, h, w = (boxes[:, i].astype(np.float64) for i in range(4))
     cols = np.stack([x, x + w, x + w, x, x], axis=1)
     rows = np.stack([y, y, y + h, y + h, y], axis=1)
-    coords = np.stack([x0 + cols * a + rows * b, y0 + cols * d + rows * e], axis=-1)
-    return shapely.polygons(coords)
+    return shapely.polygons(np.stack(gt(cols, rows), axis=-1))
 
 
 def _extent_corners(image: LazyImage) -> np.ndarray:
     """The corners (4, 2) of level 0 in reference coordinates."""
     h, w = image.levels[0].shape
-    x0, a, b, y0, d, e = image.pixel_transform(0)
     cols = np.array([0, w, w, 0], dtype=np.float64)
     rows = np.array([0, 0, h, h], dtype=np.float64)
-    return np.column_stack([x0 + cols * a + rows * b, y0 + cols * d + rows * e])
+    return np.column_stack(image.pixel_transform(0)(cols, rows))
 
 
 # -- polygons and label images -------------------------------------------------------------
@@ -572,12 +517,10 @@ class VectorLabels:
             if self.kind == "annotations" and image.transform is not None:
                 # QuPath pixels of a georeferenced raster: through its level-0 geotransform.
                 ry, rx = image.reference_scale
-                x0, a, b, y0, d, e = image.transform
-                a, b, d, e = a / rx, b / ry, d / rx, e / ry
+                gt = image.transform.scaled((1 / ry, 1 / rx))
 
                 def fn(xy: np.ndarray) -> np.ndarray:
-                    c, r = xy[:, 0], xy[:, 1]
-                    return np.column_stack([x0 + c * a + r * b, y0 + c * d + r * e])
+                    return np.column_stack(gt(xy[:, 0], xy[:, 1]))
 
                 return VectorLabels(
                     self.path, shapely.transform(self.geoms, fn), self.names, self.kind, image.crs
@@ -661,16 +604,20 @@ class VectorLabels:
         _, names = resolve_classes(
             self.names, class_map=dict(classes), outside=outside, source=str(self.path)
         )
-        return VectorLabelImage(
+        return image.replace(
+            VectorLabelImage,
             path=self.path,
             format="vector-labels",
             dtype=np.dtype(np.uint8),
             channels=1,
-            levels=list(image.levels),
-            crs=image.crs,
-            transform=image.transform,
-            reference_scale=image.reference_scale,
+            compression=None,
+            pixel_size=None,  # labels, not a microscope image: as label_view's labels
             metadata={"image": str(image.path), "kind": self.kind},
+            nodata=None,
+            band_names=None,
+            vendor=None,
+            objective_power=None,
+            associated_images={},
             geoms=geoms[keep],
             values=np.array([classes[self.names[i]] for i in keep], dtype=np.uint8),
             outside=IGNORE_INDEX if outside == "ignore" else 0,
@@ -755,7 +702,7 @@ class VectorLabelImage(LazyImage):
                 zip(self.geoms[idx], self.values[idx].tolist(), strict=True),
                 out_shape=(_BLOCK, _BLOCK),
                 fill=IGNORE_INDEX,
-                transform=_affine(_shifted(gt, by * _BLOCK, bx * _BLOCK)),
+                transform=_affine(gt.shifted(by * _BLOCK, bx * _BLOCK)),
                 all_touched=False,
                 dtype="uint8",
             )

@@ -60,7 +60,7 @@ from tilenet.errors import (
     UnsupportedFormatError,
 )
 from tilenet.fsutil import atomic_output, remove_path
-from tilenet.geometry import iter_blocks, spans
+from tilenet.geometry import GeoTransform, iter_blocks, spans
 from tilenet.io.crs import ogc_name, to_wgs84
 from tilenet.io.writers import DEFAULT_PALETTE, OmeZarrWriter
 from tilenet.progress import progress_iter
@@ -428,7 +428,7 @@ def _trace(
     origin: tuple[int, int] = (0, 0),
     step: int = 1,
     scale: float = 1,
-    affine: Sequence[float] | None = None,
+    affine: GeoTransform | None = None,
 ) -> Iterator[tuple[int, list[list[list[list[Any]]]]]]:
     """Exact pixel-edge polygons of the objects ``keep`` (sorted ids) in ``labels``.
 
@@ -509,8 +509,7 @@ def _trace(
     if affine is None:
         pts = (np.stack([vx, vy], axis=1) * scale).tolist()
     else:
-        x0, dx, rx, y0, ry, dy = (float(v) for v in affine)
-        pts = np.stack([x0 + vx * dx + vy * rx, y0 + vx * ry + vy * dy], axis=1).tolist()
+        pts = np.stack(affine(vx, vy), axis=1).tolist()
     order = np.lexsort((-area2, ring_owner, ring_id)).tolist()  # per owner: outer ring first
     ids, owners = ring_id.tolist(), ring_owner.tolist()
     polys: list[list[list[list[Any]]]] = []
@@ -586,11 +585,7 @@ def _objects(
             )
     if not downsample > 0 or not min_area >= 0:
         raise InputError(f"downsample must be > 0 and min_area >= 0, got {downsample}, {min_area}")
-    affine = None
-    if transform is not None:
-        affine = tuple(float(v) for v in transform)
-        if len(affine) != 6 or affine[1] * affine[5] - affine[2] * affine[4] == 0:
-            raise InputError(f"transform must be 6 GDAL-order numbers, invertible: {transform}")
+    affine = None if transform is None else GeoTransform.from_gdal(transform)
     ranges: dict[int, list[int]] = {}
     meta: Any = inst.attrs.get(META_KEY) if isinstance(inst, zarr.Array) else None
     if cmap is None and meta and meta.get("class_ranges"):
@@ -603,7 +598,7 @@ def _iter_objects(
     cmap: Any,
     ranges: dict[int, list[int]],
     downsample: float,
-    affine: tuple[float, ...] | None,
+    affine: GeoTransform | None,
     min_area: float,
 ) -> Iterator[_Object]:
     range_cls = sorted(ranges, key=lambda k: ranges[k][0])
@@ -614,7 +609,7 @@ def _iter_objects(
     if affine is None:
         area_scale = float(downsample) ** 2
     else:
-        area_scale = abs(affine[1] * affine[5] - affine[2] * affine[4])
+        area_scale = affine.pixel_area
     # integer coordinates stay integers in the JSON
     scale: float = int(downsample) if float(downsample).is_integer() else float(downsample)
 

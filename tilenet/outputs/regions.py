@@ -39,7 +39,7 @@ import numpy as np
 
 from tilenet.errors import InputError
 from tilenet.fsutil import atomic_output, remove_path
-from tilenet.geometry import iter_blocks
+from tilenet.geometry import GeoTransform, iter_blocks
 from tilenet.io.crs import ogc_name, to_wgs84
 from tilenet.io.writers import DEFAULT_PALETTE
 
@@ -161,16 +161,13 @@ def _merge_seam_pieces(pieces: list[Any]) -> list[Any]:
     return sorted(merged, key=lambda p: (p.bounds[1], p.bounds[0]))
 
 
-def _to_reference(transform: Sequence[float]) -> Callable[[Any], Any]:
-    """Pixel polygon -> reference coordinates through a GDAL-order geotransform."""
+def _to_reference(gt: GeoTransform) -> Callable[[Any], Any]:
+    """Pixel polygon -> reference coordinates through ``gt``."""
     import shapely.affinity
 
-    x0, a, b, y0, d, e = (float(v) for v in transform)
-    if a * e - b * d == 0:
-        raise InputError(f"transform must be 6 GDAL-order numbers, invertible: {transform}")
-    matrix = [a, b, d, e, x0, y0]
-    if matrix == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]:
+    if gt.is_identity:
         return lambda p: p
+    matrix = [gt.dx, gt.rx, gt.ry, gt.dy, gt.x0, gt.y0]  # shapely's order
     return lambda p: shapely.affinity.affine_transform(p, matrix)
 
 
@@ -222,12 +219,11 @@ def write_class_regions(
 
     if wgs84 and not crs:
         raise InputError("wgs84 needs the CRS to reproject from")
-    to_ref = _to_reference(transform)
-    integral = crs is None and all(float(v).is_integer() for v in transform)
+    gt = GeoTransform.from_gdal(transform)
+    to_ref = _to_reference(gt)
+    integral = crs is None and all(v.is_integer() for v in gt)
     project = _to_wgs84(crs) if wgs84 and crs else None
-    px_area = abs(
-        float(transform[1]) * float(transform[5]) - float(transform[2]) * float(transform[4])
-    )
+    px_area = gt.pixel_area
     palette = DEFAULT_PALETTE.tolist()
     names = [str(n) for n in class_names]
 

@@ -19,7 +19,7 @@ Polygons with holes and MultiPolygons are kept; invalid polygons are repaired wi
 :class:`~tilenet.io.base.LazyImage` with the image's pyramid. A read rasterizes, with
 ``rasterio.features.rasterize`` (GDAL, pixel-centre rule), only the polygons an STRtree
 finds in the window, in fixed 256² blocks of a global grid through
-``image.pixel_transform(level)``: a pixel's label is computed the same way whichever window
+``image.pixel_transform(level)`` (:mod:`tilenet.io.labelimage`): a pixel's label is computed the same way whichever window
 it is read in, and never for the whole image at once. Pixels outside every polygon get
 :data:`IGNORE_INDEX` (``outside="ignore"``, the training loss skips them) or 0
 (``outside="background"``). Polygons later in the file are drawn over earlier ones.
@@ -34,21 +34,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
 import warnings
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from tilenet.errors import ImageNotFoundError, InputError, UnsupportedFormatError, one_line
-from tilenet.geometry import GeoTransform, Window
 from tilenet.io.base import IGNORE_INDEX, LazyImage
+from tilenet.io.classes import OUTSIDE, Outside, name_key, resolve_classes
 from tilenet.io.crs import display_name
 from tilenet.io.crs import parse as parse_crs
+from tilenet.io.labelimage import VectorLabelImage
 from tilenet.io.paths import match_by_stem
 
 __all__ = [
@@ -65,18 +64,11 @@ __all__ = [
     "resolve_classes",
 ]
 
-#: The label of pixels outside every polygon with ``outside="ignore"`` (and of nodata
-#: pixels, always): ``train.ignore_index``'s default.
-#: What pixels outside every polygon become.
-OUTSIDE = ("ignore", "background")
 #: File endings of annotation files found in a directory.
 ANNOTATION_SUFFIXES = (".geojson", ".json")
 
 Kind = Literal["annotations", "vector"]
-Outside = Literal["ignore", "background"]
 
-_BLOCK = 256  # side of the global rasterization blocks
-_CACHE_BLOCKS = 64  # rasterized blocks kept per label image (64 * 64 KiB)
 _DEFAULT_FIELDS = ("classification", "class", "label")
 _GEOMETRY_TYPES = {
     "Point",
@@ -91,83 +83,6 @@ _GEOMETRY_TYPES = {
 
 def _warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
-
-
-# -- class names ---------------------------------------------------------------------------
-def _name_key(name: str) -> tuple[int, float, str]:
-    """Sort key: numeric names by value (``"2"`` before ``"10"``), then text."""
-    try:
-        return (0, float(name), name)
-    except ValueError:
-        return (1, 0.0, name)
-
-
-def resolve_classes(
-    found: Iterable[str],
-    *,
-    class_map: Mapping[str, int] | None = None,
-    outside: Outside = "ignore",
-    source: str = "annotations",
-) -> tuple[dict[str, int], list[str]]:
-    """The label value of each class name, and the class names by index.
-
-    Without ``class_map`` the names found are sorted (numbers by value) and numbered from 0;
-    with ``outside="background"`` index 0 is ``"background"`` (shared with a class of that
-    name) and the others follow. With ``class_map``, every name found must be in it.
-
-    >>> resolve_classes(["Tumor", "Stroma", "Tumor"])
-    ({'Stroma': 0, 'Tumor': 1}, ['Stroma', 'Tumor'])
-    >>> resolve_classes(["Tumor"], outside="background")
-    ({'Tumor': 1}, ['background', 'Tumor'])
-    >>> resolve_classes(["a"], class_map={"a": 2, "b": 1})
-    ({'a': 2, 'b': 1}, ['class_0', 'b', 'a'])
-    """
-    names = set(found)
-    if class_map:
-        cmap: dict[str, int] = {}
-        for name, idx in class_map.items():
-            if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < IGNORE_INDEX:
-                raise InputError(
-                    f"class map: index {idx!r} of {name!r} must be an int in 0..{IGNORE_INDEX - 1}"
-                    f" ({IGNORE_INDEX} is the ignore index)"
-                )
-            cmap[str(name)] = int(idx)
-        unknown = sorted(names - set(cmap), key=_name_key)
-        if unknown:
-            raise InputError(
-                f"{source}: class {unknown[0]!r} is not in the class map; known classes: "
-                f"{', '.join(sorted(cmap, key=_name_key))}"
-            )
-        by_index = {v: k for k, v in sorted(cmap.items(), key=lambda kv: _name_key(kv[0]))}
-        if outside == "background" and 0 in by_index and by_index[0].lower() != "background":
-            raise InputError(
-                f"class map gives index 0 to {by_index[0]!r}, but outside=background labels "
-                "pixels outside every polygon 0; map 'background' to 0 or use outside=ignore"
-            )
-        k = max(cmap.values()) + 1
-        out = [by_index.get(i, f"class_{i}") for i in range(k)]
-        if outside == "background" and 0 not in by_index:
-            out[0] = "background"
-        return cmap, out
-    ordered = sorted(names, key=_name_key)
-    mapping: dict[str, int] = {}
-    if outside == "background":
-        bg = [n for n in ordered if n.lower() == "background"]
-        out = [bg[0] if bg else "background"]
-        mapping.update({n: 0 for n in bg})
-        for n in ordered:
-            if n.lower() != "background":
-                mapping[n] = len(out)
-                out.append(n)
-    else:
-        mapping = {n: i for i, n in enumerate(ordered)}
-        out = list(ordered)
-    if len(out) > IGNORE_INDEX:
-        raise InputError(
-            f"{source}: {len(out)} classes; at most {IGNORE_INDEX} fit a uint8 label "
-            f"({IGNORE_INDEX} is the ignore index)"
-        )
-    return mapping, out
 
 
 def _class_of(props: Any, fields: Sequence[str]) -> str | None:
@@ -464,23 +379,6 @@ def match_annotations(images: Sequence[Path | str], spec: str | os.PathLike[str]
 
 
 # -- geometry helpers ----------------------------------------------------------------------
-def _affine(gt: GeoTransform) -> Any:
-    """rasterio's ``Affine`` for ``gt`` (what ``rasterize`` takes)."""
-    from affine import Affine
-
-    return Affine.from_gdal(*gt.to_gdal())
-
-
-def _footprints(gt: GeoTransform, boxes: np.ndarray) -> Any:
-    """Polygons of pixel boxes (n, 4: y, x, h, w) in reference coordinates."""
-    import shapely
-
-    y, x, h, w = (boxes[:, i].astype(np.float64) for i in range(4))
-    cols = np.stack([x, x + w, x + w, x, x], axis=1)
-    rows = np.stack([y, y, y + h, y + h, y], axis=1)
-    return shapely.polygons(np.stack(gt(cols, rows), axis=-1))
-
-
 def _extent_corners(image: LazyImage) -> np.ndarray:
     """The corners (4, 2) of level 0 in reference coordinates."""
     h, w = image.levels[0].shape
@@ -507,7 +405,7 @@ class VectorLabels:
     @property
     def class_names(self) -> list[str]:
         """The class names used, sorted (numbers by value)."""
-        return sorted(set(self.names), key=_name_key)
+        return sorted(set(self.names), key=name_key)
 
     def to_crs(self, image: LazyImage) -> VectorLabels:
         """These polygons in ``image``'s reference frame (its CRS, or its level-0 pixels)."""
@@ -574,11 +472,11 @@ class VectorLabels:
             raise InputError(f"outside must be one of {', '.join(OUTSIDE)}, got {outside!r}")
         if classes is None:
             classes, _ = resolve_classes(self.names, outside=outside, source=str(self.path))
-        unknown = sorted(set(self.names) - set(classes), key=_name_key)
+        unknown = sorted(set(self.names) - set(classes), key=name_key)
         if unknown:
             raise InputError(
                 f"{self.path}: class {unknown[0]!r} is not in the class map; known classes: "
-                f"{', '.join(sorted(classes, key=_name_key))}"
+                f"{', '.join(sorted(classes, key=name_key))}"
             )
         framed = self.to_crs(image)
         geoms = framed.geoms
@@ -623,116 +521,6 @@ class VectorLabels:
             outside=IGNORE_INDEX if outside == "ignore" else 0,
             class_names=names,
         )
-
-
-@dataclass
-class VectorLabelImage(LazyImage):
-    """A label image made of polygons (:meth:`VectorLabels.for_image`); nothing is
-    rasterized until a window is read, and then only that window's 256² blocks of a global
-    grid. ``geoms`` are in the image's reference frame (``pixel_transform``), ``values``
-    their labels; later polygons are drawn over earlier ones."""
-
-    geoms: Any = None
-    values: Any = None
-    #: The label of pixels outside every polygon (:data:`IGNORE_INDEX` or 0).
-    outside: int = IGNORE_INDEX
-    class_names: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._setup()
-
-    def _setup(self) -> None:
-        import shapely
-
-        self.geoms = np.asarray(self.geoms if self.geoms is not None else [], dtype=object)
-        self.values = np.asarray(self.values if self.values is not None else [], dtype=np.uint8)
-        self._tree = shapely.STRtree(self.geoms)
-        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers: the tree is rebuilt there
-        state = dict(self.__dict__)
-        for k in ("_tree", "_cache", "_lock"):
-            state.pop(k, None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._setup()
-
-    @property
-    def empty(self) -> bool:
-        """No polygon overlaps the image (a scene to skip)."""
-        return len(self.geoms) == 0
-
-    def candidates(self, windows: Sequence[Window], level: int = 0) -> np.ndarray:
-        """Which ``windows`` (pixels of ``level``) touch a polygon: a boolean array."""
-        hit = np.zeros(len(windows), dtype=bool)
-        if not len(windows) or self.empty:
-            return hit
-        boxes = np.array([(w.y, w.x, w.h, w.w) for w in windows], dtype=np.int64)
-        idx = self._tree.query(
-            _footprints(self.pixel_transform(level), boxes), predicate="intersects"
-        )
-        hit[np.unique(idx[0])] = True
-        return hit
-
-    def annotated_fraction(self, window: Window, level: int = 0) -> float:
-        """The share of ``window``'s pixels inside the image and inside some polygon."""
-        h, w = self.levels[level].shape
-        inside = window.clip(h, w)
-        if not inside.area or self.empty:
-            return 0.0
-        return float((self._raw(inside, level) != IGNORE_INDEX).sum()) / window.area
-
-    def _block(self, level: int, by: int, bx: int) -> np.ndarray:
-        key = (level, by, bx)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
-        from rasterio.features import rasterize
-
-        gt = self.pixel_transform(level)
-        box = np.array([[by * _BLOCK, bx * _BLOCK, _BLOCK, _BLOCK]], dtype=np.int64)
-        idx = np.sort(self._tree.query(_footprints(gt, box)[0], predicate="intersects"))
-        if len(idx):
-            out = rasterize(
-                zip(self.geoms[idx], self.values[idx].tolist(), strict=True),
-                out_shape=(_BLOCK, _BLOCK),
-                fill=IGNORE_INDEX,
-                transform=_affine(gt.shifted(by * _BLOCK, bx * _BLOCK)),
-                all_touched=False,
-                dtype="uint8",
-            )
-        else:
-            out = np.full((_BLOCK, _BLOCK), IGNORE_INDEX, dtype=np.uint8)
-        with self._lock:
-            self._cache[key] = out
-            while len(self._cache) > _CACHE_BLOCKS:
-                self._cache.popitem(last=False)
-        return out
-
-    def _raw(self, window: Window, level: int) -> np.ndarray:
-        """Labels of ``window`` with :data:`IGNORE_INDEX` outside every polygon."""
-        out = np.full((window.h, window.w), IGNORE_INDEX, dtype=np.uint8)
-        if self.empty:
-            return out
-        for by in range(window.y // _BLOCK, (window.y1 - 1) // _BLOCK + 1):
-            for bx in range(window.x // _BLOCK, (window.x1 - 1) // _BLOCK + 1):
-                blk = Window(by * _BLOCK, bx * _BLOCK, _BLOCK, _BLOCK)
-                part = blk.intersect(window)
-                out[part.relative_to(window).slices] = self._block(level, by, bx)[
-                    part.relative_to(blk).slices
-                ]
-        return out
-
-    def _read(self, window: Window, level: int) -> np.ndarray:
-        out = self._raw(window, level)
-        if self.outside != IGNORE_INDEX:
-            out[out == IGNORE_INDEX] = self.outside
-        return out
 
 
 # -- many images -----------------------------------------------------------------------------

@@ -11,7 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tilenet.errors import InputError
-from tilenet.geometry import TileGrid, Window, ceil_to, coerce_pair, iter_bands, iter_blocks, spans
+from tilenet.geometry import (
+    GeoTransform,
+    TileGrid,
+    Window,
+    ceil_to,
+    coerce_pair,
+    iter_bands,
+    iter_blocks,
+    spans,
+)
 
 settings.register_profile("tilenet", max_examples=100, deadline=None)
 settings.load_profile("tilenet")
@@ -198,3 +207,52 @@ def test_blocks_reject_bad_sizes() -> None:
         spans(10, 0)
     with pytest.raises(InputError, match="block"):
         list(iter_blocks((10, 10), (4, -1)))
+
+
+_coef = st.floats(-1e3, 1e3, allow_nan=False).filter(lambda v: v == 0 or abs(v) > 1e-2)
+
+
+@st.composite
+def geotransforms(draw: st.DrawFn) -> GeoTransform:
+    """Random invertible, reasonably conditioned GDAL-order transforms."""
+    t = [draw(_coef) for _ in range(6)]
+    if abs(t[1] * t[5] - t[2] * t[4]) < 1e-2 * max(1.0, max(abs(v) for v in t) ** 2):
+        t[1], t[2], t[4], t[5] = 3.0, 0.0, 0.0, -2.0
+    return GeoTransform.from_gdal(t)
+
+
+@given(geotransforms(), st.floats(-1e4, 1e4), st.floats(-1e4, 1e4))
+def test_geotransform_inverse_maps_back(gt: GeoTransform, col: float, row: float) -> None:
+    x, y = gt(col, row)
+    for back in ((~gt)(x, y), gt.pixel_of(x, y)):
+        assert back == pytest.approx((col, row), rel=1e-6, abs=1e-6)
+
+
+@given(
+    geotransforms(), st.integers(-50, 50), st.integers(-50, 50), st.sampled_from([1.0, 2.0, 4.0])
+)
+def test_geotransform_shift_and_scale_move_pixels(
+    gt: GeoTransform, row: int, col: int, s: float
+) -> None:
+    assert gt.shifted(row, col)(1.0, 2.0) == pytest.approx(gt(col + 1.0, row + 2.0))
+    assert gt.scaled((s, s))(1.0, 2.0) == pytest.approx(gt(s, 2 * s))
+    assert gt.scaled((s, s)).pixel_area == pytest.approx(gt.pixel_area * s * s)
+
+
+def test_geotransform_is_a_gdal_tuple() -> None:
+    gt = GeoTransform.from_gdal(np.array([500000, 10, 0, 4e6, 0, -10]))
+    x0, *_, dy = gt
+    assert gt == (500000.0, 10.0, 0.0, 4e6, 0.0, -10.0) and (x0, dy) == (gt.x0, gt[5])
+    assert gt.gsd == (10.0, 10.0) and gt.pixel_area == 100.0 and not gt.is_identity
+    xs, ys = gt(np.array([0, 2]), np.array([0, 1]))
+    assert xs.tolist() == [500000.0, 500020.0] and ys.tolist() == [4e6, 4e6 - 10]
+
+
+@pytest.mark.parametrize(
+    "bad", [(0, 1, 0, 0, 0), (0, 1, 0, 0, 0, 0), (0, math.nan, 0, 0, 0, 1), ("a",) * 6, None]
+)
+def test_geotransform_rejects_bad_input(bad: object) -> None:
+    with pytest.raises(InputError, match="6 GDAL-order numbers, invertible"):
+        GeoTransform.from_gdal(bad)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="not invertible"):
+        ~GeoTransform(0.0, 1.0, 1.0, 0.0, 1.0, 1.0)

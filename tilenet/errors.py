@@ -34,6 +34,7 @@ __all__ = [
     "TilenetError",
     "UnsupportedFormatError",
     "credentials_scrubbed",
+    "one_line",
     "run_guarded",
     "scrub_credentials",
 ]
@@ -109,6 +110,30 @@ def scrub_credentials(text: str) -> str:
     return _QUERY.sub(r"\1?...", _USERINFO.sub(r"\1", text))
 
 
+def one_line(exc: BaseException, *, typed: bool = True) -> str:
+    """The first line of ``exc``'s message, credentials scrubbed (:func:`scrub_credentials`).
+
+    A :class:`TilenetError` already names its file and problem, so its line is kept as is;
+    another exception is prefixed by its type (``typed``), because ``KeyError``'s message
+    alone is just the key. ``typed=False`` gives the bare line (a reader wrapping a library's
+    message in its own), or the type name when the message is empty.
+
+    >>> one_line(KeyError("band"))
+    "KeyError: 'band'"
+    >>> one_line(InputError("x.tif: no band 4\\nmore detail"))
+    'x.tif: no band 4'
+    >>> one_line(ValueError("s3://k:pw@b/x.tif: bad\\n"), typed=False)
+    's3://b/x.tif: bad'
+    >>> one_line(RuntimeError()), one_line(RuntimeError(), typed=False)
+    ('RuntimeError', 'RuntimeError')
+    """
+    lines = str(exc).strip().splitlines()
+    first = scrub_credentials(lines[0]) if lines else ""
+    if isinstance(exc, TilenetError) or not typed:
+        return first or type(exc).__name__
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 class _ScrubCredentials(logging.Filter):
     """Cut credentials out of a log record's message (see :func:`scrub_credentials`)."""
 
@@ -173,10 +198,8 @@ def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
     except Exception as exc:  # a bug: still one line, the traceback on --debug
         if debug:
             raise
-        first = scrub_credentials(str(exc).splitlines()[0]) if str(exc) else ""
         print(
-            f"tilenet: error: unexpected {type(exc).__name__}: {first} "
-            "(rerun with --debug for the traceback)",
+            f"tilenet: error: unexpected {one_line(exc)} (rerun with --debug for the traceback)",
             file=sys.stderr,
         )
         return EXIT_USAGE

@@ -13,6 +13,9 @@ Vocabulary
 *read window*
     core grown by the halo, then moved to respect the edge policy. This is what is read
     from the image and fed to the model.
+*geotransform*
+    The affine map from pixel (col, row) of one level to reference coordinates (a CRS's, or
+    the file's level-0 pixels): :class:`GeoTransform`, in GDAL's order.
 *extent*
     The image size rounded up to a multiple of ``align``. With ``align`` = the model's total
     stride, a model accepts any window of the extent whose origin and size are multiples of
@@ -24,12 +27,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 from tilenet.errors import InputError
 
 __all__ = [
     "EdgePolicy",
+    "GeoTransform",
     "Tile",
     "TileGrid",
     "Window",
@@ -413,3 +417,137 @@ class TileGrid:
     def row(self, iy: int) -> list[Tile]:
         """All tiles of grid row ``iy`` (one band of cores)."""
         return [self[iy, ix] for ix in range(self.counts[1])]
+
+
+class GeoTransform(NamedTuple):
+    """Pixels -> reference coordinates, in GDAL order: pixel (col, row)'s corner is at
+
+    ``x = x0 + col*dx + row*rx``, ``y = y0 + col*ry + row*dy``.
+
+    A tuple of the six numbers (as ``affine.Affine`` is a tuple of its nine), so code that
+    unpacks, indexes, compares or serialises a GDAL-order tuple keeps working; the maths
+    every module needs lives here. Construct it with :meth:`from_gdal`, which checks it.
+
+    >>> gt = GeoTransform.from_gdal([500000, 10, 0, 4e6, 0, -10])
+    >>> gt(2, 1)
+    (500020.0, 3999990.0)
+    >>> gt.to_gdal() == (500000.0, 10.0, 0.0, 4e6, 0.0, -10.0), list(gt) == list(gt.to_gdal())
+    (True, True)
+    """
+
+    x0: float
+    dx: float
+    rx: float
+    y0: float
+    ry: float
+    dy: float
+
+    @classmethod
+    def from_gdal(cls, t: Sequence[float]) -> GeoTransform:
+        """Six finite numbers in GDAL order forming an invertible map; InputError otherwise.
+
+        >>> GeoTransform.from_gdal((0, 1, 0, 0, 0, 1)).is_identity
+        True
+        >>> GeoTransform.from_gdal((0, 1, 0, 0, 0, 0))
+        Traceback (most recent call last):
+        ...
+        tilenet.errors.InputError: transform must be 6 GDAL-order numbers, invertible: (0, 1, 0, 0, 0, 0)
+        """
+        try:
+            vals = [float(v) for v in t]
+        except (TypeError, ValueError):
+            vals = []
+        gt = cls(*vals) if len(vals) == 6 else None
+        if gt is None or not all(math.isfinite(v) for v in vals) or gt.determinant == 0:
+            raise InputError(f"transform must be 6 GDAL-order numbers, invertible: {t}")
+        return gt
+
+    def to_gdal(self) -> tuple[float, float, float, float, float, float]:
+        """The six numbers as a plain tuple (x0, dx, rx, y0, ry, dy)."""
+        return (self.x0, self.dx, self.rx, self.y0, self.ry, self.dy)
+
+    def __call__(self, col: Any, row: Any) -> tuple[Any, Any]:
+        """(x, y) of pixel coordinates (col, row): numbers or numpy arrays alike.
+
+        >>> GeoTransform(10.0, 2.0, 0.0, 20.0, 0.0, -2.0)(3, 4)
+        (16.0, 12.0)
+        """
+        return (self.x0 + col * self.dx + row * self.rx, self.y0 + col * self.ry + row * self.dy)
+
+    def pixel_of(self, x: Any, y: Any) -> tuple[Any, Any]:
+        """(col, row) of reference point (x, y): the inverse map, solved directly (exact
+        where ``(~self)(x, y)`` would round its inverted coefficients first).
+
+        >>> GeoTransform(10.0, 2.0, 0.0, 20.0, 0.0, -2.0).pixel_of(16.0, 12.0)
+        (3.0, 4.0)
+        """
+        det = self.determinant
+        ex, ey = x - self.x0, y - self.y0
+        return ((self.dy * ex - self.rx * ey) / det, (self.dx * ey - self.ry * ex) / det)
+
+    def __invert__(self) -> GeoTransform:
+        """The inverse map, reference coordinates -> pixels (InputError if singular).
+
+        >>> gt = GeoTransform(10.0, 2.0, 0.0, 20.0, 0.0, -2.0)
+        >>> (~gt).to_gdal(), (~gt)(*gt(3, 4))
+        ((-5.0, 0.5, 0.0, 10.0, 0.0, -0.5), (3.0, 4.0))
+        """
+        det = self.determinant
+        if det == 0:
+            raise InputError(f"transform is not invertible: {self.to_gdal()}")
+        dx, rx, ry, dy = self.dy / det, -self.rx / det, -self.ry / det, self.dx / det
+        return GeoTransform(
+            -(self.x0 * dx + self.y0 * rx), dx, rx, -(self.x0 * ry + self.y0 * dy), ry, dy
+        )
+
+    def scaled(self, downsample: tuple[float, float]) -> GeoTransform:
+        """The transform of pixels ``downsample`` = (y, x) times larger (a coarser level).
+
+        >>> GeoTransform(500000.0, 10.0, 0.0, 4e6, 0.0, -10.0).scaled((2.0, 4.0)).to_gdal()
+        (500000.0, 40.0, 0.0, 4000000.0, 0.0, -20.0)
+        """
+        sy, sx = downsample
+        return GeoTransform(
+            self.x0, self.dx * sx, self.rx * sy, self.y0, self.ry * sx, self.dy * sy
+        )
+
+    def shifted(self, row: float, col: float) -> GeoTransform:
+        """The transform of the pixels from (``row``, ``col``) on (a window's origin).
+
+        >>> GeoTransform(0.0, 2.0, 0.0, 0.0, 0.0, 2.0).shifted(1, 3).to_gdal()
+        (6.0, 2.0, 0.0, 2.0, 0.0, 2.0)
+        """
+        x, y = self(col, row)
+        return GeoTransform(x, self.dx, self.rx, y, self.ry, self.dy)
+
+    @property
+    def determinant(self) -> float:
+        """``dx*dy - rx*ry``: the signed area of a pixel; 0 for a singular map."""
+        return self.dx * self.dy - self.rx * self.ry
+
+    @property
+    def pixel_area(self) -> float:
+        """The area of one pixel in reference units squared.
+
+        >>> GeoTransform(0.0, 10.0, 0.0, 0.0, 0.0, -20.0).pixel_area
+        200.0
+        """
+        return abs(self.dx * self.dy - self.rx * self.ry)
+
+    @property
+    def gsd(self) -> tuple[float, float]:
+        """Ground sample distance (y, x): the length of a pixel's sides in reference units.
+
+        >>> GeoTransform(500000.0, 10.0, 0.0, 4e6, 0.0, -20.0).gsd
+        (20.0, 10.0)
+        """
+        return (math.hypot(self.rx, self.dy), math.hypot(self.dx, self.ry))
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether pixels are reference coordinates (no shift, unit scale, no rotation).
+
+        >>> GeoTransform(0.0, 1.0, 0.0, 0.0, 0.0, 1.0).is_identity
+        True
+        """
+        return self.to_gdal() == (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

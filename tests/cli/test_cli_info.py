@@ -81,8 +81,18 @@ def test_info_reader_section_sets_the_limits(
     assert main(["info", str(tif), "--json", "reader.max_pixels=12288"]) == 0
 
 
-def test_info_wants_exactly_one_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_info_describes_each_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The usage line says PATH [PATH ...]: each is described in turn; one that cannot be
+    read is one error line and the rest go on (exit 1), all failing is exit 2."""
     p = tmp_path / "slide.ome.tif"
     _pyramid_tiff(p)
-    assert main(["info", str(p), str(p)]) == 2
-    assert "give one image path, got 2" in capsys.readouterr().err
+    missing = tmp_path / "missing.tif"
+    assert main(["info", str(p), str(p), "--json"]) == 0
+    infos = json.loads(capsys.readouterr().out)
+    assert [i["shape"] for i in infos] == [[96, 128, 2], [96, 128, 2]]
+    assert main(["info", str(p), str(missing)]) == 1
+    out, err = capsys.readouterr()
+    assert out.count("path:") == 1
+    assert err.count("tilenet: error") == 1 and "missing.tif" in err and "Traceback" not in err
+    assert main(["info", str(missing), str(missing)]) == 2
+    assert capsys.readouterr().err.count("tilenet: error") == 2

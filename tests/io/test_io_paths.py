@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tilenet.errors import ImageNotFoundError, InputError
-from tilenet.io.paths import class_names_near, match_labels, resolve_images
+from tilenet.io.paths import class_names_near, match_by_stem, match_labels, resolve_images
+from tilenet.io.vector import match_annotations
 
 
 def _touch(*paths: Path) -> None:
@@ -49,3 +50,27 @@ def test_class_names_near(tmp_path: Path) -> None:
     assert class_names_near([lab]) == []
     (tmp_path / "classes.json").write_text(json.dumps({"1": "tumour", "0": "background"}))
     assert class_names_near([lab]) == ["background", "tumour"]
+
+
+def test_match_by_stem_one_rule_for_labels_and_annotations(tmp_path: Path) -> None:
+    imgs = [tmp_path / "a.svs", "s3://bucket/slides/b.ome.tif?versionId=3"]
+    anns = [tmp_path / "ann" / "a.svs.geojson", tmp_path / "ann" / "b.json"]
+    _touch(*anns, tmp_path / "ann" / "a.png")
+    assert match_annotations(imgs, tmp_path / "ann") == anns
+    assert match_annotations(imgs, str(tmp_path / "ann" / "*.*json")) == anns
+    assert match_by_stem(imgs[:1], tmp_path / "ann", suffixes=(".png",), what="mask") == [
+        tmp_path / "ann" / "a.png"
+    ]
+    with pytest.raises(ImageNotFoundError, match=r"b\.ome\.tif\?versionId=3: no mask named b\.\*"):
+        match_by_stem(imgs, tmp_path / "ann", suffixes=(".png",), what="mask")
+    with pytest.raises(ImageNotFoundError, match=r"no such annotation file, directory or pattern"):
+        match_annotations(imgs, tmp_path / "nowhere")
+
+
+def test_match_by_stem_takes_a_file_for_one_image_only(tmp_path: Path) -> None:
+    one = tmp_path / "x.geojson"
+    _touch(one)
+    assert match_annotations(["s3://b/slide.svs"], one) == [one]
+    assert match_labels([tmp_path / "s.tif"], one) == [one]
+    with pytest.raises(InputError, match=r"x\.geojson: one annotation file for 2 images"):
+        match_annotations([tmp_path / "a.svs", tmp_path / "b.svs"], one)

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from typing import Any
 
 from tilenet.cli._common import CONFIG_ITEMS, _config, _section
-from tilenet.errors import EXIT_OK, InputError
+from tilenet.errors import (
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    InputError,
+    TilenetError,
+    one_line,
+)
 
 __all__: list[str] = []
 
@@ -29,7 +37,9 @@ def _add_info(sub: Any) -> None:
         "items",
         nargs="+",
         metavar="PATH",
-        help="image file, zarr store, or DICOM-WSI directory; "
+        help="image files, zarr stores or DICOM-WSI directories, each described in turn (an "
+        "image that cannot be read is one error line and the others go on; exit 1 if some "
+        "failed, 2 if all did; --json: one object, or an array for several); "
         + CONFIG_ITEMS.format(example="reader.max_pixels_eager=400000000"),
     )
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -40,13 +50,38 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from tilenet.io import open_image
 
     cfg, paths = _config(args.items, args, {})
-    if len(paths) != 1:
-        raise InputError(f"give one image path, got {len(paths)}: {' '.join(paths) or '-'}")
-    with open_image(paths[0], **asdict(_section(cfg, "reader"))) as img:
-        info = img.info()
-    if args.json:
-        print(json.dumps(info, indent=2))
+    if not paths:
+        raise InputError("give an image path")
+    reader = asdict(_section(cfg, "reader"))
+    if len(paths) == 1:  # one image: its error is the run's (one line, exit 2)
+        with open_image(paths[0], **reader) as img:
+            _show(img.info(), as_json=args.json)
         return EXIT_OK
+    failed, described = 0, []
+    for path in paths:
+        try:
+            with open_image(path, **reader) as img:
+                info = img.info()
+        except (TilenetError, OSError) as exc:
+            failed += 1
+            print(f"tilenet: error: {one_line(exc, typed=False)}", file=sys.stderr)
+            continue
+        if args.json:
+            described.append(info)
+            continue
+        if described:
+            print()
+        described.append(info)
+        _show(info, as_json=False)
+    if args.json:  # several images: one JSON array, in the order given (failures left out)
+        print(json.dumps(described, indent=2))
+    return EXIT_OK if not failed else EXIT_PARTIAL if failed < len(paths) else EXIT_USAGE
+
+
+def _show(info: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
     print(f"path:        {info['path']}")
     print(f"format:      {info['format']}")
     print(f"shape:       {' x '.join(map(str, info['shape']))}  (H x W x C)")
@@ -84,4 +119,3 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print("associated images (not levels):")
         for name, (h, w) in info["associated_images"].items():
             print(f"  {name}: {h} x {w}")
-    return EXIT_OK

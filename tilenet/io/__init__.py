@@ -15,6 +15,7 @@ from tilenet.errors import UnsupportedFormatError
 from tilenet.io.base import LazyImage, Level
 from tilenet.io.sniff import fingerprint, sniff
 from tilenet.io.storage import is_url, local_path, redact
+from tilenet.io.view import View, view
 
 # isort: split
 # -- writers (maintained with tilenet/io/writers.py and tilenet/io/convert.py) ----------------
@@ -27,10 +28,12 @@ __all__ = [
     "LazyImage",
     "Level",
     "OmeZarrWriter",
+    "View",
     "build_pyramid",
     "convert",
     "fingerprint",
     "open_image",
+    "view",
     "write_ome_tiff",
     "write_preview_png",
 ]

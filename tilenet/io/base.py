@@ -9,17 +9,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from tilenet.errors import CorruptImageError, InputError, TilenetError
-from tilenet.geometry import Window, spans
+from tilenet.errors import CorruptImageError, InputError, TilenetError, one_line
+from tilenet.geometry import GeoTransform, Window, spans
+from tilenet.io.crs import describe_georef
 from tilenet.io.source import EncodedWindow
 
 __all__ = ["IGNORE_INDEX", "BandSelection", "LazyImage", "Level", "nodata_mask"]
+
+_Derived = TypeVar("_Derived", bound="LazyImage")
 
 
 #: The label of pixels without one (``train.ignore_index``'s default): nodata pixels, pixels
@@ -66,10 +69,9 @@ class LazyImage(ABC):
     pixel_size: tuple[float, float] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     #: Georeferencing (georeferenced rasters only, else None): the CRS as WKT, and the
-    #: geotransform of level 0 in GDAL order ``(x0, dx, rx, y0, ry, dy)``: pixel (row, col)'s
-    #: corner is at ``x = x0 + col*dx + row*rx``, ``y = y0 + col*ry + row*dy``.
+    #: geotransform of level 0 (:class:`~tilenet.geometry.GeoTransform`, GDAL order).
     crs: str | None = None
-    transform: tuple[float, ...] | None = None
+    transform: GeoTransform | None = None
     #: The value that marks pixels without data, where the file declares one.
     nodata: float | None = None
     #: One name per channel, where the file names them.
@@ -95,7 +97,7 @@ class LazyImage(ABC):
     def chunks(self) -> tuple[int, int] | None:
         return self.levels[0].chunks
 
-    def pixel_transform(self, level: int = 0) -> tuple[float, ...]:
+    def pixel_transform(self, level: int = 0) -> GeoTransform:
         """The GDAL-order geotransform from pixels of ``level`` to reference coordinates.
 
         Reference coordinates are the CRS's for a georeferenced image (``transform`` scaled
@@ -105,15 +107,35 @@ class LazyImage(ABC):
         >>> class Img(LazyImage):
         ...     def _read(self, window, level): ...
         >>> img = Img(Path("x"), "t", np.dtype("uint8"), 3, [Level((8, 8)), Level((4, 4), (2.0, 2.0))])
-        >>> img.pixel_transform(1)
+        >>> img.pixel_transform(1).to_gdal()
         (0.0, 2.0, 0.0, 0.0, 0.0, 2.0)
         """
         sy, sx = self.levels[level].downsample
         if self.transform is not None:
-            x0, a, b, y0, d, e = self.transform
-            return (x0, a * sx, b * sy, y0, d * sx, e * sy)
+            return GeoTransform(*self.transform).scaled((sy, sx))
         ry, rx = self.reference_scale
-        return (0.0, sx * rx, 0.0, 0.0, 0.0, sy * ry)
+        return GeoTransform(0.0, sx * rx, 0.0, 0.0, 0.0, sy * ry)
+
+    def replace(self, cls: type[_Derived], **changes: Any) -> _Derived:
+        """A ``cls`` image (a view: bands, resolution, labels) carrying this image's header.
+
+        Every :class:`LazyImage` field is copied (its containers shallowly, so the view's
+        metadata can change without touching the source's), then ``changes`` apply; the one
+        way a derived image is built, so a field added here reaches every view.
+
+        >>> from pathlib import Path
+        >>> class Img(LazyImage):
+        ...     def _read(self, window, level): ...
+        >>> img = Img(Path("x"), "t", np.dtype("uint8"), 3, [Level((8, 8))], vendor="aperio")
+        >>> view = img.replace(Img, channels=1, metadata={"bands": [2]})
+        >>> view.vendor, view.channels, view.levels == img.levels, view.levels is img.levels
+        ('aperio', 1, True, False)
+        """
+        header = {f.name: getattr(self, f.name) for f in fields(LazyImage)}
+        for name, value in header.items():
+            if isinstance(value, list | dict):
+                header[name] = value.copy()
+        return cls(**{**header, **changes})
 
     def level_for_downsample(self, factor: float) -> int:
         """The finest level whose downsample is <= ``factor`` (level 0 at worst)."""
@@ -157,8 +179,6 @@ class LazyImage(ABC):
         geo["transform"] = list(self.transform) if self.transform else None
         geo["gsd"] = None
         if self.crs is not None or self.transform is not None:
-            from tilenet.io.raster import describe_georef
-
             geo.update(describe_georef(self.crs, self.transform))
         geo["nodata"] = self.nodata
         geo["bands"] = list(self.band_names) if self.band_names else None
@@ -196,9 +216,9 @@ class LazyImage(ABC):
         except TilenetError:  # a StorageError (object storage): one line naming the URL
             raise
         except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CorruptImageError(
-                f"{self.path}: cannot decode window {window} at level {level}: {first}"
+                f"{self.path}: cannot decode window {window} at level {level}: "
+                f"{one_line(exc, typed=False)}"
             ) from exc
         if data.ndim == 2:
             data = data[:, :, None]
@@ -249,23 +269,11 @@ class LazyImage(ABC):
             raise InputError(
                 f"{self.path}: bands {bad or bands} do not exist; the image has bands 1..{n}{names}"
             )
-        return BandSelection(
-            path=self.path,
-            format=self.format,
-            dtype=self.dtype,
+        return self.replace(
+            BandSelection,
             channels=len(bands),
-            levels=self.levels,
-            compression=self.compression,
-            pixel_size=self.pixel_size,
             metadata={**self.metadata, "bands": list(bands)},
-            crs=self.crs,
-            transform=self.transform,
-            nodata=self.nodata,
             band_names=[self.band_names[b - 1] for b in bands] if self.band_names else None,
-            vendor=self.vendor,
-            objective_power=self.objective_power,
-            associated_images=dict(self.associated_images),
-            reference_scale=self.reference_scale,
             source=self,
             indices=[b - 1 for b in bands],
         )

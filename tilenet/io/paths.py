@@ -10,7 +10,7 @@ import glob
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from tilenet.errors import ImageNotFoundError, InputError
 from tilenet.fsutil import safe_stem
@@ -24,7 +24,14 @@ from tilenet.io.storage import (
     redact,
 )
 
-__all__ = ["IMAGE_SUFFIXES", "class_names_near", "match_labels", "resolve_images"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "class_names_near",
+    "image_stem",
+    "match_by_stem",
+    "match_labels",
+    "resolve_images",
+]
 
 #: File name endings taken as images when a directory is given.
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".zarr", ".svs", ".ndpi")
@@ -92,39 +99,90 @@ def _resolve_url(url: str) -> list[str]:
 
 
 def match_labels(images: Sequence[Path | str], labels: str | os.PathLike[str]) -> list[Path]:
-    """The label image of each image, matched by name.
+    """The label image of each image, matched by name (:func:`match_by_stem`): a file with
+    the image's stem, optionally followed by ``_label``, ``_labels`` or ``_mask``."""
+    return match_by_stem(
+        images, labels, suffixes=IMAGE_SUFFIXES, tails=_LABEL_SUFFIXES, what="label image"
+    )
 
-    ``labels`` is a directory (a file with the image's stem, optionally followed by
-    ``_label``, ``_labels`` or ``_mask``), a glob pattern (matched the same way), or a
-    pattern with ``{stem}`` (``"masks/{stem}_mask.png"``).
+
+def match_by_stem(
+    images: Sequence[Path | str],
+    spec: str | os.PathLike[str],
+    *,
+    suffixes: Sequence[str],
+    tails: Sequence[str] = ("",),
+    what: str,
+) -> list[Path]:
+    """The file of each image whose name is the image's stem: the one file matcher.
+
+    ``spec`` is a directory or a glob pattern (files ending in one of ``suffixes``), a
+    pattern with ``{stem}`` (``"masks/{stem}_mask.png"``), or, for one image, that image's
+    file. A candidate's stem is :func:`~tilenet.fsutil.safe_stem` of its name, after the
+    suffix it ends in where that is not an image suffix (QuPath's ``a.svs.geojson`` and
+    ``a.geojson`` both belong to ``a.svs``); it matches an image whose stem followed by one of
+    ``tails`` (tried in order) it is. ``what`` names the files in errors; a missing match is
+    an :class:`~tilenet.errors.ImageNotFoundError` naming the image.
+
+    >>> match_by_stem([], "masks/{stem}.png", suffixes=(".png",), what="label image")
+    []
     """
-    spec = str(labels)
-    if "{stem}" in spec:
-        found = [Path(spec.replace("{stem}", safe_stem(str(p)))) for p in images]
-        for img, lab in zip(images, found, strict=True):
-            if not lab.exists():
-                raise ImageNotFoundError(f"{lab}: label image for {img} not found")
+    s = str(spec)
+    if "{stem}" in s:
+        found = [Path(s.replace("{stem}", image_stem(p))) for p in images]
+        for img, f in zip(images, found, strict=True):
+            if not f.exists():
+                raise ImageNotFoundError(f"{f}: {what} for {img} not found")
         return found
-    if Path(spec).is_dir():
-        candidates = [c for c in Path(spec).iterdir() if c.name.lower().endswith(IMAGE_SUFFIXES)]
-    elif glob.has_magic(spec):
-        candidates = [Path(h) for h in glob.glob(spec)]
+    p = Path(s)
+    if p.is_file():
+        if len(images) != 1:
+            raise InputError(
+                f"{p}: one {what} for {len(images)} images; give a directory or a pattern "
+                "with {stem}"
+            )
+        return [p]
+    if p.is_dir():
+        cands = [c for c in p.iterdir() if c.name.lower().endswith(tuple(suffixes))]
+    elif glob.has_magic(s):
+        cands = [Path(h) for h in glob.glob(s)]
     else:
         raise ImageNotFoundError(
-            f"{spec}: --labels must be a directory or a pattern (glob or with {{stem}})"
+            f"{s}: no such {what}, directory or pattern (a glob, or a path with {{stem}})"
         )
-    by_stem = {safe_stem(c.name): c for c in sorted(candidates)}
+    by_stem: dict[str, Path] = {}
+    for c in sorted(cands):
+        by_stem.setdefault(_candidate_stem(c.name, suffixes), c)
     out: list[Path] = []
     for img in images:
-        stem = safe_stem(str(img))
-        hit = next((by_stem[stem + s] for s in _LABEL_SUFFIXES if stem + s in by_stem), None)
+        stem = image_stem(img)
+        hit = next((by_stem[stem + t] for t in tails if stem + t in by_stem), None)
         if hit is None:
             raise ImageNotFoundError(
-                f"{img}: no label image named {stem}.* in {spec}; label images are matched "
-                "to images by file name"
+                f"{img}: no {what} named {stem}.* in {s}; {what}s are matched to images by "
+                "file name"
             )
         out.append(hit)
     return out
+
+
+def image_stem(image: Path | str) -> str:
+    """The stem files are matched by: :func:`~tilenet.fsutil.safe_stem` of the file name of a
+    local path or a URL, without its query (``s3://b/a/x.ome.tif?v=1`` -> ``x``).
+
+    >>> image_stem("s3://b/a/x.ome.tif?v=1"), image_stem(Path("/d/slide 1.svs"))
+    ('x', 'slide_1')
+    """
+    name = PurePosixPath(image.split("?", 1)[0]).name if isinstance(image, str) else image.name
+    return safe_stem(name)
+
+
+def _candidate_stem(name: str, suffixes: Sequence[str]) -> str:
+    low = name.lower()
+    for suf in suffixes:
+        if low.endswith(suf) and not suf.lower().endswith(IMAGE_SUFFIXES):
+            return safe_stem(name[: -len(suf)])
+    return safe_stem(name)
 
 
 def class_names_near(labels: Sequence[Path]) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from tilenet.config import ReaderConfig
-from tilenet.errors import CorruptImageError, ImageTooLargeError, UnsupportedFormatError
+from tilenet.errors import CorruptImageError, ImageTooLargeError, UnsupportedFormatError, one_line
 from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
 from tilenet.io.sniff import check_pixels
@@ -49,11 +49,6 @@ _MODES: dict[str, tuple[str, int]] = {
     "F": ("float32", 1),
 }
 _COMPRESSION = {"PNG": "deflate", "JPEG": "jpeg", "WEBP": "webp", "GIF": "lzw"}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @dataclass
@@ -113,11 +108,11 @@ def open_pil(
                 mode, fmt = im.mode, im.format or "image"
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(
-            f"{p}: refused as a possible decompression bomb ({_first_line(exc)}); if the file "
+            f"{p}: refused as a possible decompression bomb ({one_line(exc, typed=False)}); if the file "
             "is trusted, raise PIL.Image.MAX_IMAGE_PIXELS"
         ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise CorruptImageError(f"{p}: not a readable image: {_first_line(exc)}") from exc
+        raise CorruptImageError(f"{p}: not a readable image: {one_line(exc, typed=False)}") from exc
     check_pixels(p, h, w, max_pixels=max_pixels)
     if max_pixels_eager is not None and h * w > max_pixels_eager:
         raise ImageTooLargeError(

@@ -16,7 +16,6 @@ rasterio is imported lazily: importing :mod:`tilenet.io` stays cheap.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
 import warnings
@@ -28,10 +27,17 @@ from typing import Any
 import numpy as np
 
 from tilenet.config import ReaderConfig
-from tilenet.errors import CorruptImageError, InputError, TilenetError, UnsupportedFormatError
+from tilenet.errors import (
+    CorruptImageError,
+    InputError,
+    TilenetError,
+    UnsupportedFormatError,
+    one_line,
+)
 from tilenet.fsutil import atomic_output, remove_path, tmp_sibling
-from tilenet.geometry import Window, iter_blocks
+from tilenet.geometry import GeoTransform, Window, iter_blocks
 from tilenet.io.base import LazyImage, Level
+from tilenet.io.crs import describe_georef  # re-exported: engine/infer.py, outputs/outputset.py
 from tilenet.io.sniff import check_chunk, check_pixels, level_downsample
 from tilenet.io.storage import gdal_options, gdal_path, is_url
 
@@ -58,11 +64,6 @@ _CACHE_SET = False
 
 #: Block size of the COGs written (and of the temporary GeoTIFF they are made from).
 _COG_BLOCK = 512
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -94,46 +95,18 @@ def is_geotiff(tags: Any) -> bool:
     return any(code in tags for code in GEOTIFF_TAGS)
 
 
-def scaled_transform(
-    transform: tuple[float, ...], downsample: tuple[float, float]
-) -> tuple[float, ...]:
-    """The geotransform (GDAL order) of a level downsampled by (y, x) ``downsample``.
+def scaled_transform(transform: tuple[float, ...], downsample: tuple[float, float]) -> GeoTransform:
+    """``GeoTransform(*transform).scaled(downsample)``: kept for callers of the GDAL tuple.
 
-    >>> scaled_transform((500000.0, 10.0, 0.0, 4e6, 0.0, -10.0), (2.0, 2.0))
+    >>> scaled_transform((500000.0, 10.0, 0.0, 4e6, 0.0, -10.0), (2.0, 2.0)).to_gdal()
     (500000.0, 20.0, 0.0, 4000000.0, 0.0, -20.0)
     """
-    x0, a, b, y0, d, e = transform
-    sy, sx = downsample
-    return (x0, a * sx, b * sy, y0, d * sx, e * sy)
+    return GeoTransform(*transform).scaled(downsample)
 
 
 def gsd_of(transform: tuple[float, ...]) -> tuple[float, float]:
-    """Ground sample distance (y, x) in CRS units of a GDAL-order geotransform.
-
-    >>> gsd_of((500000.0, 10.0, 0.0, 4e6, 0.0, -10.0))
-    (10.0, 10.0)
-    """
-    _, a, b, _, d, e = transform
-    return (math.hypot(b, e), math.hypot(a, d))
-
-
-def describe_georef(crs: str | None, transform: tuple[float, ...] | None) -> dict[str, Any]:
-    """``epsg`` (where the CRS has one), ``crs_units`` and ``gsd`` (y, x) in those units."""
-    epsg = units = None
-    if crs:
-        from rasterio.crs import CRS
-
-        try:
-            c = CRS.from_wkt(crs)
-            epsg = c.to_epsg()
-            units = c.linear_units if c.is_projected else "degree" if c.is_geographic else None
-        except Exception:
-            pass
-    return {
-        "epsg": epsg,
-        "crs_units": units,
-        "gsd": list(gsd_of(transform)) if transform else None,
-    }
+    """``GeoTransform(*transform).gsd``: kept for callers of the GDAL tuple."""
+    return GeoTransform(*transform).gsd
 
 
 @dataclass
@@ -190,14 +163,18 @@ def open_raster(
         with _quiet_georef(), _remote_env(p):
             ds = rasterio.open(_gdal_name(p))
     except Exception as exc:
-        raise CorruptImageError(f"{p}: not a raster GDAL can read: {_first_line(exc)}") from exc
+        raise CorruptImageError(
+            f"{p}: not a raster GDAL can read: {one_line(exc, typed=False)}"
+        ) from exc
     try:
         with ds, _quiet_georef(), _remote_env(p):
             return _describe(p, ds, rasterio, max_pixels=max_pixels)
     except TilenetError:
         raise
     except Exception as exc:
-        raise CorruptImageError(f"{p}: corrupt raster header: {_first_line(exc)}") from exc
+        raise CorruptImageError(
+            f"{p}: corrupt raster header: {one_line(exc, typed=False)}"
+        ) from exc
 
 
 def _chunks(ds: Any) -> tuple[int, int] | None:
@@ -244,7 +221,7 @@ def _describe(p: Any, ds: Any, rasterio: Any, *, max_pixels: int | None) -> Rast
         pixel_size=None,  # a ground sample distance is not a microscope pixel: see transform
         metadata={"driver": ds.driver},
         crs=crs,
-        transform=tuple(float(v) for v in ds.transform.to_gdal()) if georef else None,
+        transform=GeoTransform(*(float(v) for v in ds.transform.to_gdal())) if georef else None,
         nodata=float(ds.nodata) if ds.nodata is not None else None,
         band_names=names,
         _overviews=list(range(len(factors))),

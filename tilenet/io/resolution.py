@@ -42,6 +42,7 @@ from tilenet.config import ResolutionConfig
 from tilenet.errors import ConfigError, InputError
 from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
+from tilenet.io.crs import describe_georef
 
 __all__ = [
     "ResampledImage",
@@ -150,11 +151,6 @@ class Resolution:
         )
 
 
-def _gsd(transform: tuple[float, ...]) -> tuple[float, float]:
-    _, a, b, _, d, e = transform
-    return (math.hypot(b, e), math.hypot(a, d))
-
-
 def _target_scale(image: LazyImage, cfg: ResolutionConfig) -> tuple[tuple[float, float], bool]:
     """The target pixel size in the image's level-0 pixels (y, x), and whether it is assumed."""
     path = image.path
@@ -164,7 +160,7 @@ def _target_scale(image: LazyImage, cfg: ResolutionConfig) -> tuple[tuple[float,
                 f"{path}: has no georeferencing (geotransform), so gsd {cfg.gsd!r} cannot be "
                 "met; run at a pyramid level with --level N instead"
             )
-        gy, gx = _gsd(image.transform)
+        gy, gx = image.transform.gsd
         return (cfg.gsd / gy, cfg.gsd / gx), False
     if cfg.magnification is not None:
         # mpp = level-0 mpp * objective power / magnification: in level-0 pixels, power / M.
@@ -239,7 +235,7 @@ def plan_resolution(
         shape=shape,
         pixel_size=(base[0] * scale[0], base[1] * scale[1]) if base else None,
         assumed=assumed or (image.pixel_size is None and base is not None),
-        gsd=tuple(g * s for g, s in zip(_gsd(image.transform), scale, strict=True))  # type: ignore[arg-type]
+        gsd=tuple(g * s for g, s in zip(image.transform.gsd, scale, strict=True))  # type: ignore[arg-type]
         if image.transform is not None
         else None,
     )
@@ -259,11 +255,6 @@ def at_resolution(
     if res is None:
         return image, None
     return ResampledImage.of(image, res), res
-
-
-def _scaled(t: tuple[float, ...], s: tuple[float, float]) -> tuple[float, ...]:
-    x0, a, b, y0, d, e = t
-    return (x0, a * s[1], b * s[0], y0, d * s[1], e * s[0])
 
 
 Kind = Literal["image", "labels"]
@@ -294,22 +285,12 @@ class ResampledImage(LazyImage):
                     Level(lv.shape, (lv.downsample[0] / sy, lv.downsample[1] / sx), lv.chunks)
                 )
                 src_levels.append(i)
-        return cls(
-            path=source.path,
-            format=source.format,
-            dtype=source.dtype,
-            channels=source.channels,
+        return source.replace(
+            cls,
             levels=levels,
-            compression=source.compression,
             pixel_size=res.pixel_size if kind == "image" else None,
             metadata={**source.metadata, "resolution": res.to_dict()},
-            crs=source.crs,
-            transform=_scaled(source.transform, (sy, sx)) if source.transform else None,
-            nodata=source.nodata,
-            band_names=source.band_names,
-            vendor=source.vendor,
-            objective_power=source.objective_power,
-            associated_images=dict(source.associated_images),
+            transform=source.transform.scaled((sy, sx)) if source.transform else None,
             reference_scale=res.scale,
             source=source,
             resolution=res,
@@ -372,9 +353,7 @@ def pixel_record(image: LazyImage, level: int = 0) -> dict[str, Any]:
     if image.pixel_size:
         rec["mpp"] = [image.pixel_size[0] * ds[0], image.pixel_size[1] * ds[1]]
     if image.transform is not None:
-        from tilenet.io.raster import describe_georef
-
-        info = describe_georef(image.crs, _scaled(image.transform, ds))
+        info = describe_georef(image.crs, image.transform.scaled(ds))
         rec["gsd"], rec["crs_units"] = info["gsd"], info["crs_units"]
     return rec
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from tilenet.config import ReaderConfig
-from tilenet.errors import CorruptImageError, ImageNotFoundError, UnsupportedFormatError
+from tilenet.errors import CorruptImageError, ImageNotFoundError, UnsupportedFormatError, one_line
 from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
 from tilenet.io.sniff import check_pixels, level_downsample
@@ -59,11 +59,6 @@ _DICOM_COMPRESSION = {
     "1.2.840.10008.1.2.4.202": "htj2k",
     "1.2.840.10008.1.2.4.203": "htj2k",
 }
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _float(props: Any, key: str) -> float | None:
@@ -209,10 +204,12 @@ def open_slide(
         slide = openslide.OpenSlide(target)
     except openslide.OpenSlideUnsupportedFormatError as exc:
         raise UnsupportedFormatError(
-            f"{p}: not a whole-slide format OpenSlide reads ({_first_line(exc) or 'unknown'})"
+            f"{p}: not a whole-slide format OpenSlide reads ({one_line(exc, typed=False) or 'unknown'})"
         ) from exc
     except (openslide.OpenSlideError, OSError) as exc:
-        raise CorruptImageError(f"{p}: OpenSlide cannot open it: {_first_line(exc)}") from exc
+        raise CorruptImageError(
+            f"{p}: OpenSlide cannot open it: {one_line(exc, typed=False)}"
+        ) from exc
     try:
         return _describe(p, slide, max_pixels=max_pixels)
     except BaseException:

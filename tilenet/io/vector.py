@@ -19,7 +19,7 @@ Polygons with holes and MultiPolygons are kept; invalid polygons are repaired wi
 :class:`~tilenet.io.base.LazyImage` with the image's pyramid. A read rasterizes, with
 ``rasterio.features.rasterize`` (GDAL, pixel-centre rule), only the polygons an STRtree
 finds in the window, in fixed 256² blocks of a global grid through
-``image.pixel_transform(level)``: a pixel's label is computed the same way whichever window
+``image.pixel_transform(level)`` (:mod:`tilenet.io.labelimage`): a pixel's label is computed the same way whichever window
 it is read in, and never for the whole image at once. Pixels outside every polygon get
 :data:`IGNORE_INDEX` (``outside="ignore"``, the training loss skips them) or 0
 (``outside="background"``). Polygons later in the file are drawn over earlier ones.
@@ -31,24 +31,24 @@ error that lists the known ones. shapely, pyogrio and rasterio are imported lazi
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
-import threading
 import warnings
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from tilenet.errors import ImageNotFoundError, InputError, UnsupportedFormatError
-from tilenet.fsutil import safe_stem
-from tilenet.geometry import Window
+from tilenet.errors import ImageNotFoundError, InputError, UnsupportedFormatError, one_line
 from tilenet.io.base import IGNORE_INDEX, LazyImage
+from tilenet.io.classes import OUTSIDE, Outside, name_key, resolve_classes
+from tilenet.io.crs import display_name
+from tilenet.io.crs import parse as parse_crs
+from tilenet.io.labelimage import VectorLabelImage
+from tilenet.io.paths import match_by_stem
 
 __all__ = [
     "ANNOTATION_SUFFIXES",
@@ -64,18 +64,11 @@ __all__ = [
     "resolve_classes",
 ]
 
-#: The label of pixels outside every polygon with ``outside="ignore"`` (and of nodata
-#: pixels, always): ``train.ignore_index``'s default.
-#: What pixels outside every polygon become.
-OUTSIDE = ("ignore", "background")
 #: File endings of annotation files found in a directory.
 ANNOTATION_SUFFIXES = (".geojson", ".json")
 
 Kind = Literal["annotations", "vector"]
-Outside = Literal["ignore", "background"]
 
-_BLOCK = 256  # side of the global rasterization blocks
-_CACHE_BLOCKS = 64  # rasterized blocks kept per label image (64 * 64 KiB)
 _DEFAULT_FIELDS = ("classification", "class", "label")
 _GEOMETRY_TYPES = {
     "Point",
@@ -88,90 +81,8 @@ _GEOMETRY_TYPES = {
 }
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
-
-
-# -- class names ---------------------------------------------------------------------------
-def _name_key(name: str) -> tuple[int, float, str]:
-    """Sort key: numeric names by value (``"2"`` before ``"10"``), then text."""
-    try:
-        return (0, float(name), name)
-    except ValueError:
-        return (1, 0.0, name)
-
-
-def resolve_classes(
-    found: Iterable[str],
-    *,
-    class_map: Mapping[str, int] | None = None,
-    outside: Outside = "ignore",
-    source: str = "annotations",
-) -> tuple[dict[str, int], list[str]]:
-    """The label value of each class name, and the class names by index.
-
-    Without ``class_map`` the names found are sorted (numbers by value) and numbered from 0;
-    with ``outside="background"`` index 0 is ``"background"`` (shared with a class of that
-    name) and the others follow. With ``class_map``, every name found must be in it.
-
-    >>> resolve_classes(["Tumor", "Stroma", "Tumor"])
-    ({'Stroma': 0, 'Tumor': 1}, ['Stroma', 'Tumor'])
-    >>> resolve_classes(["Tumor"], outside="background")
-    ({'Tumor': 1}, ['background', 'Tumor'])
-    >>> resolve_classes(["a"], class_map={"a": 2, "b": 1})
-    ({'a': 2, 'b': 1}, ['class_0', 'b', 'a'])
-    """
-    names = set(found)
-    if class_map:
-        cmap: dict[str, int] = {}
-        for name, idx in class_map.items():
-            if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < IGNORE_INDEX:
-                raise InputError(
-                    f"class map: index {idx!r} of {name!r} must be an int in 0..{IGNORE_INDEX - 1}"
-                    f" ({IGNORE_INDEX} is the ignore index)"
-                )
-            cmap[str(name)] = int(idx)
-        unknown = sorted(names - set(cmap), key=_name_key)
-        if unknown:
-            raise InputError(
-                f"{source}: class {unknown[0]!r} is not in the class map; known classes: "
-                f"{', '.join(sorted(cmap, key=_name_key))}"
-            )
-        by_index = {v: k for k, v in sorted(cmap.items(), key=lambda kv: _name_key(kv[0]))}
-        if outside == "background" and 0 in by_index and by_index[0].lower() != "background":
-            raise InputError(
-                f"class map gives index 0 to {by_index[0]!r}, but outside=background labels "
-                "pixels outside every polygon 0; map 'background' to 0 or use outside=ignore"
-            )
-        k = max(cmap.values()) + 1
-        out = [by_index.get(i, f"class_{i}") for i in range(k)]
-        if outside == "background" and 0 not in by_index:
-            out[0] = "background"
-        return cmap, out
-    ordered = sorted(names, key=_name_key)
-    mapping: dict[str, int] = {}
-    if outside == "background":
-        bg = [n for n in ordered if n.lower() == "background"]
-        out = [bg[0] if bg else "background"]
-        mapping.update({n: 0 for n in bg})
-        for n in ordered:
-            if n.lower() != "background":
-                mapping[n] = len(out)
-                out.append(n)
-    else:
-        mapping = {n: i for i, n in enumerate(ordered)}
-        out = list(ordered)
-    if len(out) > IGNORE_INDEX:
-        raise InputError(
-            f"{source}: {len(out)} classes; at most {IGNORE_INDEX} fit a uint8 label "
-            f"({IGNORE_INDEX} is the ignore index)"
-        )
-    return mapping, out
 
 
 def _class_of(props: Any, fields: Sequence[str]) -> str | None:
@@ -196,7 +107,9 @@ def _geojson_features(path: Path) -> list[dict[str, Any]]:
     try:
         data = json.loads(path.read_bytes())
     except (UnicodeDecodeError, ValueError) as exc:
-        raise UnsupportedFormatError(f"{path}: not GeoJSON ({_first_line(exc)})") from None
+        raise UnsupportedFormatError(
+            f"{path}: not GeoJSON ({one_line(exc, typed=False)})"
+        ) from None
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
         feats = data.get("features")
     elif isinstance(data, dict) and data.get("type") == "Feature":
@@ -246,7 +159,7 @@ def _ogr_info(path: Path) -> dict[str, Any]:
         info = pyogrio.read_info(path)
     except Exception as exc:
         raise UnsupportedFormatError(
-            f"{path}: not a vector file GDAL/OGR reads ({_first_line(exc)})"
+            f"{path}: not a vector file GDAL/OGR reads ({one_line(exc, typed=False)})"
         ) from None
     if not info.get("geometry_type"):
         raise UnsupportedFormatError(f"{path}: holds no geometries (not vector data)")
@@ -282,7 +195,7 @@ def read_class_names(
         _, _, _, data = pyogrio.raw.read(p, columns=[fld], read_geometry=False)
     except Exception as exc:
         raise UnsupportedFormatError(
-            f"{p}: cannot read field {fld!r} ({_first_line(exc)})"
+            f"{p}: cannot read field {fld!r} ({one_line(exc, typed=False)})"
         ) from None
     return {n for n in (_class_of({fld: v}, (fld,)) for v in data[0]) if n is not None}
 
@@ -364,19 +277,10 @@ def read_annotations(path: str | Path, *, label_field: str | None = None) -> Vec
             geoms.append(shapely.geometry.shape(g))
         except Exception as exc:
             raise InputError(
-                f"{p}: feature {i} has a broken geometry ({_first_line(exc)})"
+                f"{p}: feature {i} has a broken geometry ({one_line(exc, typed=False)})"
             ) from None
     kept, kept_names = _clean(geoms, names, p)
     return VectorLabels(p, np.array(kept, dtype=object), kept_names, "annotations", None)
-
-
-def _crs_of(value: Any, what: str) -> Any:
-    from rasterio.crs import CRS
-
-    try:
-        return CRS.from_user_input(value)
-    except Exception as exc:
-        raise InputError(f"{what}: cannot read its CRS ({_first_line(exc)})") from None
 
 
 def _transform_xy(src: Any, dst: Any, xy: np.ndarray, what: str) -> np.ndarray:
@@ -386,29 +290,16 @@ def _transform_xy(src: Any, dst: Any, xy: np.ndarray, what: str) -> np.ndarray:
         xs, ys = transform(src, dst, xy[:, 0], xy[:, 1])
     except Exception as exc:
         raise InputError(
-            f"{what}: cannot transform coordinates from {_crs_name(src)} to {_crs_name(dst)} "
-            f"({_first_line(exc)})"
+            f"{what}: cannot transform coordinates from {display_name(src)} to {display_name(dst)} "
+            f"({one_line(exc, typed=False)})"
         ) from None
     out = np.column_stack([np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)])
     if out.size and not np.isfinite(out).all():
         raise InputError(
-            f"{what}: cannot transform coordinates from {_crs_name(src)} to {_crs_name(dst)} "
+            f"{what}: cannot transform coordinates from {display_name(src)} to {display_name(dst)} "
             "(the transformation gives non-finite values)"
         )
     return out
-
-
-def _crs_name(crs: Any) -> str:
-    """A short name: ``EPSG:32632``, ``IAU_2015:49900``, else the WKT's name."""
-    try:
-        auth = crs.to_authority()
-    except Exception:
-        auth = None
-    if auth:
-        return f"{auth[0]}:{auth[1]}"
-    wkt = str(crs.to_wkt()) if hasattr(crs, "to_wkt") else str(crs)
-    name = wkt.split('"')[1] if wkt.count('"') >= 2 else wkt
-    return name[:80]
 
 
 def read_vector_labels(
@@ -426,15 +317,15 @@ def read_vector_labels(
     p = Path(path)
     info = _ogr_info(p)
     fld = _check_field(p, info, label_field)
-    src_crs = _crs_of(info["crs"], str(p)) if info.get("crs") else None
+    src_crs = parse_crs(info["crs"], str(p)) if info.get("crs") else None
     bbox = None
     if image is not None and src_crs is not None:
         if image.crs is None:
             raise InputError(
                 f"{image.path}: has no CRS, but the vector labels {p} are in "
-                f"{_crs_name(src_crs)}; georeference the raster, or give labels without a CRS"
+                f"{display_name(src_crs)}; georeference the raster, or give labels without a CRS"
             )
-        dst = _crs_of(image.crs, str(image.path))
+        dst = parse_crs(image.crs, str(image.path))
         corners = _extent_corners(image)
         if dst != src_crs:
             from rasterio.warp import transform_bounds
@@ -444,13 +335,13 @@ def read_vector_labels(
                 bbox = transform_bounds(dst, src_crs, xs.min(), ys.min(), xs.max(), ys.max())
             except Exception as exc:
                 raise InputError(
-                    f"{p}: cannot transform coordinates from {_crs_name(src_crs)} to "
-                    f"{_crs_name(dst)} ({_first_line(exc)})"
+                    f"{p}: cannot transform coordinates from {display_name(src_crs)} to "
+                    f"{display_name(dst)} ({one_line(exc, typed=False)})"
                 ) from None
             if not np.isfinite(bbox).all():
                 raise InputError(
-                    f"{p}: cannot transform coordinates from {_crs_name(src_crs)} to "
-                    f"{_crs_name(dst)} (non-finite bounds)"
+                    f"{p}: cannot transform coordinates from {display_name(src_crs)} to "
+                    f"{display_name(dst)} (non-finite bounds)"
                 )
         else:
             bbox = (
@@ -462,7 +353,9 @@ def read_vector_labels(
     try:
         _, _, wkb, data = pyogrio.raw.read(p, columns=[fld], bbox=bbox)
     except Exception as exc:
-        raise UnsupportedFormatError(f"{p}: cannot read features ({_first_line(exc)})") from None
+        raise UnsupportedFormatError(
+            f"{p}: cannot read features ({one_line(exc, typed=False)})"
+        ) from None
     geoms = list(shapely.from_wkb(wkb)) if wkb is not None else []
     names = [_class_of({fld: v}, (fld,)) for v in data[0]] if len(data) else []
     kept, kept_names = _clean(geoms, names, p)
@@ -475,94 +368,23 @@ def read_vector_labels(
 
 
 def match_annotations(images: Sequence[Path | str], spec: str | os.PathLike[str]) -> list[Path]:
-    """The annotation file of each image: ``spec`` is a file (one image), a directory (a
-    ``.geojson``/``.json`` file with the image's stem), a glob, or a pattern with ``{stem}``.
+    """The annotation file of each image (:func:`~tilenet.io.paths.match_by_stem`): ``spec``
+    is a file (one image), a directory (a ``.geojson``/``.json`` file with the image's stem),
+    a glob, or a pattern with ``{stem}``.
 
     QuPath names exports after the image, with or without its extension (``a.svs.geojson``
     and ``a.geojson`` both match ``a.svs``).
     """
-    s = str(spec)
-    if "{stem}" in s:
-        found = [Path(s.replace("{stem}", safe_stem(_name(p)))) for p in images]
-        for img, ann in zip(images, found, strict=True):
-            if not ann.is_file():
-                raise ImageNotFoundError(f"{ann}: annotations for {img} not found")
-        return found
-    p = Path(s)
-    if p.is_file():
-        if len(images) != 1:
-            raise InputError(
-                f"{p}: one annotation file for {len(images)} images; QuPath annotations belong "
-                "to one slide: give a directory or a pattern with {stem}"
-            )
-        return [p]
-    if p.is_dir():
-        cands = [c for c in p.iterdir() if c.name.lower().endswith(ANNOTATION_SUFFIXES)]
-    elif glob.has_magic(s):
-        cands = [Path(h) for h in glob.glob(s)]
-    else:
-        raise ImageNotFoundError(f"{s}: no such annotation file, directory or pattern")
-    by_stem: dict[str, Path] = {}
-    for c in sorted(cands):
-        name = c.name
-        for suf in ANNOTATION_SUFFIXES:
-            if name.lower().endswith(suf):
-                name = name[: -len(suf)]
-                break
-        by_stem.setdefault(safe_stem(name), c)
-    out = []
-    for img in images:
-        hit = by_stem.get(safe_stem(_name(img)))
-        if hit is None:
-            raise ImageNotFoundError(
-                f"{img}: no annotation file named {safe_stem(_name(img))}.geojson in {s}; "
-                "annotations are matched to images by file name"
-            )
-        out.append(hit)
-    return out
-
-
-def _name(image: Path | str) -> str:
-    """The file name of a local path or a URL (``s3://b/a/x.svs?v=1`` -> ``x.svs``)."""
-    return PurePosixPath(str(image).split("?", 1)[0]).name if isinstance(image, str) else image.name
+    return match_by_stem(images, spec, suffixes=ANNOTATION_SUFFIXES, what="annotation file")
 
 
 # -- geometry helpers ----------------------------------------------------------------------
-def _affine(gt: Sequence[float]) -> Any:
-    from affine import Affine
-
-    return Affine.from_gdal(*gt)
-
-
-def _shifted(gt: Sequence[float], row: int, col: int) -> tuple[float, ...]:
-    """The geotransform of the pixels from (``row``, ``col``) on.
-
-    >>> _shifted((0.0, 2.0, 0.0, 0.0, 0.0, 2.0), 1, 3)
-    (6.0, 2.0, 0.0, 2.0, 0.0, 2.0)
-    """
-    x0, a, b, y0, d, e = gt
-    return (x0 + col * a + row * b, a, b, y0 + col * d + row * e, d, e)
-
-
-def _footprints(gt: Sequence[float], boxes: np.ndarray) -> Any:
-    """Polygons of pixel boxes (n, 4: y, x, h, w) in reference coordinates."""
-    import shapely
-
-    x0, a, b, y0, d, e = gt
-    y, x, h, w = (boxes[:, i].astype(np.float64) for i in range(4))
-    cols = np.stack([x, x + w, x + w, x, x], axis=1)
-    rows = np.stack([y, y, y + h, y + h, y], axis=1)
-    coords = np.stack([x0 + cols * a + rows * b, y0 + cols * d + rows * e], axis=-1)
-    return shapely.polygons(coords)
-
-
 def _extent_corners(image: LazyImage) -> np.ndarray:
     """The corners (4, 2) of level 0 in reference coordinates."""
     h, w = image.levels[0].shape
-    x0, a, b, y0, d, e = image.pixel_transform(0)
     cols = np.array([0, w, w, 0], dtype=np.float64)
     rows = np.array([0, 0, h, h], dtype=np.float64)
-    return np.column_stack([x0 + cols * a + rows * b, y0 + cols * d + rows * e])
+    return np.column_stack(image.pixel_transform(0)(cols, rows))
 
 
 # -- polygons and label images -------------------------------------------------------------
@@ -583,7 +405,7 @@ class VectorLabels:
     @property
     def class_names(self) -> list[str]:
         """The class names used, sorted (numbers by value)."""
-        return sorted(set(self.names), key=_name_key)
+        return sorted(set(self.names), key=name_key)
 
     def to_crs(self, image: LazyImage) -> VectorLabels:
         """These polygons in ``image``'s reference frame (its CRS, or its level-0 pixels)."""
@@ -593,12 +415,10 @@ class VectorLabels:
             if self.kind == "annotations" and image.transform is not None:
                 # QuPath pixels of a georeferenced raster: through its level-0 geotransform.
                 ry, rx = image.reference_scale
-                x0, a, b, y0, d, e = image.transform
-                a, b, d, e = a / rx, b / ry, d / rx, e / ry
+                gt = image.transform.scaled((1 / ry, 1 / rx))
 
                 def fn(xy: np.ndarray) -> np.ndarray:
-                    c, r = xy[:, 0], xy[:, 1]
-                    return np.column_stack([x0 + c * a + r * b, y0 + c * d + r * e])
+                    return np.column_stack(gt(xy[:, 0], xy[:, 1]))
 
                 return VectorLabels(
                     self.path, shapely.transform(self.geoms, fn), self.names, self.kind, image.crs
@@ -612,11 +432,11 @@ class VectorLabels:
         if image.crs is None:
             raise InputError(
                 f"{image.path}: has no CRS, but the labels {self.path} are in "
-                f"{_crs_name(_crs_of(self.crs, str(self.path)))}; georeference the raster, or "
+                f"{display_name(parse_crs(self.crs, str(self.path)))}; georeference the raster, or "
                 "give labels without a CRS"
             )
-        src = _crs_of(self.crs, str(self.path))
-        dst = _crs_of(image.crs, str(image.path))
+        src = parse_crs(self.crs, str(self.path))
+        dst = parse_crs(image.crs, str(image.path))
         if src == dst or not len(self.geoms):
             return VectorLabels(self.path, self.geoms, self.names, self.kind, image.crs)
         what = str(self.path)
@@ -652,11 +472,11 @@ class VectorLabels:
             raise InputError(f"outside must be one of {', '.join(OUTSIDE)}, got {outside!r}")
         if classes is None:
             classes, _ = resolve_classes(self.names, outside=outside, source=str(self.path))
-        unknown = sorted(set(self.names) - set(classes), key=_name_key)
+        unknown = sorted(set(self.names) - set(classes), key=name_key)
         if unknown:
             raise InputError(
                 f"{self.path}: class {unknown[0]!r} is not in the class map; known classes: "
-                f"{', '.join(sorted(classes, key=_name_key))}"
+                f"{', '.join(sorted(classes, key=name_key))}"
             )
         framed = self.to_crs(image)
         geoms = framed.geoms
@@ -682,131 +502,25 @@ class VectorLabels:
         _, names = resolve_classes(
             self.names, class_map=dict(classes), outside=outside, source=str(self.path)
         )
-        return VectorLabelImage(
+        return image.replace(
+            VectorLabelImage,
             path=self.path,
             format="vector-labels",
             dtype=np.dtype(np.uint8),
             channels=1,
-            levels=list(image.levels),
-            crs=image.crs,
-            transform=image.transform,
-            reference_scale=image.reference_scale,
+            compression=None,
+            pixel_size=None,  # labels, not a microscope image: as label_view's labels
             metadata={"image": str(image.path), "kind": self.kind},
+            nodata=None,
+            band_names=None,
+            vendor=None,
+            objective_power=None,
+            associated_images={},
             geoms=geoms[keep],
             values=np.array([classes[self.names[i]] for i in keep], dtype=np.uint8),
             outside=IGNORE_INDEX if outside == "ignore" else 0,
             class_names=names,
         )
-
-
-@dataclass
-class VectorLabelImage(LazyImage):
-    """A label image made of polygons (:meth:`VectorLabels.for_image`); nothing is
-    rasterized until a window is read, and then only that window's 256² blocks of a global
-    grid. ``geoms`` are in the image's reference frame (``pixel_transform``), ``values``
-    their labels; later polygons are drawn over earlier ones."""
-
-    geoms: Any = None
-    values: Any = None
-    #: The label of pixels outside every polygon (:data:`IGNORE_INDEX` or 0).
-    outside: int = IGNORE_INDEX
-    class_names: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._setup()
-
-    def _setup(self) -> None:
-        import shapely
-
-        self.geoms = np.asarray(self.geoms if self.geoms is not None else [], dtype=object)
-        self.values = np.asarray(self.values if self.values is not None else [], dtype=np.uint8)
-        self._tree = shapely.STRtree(self.geoms)
-        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers: the tree is rebuilt there
-        state = dict(self.__dict__)
-        for k in ("_tree", "_cache", "_lock"):
-            state.pop(k, None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._setup()
-
-    @property
-    def empty(self) -> bool:
-        """No polygon overlaps the image (a scene to skip)."""
-        return len(self.geoms) == 0
-
-    def candidates(self, windows: Sequence[Window], level: int = 0) -> np.ndarray:
-        """Which ``windows`` (pixels of ``level``) touch a polygon: a boolean array."""
-        hit = np.zeros(len(windows), dtype=bool)
-        if not len(windows) or self.empty:
-            return hit
-        boxes = np.array([(w.y, w.x, w.h, w.w) for w in windows], dtype=np.int64)
-        idx = self._tree.query(
-            _footprints(self.pixel_transform(level), boxes), predicate="intersects"
-        )
-        hit[np.unique(idx[0])] = True
-        return hit
-
-    def annotated_fraction(self, window: Window, level: int = 0) -> float:
-        """The share of ``window``'s pixels inside the image and inside some polygon."""
-        h, w = self.levels[level].shape
-        inside = window.clip(h, w)
-        if not inside.area or self.empty:
-            return 0.0
-        return float((self._raw(inside, level) != IGNORE_INDEX).sum()) / window.area
-
-    def _block(self, level: int, by: int, bx: int) -> np.ndarray:
-        key = (level, by, bx)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
-        from rasterio.features import rasterize
-
-        gt = self.pixel_transform(level)
-        box = np.array([[by * _BLOCK, bx * _BLOCK, _BLOCK, _BLOCK]], dtype=np.int64)
-        idx = np.sort(self._tree.query(_footprints(gt, box)[0], predicate="intersects"))
-        if len(idx):
-            out = rasterize(
-                zip(self.geoms[idx], self.values[idx].tolist(), strict=True),
-                out_shape=(_BLOCK, _BLOCK),
-                fill=IGNORE_INDEX,
-                transform=_affine(_shifted(gt, by * _BLOCK, bx * _BLOCK)),
-                all_touched=False,
-                dtype="uint8",
-            )
-        else:
-            out = np.full((_BLOCK, _BLOCK), IGNORE_INDEX, dtype=np.uint8)
-        with self._lock:
-            self._cache[key] = out
-            while len(self._cache) > _CACHE_BLOCKS:
-                self._cache.popitem(last=False)
-        return out
-
-    def _raw(self, window: Window, level: int) -> np.ndarray:
-        """Labels of ``window`` with :data:`IGNORE_INDEX` outside every polygon."""
-        out = np.full((window.h, window.w), IGNORE_INDEX, dtype=np.uint8)
-        if self.empty:
-            return out
-        for by in range(window.y // _BLOCK, (window.y1 - 1) // _BLOCK + 1):
-            for bx in range(window.x // _BLOCK, (window.x1 - 1) // _BLOCK + 1):
-                blk = Window(by * _BLOCK, bx * _BLOCK, _BLOCK, _BLOCK)
-                part = blk.intersect(window)
-                out[part.relative_to(window).slices] = self._block(level, by, bx)[
-                    part.relative_to(blk).slices
-                ]
-        return out
-
-    def _read(self, window: Window, level: int) -> np.ndarray:
-        out = self._raw(window, level)
-        if self.outside != IGNORE_INDEX:
-            out[out == IGNORE_INDEX] = self.outside
-        return out
 
 
 # -- many images -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tilenet.config import ReaderConfig
-from tilenet.errors import CorruptImageError, TilenetError, UnsupportedFormatError
+from tilenet.errors import CorruptImageError, TilenetError, UnsupportedFormatError, one_line
 from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
 from tilenet.io.sniff import check_chunk, check_pixels, level_downsample
@@ -37,11 +37,6 @@ _UNIT_UM = {
     "centimeter": 1e4,
     "meter": 1e6,
 }
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _roles(path: object, names: list[str] | None, shape: tuple[int, ...]) -> str:
@@ -154,13 +149,17 @@ def open_zarr(
         # A URL: zarr's own FsspecStore, chunk by chunk (object by object) from storage.
         node = zarr.open(zarr_store(p, read_only=True) if is_url(p) else p, mode="r")
     except Exception as exc:
-        raise CorruptImageError(f"{p}: not a readable zarr store: {_first_line(exc)}") from exc
+        raise CorruptImageError(
+            f"{p}: not a readable zarr store: {one_line(exc, typed=False)}"
+        ) from exc
     try:
         return _describe(p, node, zarr, max_pixels=max_pixels)
     except TilenetError:
         raise
     except Exception as exc:
-        raise CorruptImageError(f"{p}: corrupt zarr metadata: {_first_line(exc)}") from exc
+        raise CorruptImageError(
+            f"{p}: corrupt zarr metadata: {one_line(exc, typed=False)}"
+        ) from exc
 
 
 def _describe(p: Any, node: Any, zarr: Any, *, max_pixels: int | None) -> ZarrImage:

@@ -1,7 +1,7 @@
 """Class regions: the connected pixels of each class of a class map as polygons, out of core.
 
 :func:`iter_regions` polygonizes a (H, W) class map block by block with GDAL's polygonizer
-(``rasterio.features.shapes``, 4-connected, so a region is what
+(:func:`tilenet.outputs.polygons.polygonize`, 4-connected, so a region is what
 :func:`tilenet.outputs.instances.label_instances` calls one object of a class). A piece that
 touches no block seam is a whole region and is yielded at once; pieces touching a seam are
 kept (in exact integer pixel coordinates) and, once every block is read, merged per class
@@ -23,11 +23,13 @@ GeoTIFF").
   ``wgs84``, reprojected to longitude/latitude per RFC 7946 (exterior rings
   counter-clockwise, no ``crs`` member);
 * optionally a GeoPackage or FlatGeobuf layer (pyogrio) of the same polygons in ``crs``.
+
+Both through the feature writers of :mod:`tilenet.outputs.polygons`.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -38,9 +40,10 @@ from typing import Any
 import numpy as np
 
 from tilenet.errors import InputError
-from tilenet.fsutil import atomic_output, remove_path
-from tilenet.geometry import iter_blocks
+from tilenet.geometry import GeoTransform, iter_blocks
+from tilenet.io.crs import to_wgs84
 from tilenet.io.writers import DEFAULT_PALETTE
+from tilenet.outputs.polygons import GeoJSONStream, VectorLayer, polygonize
 
 __all__ = ["REGION_BLOCK", "Region", "iter_regions", "write_class_regions"]
 
@@ -48,7 +51,6 @@ __all__ = ["REGION_BLOCK", "Region", "iter_regions", "write_class_regions"]
 REGION_BLOCK = 2048
 #: Namespace of the features' UUIDs (uuid5 of a seed and the feature number).
 _NAMESPACE = uuid.UUID("6f1c4f5e-3a57-4b0c-9d7e-2b8f1a5c0e11")
-_DRIVERS = {".gpkg": "GPKG", ".fgb": "FlatGeobuf"}
 
 
 @dataclass(frozen=True)
@@ -100,10 +102,6 @@ def iter_regions(
     >>> [(r.cls, r.pixels) for r in iter_regions(a, block=2)]
     [(1, 3), (2, 2)]
     """
-    import shapely
-    from affine import Affine
-    from rasterio.features import shapes
-
     if len(classes.shape) != 2:
         raise InputError(f"a class map must be 2-D (H, W), got shape {tuple(classes.shape)}")
     h, w = (int(s) for s in classes.shape)
@@ -121,13 +119,8 @@ def iter_regions(
             continue
         edges = (win.x if win.x > 0 else None, win.x1 if win.x1 < w else None)
         rows = (win.y if win.y > 0 else None, win.y1 if win.y1 < h else None)
-        at = Affine.translation(win.x, win.y)
-        for geom, value in shapes(data, mask=mask, connectivity=4, transform=at):
-            # GDAL puts a vertex at every pixel step; keep only the corners (exact: tolerance
-            # 0 drops collinear vertices), which is what bounds the seam union's memory.
-            poly = shapely.simplify(shapely.geometry.shape(geom), 0.0)
+        for c, poly in polygonize(data, mask, (win.x, win.y)):
             x0, y0, x1, y1 = poly.bounds
-            c = int(value)
             if x0 == edges[0] or x1 == edges[1] or y0 == rows[0] or y1 == rows[1]:
                 seams.setdefault(c, []).append(poly)
             else:
@@ -160,31 +153,21 @@ def _merge_seam_pieces(pieces: list[Any]) -> list[Any]:
     return sorted(merged, key=lambda p: (p.bounds[1], p.bounds[0]))
 
 
-def _to_reference(transform: Sequence[float]) -> Callable[[Any], Any]:
-    """Pixel polygon -> reference coordinates through a GDAL-order geotransform."""
+def _to_reference(gt: GeoTransform) -> Callable[[Any], Any]:
+    """Pixel polygon -> reference coordinates through ``gt``."""
     import shapely.affinity
 
-    x0, a, b, y0, d, e = (float(v) for v in transform)
-    if a * e - b * d == 0:
-        raise InputError(f"transform must be 6 GDAL-order numbers, invertible: {transform}")
-    matrix = [a, b, d, e, x0, y0]
-    if matrix == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]:
+    if gt.is_identity:
         return lambda p: p
+    matrix = [gt.dx, gt.rx, gt.ry, gt.dy, gt.x0, gt.y0]  # shapely's order
     return lambda p: shapely.affinity.affine_transform(p, matrix)
 
 
 def _to_wgs84(crs: str) -> Callable[[Any], Any]:
     import shapely
-    from rasterio.warp import transform as warp
 
-    def project(poly: Any) -> Any:
-        def f(xy: np.ndarray) -> np.ndarray:
-            xs, ys = warp(crs, "EPSG:4326", xy[:, 0].tolist(), xy[:, 1].tolist())
-            return np.c_[xs, ys]
-
-        return shapely.transform(poly, f)
-
-    return project
+    project = to_wgs84(crs)
+    return lambda poly: shapely.transform(poly, project)
 
 
 def _coords(poly: Any, integral: bool) -> list[Any]:
@@ -224,112 +207,94 @@ def write_class_regions(
     Returns ``{"count": {name: regions}, "area": {name: reference units²}}`` for the classes
     with at least one region.
     """
-    import shapely
-
     if wgs84 and not crs:
         raise InputError("wgs84 needs the CRS to reproject from")
-    to_ref = _to_reference(transform)
-    integral = crs is None and all(float(v).is_integer() for v in transform)
-    project = _to_wgs84(crs) if wgs84 and crs else None
-    px_area = abs(
-        float(transform[1]) * float(transform[5]) - float(transform[2]) * float(transform[4])
-    )
-    palette = DEFAULT_PALETTE.tolist()
-    names = [str(n) for n in class_names]
-
-    def name(c: int) -> str:
-        return names[c] if 0 <= c < len(names) else f"class {c}"
-
-    source = classes
+    features = _Features(GeoTransform.from_gdal(transform), class_names, crs, wgs84, seed)
+    source: Any = classes
     opened = None
     if isinstance(classes, (str, os.PathLike)):
         source = opened = _RasterBand(Path(classes))
-    vpath = Path(vector) if vector is not None else None
-    driver = None
-    if vpath is not None:
-        driver = _DRIVERS.get(vpath.suffix.lower())
-        if driver is None:
-            raise InputError(f"{vpath}: vector output must end in {' or '.join(_DRIVERS)}")
-    vtmp = None
-    count: dict[str, int] = {}
-    area: dict[str, float] = {}
-    head: dict[str, Any] = {"type": "FeatureCollection"}
-    if crs and not wgs84:
-        head["crs"] = {"type": "name", "properties": {"name": _crs_name(crs)}}
-    rows: list[tuple[int, Any, int]] = []
-
-    def flush(append: bool) -> None:
-        import pyogrio.raw
-
-        data = [
-            np.array([c for c, _, _ in rows], np.int32),
-            np.array([name(c) for c, _, _ in rows], object),
-            np.array([n * px_area for _, _, n in rows], np.float64),
-            np.array([n for _, _, n in rows], np.int64),
-        ]
-        pyogrio.raw.write(
-            str(vtmp),
-            shapely.to_wkb(np.array([g for _, g, _ in rows], dtype=object)),
-            data,
-            ["class", "class_name", "area", "pixels"],
-            layer="classes",
-            driver=driver,
-            geometry_type="Polygon",
-            crs=crs,
-            append=append,
-        )
-        rows.clear()
-
     try:
-        if vpath is not None:
-            vtmp = vpath.with_name(f".{vpath.stem}.partial-{os.getpid()}{vpath.suffix}")
-            remove_path(vtmp)  # the drivers want their own extension on the temporary name
-        written = 0
-        with atomic_output(Path(geojson)) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(head)[:-1] + ', "features": [\n')
-            for region in iter_regions(source, skip=skip, block=block):
-                c = region.cls
-                ref = to_ref(region.polygon)
-                out = shapely.orient_polygons(project(ref)) if project is not None else ref
-                props = {
-                    "objectType": "annotation",
-                    "classification": {"name": name(c), "color": palette[c % len(palette)]},
-                    "class": c,
-                    "area": region.pixels * px_area,
-                    "pixels": region.pixels,
-                }
-                feature = {
-                    "type": "Feature",
-                    "id": str(uuid.uuid5(_NAMESPACE, f"{seed}:classes:{written}")),
-                    "geometry": {"type": "Polygon", "coordinates": _coords(out, integral)},
-                    "properties": props,
-                }
-                f.write((",\n" if written else "") + json.dumps(feature))
-                written += 1
-                count[name(c)] = count.get(name(c), 0) + 1
-                area[name(c)] = area.get(name(c), 0.0) + region.pixels * px_area
-                if vtmp is not None:
-                    rows.append((c, ref, region.pixels))
-                    if len(rows) >= batch:
-                        flush(append=written > len(rows))
-            f.write("\n]}\n")
-        if vpath is not None and vtmp is not None:
-            if rows or not written:
-                flush(append=written > len(rows))
-            os.replace(vtmp, vpath)
-    except BaseException:
-        if vtmp is not None:
-            remove_path(vtmp)
-        raise
+        layer = None
+        if vector is not None:
+            layer = VectorLayer(
+                vector,
+                layer="classes",
+                fields=_FIELDS,
+                geometry_type="Polygon",
+                crs=crs,
+                batch=batch,
+            )
+        with contextlib.ExitStack() as stack:
+            if layer is not None:
+                stack.callback(layer.discard)  # a no-op once the layer is in place
+            with GeoJSONStream(geojson, crs=None if wgs84 else crs) as out:
+                for region in iter_regions(source, skip=skip, block=block):
+                    ref = features.to_ref(region.polygon)
+                    out.write(features.feature(region, ref, out.count))
+                    if layer is not None:
+                        layer.add(ref, *features.row(region))
+            if layer is not None:
+                layer.close()
     finally:
         if opened is not None:
             opened.close()
-    return {"count": count, "area": area}
+    return {"count": features.count, "area": features.area}
 
 
-def _crs_name(crs: str) -> str:
-    """An OGC URN for a CRS with an EPSG code, else its WKT."""
-    from rasterio.crs import CRS
+#: The fields of the vector layer of class regions.
+_FIELDS = [("class", np.int32), ("class_name", object), ("area", np.float64), ("pixels", np.int64)]
 
-    epsg = CRS.from_user_input(crs).to_epsg()
-    return f"urn:ogc:def:crs:EPSG::{epsg}" if epsg else crs
+
+class _Features:
+    """Class regions as features: reference coordinates, GeoJSON features, layer rows, and the
+    count and area per class name of those made."""
+
+    def __init__(
+        self,
+        gt: GeoTransform,
+        class_names: Sequence[str],
+        crs: str | None,
+        wgs84: bool,
+        seed: str,
+    ) -> None:
+        self.to_ref = _to_reference(gt)
+        self.integral = crs is None and all(v.is_integer() for v in gt)
+        self.project = _to_wgs84(crs) if wgs84 and crs else None
+        self.px_area = gt.pixel_area
+        self.palette = DEFAULT_PALETTE.tolist()
+        self.names = [str(n) for n in class_names]
+        self.seed = seed
+        self.count: dict[str, int] = {}
+        self.area: dict[str, float] = {}
+
+    def name(self, c: int) -> str:
+        return self.names[c] if 0 <= c < len(self.names) else f"class {c}"
+
+    def feature(self, region: Region, ref: Any, number: int) -> dict[str, Any]:
+        """The GeoJSON feature of ``region`` (``ref``: its polygon in reference coordinates),
+        the ``number``-th written; counted."""
+        import shapely
+
+        c, name = region.cls, self.name(region.cls)
+        out = shapely.orient_polygons(self.project(ref)) if self.project is not None else ref
+        props = {
+            "objectType": "annotation",
+            "classification": {"name": name, "color": self.palette[c % len(self.palette)]},
+            "class": c,
+            "area": region.pixels * self.px_area,
+            "pixels": region.pixels,
+        }
+        self.count[name] = self.count.get(name, 0) + 1
+        self.area[name] = self.area.get(name, 0.0) + region.pixels * self.px_area
+        return {
+            "type": "Feature",
+            "id": str(uuid.uuid5(_NAMESPACE, f"{self.seed}:classes:{number}")),
+            "geometry": {"type": "Polygon", "coordinates": _coords(out, self.integral)},
+            "properties": props,
+        }
+
+    def row(self, region: Region) -> tuple[int, str, float, int]:
+        """The vector layer's values (:data:`_FIELDS`) of ``region``."""
+        c = region.cls
+        return (c, self.name(c), region.pixels * self.px_area, region.pixels)

@@ -12,7 +12,7 @@ from torch.utils.data import IterableDataset
 
 from tilenet.config import AugmentConfig, ResolutionConfig
 from tilenet.errors import InputError
-from tilenet.geometry import Window
+from tilenet.geometry import GeoTransform, Window
 from tilenet.io.base import IGNORE_INDEX, nodata_mask
 from tilenet.io.resolution import (
     at_resolution,
@@ -236,16 +236,13 @@ def _open_vector_labels(
 
 def _pixel_area(lab: Any, level: int) -> float:
     """Reference-coordinate area of one pixel of ``level``."""
-    _, a, b, _, d, e = lab.pixel_transform(level)
-    return abs(a * e - b * d)
+    return float(lab.pixel_transform(level).pixel_area)
 
 
 def _to_pixel(gt: Sequence[float], x: float, y: float) -> tuple[float, float]:
     """(row, col) of reference point (x, y) under GDAL-order geotransform ``gt``."""
-    x0, a, b, y0, d, e = gt
-    det = a * e - b * d
-    dx, dy = x - x0, y - y0
-    return ((a * dy - d * dx) / det, (e * dx - b * dy) / det)
+    col, row = GeoTransform(*gt).pixel_of(x, y)
+    return (row, col)
 
 
 def _point_in(geom: Any, rng: np.random.Generator) -> tuple[float, float]:

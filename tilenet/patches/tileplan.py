@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 
 from tilenet.config import ResolutionConfig
-from tilenet.errors import InputError, ShapeMismatchError, TilenetError
+from tilenet.errors import InputError, ShapeMismatchError, one_line
 from tilenet.geometry import TileGrid, Window
 from tilenet.io.foreground import foreground_fractions, foreground_mask
 
-__all__ = ["ImagePlan", "one_line", "open_at", "plan_image", "plan_or_reason"]
+__all__ = ["ImagePlan", "open_at", "plan_image", "plan_or_reason"]
 
 
 @dataclass
@@ -44,15 +44,6 @@ class ImagePlan:
     #: The pixel size its patches have (``pixel_record``), and how it was resampled.
     pixel: dict[str, Any] | None = None
     resolution: dict[str, Any] | None = None
-
-
-def one_line(exc: BaseException) -> str:
-    """The first line of an error, prefixed by its type unless it is a TilenetError."""
-    lines = str(exc).strip().splitlines()
-    first = lines[0] if lines else ""
-    if isinstance(exc, TilenetError):
-        return first
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def open_at(

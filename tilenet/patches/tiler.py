@@ -24,7 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 from tilenet.config import ReaderConfig, ResolutionConfig, TilingConfig
-from tilenet.errors import InputError, ShapeMismatchError
+from tilenet.errors import InputError, ShapeMismatchError, one_line
 from tilenet.fsutil import atomic_output
 from tilenet.geometry import TileGrid
 from tilenet.io.paths import class_names_near, match_labels, resolve_images
@@ -37,7 +37,7 @@ from tilenet.patches.patchstore import (
     read_attrs,
     stats_attrs,
 )
-from tilenet.patches.tileplan import ImagePlan, one_line, plan_image, plan_or_reason
+from tilenet.patches.tileplan import ImagePlan, plan_image, plan_or_reason
 from tilenet.patches.tilewrite import write_batch
 from tilenet.progress import progress_bar
 

@@ -178,10 +178,22 @@ class _Collect:
         pass
 
 
-@pytest.mark.parametrize("bands", [None, [3, 1, 2]])  # a band selection has no raw path
-def test_predictor_with_the_cpu_decoder_is_bit_identical(
-    tmp_path: Path, bands: list[int] | None
-) -> None:
+class _Partly:
+    """An image with a raw path for windows that start left of column 40 only: a batch
+    mixes encoded windows and read pixels."""
+
+    def __init__(self, image: Any) -> None:
+        self.image, self.dtype = image, image.dtype
+
+    def read(self, window: Window, level: int = 0) -> np.ndarray:
+        return np.asarray(self.image.read(window, level))
+
+    def encoded(self, window: Window, level: int = 0) -> EncodedWindow | None:
+        return self.image.encoded(window, level) if window.x < 40 else None
+
+
+@pytest.mark.parametrize("view", ["all", "bands", "partly"])  # bands: no raw path
+def test_predictor_with_the_cpu_decoder_is_bit_identical(tmp_path: Path, view: str) -> None:
     """The opt-in hook: readers fetch stored JPEG tiles, the decoder decodes each batch; the
     probabilities equal those of the default read path, bit for bit."""
     import tifffile
@@ -198,15 +210,16 @@ def test_predictor_with_the_cpu_decoder_is_bit_identical(
             "receptive_field": 2, "mean": [120.0, 80.0, 60.0], "std": [50.0, 40.0, 30.0]}  # fmt: skip
     predictor = Predictor((model, spec), InferConfig(device="cpu", tile=48, batch=3))
     with open_image(tmp_path / "j.tif") as image:
-        view = image.select_bands(bands)
+        source = {"all": image, "bands": image.select_bands([3, 1, 2]), "partly": _Partly(image)}
         grid, _ = predictor.plan(image.levels[0].shape)
         runs = []
         for decoder in (None, CpuDecoder()):
             out = _Collect()
-            predictor.run(view, list(grid), out, grid=grid, decoder=decoder)
+            predictor.run(source[view], list(grid), out, grid=grid, decoder=decoder)
             runs.append(out.probs)
             if decoder is not None:
-                assert bool(decoder.tiles) == (bands is None)  # the decoder ran where it could
+                # "partly": each batch (a grid row) mixes both, and decode_window fills in.
+                assert bool(decoder.tiles) == (view == "all")
     assert runs[0].keys() == runs[1].keys() == {t.index for t in grid}
     for index, probs in runs[0].items():
         assert np.array_equal(probs, runs[1][index])

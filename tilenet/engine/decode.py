@@ -213,7 +213,9 @@ class CpuDecoder:
 def _torchvision_takes(ew: EncodedWindow, tile: bytes) -> bool:
     """Whether libjpeg-turbo in torchvision decodes this tile as tifffile does."""
     if ew.photometric not in ("minisblack", "rgb", "ycbcr") or ew.bits != 8:
-        return False  # CMYK ("separated"): torchvision's RGB conversion assumes Adobe's
+        # CMYK ("separated"): torchvision converts it to RGB the Adobe (inverted) way, and
+        # GPU decoders take no CMYK; 12-bit: libjpeg in torchvision and nvJPEG are 8-bit.
+        return False
     sof, precision, components, _ = jpeg_frame(tile)
     return sof in _TORCHVISION_SOF and precision == 8 and components in (1, 3)
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from tilenet.config import ResolutionConfig
 from tilenet.errors import ConfigError, InputError
-from tilenet.geometry import Window
+from tilenet.geometry import GeoTransform, Window
 from tilenet.io.base import LazyImage, Level
 from tilenet.io.crs import describe_georef
 
@@ -160,7 +160,7 @@ def _target_scale(image: LazyImage, cfg: ResolutionConfig) -> tuple[tuple[float,
                 f"{path}: has no georeferencing (geotransform), so gsd {cfg.gsd!r} cannot be "
                 "met; run at a pyramid level with --level N instead"
             )
-        gy, gx = image.transform.gsd
+        gy, gx = GeoTransform(*image.transform).gsd
         return (cfg.gsd / gy, cfg.gsd / gx), False
     if cfg.magnification is not None:
         # mpp = level-0 mpp * objective power / magnification: in level-0 pixels, power / M.
@@ -235,7 +235,7 @@ def plan_resolution(
         shape=shape,
         pixel_size=(base[0] * scale[0], base[1] * scale[1]) if base else None,
         assumed=assumed or (image.pixel_size is None and base is not None),
-        gsd=tuple(g * s for g, s in zip(image.transform.gsd, scale, strict=True))  # type: ignore[arg-type]
+        gsd=tuple(g * s for g, s in zip(GeoTransform(*image.transform).gsd, scale, strict=True))  # type: ignore[arg-type]
         if image.transform is not None
         else None,
     )
@@ -290,7 +290,9 @@ class ResampledImage(LazyImage):
             levels=levels,
             pixel_size=res.pixel_size if kind == "image" else None,
             metadata={**source.metadata, "resolution": res.to_dict()},
-            transform=source.transform.scaled((sy, sx)) if source.transform else None,
+            transform=GeoTransform(*source.transform).scaled((sy, sx))
+            if source.transform
+            else None,
             reference_scale=res.scale,
             source=source,
             resolution=res,
@@ -353,7 +355,7 @@ def pixel_record(image: LazyImage, level: int = 0) -> dict[str, Any]:
     if image.pixel_size:
         rec["mpp"] = [image.pixel_size[0] * ds[0], image.pixel_size[1] * ds[1]]
     if image.transform is not None:
-        info = describe_georef(image.crs, image.transform.scaled(ds))
+        info = describe_georef(image.crs, GeoTransform(*image.transform).scaled(ds))
         rec["gsd"], rec["crs_units"] = info["gsd"], info["crs_units"]
     return rec
 

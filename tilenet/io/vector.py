@@ -43,6 +43,7 @@ from typing import Any, Literal
 import numpy as np
 
 from tilenet.errors import ImageNotFoundError, InputError, UnsupportedFormatError, one_line
+from tilenet.geometry import GeoTransform
 from tilenet.io.base import IGNORE_INDEX, LazyImage
 from tilenet.io.classes import OUTSIDE, Outside, name_key, resolve_classes
 from tilenet.io.crs import display_name
@@ -415,7 +416,7 @@ class VectorLabels:
             if self.kind == "annotations" and image.transform is not None:
                 # QuPath pixels of a georeferenced raster: through its level-0 geotransform.
                 ry, rx = image.reference_scale
-                gt = image.transform.scaled((1 / ry, 1 / rx))
+                gt = GeoTransform(*image.transform).scaled((1 / ry, 1 / rx))
 
                 def fn(xy: np.ndarray) -> np.ndarray:
                     return np.column_stack(gt(xy[:, 0], xy[:, 1]))

@@ -45,7 +45,7 @@ import zarr
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from tilenet.errors import ImageNotFoundError, InputError, UnsupportedFormatError
+from tilenet.errors import ImageNotFoundError, InputError, UnsupportedFormatError, one_line
 from tilenet.geometry import spans
 from tilenet.io.writers import OmeZarrWriter
 from tilenet.progress import progress_iter
@@ -71,7 +71,9 @@ def open_2d(source: Any, what: str) -> tuple[Any, str]:
         try:
             node: Any = zarr.open(p, mode="r")
         except Exception as exc:
-            raise UnsupportedFormatError(f"{p}: not a zarr store ({exc})") from exc
+            raise UnsupportedFormatError(
+                f"{p}: not a zarr store ({one_line(exc, typed=False)})"
+            ) from exc
         if isinstance(node, zarr.Group):
             if "0" not in node:
                 raise UnsupportedFormatError(f"{p}: OME-Zarr without dataset '0'")

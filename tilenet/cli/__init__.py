@@ -559,6 +559,13 @@ def _add_infer(sub: Any) -> None:
         help="torch threads per process (default: all cores serially, cores/N per "
         "worker); serial and distributed outputs are bit-identical at equal --threads",
     )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        default=None,
+        help="when another run is writing the same --out, wait for it to end (then resume "
+        "or redo) instead of refusing with exit code 2",
+    )
     p.set_defaults(handler=_cmd_infer, items_dest="inputs")
 
 
@@ -605,6 +612,7 @@ INFER_FLAGS: dict[str, Sequence[str]] = {
         "log_json",
         "region_tiles",
         "threads",
+        "wait",
     ),
 }
 
@@ -652,6 +660,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             region_tiles=jobs.region_tiles,
             reader=reader,
             resolution=resolution,
+            wait=jobs.wait,
             **options,
         )
     for name, path in summary["outputs"].items():

@@ -454,12 +454,15 @@ class _Lease:
 
 def exclusive_output(param: str, *, what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
     """Make every call of the decorated function hold :func:`hold_output` on the output its
-    argument ``param`` names, for the whole call; the call's keyword ``wait`` (taken out of
-    its keywords, default False) is :func:`hold_output`'s. A thin wrapper at an entry point
-    (``infer_image``, ``run_jobs``), so that the body stays the body."""
+    argument ``param`` names, for the whole call. The decorated function takes one more
+    keyword, ``wait`` (default False: :func:`hold_output`'s), shown in its signature. A thin
+    wrapper at an entry point (``infer_image``, ``run_jobs``), so that the body stays the body.
+    """
 
     def decorate(fn: Callable[_P, _R]) -> Callable[_P, _R]:
         signature = inspect.signature(fn)
+        if "wait" in signature.parameters or param not in signature.parameters:
+            raise TypeError(f"{fn.__qualname__}: cannot hold its output {param!r} with a 'wait'")
 
         @functools.wraps(fn)
         def held(*args: _P.args, **kwargs: _P.kwargs) -> _R:
@@ -468,6 +471,7 @@ def exclusive_output(param: str, *, what: str) -> Callable[[Callable[_P, _R]], C
             with hold_output(out, wait=wait, what=what):
                 return fn(*args, **kwargs)
 
+        setattr(held, "__signature__", _with_wait(signature))  # noqa: B010
         held.__doc__ = (fn.__doc__ or "") + (
             f"\n\n    The call holds ``{param}`` (:func:`tilenet.io.lock.hold_output`): another "
             "run writing it makes it\n    raise OutputBusyError, or with ``wait=True`` wait.\n"
@@ -475,3 +479,15 @@ def exclusive_output(param: str, *, what: str) -> Callable[[Callable[_P, _R]], C
         return held
 
     return decorate
+
+
+def _with_wait(signature: inspect.Signature) -> inspect.Signature:
+    """``signature`` with a keyword-only ``wait: bool = False`` (before any ``**kwargs``)."""
+    params = list(signature.parameters.values())
+    wait = inspect.Parameter(
+        "wait", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool"
+    )
+    at = len(params)
+    if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD:
+        at -= 1
+    return signature.replace(parameters=[*params[:at], wait, *params[at:]])

@@ -29,11 +29,13 @@ from tilenet.errors import OutputBusyError
 from tilenet.io.lock import LOCK_DIR, hold_output
 
 SECRET = "tilenet-lock-secret-8d2e"
-#: Holds the output named by argv[1] (lease time to live argv[2]) until a line on stdin.
+#: Holds the output named by argv[1] (lease time to live argv[2]; the lock beside it with
+#: --beside) until a line on stdin.
 HOLDER = """
 import sys
 from tilenet.io.lock import hold_output
-with hold_output(sys.argv[1], what="holder", ttl=float(sys.argv[2])):
+beside = "--beside" in sys.argv
+with hold_output(sys.argv[1], what="holder", ttl=float(sys.argv[2]), beside=beside):
     print("held", flush=True)
     sys.stdin.readline()
 """
@@ -228,6 +230,24 @@ def test_batch_job_refuses_a_held_root(tmp_path: Path, holders: list[_Holder]) -
     report = run_jobs([tmp_path / "in"], ckpt, out, quiet=True, tile=64, device="cpu")
     assert report.exit_code == 0 and (out / "a" / "summary.json").exists()
     assert not (out / LOCK_DIR).exists() and not (out / "a" / LOCK_DIR).exists()
+
+
+def test_tiling_into_a_store_another_run_holds_refuses(
+    tmp_path: Path, holders: list[_Holder]
+) -> None:
+    """``tile_images`` holds its store, with the lock beside it (``.tilenet/a.zarr.lock``:
+    a store's folder holds only the store)."""
+    from tilenet.patches.tiler import tile_images
+
+    img, store = _image(tmp_path / "a.tif"), tmp_path / "stores" / "a.zarr"
+    holders.append(holder := _Holder(store, "--beside"))
+    assert (tmp_path / "stores" / LOCK_DIR / "a.zarr.lock").exists() and not store.exists()
+    with pytest.raises(OutputBusyError, match=f"{store}: another run \\(pid {holder.pid} "):
+        tile_images([img], out=store, patch=32, overlap=0, workers=1, progress=False)
+    assert not store.exists()
+    holder.release()
+    tile_images([img], out=store, patch=32, overlap=0, workers=1, progress=False)
+    assert sorted(p.name for p in (tmp_path / "stores").iterdir()) == ["a.zarr"]
 
 
 # -- buckets ----------------------------------------------------------------------------------

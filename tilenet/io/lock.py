@@ -180,20 +180,28 @@ def hold_output(
     wait: bool = False,
     what: str = "tilenet",
     ttl: float = LEASE_TTL_S,
+    beside: bool = False,
 ) -> Iterator[Holder]:
     """Hold the output location ``out`` (a folder or a bucket prefix) for the block.
 
     Another live holder makes it raise :class:`~tilenet.errors.OutputBusyError` at once,
     naming ``out`` and that run; with ``wait`` it polls instead (one log line) until the
     output is free. ``what`` names this run for others' messages; ``ttl`` is a bucket
-    lease's time to live in seconds. Yields this run's :class:`Holder`.
+    lease's time to live in seconds. ``beside`` keeps the lock out of ``out``, in its
+    parent's ``.tilenet/`` (``a.zarr.lock``, ``a.zarr.lease.json``): for an output whose
+    folder may hold nothing else (a patch store). Yields this run's :class:`Holder`.
     """
-    where = str(out) if is_url(out) else os.fspath(local_path(out))
+    where = str(out).rstrip("/") if is_url(out) else os.fspath(local_path(out))
     lock: _LocalLock | _Lease
     if is_url(out):
-        lock = _Lease(where, Holder.me(what, ttl), ttl)
+        parent, name = where.rsplit("/", 1) if beside else (where, "")
+        key = join(parent, LOCK_DIR, f"{name}.{_LEASE_FILE}" if beside else _LEASE_FILE)
+        lock = _Lease(key, Holder.me(what, ttl), ttl)
     else:
-        lock = _LocalLock(Path(where), Holder.me(what))
+        path = Path(where).absolute()
+        folder = path.parent if beside else path
+        name = f"{path.name}.lock" if beside else _LOCK_FILE
+        lock = _LocalLock(folder / LOCK_DIR / name, Holder.me(what))
     _acquire(lock, where, wait=wait)
     try:
         yield lock.me
@@ -217,13 +225,14 @@ def _acquire(lock: _LocalLock | _Lease, where: str, *, wait: bool) -> None:
 
 
 class _LocalLock:
-    """``OUT/.tilenet/lock`` under ``flock``: the OS releases it when the process dies."""
+    """A lock file (``OUT/.tilenet/lock``) under ``flock``: the OS releases it when the
+    process dies."""
 
     poll_s = _POLL_S
 
-    def __init__(self, out: Path, me: Holder) -> None:
+    def __init__(self, path: Path, me: Holder) -> None:
         self.me = me
-        self.path = out / LOCK_DIR / _LOCK_FILE
+        self.path = path
         self.fd: int | None = None
         self.made: list[Path] = []  # folders the lock created: removed on release when empty
 
@@ -310,13 +319,14 @@ def _read_holder(path: Path) -> Holder | None:
 
 
 class _Lease:
-    """``OUT/.tilenet/lease.json`` in a bucket, renewed while held (see the module doc)."""
+    """A lease object (``OUT/.tilenet/lease.json``) in a bucket, renewed while held (see
+    the module doc)."""
 
-    def __init__(self, out: str, me: Holder, ttl: float) -> None:
+    def __init__(self, url: str, me: Holder, ttl: float) -> None:
         self.me, self.ttl = me, ttl
-        self.url = join(out, LOCK_DIR, _LEASE_FILE)
-        self.fs, self.key = filesystem(self.url)
-        proto = out.split("://", 1)[0].lower()
+        self.url = url
+        self.fs, self.key = filesystem(url)
+        proto = url.split("://", 1)[0].lower()
         self.conditional = proto in _CONDITIONAL
         self.poll_s = min(ttl / 3, 5.0)
         self.etag: str | None = None
@@ -452,12 +462,14 @@ class _Lease:
             log.warning("%s: could not delete the lease: %s", redact(self.url), exc)
 
 
-def exclusive_output(param: str, *, what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+def exclusive_output(
+    param: str, *, what: str, beside: bool = False
+) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
     """Make every call of the decorated function hold :func:`hold_output` on the output its
     argument ``param`` names, for the whole call. The decorated function takes one more
-    keyword, ``wait`` (default False: :func:`hold_output`'s), shown in its signature. A thin
-    wrapper at an entry point (``infer_image``, ``run_jobs``), so that the body stays the body.
-    """
+    keyword, ``wait`` (default False), shown in its signature; ``wait``, ``what`` and
+    ``beside`` are :func:`hold_output`'s. A thin wrapper at an entry point (``infer_image``,
+    ``run_jobs``, ``tile_images``), so that the body stays the body."""
 
     def decorate(fn: Callable[_P, _R]) -> Callable[_P, _R]:
         signature = inspect.signature(fn)
@@ -468,7 +480,7 @@ def exclusive_output(param: str, *, what: str) -> Callable[[Callable[_P, _R]], C
         def held(*args: _P.args, **kwargs: _P.kwargs) -> _R:
             wait = bool(kwargs.pop("wait", False))
             out = signature.bind_partial(*args, **kwargs).arguments[param]
-            with hold_output(out, wait=wait, what=what):
+            with hold_output(out, wait=wait, what=what, beside=beside):
                 return fn(*args, **kwargs)
 
         setattr(held, "__signature__", _with_wait(signature))  # noqa: B010

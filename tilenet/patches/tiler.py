@@ -30,6 +30,7 @@ from tilenet.fsutil import atomic_output
 from tilenet.geometry import TileGrid, Window
 from tilenet.io.base import IGNORE_INDEX, nodata_mask
 from tilenet.io.foreground import foreground_fractions, foreground_mask
+from tilenet.io.lock import exclusive_output
 from tilenet.io.paths import class_names_near, match_labels, resolve_images
 from tilenet.io.storage import is_url, redact
 from tilenet.patches.patchstore import (
@@ -305,6 +306,7 @@ def _tile_to_bucket(images: Sequence[str | os.PathLike[str]], url: str, **kw: An
     return url
 
 
+@exclusive_output("out", what="tilenet tile", beside=True)
 def tile_images(
     images: Sequence[str | os.PathLike[str]],
     *,
@@ -382,7 +384,7 @@ def tile_images(
 
         given = locals()
         params = inspect.signature(tile_images).parameters
-        kw = {n: given[n] for n in params if n not in ("images", "out")}
+        kw = {n: given[n] for n in params if n not in ("images", "out", "wait")}  # wait: held
         return _tile_to_bucket(images, str(out), **kw)
     if resolution is not None:
         from tilenet.io.resolution import check_resolution

@@ -49,7 +49,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -137,7 +137,12 @@ class Holder:
         return (json.dumps(asdict(self), indent=1) + "\n").encode()
 
     def renewed(self, ttl: float) -> Holder:
-        return Holder(**{**asdict(self), "expires": time.time() + ttl})
+        return replace(self, expires=time.time() + ttl)
+
+    def starting(self, ttl: float | None = None) -> Holder:
+        """This holder as it takes the output now (after a wait): since now, a fresh lease."""
+        now = time.time()
+        return replace(self, since=now, expires=None if ttl is None else now + ttl)
 
     def expired(self) -> bool:
         return self.expires is not None and self.expires < time.time()
@@ -211,16 +216,16 @@ def hold_output(
 
 def _acquire(lock: _LocalLock | _Lease, where: str, *, wait: bool) -> None:
     """Take ``lock``, or refuse naming its holder, or (``wait``) poll until it is free."""
-    told = None
+    told: str | None = None
     while True:
         held, other = lock.try_acquire()
         if held:
             return
         if not wait:
             raise _busy(where, other)
-        if other is None or other.token != told:  # one line per holder waited for
+        if (other.token if other else "") != told:  # one line per holder waited for
             log.warning("%s: waiting for %s to finish", redact(where), _who(other))
-            told = other.token if other else None
+            told = other.token if other else ""
         time.sleep(lock.poll_s)
 
 
@@ -239,6 +244,7 @@ class _LocalLock:
     def try_acquire(self) -> tuple[bool, Holder | None]:
         """(True, None) once held; else (False, the holder, None when it has not written
         itself yet)."""
+        self.me = self.me.starting()
         for _ in range(100):  # a holder unlinking the file as we open it: open again
             self.made += _make_dirs(self.path.parent)
             try:
@@ -376,6 +382,7 @@ class _Lease:
     def try_acquire(self) -> tuple[bool, Holder | None]:
         """(True, None) once held; else (False, the live holder)."""
         for _ in range(10):  # a lease released between our write and read: try again
+            self.me = self.me.starting(self.ttl)
             if self.conditional:
                 held, other = self._try_conditional()
             else:

@@ -207,6 +207,9 @@ def test_a_second_hold_refuses_in_the_same_process_too(tmp_path: Path) -> None:
         with pytest.raises(OutputBusyError) as err:
             with hold_output(out, what="second"):
                 pass
+        with pytest.raises(OutputBusyError):  # not even waiting: it would wait for itself
+            with hold_output(out, wait=True):
+                pass
     assert isinstance(err.value, BlockingIOError) and err.value.exit_code == 2
     assert f"pid {me.pid} on {me.host} since " in str(err.value)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # what was there stays

@@ -27,11 +27,15 @@ Where the output is decided here, once (:func:`tilenet.io.storage.is_url`):
   wait :data:`SETTLE_S`, read it back, and hold it only if it is still ours -- best effort,
   as two runs whose writes fall more than :data:`SETTLE_S` apart after reading no lease could
   both believe they hold it. Expiry compares wall clocks: hosts must agree to well within
-  the time to live.
+  the time to live. A holder that cannot renew in time (storage unreachable for longer than
+  the time to live) loses the lease to the next run and says so in a log line.
 
+Who holds what: ``infer_image`` its ``out_dir``; a batch job (``run_jobs``) the job's root
+only, never the per-image folders inside it, and its dask workers (other processes) take no
+lock, so nothing in a job waits on the job; ``tile_images`` its patch store, with the lock
+beside the store (``stores/.tilenet/a.zarr.lock``: a store's folder holds only the store).
 A second :func:`hold_output` of the same output in the same process is a second holder and
-refuses too (it would otherwise deadlock): batch jobs hold the job's root, never the per-image
-folders inside it, and their dask workers take no lock.
+refuses too, even with ``wait`` (it would wait for itself).
 """
 
 from __future__ import annotations
@@ -221,7 +225,8 @@ def _acquire(lock: _LocalLock | _Lease, where: str, *, wait: bool) -> None:
         held, other = lock.try_acquire()
         if held:
             return
-        if not wait:
+        mine = other is not None and (other.pid, other.host) == (lock.me.pid, lock.me.host)
+        if not wait or mine:  # held by this very process: waiting would never end
             raise _busy(where, other)
         if (other.token if other else "") != told:  # one line per holder waited for
             log.warning("%s: waiting for %s to finish", redact(where), _who(other))
@@ -438,21 +443,19 @@ class _Lease:
 
     def _renew_once(self) -> None:
         me = self.me = self.me.renewed(self.ttl)
-        if self.conditional:
-            ok = self.etag is not None and self._write(me, match=self.etag)
-        else:
-            found = self._read()
-            ok = found is not None and found[0] is not None and found[0].token == me.token
-            ok = ok and self._write(me)
-        if not ok:
-            self.lost = True
-            found = self._read()
-            log.warning(
-                "%s: lost the lease (not renewed in time) to %s; another run may write "
-                "this output too",
-                redact(self.url),
-                _who(found[0] if found else None),
-            )
+        if self.conditional and self.etag is not None and self._write(me, match=self.etag):
+            return
+        found = self._read()  # not renewed: a write of ours answered lost, or another run's
+        if found is not None and found[0] is not None and found[0].token == me.token:
+            if self._write(me, match=found[1] if self.conditional else None):
+                return
+        self.lost = True
+        found = self._read()
+        log.warning(
+            "%s: lost the lease (not renewed in time) to %s; another run may write this output too",
+            redact(self.url),
+            _who(found[0] if found else None),
+        )
 
     def release(self) -> None:
         self.stop.set()

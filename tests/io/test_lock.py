@@ -219,7 +219,7 @@ def test_a_second_hold_refuses_in_the_same_process_too(tmp_path: Path) -> None:
 
 def test_batch_job_refuses_a_held_root(tmp_path: Path, holders: list[_Holder]) -> None:
     """``run_jobs`` holds the job's root (workers take no lock): held by another run, it
-    refuses before it writes a manifest."""
+    refuses before it writes a manifest; with ``wait`` it runs once the other has ended."""
     from tilenet.jobs import run_jobs
 
     ckpt, out = _checkpoint(tmp_path / "m.pt"), tmp_path / "o"
@@ -229,8 +229,10 @@ def test_batch_job_refuses_a_held_root(tmp_path: Path, holders: list[_Holder]) -
     with pytest.raises(OutputBusyError, match=f"pid {holder.pid} "):
         run_jobs([tmp_path / "in"], ckpt, out, quiet=True, tile=64, device="cpu")
     assert not (out / "manifest.jsonl").exists()
-    holder.release()
-    report = run_jobs([tmp_path / "in"], ckpt, out, quiet=True, tile=64, device="cpu")
+    timer = threading.Timer(0.5, holder.release)  # --wait: runs once the holder is gone
+    timer.start()
+    report = run_jobs([tmp_path / "in"], ckpt, out, quiet=True, tile=64, device="cpu", wait=True)
+    timer.join()
     assert report.exit_code == 0 and (out / "a" / "summary.json").exists()
     assert not (out / LOCK_DIR).exists() and not (out / "a" / LOCK_DIR).exists()
 
@@ -320,7 +322,7 @@ def test_lease_without_conditional_writes_memory_store() -> None:
 
 
 # -- two real runs ----------------------------------------------------------------------------
-@pytest.mark.slow  # two CLI runs of a 1064 x 600 image at once: ~10 s
+@pytest.mark.slow  # two pairs of CLI runs of a 1064 x 600 image: 170 s on the loaded 2-core box
 def test_two_infers_started_together(tmp_path: Path) -> None:
     """Exactly one writes; the other exits 2 in one line naming the output and the winner.
     With --wait both succeed, one after the other, and the outputs are complete."""

@@ -305,6 +305,8 @@ class JobsConfig:
     region_tiles: int = 256
     #: torch intra-op threads per process; None: all cores serially, cores/N per worker.
     threads: int | None = None
+    #: Another run writing the same output: wait for it to end instead of refusing.
+    wait: bool = False
 
 
 @dataclass

@@ -30,6 +30,7 @@ __all__ = [
     "ImageTooLargeError",
     "InputError",
     "ModelError",
+    "OutputBusyError",
     "ShapeMismatchError",
     "TilenetError",
     "UnsupportedFormatError",
@@ -78,6 +79,10 @@ class CorruptImageError(InputError):
 
 class ImageTooLargeError(InputError):
     """An image is too large for a non-lazy reader, or claims an absurd size."""
+
+
+class OutputBusyError(TilenetError, BlockingIOError):
+    """Another live run is writing the same output (see :func:`tilenet.io.lock.hold_output`)."""
 
 
 class ShapeMismatchError(InputError):

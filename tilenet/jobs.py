@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from tilenet.config import JobsConfig, ReaderConfig, ResolutionConfig
 from tilenet.errors import EXIT_OK, EXIT_PARTIAL, TilenetError, scrub_credentials
 from tilenet.fsutil import safe_stem
+from tilenet.io.lock import exclusive_output
 from tilenet.io.storage import is_url, redact
 from tilenet.progress import progress_bar, show_progress
 
@@ -402,6 +403,7 @@ def _cuda_count() -> int:
 
 
 # -- the runner --------------------------------------------------------------------------------
+@exclusive_output("out_dir", what="tilenet infer (batch)")
 def run_jobs(
     inputs: Sequence[str | os.PathLike[str]],
     model: str | os.PathLike[str],

@@ -176,6 +176,13 @@ def _add_job_flags(p: Any) -> None:
         help="torch threads per process (default: all cores serially, cores/N per "
         "worker); serial and distributed outputs are bit-identical at equal --threads",
     )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        default=None,
+        help="when another run is writing the same --out, wait for it to end (then resume "
+        "or redo) instead of refusing with exit code 2",
+    )
 
 
 #: Flags of ``tilenet infer`` by the config section whose key of the same name they set.
@@ -208,6 +215,7 @@ INFER_FLAGS: dict[str, Sequence[str]] = {
         "log_json",
         "region_tiles",
         "threads",
+        "wait",
     ),
 }
 
@@ -255,6 +263,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             region_tiles=jobs.region_tiles,
             reader=reader,
             resolution=resolution,
+            wait=jobs.wait,
             **options,
         )
     for name, path in summary["outputs"].items():

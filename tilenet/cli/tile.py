@@ -88,6 +88,13 @@ def _add_tile(sub: Any) -> None:
         default=None,
         help="one JSON object per event on stderr",
     )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        default=None,
+        help="when another run is tiling into the same --out, wait for it to end (then "
+        "append or skip) instead of refusing with exit code 2",
+    )
     p.set_defaults(handler=_cmd_tile, items_dest="images")
 
 
@@ -151,7 +158,7 @@ TILE_FLAGS: dict[str, Sequence[str]] = {
         "bands",
     ),
     "resolution": ("mpp", "gsd", "magnification", "assume_mpp"),
-    "jobs": ("quiet", "log_json"),
+    "jobs": ("quiet", "log_json", "wait"),
 }
 
 
@@ -165,6 +172,7 @@ def _cmd_tile(args: argparse.Namespace) -> int:
         out=args.out,
         quiet=cfg.jobs.quiet,
         log_json=cfg.jobs.log_json,
+        wait=cfg.jobs.wait,
         reader=_section(cfg, "reader"),
         resolution=_section(cfg, "resolution"),
         **asdict(_section(cfg, "tiling")),

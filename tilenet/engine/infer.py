@@ -41,6 +41,7 @@ from tilenet.engine.predictor import BLEND_STRIP_PX, Predictor, RunStats, plan_g
 from tilenet.engine.stitch import STITCHERS
 from tilenet.errors import ConfigError, InputError
 from tilenet.geometry import Tile, TileGrid, spans
+from tilenet.io.lock import exclusive_output
 from tilenet.io.storage import is_url, redact
 from tilenet.models.spec import ModelSpec
 from tilenet.outputs.outputset import CLASSES_NODATA, OutputSet
@@ -572,6 +573,7 @@ def _georef(image: Any, downsample: tuple[float, float]) -> dict[str, Any] | Non
 
 
 # -- one image, in this process ---------------------------------------------------------------
+@exclusive_output("out_dir", what="tilenet infer")
 def infer_image(
     input: Any,
     model: Any,

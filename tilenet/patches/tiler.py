@@ -27,6 +27,7 @@ from tilenet.config import ReaderConfig, ResolutionConfig, TilingConfig
 from tilenet.errors import InputError, ShapeMismatchError, one_line
 from tilenet.fsutil import atomic_output
 from tilenet.geometry import TileGrid
+from tilenet.io.lock import exclusive_output
 from tilenet.io.paths import class_names_near, match_labels, resolve_images
 from tilenet.io.storage import is_url, redact
 from tilenet.patches.patchstore import (
@@ -102,6 +103,7 @@ class _Run:
         return [int(b) for b in self.bands] if self.bands else None
 
 
+@exclusive_output("out", what="tilenet tile", beside=True)
 def tile_images(
     images: Sequence[str | os.PathLike[str]],
     *,
@@ -167,7 +169,7 @@ def tile_images(
 
         given = locals()
         params = inspect.signature(tile_images).parameters
-        kw = {n: given[n] for n in params if n not in ("images", "out")}
+        kw = {n: given[n] for n in params if n not in ("images", "out", "wait")}  # wait: held
         return _tile_to_bucket(images, str(out), **kw)
     run = _Run(
         out=Path(out),

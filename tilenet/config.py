@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tilenet.errors import ConfigError
+from tilenet.errors import ConfigError, one_line
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -370,7 +370,7 @@ def _config_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
     if isinstance(exc, ConfigKeyError):
         valid = ", ".join(_valid_keys(str(key)))
         return ConfigError(f"{source}: unknown config key {key!r}; valid keys here: {valid}")
-    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    msg = one_line(exc, typed=False)
     return ConfigError(f"{source}: invalid value for {key!r}: {msg}")
 
 
@@ -402,7 +402,7 @@ def load_config(
         try:
             loaded = OmegaConf.load(path)
         except Exception as exc:  # yaml errors come in many types
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            first = one_line(exc, typed=False)
             raise ConfigError(f"{path}: not a valid YAML config: {first}") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: a config file must hold a mapping at the top level")

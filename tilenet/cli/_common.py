@@ -33,7 +33,7 @@ def _config(items: Sequence[str], args: argparse.Namespace, flags: dict[str, Seq
     from omegaconf.errors import OmegaConfBaseException
 
     from tilenet.config import load_config, split_config_args
-    from tilenet.errors import ConfigError
+    from tilenet.errors import ConfigError, one_line
 
     conf, overrides, rest = split_config_args(items)
     cfg = load_config(conf, overrides)
@@ -46,7 +46,7 @@ def _config(items: Sequence[str], args: argparse.Namespace, flags: dict[str, Seq
                 cfg[section][name] = value
             except OmegaConfBaseException as exc:
                 flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"{flag} {value!r}: {str(exc).splitlines()[0]}") from None
+                raise ConfigError(f"{flag} {value!r}: {one_line(exc, typed=False)}") from None
     return cfg, rest
 
 

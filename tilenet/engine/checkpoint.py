@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tilenet.errors import CheckpointError, ModelError
+from tilenet.errors import CheckpointError, ModelError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -97,12 +97,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "unpickling refused"
+        first = one_line(exc, typed=False) if str(exc) else "unpickling refused"
         raise CheckpointError(
             f"{p}: refused to load: the file holds more than plain data ({first[:160]})"
         ) from None
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = one_line(exc, typed=False)
         raise CheckpointError(f"{p}: not a readable checkpoint: {first[:200]}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p}: not a tilenet checkpoint (no tilenet model spec inside)")
@@ -142,7 +142,7 @@ def load_model(
     except CheckpointError:
         raise
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = one_line(exc, typed=False)
         raise CheckpointError(f"{path}: weights do not fit the model spec: {first[:200]}") from None
     model.eval().to(device)
     if spec.exact is None:
@@ -160,7 +160,7 @@ def _read_weights(path: Path, *, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = one_line(exc, typed=False)
         raise ModelError(f"{path}: not a loadable weights file: {first[:200]}") from None
 
 
@@ -337,7 +337,7 @@ def load_pretrained_encoder(
             mean, std = params.get("mean"), params.get("std")
         encoder.load_state_dict(net.encoder.state_dict())
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = one_line(exc, typed=False)
         raise ModelError(
             f"cannot fetch encoder weights {weights!r} for {enc!r}: {first[:200]}"
         ) from None

@@ -29,7 +29,13 @@ from typing import Any
 import numpy as np
 
 from tilenet.config import ReaderConfig
-from tilenet.errors import CorruptImageError, InputError, TilenetError, UnsupportedFormatError
+from tilenet.errors import (
+    CorruptImageError,
+    InputError,
+    TilenetError,
+    UnsupportedFormatError,
+    one_line,
+)
 from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
 from tilenet.io.raster import is_geotiff
@@ -165,11 +171,6 @@ def _tifffile_log() -> Any:
         yield handler.messages
     finally:
         logger.removeHandler(handler)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _pyramid(tf: Any) -> list[Any]:
@@ -576,7 +577,9 @@ def open_tiff(
                 else (tifffile.TiffFile(p))
             )
         except Exception as exc:
-            raise CorruptImageError(f"{name}: not a readable TIFF: {_first_line(exc)}") from exc
+            raise CorruptImageError(
+                f"{name}: not a readable TIFF: {one_line(exc, typed=False)}"
+            ) from exc
         try:
             img = _describe(p, name, tf, max_pixels=max_pixels)
             if any("circular" in m for m in messages):
@@ -588,7 +591,9 @@ def open_tiff(
             raise
         except Exception as exc:
             tf.close()
-            raise CorruptImageError(f"{name}: corrupt TIFF structure: {_first_line(exc)}") from exc
+            raise CorruptImageError(
+                f"{name}: corrupt TIFF structure: {one_line(exc, typed=False)}"
+            ) from exc
     if messages:
         img.metadata["warnings"] = [m.splitlines()[0] for m in messages]
     return img
@@ -605,6 +610,13 @@ def _describe(p: Any, name: Any, tf: Any, *, max_pixels: int | None) -> TiffImag
     dtype = np.dtype(s0.dtype)
     if dtype.kind not in "uifb" or dtype.itemsize > 8:
         raise UnsupportedFormatError(f"{name}: unsupported TIFF sample type {dtype}")
+    for lv in levels:  # tifffile gives a bare int for a compression it has no name for
+        code = lv.keyframe.compression
+        if not hasattr(code, "name"):
+            raise UnsupportedFormatError(
+                f"{name}: TIFF compression {int(code)} is not one any decoder here knows; "
+                "convert the file with the software that wrote it"
+            )
     layouts = [_layout(name, lv.axes, tuple(lv.shape)) for lv in levels]
     check_pixels(name, layouts[0].height, layouts[0].width, max_pixels=max_pixels)
     file_size = int(tf.filehandle.size) if is_url(p) else p.stat().st_size

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from tilenet.errors import CheckpointError, ConfigError, InputError
+from tilenet.errors import CheckpointError, ConfigError, InputError, one_line
 from tilenet.train.distributed import gather
 from tilenet.train.setup import Run
 
@@ -195,7 +195,7 @@ def _load(run: Run, state: TrainState, ckpt_path: Path) -> None:
         if ckpt.get("scaler"):
             run.scaler.load_state_dict(ckpt["scaler"])
     except (KeyError, RuntimeError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = one_line(exc, typed=False)
         raise CheckpointError(
             f"{ckpt_path}: cannot resume with this config: {first[:200]}"
         ) from None

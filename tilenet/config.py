@@ -69,6 +69,9 @@ class ResolutionConfig:
     assume_mpp: float | None = None
     #: A level whose pixel size is within this relative tolerance of the target is used as is.
     tolerance: float = 0.05
+    #: The largest upsampling allowed (target finer than level 0 by this factor); beyond it
+    #: the plan is refused in one line, before anything is written.
+    max_upsample: float = 2.0
     #: Inference without a target (and at level 0): run at the pixel size the checkpoint was
     #: trained at, when the image has one.
     from_checkpoint: bool = True

@@ -421,3 +421,39 @@ def test_tile_and_train_at_mpp_record_the_pixel_size(slide: Path, tmp_path: Path
     s = infer_image(slide, ckpt, tmp_path / "o", **{**OPTS, "outputs": ["classes"]})
     assert s["resolution"]["chosen_by"] == "checkpoint" and s["resolution"]["factor"] == [2.0, 2.0]
     assert s["shape"] == [H // 2, W // 2]
+
+
+def test_upsampling_beyond_max_upsample_is_refused_before_anything_is_written(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """OpenSlide's boxes.tiff says 352.78 µm/px on 300x250 pixels: with a checkpoint trained
+    at 0.5 µm/px that was planned as a 706x upsample (a 176388x211666 output). It is one
+    line now, naming the file, both pixel sizes, the factor and the setting."""
+    boxes = _slide(tmp_path / "boxes.ome.tif", _disk(250, 300), mpp=352.78)
+    ckpt = _bright_model(tmp_path / "m05.pt", {"mpp": 0.5})
+    out = tmp_path / "o"
+    assert main(["infer", str(boxes), "--model", str(ckpt), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    for part in ("boxes.ome.tif", "0.5 µm/px", "352.8 µm/px", "706x", "--max-upsample"):
+        assert part in err[0], (part, err[0])
+    assert not out.exists() or not any(out.iterdir())
+    assert (
+        main(
+            [
+                "infer",
+                str(boxes),
+                "--model",
+                str(model),
+                "--out",
+                str(out),
+                "--quiet",
+                "--mpp",
+                "200",
+            ]
+        )
+        == 0
+    )  # fmt: skip  (1.76x: within the default 2x)
+    with open_image(boxes) as img:
+        view, _ = at_resolution(img, ResolutionConfig(mpp=0.5, max_upsample=1000))
+        assert view.levels[0].shape == (176390, 211668)  # planned, never read

@@ -89,6 +89,13 @@ def _add_resolution_flags(p: Any, *, infer: bool = False) -> None:
         metavar="UM",
         help="the pixel size (µm) of an image whose file states none (for --mpp)",
     )
+    p.add_argument(
+        "--max-upsample",
+        type=float,
+        metavar="F",
+        help="refuse a target finer than level 0 by more than F times (default 2: a file "
+        "whose pixel size is wrong would otherwise plan a huge upsampled output)",
+    )
 
 
 def _comma_list(text: str) -> list[str]:

@@ -205,7 +205,7 @@ INFER_FLAGS: dict[str, Sequence[str]] = {
         "readers",
         "heap",
     ),
-    "resolution": ("mpp", "gsd", "magnification", "assume_mpp"),
+    "resolution": ("mpp", "gsd", "magnification", "assume_mpp", "max_upsample"),
     "jobs": (
         "workers",
         "scheduler",

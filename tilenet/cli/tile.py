@@ -157,7 +157,7 @@ TILE_FLAGS: dict[str, Sequence[str]] = {
         "min_annotated",
         "bands",
     ),
-    "resolution": ("mpp", "gsd", "magnification", "assume_mpp"),
+    "resolution": ("mpp", "gsd", "magnification", "assume_mpp", "max_upsample"),
     "jobs": ("quiet", "log_json", "wait"),
 }
 

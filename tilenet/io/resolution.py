@@ -19,7 +19,9 @@ value bit for bit whatever window it is read in.
 * Images, ``f`` >= 1: area averaging (each source pixel weighted by the fraction of it the
   view pixel covers; exact block means for integer ``f``). This is antialiased and never
   overshoots, so integer images are rounded and stay in their range.
-* Images, ``f`` < 1 (a target finer than level 0): linear interpolation, edges replicated.
+* Images, ``f`` < 1 (a target finer than level 0): linear interpolation, edges replicated;
+  refused beyond ``max_upsample`` (2x by default: a file whose pixel-size tags are wrong,
+  or a model trained at another scale, would otherwise plan a huge output).
 * Label images (:func:`label_view`): nearest (the source pixel under the view pixel's
   centre), never interpolated; class values stay class values.
 * Nodata: where the image declares ``nodata``, nodata samples get no weight; a view sample
@@ -186,6 +188,25 @@ def _target_scale(image: LazyImage, cfg: ResolutionConfig) -> tuple[tuple[float,
     return (cfg.mpp / base[0], cfg.mpp / base[1]), assumed
 
 
+def _upsample_refused(image: LazyImage, cfg: ResolutionConfig, factor: float) -> str:
+    """The one line refusing an upsample beyond ``cfg.max_upsample``: the file, both pixel
+    sizes, the factor and the setting that allows it."""
+    if cfg.gsd is not None and image.transform is not None:
+        gy, gx = GeoTransform(*image.transform).gsd
+        sizes = f"gsd {cfg.gsd:g} asked, the file's level 0 is {min(gy, gx):.4g}"
+    elif cfg.magnification is not None:
+        sizes = f"{cfg.magnification:g}x asked, the file's objective is {image.objective_power:g}x"
+    else:
+        base = image.pixel_size or (cfg.assume_mpp, cfg.assume_mpp)
+        sizes = f"{cfg.mpp:g} µm/px asked, the file's level 0 is {min(base):.4g} µm/px"  # type: ignore[type-var]
+    return (
+        f"{image.path}: {sizes}: that is a {factor:.3g}x upsample, beyond the "
+        f"{cfg.max_upsample:g}x allowed (it would plan a {factor:.3g}x larger output); check "
+        "the file's pixel size (--assume-mpp) or allow it with --max-upsample / "
+        "resolution.max_upsample"
+    )
+
+
 def _requested(cfg: ResolutionConfig) -> dict[str, float]:
     return {
         k: float(v) for k in ("mpp", "gsd", "magnification") if (v := getattr(cfg, k)) is not None
@@ -212,6 +233,8 @@ def plan_resolution(
     as_is = abs(fy - 1) <= tol and abs(fx - 1) <= tol
     if as_is:
         fy = fx = 1.0
+    elif 1 / min(fy, fx) > cfg.max_upsample * (1 + tol):
+        raise InputError(_upsample_refused(image, cfg, 1 / min(fy, fx)))
     elif fy < 1 or fx < 1:
         log.warning(
             "%s: the target pixel size is finer than level 0 by %.3gx; upsampling it",

@@ -145,3 +145,48 @@ def test_jpeg_still_available_and_lossy(
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
     assert "LOSSY" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suffix", [".ome.tif", ".ome.zarr"])
+def test_convert_keeps_what_a_geotiff_knows(tmp_path: Path, suffix: str) -> None:
+    """CRS, transform, nodata and band names survive convert (they were dropped without a
+    word): the output opens in tilenet and in GDAL at the same place, pixels unchanged."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    src = tmp_path / "scene.tif"
+    data = np.random.default_rng(3).integers(-50, 3000, (2, 96, 80)).astype(np.int16)
+    data[:, :5, :7] = -9999
+    profile = {"driver": "GTiff", "height": 96, "width": 80, "count": 2, "dtype": "int16",
+               "crs": "EPSG:32633", "transform": from_origin(500000, 4e6, 10, 10),
+               "nodata": -9999, "tiled": True, "blockxsize": 32, "blockysize": 32}  # fmt: skip
+    with rasterio.open(src, "w", **profile) as ds:
+        ds.write(data)
+        ds.descriptions = ("red", "nir")
+    out = tmp_path / f"scene{suffix}"
+    convert(src, out, tile=32)
+    with open_image(src) as a, open_image(out) as b:
+        assert b.crs is not None and "32633" in (b.info()["epsg"] and str(b.info()["epsg"]))
+        assert tuple(b.transform) == tuple(a.transform)
+        assert b.nodata == -9999
+        np.testing.assert_array_equal(b.read(Window(0, 0, 96, 80)), a.read(Window(0, 0, 96, 80)))
+    if suffix == ".ome.tif":  # GDAL (QGIS) reads the same place from the GeoTIFF keys
+        with rasterio.open(out) as ds:
+            assert ds.crs.to_epsg() == 32633 and ds.nodata == -9999
+            assert tuple(ds.transform)[:6] == tuple(from_origin(500000, 4e6, 10, 10))[:6]
+
+
+def test_convert_refuses_a_crs_geotiff_keys_cannot_name(tmp_path: Path) -> None:
+    import rasterio
+    from rasterio.transform import from_origin
+
+    src = tmp_path / "local.tif"
+    crs = "+proj=tmerc +lat_0=0 +lon_0=13.37 +k=0.9996 +x_0=500000 +y_0=0 +ellps=GRS80 +units=m"
+    with rasterio.open(src, "w", driver="GTiff", height=32, width=32, count=1, dtype="uint8",
+                       crs=crs, transform=from_origin(400000, 5e6, 2, 2)) as ds:  # fmt: skip
+        ds.write(np.zeros((1, 32, 32), np.uint8))
+    with pytest.raises(InputError, match=r"local\.tif: .*no EPSG code.*OME-Zarr"):
+        convert(src, tmp_path / "out.ome.tif", tile=32)
+    convert(src, tmp_path / "out.ome.zarr", tile=32)  # the WKT travels in a zarr
+    with open_image(tmp_path / "out.ome.zarr") as img:
+        assert img.crs is not None and "13.37" in img.crs

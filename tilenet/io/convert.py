@@ -8,6 +8,7 @@ from typing import Any
 
 from tilenet.errors import InputError
 from tilenet.geometry import iter_blocks
+from tilenet.io.crs import geotiff_tags
 from tilenet.io.storage import is_url, redact
 from tilenet.io.writers import DownsampleMethod, OmeZarrWriter, write_ome_tiff
 
@@ -83,7 +84,14 @@ def convert(
         if not force:
             raise InputError(f"{out}: already exists (use --force to overwrite)")
     with open_image(src, max_pixels_eager=None) as img:
+        # What the file knows travels with the pixels: CRS, transform and nodata (GeoTIFF
+        # keys in a .tif, the tilenet:georef attribute in a .zarr), pixel size, band names.
+        transform = tuple(img.transform) if img.transform is not None else None
         if kind == "tiff":
+            try:
+                tags = geotiff_tags(img.crs, transform, img.nodata)
+            except InputError as exc:
+                raise InputError(f"{img.path}: {exc}") from None
             return write_ome_tiff(
                 out,
                 img,
@@ -91,6 +99,8 @@ def convert(
                 compression=DEFAULT_TIFF_COMPRESSION if compression is None else compression,
                 pixel_size=img.pixel_size,
                 method=method,
+                channel_names=img.band_names,
+                extratags=tags,
             )
         h, w, c = img.shape
         with OmeZarrWriter(
@@ -103,7 +113,8 @@ def convert(
             name=src.name if isinstance(src, Path) else src.rstrip("/").rsplit("/", 1)[-1],
             compression=compression,
             overwrite=True,
+            channel_names=img.band_names,
         ) as writer:
             for window in iter_blocks((h, w), tile):
                 writer.write(window.y, window.x, img.read(window))
-            return writer.finalize(method=method)
+            return writer.finalize(method=method, georef=(img.crs, transform, img.nodata))

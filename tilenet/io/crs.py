@@ -19,7 +19,20 @@ import numpy as np
 
 from tilenet.errors import InputError, one_line
 
-__all__ = ["describe_georef", "display_name", "ogc_name", "parse", "to_wgs84"]
+__all__ = [
+    "GEOREF_KEY",
+    "describe_georef",
+    "display_name",
+    "geotiff_tags",
+    "ogc_name",
+    "parse",
+    "to_wgs84",
+    "zarr_georef",
+]
+
+#: The OME-Zarr group attribute holding georeferencing: {"crs": WKT, "epsg", "transform_order":
+#: "gdal", "transforms": {level path: 6 numbers}, "nodata"} (OME-NGFF has no CRS yet).
+GEOREF_KEY = "tilenet:georef"
 
 
 def parse(value: Any, what: str) -> Any:
@@ -100,3 +113,58 @@ def to_wgs84(crs: str) -> Callable[[np.ndarray], np.ndarray]:
         return np.c_[xs, ys]
 
     return project
+
+
+def geotiff_tags(
+    crs: str | None, transform: Sequence[float] | None, nodata: float | None
+) -> list[tuple[int, str, int, Any, bool]]:
+    """GeoTIFF tags (tifffile ``extratags``) that put a level-0 page at ``transform`` in
+    ``crs`` with ``nodata``, as GDAL writes them: ModelPixelScale + ModelTiepoint (or a
+    ModelTransformation when rotated), a GeoKeyDirectory naming the EPSG code, GDAL_NODATA.
+
+    A CRS without an EPSG code cannot be named by GeoKeys alone: InputError (write OME-Zarr,
+    which keeps the WKT).
+    """
+    tags: list[tuple[int, str, int, Any, bool]] = []
+    if transform is not None:
+        x0, a, b, y0, d, e = (float(v) for v in transform)
+        if b == 0 and d == 0:
+            tags.append((33550, "d", 3, (a, -e, 0.0), True))  # ModelPixelScaleTag
+            tags.append((33922, "d", 6, (0.0, 0.0, 0.0, x0, y0, 0.0), True))  # ModelTiepoint
+        else:
+            matrix = (a, b, 0.0, x0, d, e, 0.0, y0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+            tags.append((34264, "d", 16, matrix, True))  # ModelTransformationTag
+    if crs:
+        from rasterio.crs import CRS
+
+        parsed = CRS.from_user_input(crs)
+        epsg = parsed.to_epsg()
+        if epsg is None:
+            raise InputError(
+                f"CRS {display_name(parsed)!r} has no EPSG code, so GeoTIFF keys cannot name "
+                "it; write OME-Zarr (.zarr), which keeps the CRS as WKT"
+            )
+        geographic = bool(parsed.is_geographic)
+        keys = [1, 1, 0, 3]  # version 1.1.0, 3 keys, sorted by id
+        keys += [1024, 0, 1, 2 if geographic else 1]  # GTModelType: geographic / projected
+        keys += [1025, 0, 1, 1]  # GTRasterType: PixelIsArea
+        keys += [2048 if geographic else 3072, 0, 1, int(epsg)]
+        tags.append((34735, "H", len(keys), tuple(keys), True))  # GeoKeyDirectoryTag
+    if nodata is not None:
+        tags.append((42113, "s", 0, f"{nodata:.17g}", True))  # GDAL_NODATA
+    return tags
+
+
+def zarr_georef(attrs: Any) -> tuple[str | None, tuple[float, ...] | None, float | None]:
+    """(crs, level-0 transform, nodata) recorded in an OME-Zarr group's :data:`GEOREF_KEY`
+    attribute, or Nones."""
+    geo = attrs.get(GEOREF_KEY) if hasattr(attrs, "get") else None
+    if not isinstance(geo, dict):
+        return None, None, None
+    transforms = geo.get("transforms") or {}
+    first = transforms.get("0") if isinstance(transforms, dict) else None
+    if first is None and isinstance(transforms, dict) and transforms:
+        first = next(iter(transforms.values()))
+    transform = tuple(float(v) for v in first) if first and len(first) == 6 else None
+    nodata = geo.get("nodata")
+    return geo.get("crs"), transform, float(nodata) if nodata is not None else None

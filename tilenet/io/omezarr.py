@@ -28,7 +28,8 @@ import zarr
 
 from tilenet.errors import InputError
 from tilenet.fsutil import remove_path, tmp_sibling
-from tilenet.geometry import Window, iter_blocks
+from tilenet.geometry import GeoTransform, Window, iter_blocks
+from tilenet.io.crs import GEOREF_KEY
 
 __all__ = [
     "DownsampleMethod",
@@ -384,8 +385,18 @@ class OmeZarrWriter:
         data = np.asarray(self.array[..., window.y : window.y1, window.x : window.x1])
         return data[:, :, None] if self.stored_axes == "yx" else np.moveaxis(data, 0, 2)
 
-    def finalize(self, *, method: DownsampleMethod = "mean", min_side: int = 256) -> Path:
-        """Build the pyramid, write the ``multiscales`` metadata and rename into place."""
+    def finalize(
+        self,
+        *,
+        method: DownsampleMethod = "mean",
+        min_side: int = 256,
+        georef: tuple[str | None, Sequence[float] | None, float | None] | None = None,
+    ) -> Path:
+        """Build the pyramid, write the ``multiscales`` metadata and rename into place.
+
+        ``georef`` (crs, level-0 GDAL geotransform, nodata) is recorded in the group's
+        ``tilenet:georef`` attribute (:data:`tilenet.io.crs.GEOREF_KEY`), each level's
+        transform scaled by its downsample, so readers get the raster's place back."""
         shapes = build_pyramid(self.group, method=method, min_side=min_side)
         attrs: dict[str, Any] = {
             "multiscales": [
@@ -400,6 +411,9 @@ class OmeZarrWriter:
         }
         if self.stored_axes == "cyx":
             attrs["omero"] = _omero(self.shape[2], self.array.dtype, self.channel_names)
+        if georef is not None and any(v is not None for v in georef):
+            iy, ix = self.stored_axes.index("y"), self.stored_axes.index("x")
+            attrs[GEOREF_KEY] = _georef_attr([(sh[iy], sh[ix]) for sh in shapes], *georef)
         self.group.attrs.put(attrs)  # replaces the writer's private state
         if self.path.exists():
             remove_path(self.path)
@@ -416,6 +430,30 @@ class OmeZarrWriter:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is not None and not self.resumable:
             self.abort()
+
+
+def _georef_attr(
+    shapes: Sequence[tuple[int, int]],
+    crs: str | None,
+    transform: Sequence[float] | None,
+    nodata: float | None,
+) -> dict[str, Any]:
+    """The :data:`GEOREF_KEY` attribute of a pyramid of ``shapes``."""
+    from tilenet.io.crs import describe_georef
+
+    levels = {}
+    if transform is not None:
+        h0, w0 = shapes[0]
+        gt = GeoTransform(*(float(v) for v in transform))
+        for k, (h, w) in enumerate(shapes):
+            levels[str(k)] = list(gt.scaled((h0 / h, w0 / w)))
+    return {
+        "crs": crs,
+        "epsg": describe_georef(crs, None)["epsg"] if crs else None,
+        "transform_order": "gdal",
+        "transforms": levels,
+        "nodata": nodata,
+    }
 
 
 def _omero(channels: int, dtype: Any, names: Sequence[str] | None) -> dict[str, Any]:

@@ -197,6 +197,7 @@ def write_ome_tiff(
     channel_names: Sequence[str] | None = None,
     axes: str | None = None,
     overwrite: bool = True,
+    extratags: Sequence[tuple[int, str, int, Any, bool]] = (),
 ) -> Path:
     """Write ``source`` as a tiled pyramidal OME-TIFF (BigTIFF, levels in SubIFDs).
 
@@ -205,6 +206,7 @@ def write_ome_tiff(
     from the source; while it streams, level 1 is accumulated into a temporary zarr next to
     the output and each further level is made from the one above. Default compression: jpeg
     (quality 90) for 8-bit RGB, zlib otherwise. Written to a temporary name, then renamed.
+    ``extratags`` go on the level-0 page (e.g. :func:`tilenet.io.crs.geotiff_tags`).
     """
     src = _as_source(source, axes)
     check_method(method)
@@ -232,7 +234,7 @@ def write_ome_tiff(
         try:
             levels = _level_arrays(levels_store, shapes, tile, c, src.dtype)
             _write_tiff_levels(
-                tmp, src, levels, shapes, tile, method, metadata, options, pixel_size
+                tmp, src, levels, shapes, tile, method, metadata, options, pixel_size, extratags
             )
         finally:
             remove_path(levels_store)
@@ -294,6 +296,7 @@ def _write_tiff_levels(
     metadata: dict[str, Any],
     options: dict[str, Any],
     pixel_size: tuple[float, float] | None,
+    extratags: Sequence[tuple[int, str, int, Any, bool]] = (),
 ) -> None:
     """Stream level 0 from ``src`` into ``tmp`` (filling level 1 as it goes), then make and
     write each further level from the one above."""
@@ -334,6 +337,7 @@ def _write_tiff_levels(
             shape=tile_shape((h, w)),
             subifds=len(shapes) - 1,
             metadata=metadata,
+            extratags=list(extratags),
             **resolution(0),
             **options,
         )

@@ -18,8 +18,9 @@ import numpy as np
 
 from tilenet.config import ReaderConfig
 from tilenet.errors import CorruptImageError, TilenetError, UnsupportedFormatError, one_line
-from tilenet.geometry import Window
+from tilenet.geometry import GeoTransform, Window
 from tilenet.io.base import LazyImage, Level
+from tilenet.io.crs import zarr_georef
 from tilenet.io.sniff import check_chunk, check_pixels, level_downsample
 from tilenet.io.storage import is_url, zarr_store
 
@@ -203,9 +204,15 @@ def _describe(p: Any, node: Any, zarr: Any, *, max_pixels: int | None) -> ZarrIm
         if uy is not None and ux is not None:
             size = (float(scales[0][iy]) * uy, float(scales[0][ix]) * ux)
             pixel_size = size if all(math.isfinite(v) and v > 0 for v in size) else None
+    crs, transform, nodata = (
+        zarr_georef(node.attrs) if isinstance(node, zarr.Group) else (None,) * 3
+    )
     return ZarrImage(
         path=p,
         format=fmt,
+        crs=crs,
+        transform=GeoTransform(*transform) if transform else None,
+        nodata=nodata,
         dtype=dtype if dtype.kind != "b" else np.dtype(np.uint8),
         channels=int(channels),
         levels=levels,

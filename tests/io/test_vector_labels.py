@@ -671,3 +671,33 @@ def test_train_from_qupath_annotations_reaches_a_stated_dice(tmp_path: Path) -> 
     )
     assert scores["class_names"] == ["background", "cell", "stroma"]
     assert scores["mean_dice"] >= 0.85  # reached 0.962 (2026-12-01, 2 shared cores)
+
+
+def test_lines_and_points_get_no_class_index(tmp_path: Path) -> None:
+    """QuPath exports measurement lines and points beside annotations; a class used only by
+    them got an index (and shifted the others). Only polygons' classes are classes; the same
+    for a vector file read through GDAL."""
+    import pyogrio
+    import shapely
+
+    from tilenet.io.vector import read_class_names
+
+    feats = [
+        _feature({"type": "Polygon", "coordinates": [_ring(TUMOR)]}, "Tumor"),
+        _feature({"type": "LineString", "coordinates": [[1, 1], [50, 50]]}, "Ruler"),
+        _feature({"type": "Point", "coordinates": [10, 10]}, "Cell"),
+    ]
+    p = tmp_path / "slide.geojson"
+    p.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    assert read_class_names(p) == {"Tumor"}
+    gpkg = tmp_path / "fields.gpkg"
+    geoms = [shapely.Polygon(TUMOR), shapely.LineString([(1, 1), (5, 5)]), shapely.Point(3, 3)]
+    pyogrio.raw.write(
+        gpkg,
+        geometry=shapely.to_wkb(geoms),
+        field_data=[np.array(["wheat", "road", "well"], dtype=object)],
+        fields=["crop"],
+        geometry_type="Unknown",
+        crs="EPSG:32633",
+    )
+    assert read_class_names(gpkg, kind="vector", label_field="crop") == {"wheat"}

@@ -71,6 +71,8 @@ ANNOTATION_SUFFIXES = (".geojson", ".json")
 Kind = Literal["annotations", "vector"]
 
 _DEFAULT_FIELDS = ("classification", "class", "label")
+#: GeoJSON geometry types that can hold an area (a label); lines and points cannot.
+_AREAL = ("Polygon", "MultiPolygon", "GeometryCollection")
 _GEOMETRY_TYPES = {
     "Point",
     "MultiPoint",
@@ -184,21 +186,31 @@ def _check_field(path: Path, info: dict[str, Any], label_field: str | None) -> s
 def read_class_names(
     path: str | Path, *, kind: Kind = "annotations", label_field: str | None = None
 ) -> set[str]:
-    """The class names used in an annotation or vector file (no geometry is parsed)."""
+    """The class names of the polygons in an annotation or vector file: the classes of
+    lines and points (QuPath measurement lines, cell centroids), which are never labels,
+    get no class index."""
     p = Path(path)
     if kind == "annotations":
         feats = _geojson_features(p)
-        return {n for n in _annotation_names(feats, p, label_field) if n is not None}
+        names = _annotation_names(feats, p, label_field)
+        kinds = [(f.get("geometry") or {}).get("type") for f in feats]
+        return {n for n, k in zip(names, kinds, strict=True) if n is not None and k in _AREAL}
     import pyogrio.raw
+    import shapely
 
     fld = _check_field(p, _ogr_info(p), label_field)
     try:
-        _, _, _, data = pyogrio.raw.read(p, columns=[fld], read_geometry=False)
+        _, _, wkb, data = pyogrio.raw.read(p, columns=[fld])
     except Exception as exc:
         raise UnsupportedFormatError(
             f"{p}: cannot read field {fld!r} ({one_line(exc, typed=False)})"
         ) from None
-    return {n for n in (_class_of({fld: v}, (fld,)) for v in data[0]) if n is not None}
+    types = shapely.get_type_id(shapely.from_wkb(wkb, on_invalid="ignore"))
+    return {
+        n
+        for n, t in zip((_class_of({fld: v}, (fld,)) for v in data[0]), types, strict=True)
+        if n is not None and t in (3, 6, 7)
+    }
 
 
 def _polygonal(geom: Any) -> Any:

@@ -20,8 +20,10 @@ def _touch(*paths: Path) -> None:
 
 def test_resolve_images_dirs_globs_files_deduplicated(tmp_path: Path) -> None:
     a, b, c = tmp_path / "d" / "b.tif", tmp_path / "d" / "a.png", tmp_path / "e" / "c.tiff"
-    _touch(a, b, c, tmp_path / "d" / "notes.txt")
-    got = resolve_images([tmp_path / "d", str(tmp_path / "e" / "*.tiff"), a])
+    _real(a, b, c)
+    _touch(tmp_path / "d" / "notes.txt")
+    with pytest.warns(UserWarning, match=r"skipped 1 not an image by its content \(notes\.txt\)"):
+        got = resolve_images([tmp_path / "d", str(tmp_path / "e" / "*.tiff"), a])
     assert got == [b.resolve(), a.resolve(), c.resolve()]
     with pytest.raises(ImageNotFoundError, match="matches no files"):
         resolve_images([str(tmp_path / "nope*.tif")])
@@ -29,6 +31,57 @@ def test_resolve_images_dirs_globs_files_deduplicated(tmp_path: Path) -> None:
         resolve_images([tmp_path / "missing.tif"])
     with pytest.raises(InputError, match="no input images"):
         resolve_images([])
+
+
+def _real(*paths: Path) -> None:
+    """Tiny real images (a TIFF or a PNG by the name's suffix)."""
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.suffix == ".png":
+            Image.fromarray(np.zeros((4, 4), np.uint8)).save(p)
+        else:
+            tifffile.imwrite(p, np.zeros((4, 4), np.uint8))
+
+
+def test_directory_scans_go_by_content(tmp_path: Path) -> None:
+    """A folder with a DICOM series, a MIRAX slide, a VRT and a TIFF without a known suffix is
+    scanned as `tilenet info` opens them (they were skipped without a word); what is not an
+    image is named in one warning."""
+    d = tmp_path / "d"
+    _real(d / "scan.dat")  # a TIFF by content
+    (d / "series").mkdir()
+    (d / "series" / "level0.dcm").write_bytes(bytes(128) + b"DICM" + bytes(64))
+    (d / "slide.mrxs").write_text("[GENERAL]\n")
+    (d / "slide").mkdir()  # MIRAX data folder: part of slide.mrxs, not reported
+    (d / "mosaic.vrt").write_text('<VRTDataset rasterXSize="4" rasterYSize="4"></VRTDataset>')
+    (d / "notes.txt").write_text("not pixels")
+    (d / "empty.tif").write_bytes(b"")
+    with pytest.warns(UserWarning) as rec:
+        got = resolve_images([d])
+    assert [p.name for p in got] == ["mosaic.vrt", "scan.dat", "series", "slide.mrxs"]
+    (msg,) = [str(w.message) for w in rec]
+    assert "1 empty (empty.tif)" in msg and "1 not an image by its content (notes.txt)" in msg
+
+
+def test_a_symlinked_slide_keeps_its_own_name(tmp_path: Path) -> None:
+    """Annotations are matched by the link's name, not the target's."""
+    target = tmp_path / "store" / "0a1b2c.tif"
+    _real(target)
+    (tmp_path / "slides").mkdir()
+    link = tmp_path / "slides" / "patient7.tif"
+    link.symlink_to(target)
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "patient7.geojson").write_text(
+        '{"type": "FeatureCollection", "features": []}'
+    )
+    got = resolve_images([tmp_path / "slides"])
+    assert got == [link]
+    assert match_annotations(got, tmp_path / "ann") == [tmp_path / "ann" / "patient7.geojson"]
+    assert resolve_images([link, target]) == [link]  # one file, once
 
 
 def test_match_labels_by_stem_suffix_and_pattern(tmp_path: Path) -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import glob
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
-from tilenet.errors import ImageNotFoundError, InputError
+from tilenet.errors import ImageNotFoundError, InputError, TilenetError
 from tilenet.fsutil import safe_stem
+from tilenet.io.sniff import sniff
 from tilenet.io.storage import (
     StorageError,
     glob_urls,
@@ -33,15 +35,21 @@ __all__ = [
     "resolve_images",
 ]
 
-#: File name endings taken as images when a directory is given.
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".zarr", ".svs", ".ndpi")
+#: File name endings taken as images under a bucket prefix (listing an object costs nothing,
+#: reading its head a request each) and for label files; local directories go by content.
+IMAGE_SUFFIXES = (
+    ".tif", ".tiff", ".png", ".jpg", ".jpeg", ".zarr", ".svs", ".ndpi", ".scn", ".bif",
+    ".mrxs", ".vms", ".vmu", ".svslide", ".dcm", ".vrt", ".jp2", ".j2k", ".img",
+)  # fmt: skip
 _LABEL_SUFFIXES = ("", "_label", "_labels", "_mask")
 
 
 def resolve_images(specs: Sequence[str | os.PathLike[str]]) -> list[Path | str]:
     """Expand files, directories and glob patterns into a sorted list of image paths.
 
-    A directory contributes the images directly inside it (by suffix). Duplicates are dropped.
+    A directory contributes the images directly inside it, known by content (magic bytes,
+    as ``tilenet info``): DICOM series, MIRAX, SCN, BIF, VRT and JPEG 2000 files are found
+    whatever their names; what is skipped is named in one warning. Duplicates are dropped.
     URLs (``s3://bucket/slides/*.tif``, a prefix, an object) are expanded through fsspec and
     stay URL strings.
     """
@@ -52,13 +60,8 @@ def resolve_images(specs: Sequence[str | os.PathLike[str]]) -> list[Path | str]:
             out.extend(_resolve_url(s))
             continue
         p = local_path(s)
-        if p.is_dir() and p.suffix.lower() != ".zarr":
-            hits = sorted(c for c in p.iterdir() if c.name.lower().endswith(IMAGE_SUFFIXES))
-            if not hits:
-                raise ImageNotFoundError(
-                    f"{p}: directory holds no images ({', '.join(IMAGE_SUFFIXES)})"
-                )
-            out.extend(hits)
+        if p.is_dir() and not _is_image_dir(p):
+            out.extend(_scan_dir(p))
         elif p.exists():
             out.append(p)
         elif glob.has_magic(s):
@@ -68,12 +71,61 @@ def resolve_images(specs: Sequence[str | os.PathLike[str]]) -> list[Path | str]:
             out.extend(hits)
         else:
             raise ImageNotFoundError(f"{s}: no such file or directory")
-    seen: dict[Path | str, None] = {}
+    # One entry per file, named as given (a symlink keeps its own name: labels and
+    # annotations are matched by it, not by the link target's name).
+    seen: dict[Path | str, Path | str] = {}
     for item in out:
-        seen.setdefault(item if isinstance(item, str) else item.resolve(), None)
+        seen.setdefault(item if isinstance(item, str) else item.resolve(), _absolute(item))
     if not seen:
         raise InputError("no input images given")
-    return list(seen)
+    return list(seen.values())
+
+
+def _absolute(item: Path | str) -> Path | str:
+    return item if isinstance(item, str) else Path(os.path.abspath(item))
+
+
+def _is_image_dir(p: Path) -> bool:
+    """Whether directory ``p`` is one image (a zarr store, a DICOM-WSI series)."""
+    try:
+        return sniff(p) in ("zarr", "slide")
+    except TilenetError:
+        return False
+
+
+def _scan_dir(p: Path) -> list[Path]:
+    """The images directly inside ``p``, known by content as ``tilenet info`` knows them
+    (a DICOM series or zarr store inside counts as one image; a ``.mrxs`` beside its data
+    folder is one). What is left out is named, with the reason, in one warning."""
+    hits: list[Path] = []
+    skipped: dict[str, list[str]] = {}
+    for c in sorted(p.iterdir()):
+        if c.name.startswith("."):
+            continue
+        try:
+            sniff(c)
+        except TilenetError as exc:
+            if c.is_dir() and (
+                c.with_suffix(".mrxs").is_file() or c.with_name(c.name + ".mrxs").is_file()
+            ):
+                continue  # a MIRAX slide's data folder: the .mrxs beside it is the image
+            reason = (
+                "a folder, neither a zarr store nor a DICOM series"
+                if c.is_dir()
+                else ("empty" if "empty file" in str(exc) else "not an image by its content")
+            )
+            skipped.setdefault(reason, []).append(c.name)
+            continue
+        hits.append(c)
+    if skipped:
+        parts = []
+        for reason, names in sorted(skipped.items()):
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            parts.append(f"{len(names)} {reason} ({shown})")
+        warnings.warn(f"{p}: skipped {'; '.join(parts)}", UserWarning, stacklevel=3)
+    if not hits:
+        raise ImageNotFoundError(f"{p}: directory holds no images (none of its files is one)")
+    return hits
 
 
 def _resolve_url(url: str) -> list[str]:

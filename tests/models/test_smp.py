@@ -813,3 +813,48 @@ def test_torchrun_with_a_frozen_encoder_and_unused_stages(tmp_path: Path) -> Non
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["step"] == 4 and len(ckpt["data_pos"]) == 2
     assert not torch.equal(ckpt["model"]["net.encoder.conv1.weight"], state["conv1.weight"])
+
+
+# -- receptive fields that are right or honest ---------------------------------------------------
+#: Encoders that were refused or mis-traced: efficientnet's static-same padding (ZeroPad2d +
+#: F.conv2d), ResNet-D's AvgPool2d(ceil_mode=True), SK-ResNet's split branches and global
+#: selective-kernel attention (declared exact with radius 99 before).
+SWEEP = {
+    "efficientnet-b0": (False, "global"),  # squeeze-excitation
+    "tu-resnet18d": (True, None),
+    "tu-skresnet18": (False, "global"),
+}
+
+
+@pytest.mark.parametrize("encoder", sorted(SWEEP))
+def test_encoders_are_traced_right_or_reported_not_exact(encoder: str) -> None:
+    exact, reason = SWEEP[encoder]
+    m = create_model("smp.Unet", num_classes=2, encoder_name=encoder, **SMALL)
+    assert m.spec.exact is exact, m.spec.exact_reason
+    if reason:
+        assert reason in (m.spec.exact_reason or "")
+
+
+def _support_radius(m: TileModel, size: int) -> int:
+    """How far from the centre output pixel the input pixels it depends on reach."""
+    x = torch.randn(1, 3, size, size, dtype=torch.float64, requires_grad=True)
+    c = size // 2
+    m.double()(x)[0, :, c, c].sum().backward()
+    assert x.grad is not None
+    ys, xs = torch.nonzero(x.grad.abs().sum((0, 1)), as_tuple=True)
+    return int(max(c - ys.min(), ys.max() - c, c - xs.min(), xs.max() - c))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encoder", sorted(SWEEP))
+def test_the_gradient_support_agrees_with_the_trace(encoder: str) -> None:
+    """Exact: the centre pixel reads nothing beyond the traced field. Not exact because
+    global: it reads the whole input (so crop mode would seam), as the report says."""
+    m = create_model("smp.Unet", num_classes=2, encoder_name=encoder, **SMALL).eval()
+    rf, s = m.receptive_field, m.stride
+    size = -(-(2 * rf + 4 * s) // s) * s
+    got = _support_radius(m, size)
+    if m.spec.exact:
+        assert got <= rf
+    else:
+        assert got >= size // 2 - s  # it reaches the border

@@ -150,6 +150,46 @@ def _pair(v: Any) -> tuple[int, int]:
     return (int(v[0]), int(v[1]))
 
 
+#: Padding layers: zeros, a constant, or edge pixels mirrored or repeated. The mirrored and
+#: repeated values lie within the padding of the edge, inside the halo crop mode drops.
+_PADS = (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
+
+
+def _pad4(padding: Any) -> tuple[int, int, int, int]:
+    """A 2-d padding as (left, right, top, bottom) (``F.pad`` order, last dim first)."""
+    if isinstance(padding, int):
+        return (padding,) * 4
+    pad = tuple(int(v) for v in padding)
+    if len(pad) == 2:
+        return (pad[0], pad[1], 0, 0)
+    if len(pad) < 4:
+        raise ModelError(f"receptive field: padding {padding!r} is not a 2-d padding")
+    return (pad[0], pad[1], pad[2], pad[3])
+
+
+def _functional_window(node: fx.Node, ins: tuple[_Axis, _Axis]) -> tuple[_Axis, _Axis]:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation)`` (the kernel from the traced
+    weight's shape: efficientnet's static-same-padding convs) and ``F.max_pool2d`` /
+    ``F.avg_pool2d(x, kernel, stride, padding[, dilation])``."""
+    if node.target in (F.conv2d, torch.conv2d):
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        meta = getattr(weight, "meta", {}).get("tensor_meta")
+        if meta is None:
+            raise ModelError(f"receptive field: conv2d at {node.name!r} without a traced weight")
+        k = (int(meta.shape[-2]), int(meta.shape[-1]))
+        if isinstance(_arg(node, 4, "padding", 0), str):
+            raise ModelError("receptive field: string padding ('same') is not supported")
+        s, p, d = (_pair(_arg(node, i, n, v)) for i, n, v in
+                   ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1)))  # fmt: skip
+    else:
+        k = _pair(_arg(node, 1, "kernel_size", 1))
+        s = _pair(_arg(node, 2, "stride", None) or k)
+        p = _pair(_arg(node, 3, "padding", 0))
+        d = _pair(_arg(node, 4, "dilation", 1)) if node.target is F.max_pool2d else (1, 1)
+    y, x = ins
+    return _conv(y, k[0], s[0], p[0], d[0]), _conv(x, k[1], s[1], p[1], d[1])
+
+
 def _conv(ax: _Axis, k: int, s: int, p: int, d: int) -> _Axis:
     j = ax.jump
     return _Axis(j * s, ax.lo - p * j, ax.hi + (d * (k - 1) - p) * j).cell()
@@ -342,11 +382,13 @@ def _step(
     if node.op == "call_module":
         mod = modules[str(node.target)]
         (y, x) = ins[0]
+        if isinstance(mod, _PADS):  # (left, right, top, bottom): a shift by (top, left)
+            left, _, top, _ = _pad4(mod.padding)
+            return (_conv(y, 1, 1, top, 1), _conv(x, 1, 1, left, 1)), False
         if isinstance(mod, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
-            if isinstance(mod, nn.AvgPool2d) and mod.ceil_mode:
-                raise ModelError("receptive field: AvgPool2d(ceil_mode=True) is not supported")
-            # MaxPool2d(ceil_mode=True): the extra window at the edge reads what the interval
-            # says inside the input and -inf beyond, like its padding.
+            # ceil_mode=True (Max or Avg): the extra window at the edge reads what the
+            # interval says inside the input and nothing beyond, like padding; only tile-edge
+            # positions differ from a whole pass, and crop mode drops those with the halo.
             if isinstance(mod.padding, str):
                 raise ModelError("receptive field: string padding ('same') is not supported")
             k, p = _pair(mod.kernel_size), _pair(mod.padding)
@@ -370,6 +412,11 @@ def _step(
             f"receptive field: unsupported layer {type(mod).__name__} at {node.target!r}"
         )
     if node.op == "call_function":
+        if node.target in (F.conv2d, torch.conv2d, F.max_pool2d, F.avg_pool2d):
+            return _functional_window(node, ins[0]), False
+        if node.target is F.pad:
+            pad = _pad4(tuple(_arg(node, 1, "pad", ())))
+            return (_conv(ins[0][0], 1, 1, pad[2], 1), _conv(ins[0][1], 1, 1, pad[0], 1)), False
         if node.target is F.interpolate:
             mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
             ac = node.kwargs.get("align_corners", node.args[4] if len(node.args) > 4 else None)

@@ -39,6 +39,7 @@ import bisect
 import contextlib
 import io
 import math
+import operator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -55,10 +56,12 @@ from tilenet.models.intervals import (
     _INSTANCE_NORMS,
     _NORMALISING,
     _aligned_corners,
+    _arg,
     _Axis,
     _channel_op,
     _elementwise,
     _global_op,
+    _ndim,
     _numel,
     _permuted,
     _pointwise,
@@ -157,6 +160,29 @@ def exactness(module: nn.Module) -> tuple[bool, str | None]:
     return True, None
 
 
+_SPLITS = ("split", "chunk", "unbind", "tensor_split")
+
+
+def _parts(node: fx.Node) -> bool:
+    """Whether ``node`` splits a map into a tuple of maps."""
+    meta = node.meta.get("tensor_meta")
+    if not (isinstance(meta, tuple | list) and meta):
+        return False
+    if node.op == "call_method":
+        return node.target in _SPLITS
+    return node.op == "call_function" and getattr(node.target, "__name__", "") in _SPLITS
+
+
+def _part_of(node: fx.Node) -> bool:
+    """Whether ``node`` takes one part of a split (``parts[i]``)."""
+    return (
+        node.op == "call_function"
+        and node.target is operator.getitem
+        and bool(node.all_input_nodes)
+        and _parts(node.all_input_nodes[0])
+    )
+
+
 class TraceRoot(nn.Module):
     """What :mod:`torch.fx` traces: ``model._forward_impl`` (the forward pass without input
     checks), with the model's layers under ``m.`` (setting a layer here sets it in ``model``).
@@ -244,6 +270,9 @@ class _Walk:
             return
         if not tensor_args:
             return  # shapes, constants
+        if _parts(node) or _part_of(node):
+            self._split(node, tensor_args)
+            return
         if not isinstance(node.meta.get("tensor_meta"), TensorMetadata):
             return  # x.shape and the like: not a feature map
         ins = [state[a] for a in tensor_args]
@@ -279,6 +308,21 @@ class _Walk:
             self._record(node, _union(local, str(node.target)))
             return
         self._local(node, tensor_args, ins, local, layout)
+
+    def _split(self, node: fx.Node, tensor_args: list[fx.Node]) -> None:
+        """A split of a map into parts (``torch.split``, ``chunk``, ``unbind``: SK and
+        Res2Net blocks) and a part taken from it: each part keeps its pixels' dependencies.
+        They were dropped, so such a branch read as a constant (skresnet's selective-kernel
+        attention, global over the input, gave a model "exact" with a too small field)."""
+        layout = self.layouts[tensor_args[0]]
+        if _parts(node):
+            dim = _arg(node, 2 if node.target in ("split", torch.split) else 1, "dim", 0)
+            ndim = _ndim(tensor_args[0])
+            if ndim and int(dim) % ndim in layout:
+                raise ModelError(f"receptive field: {node.format_node()} splits H or W")
+        self.layouts[node] = layout
+        local = [st for a in tensor_args if (st := self.state[a]) is not None]
+        self._record(node, _union(local, str(node.target)) if local else None)
 
     def _local(
         self,

@@ -18,9 +18,7 @@ import itertools
 import logging
 import math
 import os
-import re
 import threading
-import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ from tilenet.io.raster import is_geotiff
 from tilenet.io.sniff import check_chunk, check_pixels, level_downsample
 from tilenet.io.source import EncodedTile, EncodedWindow
 from tilenet.io.storage import is_url, open_file, read_range, redact
+from tilenet.io.tiffmeta import pixel_size, svs_extras
 
 __all__ = ["TILE_CACHE_BYTES", "TiffImage", "open_tiff", "openslide_vendor", "tile_cache_bytes"]
 
@@ -77,28 +76,6 @@ _RAW_CODECS = {
     "ZSTD": "zstd",
 }
 _RAW_JPEG_PHOTOMETRIC = frozenset({"minisblack", "rgb", "ycbcr", "separated"})
-# Length units of OME PhysicalSize*Unit and ImageJ's 'unit' -> micrometres. Not 'inch': an
-# ImageJ unit of inch is a print DPI that ImageJ took over from the file.
-_UNIT_UM = {
-    "pm": 1e-6,
-    "nm": 1e-3,
-    "µm": 1.0,  # MICRO SIGN, as OME writes it
-    "μm": 1.0,  # GREEK SMALL LETTER MU
-    "\\u00b5m": 1.0,  # ImageJ's escaped µm, lower-cased
-    "um": 1.0,
-    "micron": 1.0,
-    "microns": 1.0,
-    "mm": 1e3,
-    "cm": 1e4,
-    "m": 1e6,
-}
-# Micrometres per ResolutionUnit that a calibrated writer uses: 3 centimetre (NDPI, Leica
-# SCN, tifffile, libvips), 4 mm and 5 µm (non-standard extensions). Not 2 (inch) and not
-# 1 (none): there the tags hold a print DPI, e.g. GDAL's and ImageMagick's 72/300 dpi.
-_RESOLUTION_UNIT_UM = {3: 1e4, 4: 1e3, 5: 1.0}
-# "...|AppMag = 20|MPP = 0.4990|..." in an Aperio SVS ImageDescription: µm per level-0 pixel.
-_SVS_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
-_SVS_APPMAG = re.compile(r"\|\s*AppMag\s*=\s*([0-9]*\.?[0-9]+)")
 # Vendor TIFFs that only OpenSlide reads faithfully (overlapping or sparse tiles, vendor
 # pyramids, JPEG strips with restart markers): tifffile flag -> OpenSlide's vendor name.
 _OPENSLIDE_ONLY = {
@@ -217,53 +194,6 @@ def _check_pages(path: object, level: Any, file_size: int) -> None:
             )
 
 
-def _pixel_size(tf: Any, page: Any) -> tuple[float, float] | None:
-    """Level 0's physical pixel size (y, x) in µm, only from metadata that means one.
-
-    In order: OME ``PhysicalSizeY/X`` (with units), an Aperio SVS description's ``MPP``, an
-    ImageJ calibration (its ``unit`` with the resolution tags), resolution tags in a metric
-    ResolutionUnit. A resolution in inches or without a unit is a print DPI: None.
-    """
-    size = _ome_pixel_size(tf)
-    if size is None and tf.is_svs:
-        match = _SVS_MPP.search(tf.pages[0].description or "")
-        size = _positive(float(match.group(1)), float(match.group(1))) if match else None
-    if size is not None:
-        return size
-    try:
-        xres, yres = (float(r) for r in page.resolution)
-        unit = int(page.resolutionunit)
-    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
-        return None
-    per_unit_um = _RESOLUTION_UNIT_UM.get(unit)
-    if tf.is_imagej:  # ImageJ's unit, not the tag, says what the resolution counts per
-        ij_unit = str((tf.imagej_metadata or {}).get("unit", "")).strip().lower()
-        per_unit_um = _UNIT_UM.get(ij_unit)
-    if per_unit_um is None or not (xres > 0 and yres > 0):
-        return None
-    return _positive(per_unit_um / yres, per_unit_um / xres)
-
-
-def _svs_extras(tf: Any) -> dict[str, Any]:
-    """An Aperio SVS's vendor, objective power (``AppMag``) and associated images."""
-    if not tf.is_svs:
-        return {}
-    match = _SVS_APPMAG.search(tf.pages[0].description or "")
-    power = float(match.group(1)) if match else None
-    assoc = {}
-    for s in tf.series[1:]:
-        if s.kind == "svs" and s.name and "Y" in s.axes and "X" in s.axes:
-            assoc[s.name.lower()] = (
-                int(s.shape[s.axes.index("Y")]),
-                int(s.shape[s.axes.index("X")]),
-            )
-    return {
-        "vendor": "aperio",
-        "objective_power": power if power and math.isfinite(power) else None,
-        "associated_images": assoc,
-    }
-
-
 def openslide_vendor(path: str | os.PathLike[str]) -> str | None:
     """OpenSlide's vendor name for a TIFF that only OpenSlide reads faithfully, else None.
 
@@ -282,34 +212,6 @@ def openslide_vendor(path: str | os.PathLike[str]) -> str | None:
     except Exception:
         return None  # not a TIFF tifffile parses: open_tiff says why
     return None
-
-
-def _ome_pixel_size(tf: Any) -> tuple[float, float] | None:
-    if not (tf.is_ome and tf.ome_metadata):
-        return None
-    try:
-        root = ET.fromstring(tf.ome_metadata)
-    except ET.ParseError:
-        return None
-    pixels = next((e for e in root.iter() if e.tag.endswith("Pixels")), None)
-    if pixels is None:
-        return None
-    sizes = []
-    for ax in ("Y", "X"):
-        value = pixels.get(f"PhysicalSize{ax}")
-        unit = _UNIT_UM.get(pixels.get(f"PhysicalSize{ax}Unit", "µm"))  # OME's default: µm
-        if value is None or unit is None:
-            return None
-        try:
-            sizes.append(float(value) * unit)
-        except ValueError:
-            return None
-    return _positive(sizes[0], sizes[1])
-
-
-def _positive(y: float, x: float) -> tuple[float, float] | None:
-    ok = all(math.isfinite(v) and v > 0 for v in (y, x))
-    return (y, x) if ok else None
 
 
 class _TileCache:
@@ -642,13 +544,13 @@ def _describe(p: Any, name: Any, tf: Any, *, max_pixels: int | None) -> TiffImag
         channels=layouts[0].channels,
         levels=out_levels,
         compression=comp,
-        pixel_size=_pixel_size(tf, page0),
+        pixel_size=pixel_size(tf, page0),
         metadata={
             "axes": s0.axes,
             "series_kind": s0.kind,
             "georeferenced": is_geotiff(page0.tags),
         },
-        **_svs_extras(tf),
+        **svs_extras(tf),
         _tf=tf,
         _series=levels,
         _layouts=layouts,

@@ -299,16 +299,19 @@ def write_bytes(url: str, data: bytes) -> None:
     storage_call(url, lambda: fs.pipe_file(path, data))
 
 
-def upload(local: str | os.PathLike[str], url: str, *, last: str | None = None) -> None:
-    """Upload a local file or directory tree to ``url``; the tree's file at relative path
-    ``last`` (a zarr store's root ``zarr.json``, say: what makes it a store) goes last, so
-    that what a reader finds complete is complete."""
+def upload(
+    local: str | os.PathLike[str], url: str, *, last: str | Sequence[str] | None = None
+) -> None:
+    """Upload a local file or directory tree to ``url``; the tree's files at the relative
+    paths ``last`` (a zarr store's root ``zarr.json``, or ``.zgroup`` and ``.zattrs``: what
+    makes it a store) go last, so that what a reader finds complete is complete."""
     fs, path = filesystem(url)
     src = Path(local)
     if src.is_dir():
         files = [f for f in sorted(src.rglob("*")) if f.is_file()]
         if last is not None:
-            files.sort(key=lambda f: f.relative_to(src).as_posix() == last)
+            ends = {last} if isinstance(last, str) else set(last)
+            files.sort(key=lambda f: f.relative_to(src).as_posix() in ends)
         for f in files:
             dest = path.rstrip("/") + "/" + f.relative_to(src).as_posix()
             storage_call(url, partial(fs.put_file, str(f), dest))

@@ -32,6 +32,7 @@ modes are never split (one task per image).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -41,13 +42,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tilenet.config import JobsConfig, ReaderConfig, ResolutionConfig
 from tilenet.errors import EXIT_OK, EXIT_PARTIAL, TilenetError, scrub_credentials
 from tilenet.fsutil import safe_stem
-from tilenet.io.storage import is_url, redact
+from tilenet.io.location import Location, location
+from tilenet.io.storage import redact
+from tilenet.outputs.resume import ResumeKey
 from tilenet.progress import progress_bar, show_progress
 
 if TYPE_CHECKING:
@@ -56,6 +60,7 @@ if TYPE_CHECKING:
 __all__ = [
     "JobItem",
     "JobReport",
+    "Manifest",
     "format_report",
     "local_cluster",
     "read_manifest",
@@ -118,64 +123,44 @@ def unique_stems(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """The latest record per image (by input path); a torn last line (a kill) is ignored."""
-    latest: dict[str, dict[str, Any]] = {}
-    text = _RemoteManifest.read(str(path)) if is_url(path) else None
-    p = Path(path)
-    if text is None and not p.is_file():
+    """The latest record per image (by input path) of the manifest at ``path`` (a file or a
+    URL); a torn last line (a kill) is ignored."""
+    return Manifest.at(path).records()
+
+
+class Manifest:
+    """A batch's records on a :class:`~tilenet.io.location.Location`, one JSON line each
+    (the client is the only writer): appended and fsynced in a folder, the object rewritten
+    in a bucket (a few hundred bytes per image), so it is always whole."""
+
+    def __init__(self, where: Location, name: str = MANIFEST) -> None:
+        self.where, self.name = where, name
+
+    @classmethod
+    def at(cls, path: str | os.PathLike[str]) -> Manifest:
+        """The manifest file (or object) ``path``."""
+        parent, _, name = os.fspath(path).rstrip("/").rpartition("/")
+        return cls(location(parent or "."), name)
+
+    @property
+    def path(self) -> str:
+        return self.where.join(self.name)
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        """The latest record per image (by input path); a torn line is ignored."""
+        latest: dict[str, dict[str, Any]] = {}
+        for line in (self.where.read_text(self.name) or "").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "image" in rec:
+                latest[str(rec["image"])] = rec
         return latest
-    for line in (p.read_text() if text is None else text).splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "image" in rec:
-            latest[str(rec["image"])] = rec
-    return latest
-
-
-class _Manifest:
-    """Appends records, one JSON line each, flushed and fsynced (the client is the only writer)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A killed run may leave a torn last line: start ours on a fresh line.
-        if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-            with path.open("ab") as fh:
-                fh.write(b"\n")
 
     def append(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as fh:
-            fh.write(scrub_credentials(json.dumps(record, sort_keys=True)) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
-class _RemoteManifest:
-    """:class:`_Manifest` in object storage (no appends there): the whole object is rewritten
-    after each record (a few hundred bytes per image), so it is always whole."""
-
-    def __init__(self, url: str) -> None:
-        self.path = url
-        self._text = self.read(url)
-        if self._text and not self._text.endswith("\n"):
-            self._text += "\n"
-
-    @staticmethod
-    def read(url: str) -> str:
-        from tilenet.io.storage import read_bytes
-
-        try:
-            return read_bytes(url).decode()
-        except FileNotFoundError:
-            return ""
-
-    def append(self, record: dict[str, Any]) -> None:
-        from tilenet.io.storage import write_bytes
-
-        self._text += scrub_credentials(json.dumps(record, sort_keys=True)) + "\n"
-        write_bytes(self.path, self._text.encode())
+        """Add ``record`` (credentials scrubbed from any URL in it)."""
+        self.where.append_line(self.name, scrub_credentials(json.dumps(record, sort_keys=True)))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -282,19 +267,7 @@ def _task_image(plan: ImagePlan, threads: int | None) -> dict[str, Any]:
 
 def _outputs_complete(rec: dict[str, Any]) -> bool:
     outs = rec.get("outputs") or {}
-    return bool(outs) and all(_exists(str(p)) for p in outs.values())
-
-
-def _exists(path: str) -> bool:
-    if not is_url(path):
-        return Path(path).exists()
-    from tilenet.io.storage import info
-
-    try:
-        info(path)
-    except FileNotFoundError:
-        return False
-    return True
+    return bool(outs) and all(location(str(p)).exists() for p in outs.values())
 
 
 # -- executors --------------------------------------------------------------------------------
@@ -432,10 +405,8 @@ def run_jobs(
     the reader limits every image is opened with, ``resolution`` the pixel size each image
     runs at (:func:`tilenet.engine.infer.plan_image`).
     """
-    from tilenet._version import __version__
     from tilenet.engine.checkpoint import file_checksum, load_checkpoint
-    from tilenet.engine.infer import options_hash, plan_image, resolve_options
-    from tilenet.io import fingerprint, open_image
+    from tilenet.engine.infer import resolve_options
     from tilenet.io.paths import resolve_images
     from tilenet.models import ModelSpec
 
@@ -444,143 +415,42 @@ def run_jobs(
     reader = reader if reader is not None else ReaderConfig()
     spec = ModelSpec.coerce(load_checkpoint(model)["spec"])  # a bad checkpoint: exit 2
     model = str(Path(model).resolve())
-    base: dict[str, Any] = {
-        "tilenet_version": __version__,
-        "model_checksum": file_checksum(model),
-        "options_hash": options_hash(cfg),
-    }
-    if resolution is not None and resolution != ResolutionConfig():
-        base["resolution"] = asdict(resolution)  # another pixel size: not the same job
+    # Another pixel size than the default is not the same job.
+    res = asdict(resolution) if resolution not in (None, ResolutionConfig()) else None
+    template = ResumeKey.of("", file_checksum(model), cfg, resolution=res)
+    out = location(out_dir)
+    if out.local is not None:  # workers may run elsewhere (another cwd): absolute paths
+        out = location(out.local.absolute())
+        out.local.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
     paths = resolve_images(inputs)
-    out: Any = str(out_dir).rstrip("/") if is_url(out_dir) else Path(out_dir).absolute()
-    if is_url(out):  # object storage: outputs, resume state and the manifest in the bucket
-        from tilenet.io.storage import join
-
-        items = [
-            JobItem(str(p), s, join(out, s))
-            for p, s in zip(paths, unique_stems(paths), strict=True)
-        ]
-        manifest: _Manifest | _RemoteManifest = _RemoteManifest(join(out, MANIFEST))
-    else:  # workers may run elsewhere (another cwd): absolute paths
-        out.mkdir(parents=True, exist_ok=True)
-        items = [
-            JobItem(str(p), s, str(out / s))
-            for p, s in zip(paths, unique_stems(paths), strict=True)
-        ]
-        manifest = _Manifest(out / MANIFEST)
-    previous = read_manifest(manifest.path)
-    report = JobReport(out_dir=str(out), manifest=str(manifest.path))
-    events = _Events(quiet=quiet, log_json=log_json, total_images=len(items))
-    events.emit("start", images=len(items), out=str(out), workers=workers, scheduler=scheduler)
-
-    def record(item: JobItem, status: str, **fields: Any) -> None:
-        rec = {"image": redact(item.path), "stem": item.stem, "status": status, **base, **fields}
-        rec.setdefault("time", round(time.time(), 3))
-        manifest.append(rec)
-        if status == "failed":
-            report.failed[item.path] = str(fields.get("error"))
-        elif status == "skipped":
-            report.skipped.append(item.path)
-        else:
-            report.done.append(item.path)
-        events.image_finished()
-        events.emit(status, image=item.path, **{k: v for k, v in fields.items() if k != "outputs"})
-
-    # Decide per image: skip, keep failed, or plan it (whole, or in bands of grid rows).
-    todo: list[tuple[JobItem, dict[str, Any]]] = []
-    for item in items:
-        try:
-            fp = fingerprint(item.path)
-        except (TilenetError, OSError) as exc:
-            record(item, "failed", error=_one_line(exc), fingerprint=None)
-            continue
-        key = {"fingerprint": fp, **base}
-        prev = previous.get(redact(item.path))
-        same = bool(prev) and all(prev.get(k) == v for k, v in key.items())  # type: ignore[union-attr]
-        same = same and prev.get("stem") == item.stem  # type: ignore[union-attr]
-        if prev and same and not force:
-            if prev["status"] in ("done", "skipped") and _outputs_complete(prev):
-                record(item, "skipped", fingerprint=fp, outputs=prev["outputs"])
-                continue
-            if prev["status"] == "failed" and not retry_failed:
-                record(item, "failed", fingerprint=fp, error=prev.get("error"), previous=True)
-                continue
-        try:
-            with open_image(item.path, **asdict(reader)) as image:
-                plan = plan_image(
-                    image, spec, cfg, item.out, model=model, region_tiles=region_tiles,
-                    key=key, force=force, reader=reader, resolution=resolution,
-                )  # fmt: skip
-        except Exception as exc:
-            record(item, "failed", fingerprint=fp, error=_one_line(exc))
-            continue
-        todo.append((item, {"plan": plan, "t0": time.time(), "fingerprint": fp}))
-
-    executor: _SerialExecutor | _DaskExecutor
-    n_cores = os.cpu_count() or 1
-    if todo and (workers > 0 or scheduler):
-        t_cluster = time.time()
-        executor = _DaskExecutor(workers=workers, scheduler=scheduler)
-        report.cluster_start_s = round(time.time() - t_cluster, 3)
-        report.dashboard = executor.dashboard
-        link = executor.dashboard
-        if not scheduler and importlib.util.find_spec("bokeh") is None:
-            link = f"{link} (pip install bokeh to serve it)"  # a local scheduler needs it
-        events.emit("dashboard", link=link)
-        if not scheduler and threads is None:
-            threads = max(1, n_cores // max(1, workers))  # each worker its share of cores
-    else:
-        executor = _SerialExecutor()
-    by_stem = {item.stem: (item, job) for item, job in todo}
+    items = [
+        JobItem(str(p), s, out.join(s)) for p, s in zip(paths, unique_stems(paths), strict=True)
+    ]
+    manifest = Manifest(out)
+    batch = _Batch(
+        manifest=manifest,
+        report=JobReport(out_dir=out.url, manifest=manifest.path),
+        events=_Events(quiet=quiet, log_json=log_json, total_images=len(items)),
+        base={k: v for k, v in template.to_dict().items() if k != "fingerprint"},
+    )
+    batch.events.emit("start", images=len(items), out=out.url, workers=workers, scheduler=scheduler)
+    plan = partial(
+        _plan_job, batch=batch, previous=manifest.records(), template=template, spec=spec,
+        cfg=cfg, model=model, force=force, retry_failed=retry_failed,
+        region_tiles=region_tiles, reader=reader, resolution=resolution,
+    )  # fmt: skip
+    todo = [job for job in map(plan, items) if job is not None]
+    executor, threads = _executor(
+        batch, todo, workers=workers, scheduler=scheduler, threads=threads
+    )
     try:
-        for item, job in todo:
-            plan = job["plan"]
-            events.add_tiles(len(plan.grid))
-            events.tiles(sum(len(plan.tiles(i)) for i in plan.outputs.resumed))
-            if len(plan.bands) == 1:
-                executor.submit("image", item.stem, _task_image, plan, threads)
-                continue
-            job["pending"] = set(plan.pending)
-            for i in plan.pending:
-                executor.submit("region", (item.stem, i), _task_bands, plan, [i], threads)
-            if not job["pending"]:
-                executor.submit("finalize", item.stem, _task_finish, plan)
-        for res in executor.results():
-            kind, key = res["kind"], res["key"]
-            stem = key[0] if kind == "region" else key
-            item, job = by_stem[stem]
-            if job.get("closed"):
-                continue
-            if not res["ok"]:
-                job["closed"] = True
-                record(item, "failed", fingerprint=job["fingerprint"], error=res["error"])
-                continue
-            if kind == "region":
-                rec = res["result"]["records"][0]
-                events.tiles(res["result"]["tiles"])
-                events.emit("region", image=item.path, region=key[1], rows=rec["rows"])
-                job["pending"].discard(key[1])
-                if not job["pending"]:
-                    executor.submit("finalize", item.stem, _task_finish, job["plan"])
-                continue
-            summary = res["result"]
-            if kind == "image":
-                plan = job["plan"]
-                events.tiles(sum(len(plan.tiles(i)) for i in plan.pending))
-            job["closed"] = True
-            record(
-                item,
-                "done",
-                fingerprint=job["fingerprint"],
-                outputs=summary["outputs"],
-                timings={**summary["timings"], "wall_s": round(time.time() - job["t0"], 3)},
-                tiles=summary["tiles"],
-            )
+        _run(batch, todo, executor, threads)
     finally:
         executor.close()
-        events.close()
+        batch.events.close()
+    report = batch.report
     report.seconds = round(time.time() - t0, 3)
-    events.emit(
+    batch.events.emit(
         "end",
         done=len(report.done),
         skipped=len(report.skipped),
@@ -588,6 +458,161 @@ def run_jobs(
         seconds=report.seconds,
     )
     return report
+
+
+@dataclass
+class _Batch:
+    """What one :func:`run_jobs` call records into: the manifest, the report, the events."""
+
+    manifest: Manifest
+    report: JobReport
+    events: _Events
+    #: What every record holds: version, model checksum, options hash (and pixel size).
+    base: dict[str, Any]
+
+    def record(self, item: JobItem, status: str, **fields: Any) -> None:
+        """One manifest line for ``item``; the report and the events follow it."""
+        rec = {"image": redact(item.path), "stem": item.stem, "status": status, **self.base}
+        rec.update(fields)
+        rec.setdefault("time", round(time.time(), 3))
+        self.manifest.append(rec)
+        if status == "failed":
+            self.report.failed[item.path] = str(fields.get("error"))
+        elif status == "skipped":
+            self.report.skipped.append(item.path)
+        else:
+            self.report.done.append(item.path)
+        self.events.image_finished()
+        shown = {k: v for k, v in fields.items() if k != "outputs"}
+        self.events.emit(status, image=item.path, **shown)
+
+
+@dataclass
+class _Job:
+    """An image to run: its plan, when it began, its fingerprint; the bands still running."""
+
+    item: JobItem
+    plan: ImagePlan
+    fingerprint: str
+    t0: float = field(default_factory=time.time)
+    pending: set[int] = field(default_factory=set)
+    closed: bool = False
+
+
+def _plan_job(
+    item: JobItem,
+    *,
+    batch: _Batch,
+    previous: dict[str, dict[str, Any]],
+    template: ResumeKey,
+    spec: Any,
+    cfg: Any,
+    model: str,
+    force: bool,
+    retry_failed: bool,
+    region_tiles: int,
+    reader: ReaderConfig,
+    resolution: ResolutionConfig | None,
+) -> _Job | None:
+    """Skip ``item`` (done before with the same key), keep it failed, or plan it (whole, or
+    in bands of grid rows); None when there is nothing to run."""
+    from tilenet.engine.infer import plan_image
+    from tilenet.io import fingerprint, open_image
+
+    try:
+        fp = fingerprint(item.path)
+    except (TilenetError, OSError) as exc:
+        batch.record(item, "failed", error=_one_line(exc), fingerprint=None)
+        return None
+    key = dataclasses.replace(template, fingerprint=fp)
+    prev = previous.get(redact(item.path))
+    if prev and not force and prev.get("stem") == item.stem:
+        if all(prev.get(k) == v for k, v in key.to_dict().items()):
+            if prev["status"] in ("done", "skipped") and _outputs_complete(prev):
+                batch.record(item, "skipped", fingerprint=fp, outputs=prev["outputs"])
+                return None
+            if prev["status"] == "failed" and not retry_failed:
+                error = prev.get("error")
+                batch.record(item, "failed", fingerprint=fp, error=error, previous=True)
+                return None
+    try:
+        with open_image(item.path, **asdict(reader)) as image:
+            plan = plan_image(
+                image, spec, cfg, item.out, model=model, region_tiles=region_tiles,
+                key=key, force=force, reader=reader, resolution=resolution,
+            )  # fmt: skip
+    except Exception as exc:
+        batch.record(item, "failed", fingerprint=fp, error=_one_line(exc))
+        return None
+    return _Job(item, plan, fp)
+
+
+def _executor(
+    batch: _Batch, todo: list[_Job], *, workers: int, scheduler: str | None, threads: int | None
+) -> tuple[_SerialExecutor | _DaskExecutor, int | None]:
+    """Where the tasks run (this process, or a dask cluster), and torch's threads there."""
+    if not todo or not (workers > 0 or scheduler):
+        return _SerialExecutor(), threads
+    t_cluster = time.time()
+    executor = _DaskExecutor(workers=workers, scheduler=scheduler)
+    batch.report.cluster_start_s = round(time.time() - t_cluster, 3)
+    batch.report.dashboard = link = executor.dashboard
+    if not scheduler and importlib.util.find_spec("bokeh") is None:
+        link = f"{link} (pip install bokeh to serve it)"  # a local scheduler needs it
+    batch.events.emit("dashboard", link=link)
+    if not scheduler and threads is None:
+        threads = max(1, (os.cpu_count() or 1) // max(1, workers))  # each its share of cores
+    return executor, threads
+
+
+def _run(
+    batch: _Batch, todo: list[_Job], executor: _SerialExecutor | _DaskExecutor, threads: int | None
+) -> None:
+    """Submit every job's tasks (a whole image, or its bands then a finalize); record each
+    image as its last task ends."""
+    events = batch.events
+    by_stem = {job.item.stem: job for job in todo}
+    for job in todo:
+        plan, stem = job.plan, job.item.stem
+        events.add_tiles(len(plan.grid))
+        events.tiles(sum(len(plan.tiles(i)) for i in plan.outputs.resumed))
+        if len(plan.bands) == 1:
+            executor.submit("image", stem, _task_image, plan, threads)
+            continue
+        job.pending = set(plan.pending)
+        for i in plan.pending:
+            executor.submit("region", (stem, i), _task_bands, plan, [i], threads)
+        if not job.pending:
+            executor.submit("finalize", stem, _task_finish, plan)
+    for res in executor.results():
+        kind, key = res["kind"], res["key"]
+        job = by_stem[key[0] if kind == "region" else key]
+        if job.closed:
+            continue
+        if not res["ok"]:
+            job.closed = True
+            batch.record(job.item, "failed", fingerprint=job.fingerprint, error=res["error"])
+            continue
+        if kind == "region":
+            rec = res["result"]["records"][0]
+            events.tiles(res["result"]["tiles"])
+            events.emit("region", image=job.item.path, region=key[1], rows=rec["rows"])
+            job.pending.discard(key[1])
+            if not job.pending:
+                executor.submit("finalize", job.item.stem, _task_finish, job.plan)
+            continue
+        summary = res["result"]
+        if kind == "image":
+            events.tiles(sum(len(job.plan.tiles(i)) for i in job.plan.pending))
+        job.closed = True
+        batch.record(
+            job.item,
+            "done",
+            fingerprint=job.fingerprint,
+            outputs=summary["outputs"],
+            timings={**summary["timings"], "wall_s": round(time.time() - job.t0, 3)},
+            tiles=summary["tiles"],
+        )
 
 
 def tile_jobs(
@@ -614,18 +639,15 @@ def tile_jobs(
 
     t0 = time.time()
     # A bucket: the store is tiled locally and uploaded (tilenet.patches.tiler), the manifest beside it.
-    store: Any = str(out).rstrip("/") if is_url(out) else Path(out)
+    where = location(out)
+    store: Any = where.local if where.local is not None else where.url
     paths = resolve_images(images)
-    manifest: _Manifest | _RemoteManifest = (
-        _RemoteManifest(store + ".manifest.jsonl")
-        if isinstance(store, str)
-        else _Manifest(store.with_name(store.name + ".manifest.jsonl"))
-    )
-    report = JobReport(out_dir=redact(str(store)), manifest=redact(str(manifest.path)))
+    manifest = Manifest.at(where.url + ".manifest.jsonl")
+    report = JobReport(out_dir=redact(str(store)), manifest=redact(manifest.path))
     events = _Events(quiet=True, log_json=log_json, total_images=len(paths))
     events.emit("start", images=len(paths), out=redact(str(store)))
 
-    before = source_fingerprints(store) if isinstance(store, str) or store.exists() else set()
+    before = source_fingerprints(store) if where.exists() else set()
     failures: dict[str, str] = {}
     tile_images(
         paths, out=store, failures=failures, progress=not quiet and not log_json, **tile_options

@@ -33,6 +33,7 @@ from tilenet.config import AugmentConfig, DataConfig, ResolutionConfig
 from tilenet.errors import InputError
 from tilenet.geometry import Window, iter_bands
 from tilenet.io.base import IGNORE_INDEX, nodata_mask
+from tilenet.io.location import location
 from tilenet.io.resolution import (
     at_resolution,
     check_resolution,
@@ -40,7 +41,6 @@ from tilenet.io.resolution import (
     pixel_record,
     training_resolution,
 )
-from tilenet.io.storage import is_url
 from tilenet.normalize import Normalizer, channel_stats, normalize_
 from tilenet.patches.augment import build_augment
 from tilenet.patches.patchstore import IMAGES, LABELS, open_store, read_attrs
@@ -62,7 +62,7 @@ def _as_list(paths: PathLike | Sequence[PathLike]) -> list[Any]:
     """Paths as ``Path``; URLs (patch stores or images in object storage) stay strings."""
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
-    return [str(p) if is_url(p) else Path(p) for p in paths]
+    return [location(p).local or str(p) for p in paths]
 
 
 def _store_attrs(path: Any) -> dict[str, Any] | None:

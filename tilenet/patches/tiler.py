@@ -30,8 +30,9 @@ from tilenet.fsutil import atomic_output
 from tilenet.geometry import TileGrid, Window
 from tilenet.io.base import IGNORE_INDEX, nodata_mask
 from tilenet.io.foreground import foreground_fractions, foreground_mask
+from tilenet.io.location import location
 from tilenet.io.paths import class_names_near, match_labels, resolve_images
-from tilenet.io.storage import is_url, redact
+from tilenet.io.storage import redact
 from tilenet.patches.patchstore import (
     ARRAYS,
     CHUNKS_PER_SHARD,
@@ -377,7 +378,7 @@ def tile_images(
         raise InputError(f"chunk_patches must be a positive int, got {chunk_patches!r}")
     limits = asdict(reader if reader is not None else ReaderConfig())
     TileGrid.for_patches((patch, patch), patch, overlap)  # validates overlap up front
-    if is_url(out):
+    if location(out).local is None:  # a bucket
         import inspect
 
         given = locals()

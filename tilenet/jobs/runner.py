@@ -1,46 +1,14 @@
-"""Batch inference over many images, serially or on dask.distributed, with lossless resume.
-
-``run_jobs(inputs, model, out_dir, **options)`` is what ``tilenet infer DIR|GLOB|FILE...``
-runs. Each image's outputs go to ``out_dir/<stem>/`` (:func:`tilenet.fsutil.safe_stem`, made
-unique when two inputs collide). ``out_dir/manifest.jsonl`` gets one line per image and run:
-status (done / failed / skipped), outputs, input fingerprint, tilenet version, model checksum,
-options hash, timings and the one-line error of a failure. Only the client writes it.
-
-Rerunning skips images whose last record is done/skipped with the same fingerprint, model and
-options and whose outputs all exist; failures stay failed unless ``retry_failed``; ``force``
-redoes everything. A failure of one image never stops the others.
-
-Progress is one tqdm bar over all tiles of all images (tiles/s, ETA, images done/total; on a
-terminal, advanced as images and bands finish). ``log_json`` writes one JSON object per event
-to stderr instead: ``start``, ``dashboard``, ``region``, ``done``, ``skipped``, ``failed``,
-``end``.
-
-Regions
--------
-Every image is planned with :func:`tilenet.engine.infer.plan_image`: a crop-mode image with more
-than ``region_tiles`` tiles is split into bands of whole grid rows, run as separate tasks
-(:func:`tilenet.engine.infer.run_band`) into the same partial stores (disjoint chunks: workers need
-no locks), and one finalize task (:func:`tilenet.engine.infer.finish`) makes the outputs, exactly as
-``tilenet infer`` does for one image. A band's marker is written only after all its chunks
-are, and holds the job key (fingerprint + model checksum + options hash), so a changed
-input, model or options invalidates the partial state. After a SIGKILL a rerun redoes only
-the bands without a marker; a kill during finalize redoes only the finalize. Instance
-labelling is global in finalize, so the result equals a single-worker run.
-Gaussian/linear blending writes each chunk from several tiles of neighbouring rows, so those
-modes are never split (one task per image).
-"""
+"""The batch runner: plan each image, run its bands as tasks, record each in the manifest."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import json
-import logging
 import os
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -48,28 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 from tilenet.config import JobsConfig, ReaderConfig, ResolutionConfig
 from tilenet.errors import EXIT_OK, EXIT_PARTIAL, TilenetError, scrub_credentials
-from tilenet.fsutil import safe_stem
-from tilenet.io.location import Location, location
+from tilenet.io.location import location
 from tilenet.io.storage import redact
+from tilenet.jobs.executors import DaskExecutor, SerialExecutor, one_line
+from tilenet.jobs.manifest import Manifest, unique_stems
 from tilenet.outputs.resume import ResumeKey
 from tilenet.progress import progress_bar, show_progress
 
 if TYPE_CHECKING:
     from tilenet.engine.infer import ImagePlan
 
-__all__ = [
-    "JobItem",
-    "JobReport",
-    "Manifest",
-    "format_report",
-    "local_cluster",
-    "read_manifest",
-    "run_jobs",
-    "tile_jobs",
-    "unique_stems",
-]
-
-MANIFEST = "manifest.jsonl"
+__all__ = ["JobItem", "JobReport", "format_report", "run_jobs", "tile_jobs"]
 
 
 @dataclass(frozen=True)
@@ -98,77 +55,6 @@ class JobReport:
     @property
     def exit_code(self) -> int:
         return EXIT_PARTIAL if self.failed else EXIT_OK
-
-
-# -- names and the manifest ------------------------------------------------------------------
-def unique_stems(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
-    """``safe_stem`` of each path, with ``-2``, ``-3``... appended where names collide.
-
-    >>> unique_stems(["a/x.tif", "b/x.tif", "c/y.png", "x-2.tif"])
-    ['x', 'x-3', 'y', 'x-2']
-    """
-    stems = [safe_stem(Path(p).name) for p in paths]
-    taken = set(stems)
-    seen: set[str] = set()
-    out = []
-    for s in stems:
-        name, i = s, 2
-        while name in seen:
-            while f"{s}-{i}" in taken or f"{s}-{i}" in seen:
-                i += 1
-            name = f"{s}-{i}"
-        seen.add(name)
-        out.append(name)
-    return out
-
-
-def read_manifest(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """The latest record per image (by input path) of the manifest at ``path`` (a file or a
-    URL); a torn last line (a kill) is ignored."""
-    return Manifest.at(path).records()
-
-
-class Manifest:
-    """A batch's records on a :class:`~tilenet.io.location.Location`, one JSON line each
-    (the client is the only writer): appended and fsynced in a folder, the object rewritten
-    in a bucket (a few hundred bytes per image), so it is always whole."""
-
-    def __init__(self, where: Location, name: str = MANIFEST) -> None:
-        self.where, self.name = where, name
-
-    @classmethod
-    def at(cls, path: str | os.PathLike[str]) -> Manifest:
-        """The manifest file (or object) ``path``."""
-        parent, _, name = os.fspath(path).rstrip("/").rpartition("/")
-        return cls(location(parent or "."), name)
-
-    @property
-    def path(self) -> str:
-        return self.where.join(self.name)
-
-    def records(self) -> dict[str, dict[str, Any]]:
-        """The latest record per image (by input path); a torn line is ignored."""
-        latest: dict[str, dict[str, Any]] = {}
-        for line in (self.where.read_text(self.name) or "").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and "image" in rec:
-                latest[str(rec["image"])] = rec
-        return latest
-
-    def append(self, record: dict[str, Any]) -> None:
-        """Add ``record`` (credentials scrubbed from any URL in it)."""
-        self.where.append_line(self.name, scrub_credentials(json.dumps(record, sort_keys=True)))
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    if isinstance(exc, TilenetError):
-        return first
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 # -- events: progress bar, quiet, JSON logs ---------------------------------------------------
@@ -223,22 +109,6 @@ class _Events:
 
 
 # -- tasks (run on workers; every task returns data, never raises) ---------------------------
-def _guarded(kind: str, key: Any, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    """Run a task; turn its exception into a one-line error in the result."""
-    t0 = time.perf_counter()
-    try:
-        result = fn(*args)
-    except Exception as exc:
-        return {"kind": kind, "key": key, "ok": False, "error": _one_line(exc)}
-    return {
-        "kind": kind,
-        "key": key,
-        "ok": True,
-        "result": result,
-        "seconds": time.perf_counter() - t0,
-    }
-
-
 def _task_bands(plan: ImagePlan, bands: Sequence[int], threads: int | None) -> dict[str, Any]:
     """Run ``bands`` of ``plan`` (each recorded as done when written); their records."""
     from tilenet.engine.infer import run_band
@@ -268,110 +138,6 @@ def _task_image(plan: ImagePlan, threads: int | None) -> dict[str, Any]:
 def _outputs_complete(rec: dict[str, Any]) -> bool:
     outs = rec.get("outputs") or {}
     return bool(outs) and all(location(str(p)).exists() for p in outs.values())
-
-
-# -- executors --------------------------------------------------------------------------------
-class _SerialExecutor:
-    """Runs tasks in this process, in submission order."""
-
-    dashboard: str | None = None
-
-    def __init__(self) -> None:
-        self._queue: deque[tuple[Any, ...]] = deque()
-
-    def submit(self, *args: Any) -> None:
-        self._queue.append(args)
-
-    def results(self) -> Iterator[dict[str, Any]]:
-        while self._queue:
-            yield _guarded(*self._queue.popleft())
-
-    def close(self) -> None:
-        pass
-
-
-class _DaskExecutor:
-    """Submits tasks to a dask.distributed cluster; yields results as they complete."""
-
-    def __init__(self, *, workers: int, scheduler: str | None) -> None:
-        from dask.distributed import Client, as_completed
-
-        self.cluster: Any = None
-        if scheduler:
-            self.client = Client(scheduler)
-        else:
-            self.cluster = local_cluster(workers)
-            self.client = Client(self.cluster)
-        self.dashboard: str | None = self.client.dashboard_link
-        self._ac = as_completed()
-        self._tags: dict[Any, tuple[Any, Any]] = {}  # to attribute a lost worker's failure
-
-    def submit(self, *args: Any) -> None:
-        fut = self.client.submit(_guarded, *args, pure=False)
-        self._tags[fut.key] = (args[0], args[1])
-        self._ac.add(fut)
-
-    def results(self) -> Iterator[dict[str, Any]]:
-        for fut in self._ac:
-            try:
-                yield fut.result()
-            except Exception as exc:  # a worker died (killed, out of memory)
-                kind, key = self._tags[fut.key]
-                yield {"kind": kind, "key": key, "ok": False, "error": _one_line(exc)}
-            fut.release()
-
-    def close(self) -> None:
-        self.client.close()
-        if self.cluster is not None:
-            # A worker that ran torch can take > 4 s to exit on a busy machine; the nanny then
-            # kills it (harmless: its work is done) and warns. Keep that warning out of logs.
-            nanny = logging.getLogger("distributed.nanny")
-            level = nanny.level
-            nanny.setLevel(logging.ERROR)
-            try:
-                self.cluster.close()
-            finally:
-                nanny.setLevel(level)
-
-
-def local_cluster(workers: int, *, gpus: int | None = None) -> Any:
-    """N worker processes of one thread; with CUDA, one worker per GPU pinned to it.
-
-    Pinning sets ``CUDA_VISIBLE_DEVICES`` per worker process, so each sees its GPU as cuda:0.
-    """
-    from dask.distributed import LocalCluster
-
-    gpus = _cuda_count() if gpus is None else gpus
-    if gpus:
-        from dask.distributed import Nanny, Scheduler, SpecCluster
-
-        n = min(workers, gpus) if workers else gpus
-        specs = {
-            f"gpu-{i}": {
-                "cls": Nanny,
-                "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": str(i)}},
-            }
-            for i in range(n)
-        }
-        return SpecCluster(
-            scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}},
-            workers=specs,
-        )
-    return LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=":0",  # a free port: several jobs may share the machine
-    )
-
-
-def _cuda_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:
-        return 0
 
 
 # -- the runner --------------------------------------------------------------------------------
@@ -522,7 +288,7 @@ def _plan_job(
     try:
         fp = fingerprint(item.path)
     except (TilenetError, OSError) as exc:
-        batch.record(item, "failed", error=_one_line(exc), fingerprint=None)
+        batch.record(item, "failed", error=one_line(exc), fingerprint=None)
         return None
     key = dataclasses.replace(template, fingerprint=fp)
     prev = previous.get(redact(item.path))
@@ -542,19 +308,19 @@ def _plan_job(
                 key=key, force=force, reader=reader, resolution=resolution,
             )  # fmt: skip
     except Exception as exc:
-        batch.record(item, "failed", fingerprint=fp, error=_one_line(exc))
+        batch.record(item, "failed", fingerprint=fp, error=one_line(exc))
         return None
     return _Job(item, plan, fp)
 
 
 def _executor(
     batch: _Batch, todo: list[_Job], *, workers: int, scheduler: str | None, threads: int | None
-) -> tuple[_SerialExecutor | _DaskExecutor, int | None]:
+) -> tuple[SerialExecutor | DaskExecutor, int | None]:
     """Where the tasks run (this process, or a dask cluster), and torch's threads there."""
     if not todo or not (workers > 0 or scheduler):
-        return _SerialExecutor(), threads
+        return SerialExecutor(), threads
     t_cluster = time.time()
-    executor = _DaskExecutor(workers=workers, scheduler=scheduler)
+    executor = DaskExecutor(workers=workers, scheduler=scheduler)
     batch.report.cluster_start_s = round(time.time() - t_cluster, 3)
     batch.report.dashboard = link = executor.dashboard
     if not scheduler and importlib.util.find_spec("bokeh") is None:
@@ -566,7 +332,7 @@ def _executor(
 
 
 def _run(
-    batch: _Batch, todo: list[_Job], executor: _SerialExecutor | _DaskExecutor, threads: int | None
+    batch: _Batch, todo: list[_Job], executor: SerialExecutor | DaskExecutor, threads: int | None
 ) -> None:
     """Submit every job's tasks (a whole image, or its bands then a finalize); record each
     image as its last task ends."""

@@ -105,6 +105,11 @@ class Location(Protocol):
         """Local disk for this location and process (blend spills, stages); not created."""
         ...
 
+    def local_copy(self, name: str) -> Path:
+        """A local path to read ``name`` (a file or a tree) at: itself in a folder, a copy in
+        :meth:`scratch` for a bucket (made once per call: read it many times)."""
+        ...
+
 
 def location(where: str | os.PathLike[str]) -> Location:
     """The :class:`Location` of a folder or of a URL prefix (``s3://bucket/run``).
@@ -208,6 +213,9 @@ class LocalLocation:
     def scratch(self) -> Path:
         return self.local / f".scratch-{os.getpid()}"
 
+    def local_copy(self, name: str) -> Path:
+        return self.local / name
+
 
 @dataclass(frozen=True)
 class FsspecLocation:
@@ -295,3 +303,8 @@ class FsspecLocation:
     def scratch(self) -> Path:
         tag = hashlib.sha1(self.url.encode()).hexdigest()[:12]
         return Path(tempfile.gettempdir()) / f"tilenet-scratch-{tag}-{os.getpid()}"
+
+    def local_copy(self, name: str) -> Path:
+        from tilenet.io.storage import download
+
+        return download(self.join(name), self.scratch() / "copies" / name)

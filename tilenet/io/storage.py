@@ -43,6 +43,7 @@ __all__ = [
     "READ_TIMEOUT_S",
     "RETRIES",
     "StorageError",
+    "download",
     "exists",
     "filesystem",
     "gdal_options",
@@ -319,6 +320,24 @@ def upload(
         storage_call(url, lambda: fs.put_file(str(src), path))
 
 
+def download(url: str, local: str | os.PathLike[str]) -> Path:
+    """Copy the object or prefix (a tree: a zarr store, say) at ``url`` to the local path
+    ``local`` (replaced); the object requests run concurrently where the file system is
+    asynchronous (s3fs, gcsfs)."""
+    import shutil
+
+    fs, path = filesystem(url)
+    dest = Path(local)
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if storage_call(url, lambda: fs.isdir(path)):
+        dest.mkdir()
+        storage_call(url, lambda: fs.get(path.rstrip("/") + "/", str(dest) + "/", recursive=True))
+    else:
+        storage_call(url, lambda: fs.get_file(path, str(dest)))
+    return dest
+
+
 @contextlib.contextmanager
 def staged_upload(url: str) -> Iterator[Path]:
     """A local path to build what goes to ``url`` at (a file or a zarr store, named as the
@@ -453,7 +472,10 @@ def list_dir(url: str) -> list[str]:
     """The URLs of the entries directly under ``url``, sorted."""
     fs, path = filesystem(url)
     proto = _protocol(url) or "file"
-    hits = storage_call(url, lambda: fs.ls(path, detail=False))
+    hits = storage_call(url, lambda: fs.ls(path, detail=False, refresh=True))
+    # Not kept: the file system object is shared by the process, and a listing cached now
+    # would hide what other processes write there later (a batch's workers).
+    fs.invalidate_cache(path)
     return sorted(h if _protocol(h) else f"{proto}://{h}" for h in hits)
 
 

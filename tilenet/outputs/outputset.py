@@ -101,6 +101,12 @@ def _level0(out: Location, name: str, *, read_only: bool) -> Any:
     return zarr.open_array(store, mode="r" if read_only else "r+")
 
 
+def _read_level0(out: Location, name: str) -> Any:
+    import zarr
+
+    return zarr.open_array(out.local_copy(f"{name}.ome.zarr/0"), mode="r")
+
+
 @dataclass
 class OutputSet:
     """The stores and resume state of one image's inference in ``out`` (plain data: picklable).
@@ -265,7 +271,8 @@ class OutputSet:
             image=image,
             config=cfg,
             class_names=list(self.class_names),
-            stores={n: _level0(self.out, n, read_only=True) for n in self.stores},
+            # Read by several formats: from local disk (a bucket's copied once).
+            stores={n: _read_level0(self.out, n) for n in self.stores},
             transform=transform,
             crs=crs,
             pixel_size=self.pixel_size,

@@ -158,8 +158,7 @@ def test_regions_equal_whole_image(tmp_path: Path) -> None:
     assert summary["tiles_per_s"] > 0 and ref["regions"] == 1
     assert summary["class_area_px"] == ref["class_area_px"]
     assert summary["instances"] == ref["instances"]
-    assert not (tmp_path / "split" / "big" / ".regions").exists()
-    assert not [p for p in (tmp_path / "split" / "big").iterdir() if ".partial-" in p.name]
+    assert not [p for p in (tmp_path / "split" / "big").iterdir() if p.name.startswith(".")]
 
 
 def test_local_cluster_bit_identical_to_serial(tmp_path: Path) -> None:
@@ -213,7 +212,7 @@ def test_sigkill_resume_is_identical(
     _image(src / "huge.tif", 1064, 2048)  # 19 x 37 tiles of core 56 -> 19 bands
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    kept = kill_after_first_band(_cli(src, ckpt, out), out / "huge" / ".regions")
+    kept = kill_after_first_band(_cli(src, ckpt, out), out / "huge" / ".tilenet")
     assert 1 <= kept < 19
     assert not (out / "huge" / "classes.ome.zarr").exists()  # nothing looks finished
     assert all(r["status"] != "done" for r in read_manifest(out / "manifest.jsonl").values())
@@ -262,7 +261,7 @@ def _interrupted_run(img: Path, ckpt: Path, out: Path, bands: int = 1) -> ImageP
         assert len(plan.bands) == 3 and plan.pending == [0, 1, 2]
         for i in range(bands):
             run_band(plan, i, predictor, image)
-            assert (out / "big" / ".regions" / f"region-{i:05d}.json").is_file()
+            assert (out / "big" / ".tilenet" / f"region-{i:05d}.json").is_file()
     return plan
 
 
@@ -291,7 +290,7 @@ def test_partial_bands_reused_only_for_the_same_input(
 def test_kill_during_finalize_keeps_the_bands(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Killed after probabilities were renamed into place: the rerun only finalizes."""
+    """Killed after the probabilities store was finalized: the rerun only finalizes."""
     ckpt = _checkpoint(tmp_path / "m.pt")
     img = _image(tmp_path / "big.tif", 300, 260, seed=0)
     out = tmp_path / "out"

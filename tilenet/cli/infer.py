@@ -18,6 +18,7 @@ from tilenet.cli._common import (
 )
 from tilenet.config import InferConfig, JobsConfig, ReaderConfig
 from tilenet.errors import EXIT_OK, InputError
+from tilenet.outputs.formats import FORMATS, formats_help
 
 __all__ = ["INFER_FLAGS"]
 
@@ -118,13 +119,8 @@ def _add_output_flags(p: Any) -> None:
     p.add_argument(
         "--outputs",
         type=_comma_list,
-        help="comma-separated subset of probabilities,classes,instances,preview,geojson,"
-        "regions,probabilities_tif (geojson: QuPath detections instances.geojson and merged "
-        "class regions classes.geojson as QuPath annotations, in level-0 pixels; for a "
-        "georeferenced input in map coordinates, plus instances.gpkg and classes.gpkg. "
-        "regions: classes.geojson (and .gpkg) alone. "
-        "probabilities_tif: probabilities.tif, a COG of uint8 p*254 (scale 1/254, 255 = "
-        f"nodata)) ({_default(InferConfig, 'outputs')})",
+        help=f"comma-separated subset of {','.join(FORMATS)} ({formats_help()}) "
+        f"({_default(InferConfig, 'outputs')})",
     )
     p.add_argument(
         "--geojson-crs",

@@ -6,13 +6,14 @@ jobs (:mod:`tilenet.jobs`) run the same way, on dask workers when asked:
 
 1. :func:`plan_image` plans the tile grid (:func:`tilenet.engine.predictor.plan_grid`), splits it
    into bands of whole grid rows (crop mode; blend modes are one band), and prepares the
-   outputs (:class:`tilenet.outputs.outputset.OutputSet`): partial stores under temporary names,
-   reopened when an earlier run with the same input, model and options was interrupted.
+   outputs (:class:`tilenet.outputs.outputset.OutputSet` on a folder or a bucket prefix): the
+   level-0 stores the asked-for formats read, reopened when an earlier run with the same
+   input, model and options (:class:`tilenet.outputs.resume.ResumeKey`) was interrupted.
 2. :func:`run_band` runs one band's tiles through a :class:`tilenet.engine.predictor.Predictor`
    into the partial stores and records the band as finished. Bands write disjoint output
    chunks, so they may run in any order and in different processes.
-3. :func:`finish` builds the pyramids, renames the stores into place, makes the OME-TIFF,
-   preview, instances and GeoJSON, and writes ``config.yaml`` and ``summary.json``.
+3. :func:`finish` builds the stores' pyramids, writes every asked-for format
+   (:data:`tilenet.outputs.formats.FORMATS`), then ``config.yaml`` and ``summary.json``.
 
 A run killed with SIGKILL and started again with the same command keeps the bands it had
 finished and ends with outputs identical to an uninterrupted run: batches never span grid
@@ -22,8 +23,6 @@ rows, so a band computes exactly what it computes inside a whole-grid run.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
@@ -31,7 +30,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,14 +39,16 @@ from tilenet.engine.predictor import BLEND_STRIP_PX, Predictor, RunStats, plan_g
 from tilenet.engine.stitch import STITCHERS
 from tilenet.errors import ConfigError, InputError
 from tilenet.geometry import Tile, TileGrid, spans
+from tilenet.io.location import location
 from tilenet.io.lock import exclusive_output
-from tilenet.io.storage import is_url, redact
+from tilenet.io.storage import redact
 from tilenet.models.spec import ModelSpec
+from tilenet.outputs.formats import FORMATS
 from tilenet.outputs.outputset import CLASSES_NODATA, OutputSet
+from tilenet.outputs.resume import ResumeKey
 from tilenet.progress import progress_bar
 
 __all__ = [
-    "OUTPUTS",
     "REGION_TILES",
     "ImagePlan",
     "bands_of",
@@ -56,31 +56,17 @@ __all__ = [
     "choose_resolution",
     "finish",
     "infer_image",
-    "job_key",
     "plan_image",
     "resolve_options",
+    "resume_key",
     "run_band",
     "select_input_bands",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Outputs ``--outputs`` may name.
-OUTPUTS = (
-    "probabilities",
-    "classes",
-    "instances",
-    "preview",
-    "geojson",
-    "regions",
-    "probabilities_tif",
-)
-
 #: Default tiles per band: the unit of resume (and of parallel work in batch jobs).
 REGION_TILES = JobsConfig.region_tiles
-
-#: Options that change how fast, not what is computed (left out of the resume key).
-_NOT_HASHED = ("readers", "device", "heap")
 
 
 def select_input_bands(image: Any, cfg: InferConfig) -> Any:
@@ -133,9 +119,9 @@ def resolve_options(options: dict[str, Any] | InferConfig | None = None) -> Infe
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         raise ConfigError(f"invalid infer option {key!r}: {str(exc).splitlines()[0]}") from None
-    bad = [o for o in cfg.outputs if o not in OUTPUTS]
+    bad = [o for o in cfg.outputs if o not in FORMATS]
     if bad:
-        raise ConfigError(f"unknown output {bad[0]!r}; choose from {', '.join(OUTPUTS)}")
+        raise ConfigError(f"unknown output {bad[0]!r}; choose from {', '.join(FORMATS)}")
     if not 0 <= cfg.overlap < 1:
         raise ConfigError(f"overlap must be a fraction of the tile in [0, 1), got {cfg.overlap!r}")
     if cfg.tile <= 0 or cfg.batch <= 0:
@@ -145,30 +131,29 @@ def resolve_options(options: dict[str, Any] | InferConfig | None = None) -> Infe
     return cfg
 
 
-def options_hash(cfg: InferConfig) -> str:
-    """A short hash of the options that change what is computed."""
-    d = {k: v for k, v in asdict(cfg).items() if k not in _NOT_HASHED}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def job_key(
-    input: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None, cfg: InferConfig
-) -> dict[str, str]:
+def resume_key(
+    input: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str] | None,
+    cfg: InferConfig,
+    *,
+    fingerprint: str | None = None,
+    resolution: dict[str, Any] | None = None,
+) -> ResumeKey:
     """What an image's outputs are computed from: input fingerprint, model, options, version.
 
     Partial outputs are resumed only under an equal key. Without a checkpoint file (a module
     given in memory) the key is unique to this call, so nothing is ever resumed.
+    ``fingerprint``: the input's, when already known.
     """
-    from tilenet._version import __version__
     from tilenet.engine.checkpoint import file_checksum
-    from tilenet.io import fingerprint
+    from tilenet.io import fingerprint as fingerprint_of
 
-    return {
-        "fingerprint": fingerprint(input),
-        "tilenet_version": __version__,
-        "model_checksum": file_checksum(checkpoint) if checkpoint else uuid.uuid4().hex,
-        "options_hash": options_hash(cfg),
-    }
+    return ResumeKey.of(
+        fingerprint if fingerprint is not None else fingerprint_of(input),
+        file_checksum(checkpoint) if checkpoint else uuid.uuid4().hex,
+        cfg,
+        resolution=resolution,
+    )
 
 
 def bands_of(rows: int, cols: int, region_tiles: int) -> list[tuple[int, int]]:
@@ -245,7 +230,7 @@ def plan_image(
     *,
     model: str | os.PathLike[str] | None = None,
     region_tiles: int = REGION_TILES,
-    key: dict[str, Any] | None = None,
+    key: ResumeKey | None = None,
     force: bool = False,
     reader: ReaderConfig | None = None,
     resolution: ResolutionConfig | None = None,
@@ -253,7 +238,7 @@ def plan_image(
     """Plan ``image`` (an open LazyImage) for a model and prepare its outputs in ``out``.
 
     ``spec`` is the model's spec, ``model`` its checkpoint path (None for a model in
-    memory). ``key`` identifies what the outputs are computed from (:func:`job_key`; made
+    memory). ``key`` identifies what the outputs are computed from (:func:`resume_key`; made
     here when not given). Partial outputs of an earlier run with the same key and band
     layout are kept; ``force`` discards them. ``reader`` holds the limits the input is
     opened with again by :meth:`ImagePlan.open`. ``resolution`` sets the pixel size to run
@@ -287,19 +272,18 @@ def plan_image(
     bands = bands_of(rows, cols, region_tiles) if cfg.mode == "crop" else [(0, rows)]
     checkpoint = str(model) if model is not None else None
     if key is None:
-        key = job_key(image.path, checkpoint, cfg)
-    key = {**key, "band_rows": bands[0][1] - bands[0][0], "mode": cfg.mode}
-    if target is not None:
-        key["resolution"] = asdict(target)
+        key = resume_key(image.path, checkpoint, cfg)
+    key = key.planned(
+        band_rows=bands[0][1] - bands[0][0],
+        mode=cfg.mode,
+        resolution=asdict(target) if target is not None else None,
+    )
     ds = image.levels[cfg.level].downsample
     pixel_size = None
     if image.pixel_size:
         pixel_size = (image.pixel_size[0] * ds[0], image.pixel_size[1] * ds[1])
-    outp: Any = str(out) if is_url(out) else Path(out)  # a URL: see RemoteOutputSet
-    if not is_url(out):
-        outp.mkdir(parents=True, exist_ok=True)
     outputs = OutputSet.prepare(
-        outp,
+        location(out),
         key=key,
         shape=shape,
         chunk=grid.core[0],  # output chunk = tile core: one writer per chunk
@@ -311,7 +295,7 @@ def plan_image(
     )
     return ImagePlan(
         input=str(image.path),
-        out=str(outp),
+        out=outputs.url,
         config=cfg,
         spec=spec,
         model=checkpoint,
@@ -389,7 +373,7 @@ def _skip_mask(plan: ImagePlan, image: Any, tiles: list[Tile]) -> np.ndarray | N
     # share it instead of reading the low-resolution level again for each band.
     key = (
         plan.input,
-        str(plan.outputs.key.get("fingerprint")),
+        plan.outputs.key.fingerprint,
         str(cfg.bands),
         str(plan.resolution),
     )
@@ -452,15 +436,9 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
     cfg, spec = plan.config, plan.spec
     names = list(spec.class_names)
     t_fin = time.perf_counter()
-    made = plan.outputs.finalize(
-        image,
-        cfg,
-        class_names=names,
-        downsample=plan.downsample,
-        pixel_size=plan.pixel_size,
-    )
+    made = plan.outputs.finalize(image, cfg, downsample=plan.downsample)
     finalize_s = time.perf_counter() - t_fin
-    paths, n_inst, hist = made.paths, made.instances, made.geotiff_histogram
+    n_inst, hist = made.instances, made.histogram
     area = [sum(int(r["area"][i]) for r in records) for i in range(spec.num_classes)]
     # From classes.tif where it was written: the input's nodata area left out.
     geo_area = [int(n) for n in hist[: spec.num_classes]] if hist is not None else area
@@ -473,10 +451,6 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
     px_area = math.prod(plan.pixel_size) if plan.pixel_size and not assumed else None
     geo = _georef(image, plan.downsample)
     devices = sorted({str(r.get("device")) for r in records})
-
-    def total(key: str) -> float:
-        return round(sum(float(r.get(key, 0.0)) for r in records), 3)
-
     summary: dict[str, Any] = {
         "tilenet_version": __version__,
         "input": redact(plan.input),
@@ -530,28 +504,43 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
                 names[int(c)]: int(n) for c, n in n_inst.get("per_class_counts", {}).items()
             },
         },
-        "timings": {
-            **({"setup_s": round(setup_s, 3)} if setup_s is not None else {}),
-            # Summed over bands (of every run that contributed one, when resumed).
-            "tiles_s": round(tiles_s, 3),
-            # CPU seconds of all threads in the tile phase (robust to a busy machine).
-            "tiles_cpu_s": total("cpu_s"),
-            "model_s": total("model_s"),
-            "read_wait_s": total("read_wait_s"),
-            "heap_trims": int(total("heap_trims")),
-            # Bands whose reuse heap reached its ceiling and finished flat (tilenet.runtime).
-            "heap_went_flat": sum(r.get("heap_flat_after") is not None for r in records),
-            "finalize_s": round(finalize_s, 3),
-            "cog_s": round(made.cog_s, 3),  # classes.tif and probabilities.tif, in finalize
-            "total_s": round(time.time() - plan.t0, 3),
-        },
+        "timings": _timings(plan, records, setup_s, finalize_s, made.cog_s),
         "tiles_per_s": round(n_tiles / max(tiles_s, 1e-9), 3),
-        "outputs": {name: str(p) for name, p in paths.items()},
+        "outputs": dict(made.outputs),
     }
     # The pixel size it ran at, stated (chosen from the checkpoint, say): a rerun from this
     # config.yaml runs at it again.
     resolution = plan.resolution or ResolutionConfig(from_checkpoint=False)
     return plan.outputs.publish(summary, cfg, {"reader": plan.reader, "resolution": resolution})
+
+
+def _timings(
+    plan: ImagePlan,
+    records: list[dict[str, Any]],
+    setup_s: float | None,
+    finalize_s: float,
+    cog_s: float,
+) -> dict[str, Any]:
+    """The summary's ``timings``: the bands' sums (of every run that contributed one, when
+    resumed), finalize and the whole run."""
+
+    def total(key: str) -> float:
+        return round(sum(float(r.get(key, 0.0)) for r in records), 3)
+
+    return {
+        **({"setup_s": round(setup_s, 3)} if setup_s is not None else {}),
+        "tiles_s": total("seconds"),
+        # CPU seconds of all threads in the tile phase (robust to a busy machine).
+        "tiles_cpu_s": total("cpu_s"),
+        "model_s": total("model_s"),
+        "read_wait_s": total("read_wait_s"),
+        "heap_trims": int(total("heap_trims")),
+        # Bands whose reuse heap reached its ceiling and finished flat (tilenet.runtime).
+        "heap_went_flat": sum(r.get("heap_flat_after") is not None for r in records),
+        "finalize_s": round(finalize_s, 3),
+        "cog_s": round(cog_s, 3),  # classes.tif and probabilities.tif, in finalize
+        "total_s": round(time.time() - plan.t0, 3),
+    }
 
 
 def _georef(image: Any, downsample: tuple[float, float]) -> dict[str, Any] | None:

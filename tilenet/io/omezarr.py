@@ -36,7 +36,9 @@ __all__ = [
     "OmeZarrWriter",
     "build_pyramid",
     "check_method",
+    "create_ome_zarr",
     "downsample2",
+    "finish_ome_zarr",
     "pyramid_shapes",
     "zarr_compressor",
 ]
@@ -249,6 +251,90 @@ def _multiscales(
     return ms
 
 
+def _create_level0(
+    group: zarr.Group,
+    stored_axes: str,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype: Any,
+    fill_value: float,
+    compressor: Any,
+) -> zarr.Group:
+    arr = group.create_array(
+        "0",
+        shape=shape,
+        chunks=chunks,
+        dtype=np.dtype(dtype),
+        fill_value=fill_value,
+        compressors=compressor,
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+    )
+    arr.attrs["_ARRAY_DIMENSIONS"] = list(stored_axes)
+    return group
+
+
+def create_ome_zarr(
+    store: Any,
+    *,
+    shape: Sequence[int],
+    dtype: Any,
+    axes: str = "yx",
+    chunks: int = 1024,
+    compression: str | None = None,
+) -> zarr.Group:
+    """An OME-Zarr's group in ``store`` (any zarr store: a folder, a bucket prefix) with its
+    level "0" made as :class:`OmeZarrWriter` makes it, and no OME metadata yet: written in
+    place chunk by chunk, then completed by :func:`finish_ome_zarr`. Replaces what is there.
+    """
+    axes, (h, w, c) = _normalise_axes(axes, shape)
+    stored_axes = "yx" if axes == "yx" else "cyx"
+    stored_shape = (h, w) if stored_axes == "yx" else (c, h, w)
+    stored_chunks: tuple[int, ...] = (min(chunks, h), min(chunks, w))
+    if stored_axes == "cyx":
+        stored_chunks = (c, *stored_chunks)
+    compressor = zarr_compressor(compression, dtype)
+    group = zarr.open_group(store, mode="w", zarr_format=2)
+    return _create_level0(group, stored_axes, stored_shape, stored_chunks, dtype, 0, compressor)
+
+
+def finish_ome_zarr(
+    group: zarr.Group,
+    *,
+    method: DownsampleMethod = "mean",
+    pixel_size: tuple[float, float] | None = None,
+    name: str | None = None,
+    channel_names: Sequence[str] | None = None,
+    min_side: int = 256,
+    georef: tuple[str | None, Sequence[float] | None, float | None] | None = None,
+) -> None:
+    """Build the pyramid of ``group``'s level "0" and write its OME metadata (``multiscales``,
+    and ``omero`` for channels), replacing its attributes: the last step of an OME-Zarr.
+
+    ``georef`` (crs, level-0 GDAL geotransform, nodata) is recorded in the group's
+    :data:`~tilenet.io.crs.GEOREF_KEY` attribute, each level's transform scaled by its
+    downsample, so readers get the raster's place back."""
+    shapes = build_pyramid(group, method=method, min_side=min_side)
+    level0: Any = group["0"]
+    stored_axes = "".join(level0.attrs.get("_ARRAY_DIMENSIONS", ["y", "x"]))
+    attrs: dict[str, Any] = {
+        "multiscales": [
+            _multiscales(
+                stored_axes=stored_axes,
+                nlevels=len(shapes),
+                pixel_size=pixel_size,
+                name=name,
+                method=method,
+            )
+        ]
+    }
+    if stored_axes == "cyx":
+        attrs["omero"] = _omero(int(level0.shape[0]), level0.dtype, channel_names)
+    if georef is not None and any(v is not None for v in georef):
+        iy, ix = stored_axes.index("y"), stored_axes.index("x")
+        attrs[GEOREF_KEY] = _georef_attr([(sh[iy], sh[ix]) for sh in shapes], *georef)
+    group.attrs.put(attrs)
+
+
 class OmeZarrWriter:
     """Write an OME-Zarr (NGFF 0.4) image chunk by chunk, then build its pyramid.
 
@@ -302,17 +388,10 @@ class OmeZarrWriter:
             "resumable": resumable,
         }
         try:
-            group = zarr.open_group(self.tmp, mode="w", zarr_format=2)
-            arr = group.create_array(
-                "0",
-                shape=stored_shape,
-                chunks=stored_chunks,
-                dtype=np.dtype(dtype),
-                fill_value=fill_value,
-                compressors=compressor,
-                chunk_key_encoding={"name": "v2", "separator": "/"},
-            )
-            arr.attrs["_ARRAY_DIMENSIONS"] = list(self.stored_axes)
+            group = _create_level0(
+                zarr.open_group(self.tmp, mode="w", zarr_format=2),
+                self.stored_axes, stored_shape, stored_chunks, dtype, fill_value, compressor,
+            )  # fmt: skip
             group.attrs[_WRITER_ATTR] = state
         except BaseException:
             remove_path(self.tmp)
@@ -397,24 +476,15 @@ class OmeZarrWriter:
         ``georef`` (crs, level-0 GDAL geotransform, nodata) is recorded in the group's
         ``tilenet:georef`` attribute (:data:`tilenet.io.crs.GEOREF_KEY`), each level's
         transform scaled by its downsample, so readers get the raster's place back."""
-        shapes = build_pyramid(self.group, method=method, min_side=min_side)
-        attrs: dict[str, Any] = {
-            "multiscales": [
-                _multiscales(
-                    stored_axes=self.stored_axes,
-                    nlevels=len(shapes),
-                    pixel_size=self.pixel_size,
-                    name=self.name,
-                    method=method,
-                )
-            ]
-        }
-        if self.stored_axes == "cyx":
-            attrs["omero"] = _omero(self.shape[2], self.array.dtype, self.channel_names)
-        if georef is not None and any(v is not None for v in georef):
-            iy, ix = self.stored_axes.index("y"), self.stored_axes.index("x")
-            attrs[GEOREF_KEY] = _georef_attr([(sh[iy], sh[ix]) for sh in shapes], *georef)
-        self.group.attrs.put(attrs)  # replaces the writer's private state
+        finish_ome_zarr(
+            self.group,
+            method=method,
+            pixel_size=self.pixel_size,
+            name=self.name,
+            channel_names=self.channel_names,
+            min_side=min_side,
+            georef=georef,
+        )  # replaces the writer's private state
         if self.path.exists():
             remove_path(self.path)
         os.replace(self.tmp, self.path)

@@ -43,6 +43,7 @@ __all__ = [
     "READ_TIMEOUT_S",
     "RETRIES",
     "StorageError",
+    "download",
     "exists",
     "filesystem",
     "gdal_options",
@@ -299,21 +300,42 @@ def write_bytes(url: str, data: bytes) -> None:
     storage_call(url, lambda: fs.pipe_file(path, data))
 
 
-def upload(local: str | os.PathLike[str], url: str, *, last: str | None = None) -> None:
-    """Upload a local file or directory tree to ``url``; the tree's file at relative path
-    ``last`` (a zarr store's root ``zarr.json``, say: what makes it a store) goes last, so
-    that what a reader finds complete is complete."""
+def upload(
+    local: str | os.PathLike[str], url: str, *, last: str | Sequence[str] | None = None
+) -> None:
+    """Upload a local file or directory tree to ``url``; the tree's files at the relative
+    paths ``last`` (a zarr store's root ``zarr.json``, or ``.zgroup`` and ``.zattrs``: what
+    makes it a store) go last, so that what a reader finds complete is complete."""
     fs, path = filesystem(url)
     src = Path(local)
     if src.is_dir():
         files = [f for f in sorted(src.rglob("*")) if f.is_file()]
         if last is not None:
-            files.sort(key=lambda f: f.relative_to(src).as_posix() == last)
+            ends = {last} if isinstance(last, str) else set(last)
+            files.sort(key=lambda f: f.relative_to(src).as_posix() in ends)
         for f in files:
             dest = path.rstrip("/") + "/" + f.relative_to(src).as_posix()
             storage_call(url, partial(fs.put_file, str(f), dest))
     else:
         storage_call(url, lambda: fs.put_file(str(src), path))
+
+
+def download(url: str, local: str | os.PathLike[str]) -> Path:
+    """Copy the object or prefix (a tree: a zarr store, say) at ``url`` to the local path
+    ``local`` (replaced); the object requests run concurrently where the file system is
+    asynchronous (s3fs, gcsfs)."""
+    import shutil
+
+    fs, path = filesystem(url)
+    dest = Path(local)
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if storage_call(url, lambda: fs.isdir(path)):
+        dest.mkdir()
+        storage_call(url, lambda: fs.get(path.rstrip("/") + "/", str(dest) + "/", recursive=True))
+    else:
+        storage_call(url, lambda: fs.get_file(path, str(dest)))
+    return dest
 
 
 @contextlib.contextmanager
@@ -450,7 +472,10 @@ def list_dir(url: str) -> list[str]:
     """The URLs of the entries directly under ``url``, sorted."""
     fs, path = filesystem(url)
     proto = _protocol(url) or "file"
-    hits = storage_call(url, lambda: fs.ls(path, detail=False))
+    hits = storage_call(url, lambda: fs.ls(path, detail=False, refresh=True))
+    # Not kept: the file system object is shared by the process, and a listing cached now
+    # would hide what other processes write there later (a batch's workers).
+    fs.invalidate_cache(path)
     return sorted(h if _protocol(h) else f"{proto}://{h}" for h in hits)
 
 

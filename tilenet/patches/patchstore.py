@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from tilenet.errors import ImageNotFoundError, InputError, TilenetError
-from tilenet.io.storage import is_url, redact, zarr_store
+from tilenet.io.location import location
+from tilenet.io.storage import redact, zarr_store
 from tilenet.normalize import channel_stats
 
 __all__ = [
@@ -56,7 +57,7 @@ def _group(path: str | os.PathLike[str], mode: str) -> Any:
     ``FsspecStore``, so that training nodes without a shared disk read stores from a bucket."""
     import zarr
 
-    if is_url(path):
+    if location(path).local is None:  # a bucket
         if mode != "r":
             raise InputError(f"{redact(str(path))}: patch stores in object storage are read only")
         return zarr.open_group(zarr_store(str(path), read_only=True), mode="r")
@@ -76,7 +77,7 @@ def read_attrs(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 def open_store(path: str | os.PathLike[str], *, mode: str = "r") -> Any:
     """The zarr group of the patch store at ``path`` (a directory, or a URL to read from);
     one-line errors when it is not one."""
-    url = is_url(path)
+    url = location(path).local is None
     shown = redact(str(path)) if url else str(Path(path))
     if not url and not Path(path).exists():
         raise ImageNotFoundError(f"{shown}: patch store not found; make one with `tilenet tile`")

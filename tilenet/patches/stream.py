@@ -10,14 +10,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from tilenet.io.storage import is_url
+from tilenet.io.location import location
 from tilenet.normalize import Normalizer, normalize_
 
 __all__ = ["Batch", "PathLike", "normalize_batch"]
@@ -30,7 +29,7 @@ def _as_list(paths: PathLike | Sequence[PathLike]) -> list[Any]:
     """Paths as ``Path``; URLs (patch stores or images in object storage) stay strings."""
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
-    return [str(p) if is_url(p) else Path(p) for p in paths]
+    return [location(p).local or str(p) for p in paths]
 
 
 def _shard(items: list[Any], rank: int, world_size: int) -> list[Any]:

@@ -27,9 +27,10 @@ from tilenet.config import ReaderConfig, ResolutionConfig, TilingConfig
 from tilenet.errors import InputError, ShapeMismatchError, one_line
 from tilenet.fsutil import atomic_output
 from tilenet.geometry import TileGrid
+from tilenet.io.location import location
 from tilenet.io.lock import exclusive_output
 from tilenet.io.paths import class_names_near, match_labels, resolve_images
-from tilenet.io.storage import is_url, redact
+from tilenet.io.storage import redact
 from tilenet.patches.patchstore import (
     CHUNKS_PER_SHARD,
     FORMAT,
@@ -164,7 +165,7 @@ def tile_images(
     stores in the checkpoint.
     """
     limits = _checked_limits(patch, overlap, min_foreground, workers, chunk_patches, reader)
-    if is_url(out):
+    if location(out).local is None:  # a bucket
         import inspect
 
         given = locals()

@@ -37,7 +37,7 @@ import numpy as np
 from tilenet.config import InferConfig, JobsConfig, ReaderConfig, ResolutionConfig
 from tilenet.engine.predictor import BLEND_STRIP_PX, Predictor, RunStats, plan_grid, tile_order
 from tilenet.engine.stitch import STITCHERS
-from tilenet.errors import ConfigError, InputError
+from tilenet.errors import ConfigError, InputError, one_line
 from tilenet.geometry import Tile, TileGrid, spans
 from tilenet.io.location import location
 from tilenet.io.lock import exclusive_output
@@ -118,7 +118,7 @@ def resolve_options(options: dict[str, Any] | InferConfig | None = None) -> Infe
         cfg: InferConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        raise ConfigError(f"invalid infer option {key!r}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"invalid infer option {key!r}: {one_line(exc, typed=False)}") from None
     bad = [o for o in cfg.outputs if o not in FORMATS]
     if bad:
         raise ConfigError(f"unknown output {bad[0]!r}; choose from {', '.join(FORMATS)}")

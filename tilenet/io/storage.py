@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from tilenet.errors import ImageNotFoundError, TilenetError
+from tilenet.errors import ImageNotFoundError, TilenetError, one_line
 
 __all__ = [
     "BLOCK_SIZE",
@@ -194,15 +194,12 @@ def filesystem(url: str) -> tuple[Any, str]:
     try:
         fs, path = fsspec.core.url_to_fs(url, **_options(proto))
     except (ImportError, ValueError) as exc:
-        raise StorageError(f"{redact(url)}: cannot open {proto}:// URLs: {_first(exc)}") from exc
+        raise StorageError(
+            f"{redact(url)}: cannot open {proto}:// URLs: {one_line(exc, typed=False)}"
+        ) from exc
     if proto in _OWN_RETRIES:
         fs.retries = 1  # botocore retries with backoff (config above); s3fs would multiply it
     return fs, path
-
-
-def _first(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _transient(exc: BaseException) -> bool:
@@ -220,7 +217,7 @@ def _transient(exc: BaseException) -> bool:
 def _error(url: str, exc: BaseException) -> TilenetError:
     """A one-line error naming the (redacted) URL for a failed storage request."""
     where = redact(url)
-    text = _first(exc)
+    text = one_line(exc, typed=False)
     if isinstance(exc, TilenetError):
         return exc
     if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text or "NoSuchKey" in text:

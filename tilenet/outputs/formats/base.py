@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from tilenet.config import InferConfig
 from tilenet.errors import ConfigError
+from tilenet.io.crs import GEOREF_KEY
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,9 +40,6 @@ __all__ = [
 
 #: The class value of ``classes.tif`` pixels where the input had no data.
 CLASSES_NODATA = 255
-#: The attribute of a georeferenced input's OME-Zarr outputs holding their georeferencing:
-#: ``crs`` (WKT), ``epsg`` (or null), ``transforms`` (per level path, GDAL order).
-GEOREF_KEY = "tilenet:georef"
 
 
 @dataclass

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from s3server import SECRET
 
 from tilenet.errors import OutputBusyError
 from tilenet.io.lock import LOCK_DIR, hold_output
 
-SECRET = "tilenet-lock-secret-8d2e"
 #: Holds the output named by argv[1] (lease time to live argv[2]; the lock beside it with
 #: --beside) until a line on stdin.
 HOLDER = """
@@ -39,44 +39,6 @@ with hold_output(sys.argv[1], what="holder", ttl=float(sys.argv[2]), beside=besi
     print("held", flush=True)
     sys.stdin.readline()
 """
-
-
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 (random port), the environment pointed at it."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    env = {
-        "AWS_ACCESS_KEY_ID": "tilenet-test-key",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield endpoint
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@pytest.fixture
-def bucket(s3_server: str) -> str:
-    import boto3
-
-    name = f"t-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
-    return f"s3://{name}"
 
 
 class _Holder:

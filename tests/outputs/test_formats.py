@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,36 +43,6 @@ FILES: dict[str, set[str]] = {
 }
 ALWAYS = {"classes.ome.zarr", "config.yaml", "summary.json"}
 OPTS: dict[str, Any] = {"tile": 64, "device": "cpu", "probabilities_dtype": "float32"}
-SECRET = "tilenet-formats-secret"
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 for this module; yields its endpoint URL."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    env = {
-        "AWS_ACCESS_KEY_ID": "tilenet-test-key",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield endpoint
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +67,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return ckpt, d / "img.tif"
 
 
-def _where(kind: str, tmp_path: Path, s3: str) -> str:
+def _where(kind: str, tmp_path: Path, s3_server: str) -> str:
     if kind == "local":
         return str(tmp_path / "out")
     import boto3
 
     name = f"f-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3).create_bucket(Bucket=name)
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}/run"
 
 
@@ -155,10 +123,10 @@ def test_every_format_has_a_row() -> None:
 @pytest.mark.parametrize("kind", ["local", "bucket"])
 @pytest.mark.parametrize("name", sorted(FILES))
 def test_format_writes_the_same_files_in_a_folder_and_a_bucket(
-    name: str, kind: str, files: tuple[Path, Path], tmp_path: Path, s3: str
+    name: str, kind: str, files: tuple[Path, Path], tmp_path: Path, s3_server: str
 ) -> None:
     ckpt, img = files
-    where = _where(kind, tmp_path, s3)
+    where = _where(kind, tmp_path, s3_server)
     summary = infer_image(img, ckpt, where, outputs=[name], **OPTS)
     tree = _tree(where)
     assert {n.split("/")[0] for n in tree} == FILES[name] | ALWAYS
@@ -170,7 +138,7 @@ def test_format_writes_the_same_files_in_a_folder_and_a_bucket(
 
 @pytest.mark.parametrize("kind", ["local", pytest.param("bucket", marks=pytest.mark.slow)])  # 40 s
 def test_interrupted_runs_resume_to_the_same_bytes(
-    kind: str, files: tuple[Path, Path], tmp_path: Path, s3: str
+    kind: str, files: tuple[Path, Path], tmp_path: Path, s3_server: str
 ) -> None:
     """Every format at once: a run stopped after its first band, and one stopped after
     finalize but before publishing, both end (rerun) with the files of an uninterrupted run."""
@@ -178,7 +146,7 @@ def test_interrupted_runs_resume_to_the_same_bytes(
     every = sorted(FORMATS)
     cfg = resolve_options({**OPTS, "outputs": every})
     predictor = Predictor(ckpt, cfg)
-    where = _where(kind, tmp_path, s3)
+    where = _where(kind, tmp_path, s3_server)
     with open_image(img) as image:
         plan = plan_image(image, predictor.spec, cfg, where, model=ckpt, region_tiles=2)
         assert len(plan.bands) == 3
@@ -224,7 +192,7 @@ def _kill_after_first_marker(cmd: list[str], markers: Any) -> int:
 @pytest.mark.slow  # three CLI processes per place (torch imports): 30-90 s
 @pytest.mark.parametrize("kind", ["local", "bucket"])
 def test_sigkill_then_rerun_gives_the_same_files(
-    kind: str, files: tuple[Path, Path], tmp_path: Path, s3: str
+    kind: str, files: tuple[Path, Path], tmp_path: Path, s3_server: str
 ) -> None:
     from tilenet.io.storage import filesystem
 
@@ -234,7 +202,7 @@ def test_sigkill_then_rerun_gives_the_same_files(
     tifffile.imwrite(
         img, rng.integers(0, 255, (400, 200, 3), dtype=np.uint8), tile=(64, 64), photometric="rgb"
     )
-    where = _where(kind, tmp_path, s3)
+    where = _where(kind, tmp_path, s3_server)
     every = ",".join(sorted(FORMATS))
     cmd = [sys.executable, "-m", "tilenet", "infer", str(img), "--model", str(ckpt), "--out", where]
     cmd += ["--tile", "64", "--device", "cpu", "--quiet", "--probabilities-dtype", "float32"]

@@ -284,34 +284,60 @@ def test_lease_without_conditional_writes_memory_store() -> None:
 
 
 # -- two real runs ----------------------------------------------------------------------------
-@pytest.mark.slow  # two pairs of CLI runs of a 1064 x 600 image: 170 s on the loaded 2-core box
-def test_two_infers_started_together(tmp_path: Path) -> None:
+def _started_holding(cmd: list[str], out: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start ``cmd`` and pause it (SIGSTOP) once it holds ``out``: the second run then meets
+    a live holder whatever the two processes' start-up times are (they raced: on an idle
+    machine the first could finish before the second got to the lock)."""
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    lock = out / LOCK_DIR / "lock"
+    deadline = time.monotonic() + 120
+    while not (lock.is_file() and str(proc.pid) in lock.read_text(errors="replace")):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the first run never took the lock"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGSTOP)
+    return proc
+
+
+@pytest.mark.slow  # two pairs of CLI runs of a 1064 x 600 image: about a minute
+def test_two_infers_into_one_output(tmp_path: Path) -> None:
     """Exactly one writes; the other exits 2 in one line naming the output and the winner.
     With --wait both succeed, one after the other, and the outputs are complete."""
     ckpt, img = _checkpoint(tmp_path / "m.pt"), _image(tmp_path / "a.tif", 1064, 600)
     out = tmp_path / "o"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(_infer_cli(img, ckpt, out), env=env, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
-    codes = [p.returncode for p in procs]
-    assert sorted(codes) == [0, 2], errs
-    loser, winner = (0, 1) if codes[0] == 2 else (1, 0)
-    assert errs[loser].count("\n") == 1
-    assert f"{out}: another run (pid {procs[winner].pid} on " in errs[loser]
+    first = _started_holding(_infer_cli(img, ckpt, out), out, env)
+    try:
+        second = subprocess.run(
+            _infer_cli(img, ckpt, out), env=env, stderr=subprocess.PIPE, text=True, timeout=300
+        )
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, first.communicate()[1]
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.count("\n") == 1
+    assert f"{out}: another run (pid {first.pid} on " in second.stderr
     assert json.loads((out / "summary.json").read_text())["tiles"] > 100
 
     out2 = tmp_path / "o2"
-    procs = [
-        subprocess.Popen(
-            _infer_cli(img, ckpt, out2, "--wait"), env=env, stderr=subprocess.PIPE, text=True
-        )
-        for _ in range(2)
-    ]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errs
-    assert sum("waiting for another run" in e for e in errs) == 1
+    first = _started_holding(_infer_cli(img, ckpt, out2), out2, env)
+    waiter = subprocess.Popen(
+        _infer_cli(img, ckpt, out2, "--wait"), env=env, stderr=subprocess.PIPE, text=True
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(waiter.stderr or []), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any("waiting for another run" in ln for ln in lines):
+            assert waiter.poll() is None, lines
+            assert time.monotonic() < deadline, "the second run never waited"
+            time.sleep(0.01)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0
+    assert waiter.wait(timeout=300) == 0, lines
+    reader.join(timeout=10)
+    assert sum("waiting for another run" in ln for ln in lines) == 1
     assert json.loads((out2 / "summary.json").read_text())["tiles"] > 100
     assert not [p for p in out2.iterdir() if p.name.startswith(".")]

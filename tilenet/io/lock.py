@@ -61,6 +61,7 @@ from tilenet.errors import OutputBusyError, TilenetError, scrub_credentials
 from tilenet.io.storage import filesystem, is_url, join, local_path, redact, storage_call
 
 __all__ = [
+    "HOLDER_FILES",
     "LEASE_TTL_S",
     "LOCK_DIR",
     "SETTLE_S",
@@ -75,6 +76,9 @@ log = logging.getLogger(__name__)
 LOCK_DIR = ".tilenet"
 _LOCK_FILE = "lock"
 _LEASE_FILE = "lease.json"
+#: The names in LOCK_DIR that belong to the holder: whoever clears that folder (the output
+#: set's resume state lives there too) must leave them, or a second run gets in.
+HOLDER_FILES = frozenset({_LOCK_FILE, _LEASE_FILE})
 #: Seconds a bucket lease lives unless renewed (renewed every third of it while held).
 LEASE_TTL_S = 60.0
 #: Write-then-read-back (stores without conditional writes): seconds between the two.

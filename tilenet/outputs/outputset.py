@@ -32,6 +32,7 @@ from tilenet.config import InferConfig, to_yaml
 from tilenet.errors import InputError, scrub_credentials
 from tilenet.fsutil import remove_path
 from tilenet.io.location import Location
+from tilenet.io.lock import HOLDER_FILES
 from tilenet.outputs.formats import (
     CLASSES_NODATA,
     FORMATS,
@@ -294,9 +295,23 @@ class OutputSet:
         summary["outputs"]["summary"] = self.out.join("summary.json")
         self.out.write_bytes("config.yaml", _config_text(summary, cfg, sections).encode())
         self.out.write_bytes("summary.json", _summary_text(summary).encode())
-        self.out.remove(STATE_DIR)
+        _drop_state(self.out)
         remove_path(self.out.scratch())
         return summary
+
+
+def _drop_state(out: Location) -> None:
+    """Remove the resume state in ``.tilenet/``, never the writer's lock or lease kept there
+    (:data:`tilenet.io.lock.HOLDER_FILES`): removing the folder unlinked the lock under its
+    holder, and a second run started together then took a new one and wrote beside it."""
+    state = out.child(STATE_DIR)
+    names = state.names()
+    if not any(n in HOLDER_FILES for n in names):
+        out.remove(STATE_DIR)
+        return
+    for name in names:
+        if name not in HOLDER_FILES:
+            state.remove(name)
 
 
 def _marker(band: int) -> str:
@@ -314,7 +329,7 @@ def _start_over(
     from tilenet.io.writers import create_ome_zarr
 
     out.remove("summary.json")  # from here on ``out`` is not complete
-    out.remove(STATE_DIR)
+    _drop_state(out)
     remove_path(out.scratch())
     for name in stores:
         _store(out, name).remove()

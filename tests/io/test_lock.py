@@ -252,23 +252,47 @@ def test_bucket_lease_is_renewed_while_held(bucket: str) -> None:
                 pass
 
 
-def test_expired_lease_of_a_killed_run_is_taken_over(
+def test_lease_of_a_killed_run_on_this_host_is_taken_over_at_once(
     bucket: str, holders: list[_Holder], caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A SIGKILLed run's lease is left in the bucket; a rerun on the same host sees that its
+    process is gone and takes the output at once (the SIGKILL-and-resume tests rely on it)."""
     out = f"{bucket}/run"
-    holders.append(holder := _Holder(out, ttl=2.0))
-    holder.kill()  # its lease stays until it runs out: waited for, then taken over
+    holders.append(holder := _Holder(out, ttl=60.0))
+    holder.kill()
     left = _lease(out)
     assert left is not None and left["pid"] == holder.pid
     with caplog.at_level(logging.WARNING, logger="tilenet.io.lock"):
-        with hold_output(out, wait=True) as me:
-            taken = time.time()
+        with hold_output(out) as me:  # no wait
             lease = _lease(out)
             assert lease is not None and lease["token"] == me.token
+    assert time.time() < float(left["expires"])  # type: ignore[arg-type]
+    assert f"took over the lease of another run (pid {holder.pid} " in caplog.text
+    assert _lease(out) is None
+
+
+def test_lease_of_a_run_on_another_host_is_waited_out(
+    bucket: str, holders: list[_Holder], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another host's process cannot be looked at: its lease holds until it expires."""
+    from tilenet.io.storage import join, write_bytes
+
+    out = f"{bucket}/run"
+    holders.append(holder := _Holder(out, ttl=2.0))
+    holder.kill()
+    left = _lease(out)
+    assert left is not None
+    left["host"] = "another-node"
+    write_bytes(join(out, LOCK_DIR, "lease.json"), json.dumps(left).encode())
+    with pytest.raises(OutputBusyError, match="on another-node"):
+        with hold_output(out):
+            pass
+    with caplog.at_level(logging.WARNING, logger="tilenet.io.lock"):
+        with hold_output(out, wait=True):
+            taken = time.time()
     expired = float(left["expires"])  # type: ignore[arg-type]
     assert expired <= taken < expired + 10  # polled every second: not before, nor long after
-    assert f"took over the expired lease of another run (pid {holder.pid} " in caplog.text
-    assert _lease(out) is None
+    assert "took over the lease of another run" in caplog.text
 
 
 def test_lease_without_conditional_writes_memory_store() -> None:

@@ -19,7 +19,8 @@ Where the output is decided here, once (:func:`tilenet.io.storage.is_url`):
 * **A bucket** (``s3://`` and any other fsspec URL): a lease object ``OUT/.tilenet/lease.json``
   with the holder and an expiry (:data:`LEASE_TTL_S`), renewed by a daemon thread every third
   of its time to live and deleted on release. A run refuses an unexpired lease of another
-  holder and takes over an expired one (the lease of a killed run ends by itself). Object
+  holder and takes over one that has ended: expired, or left by a process of this host that is
+  no more (a killed run's lease ends by itself; on the same host at once). Object
   stores have no create-if-absent in every backend. On S3 (``s3://``, ``s3a://``) the lease
   is created with a conditional write (``If-None-Match: *``, s3fs ``mode="create"``) and
   taken over or renewed with ``If-Match`` on the ETag read, so of two runs exactly one wins
@@ -154,6 +155,22 @@ class Holder:
 
     def expired(self) -> bool:
         return self.expires is not None and self.expires < time.time()
+
+    def gone(self) -> bool:
+        """Whether this holder has ended: its lease expired, or it ran on this host and its
+        process is no more (a killed run's lease stops no rerun on the same machine; one from
+        another host ends with its time to live)."""
+        if self.expired():
+            return True
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False  # alive, another user's
+        return False
 
     def describe(self) -> str:
         """``pid 12 on host since 2026-12-06 22:31:05 UTC: tilenet infer a.tif --out o``."""
@@ -415,10 +432,12 @@ class _Lease:
         if other is not None and other.token == self.me.token:
             self.etag = etag  # our own create, answered lost and retried
             return True, None
-        if other is not None and not other.expired():
+        if other is not None and not other.gone():
             return False, other
         if etag is not None and self._write(self.me.renewed(self.ttl), match=etag):
-            log.warning("%s: took over the expired lease of %s", redact(self.url), _who(other))
+            log.warning(
+                "%s: took over the lease of %s, which has ended", redact(self.url), _who(other)
+            )
             return True, None
         return False, None  # another run took it over first: look again
 
@@ -426,7 +445,7 @@ class _Lease:
         found = self._read()
         if found is not None:
             other = found[0]
-            if other is not None and other.token != self.me.token and not other.expired():
+            if other is not None and other.token != self.me.token and not other.gone():
                 return False, other
         self._write(self.me)
         time.sleep(SETTLE_S)

@@ -1,6 +1,6 @@
 """Per-axis dependency intervals, and how each traced operation maps them.
 
-The rules :func:`tilenet.models.receptive.analyze` applies node by node: an :class:`_Axis`
+The rules :func:`tilenet.models.receptive.analyze` applies node by node: an :class:`Axis`
 (jump and interval) per spatial axis; convolutions, pooling, transposed convolutions and
 resizes map it exactly; pointwise operations and skips take the union; the sets below say
 which layers and functions act per pixel, reduce over H and W (global) or merely alias.
@@ -20,7 +20,29 @@ from torch import fx, nn
 
 from tilenet.errors import ModelError
 
-__all__: list[str] = []
+__all__ = [
+    "BATCH_NORMS",
+    "CONSTANT_METHODS",
+    "GLOBAL_LAYERS",
+    "INSTANCE_NORMS",
+    "NORMALISING",
+    "Axis",
+    "State",
+    "aligned_corners",
+    "channel_op",
+    "global_op",
+    "is_elementwise",
+    "is_pointwise",
+    "map_node",
+    "node_arg",
+    "node_ndim",
+    "node_numel",
+    "permuted_layout",
+    "relayout",
+    "spatial_dims",
+    "union_of",
+    "where_traced",
+]
 
 # Layers that act on each pixel separately (or are the identity in space).
 _POINTWISE_MODULES = (
@@ -105,8 +127,8 @@ _ADAPTIVE_FUNCTIONS = {
     F.adaptive_max_pool1d,
     F.adaptive_max_pool2d,
 }
-_CONSTANT_METHODS = {"new_zeros", "new_ones", "new_full", "new_empty"}
-_NORMALISING = ("LayerNorm over H, W", "layer_norm over H, W")
+CONSTANT_METHODS = {"new_zeros", "new_ones", "new_full", "new_empty"}
+NORMALISING = ("LayerNorm over H, W", "layer_norm over H, W")
 _REDUCE_METHODS = {"mean", "sum", "amax", "max", "std", "var"}
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax}
 # Reshapes: one that merges H and W (MAnet's attention over all positions) is global.
@@ -114,24 +136,24 @@ _RESHAPE_METHODS = {"flatten", "view", "reshape"}
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
 
 # A (y, x) pair of intervals, or None for a map whose values depend on the whole input.
-_State = tuple["_Axis", "_Axis"] | None
+State = tuple["Axis", "Axis"] | None
 
 
 @dataclass(frozen=True)
-class _Axis:
+class Axis:
     """Jump and dependency interval of a feature map along one axis."""
 
     jump: Fraction
     lo: Fraction
     hi: Fraction
 
-    def cell(self) -> _Axis:
+    def cell(self) -> Axis:
         """Widen to the position's own cell ``[0, J-1]`` (see module docstring)."""
-        return _Axis(self.jump, min(self.lo, Fraction(0)), max(self.hi, self.jump - 1))
+        return Axis(self.jump, min(self.lo, Fraction(0)), max(self.hi, self.jump - 1))
 
 
 # Layers that pool over the whole input, or attend across positions.
-_GLOBAL_LAYERS = (
+GLOBAL_LAYERS = (
     nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveAvgPool3d,
@@ -140,8 +162,8 @@ _GLOBAL_LAYERS = (
     nn.AdaptiveMaxPool3d,
     nn.MultiheadAttention,
 )
-_INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -167,7 +189,7 @@ def _pad4(padding: Any) -> tuple[int, int, int, int]:
     return (pad[0], pad[1], pad[2], pad[3])
 
 
-def _functional_window(node: fx.Node, ins: tuple[_Axis, _Axis]) -> tuple[_Axis, _Axis]:
+def _functional_window(node: fx.Node, ins: tuple[Axis, Axis]) -> tuple[Axis, Axis]:
     """``F.conv2d(x, weight, bias, stride, padding, dilation)`` (the kernel from the traced
     weight's shape: efficientnet's static-same-padding convs) and ``F.max_pool2d`` /
     ``F.avg_pool2d(x, kernel, stride, padding[, dilation])``."""
@@ -177,31 +199,31 @@ def _functional_window(node: fx.Node, ins: tuple[_Axis, _Axis]) -> tuple[_Axis, 
         if meta is None:
             raise ModelError(f"receptive field: conv2d at {node.name!r} without a traced weight")
         k = (int(meta.shape[-2]), int(meta.shape[-1]))
-        if isinstance(_arg(node, 4, "padding", 0), str):
+        if isinstance(node_arg(node, 4, "padding", 0), str):
             raise ModelError("receptive field: string padding ('same') is not supported")
-        s, p, d = (_pair(_arg(node, i, n, v)) for i, n, v in
+        s, p, d = (_pair(node_arg(node, i, n, v)) for i, n, v in
                    ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1)))  # fmt: skip
     else:
-        k = _pair(_arg(node, 1, "kernel_size", 1))
-        s = _pair(_arg(node, 2, "stride", None) or k)
-        p = _pair(_arg(node, 3, "padding", 0))
-        d = _pair(_arg(node, 4, "dilation", 1)) if node.target is F.max_pool2d else (1, 1)
+        k = _pair(node_arg(node, 1, "kernel_size", 1))
+        s = _pair(node_arg(node, 2, "stride", None) or k)
+        p = _pair(node_arg(node, 3, "padding", 0))
+        d = _pair(node_arg(node, 4, "dilation", 1)) if node.target is F.max_pool2d else (1, 1)
     y, x = ins
     return _conv(y, k[0], s[0], p[0], d[0]), _conv(x, k[1], s[1], p[1], d[1])
 
 
-def _conv(ax: _Axis, k: int, s: int, p: int, d: int) -> _Axis:
+def _conv(ax: Axis, k: int, s: int, p: int, d: int) -> Axis:
     j = ax.jump
-    return _Axis(j * s, ax.lo - p * j, ax.hi + (d * (k - 1) - p) * j).cell()
+    return Axis(j * s, ax.lo - p * j, ax.hi + (d * (k - 1) - p) * j).cell()
 
 
-def _transposed(ax: _Axis, k: int, s: int, p: int, d: int) -> _Axis:
+def _transposed(ax: Axis, k: int, s: int, p: int, d: int) -> Axis:
     # Output i reads input m with i = s*m - p + d*t: m in [(i+p-d(k-1))/s, (i+p)/s].
     j = ax.jump / s
-    return _Axis(j, ax.lo + (p - d * (k - 1)) * j, ax.hi + p * j).cell()
+    return Axis(j, ax.lo + (p - d * (k - 1)) * j, ax.hi + p * j).cell()
 
 
-def _upsample(ax: _Axis, s: int, mode: str, align_corners: bool | None) -> _Axis:
+def _upsample(ax: Axis, s: int, mode: str, align_corners: bool | None) -> Axis:
     j = ax.jump / s
     if mode == "nearest":
         offs = [(math.floor(r / s), math.floor(r / s)) for r in range(s)]
@@ -223,27 +245,27 @@ def _upsample(ax: _Axis, s: int, mode: str, align_corners: bool | None) -> _Axis
         )
     lo = min(f0 * ax.jump - r * j for r, (f0, _) in enumerate(offs))
     hi = max(f1 * ax.jump - r * j for r, (_, f1) in enumerate(offs))
-    return _Axis(j, ax.lo + lo, ax.hi + hi).cell()
+    return Axis(j, ax.lo + lo, ax.hi + hi).cell()
 
 
-def _union(axes: list[tuple[_Axis, _Axis]], what: str) -> tuple[_Axis, _Axis]:
+def union_of(axes: list[tuple[Axis, Axis]], what: str) -> tuple[Axis, Axis]:
     out = []
     for i in range(2):
         js = {a[i].jump for a in axes}
         if len(js) != 1:
             raise ModelError(f"receptive field: {what} joins maps of different strides {js}")
-        out.append(_Axis(axes[0][i].jump, min(a[i].lo for a in axes), max(a[i].hi for a in axes)))
+        out.append(Axis(axes[0][i].jump, min(a[i].lo for a in axes), max(a[i].hi for a in axes)))
     return (out[0], out[1])
 
 
-def _spatial(node: fx.Node, layout: tuple[int, int] = (2, 3)) -> tuple[int, int] | None:
+def spatial_dims(node: fx.Node, layout: tuple[int, int] = (2, 3)) -> tuple[int, int] | None:
     meta = node.meta.get("tensor_meta")
     if meta is None or not hasattr(meta, "shape") or len(meta.shape) <= max(3, *layout):
         return None
     return (int(meta.shape[layout[0]]), int(meta.shape[layout[1]]))
 
 
-def _where(node: fx.Node) -> str:
+def where_traced(node: fx.Node) -> str:
     """The module path a graph node was traced in (``m.`` of TraceRoot dropped)."""
     stack = node.meta.get("nn_module_stack") or {}
     path = next(reversed(stack.keys()), "") if stack else ""
@@ -251,31 +273,31 @@ def _where(node: fx.Node) -> str:
     return path or "the top level"
 
 
-def _arg(node: fx.Node, i: int, key: str, default: Any = None) -> Any:
+def node_arg(node: fx.Node, i: int, key: str, default: Any = None) -> Any:
     """Argument ``i`` (or keyword ``key``) of a graph node, as traced."""
     return node.kwargs.get(key, node.args[i] if len(node.args) > i else default)
 
 
-def _ndim(node: fx.Node) -> int:
+def node_ndim(node: fx.Node) -> int:
     meta = node.meta.get("tensor_meta")
     return len(meta.shape) if meta is not None and hasattr(meta, "shape") else 0
 
 
 def _dims(node: fx.Node, ndim: int) -> set[int] | None:
     """The dims a reduction reduces over (None: all)."""
-    dim = _arg(node, 1, "dim")
+    dim = node_arg(node, 1, "dim")
     if dim is None:
         return None
     dims = dim if isinstance(dim, list | tuple) else [dim]
     return {int(d) % ndim for d in dims}
 
 
-def _global_op(node: fx.Node, modules: dict[str, nn.Module], layout: tuple[int, int]) -> str:
+def global_op(node: fx.Node, modules: dict[str, nn.Module], layout: tuple[int, int]) -> str:
     """A description when ``node`` reduces over the spatial axes, else ``""``."""
     what = ""
     if node.op == "call_module":
         mod = modules[str(node.target)]
-        if isinstance(mod, _GLOBAL_LAYERS):
+        if isinstance(mod, GLOBAL_LAYERS):
             what = type(mod).__name__
         elif isinstance(mod, nn.LayerNorm):
             if set(layout) & set(range(4 - len(mod.normalized_shape), 4)):
@@ -283,41 +305,41 @@ def _global_op(node: fx.Node, modules: dict[str, nn.Module], layout: tuple[int, 
     elif node.op == "call_function" and node.target in _ADAPTIVE_FUNCTIONS:
         what = getattr(node.target, "__name__", str(node.target))
     elif node.op == "call_function" and node.target is F.layer_norm:
-        shape = _arg(node, 1, "normalized_shape", ())
+        shape = node_arg(node, 1, "normalized_shape", ())
         n = len(shape) if isinstance(shape, list | tuple) else 1
         if set(layout) & set(range(4 - n, 4)):
             what = "layer_norm over H, W"
     elif (node.op == "call_method" and node.target in _REDUCE_METHODS) or (
         node.op == "call_function" and node.target in _REDUCE_FUNCTIONS
     ):
-        dims = _dims(node, _ndim(node.all_input_nodes[0]))
+        dims = _dims(node, node_ndim(node.all_input_nodes[0]))
         if dims is None or dims & set(layout):
             what = f"{getattr(node.target, '__name__', node.target)} over H, W"
     elif (node.op == "call_method" and node.target in _RESHAPE_METHODS) or (
         node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS
     ):
-        if _spatial(node, layout) != _spatial(node.all_input_nodes[0], layout):
+        if spatial_dims(node, layout) != spatial_dims(node.all_input_nodes[0], layout):
             what = "a reshape merging H, W (attention over all positions)"
-    return f"{what} at {_where(node)}" if what else ""
+    return f"{what} at {where_traced(node)}" if what else ""
 
 
-def _permuted(node: fx.Node, layout: tuple[int, int]) -> tuple[int, int]:
+def permuted_layout(node: fx.Node, layout: tuple[int, int]) -> tuple[int, int]:
     args: Any = node.args[1:] if len(node.args) > 2 else node.args[1]
     dims = [int(d) for d in args]
     dims = [d % len(dims) for d in dims]
     return (dims.index(layout[0]), dims.index(layout[1]))
 
 
-def _relayout(node: fx.Node, layout: tuple[int, int]) -> tuple[int, int] | None:
+def relayout(node: fx.Node, layout: tuple[int, int]) -> tuple[int, int] | None:
     """The spatial dims after a stack or a reduction over other dims; None if neither."""
     if node.op == "call_function" and node.target is torch.stack:
-        dim = int(_arg(node, 1, "dim", 0)) % (_ndim(node.all_input_nodes[0]) + 1)
+        dim = int(node_arg(node, 1, "dim", 0)) % (node_ndim(node.all_input_nodes[0]) + 1)
         return (layout[0] + (dim <= layout[0]), layout[1] + (dim <= layout[1]))
     if (node.op == "call_method" and node.target in _REDUCE_METHODS) or (
         node.op == "call_function" and node.target in _REDUCE_FUNCTIONS
     ):
-        dims = _dims(node, _ndim(node.all_input_nodes[0])) or set()
-        if _arg(node, 2, "keepdim", False):
+        dims = _dims(node, node_ndim(node.all_input_nodes[0])) or set()
+        if node_arg(node, 2, "keepdim", False):
             return layout
         return (
             layout[0] - sum(d < layout[0] for d in dims),
@@ -326,24 +348,24 @@ def _relayout(node: fx.Node, layout: tuple[int, int]) -> tuple[int, int] | None:
     return None
 
 
-def _numel(node: fx.Node) -> int:
+def node_numel(node: fx.Node) -> int:
     meta = node.meta.get("tensor_meta")
     if meta is None or not hasattr(meta, "shape"):
         return 0
     return math.prod(int(v) for v in meta.shape)
 
 
-def _aligned_corners(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def aligned_corners(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """An upsampling whose sampling positions depend on the image size (not shift-equivariant)."""
     if node.op == "call_module":
         mod = modules[str(node.target)]
         return isinstance(mod, nn.Upsample) and bool(mod.align_corners)
     if node.op == "call_function" and node.target is F.interpolate:
-        return bool(_arg(node, 4, "align_corners"))
+        return bool(node_arg(node, 4, "align_corners"))
     return False
 
 
-def _pointwise(node: fx.Node) -> bool:
+def is_pointwise(node: fx.Node) -> bool:
     """Whether ``node`` combines its tensor inputs elementwise (a gate times a map)."""
     if node.op == "call_function":
         return node.target in _POINTWISE_FUNCTIONS
@@ -353,14 +375,14 @@ def _pointwise(node: fx.Node) -> bool:
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Identity)
 
 
-def _elementwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def is_elementwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Elementwise whatever the layout (no per-channel parameters on dim 1)."""
     if node.op == "call_module":
         return isinstance(modules[str(node.target)], (*_ACTIVATIONS, nn.Dropout))
-    return _pointwise(node)
+    return is_pointwise(node)
 
 
-def _channel_op(node: fx.Node, modules: dict[str, nn.Module], layout: tuple[int, int]) -> bool:
+def channel_op(node: fx.Node, modules: dict[str, nn.Module], layout: tuple[int, int]) -> bool:
     """A Linear or LayerNorm over the last dim of a channels-last map: per pixel."""
     if layout == (2, 3) or 3 in layout:
         return False
@@ -370,14 +392,14 @@ def _channel_op(node: fx.Node, modules: dict[str, nn.Module], layout: tuple[int,
             return len(mod.normalized_shape) == 1
         return isinstance(mod, nn.Linear)
     if node.op == "call_function" and node.target is F.layer_norm:
-        shape = _arg(node, 1, "normalized_shape", ())
+        shape = node_arg(node, 1, "normalized_shape", ())
         return not isinstance(shape, list | tuple) or len(shape) == 1
     return node.op == "call_function" and node.target is F.linear
 
 
-def _step(
-    node: fx.Node, ins: list[tuple[_Axis, _Axis]], modules: dict[str, nn.Module]
-) -> tuple[tuple[_Axis, _Axis], bool]:
+def map_node(
+    node: fx.Node, ins: list[tuple[Axis, Axis]], modules: dict[str, nn.Module]
+) -> tuple[tuple[Axis, Axis], bool]:
     """Map the input intervals through one graph node; also say whether it aliases."""
     if node.op == "call_module":
         mod = modules[str(node.target)]
@@ -415,7 +437,7 @@ def _step(
         if node.target in (F.conv2d, torch.conv2d, F.max_pool2d, F.avg_pool2d):
             return _functional_window(node, ins[0]), False
         if node.target is F.pad:
-            pad = _pad4(tuple(_arg(node, 1, "pad", ())))
+            pad = _pad4(tuple(node_arg(node, 1, "pad", ())))
             return (_conv(ins[0][0], 1, 1, pad[2], 1), _conv(ins[0][1], 1, 1, pad[0], 1)), False
         if node.target is F.interpolate:
             mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
@@ -425,17 +447,17 @@ def _step(
             alias = node.target in (operator.iadd, operator.imul) or bool(
                 node.kwargs.get("inplace", False)
             )
-            return _union(ins, str(node.target)), alias
+            return union_of(ins, str(node.target)), alias
     if node.op == "call_method" and node.target in _POINTWISE_METHODS:
-        return _union(ins, str(node.target)), node.target in _ALIAS_METHODS
+        return union_of(ins, str(node.target)), node.target in _ALIAS_METHODS
     raise ModelError(f"receptive field: unsupported operation {node.format_node()}")
 
 
 def _interp(
-    node: fx.Node, ax: tuple[_Axis, _Axis], mode: str, align_corners: bool | None
-) -> tuple[_Axis, _Axis]:
-    src = _spatial(node.all_input_nodes[0])
-    dst = _spatial(node)
+    node: fx.Node, ax: tuple[Axis, Axis], mode: str, align_corners: bool | None
+) -> tuple[Axis, Axis]:
+    src = spatial_dims(node.all_input_nodes[0])
+    dst = spatial_dims(node)
     assert src is not None and dst is not None
     out = []
     for i in range(2):

@@ -50,27 +50,27 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from tilenet.errors import InputError, ModelError
 from tilenet.models.intervals import (
-    _BATCH_NORMS,
-    _CONSTANT_METHODS,
-    _GLOBAL_LAYERS,
-    _INSTANCE_NORMS,
-    _NORMALISING,
-    _aligned_corners,
-    _arg,
-    _Axis,
-    _channel_op,
-    _elementwise,
-    _global_op,
-    _ndim,
-    _numel,
-    _permuted,
-    _pointwise,
-    _relayout,
-    _spatial,
-    _State,
-    _step,
-    _union,
-    _where,
+    BATCH_NORMS,
+    CONSTANT_METHODS,
+    GLOBAL_LAYERS,
+    INSTANCE_NORMS,
+    NORMALISING,
+    Axis,
+    State,
+    aligned_corners,
+    channel_op,
+    global_op,
+    is_elementwise,
+    is_pointwise,
+    map_node,
+    node_arg,
+    node_ndim,
+    node_numel,
+    permuted_layout,
+    relayout,
+    spatial_dims,
+    union_of,
+    where_traced,
 )
 
 __all__ = [
@@ -110,13 +110,13 @@ class Analysis:
 
 def _global_at_inference(m: nn.Module, traced: bool) -> bool:
     """Whether ``m`` in eval mode mixes values across spatial positions of one input."""
-    if isinstance(m, (*_GLOBAL_LAYERS, nn.GroupNorm)):
+    if isinstance(m, (*GLOBAL_LAYERS, nn.GroupNorm)):
         return True
     if isinstance(m, nn.LayerNorm):
         # Its normalized_shape may cover spatial dimensions (NCHW); without a trace we cannot
         # tell a channels-last one apart, so it counts as global. With one, analyze() decides.
         return not traced
-    if isinstance(m, _INSTANCE_NORMS + _BATCH_NORMS):
+    if isinstance(m, INSTANCE_NORMS + BATCH_NORMS):
         # Both use running statistics at inference when they track them; else the input's own.
         return not m.track_running_stats
     return False
@@ -153,7 +153,7 @@ def exactness(module: nn.Module) -> tuple[bool, str | None]:
     if found:
         path, m = found[0]
         more = f" (and {len(found) - 1} more such layers)" if len(found) > 1 else ""
-        stats = " without running statistics" if isinstance(m, _BATCH_NORMS) else ""
+        stats = " without running statistics" if isinstance(m, BATCH_NORMS) else ""
         return False, f"{type(m).__name__}{stats} at {path or 'the top level'}{more}"
     if getattr(module, "per_pixel_norm", None) is False:
         return False, f"{type(module).__name__} declares per_pixel_norm=False"
@@ -244,7 +244,7 @@ class _Walk:
 
     def __init__(self, gm: fx.GraphModule, size: int) -> None:
         self.modules = dict(gm.named_modules())
-        self.state: dict[fx.Node, _State] = {}
+        self.state: dict[fx.Node, State] = {}
         self.layouts: dict[fx.Node, tuple[int, int]] = {}
         self.global_ops: list[tuple[fx.Node, str]] = []
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -252,16 +252,21 @@ class _Walk:
         self.px = size * size
         self.out_node: fx.Node | None = None
 
-    def _record(self, node: fx.Node, new: _State, alias: bool = False) -> None:
+    def _record(self, node: fx.Node, new: State, alias: bool = False) -> None:
         self.state[node] = new
-        self.acts[node] = [_numel(node) / self.px, self.order[node], _last(node, self.order), alias]
+        self.acts[node] = [
+            node_numel(node) / self.px,
+            self.order[node],
+            _last(node, self.order),
+            alias,
+        ]
 
     def visit(self, node: fx.Node) -> None:
         """Map the intervals of ``node``'s inputs through it (the checks, then the rule)."""
         state, layouts, modules = self.state, self.layouts, self.modules
         tensor_args = [a for a in node.all_input_nodes if a in state]
         if node.op == "placeholder":
-            one = _Axis(Fraction(1), Fraction(0), Fraction(0))
+            one = Axis(Fraction(1), Fraction(0), Fraction(0))
             layouts[node] = (2, 3)
             self._record(node, (one, one))
             return
@@ -279,17 +284,17 @@ class _Walk:
         layout = layouts[tensor_args[0]]
         layouts[node] = layout
         local = [i for i in ins if i is not None]
-        desc = _global_op(node, modules, layout) if local else ""
+        desc = global_op(node, modules, layout) if local else ""
         if desc:
             self.global_ops.append((node, desc))
-        elif local and _aligned_corners(node, modules):
-            where = _where(node)
+        elif local and aligned_corners(node, modules):
+            where = where_traced(node)
             self.global_ops.append((node, f"bilinear resize with align_corners=True at {where}"))
-        if desc.startswith(_NORMALISING):
+        if desc.startswith(NORMALISING):
             # Like GroupNorm: each pixel keeps its own value, scaled by statistics over H, W.
-            self._record(node, _union(local, str(node.target)))
+            self._record(node, union_of(local, str(node.target)))
             return
-        if node.op == "call_method" and node.target in _CONSTANT_METHODS:
+        if node.op == "call_method" and node.target in CONSTANT_METHODS:
             # A new tensor of zeros (smp's empty stand-in for a missing stride-2 feature):
             # it reads no input values, so it joins maps without widening their intervals.
             self._record(node, None)
@@ -299,13 +304,13 @@ class _Walk:
             # pooled branch) too. Its shape need not be a feature map's.
             self._record(node, None)
             return
-        moved = _relayout(node, layout)
+        moved = relayout(node, layout)
         if moved is not None:
             # A stack (FPN's merge) or a reduction over channels: each pixel on its own.
             layouts[node] = moved
-            if _spatial(node, moved) is None:
+            if spatial_dims(node, moved) is None:
                 raise ModelError(f"receptive field: {node.format_node()} loses the H, W axes")
-            self._record(node, _union(local, str(node.target)))
+            self._record(node, union_of(local, str(node.target)))
             return
         self._local(node, tensor_args, ins, local, layout)
 
@@ -316,45 +321,45 @@ class _Walk:
         attention, global over the input, gave a model "exact" with a too small field)."""
         layout = self.layouts[tensor_args[0]]
         if _parts(node):
-            dim = _arg(node, 2 if node.target in ("split", torch.split) else 1, "dim", 0)
-            ndim = _ndim(tensor_args[0])
+            dim = node_arg(node, 2 if node.target in ("split", torch.split) else 1, "dim", 0)
+            ndim = node_ndim(tensor_args[0])
             if ndim and int(dim) % ndim in layout:
                 raise ModelError(f"receptive field: {node.format_node()} splits H or W")
         self.layouts[node] = layout
         local = [st for a in tensor_args if (st := self.state[a]) is not None]
-        self._record(node, _union(local, str(node.target)) if local else None)
+        self._record(node, union_of(local, str(node.target)) if local else None)
 
     def _local(
         self,
         node: fx.Node,
         tensor_args: list[fx.Node],
-        ins: list[_State],
-        local: list[tuple[_Axis, _Axis]],
+        ins: list[State],
+        local: list[tuple[Axis, Axis]],
         layout: tuple[int, int],
     ) -> None:
         """A layer on a 4-D feature map: its rule, or a per-pixel op on a channels-last one."""
         modules = self.modules
-        if _spatial(node, layout) is None:
+        if spatial_dims(node, layout) is None:
             raise ModelError(
                 f"receptive field: {node.format_node()} does not keep a 4-D feature map"
             )
         if node.op == "call_method" and node.target == "permute":
-            self.layouts[node] = _permuted(node, layout)
+            self.layouts[node] = permuted_layout(node, layout)
         elif layout != (2, 3) and not (
-            _channel_op(node, modules, layout) or _elementwise(node, modules)
+            channel_op(node, modules, layout) or is_elementwise(node, modules)
         ):
             raise ModelError(
                 f"receptive field: {node.format_node()} on a permuted (channels-last) map "
                 "is not supported"
             )
-        elif len(local) < len(ins) and not _pointwise(node):
+        elif len(local) < len(ins) and not is_pointwise(node):
             raise ModelError(
                 f"receptive field: {node.format_node()} mixes a global map into a layer"
             )
-        if _channel_op(node, modules, layout):
+        if channel_op(node, modules, layout):
             new, alias = local[0], False
         else:
-            new, alias = _step(node, local, modules)
+            new, alias = map_node(node, local, modules)
         self._record(node, new, alias)
         acts = self.acts
         if alias:
@@ -376,7 +381,7 @@ def _result(walk: _Walk, gm: fx.GraphModule, size: int, in_ch: int) -> Analysis:
     final = state[outs[0]]
     if final is None:
         raise ModelError("receptive field: the output depends only on global operations")
-    if final[0].jump != 1 or final[1].jump != 1 or _spatial(outs[0]) != (size, size):
+    if final[0].jump != 1 or final[1].jump != 1 or spatial_dims(outs[0]) != (size, size):
         raise ModelError("receptive field: the output is not at the input's resolution")
     stride = 1
     # The stride counts the maps the output depends on: an encoder may compute deeper stages
@@ -399,7 +404,7 @@ def _result(walk: _Walk, gm: fx.GraphModule, size: int, in_ch: int) -> Analysis:
         receptive_field=rf,
         interval=(bounds[0], bounds[1]),
         activations=_steps(list(walk.acts.values())),
-        output_per_pixel=_numel(outs[0]) / px,
+        output_per_pixel=node_numel(outs[0]) / px,
         input_per_pixel=float(in_ch),
         global_ops=tuple(desc for n, desc in walk.global_ops if n in live),
         called=frozenset(

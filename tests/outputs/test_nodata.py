@@ -136,13 +136,47 @@ def test_plain_image_has_no_mask(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("kind", "mode"), [("nodata", "crop"), ("alpha", "crop"),
                                             ("mask", "crop"), ("nodata", "gaussian")])  # fmt: skip
-def test_every_output_marks_exactly_the_pixels_without_data(
+def test_class_outputs_and_areas_mark_exactly_the_pixels_without_data(
     tmp_path: Path, ckpt: Path, kind: str, mode: str
 ) -> None:
     img = tmp_path / f"{kind}.tif"
     invalid = _raster(img, kind)
     out = tmp_path / "out"
-    summary = _infer(img, ckpt, out, mode=mode)
+    summary = _infer(img, ckpt, out, mode=mode, outputs=["classes"])
+    classes = _assert_class_outputs(out, invalid)
+    # areas: valid pixels only
+    assert sum(summary["class_area_px"].values()) == int((~invalid).sum())
+    assert summary["nodata_area_crs2"] == float(invalid.sum()) * 100.0
+    assert classes[~invalid].max() < CLASSES_NODATA
+
+
+def test_every_output_marks_exactly_the_pixels_without_data(tmp_path: Path, ckpt: Path) -> None:
+    img = tmp_path / "scene.tif"
+    invalid = _raster(img, "nodata")
+    out = tmp_path / "out"
+    _infer(img, ckpt, out)
+    classes = _assert_class_outputs(out, invalid)
+    with rasterio.open(out / "probabilities.tif") as ds:
+        assert ds.nodata == CLASSES_NODATA
+        pt = ds.read()
+    assert (pt[:, invalid] == CLASSES_NODATA).all() and (pt[:, ~invalid] < 255).all()
+    probs = _level0(out / "probabilities.ome.zarr")
+    assert (probs[:, invalid] == 0).all()  # documented: 0 for every class
+    np.testing.assert_allclose(probs[:, ~invalid].sum(0), 1.0, atol=3e-3)
+    # no instance covers a pixel without data, and the instances are the valid classes'
+    inst = _level0(out / "instances.ome.zarr")
+    assert not inst[invalid].any() and inst[~invalid & (classes > 0)].all()
+    # regions: no polygon over the pixels without data
+    regions = json.loads((out / "classes.geojson").read_text())
+    names = {f["properties"]["classification"]["name"] for f in regions["features"]}
+    assert names <= {"a", "b"}
+    _assert_regions_miss(regions, invalid)
+    assert (out / "preview.png").stat().st_size > 0
+
+
+def _assert_class_outputs(out: Path, invalid: np.ndarray) -> np.ndarray:
+    """classes.ome.zarr, classes.ome.tif and classes.tif: 255 exactly where ``invalid``,
+    each with its nodata tag; returns the class map."""
     classes = _level0(out / "classes.ome.zarr")
     np.testing.assert_array_equal(classes == CLASSES_NODATA, invalid)
     attrs = zarr.open_group(out / "classes.ome.zarr", mode="r").attrs[GEOREF_KEY]
@@ -153,25 +187,7 @@ def test_every_output_marks_exactly_the_pixels_without_data(
     with rasterio.open(out / "classes.tif") as ds:
         assert ds.nodata == CLASSES_NODATA
         np.testing.assert_array_equal(ds.read(1), classes)
-    with rasterio.open(out / "probabilities.tif") as ds:
-        assert ds.nodata == CLASSES_NODATA
-        pt = ds.read()
-    assert (pt[:, invalid] == CLASSES_NODATA).all() and (pt[:, ~invalid] < 255).all()
-    probs = _level0(out / "probabilities.ome.zarr")
-    assert (probs[:, invalid] == 0).all()  # documented: 0 for every class
-    np.testing.assert_allclose(probs[:, ~invalid].sum(0), 1.0, atol=3e-3)
-    # areas: valid pixels only
-    assert sum(summary["class_area_px"].values()) == int((~invalid).sum())
-    assert summary["nodata_area_crs2"] == float(invalid.sum()) * 100.0
-    # no instance covers a pixel without data, and the instances are the valid classes'
-    inst = _level0(out / "instances.ome.zarr")
-    assert not inst[invalid].any() and inst[~invalid & (classes > 0)].all()
-    # regions: no polygon over the pixels without data
-    regions = json.loads((out / "classes.geojson").read_text())
-    names = {f["properties"]["classification"]["name"] for f in regions["features"]}
-    assert names <= {"a", "b"}
-    _assert_regions_miss(regions, invalid)
-    assert (out / "preview.png").stat().st_size > 0
+    return classes
 
 
 def _assert_regions_miss(regions: dict[str, Any], invalid: np.ndarray) -> None:
@@ -250,3 +266,26 @@ def test_training_labels_ignore_pixels_without_data(tmp_path: Path) -> None:
     assert checked > 0
     # the store's mean is over valid pixels only (the hidden 7s would pull it down)
     np.testing.assert_allclose(group.attrs["mean"], np.concatenate(kept).mean(0), rtol=1e-9)
+
+
+def test_skipped_tiles_are_masked_too(tmp_path: Path, ckpt: Path) -> None:
+    """Tiles written as background without running the model (``--min-foreground``) still
+    mark their pixels without data."""
+    from tilenet.config import InferConfig
+    from tilenet.engine.predictor import Predictor
+    from tilenet.engine.stitch import STITCHERS
+    from tilenet.outputs.sink import NODATA_CLASS, OutputSink
+
+    img = tmp_path / "scene.tif"
+    invalid = _raster(img, "mask")
+    predictor = Predictor(ckpt, InferConfig(tile=32, device="cpu"))
+    classes = np.zeros((H, W), np.uint8)
+    sink = OutputSink(num_classes=3, classes=classes)
+    with open_image(img) as image:
+        grid, _ = predictor.plan((H, W))
+        tiles = list(grid)
+        skip = np.arange(len(tiles)) % 2 == 0
+        stitcher = STITCHERS["crop"](grid, sink, tmp_path / "scratch")
+        predictor.run(image, tiles, stitcher, grid=grid, skip=skip)
+    np.testing.assert_array_equal(classes == NODATA_CLASS, invalid)
+    assert sink.nodata == int(invalid.sum()) and sink.area.sum() == int((~invalid).sum())

@@ -125,6 +125,28 @@ def test_readers_give_one_validity_mask(tmp_path: Path, kind: str) -> None:
         np.testing.assert_array_equal(~valid, invalid)
 
 
+def test_plain_tiff_alpha_and_gdal_nodata_tag(tmp_path: Path) -> None:
+    """tifffile's reader: an RGBA TIFF's alpha (ExtraSamples) masks; GDAL's nodata tag (as
+    tilenet's classes.ome.tif carries it) is the image's nodata."""
+    data, invalid = _pixels()
+    rgba = np.concatenate([data, np.where(invalid, 0, 255)[None]]).astype(np.uint8)
+    p = tmp_path / "rgba.tif"
+    tifffile.imwrite(p, np.moveaxis(rgba, 0, -1), photometric="rgb", extrasamples=[2])
+    with open_image(p) as image:
+        assert type(image).__name__ == "TiffImage" and image.masked and image.nodata is None
+        valid = image.select_bands([1, 2, 3]).valid(Window(0, 0, H, W))
+        assert valid is not None
+        np.testing.assert_array_equal(~valid, invalid)
+    q = tmp_path / "tagged.tif"
+    classes = np.where(invalid, CLASSES_NODATA, 1).astype(np.uint8)
+    tifffile.imwrite(q, classes, extratags=[(42113, "s", 0, str(CLASSES_NODATA), True)])
+    with open_image(q) as image:
+        assert image.nodata == CLASSES_NODATA
+        valid = image.valid(Window(0, 0, H, W))
+        assert valid is not None
+        np.testing.assert_array_equal(~valid, invalid)
+
+
 def test_plain_image_has_no_mask(tmp_path: Path) -> None:
     p = tmp_path / "plain.tif"
     tifffile.imwrite(p, np.zeros((16, 16, 3), np.uint8), photometric="rgb")

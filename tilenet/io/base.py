@@ -260,7 +260,8 @@ class LazyImage(ABC):
         if self._has_dataset_mask():
             mask = np.zeros(window.shape, np.uint8)
             if inside.area:
-                mask[inside.relative_to(window).slices] = self._dataset_mask(inside, level)
+                rel = inside.relative_to(window).slices
+                mask[rel] = self._dataset_mask(inside, level, pixels[rel])
         valid = valid_mask(pixels, self.nodata, mask)
         if valid is None:
             valid = np.ones(window.shape, bool)
@@ -275,9 +276,9 @@ class LazyImage(ABC):
         """Whether :meth:`_dataset_mask` has a mask to give (readers with one override both)."""
         return False
 
-    def _dataset_mask(self, window: Window, level: int) -> np.ndarray:
-        """The dataset mask (h, w) of a window inside level ``level``: 0 where a pixel has no
-        data (an alpha band, a GDAL internal or sidecar mask)."""
+    def _dataset_mask(self, window: Window, level: int, pixels: np.ndarray) -> np.ndarray:
+        """The dataset mask (h, w) of a window inside level ``level`` whose ``pixels`` (all
+        bands) are read: 0 where a pixel has no data (an alpha band, a GDAL mask)."""
         raise NotImplementedError
 
     def _checked_read(self, window: Window, level: int) -> np.ndarray:

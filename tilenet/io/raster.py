@@ -149,7 +149,7 @@ class RasterImage(LazyImage):
     def _has_dataset_mask(self) -> bool:
         return self._gdal_mask
 
-    def _dataset_mask(self, window: Window, level: int) -> np.ndarray:
+    def _dataset_mask(self, window: Window, level: int, pixels: np.ndarray) -> np.ndarray:
         """GDAL's mask of band 1 (per dataset, or the alpha band): 0 where there is no data."""
         from rasterio.windows import Window as RioWindow
 

@@ -58,10 +58,11 @@ class OutputSink:
             raise ValueError(f"region {probs.shape} does not fit window {window}")
         ys, xs = window.slices
         invalid = np.isnan(probs[0])
-        if invalid.any():
+        masked = bool(invalid.any())
+        if masked:
             probs = np.where(invalid, np.float32(0), probs)
         labels = probs.argmax(axis=0).astype(np.uint8)
-        if invalid.any():
+        if masked:
             labels[invalid] = NODATA_CLASS
             self.nodata += int(invalid.sum())
         self.area += np.bincount(labels.ravel(), minlength=self.num_classes)[: self.num_classes]

@@ -8,9 +8,10 @@ are, with :func:`normalize_` (or a :class:`Normalizer` made once and applied per
 ``x = (x - mean) * (1 / std)``, in float32, in place. The same arithmetic everywhere means
 a patch is fed to the model bit for bit the same in training and in inference.
 
-Pixels the image marks as nodata (every channel equal to its ``nodata`` value, as for the
-nodata area of ``classes.tif``) are left out of the statistics and get :data:`tilenet.io.base.IGNORE_INDEX`
-in training labels (:func:`tilenet.io.base.nodata_mask`).
+Pixels without data (every channel equal to the image's ``nodata`` value, alpha 0, or a GDAL
+mask: :meth:`tilenet.io.base.LazyImage.read_masked`) are left out of the statistics and get
+:data:`tilenet.io.base.IGNORE_INDEX` in training labels; in inference they are 0 *after*
+normalisation (the mean), whatever value the file stores (``docs/nodata.md``).
 """
 
 from __future__ import annotations

@@ -397,8 +397,8 @@ class Predictor:
             for batch in _batches(reads, cfg.batch, by_row=crop):
                 stats.read_wait_s += time.perf_counter() - t0
                 if batch[0][1]:
-                    for tile, _, _ in batch:
-                        writer.submit((tile, outputs.background(tile)))
+                    for tile, _, arr in batch:
+                        writer.submit((tile, outputs.background(tile, arr)))
                 else:
                     t1 = time.perf_counter()
                     for tile, p in self._predict(inputs(batch), batch, outputs):
@@ -425,11 +425,36 @@ class Predictor:
         regions = [outputs.region(tile) for tile, _, _ in batch]
         with torch.inference_mode(), autocast(self.device, self.config.precision):
             probs = predict(self.module, x, tta=self.config.tta, regions=regions)
-        for (tile, _, _), p in zip(batch, probs, strict=True):
-            yield tile, p.contiguous().cpu().numpy()
+        for (tile, _, arr), p, r in zip(batch, probs, regions, strict=True):
+            yield tile, _mark_invalid(p.contiguous().cpu().numpy(), arr, r)
 
 
-_Batch = list[tuple[Tile, bool, Any]]  # (tile, skipped, pixels | EncodedWindow | None)
+# (tile, skipped, pixels | EncodedWindow | _Masked | None)
+_Batch = list[tuple[Tile, bool, Any]]
+
+
+# -- the validity mask ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Masked:
+    """A read tile of an image with nodata, alpha or a dataset mask: its pixels (None for a
+    skipped tile) and ``valid`` (h, w) over its read window
+    (:meth:`tilenet.io.base.LazyImage.read_masked`)."""
+
+    pixels: np.ndarray | None
+    valid: np.ndarray
+
+
+def _mark_invalid(probs: np.ndarray, item: Any, region: Window) -> np.ndarray:
+    """``probs`` of ``region`` (of the read window) with NaN where the input has no data:
+    the stitchers carry NaN through (every tile covering a pixel agrees on it) and the sink
+    writes those pixels as nodata (:class:`tilenet.outputs.sink.OutputSink`)."""
+    if not isinstance(item, _Masked):
+        return probs
+    invalid = ~item.valid[region.slices]
+    if invalid.any():
+        probs = probs.copy()
+        probs[:, invalid] = np.nan
+    return probs
 
 
 @dataclass(frozen=True)
@@ -443,10 +468,14 @@ class _TileReader:
     keep_raw: bool
     encoded: bool = False
 
-    def __call__(self, item: tuple[int, Tile, bool]) -> np.ndarray | EncodedWindow | None:
+    def __call__(self, item: tuple[int, Tile, bool]) -> np.ndarray | EncodedWindow | _Masked | None:
         _, tile, skipped = item
+        masked = bool(getattr(self.image, "masked", False))
         if skipped:
-            return None
+            return _Masked(None, self.image.valid(tile.read, self.level)) if masked else None
+        if masked:  # the mask comes from the decoded pixels: no raw path
+            raw, valid = self.image.read_masked(tile.read, self.level)
+            return _Masked(raw if self.keep_raw else raw.astype(np.float32), valid)
         if self.encoded and (ew := self.image.encoded(tile.read, self.level)) is not None:
             return cast(EncodedWindow, ew)
         raw = self.image.read(tile.read, self.level)
@@ -458,7 +487,9 @@ class _Inputs:
     """Raw (B, h, w, C) tiles -> normalised channels_last (B, C, h, w) on the device.
 
     Past the image of ``shape`` (alignment rows and columns) the input is zero *after*
-    normalisation, like the network's own zero padding at the image border.
+    normalisation, like the network's own zero padding at the image border; so are pixels
+    without data (nodata, alpha 0, masked: ``_Masked`` tiles), i.e. the network sees the
+    training mean there, whatever value the file stores.
     """
 
     device: torch.device
@@ -472,7 +503,8 @@ class _Inputs:
 
         device = self.device
         pin = device.type == "cuda"
-        items = [a for _, _, a in batch]
+        # A batch holds read tiles only (skipped ones pass alone): a _Masked has pixels.
+        items: list[Any] = [a.pixels if isinstance(a, _Masked) else a for _, _, a in batch]
         if self.decoder is not None and all(isinstance(a, EncodedWindow) for a in items):
             x = self.decoder.decode(items, device).float()
         else:
@@ -488,6 +520,7 @@ class _Inputs:
             r = tile.read
             x[j, :, max(0, h - r.y) :, :] = 0
             x[j, :, :, max(0, w - r.x) :] = 0
+        _fill_invalid(x, [a for _, _, a in batch])
         return x
 
     def _pixels(self, item: np.ndarray | EncodedWindow) -> np.ndarray:
@@ -496,6 +529,19 @@ class _Inputs:
             return item
         raw = decode_window(item)
         return raw if self.keep_raw else raw.astype(np.float32)
+
+
+def _fill_invalid(x: torch.Tensor, items: list[Any]) -> None:
+    """Zero (after normalisation) the pixels of ``x`` (B, C, h, w) that have no data."""
+    import torch
+
+    if not any(isinstance(a, _Masked) for a in items):
+        return
+    invalid = np.stack(
+        [~a.valid if isinstance(a, _Masked) else np.zeros(x.shape[2:], bool) for a in items]
+    )
+    if invalid.any():
+        x.masked_fill_(torch.from_numpy(invalid).to(x.device)[:, None], 0)
 
 
 @dataclass(frozen=True)
@@ -513,9 +559,10 @@ class _Outputs:
             tile.core_in_read if self.crop else tile.read.clip(*self.shape).relative_to(tile.read)
         )
 
-    def background(self, tile: Tile) -> np.ndarray:
-        """Probabilities of a skipped tile: class 0 everywhere."""
+    def background(self, tile: Tile, item: Any = None) -> np.ndarray:
+        """Probabilities of a skipped tile: class 0 everywhere (NaN where a ``_Masked``
+        ``item`` says there is no data)."""
         win = tile.core if self.crop else tile.read.clip(*self.shape)
         p = np.zeros((self.num_classes, win.h, win.w), np.float32)
         p[0] = 1.0
-        return p
+        return _mark_invalid(p, item, self.region(tile))

@@ -42,7 +42,12 @@ BlendMode = Literal["gaussian", "linear"]
 
 
 class Sink(Protocol):
-    """Where finished float32 probability regions (C, h, w) go; it counts class areas."""
+    """Where finished float32 probability regions (C, h, w) go; it counts class areas.
+
+    NaN probabilities mark pixels without data (the engine sets them from the input's
+    validity mask); both stitchers carry them through unchanged, since every tile covering
+    a pixel agrees on its mask (``docs/nodata.md``).
+    """
 
     num_classes: int
     area: np.ndarray

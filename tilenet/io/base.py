@@ -20,7 +20,7 @@ from tilenet.geometry import GeoTransform, Window, spans
 from tilenet.io.crs import describe_georef
 from tilenet.io.source import EncodedWindow
 
-__all__ = ["IGNORE_INDEX", "BandSelection", "LazyImage", "Level", "nodata_mask"]
+__all__ = ["IGNORE_INDEX", "BandSelection", "LazyImage", "Level", "nodata_mask", "valid_mask"]
 
 _Derived = TypeVar("_Derived", bound="LazyImage")
 
@@ -43,6 +43,27 @@ def nodata_mask(pixels: np.ndarray, nodata: float | None) -> np.ndarray | None:
     if np.isnan(nodata):
         return np.isnan(px).all(-1) if px.dtype.kind == "f" else np.zeros(px.shape[:2], bool)
     return np.asarray(np.asarray(px == nodata).all(-1))
+
+
+def valid_mask(
+    pixels: np.ndarray, nodata: float | None, mask: np.ndarray | None
+) -> np.ndarray | None:
+    """The one validity rule: True where a pixel has data; None when every pixel has.
+
+    A pixel has no data where every channel of ``pixels`` is ``nodata``
+    (:func:`nodata_mask`) or where the dataset ``mask`` (an alpha band or a GDAL mask,
+    (h, w), 0 = no data) is 0.
+
+    >>> valid_mask(np.array([[[0], [5], [5]]]), 0, np.array([[255, 255, 0]])).tolist()
+    [[False, True, False]]
+    >>> valid_mask(np.zeros((1, 2, 1)), None, None) is None
+    True
+    """
+    none = nodata_mask(pixels, nodata)
+    if mask is not None:
+        off = np.asarray(mask) == 0
+        none = off if none is None else none | off
+    return None if none is None else ~none
 
 
 @dataclass(frozen=True)
@@ -206,6 +227,60 @@ class LazyImage(ABC):
             out[rel.slices] = self._checked_read(inside, level)
         return out
 
+    @property
+    def masked(self) -> bool:
+        """Whether some pixels may have no data: the image declares ``nodata`` or has a
+        dataset mask (alpha band, GDAL mask). When False, :meth:`read_masked` costs nothing
+        more than :meth:`read` and its mask is None."""
+        return self.nodata is not None or self._has_dataset_mask()
+
+    def read_masked(
+        self, window: Window, level: int = 0, *, fill: float = 0
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(pixels, valid)``: :meth:`read`'s pixels and where they have data.
+
+        ``valid`` (h, w) bool is :func:`valid_mask` of the pixels, the ``nodata`` value and the
+        dataset mask; the part of ``window`` outside the image is not valid. It is None when
+        the image has no nodata value nor dataset mask (:attr:`masked`): every pixel has data.
+        """
+        pixels = self.read(window, level, fill=fill)
+        if not self.masked:
+            return pixels, None
+        return pixels, self._valid_of(pixels, window, level)
+
+    def valid(self, window: Window, level: int = 0) -> np.ndarray | None:
+        """Where ``window`` of ``level`` has data (:meth:`read_masked`'s mask); None when every
+        pixel of the image has (no pixels are read then)."""
+        return self.read_masked(window, level)[1] if self.masked else None
+
+    def _valid_of(self, pixels: np.ndarray, window: Window, level: int) -> np.ndarray:
+        h, w = self.levels[level].shape
+        inside = window.clip(h, w)
+        mask = None
+        if self._has_dataset_mask():
+            mask = np.zeros(window.shape, np.uint8)
+            if inside.area:
+                rel = inside.relative_to(window).slices
+                mask[rel] = self._dataset_mask(inside, level, pixels[rel])
+        valid = valid_mask(pixels, self.nodata, mask)
+        if valid is None:
+            valid = np.ones(window.shape, bool)
+        if inside.area != window.area:
+            keep = np.zeros(window.shape, bool)
+            if inside.area:
+                keep[inside.relative_to(window).slices] = True
+            valid &= keep
+        return valid
+
+    def _has_dataset_mask(self) -> bool:
+        """Whether :meth:`_dataset_mask` has a mask to give (readers with one override both)."""
+        return False
+
+    def _dataset_mask(self, window: Window, level: int, pixels: np.ndarray) -> np.ndarray:
+        """The dataset mask (h, w) of a window inside level ``level`` whose ``pixels`` (all
+        bands) are read: 0 where a pixel has no data (an alpha band, a GDAL mask)."""
+        raise NotImplementedError
+
     def _checked_read(self, window: Window, level: int) -> np.ndarray:
         try:
             data = self._read(window, level)
@@ -302,6 +377,19 @@ class BandSelection(LazyImage):
     def _read(self, window: Window, level: int) -> np.ndarray:
         assert self.source is not None
         return self.source.read(window, level)[:, :, self.indices]
+
+    @property
+    def masked(self) -> bool:
+        return self.source is not None and self.source.masked
+
+    def read_masked(
+        self, window: Window, level: int = 0, *, fill: float = 0
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The source's pixels and mask (all of its bands decide, an alpha band left out
+        included), then the chosen channels."""
+        assert self.source is not None
+        pixels, valid = self.source.read_masked(window, level, fill=fill)
+        return pixels[:, :, self.indices], valid
 
     def close(self) -> None:
         if self.source is not None:

@@ -118,6 +118,9 @@ class RasterImage(LazyImage):
     """
 
     _overviews: list[int] = field(default_factory=list, repr=False)
+    #: Whether GDAL gives the dataset a mask of its own: an alpha band or an internal or
+    #: sidecar (``.msk``) mask; a nodata value is applied from the pixels instead.
+    _gdal_mask: bool = field(default=False, repr=False)
     _handles: dict[tuple[int, int], Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -142,6 +145,17 @@ class RasterImage(LazyImage):
         with _remote_env(self.path):
             data = ds.read(window=RioWindow(window.x, window.y, window.w, window.h))
         return np.moveaxis(data, 0, -1).astype(self.dtype, copy=False)
+
+    def _has_dataset_mask(self) -> bool:
+        return self._gdal_mask
+
+    def _dataset_mask(self, window: Window, level: int, pixels: np.ndarray) -> np.ndarray:
+        """GDAL's mask of band 1 (per dataset, or the alpha band): 0 where there is no data."""
+        from rasterio.windows import Window as RioWindow
+
+        ds = self._dataset(level)
+        with _remote_env(self.path):
+            return ds.read_masks(1, window=RioWindow(window.x, window.y, window.w, window.h))
 
     def close(self) -> None:
         with self._lock:
@@ -225,7 +239,16 @@ def _describe(p: Any, ds: Any, rasterio: Any, *, max_pixels: int | None) -> Rast
         nodata=float(ds.nodata) if ds.nodata is not None else None,
         band_names=names,
         _overviews=list(range(len(factors))),
+        _gdal_mask=_has_gdal_mask(ds),
     )
+
+
+def _has_gdal_mask(ds: Any) -> bool:
+    """Whether band 1's GDAL mask is an alpha band or a per-dataset mask (not nodata-made)."""
+    from rasterio.enums import MaskFlags
+
+    flags = ds.mask_flag_enums[0]
+    return MaskFlags.per_dataset in flags or MaskFlags.alpha in flags
 
 
 def write_cog(

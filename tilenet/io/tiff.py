@@ -287,6 +287,16 @@ class TiffImage(LazyImage):
     #: Tiles this image has decoded so far (cache hits excluded): what a window read cost.
     tiles_decoded: int = field(default=0, repr=False)
     _raw: dict[int, tuple[str, str] | None] = field(default_factory=dict, repr=False)
+    #: The channel holding alpha (ExtraSamples: associated or unassociated), if any.
+    _alpha: int | None = field(default=None, repr=False)
+
+    def _has_dataset_mask(self) -> bool:
+        return self._alpha is not None
+
+    def _dataset_mask(self, window: Window, level: int, pixels: np.ndarray) -> np.ndarray:
+        """The alpha channel of the pixels read: 0 where there is no data."""
+        assert self._alpha is not None
+        return pixels[:, :, self._alpha]
 
     def _array(self, level: int) -> Any:
         """The level as an indexable array: a read-only memmap or a zarr view of the tiles."""
@@ -501,6 +511,26 @@ def open_tiff(
     return img
 
 
+def _gdal_nodata(page: Any) -> float | None:
+    """GDAL's nodata tag (42113, as GDAL and tilenet's class maps write it), if readable."""
+    tag = page.tags.get(42113)
+    if tag is None:
+        return None
+    try:
+        return float(str(tag.value).strip("\x00 "))
+    except ValueError:
+        return None
+
+
+def _alpha_channel(page: Any, channels: int) -> int | None:
+    """The channel of an interleaved page's alpha sample (ExtraSamples 1 or 2), if any."""
+    extra = [int(e) for e in np.atleast_1d(getattr(page, "extrasamples", None) or ())]
+    if not extra or int(page.samplesperpixel) != channels:
+        return None
+    alpha = [i for i, kind in enumerate(extra) if kind in (1, 2)]
+    return channels - len(extra) + alpha[0] if alpha else None
+
+
 def _describe(p: Any, name: Any, tf: Any, *, max_pixels: int | None) -> TiffImage:
     """The image of ``tf`` opened from ``p``; messages call it ``name`` (redacted)."""
     if not tf.series:
@@ -550,7 +580,9 @@ def _describe(p: Any, name: Any, tf: Any, *, max_pixels: int | None) -> TiffImag
             "series_kind": s0.kind,
             "georeferenced": is_geotiff(page0.tags),
         },
+        nodata=_gdal_nodata(page0),
         **svs_extras(tf),
+        _alpha=_alpha_channel(page0, layouts[0].channels),
         _tf=tf,
         _series=levels,
         _layouts=layouts,

@@ -266,6 +266,8 @@ class OutputSet:
             store = self.finalize_store(name)
             if transform is not None:
                 tag_georef(store, crs, transform)
+            if name == "classes" and getattr(image, "masked", False):
+                _tag_nodata(store)
             outputs[name] = _store(self.out, name).url
         done = Finished(
             out=self.out,
@@ -298,6 +300,16 @@ class OutputSet:
         _drop_state(self.out)
         remove_path(self.out.scratch())
         return summary
+
+
+def _tag_nodata(store: Any) -> None:
+    """Record :data:`CLASSES_NODATA` as the class store's nodata value (in its
+    :data:`GEOREF_KEY` attribute, where tilenet's readers look, with any georeferencing)."""
+    import zarr
+
+    group = zarr.open_group(store, mode="r+")
+    geo: Any = group.attrs.get(GEOREF_KEY) or {}
+    group.attrs[GEOREF_KEY] = {**geo, "nodata": CLASSES_NODATA}
 
 
 def _drop_state(out: Location) -> None:

@@ -13,7 +13,7 @@ from torch.utils.data import IterableDataset
 from tilenet.config import AugmentConfig, ResolutionConfig
 from tilenet.errors import InputError
 from tilenet.geometry import GeoTransform, Window
-from tilenet.io.base import IGNORE_INDEX, nodata_mask
+from tilenet.io.base import IGNORE_INDEX
 from tilenet.io.resolution import (
     at_resolution,
     check_resolution,
@@ -205,14 +205,14 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
             for j, (i, win) in enumerate(mine[s : s + step]):
                 img, lab = self._handles(i)
                 lv = self._levels[i]
-                crops.append(img.read(win, lv))
+                pixels, valid = img.read_masked(win, lv)
+                crops.append(pixels)
                 if self.vector_labels is not None:
                     masks[j] = self.vector_labels[i].read(win, lv, fill=IGNORE_INDEX)[..., 0]
                 elif lab is not None:
                     masks[j] = lab.read(win, lv)[..., 0]
-                none = nodata_mask(crops[-1], img.nodata)
-                if none is not None:  # ignored by the loss
-                    masks[j][none] = IGNORE_INDEX
+                if valid is not None:  # no data (nodata, alpha 0, masked): ignored by the loss
+                    masks[j][~valid] = IGNORE_INDEX
             yield from emit.feed(np.stack(crops), masks, np.arange(len(crops)))
         yield from emit.flush()
 

@@ -13,7 +13,6 @@ import numpy as np
 
 from tilenet.errors import InputError
 from tilenet.geometry import iter_bands
-from tilenet.io.base import nodata_mask
 from tilenet.normalize import channel_stats
 from tilenet.patches.patchstore import read_attrs
 from tilenet.patches.stream import PathLike, _as_list
@@ -81,9 +80,9 @@ def _image_stats(
             step = max(1, math.ceil(max(h, w) / max_side))
             band = step * max(1, 512 // step)
             for win in iter_bands((h, w), band):
-                px = img.read(win, lv)[::step, ::step]
-                none = nodata_mask(px, img.nodata)
-                px = px[~none] if none is not None else px
+                px, valid = img.read_masked(win, lv)
+                px = px[::step, ::step]
+                px = px[valid[::step, ::step]] if valid is not None else px
                 px = px.reshape(-1, img.channels).astype(np.float64)
                 s = px.sum(0) + (s if s is not None else 0)
                 ss = (px * px).sum(0) + (ss if ss is not None else 0)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from tilenet.config import ResolutionConfig
-from tilenet.io.base import IGNORE_INDEX, nodata_mask
+from tilenet.io.base import IGNORE_INDEX
 from tilenet.patches.patchstore import ARRAYS, COORDS, IMAGES, LABELS, stats_attrs
 from tilenet.patches.tileplan import ImagePlan, open_at
 
@@ -67,12 +67,13 @@ def _write_range(
             for g in range(a, b):
                 win = plan.windows[g - plan.start]
                 i = g - lo
-                data = img.read(win, level)
+                data, valid = img.read_masked(win, level)
                 imgs[i] = data
                 coords[i] = (src_index[k], level, win.y, win.x)
                 # stats over the part inside the image only (zero padding is not data)
                 inside = win.clip(*img.levels[level].shape).relative_to(win)
-                none = nodata_mask(data, img.nodata)  # nodata: not in the stats, label ignored
+                # no data (nodata, alpha 0, masked): not in the stats, label ignored
+                none = None if valid is None else ~valid
                 px = data[inside.slices]
                 px = px[~none[inside.slices]] if none is not None else px
                 px = px.reshape(-1, channels).astype(np.float64)

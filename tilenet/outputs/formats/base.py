@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from tilenet.config import InferConfig
 from tilenet.errors import ConfigError
 from tilenet.io.crs import GEOREF_KEY
+from tilenet.outputs.sink import NODATA_CLASS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -38,8 +39,9 @@ __all__ = [
     "tag_georef",
 ]
 
-#: The class value of ``classes.tif`` pixels where the input had no data.
-CLASSES_NODATA = 255
+#: The class value of pixels where the input had no data, in every class output
+#: (:data:`tilenet.outputs.sink.NODATA_CLASS`).
+CLASSES_NODATA = NODATA_CLASS
 
 
 @dataclass

@@ -17,7 +17,11 @@ __all__ = ["Classes"]
 @register_format
 class Classes:
     """``classes.ome.tif`` (beside the ``classes.ome.zarr`` every run makes) and, for a
-    georeferenced input, ``classes.tif``: a Cloud-Optimized GeoTIFF in its CRS."""
+    georeferenced input, ``classes.tif``: a Cloud-Optimized GeoTIFF in its CRS.
+
+    Pixels without data are :data:`CLASSES_NODATA` in all three (the sink wrote them so);
+    for an input that can have such pixels (:attr:`tilenet.io.base.LazyImage.masked`) the
+    TIFFs say so in GDAL's nodata tag, which QGIS and GDAL honour."""
 
     name: ClassVar[str] = "classes"
     help: ClassVar[str] = (
@@ -32,9 +36,11 @@ class Classes:
     def write(self, done: Finished, out: Location) -> dict[str, str]:
         import numpy as np
 
+        from tilenet.io.crs import geotiff_tags
         from tilenet.io.writers import write_ome_tiff
 
         classes = done.stores["classes"]
+        masked = bool(getattr(done.image, "masked", False))
         with done.file("classes.ome.tif") as path:
             write_ome_tiff(
                 path,
@@ -43,6 +49,7 @@ class Classes:
                 compression="zlib",
                 method="mode",
                 pixel_size=done.pixel_size,
+                extratags=geotiff_tags(None, None, CLASSES_NODATA) if masked else (),
             )
         paths = {"classes_tiff": out.join("classes.ome.tif")}
         if done.transform is not None:
@@ -58,29 +65,18 @@ class Classes:
 def _write_classes_cog(path: Path, classes: Any, done: Finished, histogram: Any) -> Path:
     """``classes.tif``: the class map as a COG in the input's CRS, scaled to the level run.
 
-    Where the input declares nodata, pixels whose bands are all nodata get
-    :data:`CLASSES_NODATA` (the COG's nodata value) instead of a class.
+    Pixels without data are :data:`CLASSES_NODATA` in the class map already; for an input
+    that can have them it is the COG's nodata value.
     """
-    import numpy as np
-
     from tilenet.io.raster import write_cog
 
-    image, level = done.image, done.config.level
-    nodata = image.nodata
-
-    def missing(window: Any) -> Any:
-        pixels = image.read(window, level, fill=nodata)
-        none = np.isnan(pixels) if np.isnan(nodata) else pixels == nodata
-        return np.all(none, axis=-1)
-
-    mask = missing if nodata is not None and done.num_classes <= CLASSES_NODATA else None
+    image = done.image
     return write_cog(
         path,
         classes,
         crs=image.crs,
         transform=done.transform,
-        nodata=CLASSES_NODATA if mask is not None else None,
-        nodata_mask=mask,
+        nodata=CLASSES_NODATA if image.masked else None,
         histogram=histogram,
         resampling="mode",
     )

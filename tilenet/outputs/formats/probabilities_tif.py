@@ -24,14 +24,16 @@ class ProbabilitiesTif:
         "probabilities.tif, a COG of uint8 p*254 (scale 1/254, 255 = nodata); "
         "probabilities.ome.zarr comes with it"
     )
-    needs: ClassVar[frozenset[str]] = frozenset({"probabilities"})
+    needs: ClassVar[frozenset[str]] = frozenset({"probabilities", "classes"})
     after: ClassVar[tuple[str, ...]] = ()
     uses: ClassVar[tuple[str, ...]] = ()
 
     def write(self, done: Finished, out: Location) -> dict[str, str]:
         t0 = time.perf_counter()
         with done.file("probabilities.tif") as path:
-            _write_probabilities_cog(path, done.stores["probabilities"], done)
+            _write_probabilities_cog(
+                path, done.stores["probabilities"], done.stores["classes"], done
+            )
         done.cog_s += time.perf_counter() - t0
         return {"probabilities_geotiff": out.join("probabilities.tif")}
 
@@ -55,10 +57,10 @@ class _ProbabilityBytes:
         return np.clip(np.rint(p * 254.0), 0, 254).astype(np.uint8)
 
 
-def _write_probabilities_cog(path: Path, probabilities: Any, done: Finished) -> Path:
+def _write_probabilities_cog(path: Path, probabilities: Any, classes: Any, done: Finished) -> Path:
     """One band per class: uint8 ``round(p * 254)`` with a GDAL band scale of 1/254 (GDAL,
-    QGIS and ``rasterio``'s ``scales`` read back p), so 255 is free for nodata: pixels where
-    the input declares nodata get 255 in every band. uint8 and not float16, which GDAL's COG
+    QGIS and ``rasterio``'s ``scales`` read back p), so 255 is free for nodata: pixels
+    without data (:data:`CLASSES_NODATA` in the class map) get 255 in every band. uint8 and not float16, which GDAL's COG
     driver does not write; a quarter of float32's size. Overviews are averages; deflate at
     level 1 (measured on 4096² x 3 classes: 0.6 CPU s against 2.4 s at GDAL's default 6, 5
     against 4 MB).
@@ -67,14 +69,11 @@ def _write_probabilities_cog(path: Path, probabilities: Any, done: Finished) -> 
 
     from tilenet.io.raster import write_cog
 
-    image, level = done.image, done.config.level
-    nodata = getattr(image, "nodata", None)
+    image = done.image
+    masked = bool(getattr(image, "masked", False))
 
     def missing(window: Any) -> Any:
-        nd = float(nodata)  # type: ignore[arg-type]
-        pixels = image.read(window, level, fill=nd)
-        none = np.isnan(pixels) if np.isnan(nd) else pixels == nd
-        return np.all(none, axis=-1)
+        return np.asarray(classes[window.slices]) == CLASSES_NODATA
 
     with warnings.catch_warnings():
         if done.transform is None:  # a plain image's COG: pixels only, as asked
@@ -86,8 +85,8 @@ def _write_probabilities_cog(path: Path, probabilities: Any, done: Finished) -> 
             _ProbabilityBytes(probabilities),
             crs=getattr(image, "crs", None),
             transform=done.transform,
-            nodata=CLASSES_NODATA if nodata is not None else None,
-            nodata_mask=missing if nodata is not None else None,
+            nodata=CLASSES_NODATA if masked else None,
+            nodata_mask=missing if masked else None,
             resampling="average",
             band_names=[str(n) for n in done.class_names],
             scale=1 / 254,

@@ -17,9 +17,9 @@ class Regions:
     """``classes.geojson`` (QuPath annotations; a georeferenced image's in its CRS or in WGS84)
     and, georeferenced, ``classes.gpkg`` in its CRS.
 
-    A georeferenced image's regions come from ``classes.tif`` where this run wrote it (the
-    ``classes`` format, written first), so its nodata area is no region and the polygons
-    overlay it exactly.
+    Background (0) and pixels without data (:data:`CLASSES_NODATA`) are no region. A
+    georeferenced image's regions come from ``classes.tif`` where this run wrote it (the
+    ``classes`` format, written first), so the polygons overlay it exactly.
     """
 
     name: ClassVar[str] = "regions"
@@ -39,6 +39,7 @@ class Regions:
                     geojson,
                     transform=done.image.pixel_transform(done.config.level),
                     class_names=done.class_names,
+                    skip=(0, CLASSES_NODATA),
                     seed=done.seed,
                 )
             return {"classes_geojson": out.join("classes.geojson")}

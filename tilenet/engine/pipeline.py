@@ -5,7 +5,10 @@ and numpy release the GIL, so threads overlap with the forward pass. Writing run
 background thread fed by a bounded queue, so there is exactly one writer (no chunk is ever
 written from two places) and memory stays bounded by the queue depths, never by the image.
 
-The host memory policy these stages run under is :func:`tilenet.runtime.heap_policy`.
+On a CUDA device, :class:`DeviceStreams` overlaps the copy of one batch to the device, the
+model, and the copy back of the previous batch's results (pinned host memory, non-blocking
+copies, one stream each). The host memory policy these stages run under is
+:func:`tilenet.runtime.heap_policy`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
-__all__ = ["BackgroundWriter", "prefetch"]
+__all__ = ["BackgroundWriter", "DeviceStreams", "HostCopy", "prefetch"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -109,3 +112,72 @@ class BackgroundWriter(Generic[T]):
             if self._thread.is_alive():
                 self._queue.put(self._STOP)
                 self._thread.join()
+
+
+class DeviceStreams:
+    """CUDA streams that overlap one batch's input copy, the model, and the copy back of
+    the batch before it.
+
+    :meth:`inputs` runs the input stage (host-to-device copies from pinned memory, device
+    decode, normalisation) on a copy stream, and the current (compute) stream waits for it;
+    the model runs on the compute stream between :meth:`timed` events; :meth:`to_host`
+    copies its results into pinned host memory on a third stream, and the returned
+    :class:`HostCopy` is waited for only after the next batch has been queued. Only for a
+    CUDA device: CPU runs never build one.
+    """
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.copy = torch.cuda.Stream(device)
+        self.back = torch.cuda.Stream(device)
+        self.compute = torch.cuda.current_stream(device)
+
+    def inputs(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` (a device tensor) made on the copy stream, ready for the compute stream."""
+        import torch
+
+        with torch.cuda.stream(self.copy):
+            x = fn()
+        self.compute.wait_stream(self.copy)
+        x.record_stream(self.compute)  # the allocator must not reuse it before the model ran
+        return x
+
+    def timed(self) -> tuple[Any, Any]:
+        """A (start, end) pair of timing events; record them around the model's work."""
+        import torch
+
+        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def to_host(self, tensors: Iterable[Any], marks: tuple[Any, Any] | None = None) -> HostCopy:
+        """Copies of ``tensors`` (made on the compute stream) in pinned host memory."""
+        import torch
+
+        self.back.wait_stream(self.compute)
+        out = []
+        with torch.cuda.stream(self.back):
+            for t in tensors:
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                t.record_stream(self.back)
+                out.append(host)
+            done = torch.cuda.Event()
+            done.record(self.back)
+        return HostCopy(out, done, marks)
+
+
+class HostCopy:
+    """Results on their way to the host: :meth:`wait` gives them as numpy arrays."""
+
+    def __init__(self, tensors: list[Any], done: Any, marks: tuple[Any, Any] | None) -> None:
+        self._tensors, self._done, self._marks = tensors, done, marks
+        #: Seconds the compute stream spent between the model's timing events.
+        self.busy_s = 0.0
+
+    def wait(self) -> list[Any]:
+        self._done.synchronize()
+        if self._marks is not None:
+            start, end = self._marks
+            self.busy_s = start.elapsed_time(end) / 1000.0
+        # numpy views of the pinned tensors (each array keeps its tensor alive).
+        return [t.numpy() for t in self._tensors]

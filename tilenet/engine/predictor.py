@@ -39,22 +39,22 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from tilenet.config import InferConfig
-from tilenet.engine.decode import Decoder
-from tilenet.engine.pipeline import BackgroundWriter, prefetch
+from tilenet.engine.decode import DECODERS, Decoder, choose_decoder
+from tilenet.engine.pipeline import BackgroundWriter, DeviceStreams, HostCopy, prefetch
 from tilenet.engine.stitch import Stitcher, strip_order
 from tilenet.errors import InputError
 from tilenet.geometry import Tile, TileGrid, Window, ceil_to
 from tilenet.io.source import EncodedWindow, decode_window
 from tilenet.models.spec import ModelSpec
 from tilenet.normalize import Normalizer
-from tilenet.runtime import autocast, heap_policy, resolve_device
+from tilenet.runtime import autocast, heap_policy, resolve_device, resolve_precision
 
 if TYPE_CHECKING:
     import torch
@@ -250,6 +250,11 @@ class RunStats:
     #: Seconds the model waited for tiles to be read.
     read_wait_s: float = 0.0
     heap_trims: int = 0
+    #: Seconds the GPU spent in the model (CUDA events around each batch; 0 on the CPU).
+    device_s: float = 0.0
+    #: Which decoder ran and why: {"decoder": name or "read", "reason": ..., "tiles": {path:
+    #: distinct tiles decoded}} (``summary.json``'s ``decode``).
+    decode: dict[str, Any] = field(default_factory=dict)
     #: The batch after which the ``reuse`` heap policy hit its ceiling and went ``flat``
     #: (None: it did not; see :class:`tilenet.runtime.HeapGuard`).
     heap_flat_after: int | None = None
@@ -267,14 +272,31 @@ class Predictor:
     changed), or another Predictor (its prepared model is shared). The model is put in eval
     mode with BatchNorm folded and channels_last (:func:`prepare_model`) on ``cfg.device``.
     ``cache=True`` keeps a checkpoint's prepared model for the next Predictor of the same
-    file in this process (batch workers).
+    file in this process (batch workers). ``decoder`` names a :data:`DECODERS` entry to run
+    whatever ``cfg.decode`` says (tests, benchmarks); by default :func:`choose_decoder` picks
+    per image. ``precision`` is ``cfg.precision`` with ``auto`` resolved for the device.
     """
 
-    def __init__(self, model: Any, cfg: InferConfig | None = None, *, cache: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        cfg: InferConfig | None = None,
+        *,
+        cache: bool = False,
+        decoder: str | None = None,
+    ) -> None:
         from tilenet.models import exactness
 
         self.config = cfg if cfg is not None else InferConfig()
         self.device = resolve_device(self.config.device)
+        self.precision = resolve_precision(self.config.precision, self.device)
+        if decoder is None and isinstance(model, Predictor):
+            decoder = model.decoder
+        if decoder is not None and decoder not in DECODERS:
+            raise InputError(f"unknown decoder {decoder!r}; registered: {', '.join(DECODERS)}")
+        self.decoder = decoder
+        if decoder is None and self.config.decode == "gpu":
+            choose_decoder("gpu", self.device, None)  # off CUDA: the one-line error, now
         self.checkpoint: str | None = None
         self.module: torch.nn.Module
         self.spec: ModelSpec
@@ -340,7 +362,7 @@ class Predictor:
         """Whether crop-mode output equals a whole-image pass for these options."""
         cfg = self.config
         enough = cfg.halo is None or cfg.halo >= self.spec.receptive_field
-        return bool(self.exact and cfg.mode == "crop" and cfg.precision == "fp32" and enough)
+        return bool(self.exact and cfg.mode == "crop" and self.precision == "fp32" and enough)
 
     # -- running ----------------------------------------------------------------------------
     def run(
@@ -363,27 +385,43 @@ class Predictor:
         memory policy ``config.heap`` is in force only during the call
         (:func:`tilenet.runtime.heap_policy`). The stitcher is closed before returning.
 
-        ``decoder`` (opt-in; :mod:`tilenet.engine.decode`): reader threads fetch the stored
-        tiles only (``image.encoded``) and ``decoder`` decodes each batch onto the device;
-        windows without a raw path are read as without it.
+        ``decoder`` (:mod:`tilenet.engine.decode`): reader threads fetch the stored tiles
+        only (``image.encoded``) and ``decoder`` decodes each batch onto the device; windows
+        without a raw path, or in a codec it does not take, are read as without it. Without
+        one, the predictor's own choice (``decoder`` at construction, else
+        ``config.decode`` through :func:`choose_decoder`); ``stats.decode`` says which ran.
+
+        On a CUDA device the batches stream (:class:`DeviceStreams`): the next batch is copied
+        over and queued before the previous one's results are waited for. On the CPU each
+        batch runs to its results before the next, as it always has.
         """
         import torch
 
         cfg = self.config
+        streams = None
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+            streams = DeviceStreams(self.device)
         crop = cfg.mode == "crop"
         # uint8 tiles travel as uint8 (4x fewer bytes to the device, 4x less read-ahead
         # memory) and are normalised there; other dtypes become float32 here.
         keep_raw = np.dtype(image.dtype) == np.uint8
-        reader = _TileReader(image, cfg.level, keep_raw=keep_raw, encoded=decoder is not None)
+        decoder, decode_info = self._decoder(image, tiles, decoder)
+        reader = _TileReader(
+            image,
+            cfg.level,
+            keep_raw=keep_raw,
+            encoded=decoder is not None,
+            codecs=decoder.codecs if decoder is not None else frozenset(),
+        )
         normalize = Normalizer(self.spec.mean, self.spec.std, device=self.device)
         inputs = _Inputs(self.device, normalize, grid.shape, decoder, keep_raw=keep_raw)
         outputs = _Outputs(grid.shape, self.spec.num_classes, crop=crop)
         skip = np.zeros(len(tiles), dtype=bool) if skip is None else skip
 
-        stats = RunStats(tiles=len(tiles), tiles_run=int((~skip).sum()))
+        stats = RunStats(tiles=len(tiles), tiles_run=int((~skip).sum()), decode=decode_info)
         t_start, c_start = time.perf_counter(), time.process_time()
+        pending: tuple[list[Tile], HostCopy] | None = None
         items = [(i, t, bool(skip[i])) for i, t in enumerate(tiles)]
         depth = max(2 * cfg.batch, 2 * cfg.readers)
         with (
@@ -397,19 +435,34 @@ class Predictor:
             for batch in _batches(reads, cfg.batch, by_row=crop):
                 stats.read_wait_s += time.perf_counter() - t0
                 if batch[0][1]:
+                    if pending is not None:  # the stitcher takes tiles in the run's order
+                        self._deliver(pending, writer, stats)
+                        pending = None
                     for tile, _, _ in batch:
                         writer.submit((tile, outputs.background(tile)))
-                else:
+                elif streams is None:
                     t1 = time.perf_counter()
                     for tile, p in self._predict(inputs(batch), batch, outputs):
                         writer.submit((tile, p))
                     stats.model_s += time.perf_counter() - t1
                     guard.check()  # keeps peak RSS flat on huge images (see runtime)
+                else:
+                    t1 = time.perf_counter()
+                    queued = self._launch(streams, inputs, batch, outputs)
+                    if pending is not None:
+                        self._deliver(pending, writer, stats)
+                    pending = queued
+                    stats.model_s += time.perf_counter() - t1
+                    guard.check()  # keeps peak RSS flat on huge images (see runtime)
                 if on_tiles is not None:
                     on_tiles(len(batch))
                 t0 = time.perf_counter()
+            if pending is not None:
+                self._deliver(pending, writer, stats)
             writer.close()
             stitcher.close()
+        if decoder is not None:
+            stats.decode["tiles"] = dict(getattr(decoder, "tiles", {}))
         stats.heap_trims = guard.trims
         stats.heap_flat_after = guard.went_flat_at
         stats.seconds = time.perf_counter() - t_start
@@ -423,10 +476,55 @@ class Predictor:
         import torch
 
         regions = [outputs.region(tile) for tile, _, _ in batch]
-        with torch.inference_mode(), autocast(self.device, self.config.precision):
+        with torch.inference_mode(), autocast(self.device, self.precision):
             probs = predict(self.module, x, tta=self.config.tta, regions=regions)
         for (tile, _, _), p in zip(batch, probs, strict=True):
             yield tile, p.contiguous().cpu().numpy()
+
+    # -- CUDA: streamed batches (never on the CPU) ------------------------------------------
+    def _launch(
+        self, streams: DeviceStreams, inputs: _Inputs, batch: _Batch, outputs: _Outputs
+    ) -> tuple[list[Tile], HostCopy]:
+        """Queue ``batch``'s input copy, model and copy back; returns without waiting."""
+        import torch
+
+        x = streams.inputs(lambda: inputs(batch))
+        regions = [outputs.region(tile) for tile, _, _ in batch]
+        start, end = streams.timed()
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            start.record(streams.compute)
+            probs = predict(self.module, x, tta=self.config.tta, regions=regions)
+            end.record(streams.compute)
+            copy = streams.to_host(probs, (start, end))
+        return [tile for tile, _, _ in batch], copy
+
+    @staticmethod
+    def _deliver(
+        pending: tuple[list[Tile], HostCopy], writer: BackgroundWriter[Any], stats: RunStats
+    ) -> None:
+        """Wait for a launched batch's results and hand them to the writer."""
+        tiles, copy = pending
+        for tile, p in zip(tiles, copy.wait(), strict=True):
+            writer.submit((tile, p))
+        stats.device_s += copy.busy_s
+
+    def _decoder(
+        self, image: Any, tiles: Sequence[Tile], given: Decoder | None
+    ) -> tuple[Decoder | None, dict[str, Any]]:
+        """The decoder of this run (None: the reader's ``read``) and the record of why."""
+        if given is not None:
+            return given, {"decoder": type(given).__name__, "reason": "given to run()"}
+        if self.decoder is not None:
+            return DECODERS[self.decoder](), {"decoder": self.decoder, "reason": "given"}
+        mode = self.config.decode
+        sample = None
+        if mode != "cpu" and self.device.type == "cuda" and tiles and hasattr(image, "encoded"):
+            sample = image.encoded(Window(0, 0, 1, 1), self.config.level)
+        name, why = choose_decoder(mode, self.device, sample)
+        if name is None and mode == "gpu":
+            log.warning("%s: --decode gpu: %s; read on the CPU", getattr(image, "path", ""), why)
+        info: dict[str, Any] = {"decoder": name or "read", "reason": why}
+        return (DECODERS[name]() if name else None), info
 
 
 _Batch = list[tuple[Tile, bool, Any]]  # (tile, skipped, pixels | EncodedWindow | None)
@@ -442,12 +540,15 @@ class _TileReader:
     level: int
     keep_raw: bool
     encoded: bool = False
+    #: The codecs the decoder takes; other windows are read.
+    codecs: frozenset[str] = frozenset()
 
     def __call__(self, item: tuple[int, Tile, bool]) -> np.ndarray | EncodedWindow | None:
         _, tile, skipped = item
         if skipped:
             return None
-        if self.encoded and (ew := self.image.encoded(tile.read, self.level)) is not None:
+        ew = self.image.encoded(tile.read, self.level) if self.encoded else None
+        if ew is not None and ew.codec in self.codecs:
             return cast(EncodedWindow, ew)
         raw = self.image.read(tile.read, self.level)
         return raw if self.keep_raw else raw.astype(np.float32)
@@ -477,9 +578,12 @@ class _Inputs:
             x = self.decoder.decode(items, device).float()
         else:
             arrays = [self._pixels(a) for a in items]
-            x = torch.from_numpy(np.stack(arrays))
-            if pin:
-                x = x.pin_memory()
+            if pin:  # stacked straight into pinned memory: one host copy, async to the GPU
+                first = torch.from_numpy(arrays[0])
+                x = torch.empty((len(arrays), *first.shape), dtype=first.dtype, pin_memory=True)
+                np.stack(arrays, out=x.numpy())
+            else:
+                x = torch.from_numpy(np.stack(arrays))
             # NHWC memory viewed as NCHW is channels_last: no copy, and the ops keep it.
             x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2).float()
         self.normalize(x)  # in place, as training batches are

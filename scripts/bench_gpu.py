@@ -135,14 +135,16 @@ def codec_rates(side: int, repeats: int) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _part(res: dict[str, Any], name: str) -> Iterator[None]:
-    """Record the part's wall and CPU seconds in ``res["part_s"]``."""
+def _part(res: dict[str, Any], name: str, out: str) -> Iterator[None]:
+    """Record the part's wall and CPU seconds in ``res["part_s"]``, then write ``res`` to
+    ``out`` (a run stopped by a time limit keeps the parts it finished)."""
     t0, c0 = time.perf_counter(), time.process_time()
     yield
     res.setdefault("part_s", {})[name] = [
         round(time.perf_counter() - t0, 2),
         round(time.process_time() - c0, 2),
     ]
+    bu.write_json(out, res)
 
 
 def _timed(fn: Any) -> float:
@@ -381,35 +383,35 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     if dev.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(dev)
     if "codecs" not in skip:
-        with _part(res, "codecs"):
+        with _part(res, "codecs", a.out):
             res["codecs_cpu_1thread_mpx_s"] = codec_rates(size["codec_tile"], size["repeats"])
     if "decode" not in skip:
-        with _part(res, "decode"):
+        with _part(res, "decode", a.out):
             res["decode"] = decode_alone(slide, dev, size["decode_batch"])
     models = a.models or ("tiny" if a.dry_run else ",".join(MODELS))
     for key in filter(None, models.split(",")):
         name, kwargs = MODELS[key]
         ckpt = bu.make_checkpoint(Path(a.work) / f"{key}.pt", name, kwargs)
         r: dict[str, Any] = {"model": name, "kwargs": kwargs}
+        res["models"][key] = r  # filled in place: each part's write carries it
+        if "forward" not in skip:
+            with _part(res, f"{key}.forward", a.out):
+                r["forward"] = forward(ckpt, (size["side"], size["side"]), size, a, dev)
         if "e2e" not in skip:
-            with _part(res, f"{key}.e2e"):
+            with _part(res, f"{key}.e2e", a.out):
                 if not a.dry_run:  # warm-up: cudnn autotune, nvJPEG handles, the allocator
                     e2e(slide, ckpt, "gpu", size, a, dev)
                 r["e2e"] = {d: e2e(slide, ckpt, d, size, a, dev) for d in ("gpu", "cpu")}
-        if "forward" not in skip:
-            with _part(res, f"{key}.forward"):
-                r["forward"] = forward(ckpt, (size["side"], size["side"]), size, a, dev)
-        if "monai" not in skip:
-            with _part(res, f"{key}.monai"):
-                r["monai"] = monai(slide, ckpt, size, a, dev)
         if "train" not in skip:
-            with _part(res, f"{key}.train"):
+            with _part(res, f"{key}.train", a.out):
                 r["train"] = train_steps(name, kwargs, size, dev)
+        if "monai" not in skip:
+            with _part(res, f"{key}.monai", a.out):
+                r["monai"] = monai(slide, ckpt, size, a, dev)
         if "e2e" in r and r.get("forward", {}).get("mpx_s"):
             r["e2e_gpu_over_forward"] = round(r["e2e"]["gpu"]["mpx_s"] / r["forward"]["mpx_s"], 3)
         if "e2e" in r and r.get("monai", {}).get("mpx_s"):
             r["e2e_gpu_over_monai"] = round(r["e2e"]["gpu"]["mpx_s"] / r["monai"]["mpx_s"], 2)
-        res["models"][key] = r
     return res
 
 

@@ -109,6 +109,21 @@ def test_choose_decoder(mode: str, device: Any, sample: Any, expected: str | Non
     assert name == expected and why
 
 
+@pytest.mark.parametrize("compression", ["jpeg2000", "zlib"])
+def test_jpeg2000_and_deflate_slides_keep_the_cpu_path(tmp_path: Path, compression: str) -> None:
+    """JPEG 2000 (as Aperio's 33003/33005 slides) has no raw path; deflate has one, in a
+    codec the device decoder does not take: on CUDA both are read by the reader."""
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, _rgb(64, 64), tile=(32, 32), compression=compression, metadata=None)
+    with open_image(path) as image:
+        sample = image.encoded(Window(0, 0, 1, 1))
+        assert (sample is None) == (compression == "jpeg2000")
+        assert image.read(Window(0, 0, 8, 8)).shape == (8, 8, 3)
+    for mode in ("auto", "gpu"):
+        name, why = choose_decoder(mode, CUDA, sample)
+        assert name is None and ("JPEG 2000" in why or "deflate" in why)
+
+
 def test_decode_gpu_without_cuda_is_a_one_line_error() -> None:
     with pytest.raises(InputError, match=r"^--decode gpu needs the model on a CUDA device") as e:
         choose_decoder("gpu", CPU, _sample())

@@ -230,8 +230,8 @@ class DeviceJpegDecoder:
         pin = device.type == "cuda"
         for key, (ew, data) in todo.items():
             if key not in done:
-                tile = torch.from_numpy(decode_tile(ew, data))
-                done[key] = tile.pin_memory().to(device, non_blocking=True) if pin else tile
+                pixels = torch.from_numpy(decode_tile(ew, data))
+                done[key] = pixels.pin_memory().to(device, non_blocking=True) if pin else pixels
                 self.tiles["imagecodecs"] += 1
         dtype = torch.from_numpy(np.zeros(0, first.dtype.newbyteorder("="))).dtype
         out = torch.zeros((len(batch), *first.shape), dtype=dtype, device=device)
@@ -262,7 +262,10 @@ def choose_decoder(mode: str, device: Any, sample: EncodedWindow | None) -> tupl
             )
         return None, f"the model runs on {device_type}: no device decoder"
     if sample is None:
-        return None, "no raw tile path (strips, predictor, band selection, resampled view)"
+        return None, (
+            "no raw tile path (JPEG 2000 or another codec tiles cannot be handed over in, "
+            "strips, a predictor, a band selection or a resampled view)"
+        )
     if sample.codec not in DeviceJpegDecoder.codecs:
         return None, f"{sample.codec} tiles decode on the CPU"
     if sample.bits != 8 or sample.photometric not in ("minisblack", "rgb", "ycbcr"):

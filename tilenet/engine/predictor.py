@@ -294,7 +294,7 @@ class Predictor:
             decoder = model.decoder
         if decoder is not None and decoder not in DECODERS:
             raise InputError(f"unknown decoder {decoder!r}; registered: {', '.join(DECODERS)}")
-        self.decoder = decoder
+        self.decoder: str | None = decoder
         if decoder is None and self.config.decode == "gpu":
             choose_decoder("gpu", self.device, None)  # off CUDA: the one-line error, now
         self.checkpoint: str | None = None

@@ -22,7 +22,8 @@ WHEELS=(
 )
 
 if [[ "${1:-}" == "--wheels" ]]; then
-  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> "$(git rev-parse --git-common-dir)/info/exclude"
+  exclude="$(git rev-parse --git-common-dir)/info/exclude"
+  grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
   mkdir -p .whl
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \

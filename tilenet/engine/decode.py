@@ -158,7 +158,15 @@ def decode_jpegs(streams: Sequence[bytes], device: Any = "cpu") -> list[torch.Te
     data = [torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in streams]
     with warnings.catch_warnings():  # torchvision 0.29 warns on every call
         warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
-        return list(decode_jpeg(data, mode=ImageReadMode.UNCHANGED, device=device))
+        images = list(decode_jpeg(data, mode=ImageReadMode.UNCHANGED, device=device))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        # Some torchvision releases make the legacy default stream, not the current one,
+        # wait for nvJPEG's stream: the current stream waits for the default one as well.
+        current, default = torch.cuda.current_stream(dev), torch.cuda.default_stream(dev)
+        if current != default:
+            current.wait_stream(default)
+    return images
 
 
 # -- the CPU decoder --------------------------------------------------------------------------

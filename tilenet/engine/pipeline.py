@@ -13,6 +13,7 @@ copies, one stream each). The host memory policy these stages run under is
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections import deque
@@ -119,11 +120,13 @@ class DeviceStreams:
     the batch before it.
 
     :meth:`inputs` runs the input stage (host-to-device copies from pinned memory, device
-    decode, normalisation) on a copy stream, and the current (compute) stream waits for it;
-    the model runs on the compute stream between :meth:`timed` events; :meth:`to_host`
+    decode, normalisation) on a copy stream, and the compute stream waits for it; the model
+    runs on the compute stream (:meth:`model`, between timing events); :meth:`to_host`
     copies its results into pinned host memory on a third stream, and the returned
-    :class:`HostCopy` is waited for only after the next batch has been queued. Only for a
-    CUDA device: CPU runs never build one.
+    :class:`HostCopy` is waited for only after the next batch has been queued. All three are
+    side streams: the default stream stays idle, so a library that signals the default
+    stream when its work is done (some torchvision releases' nvJPEG path) is waited for
+    without waiting for the model. Only for a CUDA device: CPU runs never build one.
     """
 
     def __init__(self, device: Any) -> None:
@@ -131,7 +134,7 @@ class DeviceStreams:
 
         self.copy = torch.cuda.Stream(device)
         self.back = torch.cuda.Stream(device)
-        self.compute = torch.cuda.current_stream(device)
+        self.compute = torch.cuda.Stream(device)
 
     def inputs(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` (a device tensor) made on the copy stream, ready for the compute stream."""
@@ -143,11 +146,16 @@ class DeviceStreams:
         x.record_stream(self.compute)  # the allocator must not reuse it before the model ran
         return x
 
-    def timed(self) -> tuple[Any, Any]:
-        """A (start, end) pair of timing events; record them around the model's work."""
+    @contextlib.contextmanager
+    def model(self) -> Iterator[tuple[Any, Any]]:
+        """Run the block on the compute stream between a (start, end) pair of timing events."""
         import torch
 
-        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.compute):
+            start.record(self.compute)
+            yield start, end
+            end.record(self.compute)
 
     def to_host(self, tensors: Iterable[Any], marks: tuple[Any, Any] | None = None) -> HostCopy:
         """Copies of ``tensors`` (made on the compute stream) in pinned host memory."""

@@ -490,12 +490,10 @@ class Predictor:
 
         x = streams.inputs(lambda: inputs(batch))
         regions = [outputs.region(tile) for tile, _, _ in batch]
-        start, end = streams.timed()
-        with torch.inference_mode(), autocast(self.device, self.precision):
-            start.record(streams.compute)
-            probs = predict(self.module, x, tta=self.config.tta, regions=regions)
-            end.record(streams.compute)
-            copy = streams.to_host(probs, (start, end))
+        with torch.inference_mode():
+            with autocast(self.device, self.precision), streams.model() as marks:
+                probs = predict(self.module, x, tta=self.config.tta, regions=regions)
+            copy = streams.to_host(probs, marks)
         return [tile for tile, _, _ in batch], copy
 
     @staticmethod

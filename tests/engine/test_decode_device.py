@@ -20,7 +20,7 @@ import tifffile
 import torch
 
 from tilenet.config import InferConfig
-from tilenet.engine.decode import DECODERS, DeviceJpegDecoder, choose_decoder
+from tilenet.engine.decode import DECODERS, DeviceJpegDecoder, choose_decoder, decoder_for
 from tilenet.engine.predictor import Predictor
 from tilenet.errors import InputError
 from tilenet.geometry import Window
@@ -122,6 +122,26 @@ def test_jpeg2000_and_deflate_slides_keep_the_cpu_path(tmp_path: Path, compressi
     for mode in ("auto", "gpu"):
         name, why = choose_decoder(mode, CUDA, sample)
         assert name is None and ("JPEG 2000" in why or "deflate" in why)
+
+
+def test_decoder_for_probes_the_image_only_where_the_device_decoder_could_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tifffile.imwrite(tmp_path / "j.tif", _rgb(64, 64), tile=(32, 32), photometric="rgb",
+                     compression="jpeg", metadata=None)  # fmt: skip
+    tifffile.imwrite(tmp_path / "z.tif", _rgb(64, 64), tile=(32, 32), compression="zlib",
+                     metadata=None)  # fmt: skip
+    with open_image(tmp_path / "j.tif") as jpeg, open_image(tmp_path / "z.tif") as deflate:
+        decoder, info = decoder_for(jpeg, 0, "auto", CUDA)
+        assert isinstance(decoder, DeviceJpegDecoder) and info["decoder"] == "cuda-jpeg"
+        assert decoder_for(jpeg, 0, "auto", CPU) == (None, {"decoder": "read",
+                           "reason": "the model runs on cpu: no device decoder"})  # fmt: skip
+        assert decoder_for(jpeg, 0, "cpu", CUDA)[0] is None
+        with caplog.at_level("WARNING"):
+            decoder, info = decoder_for(deflate, 0, "gpu", CUDA)
+        assert decoder is None and info == {"decoder": "read",
+                                            "reason": "deflate tiles decode on the CPU"}  # fmt: skip
+        assert "--decode gpu: deflate tiles decode on the CPU; read on the CPU" in caplog.text
 
 
 def test_decode_gpu_without_cuda_is_a_one_line_error() -> None:

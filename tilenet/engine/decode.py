@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import numpy as np
 
 from tilenet.errors import InputError
+from tilenet.geometry import Window
 from tilenet.io.source import EncodedWindow, decode_tile
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ __all__ = [
     "DeviceJpegDecoder",
     "choose_decoder",
     "decode_jpegs",
+    "decoder_for",
     "jpeg_frame",
     "jpeg_stream",
     "register_decoder",
@@ -279,6 +281,26 @@ def choose_decoder(mode: str, device: Any, sample: EncodedWindow | None) -> tupl
     if sample.bits != 8 or sample.photometric not in ("minisblack", "rgb", "ycbcr"):
         return None, f"{sample.bits}-bit {sample.photometric} JPEG: not for nvJPEG"
     return "cuda-jpeg", "8-bit JPEG tiles on a CUDA device"
+
+
+def decoder_for(
+    image: Any, level: int, mode: str, device: Any
+) -> tuple[Decoder | None, dict[str, Any]]:
+    """The decoder :func:`choose_decoder` picks for ``image`` at ``level`` (None: its
+    ``read``) and the record of it (``summary.json``'s ``decode``). The image's codec is
+    probed (one tile's bytes) only where the device decoder could run."""
+    import logging
+
+    sample = None
+    device_type = getattr(device, "type", str(device).split(":")[0])
+    if mode != "cpu" and device_type == "cuda" and hasattr(image, "encoded"):
+        sample = image.encoded(Window(0, 0, 1, 1), level)
+    name, why = choose_decoder(mode, device, sample)
+    if name is None and mode == "gpu":
+        logging.getLogger(__name__).warning(
+            "%s: --decode gpu: %s; read on the CPU", getattr(image, "path", "image"), why
+        )
+    return (DECODERS[name]() if name else None), {"decoder": name or "read", "reason": why}
 
 
 # -- shared -------------------------------------------------------------------------------------

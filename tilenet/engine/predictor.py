@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from tilenet.config import InferConfig
-from tilenet.engine.decode import DECODERS, Decoder, choose_decoder
+from tilenet.engine.decode import DECODERS, Decoder, choose_decoder, decoder_for
 from tilenet.engine.pipeline import BackgroundWriter, DeviceStreams, HostCopy, prefetch
 from tilenet.engine.stitch import Stitcher, strip_order
 from tilenet.errors import InputError
@@ -514,15 +514,9 @@ class Predictor:
             return given, {"decoder": type(given).__name__, "reason": "given to run()"}
         if self.decoder is not None:
             return DECODERS[self.decoder](), {"decoder": self.decoder, "reason": "given"}
-        mode = self.config.decode
-        sample = None
-        if mode != "cpu" and self.device.type == "cuda" and tiles and hasattr(image, "encoded"):
-            sample = image.encoded(Window(0, 0, 1, 1), self.config.level)
-        name, why = choose_decoder(mode, self.device, sample)
-        if name is None and mode == "gpu":
-            log.warning("%s: --decode gpu: %s; read on the CPU", getattr(image, "path", ""), why)
-        info: dict[str, Any] = {"decoder": name or "read", "reason": why}
-        return (DECODERS[name]() if name else None), info
+        if not tiles:
+            return None, {"decoder": "read", "reason": "no tiles"}
+        return decoder_for(image, self.config.level, self.config.decode, self.device)
 
 
 _Batch = list[tuple[Tile, bool, Any]]  # (tile, skipped, pixels | EncodedWindow | None)
@@ -577,8 +571,8 @@ class _Inputs:
         else:
             arrays = [self._pixels(a) for a in items]
             if pin:  # stacked straight into pinned memory: one host copy, async to the GPU
-                first = torch.from_numpy(arrays[0])
-                x = torch.empty((len(arrays), *first.shape), dtype=first.dtype, pin_memory=True)
+                dtype = torch.from_numpy(np.empty(0, arrays[0].dtype)).dtype
+                x = torch.empty((len(arrays), *arrays[0].shape), dtype=dtype, pin_memory=True)
                 np.stack(arrays, out=x.numpy())
             else:
                 x = torch.from_numpy(np.stack(arrays))

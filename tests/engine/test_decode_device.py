@@ -38,6 +38,40 @@ def _rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
     return (smooth + noise).clip(0, 255).astype(np.uint8)
 
 
+def _aperio_tile(t: np.ndarray) -> bytes:
+    """``t`` as Aperio stores RGB JPEG: 4:4:4 RGB samples, component ids 0, 1, 2, neither a
+    JFIF nor an Adobe marker (libjpeg and nvJPEG alone would take it for YCbCr)."""
+    stream = imagecodecs.jpeg8_encode(t, level=90, outcolorspace="RGB", subsampling="444")
+    out, pos = bytearray(b"\xff\xd8"), 2
+    while True:
+        marker, n = stream[pos + 1], int.from_bytes(stream[pos + 2 : pos + 4], "big")
+        seg = bytearray(stream[pos : pos + 2 + n])
+        if marker == 0xC0:  # SOF0: (id, sampling, table) per component from byte 10
+            for i in range(seg[9]):
+                seg[10 + 3 * i] = i
+        if marker == 0xDA:  # SOS: (id, tables) per component from byte 5, then the data
+            for i in range(seg[4]):
+                seg[5 + 2 * i] = i
+            return bytes(out + seg + stream[pos + 2 + n :])
+        if not 0xE0 <= marker <= 0xEF:  # APPn (JFIF, Adobe) dropped
+            out += seg
+        pos += 2 + n
+
+
+def _write_aperio(path: Path, img: np.ndarray, tile: int) -> None:
+    h, w, _ = img.shape
+    tiles = []
+    for y in range(0, h, tile):
+        for x in range(0, w, tile):
+            t = np.zeros((tile, tile, 3), np.uint8)
+            part = img[y : y + tile, x : x + tile]
+            t[: part.shape[0], : part.shape[1]] = part
+            tiles.append(_aperio_tile(t))
+    tifffile.imwrite(path, iter(tiles), shape=img.shape, dtype=np.uint8, tile=(tile, tile),
+                     photometric="rgb", compression="jpeg", subsampling=(1, 1), metadata=None,
+                     compressionargs={"outcolorspace": "RGB"})  # fmt: skip
+
+
 def _sample(codec: str = "jpeg", photometric: str = "ycbcr", bits: int = 8) -> EncodedWindow:
     return EncodedWindow(Window(0, 0, 1, 1), 0, codec, photometric, None, (16, 16),
                          np.dtype(np.uint8), 3, bits, ())  # fmt: skip
@@ -183,6 +217,24 @@ def test_predictor_with_the_device_decoder_on_the_cpu_is_bit_identical(
         assert np.array_equal(probs, forced[index])
 
 
+def test_aperio_tiles_without_a_colour_marker_decode_right_on_the_device_path(
+    tmp_path: Path,
+) -> None:
+    """The layout the gpu test sends to nvJPEG: read() has the source's colours, and the
+    device decoder (on the CPU) equals read() only thanks to the Adobe marker it adds."""
+    img = _rgb(100, 130)
+    _write_aperio(tmp_path / "a.tif", img, 64)
+    win = Window(-5, 10, 96, 96)
+    with open_image(tmp_path / "a.tif") as image:
+        expected, ew = image.read(win), image.encoded(win)
+        assert np.abs(image.read(Window(0, 0, 100, 130)).astype(int) - img).mean() < 4
+    assert ew is not None and ew.photometric == "rgb" and ew.tables is None
+    assert all(b"Adobe" not in t.data and b"JFIF" not in t.data for t in ew.tiles)
+    decoder = DeviceJpegDecoder()
+    got = decoder.decode([ew]).permute(0, 2, 3, 1).numpy()[0]
+    assert decoder.tiles == {"torchvision": len(ew.tiles)} and np.array_equal(got, expected)
+
+
 def test_windows_in_other_codecs_are_read(tmp_path: Path) -> None:
     """A decoder that takes no deflate: its reader threads read those windows instead."""
     path = tmp_path / "z.tif"
@@ -244,10 +296,8 @@ def test_nvjpeg_equals_the_cpu_decode_within_torchvisions_bound(
 ) -> None:
     path = tmp_path / "j.tif"
     img = _rgb(200, 260)
-    if layout == "aperio-rgb":
-        tifffile.imwrite(path, img, tile=(64, 64), photometric="rgb", compression="jpeg",
-                         subsampling=(1, 1), compressionargs={"outcolorspace": "RGB"},
-                         metadata=None)  # fmt: skip
+    if layout == "aperio-rgb":  # the Adobe marker is the decoder's (jpeg_stream)
+        _write_aperio(path, img, 64)
     else:
         sub = (2, 2) if layout == "ycbcr420" else (1, 1)
         tifffile.imwrite(path, img, tile=(64, 64), photometric="rgb", compression="jpeg",

@@ -261,7 +261,13 @@ class InferConfig:
     bands: list[int] | None = None
     batch: int = 4
     device: str = "auto"
-    precision: Precision = "fp32"
+    #: "auto": bf16 autocast on a GPU that supports it, fp16 on other GPUs, fp32 on the CPU
+    #: (crop mode is exact only in fp32).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    #: Where JPEG tiles are decoded. "auto": on the model's GPU (nvJPEG, one batched call per
+    #: batch) for 8-bit JPEG tiles, else by the reader in reader threads; "cpu": the reader
+    #: always; "gpu": the device decoder (an error off CUDA; other codecs are still read).
+    decode: Literal["auto", "cpu", "gpu"] = "auto"
     tta: bool = False
     #: Any of probabilities, classes, instances, preview, geojson (instances.geojson and the
     #: class regions classes.geojson), regions (classes.geojson alone, no instances) and

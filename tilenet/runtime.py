@@ -4,7 +4,8 @@ One owner for what training, inference and the benchmarks all need:
 
 * :func:`resolve_device` turns ``auto`` / ``cpu`` / ``cuda:N`` into a ``torch.device`` with a
   one-line error for a device that is not there;
-* :func:`autocast` is the mixed-precision context for ``fp32`` / ``bf16`` / ``fp16``;
+* :func:`autocast` is the mixed-precision context for ``fp32`` / ``bf16`` / ``fp16``
+  (:func:`resolve_precision` turns ``auto`` into one of them for a device);
 * :func:`torch_threads` sets torch's intra-op threads for a block and restores them;
 * :func:`heap_policy` applies a glibc malloc policy for a block and restores the previous one.
 
@@ -69,6 +70,7 @@ __all__ = [
     "heap_policy",
     "malloc_trim",
     "resolve_device",
+    "resolve_precision",
     "torch_threads",
 ]
 
@@ -103,6 +105,17 @@ def resolve_device(name: str, *, local_rank: int = 0, option: str = "--device") 
             f"{option} {name!r}: no such GPU; this machine has {torch.cuda.device_count()}"
         )
     return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on a GPU that supports it, fp16 on other GPUs, fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:

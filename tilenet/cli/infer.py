@@ -86,8 +86,16 @@ def _add_infer(sub: Any) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=["fp32", "bf16", "fp16"],
-        help=_default(InferConfig, "precision"),
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto: bf16 on a GPU that has it, else fp16 there; fp32 on the CPU "
+        f"({_default(InferConfig, 'precision')})",
+    )
+    p.add_argument(
+        "--decode",
+        choices=["auto", "cpu", "gpu"],
+        help="where JPEG tiles are decoded: auto = on the GPU (nvJPEG, batched) for 8-bit "
+        "JPEG when the model runs there, else by the reader; cpu = the reader; gpu = the GPU "
+        f"(an error without CUDA) ({_default(InferConfig, 'decode')})",
     )
     p.add_argument("--tta", action="store_true", default=None, help="average over 4 flips")
     _add_output_flags(p)
@@ -193,6 +201,7 @@ INFER_FLAGS: dict[str, Sequence[str]] = {
         "batch",
         "device",
         "precision",
+        "decode",
         "tta",
         "outputs",
         "probabilities_dtype",

@@ -15,6 +15,13 @@ tile a JPEG file any decoder reads as tifffile does:
 * an RGB-tagged stream without a JFIF or Adobe marker (Aperio) gets an Adobe APP14 marker
   with transform 0. libjpeg guesses the colour space from the stream alone, and takes
   component ids 0, 1, 2 for YCbCr: without it the colours are wrong (off by up to ~250).
+
+The ``cuda-jpeg`` decoder takes JPEG only: the distinct tiles of a batch go to the model's
+device in one batched :func:`decode_jpegs` call (nvJPEG on CUDA, the same call on
+libjpeg-turbo on the CPU) and the windows are assembled there. nvJPEG upsamples 4:2:0 and
+4:2:2 chroma differently from libjpeg-turbo, so on CUDA it equals ``read`` within
+torchvision's own bound (mean |diff| < 2), not bit for bit. :func:`choose_decoder` is the
+rule ``InferConfig.decode`` (``--decode auto|cpu|gpu``) applies per image.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
+from tilenet.errors import InputError
+from tilenet.geometry import Window
 from tilenet.io.source import EncodedWindow, decode_tile
 
 if TYPE_CHECKING:
@@ -36,7 +45,10 @@ __all__ = [
     "DECODERS",
     "CpuDecoder",
     "Decoder",
+    "DeviceJpegDecoder",
+    "choose_decoder",
     "decode_jpegs",
+    "decoder_for",
     "jpeg_frame",
     "jpeg_stream",
     "register_decoder",
@@ -148,7 +160,15 @@ def decode_jpegs(streams: Sequence[bytes], device: Any = "cpu") -> list[torch.Te
     data = [torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in streams]
     with warnings.catch_warnings():  # torchvision 0.29 warns on every call
         warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
-        return list(decode_jpeg(data, mode=ImageReadMode.UNCHANGED, device=device))
+        images = list(decode_jpeg(data, mode=ImageReadMode.UNCHANGED, device=device))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        # Some torchvision releases make the legacy default stream, not the current one,
+        # wait for nvJPEG's stream: the current stream waits for the default one as well.
+        current, default = torch.cuda.current_stream(dev), torch.cuda.default_stream(dev)
+        if current != default:
+            current.wait_stream(default)
+    return images
 
 
 # -- the CPU decoder --------------------------------------------------------------------------
@@ -183,31 +203,150 @@ class CpuDecoder:
         """Each distinct tile of ``batch`` decoded once, as (th, tw, C)."""
         import torch
 
-        todo: dict[Hashable, tuple[EncodedWindow, bytes]] = {}
-        for ew in batch:
-            for tile in ew.tiles:
-                todo.setdefault(tile.key, (ew, tile.data))
-        streams: dict[Hashable, bytes] = {}
-        done: dict[Hashable, torch.Tensor] = {}
-        for key, (ew, data) in todo.items():
-            if ew.codec == "jpeg" and _torchvision_takes(ew, data):
-                streams[key] = jpeg_stream(ew.tables, data, ew.photometric)
-        if streams:
-            try:
-                images = decode_jpegs(list(streams.values()))
-            except RuntimeError:  # a stream libjpeg rejects: imagecodecs decodes (or says why)
-                images = []
-            for key, img in zip(streams, images, strict=False):
-                ew = todo[key][0]
-                if tuple(img.shape) == (ew.samples, *ew.tile_shape):
-                    done[key] = img.permute(1, 2, 0)
-        if done:
-            self.tiles["torchvision"] += len(done)
+        todo = _distinct(batch)
+        done = _decode_streams(todo, "cpu", self.tiles)
         for key, (ew, data) in todo.items():
             if key not in done:
                 done[key] = torch.from_numpy(decode_tile(ew, data))
                 self.tiles["imagecodecs"] += 1
         return done
+
+
+# -- the device decoder -----------------------------------------------------------------------
+@register_decoder("cuda-jpeg")
+class DeviceJpegDecoder:
+    """8-bit JPEG tiles decoded on the model's device by one batched call per batch.
+
+    On CUDA that call is nvJPEG (:func:`decode_jpegs`); on the CPU it is the same call, on
+    libjpeg-turbo (equal to ``read`` bit for bit). What it cannot decode (12-bit, CMYK,
+    lossless JPEG) is decoded by imagecodecs on the host and copied over. The windows are
+    assembled on the device, so only the compressed bytes cross the bus. ``tiles`` counts
+    the distinct tiles per path: "torchvision" (CPU), "nvjpeg" (CUDA), "imagecodecs".
+    """
+
+    codecs: ClassVar[frozenset[str]] = frozenset({"jpeg"})
+
+    def __init__(self) -> None:
+        self.tiles: Counter[str] = Counter()
+
+    def decode(self, batch: Sequence[EncodedWindow], device: Any = "cpu") -> torch.Tensor:
+        """(B, C, h, w) pixels of ``batch`` (channels_last memory), made on ``device``."""
+        import torch
+
+        first = _check_batch(batch, self.codecs)
+        device = torch.device(device)
+        todo = _distinct(batch)
+        done = _decode_streams(todo, device, self.tiles)
+        pin = device.type == "cuda"
+        for key, (ew, data) in todo.items():
+            if key not in done:
+                pixels = torch.from_numpy(decode_tile(ew, data))
+                done[key] = pixels.pin_memory().to(device, non_blocking=True) if pin else pixels
+                self.tiles["imagecodecs"] += 1
+        dtype = torch.from_numpy(np.zeros(0, first.dtype.newbyteorder("="))).dtype
+        out = torch.zeros((len(batch), *first.shape), dtype=dtype, device=device)
+        for b, ew in enumerate(batch):
+            for tile in ew.tiles:
+                seg = done[tile.key]
+                out[(b, *tile.dst.slices)] = seg[tile.src.slices]
+        return out.permute(0, 3, 1, 2)
+
+
+def choose_decoder(mode: str, device: Any, sample: EncodedWindow | None) -> tuple[str | None, str]:
+    """What ``InferConfig.decode`` (``auto``, ``cpu``, ``gpu``) runs for one image.
+
+    Returns (a :data:`DECODERS` name, or None for the reader's ``read`` in reader threads,
+    and why). ``sample`` is the image's ``encoded`` of one window (None: no raw path). The
+    device decoder is taken for 8-bit 1- or 3-component JPEG on a CUDA device; everything
+    else (JPEG 2000, deflate, LZW, zstd, 12-bit or CMYK JPEG) is read on the CPU. ``gpu``
+    off CUDA is an error: the caller asked for what this machine cannot do.
+    """
+    device_type = getattr(device, "type", str(device).split(":")[0])
+    if mode == "cpu":
+        return None, "asked for: decode=cpu"
+    if device_type != "cuda":
+        if mode == "gpu":
+            raise InputError(
+                f"--decode gpu needs the model on a CUDA device, and it runs on {device}; "
+                "use --decode auto or cpu (or --device cuda on a machine with a GPU)"
+            )
+        return None, f"the model runs on {device_type}: no device decoder"
+    if sample is None:
+        return None, (
+            "no raw tile path (JPEG 2000 or another codec tiles cannot be handed over in, "
+            "strips, a predictor, a band selection or a resampled view)"
+        )
+    if sample.codec not in DeviceJpegDecoder.codecs:
+        return None, f"{sample.codec} tiles decode on the CPU"
+    if sample.bits != 8 or sample.photometric not in ("minisblack", "rgb", "ycbcr"):
+        return None, f"{sample.bits}-bit {sample.photometric} JPEG: not for nvJPEG"
+    return "cuda-jpeg", "8-bit JPEG tiles on a CUDA device"
+
+
+def decoder_for(
+    image: Any, level: int, mode: str, device: Any
+) -> tuple[Decoder | None, dict[str, Any]]:
+    """The decoder :func:`choose_decoder` picks for ``image`` at ``level`` (None: its
+    ``read``) and the record of it (``summary.json``'s ``decode``). The image's codec is
+    probed (one tile's bytes) only where the device decoder could run."""
+    import logging
+
+    sample = None
+    device_type = getattr(device, "type", str(device).split(":")[0])
+    if mode != "cpu" and device_type == "cuda" and hasattr(image, "encoded"):
+        sample = image.encoded(Window(0, 0, 1, 1), level)
+    name, why = choose_decoder(mode, device, sample)
+    if name is None and mode == "gpu":
+        logging.getLogger(__name__).warning(
+            "%s: --decode gpu: %s; read on the CPU", getattr(image, "path", "image"), why
+        )
+    return (DECODERS[name]() if name else None), {"decoder": name or "read", "reason": why}
+
+
+# -- shared -------------------------------------------------------------------------------------
+def _distinct(batch: Sequence[EncodedWindow]) -> dict[Hashable, tuple[EncodedWindow, bytes]]:
+    """Each distinct stored tile of ``batch`` (by key) with its window and bytes."""
+    todo: dict[Hashable, tuple[EncodedWindow, bytes]] = {}
+    for ew in batch:
+        for tile in ew.tiles:
+            todo.setdefault(tile.key, (ew, tile.data))
+    return todo
+
+
+def _decode_streams(
+    todo: dict[Hashable, tuple[EncodedWindow, bytes]], device: Any, counts: Counter[str]
+) -> dict[Hashable, torch.Tensor]:
+    """The tiles of ``todo`` that libjpeg-turbo/nvJPEG decode as tifffile does, decoded by one
+    call of :func:`decode_jpegs` on ``device``, as (th, tw, C); the rest are left out.
+
+    A stream the batched call rejects makes it fail whole: then each is tried alone, and the
+    ones that still fail are left to imagecodecs.
+    """
+    streams = {
+        key: jpeg_stream(ew.tables, data, ew.photometric)
+        for key, (ew, data) in todo.items()
+        if ew.codec == "jpeg" and _torchvision_takes(ew, data)
+    }
+    if not streams:
+        return {}
+    try:
+        images: list[Any] = decode_jpegs(list(streams.values()), device)
+    except RuntimeError:  # a stream the decoder rejects
+        images = []
+        for s in streams.values():
+            try:
+                images.append(decode_jpegs([s], device)[0])
+            except RuntimeError:
+                images.append(None)
+    done: dict[Hashable, torch.Tensor] = {}
+    for key, img in zip(streams, images, strict=True):
+        ew = todo[key][0]
+        if img is not None and tuple(img.shape) == (ew.samples, *ew.tile_shape):
+            done[key] = img.permute(1, 2, 0)
+    route = "nvjpeg" if str(device).startswith("cuda") else "torchvision"
+    if done:
+        counts[route] += len(done)
+    return done
 
 
 def _torchvision_takes(ew: EncodedWindow, tile: bytes) -> bool:

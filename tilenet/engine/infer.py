@@ -421,6 +421,9 @@ def run_band(
         "heap_flat_after": stats.heap_flat_after,
         "device": str(predictor.device),
         "exact": predictor.run_is_exact,
+        "precision": predictor.precision,
+        "decode": stats.decode,
+        "device_s": round(stats.device_s, 3),
     }
     # Written only now, when every chunk of the band is on disk: the marker is the proof.
     plan.outputs.mark_band(band, record)
@@ -474,7 +477,9 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
         "regions": len(records),
         "regions_resumed": len(plan.outputs.resumed),
         "device": ",".join(devices),
-        "precision": cfg.precision,
+        # As run (auto resolved per device), and which decoder ran and why (engine.decode).
+        "precision": ",".join(sorted({str(r.get("precision", cfg.precision)) for r in records})),
+        "decode": _decode_summary(records),
         "class_names": names,
         "class_area_px": dict(zip(names, area, strict=True)),
         "class_area_um2": (
@@ -534,6 +539,7 @@ def _timings(
         "tiles_cpu_s": total("cpu_s"),
         "model_s": total("model_s"),
         "read_wait_s": total("read_wait_s"),
+        "device_s": total("device_s"),  # GPU time in the model (CUDA events); 0 on the CPU
         "heap_trims": int(total("heap_trims")),
         # Bands whose reuse heap reached its ceiling and finished flat (tilenet.runtime).
         "heap_went_flat": sum(r.get("heap_flat_after") is not None for r in records),
@@ -541,6 +547,19 @@ def _timings(
         "cog_s": round(cog_s, 3),  # classes.tif and probabilities.tif, in finalize
         "total_s": round(time.time() - plan.t0, 3),
     }
+
+
+def _decode_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The bands' decoders (usually one) with the first band's reason and tiles summed."""
+    infos = [r["decode"] for r in records if r.get("decode")]
+    if not infos:
+        return {"decoder": "read", "reason": "unrecorded"}
+    tiles: dict[str, int] = {}
+    for info in infos:
+        for path, n in info.get("tiles", {}).items():
+            tiles[path] = tiles.get(path, 0) + int(n)
+    names = sorted({str(i["decoder"]) for i in infos})
+    return {"decoder": ",".join(names), "reason": infos[0]["reason"], "tiles": tiles}
 
 
 def _georef(image: Any, downsample: tuple[float, float]) -> dict[str, Any] | None:

@@ -3,21 +3,40 @@
 Reading (decode + normalise) runs in a thread pool ahead of the model; tifffile, imagecodecs
 and numpy release the GIL, so threads overlap with the forward pass. Writing runs in one
 background thread fed by a bounded queue, so there is exactly one writer (no chunk is ever
-written from two places) and memory stays bounded by the queue depths, never by the image.
+written from two places) and memory stays bounded by the queue depths, never by the image. :class:`TileReader` is what the read-ahead runs per
+tile (pixels, the stored tile bytes for a decoder, or pixels with their validity mask).
 
-The host memory policy these stages run under is :func:`tilenet.runtime.heap_policy`.
+On a CUDA device, :class:`DeviceStreams` overlaps the copy of one batch to the device, the
+model, and the copy back of the previous batch's results (pinned host memory, non-blocking
+copies, one stream each). The host memory policy these stages run under is
+:func:`tilenet.runtime.heap_policy`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
 
-__all__ = ["BackgroundWriter", "prefetch"]
+import numpy as np
+
+from tilenet.geometry import Tile, Window
+from tilenet.io.source import EncodedWindow
+
+__all__ = [
+    "BackgroundWriter",
+    "DeviceStreams",
+    "HostCopy",
+    "Masked",
+    "TileReader",
+    "mark_invalid",
+    "prefetch",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -109,3 +128,131 @@ class BackgroundWriter(Generic[T]):
             if self._thread.is_alive():
                 self._queue.put(self._STOP)
                 self._thread.join()
+
+
+class DeviceStreams:
+    """CUDA streams that overlap one batch's input copy, the model, and the copy back of
+    the batch before it.
+
+    :meth:`inputs` runs the input stage (host-to-device copies from pinned memory, device
+    decode, normalisation) on a copy stream, and the compute stream waits for it; the model
+    runs on the compute stream (:meth:`model`, between timing events); :meth:`to_host`
+    copies its results into pinned host memory on a third stream, and the returned
+    :class:`HostCopy` is waited for only after the next batch has been queued. All three are
+    side streams: the default stream stays idle, so a library that signals the default
+    stream when its work is done (some torchvision releases' nvJPEG path) is waited for
+    without waiting for the model. Only for a CUDA device: CPU runs never build one.
+    """
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.copy = torch.cuda.Stream(device)
+        self.back = torch.cuda.Stream(device)
+        self.compute = torch.cuda.Stream(device)
+
+    def inputs(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` (a device tensor) made on the copy stream, ready for the compute stream."""
+        import torch
+
+        with torch.cuda.stream(self.copy):
+            x = fn()
+        self.compute.wait_stream(self.copy)
+        x.record_stream(self.compute)  # the allocator must not reuse it before the model ran
+        return x
+
+    @contextlib.contextmanager
+    def model(self) -> Iterator[tuple[Any, Any]]:
+        """Run the block on the compute stream between a (start, end) pair of timing events."""
+        import torch
+
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.compute):
+            start.record(self.compute)
+            yield start, end
+            end.record(self.compute)
+
+    def to_host(self, tensors: Iterable[Any], marks: tuple[Any, Any] | None = None) -> HostCopy:
+        """Copies of ``tensors`` (made on the compute stream) in pinned host memory."""
+        import torch
+
+        self.back.wait_stream(self.compute)
+        out = []
+        with torch.cuda.stream(self.back):
+            for t in tensors:
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                t.record_stream(self.back)
+                out.append(host)
+            done = torch.cuda.Event()
+            done.record(self.back)
+        return HostCopy(out, done, marks)
+
+
+class HostCopy:
+    """Results on their way to the host: :meth:`wait` gives them as numpy arrays."""
+
+    def __init__(self, tensors: list[Any], done: Any, marks: tuple[Any, Any] | None) -> None:
+        self._tensors, self._done, self._marks = tensors, done, marks
+        #: Seconds the compute stream spent between the model's timing events.
+        self.busy_s = 0.0
+
+    def wait(self) -> list[Any]:
+        self._done.synchronize()
+        if self._marks is not None:
+            start, end = self._marks
+            self.busy_s = start.elapsed_time(end) / 1000.0
+        # numpy views of the pinned tensors (each array keeps its tensor alive).
+        return [t.numpy() for t in self._tensors]
+
+
+# -- the validity mask ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Masked:
+    """A read tile of an image with nodata, alpha or a dataset mask: its pixels (None for a
+    skipped tile) and ``valid`` (h, w) over its read window
+    (:meth:`tilenet.io.base.LazyImage.read_masked`)."""
+
+    pixels: np.ndarray | None
+    valid: np.ndarray
+
+
+def mark_invalid(probs: np.ndarray, item: Any, region: Window) -> np.ndarray:
+    """``probs`` of ``region`` (of the read window) with NaN where the input has no data:
+    the stitchers carry NaN through (every tile covering a pixel agrees on it) and the sink
+    writes those pixels as nodata (:class:`tilenet.outputs.sink.OutputSink`)."""
+    if not isinstance(item, Masked):
+        return probs
+    invalid = ~item.valid[region.slices]
+    if invalid.any():
+        probs = probs.copy()
+        probs[:, invalid] = np.nan
+    return probs
+
+
+@dataclass(frozen=True)
+class TileReader:
+    """Reads a tile's window of ``image`` at ``level`` (in a reader thread); a skipped tile
+    reads nothing. ``keep_raw``: the pixels stay in the image's dtype, else float32.
+    ``encoded``: the stored tiles where the image has a raw path for the window."""
+
+    image: Any
+    level: int
+    keep_raw: bool
+    encoded: bool = False
+    #: The codecs the decoder takes; other windows are read.
+    codecs: frozenset[str] = frozenset()
+
+    def __call__(self, item: tuple[int, Tile, bool]) -> np.ndarray | EncodedWindow | Masked | None:
+        _, tile, skipped = item
+        masked = bool(getattr(self.image, "masked", False))
+        if skipped:
+            return Masked(None, self.image.valid(tile.read, self.level)) if masked else None
+        if masked:  # the mask comes from the decoded pixels: no raw path
+            raw, valid = self.image.read_masked(tile.read, self.level)
+            return Masked(raw if self.keep_raw else raw.astype(np.float32), valid)
+        ew = self.image.encoded(tile.read, self.level) if self.encoded else None
+        if ew is not None and ew.codec in self.codecs:
+            return cast(EncodedWindow, ew)
+        raw = self.image.read(tile.read, self.level)
+        return raw if self.keep_raw else raw.astype(np.float32)

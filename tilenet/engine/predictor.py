@@ -39,22 +39,30 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tilenet.config import InferConfig
-from tilenet.engine.decode import Decoder
-from tilenet.engine.pipeline import BackgroundWriter, prefetch
+from tilenet.engine.decode import DECODERS, Decoder, choose_decoder, decoder_for
+from tilenet.engine.pipeline import (
+    BackgroundWriter,
+    DeviceStreams,
+    HostCopy,
+    Masked,
+    TileReader,
+    mark_invalid,
+    prefetch,
+)
 from tilenet.engine.stitch import Stitcher, strip_order
 from tilenet.errors import InputError
 from tilenet.geometry import Tile, TileGrid, Window, ceil_to
 from tilenet.io.source import EncodedWindow, decode_window
 from tilenet.models.spec import ModelSpec
 from tilenet.normalize import Normalizer
-from tilenet.runtime import autocast, heap_policy, resolve_device
+from tilenet.runtime import autocast, heap_policy, resolve_device, resolve_precision
 
 if TYPE_CHECKING:
     import torch
@@ -250,6 +258,11 @@ class RunStats:
     #: Seconds the model waited for tiles to be read.
     read_wait_s: float = 0.0
     heap_trims: int = 0
+    #: Seconds the GPU spent in the model (CUDA events around each batch; 0 on the CPU).
+    device_s: float = 0.0
+    #: Which decoder ran and why: {"decoder": name or "read", "reason": ..., "tiles": {path:
+    #: distinct tiles decoded}} (``summary.json``'s ``decode``).
+    decode: dict[str, Any] = field(default_factory=dict)
     #: The batch after which the ``reuse`` heap policy hit its ceiling and went ``flat``
     #: (None: it did not; see :class:`tilenet.runtime.HeapGuard`).
     heap_flat_after: int | None = None
@@ -267,14 +280,31 @@ class Predictor:
     changed), or another Predictor (its prepared model is shared). The model is put in eval
     mode with BatchNorm folded and channels_last (:func:`prepare_model`) on ``cfg.device``.
     ``cache=True`` keeps a checkpoint's prepared model for the next Predictor of the same
-    file in this process (batch workers).
+    file in this process (batch workers). ``decoder`` names a :data:`DECODERS` entry to run
+    whatever ``cfg.decode`` says (tests, benchmarks); by default :func:`choose_decoder` picks
+    per image. ``precision`` is ``cfg.precision`` with ``auto`` resolved for the device.
     """
 
-    def __init__(self, model: Any, cfg: InferConfig | None = None, *, cache: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        cfg: InferConfig | None = None,
+        *,
+        cache: bool = False,
+        decoder: str | None = None,
+    ) -> None:
         from tilenet.models import exactness
 
         self.config = cfg if cfg is not None else InferConfig()
         self.device = resolve_device(self.config.device)
+        self.precision = resolve_precision(self.config.precision, self.device)
+        if decoder is None and isinstance(model, Predictor):
+            decoder = model.decoder
+        if decoder is not None and decoder not in DECODERS:
+            raise InputError(f"unknown decoder {decoder!r}; registered: {', '.join(DECODERS)}")
+        self.decoder: str | None = decoder
+        if decoder is None and self.config.decode == "gpu":
+            choose_decoder("gpu", self.device, None)  # off CUDA: the one-line error, now
         self.checkpoint: str | None = None
         self.module: torch.nn.Module
         self.spec: ModelSpec
@@ -340,7 +370,7 @@ class Predictor:
         """Whether crop-mode output equals a whole-image pass for these options."""
         cfg = self.config
         enough = cfg.halo is None or cfg.halo >= self.spec.receptive_field
-        return bool(self.exact and cfg.mode == "crop" and cfg.precision == "fp32" and enough)
+        return bool(self.exact and cfg.mode == "crop" and self.precision == "fp32" and enough)
 
     # -- running ----------------------------------------------------------------------------
     def run(
@@ -363,27 +393,43 @@ class Predictor:
         memory policy ``config.heap`` is in force only during the call
         (:func:`tilenet.runtime.heap_policy`). The stitcher is closed before returning.
 
-        ``decoder`` (opt-in; :mod:`tilenet.engine.decode`): reader threads fetch the stored
-        tiles only (``image.encoded``) and ``decoder`` decodes each batch onto the device;
-        windows without a raw path are read as without it.
+        ``decoder`` (:mod:`tilenet.engine.decode`): reader threads fetch the stored tiles
+        only (``image.encoded``) and ``decoder`` decodes each batch onto the device; windows
+        without a raw path, or in a codec it does not take, are read as without it. Without
+        one, the predictor's own choice (``decoder`` at construction, else
+        ``config.decode`` through :func:`choose_decoder`); ``stats.decode`` says which ran.
+
+        On a CUDA device the batches stream (:class:`DeviceStreams`): the next batch is copied
+        over and queued before the previous one's results are waited for. On the CPU each
+        batch runs to its results before the next, as it always has.
         """
         import torch
 
         cfg = self.config
+        streams = None
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+            streams = DeviceStreams(self.device)
         crop = cfg.mode == "crop"
         # uint8 tiles travel as uint8 (4x fewer bytes to the device, 4x less read-ahead
         # memory) and are normalised there; other dtypes become float32 here.
         keep_raw = np.dtype(image.dtype) == np.uint8
-        reader = _TileReader(image, cfg.level, keep_raw=keep_raw, encoded=decoder is not None)
+        decoder, decode_info = self._decoder(image, tiles, decoder)
+        reader = TileReader(
+            image,
+            cfg.level,
+            keep_raw=keep_raw,
+            encoded=decoder is not None,
+            codecs=decoder.codecs if decoder is not None else frozenset(),
+        )
         normalize = Normalizer(self.spec.mean, self.spec.std, device=self.device)
         inputs = _Inputs(self.device, normalize, grid.shape, decoder, keep_raw=keep_raw)
         outputs = _Outputs(grid.shape, self.spec.num_classes, crop=crop)
         skip = np.zeros(len(tiles), dtype=bool) if skip is None else skip
 
-        stats = RunStats(tiles=len(tiles), tiles_run=int((~skip).sum()))
+        stats = RunStats(tiles=len(tiles), tiles_run=int((~skip).sum()), decode=decode_info)
         t_start, c_start = time.perf_counter(), time.process_time()
+        pending: tuple[_Batch, list[Window], HostCopy] | None = None
         items = [(i, t, bool(skip[i])) for i, t in enumerate(tiles)]
         depth = max(2 * cfg.batch, 2 * cfg.readers)
         with (
@@ -397,19 +443,34 @@ class Predictor:
             for batch in _batches(reads, cfg.batch, by_row=crop):
                 stats.read_wait_s += time.perf_counter() - t0
                 if batch[0][1]:
+                    if pending is not None:  # the stitcher takes tiles in the run's order
+                        self._deliver(pending, writer, stats)
+                        pending = None
                     for tile, _, arr in batch:
                         writer.submit((tile, outputs.background(tile, arr)))
-                else:
+                elif streams is None:
                     t1 = time.perf_counter()
                     for tile, p in self._predict(inputs(batch), batch, outputs):
                         writer.submit((tile, p))
                     stats.model_s += time.perf_counter() - t1
                     guard.check()  # keeps peak RSS flat on huge images (see runtime)
+                else:
+                    t1 = time.perf_counter()
+                    queued = self._launch(streams, inputs, batch, outputs)
+                    if pending is not None:
+                        self._deliver(pending, writer, stats)
+                    pending = queued
+                    stats.model_s += time.perf_counter() - t1
+                    guard.check()  # keeps peak RSS flat on huge images (see runtime)
                 if on_tiles is not None:
                     on_tiles(len(batch))
                 t0 = time.perf_counter()
+            if pending is not None:
+                self._deliver(pending, writer, stats)
             writer.close()
             stitcher.close()
+        if decoder is not None:
+            stats.decode["tiles"] = dict(getattr(decoder, "tiles", {}))
         stats.heap_trims = guard.trims
         stats.heap_flat_after = guard.went_flat_at
         stats.seconds = time.perf_counter() - t_start
@@ -423,63 +484,54 @@ class Predictor:
         import torch
 
         regions = [outputs.region(tile) for tile, _, _ in batch]
-        with torch.inference_mode(), autocast(self.device, self.config.precision):
+        with torch.inference_mode(), autocast(self.device, self.precision):
             probs = predict(self.module, x, tta=self.config.tta, regions=regions)
         for (tile, _, arr), p, r in zip(batch, probs, regions, strict=True):
-            yield tile, _mark_invalid(p.contiguous().cpu().numpy(), arr, r)
+            yield tile, mark_invalid(p.contiguous().cpu().numpy(), arr, r)
+
+    # -- CUDA: streamed batches (never on the CPU) ------------------------------------------
+    def _launch(
+        self, streams: DeviceStreams, inputs: _Inputs, batch: _Batch, outputs: _Outputs
+    ) -> tuple[_Batch, list[Window], HostCopy]:
+        """Queue ``batch``'s input copy, model and copy back; returns without waiting."""
+        import torch
+
+        x = streams.inputs(lambda: inputs(batch))
+        regions = [outputs.region(tile) for tile, _, _ in batch]
+        with torch.inference_mode():
+            with autocast(self.device, self.precision), streams.model() as marks:
+                probs = predict(self.module, x, tta=self.config.tta, regions=regions)
+            copy = streams.to_host(probs, marks)
+        return batch, regions, copy
+
+    @staticmethod
+    def _deliver(
+        pending: tuple[_Batch, list[Window], HostCopy],
+        writer: BackgroundWriter[Any],
+        stats: RunStats,
+    ) -> None:
+        """Wait for a launched batch's results and hand them to the writer (NaN where the
+        input has no data, as on the CPU path)."""
+        batch, regions, copy = pending
+        for (tile, _, arr), p, r in zip(batch, copy.wait(), regions, strict=True):
+            writer.submit((tile, mark_invalid(p, arr, r)))
+        stats.device_s += copy.busy_s
+
+    def _decoder(
+        self, image: Any, tiles: Sequence[Tile], given: Decoder | None
+    ) -> tuple[Decoder | None, dict[str, Any]]:
+        """The decoder of this run (None: the reader's ``read``) and the record of why."""
+        if given is not None:
+            return given, {"decoder": type(given).__name__, "reason": "given to run()"}
+        if self.decoder is not None:
+            return DECODERS[self.decoder](), {"decoder": self.decoder, "reason": "given"}
+        if not tiles:
+            return None, {"decoder": "read", "reason": "no tiles"}
+        return decoder_for(image, self.config.level, self.config.decode, self.device)
 
 
-# (tile, skipped, pixels | EncodedWindow | _Masked | None)
+# (tile, skipped, pixels | EncodedWindow | Masked | None)
 _Batch = list[tuple[Tile, bool, Any]]
-
-
-# -- the validity mask ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Masked:
-    """A read tile of an image with nodata, alpha or a dataset mask: its pixels (None for a
-    skipped tile) and ``valid`` (h, w) over its read window
-    (:meth:`tilenet.io.base.LazyImage.read_masked`)."""
-
-    pixels: np.ndarray | None
-    valid: np.ndarray
-
-
-def _mark_invalid(probs: np.ndarray, item: Any, region: Window) -> np.ndarray:
-    """``probs`` of ``region`` (of the read window) with NaN where the input has no data:
-    the stitchers carry NaN through (every tile covering a pixel agrees on it) and the sink
-    writes those pixels as nodata (:class:`tilenet.outputs.sink.OutputSink`)."""
-    if not isinstance(item, _Masked):
-        return probs
-    invalid = ~item.valid[region.slices]
-    if invalid.any():
-        probs = probs.copy()
-        probs[:, invalid] = np.nan
-    return probs
-
-
-@dataclass(frozen=True)
-class _TileReader:
-    """Reads a tile's window of ``image`` at ``level`` (in a reader thread); a skipped tile
-    reads nothing. ``keep_raw``: the pixels stay in the image's dtype, else float32.
-    ``encoded``: the stored tiles where the image has a raw path for the window."""
-
-    image: Any
-    level: int
-    keep_raw: bool
-    encoded: bool = False
-
-    def __call__(self, item: tuple[int, Tile, bool]) -> np.ndarray | EncodedWindow | _Masked | None:
-        _, tile, skipped = item
-        masked = bool(getattr(self.image, "masked", False))
-        if skipped:
-            return _Masked(None, self.image.valid(tile.read, self.level)) if masked else None
-        if masked:  # the mask comes from the decoded pixels: no raw path
-            raw, valid = self.image.read_masked(tile.read, self.level)
-            return _Masked(raw if self.keep_raw else raw.astype(np.float32), valid)
-        if self.encoded and (ew := self.image.encoded(tile.read, self.level)) is not None:
-            return cast(EncodedWindow, ew)
-        raw = self.image.read(tile.read, self.level)
-        return raw if self.keep_raw else raw.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -488,7 +540,7 @@ class _Inputs:
 
     Past the image of ``shape`` (alignment rows and columns) the input is zero *after*
     normalisation, like the network's own zero padding at the image border; so are pixels
-    without data (nodata, alpha 0, masked: ``_Masked`` tiles), i.e. the network sees the
+    without data (nodata, alpha 0, masked: ``Masked`` tiles), i.e. the network sees the
     training mean there, whatever value the file stores.
     """
 
@@ -503,15 +555,18 @@ class _Inputs:
 
         device = self.device
         pin = device.type == "cuda"
-        # A batch holds read tiles only (skipped ones pass alone): a _Masked has pixels.
-        items: list[Any] = [a.pixels if isinstance(a, _Masked) else a for _, _, a in batch]
+        # A batch holds read tiles only (skipped ones pass alone): a Masked has pixels.
+        items: list[Any] = [a.pixels if isinstance(a, Masked) else a for _, _, a in batch]
         if self.decoder is not None and all(isinstance(a, EncodedWindow) for a in items):
             x = self.decoder.decode(items, device).float()
         else:
             arrays = [self._pixels(a) for a in items]
-            x = torch.from_numpy(np.stack(arrays))
-            if pin:
-                x = x.pin_memory()
+            if pin:  # stacked straight into pinned memory: one host copy, async to the GPU
+                dtype = torch.from_numpy(np.empty(0, arrays[0].dtype)).dtype
+                x = torch.empty((len(arrays), *arrays[0].shape), dtype=dtype, pin_memory=True)
+                np.stack(arrays, out=x.numpy())
+            else:
+                x = torch.from_numpy(np.stack(arrays))
             # NHWC memory viewed as NCHW is channels_last: no copy, and the ops keep it.
             x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2).float()
         self.normalize(x)  # in place, as training batches are
@@ -535,10 +590,10 @@ def _fill_invalid(x: torch.Tensor, items: list[Any]) -> None:
     """Zero (after normalisation) the pixels of ``x`` (B, C, h, w) that have no data."""
     import torch
 
-    if not any(isinstance(a, _Masked) for a in items):
+    if not any(isinstance(a, Masked) for a in items):
         return
     invalid = np.stack(
-        [~a.valid if isinstance(a, _Masked) else np.zeros(x.shape[2:], bool) for a in items]
+        [~a.valid if isinstance(a, Masked) else np.zeros(x.shape[2:], bool) for a in items]
     )
     if invalid.any():
         x.masked_fill_(torch.from_numpy(invalid).to(x.device)[:, None], 0)
@@ -560,9 +615,9 @@ class _Outputs:
         )
 
     def background(self, tile: Tile, item: Any = None) -> np.ndarray:
-        """Probabilities of a skipped tile: class 0 everywhere (NaN where a ``_Masked``
+        """Probabilities of a skipped tile: class 0 everywhere (NaN where a ``Masked``
         ``item`` says there is no data)."""
         win = tile.core if self.crop else tile.read.clip(*self.shape)
         p = np.zeros((self.num_classes, win.h, win.w), np.float32)
         p[0] = 1.0
-        return _mark_invalid(p, item, self.region(tile))
+        return mark_invalid(p, item, self.region(tile))

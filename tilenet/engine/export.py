@@ -3,11 +3,13 @@
 ``tilenet export CHECKPOINT --format onnx --out model.onnx`` (:func:`export_model`):
 
 1. The model is captured by ``torch.export`` with the batch, height and width marked
-   ``Dim.DYNAMIC`` on an example input (2 x C x 5·stride x 7·stride). A model whose code
-   bakes a size into the graph (a fixed-size parameter added to the input, ``view`` with
-   sizes read from an earlier shape as Python ints, ...) makes ``torch.export`` specialise
-   a dimension, and is refused: one line naming the checkpoint and the layer (found from
-   the failing frame's module, else by exporting each child on its own recorded input).
+   ``Dim.DYNAMIC`` on an example input (2 x C x 5·stride x 7·stride), and the captured
+   program is run once at another batch and size (3 x C x 9·stride x 4·stride). A model
+   whose code bakes a size into the graph (a fixed-size parameter added to the input, a
+   ``view`` or a branch on sizes read from ``x.shape`` as Python ints, ...) fails one of
+   the two (or specialises a dimension), and is refused: one line naming the checkpoint
+   and the layer (the innermost module whose ``forward`` is on the failing stack, else
+   the child that fails the same test alone on the inputs it got in an eager run).
 2. ONNX: the exported program goes through torch's dynamo ONNX exporter (onnxscript); an
    op without an ONNX translation is refused naming the op and its layer. The model spec
    goes into ``metadata_props`` as JSON (:data:`~tilenet.engine.backends.SPEC_KEY`), so

@@ -263,6 +263,8 @@ class InferConfig:
     device: str = "auto"
     precision: Precision = "fp32"
     tta: bool = False
+    #: Run the model through torch.compile (compiled at the first batch; off: eager).
+    compile: bool = False
     #: Any of probabilities, classes, instances, preview, geojson (instances.geojson and the
     #: class regions classes.geojson), regions (classes.geojson alone, no instances) and
     #: probabilities_tif (a COG; needs no "probabilities").

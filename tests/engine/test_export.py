@@ -277,3 +277,27 @@ def test_exported_spec_is_json_in_the_metadata(exported: tuple[Path, Path]) -> N
     proto = onnx.load(str(exported[1]))
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta[SPEC_KEY])["name"] == "tiny"
+
+
+# -- the demo U-Net and torch.compile (slow: export and compilation take tens of seconds) -------
+def _infer(model: Path, img: Path, out: Path, *extra: str) -> np.ndarray:
+    argv = ["infer", str(img), "--model", str(model), "--out", str(out), "--tile", "128"]
+    argv += ["--device", "cpu", "--quiet", "--probabilities-dtype", "float32"]
+    assert main([*argv, "--outputs", "probabilities", *extra]) == 0
+    return np.asarray(zarr.open_group(out / "probabilities.ome.zarr", mode="r")["0"][:])
+
+
+@pytest.mark.slow
+def test_demo_unet_onnx_and_compile_through_the_engine_equal_eager(tmp_path: Path) -> None:
+    """The demo config's exact U-Net (depth 3, base 16): `tilenet export`, then `infer` with
+    the .onnx and with --compile, each within 1e-4 of the eager checkpoint."""
+    ckpt = _checkpoint(tmp_path / "unet.pt", "unet", depth=3, base=16)
+    rng = np.random.default_rng(1)
+    img = tmp_path / "img.tif"
+    tifffile.imwrite(img, rng.integers(0, 256, (200, 170, 3), np.uint8), tile=(64, 64))
+    onnx_path = tmp_path / "unet.onnx"
+    assert main(["export", str(ckpt), "--out", str(onnx_path)]) == 0
+    eager = _infer(ckpt, img, tmp_path / "eager")
+    assert float(np.abs(_infer(onnx_path, img, tmp_path / "onnx") - eager).max()) <= TOL
+    compiled = _infer(ckpt, img, tmp_path / "compiled", "--compile")
+    assert float(np.abs(compiled - eager).max()) <= TOL

@@ -108,6 +108,22 @@ def test_infer_onnx_through_the_tiled_engine_equals_the_checkpoint(
     assert load_spec(path) == load_spec(ckpt)  # batch jobs read the spec this way
 
 
+def test_a_batch_job_runs_the_onnx_model(
+    exported: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A directory of images is a batch job (manifest, one folder per image): its runner
+    reads the spec from the .onnx file as from a checkpoint."""
+    images = tmp_path / "images"
+    images.mkdir()
+    tifffile.imwrite(images / "a.tif", np.full((70, 60, 3), 90, np.uint8), tile=(64, 64))
+    out = tmp_path / "out"
+    argv = ["infer", str(images), "--model", str(exported[1]), "--out", str(out)]
+    assert main([*argv, "--tile", "64", "--device", "cpu", "--outputs", "classes"]) == 0
+    capsys.readouterr()
+    assert (out / "a" / "summary.json").is_file()
+    assert (out / "manifest.jsonl").is_file()
+
+
 def test_torchscript_export_carries_the_spec_and_is_size_generic(
     exported: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -281,7 +297,7 @@ def test_exported_spec_is_json_in_the_metadata(exported: tuple[Path, Path]) -> N
 
 # -- the demo U-Net and torch.compile (slow: export and compilation take tens of seconds) -------
 def _infer(model: Path, img: Path, out: Path, *extra: str) -> np.ndarray:
-    argv = ["infer", str(img), "--model", str(model), "--out", str(out), "--tile", "128"]
+    argv = ["infer", str(img), "--model", str(model), "--out", str(out), "--tile", "256"]
     argv += ["--device", "cpu", "--quiet", "--probabilities-dtype", "float32"]
     assert main([*argv, "--outputs", "probabilities", *extra]) == 0
     return np.asarray(zarr.open_group(out / "probabilities.ome.zarr", mode="r")["0"][:])
@@ -294,7 +310,7 @@ def test_demo_unet_onnx_and_compile_through_the_engine_equal_eager(tmp_path: Pat
     ckpt = _checkpoint(tmp_path / "unet.pt", "unet", depth=3, base=16)
     rng = np.random.default_rng(1)
     img = tmp_path / "img.tif"
-    tifffile.imwrite(img, rng.integers(0, 256, (200, 170, 3), np.uint8), tile=(64, 64))
+    tifffile.imwrite(img, rng.integers(0, 256, (300, 270, 3), np.uint8), tile=(64, 64))
     onnx_path = tmp_path / "unet.onnx"
     assert main(["export", str(ckpt), "--out", str(onnx_path)]) == 0
     eager = _infer(ckpt, img, tmp_path / "eager")

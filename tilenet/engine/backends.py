@@ -103,7 +103,7 @@ class OnnxModel(torch.nn.Module):
         # A session cannot be copied; a new one on the same file is the same model.
         return OnnxModel(self.path, device=self.target)
 
-    def to(self, *args: Any, **kwargs: Any) -> OnnxModel:  # type: ignore[override]
+    def to(self, *args: Any, **kwargs: Any) -> OnnxModel:
         """Devices move the session's provider choice; memory formats mean nothing here."""
         device = args[0] if args and isinstance(args[0], str | torch.device) else None
         device = kwargs.get("device", device)
@@ -147,7 +147,7 @@ class _Compiled(torch.nn.Module):
         from torch._dynamo.exc import TorchDynamoException
 
         try:
-            return self.compiled(x)  # type: ignore[no-any-return]
+            return self.compiled(x)
         except TorchDynamoException as exc:
             first = one_line(exc, typed=False).strip()
             raise ModelError(

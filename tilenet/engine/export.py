@@ -214,7 +214,7 @@ def _describe(name: str, module: torch.nn.Module) -> str:
 def _layer_in_traceback(root: torch.nn.Module, exc: BaseException) -> str | None:
     """The innermost module whose ``forward`` is on the failing stack (non-strict export
     runs the model's Python code), or None when the error came after tracing."""
-    names = {id(m): n for n, m in root.named_modules()}
+    modules = {id(m): (n, m) for n, m in root.named_modules()}
     found: str | None = None
     seen: set[int] = set()
     err: BaseException | None = exc
@@ -222,9 +222,9 @@ def _layer_in_traceback(root: torch.nn.Module, exc: BaseException) -> str | None
         seen.add(id(err))
         tb = err.__traceback__
         while tb is not None:
-            me = tb.tb_frame.f_locals.get("self")
-            if tb.tb_frame.f_code.co_name == "forward" and id(me) in names:
-                found = _describe(names[id(me)], me)
+            me = id(tb.tb_frame.f_locals.get("self"))
+            if tb.tb_frame.f_code.co_name == "forward" and me in modules:
+                found = _describe(*modules[me])
             tb = tb.tb_next
         if found is not None:
             return found

@@ -185,8 +185,17 @@ class _Bad(nn.Module):
     ("odd", "why"),
     [
         (_Positional, "cannot export with dynamic batch/height/width: layer 'odd.1' (_Positional)"),
-        (_SizeBranch, "layer 'odd.1' (_SizeBranch): its code assumes"),
-        (_KthValue, "no ONNX translation of aten.kthvalue.default in layer 'odd.1' (_KthValue)"),
+        # 5-10 s each (the layer search exports the parts; the ONNX translation): slow
+        pytest.param(
+            _SizeBranch,
+            "layer 'odd.1' (_SizeBranch): its code assumes",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            _KthValue,
+            "no ONNX translation of aten.kthvalue.default in layer 'odd.1' (_KthValue)",
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["baked-size", "size-branch", "no-onnx-op"],
 )
@@ -317,3 +326,23 @@ def test_demo_unet_onnx_and_compile_through_the_engine_equal_eager(tmp_path: Pat
     assert float(np.abs(_infer(onnx_path, img, tmp_path / "onnx") - eager).max()) <= TOL
     compiled = _infer(ckpt, img, tmp_path / "compiled", "--compile")
     assert float(np.abs(compiled - eager).max()) <= TOL
+
+
+@pytest.mark.gpu
+def test_onnx_parity_on_cuda(exported: tuple[Path, Path]) -> None:
+    """On a GPU: onnxruntime's CUDA provider (onnxruntime-gpu) against the torch model there."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime without the CUDA provider (pip install onnxruntime-gpu)")
+    ckpt, path = exported
+    torch_model, _ = load_model(ckpt, device="cuda")
+    onnx_model, _ = load_onnx(path, device="cuda")
+    assert onnx_model.providers[0] == "CUDAExecutionProvider"
+    for shape in ((1, 3, 64, 64), (4, 3, 256, 192)):
+        x = torch.randn(*shape, device="cuda")
+        with torch.no_grad():
+            want = torch_model(x)
+        got = onnx_model(x)
+        assert got.device == x.device
+        assert float((got - want).abs().max()) <= TOL

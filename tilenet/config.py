@@ -269,6 +269,8 @@ class InferConfig:
     #: always; "gpu": the device decoder (an error off CUDA; other codecs are still read).
     decode: Literal["auto", "cpu", "gpu"] = "auto"
     tta: bool = False
+    #: Run the model through torch.compile (compiled at the first batch; off: eager).
+    compile: bool = False
     #: Any of probabilities, classes, instances, preview, geojson (instances.geojson and the
     #: class regions classes.geojson), regions (classes.geojson alone, no instances) and
     #: probabilities_tif (a COG; needs no "probabilities").

@@ -17,6 +17,7 @@ from typing import Any
 from tilenet.cli._common import Handler
 from tilenet.cli.convert import _add_convert
 from tilenet.cli.demo import _add_demo
+from tilenet.cli.export import _add_export
 from tilenet.cli.infer import INFER_FLAGS, _add_infer
 from tilenet.cli.info import _add_info
 from tilenet.cli.plan import _add_plan
@@ -47,6 +48,7 @@ examples:
   tilenet tile slides/ --annotations qupath_export/ --min-annotated 0.3 --out p.zarr
   tilenet tile scenes/ --vector-labels fields.gpkg --label-field crop --out p.zarr
   tilenet infer slides/ --model best.pt --out results --workers 2   # batch, resumable
+  tilenet export best.pt --out model.onnx              # then: infer --model model.onnx
 config: tile, infer and info also take conf=FILE and section.key=value items (as training
 does); flags given on the command line win over them, and they over the defaults
 (python -m tilenet.train --print-config lists every key).
@@ -66,6 +68,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     _add_infer,
     _add_plan,
     _add_demo,
+    _add_export,
 ]
 
 

@@ -47,7 +47,11 @@ def _add_infer(sub: Any) -> None:
         + CONFIG_ITEMS.format(example="infer.mode=gaussian jobs.workers=2"),
     )
     p.add_argument(
-        "--model", required=True, metavar="CKPT", help="checkpoint (.pt) written by training"
+        "--model",
+        required=True,
+        metavar="CKPT",
+        help="checkpoint (.pt) written by training, or a .onnx written by tilenet export "
+        "(run through onnxruntime)",
     )
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory")
     p.add_argument(
@@ -98,6 +102,13 @@ def _add_infer(sub: Any) -> None:
         f"(an error without CUDA) ({_default(InferConfig, 'decode')})",
     )
     p.add_argument("--tta", action="store_true", default=None, help="average over 4 flips")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="run the model through torch.compile (compiled at the first batch: worth it on "
+        "long runs; outputs equal eager's to float rounding) (off)",
+    )
     _add_output_flags(p)
     p.add_argument(
         "--min-foreground",
@@ -203,6 +214,7 @@ INFER_FLAGS: dict[str, Sequence[str]] = {
         "precision",
         "decode",
         "tta",
+        "compile",
         "outputs",
         "probabilities_dtype",
         "geojson_crs",

@@ -46,6 +46,7 @@ __all__ = [
     "load_encoder_weights",
     "load_model",
     "load_pretrained_encoder",
+    "load_spec",
     "load_weights",
     "save_checkpoint",
 ]
@@ -126,12 +127,18 @@ def load_model(
 ) -> tuple[torch.nn.Module, ModelSpec]:
     """Rebuild the model from a checkpoint's spec, load its weights, return (eval model, spec).
 
-    A checkpoint that did not record ``exact`` gets it from the rebuilt model.
+    A checkpoint that did not record ``exact`` gets it from the rebuilt model. A ``.onnx``
+    file written by ``tilenet export`` loads as a module running it through onnxruntime
+    (:class:`~tilenet.engine.backends.OnnxModel`), with the spec it carries.
     """
     import dataclasses
 
     from tilenet.models import create_model, exactness
 
+    if _is_onnx(path):
+        from tilenet.engine.backends import load_onnx
+
+        return load_onnx(path, device=device)
     ckpt = load_checkpoint(path)
     spec = _read_spec(Path(path), ckpt["spec"])
     try:
@@ -149,6 +156,19 @@ def load_model(
         exact, reason = exactness(model)
         spec = dataclasses.replace(spec, exact=exact, exact_reason=reason)
     return model, spec
+
+
+def load_spec(path: str | os.PathLike[str]) -> ModelSpec:
+    """The model spec of a checkpoint or of an exported ``.onnx`` file, checked."""
+    if _is_onnx(path):
+        from tilenet.engine.backends import load_onnx
+
+        return load_onnx(path)[1]
+    return _read_spec(Path(path), load_checkpoint(path)["spec"])
+
+
+def _is_onnx(path: str | os.PathLike[str]) -> bool:
+    return Path(path).suffix.lower() == ".onnx"
 
 
 def _read_weights(path: Path, *, what: str) -> Any:

@@ -326,6 +326,10 @@ class Predictor:
             self.spec = ModelSpec.coerce(spec)
             # A caller's module is left as it was: folding works on a copy.
             self.module = prepare_model(copy.deepcopy(module).to(self.device))
+        if self.config.compile:  # torch.compile (tilenet.engine.backends): opt-in
+            from tilenet.engine.backends import compile_model
+
+            self.module = compile_model(self.module, name=self.spec.name)
         if self.spec.exact is not None:
             self.exact, self.exact_reason = self.spec.exact, self.spec.exact_reason
         else:

@@ -173,15 +173,14 @@ def run_jobs(
     the reader limits every image is opened with, ``resolution`` the pixel size each image
     runs at (:func:`tilenet.engine.infer.plan_image`).
     """
-    from tilenet.engine.checkpoint import file_checksum, load_checkpoint
+    from tilenet.engine.checkpoint import file_checksum, load_spec
     from tilenet.engine.infer import resolve_options
     from tilenet.io.paths import resolve_images
-    from tilenet.models import ModelSpec
 
     t0 = time.time()
     cfg = resolve_options(options)
     reader = reader if reader is not None else ReaderConfig()
-    spec = ModelSpec.coerce(load_checkpoint(model)["spec"])  # a bad checkpoint: exit 2
+    spec = load_spec(model)  # a bad checkpoint (.pt or exported .onnx): exit 2
     model = str(Path(model).resolve())
     # Another pixel size than the default is not the same job.
     res = asdict(resolution) if resolution not in (None, ResolutionConfig()) else None

@@ -131,6 +131,8 @@ class TissueMask:
     mpp_assumed: bool = False
     #: The method, its parameters and what it chose (the saturation threshold...).
     params: dict[str, Any] = field(default_factory=dict)
+    #: The RGB thumbnail the mask was found on (``keep_thumbnail=True``), else None.
+    thumbnail: np.ndarray | None = field(default=None, repr=False)
 
     @cached_property
     def _integral(self) -> np.ndarray:
@@ -295,6 +297,7 @@ def detect_tissue(
     background_saturation: int = 25,
     pen_saturation: int = 40,
     dark_value: int = 50,
+    keep_thumbnail: bool = False,
 ) -> TissueMask:
     """The tissue mask of ``image`` (a :class:`~tilenet.io.LazyImage`), detected on a
     thumbnail at about ``mpp`` µm/px (see the module's docstring for the method).
@@ -302,6 +305,7 @@ def detect_tissue(
     ``level0_mpp`` overrides the file's pixel size (µm); an image stating none is taken as
     :data:`ASSUMED_MPP` with a warning (the areas are then approximate). ``median_um`` and
     ``close_um`` size the median filter and the closing; saturations and values are 0..255.
+    ``keep_thumbnail`` keeps the RGB thumbnail in the mask (for overlays).
     """
     if method != "otsu":
         raise InputError(f"tissue method must be 'otsu', got {method!r}")
@@ -309,7 +313,7 @@ def detect_tissue(
     if assumed:
         warnings.warn(
             f"{image.path}: states no pixel size; tissue areas assume {ASSUMED_MPP} µm/px "
-            "(give --tissue-level0-mpp or convert with the right pixel size)",
+            "(tilenet tissue --level0-mpp gives it)",
             stacklevel=2,
         )
     px_mpp = (m0 * scale[0], m0 * scale[1])
@@ -339,7 +343,9 @@ def detect_tissue(
         **chosen,
     }
     h0, w0 = image.levels[0].shape
-    return TissueMask(mask, scale, (h0, w0), px_mpp, assumed, params)
+    return TissueMask(
+        mask, scale, (h0, w0), px_mpp, assumed, params, rgb if keep_thumbnail else None
+    )
 
 
 def _segment(

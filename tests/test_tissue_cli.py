@@ -1,0 +1,85 @@
+"""``tilenet tissue``: the mask, overlay and QuPath polygons it writes, in level-0 pixels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+from slidewriters import write_aperio_svs
+from test_tissue import MPP, synthetic_slide
+
+from tilenet.cli import main
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    rgb, truth = synthetic_slide()
+    path = tmp_path_factory.mktemp("tissuecli") / "case 1.svs"
+    return write_aperio_svs(path, rgb, mpp=MPP, levels=(4, 16)), truth
+
+
+def test_writes_mask_overlay_and_level0_polygons(
+    slide: tuple[Path, np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shapely
+
+    path, truth = slide
+    out = tmp_path / "tissue"
+    assert main(["tissue", str(path), "--out", str(out)]) == 0
+    folder = out / "case_1"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "mask.ome.zarr",
+        "overlay.png",
+        "tissue.geojson",
+        "tissue.json",
+    ]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # nothing partial left
+    record = json.loads((folder / "tissue.json").read_text())
+    assert record["scale"] == [4.0, 4.0] and record["mask_mpp"] == [8.0, 8.0]
+    assert record["pieces"] == 7  # 3 large pieces (one with a lumen), 4 fragments
+    assert abs(record["tissue_fraction"] - truth.mean()) < 0.01
+    # the mask: uint8 0/1 at 8 µm/px in the OME metadata
+    group = zarr.open_group(folder / "mask.ome.zarr", mode="r")
+    level0 = np.asarray(group["0"])
+    assert level0.shape == (256, 256) and set(np.unique(level0)) == {0, 1}
+    scale = group.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]
+    assert scale["scale"] == [8.0, 8.0]
+    assert group.attrs["tilenet:tissue"]["scale_to_level0"] == [4.0, 4.0]
+    assert Image.open(folder / "overlay.png").size == (256, 256)
+    # polygons: QuPath annotations in level-0 pixels (the slide is 1024² pixels)
+    features = json.loads((folder / "tissue.geojson").read_text())["features"]
+    assert len(features) == 7
+    assert {f["properties"]["classification"]["name"] for f in features} == {"Tissue"}
+    polys = [shapely.geometry.shape(f["geometry"]) for f in features]
+    assert all(p.is_valid for p in polys)
+    union = shapely.union_all(polys)
+    assert abs(union.area - level0.sum() * 16) < 1e-6  # area = mask pixels x 4 x 4
+    ys, xs = np.nonzero(truth)
+    x0, y0, x1, y1 = union.bounds
+    assert abs(x0 - xs.min()) <= 4 and abs(y0 - ys.min()) <= 4
+    assert abs(x1 - (xs.max() + 1)) <= 4 and abs(y1 - (ys.max() + 1)) <= 4
+    lumen = shapely.Point(640 / MPP, 650 / MPP)  # the hole of the first piece
+    assert not union.contains(lumen) and union.contains(shapely.Point(640 / MPP, 400 / MPP))
+    assert "tissue" in capsys.readouterr().out
+
+
+def test_rerun_skips_force_redoes_and_a_bad_image_is_reported(
+    slide: tuple[Path, np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "t"
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"II*\x00 not a tiff")
+    assert main(["tissue", str(slide[0]), "--out", str(out)]) == 0
+    stamp = (out / "case_1" / "tissue.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["tissue", str(slide[0]), str(bad), "--out", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "done already" in text and "bad.tif: failed:" in text
+    assert (out / "case_1" / "tissue.json").stat().st_mtime_ns == stamp
+    assert main(["tissue", str(slide[0]), "--out", str(out), "--force"]) == 0
+    assert (out / "case_1" / "tissue.json").stat().st_mtime_ns != stamp
+    assert not (out / "bad").exists()

@@ -83,3 +83,18 @@ def test_rerun_skips_force_redoes_and_a_bad_image_is_reported(
     assert main(["tissue", str(slide[0]), "--out", str(out), "--force"]) == 0
     assert (out / "case_1" / "tissue.json").stat().st_mtime_ns != stamp
     assert not (out / "bad").exists()
+
+
+def test_tile_with_tissue_keeps_only_patches_on_tissue(
+    slide: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    path, truth = slide
+    out = tmp_path / "t.zarr"
+    args = ["tile", str(path), "--patch", "128", "--overlap", "0", "--quiet", "--tissue"]
+    assert main([*args, "--out", str(out)]) == 0
+    g = zarr.open_group(out, mode="r")
+    assert g.attrs["tissue"] == 0.25  # --tissue alone
+    got = {(int(y), int(x)) for y, x in np.asarray(g["coords"])[: g.attrs["count"], 2:]}
+    grid = [(y, x) for y in range(0, 1024, 128) for x in range(0, 1024, 128)]
+    on = {w for w in grid if truth[w[0] : w[0] + 128, w[1] : w[1] + 128].mean() >= 0.25}
+    assert 20 < len(on) < 50 and len(got ^ on) <= 2  # borderline patches may differ

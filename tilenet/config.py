@@ -87,6 +87,9 @@ class TilingConfig:
     min_foreground: float = 0.0
     #: Pyramid level (or thumbnail side) used for the foreground mask.
     mask_max_side: int = 2048
+    #: Keep only patches with at least this fraction on tissue (tilenet.tissue: saturation,
+    #: Otsu, pen marks out, on a thumbnail at 8 µm/px); 0: off.
+    tissue: float = 0.0
     workers: int = 2
     #: Patches per zarr chunk along N (one chunk = one contiguous training read).
     chunk_patches: int = 64

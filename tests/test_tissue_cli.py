@@ -98,3 +98,39 @@ def test_tile_with_tissue_keeps_only_patches_on_tissue(
     grid = [(y, x) for y in range(0, 1024, 128) for x in range(0, 1024, 128)]
     on = {w for w in grid if truth[w[0] : w[0] + 128, w[1] : w[1] + 128].mean() >= 0.25}
     assert 20 < len(on) < 50 and len(got ^ on) <= 2  # borderline patches may differ
+
+
+def test_infer_with_tissue_skips_tiles_off_tissue(
+    slide: tuple[Path, np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from tilenet.engine.checkpoint import save_checkpoint
+    from tilenet.models import ModelSpec, create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny", in_channels=3, num_classes=2)
+    spec = ModelSpec.from_model(model, mean=[200.0] * 3, std=[40.0] * 3, class_names=["a", "b"])
+    ckpt = save_checkpoint(tmp_path / "m.pt", {"spec": spec, "model": model.state_dict()})
+    path, _ = slide
+    args = ["infer", str(path), "--model", str(ckpt), "--level", "1", "--tile", "64"]
+    assert main([*args, "--outputs", "classes", "--tissue", "--out", str(tmp_path / "t")]) == 0
+    err = capsys.readouterr().err
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    n, skipped = summary["tiles"], summary["tiles_skipped"]
+    assert f"skipped {skipped} of {n} tiles" in err
+    # the tiles whose core holds no tissue are skipped and class 0; the others were run
+    classes = np.asarray(zarr.open_group(tmp_path / "t" / "classes.ome.zarr")["0"])
+    from tilenet.io import open_image
+    from tilenet.tissue import detect_tissue
+
+    with open_image(path) as img:
+        mask = detect_tissue(img)
+        ds = img.levels[1].downsample
+    core = summary["tile"] - 2 * summary["halo"]
+    cores = [(y, x, core, core) for y in range(0, 256, core) for x in range(0, 256, core)]
+    assert len(cores) == n
+    off = mask.fractions(cores, ds) == 0
+    assert off.sum() == skipped > 0
+    for (y, x, h, w), is_off in zip(cores, off, strict=True):
+        assert (classes[y : y + h, x : x + w] == 0).all() == is_off

@@ -279,6 +279,9 @@ class InferConfig:
     #: float32 keeps the exact probabilities (for checks); float16/uint8 save space.
     probabilities_dtype: Literal["float16", "uint8", "float32"] = "float16"
     min_foreground: float = 0.0
+    #: Skip tiles whose tissue fraction (tilenet.tissue's mask) is below this (written as
+    #: class 0); 0: off.
+    tissue: float = 0.0
     readers: int = 2
     chunk: int = 1024
     #: Host memory policy while the engine runs (glibc; restored after the run, see

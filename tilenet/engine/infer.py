@@ -128,6 +128,8 @@ def resolve_options(options: dict[str, Any] | InferConfig | None = None) -> Infe
         raise ConfigError(f"tile and batch must be positive, got {cfg.tile!r}, {cfg.batch!r}")
     if not 0 <= cfg.min_foreground <= 1:
         raise ConfigError(f"min_foreground must be in [0, 1], got {cfg.min_foreground!r}")
+    if not 0 <= cfg.tissue <= 1:
+        raise ConfigError(f"tissue must be in [0, 1], got {cfg.tissue!r}")
     return cfg
 
 
@@ -358,16 +360,18 @@ def choose_resolution(
     return None, {"chosen_by": "level", "level": 0, "warning": why}
 
 
-#: The last image's foreground mask: [(input, fingerprint, bands), (mask, its downsample)].
+#: The last image's masks: [(input, fingerprint, bands, ...), (foreground, tissue)].
 _MASK: list[Any] = [None, None]
 
 
 def _skip_mask(plan: ImagePlan, image: Any, tiles: list[Tile]) -> np.ndarray | None:
-    """Tiles whose low-resolution foreground fraction is below ``min_foreground``."""
+    """Tiles whose low-resolution foreground fraction is below ``min_foreground`` or whose
+    tissue fraction (:func:`tilenet.tissue.detect_tissue`) is below ``tissue``."""
     cfg = plan.config
-    if cfg.min_foreground <= 0:
+    if cfg.min_foreground <= 0 and cfg.tissue <= 0:
         return None
     from tilenet.io.foreground import foreground_fractions, foreground_mask
+    from tilenet.tissue import detect_tissue
 
     # One mask per image and process: the bands of a plan (run here, or on a dask worker)
     # share it instead of reading the low-resolution level again for each band.
@@ -376,12 +380,21 @@ def _skip_mask(plan: ImagePlan, image: Any, tiles: list[Tile]) -> np.ndarray | N
         plan.outputs.key.fingerprint,
         str(cfg.bands),
         str(plan.resolution),
+        cfg.min_foreground > 0,
+        cfg.tissue > 0,
     )
     if _MASK[0] != key:
-        _MASK[:] = [key, foreground_mask(image)]
-    mask, mask_ds = _MASK[1]
+        fg = foreground_mask(image) if cfg.min_foreground > 0 else None
+        _MASK[:] = [key, (fg, detect_tissue(image) if cfg.tissue > 0 else None)]
+    fg, tissue = _MASK[1]
     ds = image.levels[cfg.level].downsample
-    return foreground_fractions([t.core for t in tiles], mask, mask_ds, ds) < cfg.min_foreground
+    cores = [t.core for t in tiles]
+    skip = np.zeros(len(tiles), dtype=bool)
+    if fg is not None:
+        skip |= foreground_fractions(cores, fg[0], fg[1], ds) < cfg.min_foreground
+    if tissue is not None:
+        skip |= tissue.fractions(cores, ds) < cfg.tissue
+    return skip
 
 
 def run_band(

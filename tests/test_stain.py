@@ -132,6 +132,28 @@ def test_batched_equals_one_by_one_and_chunks(images: tuple[np.ndarray, list[np.
     assert torch.equal(small(batch), alone)
 
 
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_with_source_maps_tiles_as_the_whole_image(
+    method: str, images: tuple[np.ndarray, list[np.ndarray]]
+) -> None:
+    """One source estimate for a slide: tiles come out as the whole image does (no seams)."""
+    from tilenet.stain import make_stain
+
+    ref, targets = images
+    src = targets[0]
+    n = make_stain(method, ref)
+    whole_per_image = n(_t(src))
+    n.with_source(src)
+    whole = n(_t(src))
+    assert torch.equal(whole, whole_per_image)  # the source is the image itself
+    tiles, ok = n.normalize(_t(src[:48, :48], src[48:, 48:], np.full((48, 48, 3), 255, np.uint8)))
+    assert ok.all()
+    assert torch.equal(tiles[0], whole[0, :, :48, :48])
+    assert torch.equal(tiles[1], whole[0, :, 48:, 48:])
+    with pytest.raises(InputError, match="source"):
+        make_stain(method, ref).with_source(np.full_like(src, 255))
+
+
 @pytest.mark.parametrize("cls", [Macenko, Reinhard])
 def test_state_round_trips_through_torch_save(
     cls: type[Macenko] | type[Reinhard], images: tuple[np.ndarray, list[np.ndarray]]

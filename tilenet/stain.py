@@ -30,7 +30,7 @@ from tilenet.errors import InputError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Macenko", "Reinhard", "StainNormalizer", "stain_from_state"]
+__all__ = ["METHODS", "Macenko", "Reinhard", "StainNormalizer", "make_stain", "stain_from_state"]
 
 
 def _torch() -> Any:
@@ -81,6 +81,19 @@ class StainNormalizer:
     def __init__(self, *, chunk_pixels: int = 1 << 22) -> None:
         self.chunk_pixels = int(chunk_pixels)
         self.fitted = False
+        #: The source statistics set by :meth:`with_source`: one transform for every tile.
+        self.source: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def with_source(self, rgb: Any) -> StainNormalizer:
+        """Estimate the source's stains once, from ``rgb`` (RGB uint8 (H, W, 3): a slide's
+        thumbnail), and map every tile with that one transform: a per-pixel map, so tiles
+        of a tiled inference meet without seams (per-tile estimates differ tile to tile).
+        Returns ``self``."""
+        self.source = self._source_stats(_as_batch(rgb).reshape(1, 3, -1))
+        return self
+
+    def _source_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """The normalised batch (uint8 (B, 3, H, W), on ``batch``'s device)."""
@@ -203,8 +216,26 @@ class Macenko(StainNormalizer):
         ok &= (max_c > 1e-6).all(1)
         return he, conc, max_c, ok
 
+    def _source_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        he, _, max_c, ok = self._stains(x)
+        if not bool(ok[0]):
+            raise InputError(
+                "stain source has too little of two stains for Macenko (white, one colour or "
+                "one stain)"
+            )
+        return he[0].float(), max_c[0].float()
+
     def _normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _, conc, max_c, ok = self._stains(x)
+        torch = _torch()
+        if self.source is not None:
+            he = self.source[0].to(x.device).expand(x.shape[0], 3, 2)
+            od = -torch.log((x.float() + 1) / self.io)
+            pinv = torch.linalg.pinv(he[:1])
+            conc = pinv @ od
+            max_c = self.source[1].to(x.device).expand(x.shape[0], 2)
+            ok = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        else:
+            _, conc, max_c, ok = self._stains(x)
         ref_he = self.stain_matrix.to(x.device)
         scale = (max_c / self.max_conc.to(x.device)).clamp(min=1e-12)
         conc = conc / scale.unsqueeze(-1)
@@ -303,12 +334,24 @@ class Reinhard(StainNormalizer):
         if not self.fitted:
             raise InputError("Reinhard needs a reference: call fit(ref) first")
         lab = _rgb_to_lab(x)
-        mu = lab.mean(-1, keepdim=True)
-        sd = lab.std(-1, unbiased=False, keepdim=True)
-        ok = sd[:, 0, 0] >= self.min_std
+        if self.source is not None:
+            mu = self.source[0].to(x.device).view(1, 3, 1)
+            sd = self.source[1].to(x.device).view(1, 3, 1)
+            ok = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        else:
+            mu = lab.mean(-1, keepdim=True)
+            sd = lab.std(-1, unbiased=False, keepdim=True)
+            ok = sd[:, 0, 0] >= self.min_std
         gain = torch.where(sd > 1e-3, self.std.to(x.device).view(1, 3, 1) / sd.clamp(min=1e-3), 1)
         out = (lab - mu) * gain + self.mean.to(x.device).view(1, 3, 1)
         return _lab_to_rgb(out), ok
+
+    def _source_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lab = _rgb_to_lab(x)[0]
+        sd = lab.std(-1, unbiased=False)
+        if float(sd[0]) < self.min_std:
+            raise InputError("stain source does not vary (white, black or one colour)")
+        return lab.mean(-1), sd
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -330,6 +373,15 @@ class Reinhard(StainNormalizer):
 
 
 _METHODS: dict[str, type[Macenko] | type[Reinhard]] = {"macenko": Macenko, "reinhard": Reinhard}
+#: The normalisers by name.
+METHODS = tuple(_METHODS)
+
+
+def make_stain(method: str, ref: Any) -> Macenko | Reinhard:
+    """The normaliser ``method`` ("macenko" or "reinhard") fitted to ``ref`` (RGB uint8)."""
+    if method not in _METHODS:
+        raise InputError(f"stain method must be one of {sorted(_METHODS)}, got {method!r}")
+    return _METHODS[method]().fit(ref)
 
 
 def stain_from_state(state: dict[str, Any]) -> Macenko | Reinhard:

@@ -134,3 +134,37 @@ def test_infer_with_tissue_skips_tiles_off_tissue(
     assert off.sum() == skipped > 0
     for (y, x, h, w), is_off in zip(cores, off, strict=True):
         assert (classes[y : y + h, x : x + w] == 0).all() == is_off
+
+
+def test_infer_with_stain_is_one_transform_per_slide(
+    slide: tuple[Path, np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--stain: tiles of two sizes give the same probabilities (one source estimate per
+    slide, so no seams); a reference without two stains is refused in one line."""
+    import torch
+    from test_stain import synthetic_he
+
+    from tilenet.engine.checkpoint import save_checkpoint
+    from tilenet.models import ModelSpec, create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny", in_channels=3, num_classes=2)
+    spec = ModelSpec.from_model(model, mean=[200.0] * 3, std=[40.0] * 3, class_names=["a", "b"])
+    ckpt = save_checkpoint(tmp_path / "m.pt", {"spec": spec, "model": model.state_dict()})
+    ref = tmp_path / "ref.png"
+    Image.fromarray(synthetic_he(5, h_gain=1.5)).save(ref)
+    args = ["infer", str(slide[0]), "--model", str(ckpt), "--level", "1", "--stain", str(ref)]
+    args += ["--outputs", "probabilities", "--probabilities-dtype", "float32"]
+    probs = []
+    for tile in ("64", "128"):
+        assert main([*args, "--tile", tile, "--out", str(tmp_path / tile)]) == 0
+        group = zarr.open_group(tmp_path / tile / "probabilities.ome.zarr", mode="r")
+        probs.append(np.asarray(group["0"]))
+    np.testing.assert_allclose(probs[0], probs[1], atol=1e-5)
+    plain = [a for a in args if a not in ("--stain", str(ref))]
+    assert main([*plain, "--tile", "128", "--out", str(tmp_path / "plain")]) == 0
+    group = zarr.open_group(tmp_path / "plain" / "probabilities.ome.zarr", mode="r")
+    assert np.abs(np.asarray(group["0"]) - probs[1]).max() > 0.01  # the stain did change it
+    Image.fromarray(np.full((32, 32, 3), 255, np.uint8)).save(ref)
+    assert main([*args, "--out", str(tmp_path / "white")]) == 2
+    assert "two stains" in capsys.readouterr().err

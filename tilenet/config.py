@@ -282,6 +282,10 @@ class InferConfig:
     #: Skip tiles whose tissue fraction (tilenet.tissue's mask) is below this (written as
     #: class 0); 0: off.
     tissue: float = 0.0
+    #: An RGB reference image (or region) to normalise the stain to (tilenet.stain): fitted
+    #: once; each input's stains are estimated once, on its tissue; null: off.
+    stain: str | None = None
+    stain_method: Literal["macenko", "reinhard"] = "macenko"
     readers: int = 2
     chunk: int = 1024
     #: Host memory policy while the engine runs (glibc; restored after the run, see

@@ -49,6 +49,7 @@ __all__ = [
     "TissueMask",
     "detect_tissue",
     "otsu",
+    "overview",
     "rgb_to_hsv",
     "thumbnail",
 ]
@@ -245,6 +246,14 @@ def thumbnail(
         rows.append(_block_mean(_as_rgb8(image.read(win, level), image), k))
     rgb = np.concatenate(rows, axis=0)
     return rgb, (ds[0] * k, ds[1] * k), level0_mpp, assumed
+
+
+def overview(image: Any, *, max_pixels: int = 4_000_000) -> np.ndarray:
+    """``image`` whole as RGB uint8, block-averaged to at most about ``max_pixels``
+    pixels (a small reference region comes back as it is)."""
+    h, w = image.levels[0].shape
+    factor = max(1.0, math.sqrt(h * w / max_pixels))
+    return thumbnail(image, mpp=factor, level0_mpp=1.0)[0]
 
 
 def _block_mean(block: np.ndarray, k: int) -> np.ndarray:

@@ -112,6 +112,17 @@ def _add_infer(sub: Any) -> None:
         f"({_default(InferConfig, 'tissue')}: off)",
     )
     p.add_argument(
+        "--stain",
+        metavar="REF_IMAGE",
+        help="normalise the stain to this RGB reference image or region (H&E): fitted once; "
+        "each input's stains are estimated once, on its tissue, so tiles meet without seams",
+    )
+    p.add_argument(
+        "--stain-method",
+        choices=("macenko", "reinhard"),
+        help=f"stain normaliser ({_default(InferConfig, 'stain_method')})",
+    )
+    p.add_argument(
         "--readers", type=int, help=f"tile reader threads ({_default(InferConfig, 'readers')})"
     )
     p.add_argument(
@@ -213,6 +224,8 @@ INFER_FLAGS: dict[str, Sequence[str]] = {
         "geojson_crs",
         "min_foreground",
         "tissue",
+        "stain",
+        "stain_method",
         "readers",
         "heap",
     ),

@@ -397,6 +397,47 @@ def _skip_mask(plan: ImagePlan, image: Any, tiles: list[Tile]) -> np.ndarray | N
     return skip
 
 
+#: The last image's stain normaliser: [(input, fingerprint, bands, ...), normaliser].
+_STAIN: list[Any] = [None, None]
+
+
+def _stain(plan: ImagePlan, image: Any) -> Any:
+    """The stain normaliser of ``config.stain`` (None: off): fitted to the reference, its
+    source estimated once per image from the tissue of its thumbnail (one transform for
+    every tile: no seams)."""
+    cfg = plan.config
+    if not cfg.stain:
+        return None
+    from tilenet.io.sniff import fingerprint
+
+    key = (
+        plan.input,
+        plan.outputs.key.fingerprint,
+        str(cfg.bands),
+        str(plan.resolution),
+        fingerprint(cfg.stain),  # the reference's content, not only its name
+        cfg.stain_method,
+    )
+    if np.dtype(image.dtype) != np.uint8 or image.channels != 3:
+        raise InputError(
+            f"{plan.input}: --stain needs RGB uint8 images, this one is {image.channels} "
+            f"x {np.dtype(image.dtype)}"
+        )
+    if _STAIN[0] != key:
+        from tilenet.io import open_image
+        from tilenet.stain import make_stain
+        from tilenet.tissue import detect_tissue, overview
+
+        with open_image(cfg.stain) as ref:
+            normaliser = make_stain(cfg.stain_method, overview(ref))
+        found = detect_tissue(image, keep_thumbnail=True)
+        assert found.thumbnail is not None
+        tissue = found.thumbnail[found.mask] if found.mask.sum() >= 64 else None
+        src = found.thumbnail if tissue is None else tissue[None]
+        _STAIN[:] = [key, normaliser.with_source(src)]
+    return _STAIN[1]
+
+
 def run_band(
     plan: ImagePlan,
     band: int,
@@ -420,6 +461,7 @@ def run_band(
         grid=plan.grid,
         skip=_skip_mask(plan, image, tiles),
         on_tiles=on_tiles,
+        stain=_stain(plan, image),
     )
     record = {
         "rows": list(plan.bands[band]),

@@ -353,6 +353,7 @@ class Predictor:
         skip: np.ndarray | None = None,
         on_tiles: Callable[[int], None] | None = None,
         decoder: Decoder | None = None,
+        stain: Callable[[Any], Any] | None = None,
     ) -> RunStats:
         """Run ``tiles`` of ``image`` (at ``config.level``) through the model into ``stitcher``.
 
@@ -365,7 +366,8 @@ class Predictor:
 
         ``decoder`` (opt-in; :mod:`tilenet.engine.decode`): reader threads fetch the stored
         tiles only (``image.encoded``) and ``decoder`` decodes each batch onto the device;
-        windows without a raw path are read as without it.
+        windows without a raw path are read as without it. ``stain`` (uint8 RGB tiles only;
+        :mod:`tilenet.stain`) recolours each batch on the device before it is normalised.
         """
         import torch
 
@@ -378,7 +380,7 @@ class Predictor:
         keep_raw = np.dtype(image.dtype) == np.uint8
         reader = _TileReader(image, cfg.level, keep_raw=keep_raw, encoded=decoder is not None)
         normalize = Normalizer(self.spec.mean, self.spec.std, device=self.device)
-        inputs = _Inputs(self.device, normalize, grid.shape, decoder, keep_raw=keep_raw)
+        inputs = _Inputs(self.device, normalize, grid.shape, decoder, keep_raw, stain)
         outputs = _Outputs(grid.shape, self.spec.num_classes, crop=crop)
         skip = np.zeros(len(tiles), dtype=bool) if skip is None else skip
 
@@ -466,6 +468,8 @@ class _Inputs:
     shape: tuple[int, int]
     decoder: Decoder | None = None
     keep_raw: bool = True
+    #: uint8 (B, 3, h, w) -> uint8 on the device before normalising (tilenet.stain).
+    stain: Callable[[Any], Any] | None = None
 
     def __call__(self, batch: _Batch) -> torch.Tensor:
         import torch
@@ -474,14 +478,20 @@ class _Inputs:
         pin = device.type == "cuda"
         items = [a for _, _, a in batch]
         if self.decoder is not None and all(isinstance(a, EncodedWindow) for a in items):
-            x = self.decoder.decode(items, device).float()
+            x = self.decoder.decode(items, device)
+            if self.stain is not None and x.dtype == torch.uint8:
+                x = self.stain(x)
+            x = x.float()
         else:
             arrays = [self._pixels(a) for a in items]
             x = torch.from_numpy(np.stack(arrays))
             if pin:
                 x = x.pin_memory()
             # NHWC memory viewed as NCHW is channels_last: no copy, and the ops keep it.
-            x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2).float()
+            x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2)
+            if self.stain is not None and x.dtype == torch.uint8:
+                x = self.stain(x).contiguous(memory_format=torch.channels_last)
+            x = x.float()
         self.normalize(x)  # in place, as training batches are
         h, w = self.shape
         for j, (tile, _, _) in enumerate(batch):

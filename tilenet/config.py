@@ -165,6 +165,10 @@ class DataConfig:
     #: on the device with tilenet.patches.data.normalize_batch (4x less to move between processes).
     output: Literal["float", "uint8"] = "float"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    #: An RGB reference image (or region) every patch's stain is normalised to before
+    #: augmentation (tilenet.stain; uint8 RGB data); null: off. Inference: --stain.
+    stain: str | None = None
+    stain_method: Literal["macenko", "reinhard"] = "macenko"
     class_names: list[str] = field(default_factory=list)
     #: Generate the synthetic dataset here first when it is missing (demo configs).
     synth_dir: str | None = None

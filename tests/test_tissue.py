@@ -198,3 +198,14 @@ def test_no_pixel_size_warns_and_assumes(tmp_path: Path) -> None:
     with open_image(p) as img:
         m2 = detect_tissue(img, level0_mpp=4.0)
     assert not m2.mpp_assumed and m2.mask.shape == (256, 256) and m2.scale == (2.0, 2.0)
+
+
+def test_tissue_rgb_is_the_tissue_of_the_thumbnail(slide: tuple[Path, np.ndarray]) -> None:
+    from tilenet.tissue import tissue_rgb
+
+    with open_image(slide[0]) as img:
+        rgb = tissue_rgb(img)
+        mask = detect_tissue(img)
+    assert rgb.shape == (1, int(mask.mask.sum()), 3) and rgb.dtype == np.uint8
+    _, sat, _ = rgb_to_hsv(rgb)
+    assert np.median(sat) > 60  # stained, not glass

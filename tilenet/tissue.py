@@ -52,6 +52,7 @@ __all__ = [
     "overview",
     "rgb_to_hsv",
     "thumbnail",
+    "tissue_rgb",
 ]
 
 #: µm per pixel of the thumbnail tissue is detected on (CLAM runs at ~16 µm/px: 64x down of
@@ -254,6 +255,20 @@ def overview(image: Any, *, max_pixels: int = 4_000_000) -> np.ndarray:
     h, w = image.levels[0].shape
     factor = max(1.0, math.sqrt(h * w / max_pixels))
     return thumbnail(image, mpp=factor, level0_mpp=1.0)[0]
+
+
+def tissue_rgb(image: Any, *, min_pixels: int = 64) -> np.ndarray:
+    """The tissue of ``image`` as RGB uint8 (1, N, 3): the pixels of its thumbnail under
+    its tissue mask (the whole thumbnail where fewer than ``min_pixels`` are tissue). What
+    a stain normaliser's slide-wide source is estimated from::
+
+        make_stain("macenko", overview(ref)).with_source(tissue_rgb(image))
+    """
+    found = detect_tissue(image, keep_thumbnail=True)
+    assert found.thumbnail is not None
+    if found.mask.sum() < min_pixels:
+        return found.thumbnail.reshape(1, -1, 3)
+    return found.thumbnail[found.mask][None]
 
 
 def _block_mean(block: np.ndarray, k: int) -> np.ndarray:

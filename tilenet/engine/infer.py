@@ -426,15 +426,11 @@ def _stain(plan: ImagePlan, image: Any) -> Any:
     if _STAIN[0] != key:
         from tilenet.io import open_image
         from tilenet.stain import make_stain
-        from tilenet.tissue import detect_tissue, overview
+        from tilenet.tissue import overview, tissue_rgb
 
         with open_image(cfg.stain) as ref:
             normaliser = make_stain(cfg.stain_method, overview(ref))
-        found = detect_tissue(image, keep_thumbnail=True)
-        assert found.thumbnail is not None
-        tissue = found.thumbnail[found.mask] if found.mask.sum() >= 64 else None
-        src = found.thumbnail if tissue is None else tissue[None]
-        _STAIN[:] = [key, normaliser.with_source(src)]
+        _STAIN[:] = [key, normaliser.with_source(tissue_rgb(image))]
     return _STAIN[1]
 
 

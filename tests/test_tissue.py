@@ -209,3 +209,16 @@ def test_tissue_rgb_is_the_tissue_of_the_thumbnail(slide: tuple[Path, np.ndarray
     assert rgb.shape == (1, int(mask.mask.sum()), 3) and rgb.dtype == np.uint8
     _, sat, _ = rgb_to_hsv(rgb)
     assert np.median(sat) > 60  # stained, not glass
+
+
+def test_rgb_to_hsv_matches_scikit_image() -> None:
+    from skimage.color import rgb2hsv
+
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3)).astype(np.uint8)
+    rgb[0, :3] = [(0, 0, 0), (255, 255, 255), (90, 90, 90)]
+    hue, sat, val = rgb_to_hsv(rgb)
+    ref = rgb2hsv(rgb)
+    dh = np.abs(hue / 360 - ref[..., 0])
+    assert np.minimum(dh, 1 - dh).max() < 1e-5
+    assert np.abs(sat / 255 - ref[..., 1]).max() <= 0.5 / 255 + 1e-9
+    assert np.array_equal(val, rgb.max(-1))

@@ -168,3 +168,23 @@ def test_infer_with_stain_is_one_transform_per_slide(
     Image.fromarray(np.full((32, 32, 3), 255, np.uint8)).save(ref)
     assert main([*args, "--out", str(tmp_path / "white")]) == 2
     assert "two stains" in capsys.readouterr().err
+
+
+def test_tissue_outputs_in_a_bucket(
+    slide: tuple[Path, np.ndarray], bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same folder published to object storage (moto's S3 server), tissue.json last."""
+    import fsspec
+
+    out = f"{bucket}/runs/tissue"
+    assert main(["tissue", str(slide[0]), "--out", out]) == 0
+    fs, root = fsspec.core.url_to_fs(out)
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/case_1")}
+    assert {"mask.ome.zarr", "overlay.png", "tissue.geojson", "tissue.json"} <= names
+    record = json.loads(fs.cat(f"{root}/case_1/tissue.json"))
+    assert record["pieces"] == 7
+    group = zarr.open_group(f"{out}/case_1/mask.ome.zarr", mode="r")
+    assert group["0"].shape == (256, 256)
+    capsys.readouterr()
+    assert main(["tissue", str(slide[0]), "--out", out]) == 0
+    assert "done already" in capsys.readouterr().out

@@ -87,6 +87,9 @@ class TilingConfig:
     min_foreground: float = 0.0
     #: Pyramid level (or thumbnail side) used for the foreground mask.
     mask_max_side: int = 2048
+    #: Keep only patches with at least this fraction on tissue (tilenet.tissue: saturation,
+    #: Otsu, pen marks out, on a thumbnail at 8 µm/px); 0: off.
+    tissue: float = 0.0
     workers: int = 2
     #: Patches per zarr chunk along N (one chunk = one contiguous training read).
     chunk_patches: int = 64
@@ -162,6 +165,10 @@ class DataConfig:
     #: on the device with tilenet.patches.data.normalize_batch (4x less to move between processes).
     output: Literal["float", "uint8"] = "float"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    #: An RGB reference image (or region) every patch's stain is normalised to before
+    #: augmentation (tilenet.stain; uint8 RGB data); null: off. Inference: --stain.
+    stain: str | None = None
+    stain_method: Literal["macenko", "reinhard"] = "macenko"
     class_names: list[str] = field(default_factory=list)
     #: Generate the synthetic dataset here first when it is missing (demo configs).
     synth_dir: str | None = None
@@ -284,6 +291,13 @@ class InferConfig:
     #: float32 keeps the exact probabilities (for checks); float16/uint8 save space.
     probabilities_dtype: Literal["float16", "uint8", "float32"] = "float16"
     min_foreground: float = 0.0
+    #: Skip tiles whose tissue fraction (tilenet.tissue's mask) is below this (written as
+    #: class 0); 0: off.
+    tissue: float = 0.0
+    #: An RGB reference image (or region) to normalise the stain to (tilenet.stain): fitted
+    #: once; each input's stains are estimated once, on its tissue; null: off.
+    stain: str | None = None
+    stain_method: Literal["macenko", "reinhard"] = "macenko"
     readers: int = 2
     chunk: int = 1024
     #: Host memory policy while the engine runs (glibc; restored after the run, see

@@ -23,6 +23,7 @@ from tilenet.cli.info import _add_info
 from tilenet.cli.plan import _add_plan
 from tilenet.cli.synth import _add_synth
 from tilenet.cli.tile import TILE_FLAGS, _add_tile
+from tilenet.cli.tissue import _add_tissue
 from tilenet.cli.train import _add_train
 from tilenet.errors import EXIT_USAGE, credentials_scrubbed, run_guarded, scrub_credentials
 
@@ -47,6 +48,7 @@ examples:
   tilenet tile scans/ --out p.zarr conf=my.yaml tiling.patch=512   # config file + override
   tilenet tile slides/ --annotations qupath_export/ --min-annotated 0.3 --out p.zarr
   tilenet tile scenes/ --vector-labels fields.gpkg --label-field crop --out p.zarr
+  tilenet tissue slides/ --out tissue/                # tissue masks + QuPath polygons
   tilenet infer slides/ --model best.pt --out results --workers 2   # batch, resumable
   tilenet export best.pt --out model.onnx              # then: infer --model model.onnx
 config: tile, infer and info also take conf=FILE and section.key=value items (as training
@@ -64,6 +66,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     _add_convert,
     _add_synth,
     _add_tile,
+    _add_tissue,
     _add_train,
     _add_infer,
     _add_plan,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -20,7 +21,10 @@ from tilenet.config import InferConfig, JobsConfig, ReaderConfig
 from tilenet.errors import EXIT_OK, InputError
 from tilenet.outputs.formats import FORMATS, formats_help
 
-__all__ = ["INFER_FLAGS"]
+__all__ = ["INFER_FLAGS", "TISSUE_ANY"]
+
+#: The tissue fraction ``--tissue`` alone asks of a tile: any tissue at all keeps it.
+TISSUE_ANY = 1e-6
 
 
 def _add_infer(sub: Any) -> None:
@@ -115,6 +119,27 @@ def _add_infer(sub: Any) -> None:
         type=float,
         help="skip tiles whose low-resolution foreground fraction is below this "
         f"({_default(InferConfig, 'min_foreground')})",
+    )
+    p.add_argument(
+        "--tissue",
+        type=float,
+        nargs="?",
+        const=TISSUE_ANY,
+        metavar="FRACTION",
+        help="skip tiles off tissue (written as class 0): those whose tissue fraction on the "
+        "mask of `tilenet tissue` is below FRACTION; alone: tiles with no tissue at all "
+        f"({_default(InferConfig, 'tissue')}: off)",
+    )
+    p.add_argument(
+        "--stain",
+        metavar="REF_IMAGE",
+        help="normalise the stain to this RGB reference image or region (H&E): fitted once; "
+        "each input's stains are estimated once, on its tissue, so tiles meet without seams",
+    )
+    p.add_argument(
+        "--stain-method",
+        choices=("macenko", "reinhard"),
+        help=f"stain normaliser ({_default(InferConfig, 'stain_method')})",
     )
     p.add_argument(
         "--readers", type=int, help=f"tile reader threads ({_default(InferConfig, 'readers')})"
@@ -219,6 +244,9 @@ INFER_FLAGS: dict[str, Sequence[str]] = {
         "probabilities_dtype",
         "geojson_crs",
         "min_foreground",
+        "tissue",
+        "stain",
+        "stain_method",
         "readers",
         "heap",
     ),
@@ -286,4 +314,10 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     for name, path in summary["outputs"].items():
         print(f"{name}: {path}")
     print(f"{summary['tiles']} tiles in {summary['timings']['total_s']:.1f} s")
+    if summary.get("tiles_skipped"):
+        print(
+            f"tilenet: skipped {summary['tiles_skipped']} of {summary['tiles']} tiles "
+            "(off tissue or foreground; written as class 0)",
+            file=sys.stderr,
+        )
     return EXIT_OK

@@ -18,7 +18,10 @@ from tilenet.cli._common import (
 from tilenet.config import TilingConfig
 from tilenet.errors import scrub_credentials
 
-__all__ = ["TILE_FLAGS"]
+__all__ = ["TILE_FLAGS", "TISSUE_FRACTION"]
+
+#: The tissue fraction a patch needs with ``--tissue`` given alone.
+TISSUE_FRACTION = 0.25
 
 
 def _add_tile(sub: Any) -> None:
@@ -65,6 +68,16 @@ def _add_tile(sub: Any) -> None:
         type=float,
         help="drop patches whose foreground fraction (Otsu on a low-resolution level) is "
         f"below this, 0..1 ({_default(TilingConfig, 'min_foreground')}: keep all)",
+    )
+    p.add_argument(
+        "--tissue",
+        type=float,
+        nargs="?",
+        const=TISSUE_FRACTION,
+        metavar="FRACTION",
+        help="keep only patches on tissue: at least FRACTION of the patch (default "
+        f"{TISSUE_FRACTION} when given alone) on the tissue mask of `tilenet tissue` "
+        "(saturation, Otsu, pen marks and dark borders out); off by default",
     )
     p.add_argument(
         "--bands",
@@ -149,6 +162,7 @@ TILE_FLAGS: dict[str, Sequence[str]] = {
         "overlap",
         "level",
         "min_foreground",
+        "tissue",
         "workers",
         "annotations",
         "vector_labels",

@@ -387,6 +387,7 @@ class Predictor:
         skip: np.ndarray | None = None,
         on_tiles: Callable[[int], None] | None = None,
         decoder: Decoder | None = None,
+        stain: Callable[[Any], Any] | None = None,
     ) -> RunStats:
         """Run ``tiles`` of ``image`` (at ``config.level``) through the model into ``stitcher``.
 
@@ -405,7 +406,8 @@ class Predictor:
 
         On a CUDA device the batches stream (:class:`DeviceStreams`): the next batch is copied
         over and queued before the previous one's results are waited for. On the CPU each
-        batch runs to its results before the next, as it always has.
+        batch runs to its results before the next, as it always has. ``stain`` (uint8 RGB tiles
+        only; :mod:`tilenet.stain`) recolours each batch on the device before it is normalised.
         """
         import torch
 
@@ -427,7 +429,7 @@ class Predictor:
             codecs=decoder.codecs if decoder is not None else frozenset(),
         )
         normalize = Normalizer(self.spec.mean, self.spec.std, device=self.device)
-        inputs = _Inputs(self.device, normalize, grid.shape, decoder, keep_raw=keep_raw)
+        inputs = _Inputs(self.device, normalize, grid.shape, decoder, keep_raw, stain)
         outputs = _Outputs(grid.shape, self.spec.num_classes, crop=crop)
         skip = np.zeros(len(tiles), dtype=bool) if skip is None else skip
 
@@ -553,6 +555,8 @@ class _Inputs:
     shape: tuple[int, int]
     decoder: Decoder | None = None
     keep_raw: bool = True
+    #: uint8 (B, 3, h, w) -> uint8 on the device before normalising (tilenet.stain).
+    stain: Callable[[Any], Any] | None = None
 
     def __call__(self, batch: _Batch) -> torch.Tensor:
         import torch
@@ -562,7 +566,10 @@ class _Inputs:
         # A batch holds read tiles only (skipped ones pass alone): a Masked has pixels.
         items: list[Any] = [a.pixels if isinstance(a, Masked) else a for _, _, a in batch]
         if self.decoder is not None and all(isinstance(a, EncodedWindow) for a in items):
-            x = self.decoder.decode(items, device).float()
+            x = self.decoder.decode(items, device)
+            if self.stain is not None and x.dtype == torch.uint8:
+                x = self.stain(x)
+            x = x.float()
         else:
             arrays = [self._pixels(a) for a in items]
             if pin:  # stacked straight into pinned memory: one host copy, async to the GPU
@@ -572,7 +579,10 @@ class _Inputs:
             else:
                 x = torch.from_numpy(np.stack(arrays))
             # NHWC memory viewed as NCHW is channels_last: no copy, and the ops keep it.
-            x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2).float()
+            x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2)
+            if self.stain is not None and x.dtype == torch.uint8:
+                x = self.stain(x).contiguous(memory_format=torch.channels_last)
+            x = x.float()
         self.normalize(x)  # in place, as training batches are
         h, w = self.shape
         for j, (tile, _, _) in enumerate(batch):

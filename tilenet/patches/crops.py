@@ -198,6 +198,7 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
             self.batch_size,
             _Normalize(self.mean, self.std),
             build_augment(self.augment_cfg, channels=self.channels),
+            self.stain,
         )
         step = self.batch_size or 16
         for s in range(0, len(mine), step):

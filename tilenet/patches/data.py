@@ -23,6 +23,8 @@ this module builds the loader and re-exports them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -56,7 +58,8 @@ def build_loader(
 
     Train uses ``stores`` (or ``images``/``labels`` via random crops) with shuffling,
     augmentation and optional class balance; validation uses ``val_stores`` in a fixed
-    order, unaugmented. The synthetic dataset of ``synth_dir`` is made into stores before,
+    order, unaugmented; with ``stain`` both are stain-normalised (before augmentation).
+    The synthetic dataset of ``synth_dir`` is made into stores before,
     by :func:`tilenet.train.prepare_demo_data` (training does it). The dataset is
     ``loader.dataset``: call ``loader.dataset.set_epoch(e)`` each epoch. Workers are
     persistent (started once, not every epoch). ``resolution`` is the pixel size crops
@@ -105,6 +108,8 @@ def build_loader(
         raise InputError(
             f"no {'training' if train else 'validation'} data configured; set {what}{hint}"
         )
+    if cfg.stain:
+        ds.stain = _stain(cfg)
     return DataLoader(
         ds,
         batch_size=None,
@@ -114,6 +119,18 @@ def build_loader(
         # set_epoch reaches persistent workers through shared memory (see _EpochMixin)
         persistent_workers=cfg.num_workers > 0,
     )
+
+
+def _stain(cfg: DataConfig) -> Any:
+    """``data.stain``'s normaliser: ``data.stain_method`` fitted to the reference image
+    (each patch is then normalised with its own stain estimate)."""
+    from tilenet.io import open_image
+    from tilenet.stain import make_stain
+    from tilenet.tissue import overview
+
+    assert cfg.stain
+    with open_image(cfg.stain) as ref:
+        return make_stain(cfg.stain_method, overview(ref))
 
 
 def _crop_dataset(

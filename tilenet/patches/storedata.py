@@ -155,6 +155,7 @@ class PatchStoreDataset(_EpochMixin, IterableDataset):
             self.batch_size,
             self._norm(),
             build_augment(self.augment_cfg, channels=self.channels),
+            self.stain,
         )
         i = 0
         while i < len(mine):

@@ -68,6 +68,9 @@ class _EpochMixin:
     """
 
     _epoch_value: Any
+    #: A stain normaliser (:mod:`tilenet.stain`) for uint8 RGB batches, applied before
+    #: augmentation (``data.stain``); None: off.
+    stain: Any = None
 
     def _init_epoch(self) -> None:
         import multiprocessing as mp
@@ -132,10 +135,13 @@ class _Emitter:
     shuffling costs nothing extra; batches may span buffers.
     """
 
-    def __init__(self, batch_size: int | None, norm: _Normalize | None, augment: Any) -> None:
+    def __init__(
+        self, batch_size: int | None, norm: _Normalize | None, augment: Any, stain: Any = None
+    ) -> None:
         self.batch_size = batch_size
         self.norm = norm  # None: raw uint8 images and uint8 masks
         self.augment = augment
+        self.stain = stain
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._n = 0
 
@@ -143,6 +149,8 @@ class _Emitter:
         # NHWC -> NCHW is a view (channels-last strides); copied only where needed.
         x = torch.from_numpy(images).permute(0, 3, 1, 2)
         m = torch.from_numpy(masks)
+        if self.stain is not None:
+            x = self.stain(x.contiguous())
         if self.augment is not None:
             x, m = self.augment(x.contiguous(), m)
         if self.norm is None:
@@ -178,7 +186,7 @@ class _Emitter:
         self._n -= k
 
     def _take(self, k: int) -> Batch:
-        if self.norm is None and self.augment is None:
+        if self.norm is None and self.augment is None and self.stain is None:
             return self._take_raw(k)
         runs = [(a[idx], b[idx]) for a, b, idx, _ in self._pop(k)]
         if len(runs) == 1:

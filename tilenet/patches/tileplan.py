@@ -3,7 +3,7 @@
 :func:`plan_image` opens an image (and its label image or vector labels) once, checks them
 against each other and returns an :class:`ImagePlan`: the patch windows of the grid
 :meth:`tilenet.geometry.TileGrid.for_patches` that pass the foreground and annotation
-filters. :mod:`tilenet.patches.tiler` then reads and writes them.
+and tissue filters. :mod:`tilenet.patches.tiler` then reads and writes them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from tilenet.config import ResolutionConfig
 from tilenet.errors import InputError, ShapeMismatchError, one_line
 from tilenet.geometry import TileGrid, Window
 from tilenet.io.foreground import foreground_fractions, foreground_mask
+from tilenet.tissue import detect_tissue
 
 __all__ = ["ImagePlan", "open_at", "plan_image", "plan_or_reason"]
 
@@ -89,6 +90,7 @@ def plan_image(
     min_foreground: float,
     mask_max_side: int,
     limits: dict[str, Any],
+    tissue: float = 0.0,
     vector: Any = None,
     vindex: int = 0,
     min_annotated: float = 0.0,
@@ -96,8 +98,10 @@ def plan_image(
     resolution: ResolutionConfig | None = None,
 ) -> ImagePlan:
     """The plan of one image: checked against its label image (same size, one channel, the
-    same pyramid level), its windows on the patch grid filtered by foreground and, with
-    ``vector`` labels, by annotation (``vindex``: the image's index in them)."""
+    same pyramid level), its windows on the patch grid filtered by foreground, by tissue
+    (at least ``tissue`` of a window on the mask of :func:`tilenet.tissue.detect_tissue`;
+    0: off) and, with ``vector`` labels, by annotation (``vindex``: the image's index in
+    them)."""
     from tilenet.io import open_image
     from tilenet.io.resolution import ResampledImage, label_view, pixel_record
 
@@ -136,6 +140,9 @@ def plan_image(
             mask, mask_ds = foreground_mask(img, max_side=mask_max_side)
             frac = foreground_fractions(windows, mask, mask_ds, img.levels[level].downsample)
             windows = [w for w, f in zip(windows, frac, strict=True) if f >= min_foreground]
+        if tissue > 0:
+            frac = detect_tissue(img).fractions(windows, img.levels[level].downsample)
+            windows = [w for w, f in zip(windows, frac, strict=True) if f >= tissue]
         vlab = None
         if vector is not None:
             vlab = vector.open(vindex, img)

@@ -74,6 +74,7 @@ class _Run:
     level: int
     min_foreground: float
     mask_max_side: int
+    tissue: float
     chunk_patches: int
     workers: int
     limits: dict[str, Any]
@@ -114,6 +115,7 @@ def tile_images(
     overlap: int = TilingConfig.overlap,
     level: int = TilingConfig.level,
     min_foreground: float = TilingConfig.min_foreground,
+    tissue: float = TilingConfig.tissue,
     workers: int = TilingConfig.workers,
     class_names: Sequence[str] | None = None,
     chunk_patches: int = TilingConfig.chunk_patches,
@@ -138,8 +140,9 @@ def tile_images(
     directory or pattern (see :func:`match_labels`) or an explicit list parallel to the
     resolved images. Patches whose foreground fraction (from a low-resolution Otsu mask on
     the finest level no larger than ``mask_max_side``) is below ``min_foreground`` are
-    dropped. Work runs on ``workers`` dask threads; each task reads and writes one shard of
-    ``4 * chunk_patches`` patches. ``bands`` (1-based) keeps those bands of every image, in
+    dropped; with ``tissue`` > 0 so are those whose tissue fraction (the mask of
+    :func:`tilenet.tissue.detect_tissue`) is below it. Work runs on ``workers`` dask
+    threads; each task reads and writes one shard of ``4 * chunk_patches`` patches. ``bands`` (1-based) keeps those bands of every image, in
     that order. Where an image declares nodata, pixels with every band nodata are left out of
     the statistics and labelled 255 (ignored by the loss).
 
@@ -179,6 +182,7 @@ def tile_images(
         level=level,
         min_foreground=float(min_foreground),
         mask_max_side=mask_max_side,
+        tissue=_checked_fraction("tissue", tissue),
         chunk_patches=chunk_patches,
         workers=workers,
         limits=limits,
@@ -221,6 +225,12 @@ def _checked_limits(
     limits = asdict(reader if reader is not None else ReaderConfig())
     TileGrid.for_patches((patch, patch), patch, overlap)  # validates overlap up front
     return limits
+
+
+def _checked_fraction(name: str, value: Any) -> float:
+    if not 0.0 <= float(value) <= 1.0:
+        raise InputError(f"{name} must be in [0, 1], got {value!r}")
+    return float(value)
 
 
 def _target_resolution(resolution: ResolutionConfig | None, level: int) -> ResolutionConfig | None:
@@ -364,6 +374,7 @@ def _plan_tiling(run: _Run, existing: dict[str, Any] | None) -> tuple[list[Image
             level=run.level,
             min_foreground=run.min_foreground,
             mask_max_side=run.mask_max_side,
+            tissue=run.tissue,
             limits=run.limits,
             vector=run.vector,
             vindex=vindex[p],
@@ -436,6 +447,7 @@ def _open_store(
             "chunk_patches": run.chunk_patches,
             "has_labels": run.has_labels,
             "min_foreground": run.min_foreground,
+            "tissue": run.tissue,
             "class_names": run.names,
             "vector_labels": run.vector.describe() if run.vector is not None else None,
             "min_annotated": float(run.min_annotated),

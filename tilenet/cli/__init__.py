@@ -17,6 +17,7 @@ from typing import Any
 from tilenet.cli._common import Handler
 from tilenet.cli.convert import _add_convert
 from tilenet.cli.demo import _add_demo
+from tilenet.cli.embed import _add_embed
 from tilenet.cli.infer import INFER_FLAGS, _add_infer
 from tilenet.cli.info import _add_info
 from tilenet.cli.plan import _add_plan
@@ -47,6 +48,7 @@ examples:
   tilenet tile slides/ --annotations qupath_export/ --min-annotated 0.3 --out p.zarr
   tilenet tile scenes/ --vector-labels fields.gpkg --label-field crop --out p.zarr
   tilenet infer slides/ --model best.pt --out results --workers 2   # batch, resumable
+  tilenet embed slides/ --encoder uni2-h --weights uni2h/ --out emb   # patch embeddings (.h5)
 config: tile, infer and info also take conf=FILE and section.key=value items (as training
 does); flags given on the command line win over them, and they over the defaults
 (python -m tilenet.train --print-config lists every key).
@@ -64,6 +66,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     _add_tile,
     _add_train,
     _add_infer,
+    _add_embed,
     _add_plan,
     _add_demo,
 ]

@@ -301,6 +301,8 @@ def embed_image(
     transform: Transform | None = None,
     extra_attrs: dict[str, Any] | None = None,
     stem: str | None = None,
+    force: bool = False,
+    wait: bool = False,
     progress: bool = False,
 ) -> EmbedResult:
     """Embed every kept patch of ``input`` into ``out/features/<stem>.h5`` (or ``.zarr``).
@@ -309,9 +311,12 @@ def embed_image(
     prepared in place: eval, BatchNorm folded, on the device). ``keep``: a patch filter on
     level-0 windows (tissue); ``transform``: a uint8 batch transform on the device (stain
     normalisation); describe both in ``extra_attrs`` (recorded, and part of the resume key).
+    A finished file of the same run is skipped unless ``force``. The run holds the file
+    (:func:`tilenet.io.lock.hold_output`, beside it): another run on it refuses (or, with ``wait``, waits).
     """
     from tilenet.fsutil import safe_stem
     from tilenet.io import open_image
+    from tilenet.io.lock import hold_output
     from tilenet.io.sniff import fingerprint
 
     cfg = config or EmbedConfig()
@@ -347,17 +352,19 @@ def embed_image(
         key = run_key(identity)
         attrs["root"]["tilenet"]["key"] = key
         result = EmbedResult(str(final), len(plan.windows), spec.dim)
-        if finished_key(final, cfg.format) == key:
-            result.skipped = True
-            return result
-        writer = writer_cls(final, dim=spec.dim, key=key, attrs=attrs)
-        result.rows_resumed = writer.start()
-        try:
-            _run(plan, loaded, cfg, device, precision, writer, transform, result, progress)
-        except BaseException:
-            writer.close()
-            raise
-        writer.publish()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with hold_output(final, wait=wait, what="tilenet embed", beside=True):
+            if not force and finished_key(final, cfg.format) == key:
+                result.skipped = True
+                return result
+            writer = writer_cls(final, dim=spec.dim, key=key, attrs=attrs)
+            result.rows_resumed = writer.start()
+            try:
+                _run(plan, loaded, cfg, device, precision, writer, transform, result, progress)
+            except BaseException:
+                writer.close()
+                raise
+            writer.publish()
     finally:
         image.close()
     result.seconds = time.perf_counter() - t0

@@ -161,13 +161,13 @@ def test_weights_round_trip_through_safetensors_and_torch_files(tmp_path: Path) 
 def test_pickled_objects_are_refused_not_run(tmp_path: Path) -> None:
     bad = tmp_path / "evil.pt"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "obj": Path("x")}, bad)
-    with pytest.raises(CheckpointError, match="evil.pt: cannot read weights"):
+    with pytest.raises(CheckpointError, match=r"evil\.pt: cannot read weights"):
         load_encoder("uni", bad, tiny=True)
 
 
 def test_names_and_errors() -> None:
     assert {"uni", "uni2-h", "virchow2", "gigapath", "h-optimus-1"} <= set(list_encoders())
-    with pytest.raises(ConfigError, match="unknown encoder 'nope'.*timm:"):
+    with pytest.raises(ConfigError, match=r"unknown encoder 'nope'.*timm:"):
         encoder_spec("nope")
     with pytest.raises(ConfigError, match="pip install git"):
         encoder_spec("conch")

@@ -420,11 +420,17 @@ def _run(
     module = prepare_model(loaded.encoder.to(device))
     prep = encoder_input(loaded.encoder.spec, device)
     decoder = DECODERS["cpu"]() if cfg.decode else None
-    read = _reader(plan, decoder)
     depth = max(2 * cfg.batch, 2 * cfg.readers)
     bar = progress_bar(
         len(plan.windows), desc="embed", unit="patch", enabled=progress, initial=start
     )
+
+    def encode(items: Sequence[Any]) -> np.ndarray:
+        x = _pixels(items, decoder, device, plan.image.path)
+        if transform is not None:
+            x = transform(x)
+        with torch.inference_mode(), autocast(device, precision):
+            return module(prep(x)).float().cpu().numpy()
 
     def write(job: tuple[np.ndarray, np.ndarray, bool]) -> None:
         feats, coords, mark = job
@@ -432,26 +438,42 @@ def _run(
         if mark:
             writer.checkpoint()
 
-    reads = prefetch(plan.windows[start:], read, workers=cfg.readers, depth=depth)
+    reads = prefetch(plan.windows[start:], _reader(plan, decoder), workers=cfg.readers, depth=depth)
     with BackgroundWriter[tuple[np.ndarray, np.ndarray, bool]](write, depth=2) as out:
-        i = start
-        t_wait = time.perf_counter()
-        while i < len(plan.windows):
-            n = min(cfg.batch, len(plan.windows) - i)
-            items = [px for _, px in (next(reads) for _ in range(n))]
-            result.read_wait_s += time.perf_counter() - t_wait
-            t1 = time.perf_counter()
-            x = _pixels(items, decoder, device, plan.image.path)
-            if transform is not None:
-                x = transform(x)
-            with torch.inference_mode(), autocast(device, precision):
-                feats = module(prep(x))
-            rows = feats.float().cpu().numpy()
-            result.model_s += time.perf_counter() - t1
-            i += n
-            mark = (i // cfg.batch) % cfg.checkpoint_every == 0
-            out.submit((rows, plan.coords[i - n : i], mark))
-            bar.update(n)
-            t_wait = time.perf_counter()
+        try:
+            _loop(plan, cfg, reads, encode, out, bar, result)
+        except BaseException:  # Ctrl-C, a failed read: keep what was encoded for the resume
+            try:
+                out.close()
+                writer.checkpoint()
+            except Exception:
+                pass
+            raise
         out.close()
     bar.close()
+
+
+def _loop(
+    plan: EmbedPlan,
+    cfg: EmbedConfig,
+    reads: Iterator[tuple[Window, Any]],
+    encode: Callable[[Sequence[Any]], np.ndarray],
+    out: BackgroundWriter[tuple[np.ndarray, np.ndarray, bool]],
+    bar: Any,
+    result: EmbedResult,
+) -> None:
+    """Batches of read patches -> features, submitted to the writer with their coords."""
+    i = result.rows_resumed
+    t_wait = time.perf_counter()
+    while i < len(plan.windows):
+        n = min(cfg.batch, len(plan.windows) - i)
+        items = [px for _, px in (next(reads) for _ in range(n))]
+        result.read_wait_s += time.perf_counter() - t_wait
+        t1 = time.perf_counter()
+        rows = encode(items)
+        result.model_s += time.perf_counter() - t1
+        i += n
+        mark = (i // cfg.batch) % cfg.checkpoint_every == 0
+        out.submit((rows, plan.coords[i - n : i], mark))
+        bar.update(n)
+        t_wait = time.perf_counter()

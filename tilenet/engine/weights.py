@@ -140,6 +140,7 @@ def _from_hub(name: str, **build: Any) -> LoadedEncoder:
             f"encoder {name!r}: huggingface_hub is not installed; give --weights FILE|DIR"
         ) from None
     last: Exception | None = None
+    path: Path | None = None
     for fname in files:
         try:
             path = Path(hf_hub_download(hub, fname))
@@ -148,8 +149,6 @@ def _from_hub(name: str, **build: Any) -> LoadedEncoder:
             last = exc
             if "EntryNotFound" not in type(exc).__name__:
                 break
-    else:
-        path = None  # type: ignore[assignment]
     if path is None or not path.is_file():
         why = one_line(last, typed=False) if last else "not found"
         raise CheckpointError(

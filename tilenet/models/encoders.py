@@ -299,7 +299,7 @@ def build_encoder(name: str, *, tiny: bool = False, **overrides: Any) -> Encoder
         arch = name[5:]
         kwargs: dict[str, Any] = {"num_classes": 0, **overrides}
         try:
-            model = timm.create_model(arch, pretrained=False, **kwargs)
+            model: Any = timm.create_model(arch, pretrained=False, **kwargs)
         except RuntimeError as exc:  # timm: "Unknown model (x)"
             raise ConfigError(f"encoder {name!r}: {exc}") from None
         cfg = timm.data.resolve_data_config({}, model=model)
@@ -353,7 +353,7 @@ class Encoder(nn.Module):
 
     def __init__(self, model: nn.Module, spec: EncoderSpec) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model
         self.spec = spec
         self.prefix = int(getattr(model, "num_prefix_tokens", 1))
 

@@ -176,6 +176,7 @@ class H5Features(FeatureWriter):
     """TRIDENT's ``.h5`` (h5py): resizable datasets, chunked by :data:`CHUNK_ROWS` rows."""
 
     suffix = ".h5"
+    _f: Any = None
 
     def _create(self) -> None:
         import h5py
@@ -243,6 +244,7 @@ class ZarrFeatures(FeatureWriter):
     """The same arrays and attributes in a zarr group (a directory ``<stem>.zarr``)."""
 
     suffix = ".zarr"
+    _g: Any = None
 
     def _create(self) -> None:
         import zarr

@@ -243,3 +243,96 @@ def test_cli_embeds_a_slide_then_skips_it_and_batches_a_folder(
     status = {Path(x["image"]).name: x["status"] for x in lines}
     assert status == {"a.svs": "done", "b.svs": "failed"}
     assert h5py.File(tmp_path / "o" / "features" / "a.h5")["features"].shape == (2, 64)
+
+
+def _cli(slide: Path, out: Path, weights: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "tilenet", "embed", str(slide), "--out", str(out),
+        "--encoder", "timm:test_vit", "--weights", str(weights), "--patch", "160",
+        "--batch", "2", "--checkpoint-every", "1", "--readers", "1", "--quiet", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow  # ~3 CLI processes of several seconds each on a shared machine
+def test_sigkill_then_rerun_gives_identical_features(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import timm
+    from safetensors.torch import save_file
+
+    slide = _slide(tmp_path / "k.svs", 640, 800, 0.5, seed=2)  # 4 x 5 patches of 160
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    save_file(timm.create_model("test_vit", num_classes=0).state_dict(), weights)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    marker = out / "features" / "k.h5.partial.json"
+    proc = subprocess.Popen(_cli(slide, out, weights), env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    kept = json.loads(marker.read_text())["rows"]
+    assert 0 < kept < 20 and not (out / "features" / "k.h5").exists()
+    rerun = subprocess.run(_cli(slide, out, weights), env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resumed" in rerun.stdout
+    ref = subprocess.run(
+        _cli(slide, tmp_path / "ref", weights), env=env, capture_output=True, text=True
+    )
+    assert ref.returncode == 0, ref.stderr
+    a, ca, _, _ = _read(out / "features" / "k.h5")
+    b, cb, _, _ = _read(tmp_path / "ref" / "features" / "k.h5")
+    assert a.shape == (20, 64) and a.tobytes() == b.tobytes() and ca.tobytes() == cb.tobytes()
+    assert not marker.exists()
+
+
+_PEAK = """
+import sys
+from tilenet.engine.embed import EmbedConfig, embed_image
+from tilenet.engine.weights import load_encoder
+
+def peak_kib():  # VmHWM: ru_maxrss would carry the parent's peak across exec
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+enc = load_encoder("timm:test_resnet", "random")
+cfg = EmbedConfig(patch=256, batch=8, readers=2)
+embed_image(sys.argv[1], enc, sys.argv[3], config=cfg)  # warm: model, threads, buffers
+base = peak_kib()
+embed_image(sys.argv[2], enc, sys.argv[3], config=cfg)
+print(peak_kib() - base)
+"""
+
+
+@pytest.mark.slow  # two processes, ~300 patches of 256²: minutes on a shared machine
+def test_memory_is_bounded_by_the_batch_not_the_slide(tmp_path: Path) -> None:
+    """The peak RSS an embedding adds is the same for a 1024² and a 4096² slide (16x the
+    pixels, 48 MiB of RGB more): within 24 MiB, so neither the slide nor its features are
+    held whole."""
+    import os
+    import subprocess
+
+    warm = _slide(tmp_path / "warm.svs", 512, 512, 0.5, seed=4)
+    grown = []
+    for side in (1024, 4096):
+        s = _slide(tmp_path / f"s{side}.svs", side, side, 0.5, seed=3)
+        r = subprocess.run(
+            [sys.executable, "-c", _PEAK, str(warm), str(s), str(tmp_path / str(side))],
+            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        grown.append(int(r.stdout.split()[-1]))  # KiB
+    assert grown[1] - grown[0] < 24 * 1024, grown

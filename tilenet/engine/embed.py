@@ -209,11 +209,6 @@ def _rgb(a: np.ndarray, path: Any) -> np.ndarray:
     raise InputError(f"{path}: encoders take RGB; this image has {c} bands (pick 3 with --bands)")
 
 
-def _batches(plan: EmbedPlan, start: int, size: int) -> Iterator[tuple[int, list[Window]]]:
-    for i in range(start, len(plan.windows), size):
-        yield i, plan.windows[i : i + size]
-
-
 def run_key(parts: dict[str, Any]) -> str:
     """The hex SHA-256 of a run's identity (plain data)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -371,34 +366,40 @@ def embed_image(
     return result
 
 
-def _reader(plan: EmbedPlan, decoder: Any) -> Callable[[Window], Any]:
-    image, level = plan.image, plan.level
+def _batch_reader(plan: EmbedPlan, decode: bool) -> Callable[[tuple[int, int]], torch.Tensor]:
+    """Reads patches ``i:j`` as one uint8 (B, 3, P, P) CPU tensor (in a reader thread).
 
-    def read(win: Window) -> np.ndarray | EncodedWindow:
-        if decoder is not None:
-            ew = image.encoded(win, level)
-            if ew is not None and ew.codec in decoder.codecs:
-                return ew
-        return _rgb(image.read(win, level), image.path)
+    Where the level has a raw path, only the stored tiles are fetched and the ``cpu``
+    decoder decodes each tile the batch touches once (a row of patches shares tiles); else
+    each patch is read (and resampled) by the image itself.
+    """
+    image, level, path = plan.image, plan.level, plan.image.path
+
+    def read(span: tuple[int, int]) -> torch.Tensor:
+        decoder = DECODERS["cpu"]() if decode else None
+        items: list[np.ndarray | EncodedWindow] = []
+        for win in plan.windows[span[0] : span[1]]:
+            ew = image.encoded(win, level) if decoder is not None else None
+            if ew is not None and ew.codec in decoder.codecs:  # type: ignore[union-attr]
+                items.append(ew)
+            else:
+                items.append(_rgb(image.read(win, level), path))
+        return _pixels(items, decoder, path)
 
     return read
 
 
-def _pixels(items: Sequence[Any], decoder: Any, device: Any, path: Any) -> torch.Tensor:
-    """A read batch as uint8 (B, 3, P, P) on ``device``."""
+def _pixels(items: Sequence[Any], decoder: Any, path: Any) -> torch.Tensor:
+    """A read batch as uint8 (B, 3, P, P) on the CPU (channels_last memory)."""
     import torch
 
     if decoder is not None and all(isinstance(a, EncodedWindow) for a in items):
-        x = decoder.decode(list(items), device)
+        x = decoder.decode(list(items), "cpu")
         if x.shape[1] == 1:
             return x.expand(-1, 3, -1, -1)
         return x[:, :3]
     arrays = [_rgb(decode_window(a), path) if isinstance(a, EncodedWindow) else a for a in items]
-    x = torch.from_numpy(np.stack(arrays))
-    pin = getattr(device, "type", str(device)) == "cuda"
-    if pin:
-        x = x.pin_memory()
-    return x.to(device, non_blocking=pin).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
 def _run(
@@ -414,19 +415,18 @@ def _run(
 ) -> None:
     import torch
 
-    start = result.rows_resumed
-    if start % cfg.batch and start != len(plan.windows):
+    start, n = result.rows_resumed, len(plan.windows)
+    if start % cfg.batch and start != n:
         raise InputError(f"{writer.partial}: resume marker off a batch boundary; delete it")
     module = prepare_model(loaded.encoder.to(device))
     prep = encoder_input(loaded.encoder.spec, device)
-    decoder = DECODERS["cpu"]() if cfg.decode else None
-    depth = max(2 * cfg.batch, 2 * cfg.readers)
-    bar = progress_bar(
-        len(plan.windows), desc="embed", unit="patch", enabled=progress, initial=start
-    )
+    pin = device.type == "cuda"
+    bar = progress_bar(n, desc="embed", unit="patch", enabled=progress, initial=start)
 
-    def encode(items: Sequence[Any]) -> np.ndarray:
-        x = _pixels(items, decoder, device, plan.image.path)
+    def encode(x: torch.Tensor) -> np.ndarray:
+        if pin:
+            x = x.pin_memory()
+        x = x.to(device, non_blocking=pin)
         if transform is not None:
             x = transform(x)
         with torch.inference_mode(), autocast(device, precision):
@@ -438,7 +438,11 @@ def _run(
         if mark:
             writer.checkpoint()
 
-    reads = prefetch(plan.windows[start:], _reader(plan, decoder), workers=cfg.readers, depth=depth)
+    spans = [(i, min(i + cfg.batch, n)) for i in range(start, n, cfg.batch)]
+    # Whole batches are read ahead, each by one thread: decoding overlaps the model.
+    reads = prefetch(
+        spans, _batch_reader(plan, cfg.decode), workers=cfg.readers, depth=cfg.readers + 1
+    )
     with BackgroundWriter[tuple[np.ndarray, np.ndarray, bool]](write, depth=2) as out:
         try:
             _loop(plan, cfg, reads, encode, out, bar, result)
@@ -456,24 +460,20 @@ def _run(
 def _loop(
     plan: EmbedPlan,
     cfg: EmbedConfig,
-    reads: Iterator[tuple[Window, Any]],
-    encode: Callable[[Sequence[Any]], np.ndarray],
+    reads: Iterator[tuple[tuple[int, int], torch.Tensor]],
+    encode: Callable[[torch.Tensor], np.ndarray],
     out: BackgroundWriter[tuple[np.ndarray, np.ndarray, bool]],
     bar: Any,
     result: EmbedResult,
 ) -> None:
-    """Batches of read patches -> features, submitted to the writer with their coords."""
-    i = result.rows_resumed
+    """Read batches -> features, submitted to the writer with their coords."""
     t_wait = time.perf_counter()
-    while i < len(plan.windows):
-        n = min(cfg.batch, len(plan.windows) - i)
-        items = [px for _, px in (next(reads) for _ in range(n))]
+    for (i, j), x in reads:
         result.read_wait_s += time.perf_counter() - t_wait
         t1 = time.perf_counter()
-        rows = encode(items)
+        rows = encode(x)
         result.model_s += time.perf_counter() - t1
-        i += n
-        mark = (i // cfg.batch) % cfg.checkpoint_every == 0
-        out.submit((rows, plan.coords[i - n : i], mark))
-        bar.update(n)
+        mark = (j // cfg.batch) % cfg.checkpoint_every == 0
+        out.submit((rows, plan.coords[i:j], mark))
+        bar.update(j - i)
         t_wait = time.perf_counter()

@@ -137,6 +137,8 @@ def test_keep_filter_and_batch_transform_hooks(slide: Path, tmp_path: Path) -> N
     assert pcoords.tolist() == coords[sel].tolist() and attrs["tissue"] == "x < 128"
     np.testing.assert_allclose(part, full[sel], rtol=1e-5, atol=1e-5)
     assert seen[0] == ((4, 3, P, P), torch.uint8) and len(seen) == 2  # 8 patches, batches of 4
+    made = embed_image(slide, loaded, tmp_path / "d", config=cfg, keep_for=lambda image: keep)
+    assert _read(Path(made.path))[1].tolist() == pcoords.tolist()
 
     def invert(x: torch.Tensor) -> torch.Tensor:
         return 255 - x

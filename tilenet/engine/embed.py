@@ -293,6 +293,7 @@ def embed_image(
     resolution: ResolutionConfig | None = None,
     reader: ReaderConfig | None = None,
     keep: Keep | None = None,
+    keep_for: Callable[[LazyImage], Keep | None] | None = None,
     transform: Transform | None = None,
     extra_attrs: dict[str, Any] | None = None,
     stem: str | None = None,
@@ -304,7 +305,8 @@ def embed_image(
 
     ``encoder``: a preset name, ``timm:<name>``, or a :class:`LoadedEncoder` (its module is
     prepared in place: eval, BatchNorm folded, on the device). ``keep``: a patch filter on
-    level-0 windows (tissue); ``transform``: a uint8 batch transform on the device (stain
+    level-0 windows (tissue), or ``keep_for(image)`` making one from the opened image (a
+    batch: one per slide); ``transform``: a uint8 batch transform on the device (stain
     normalisation); describe both in ``extra_attrs`` (recorded, and part of the resume key).
     A finished file of the same run is skipped unless ``force``. The run holds the file
     (:func:`tilenet.io.lock.hold_output`, beside it): another run on it refuses (or, with ``wait``, waits).
@@ -325,6 +327,8 @@ def embed_image(
     t0 = time.perf_counter()
     image = open_image(input, **asdict(reader or ReaderConfig()))
     try:
+        if keep_for is not None:
+            keep = keep_for(image)
         plan = plan_patches(
             image, spec, patch=cfg.patch, overlap=cfg.overlap, resolution=resolution, keep=keep
         )

@@ -338,3 +338,27 @@ def test_memory_is_bounded_by_the_batch_not_the_slide(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         grown.append(int(r.stdout.split()[-1]))  # KiB
     assert grown[1] - grown[0] < 24 * 1024, grown
+
+
+def test_a_georeferenced_raster_keeps_its_crs_and_transform(tmp_path: Path) -> None:
+    """A GeoTIFF at --gsd 20 (2x its 10 m pixels): coords in its level-0 pixels, the CRS and
+    level-0 transform recorded, no microscope pixel size."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from tilenet.config import ResolutionConfig
+
+    t = from_origin(500000.0, 4_200_000.0, 10.0, 10.0)
+    arr = np.random.default_rng(5).integers(0, 255, (3, 256, 256), dtype=np.uint8)
+    prof = {"driver": "GTiff", "height": 256, "width": 256, "count": 3, "dtype": "uint8",
+            "crs": "EPSG:32633", "transform": t}  # fmt: skip
+    with rasterio.open(tmp_path / "geo.tif", "w", **prof) as ds:
+        ds.write(arr)
+    r = embed_image(
+        tmp_path / "geo.tif", _encoder(), tmp_path, config=EmbedConfig(patch=P, batch=4),
+        resolution=ResolutionConfig(gsd=20.0),
+    )  # fmt: skip
+    _, coords, attrs, _ = _read(Path(r.path))
+    assert len(coords) == 4 and coords[1].tolist() == [2 * P, 0]
+    assert "32633" in attrs["crs"] and list(attrs["transform"]) == list(t.to_gdal())
+    assert attrs["mpp"] == "None" and attrs["patch_size_level0"] == 2 * P

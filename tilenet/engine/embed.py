@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +39,7 @@ from tilenet.engine.pipeline import BackgroundWriter, prefetch
 from tilenet.engine.predictor import prepare_model
 from tilenet.engine.weights import LoadedEncoder, load_encoder
 from tilenet.errors import ConfigError, InputError
-from tilenet.geometry import Window
+from tilenet.geometry import Window, spans
 from tilenet.io.base import LazyImage
 from tilenet.io.resolution import Resolution, at_resolution
 from tilenet.io.source import EncodedWindow, decode_window
@@ -123,7 +123,6 @@ class EmbedPlan:
     coords: np.ndarray
     #: Size (y, x) of a read pixel in level-0 pixels.
     scale: tuple[float, float]
-    attrs: dict[str, Any] = field(default_factory=dict)
 
 
 def _target(image: LazyImage, res: ResolutionConfig | None, spec: EncoderSpec) -> Any:
@@ -442,10 +441,10 @@ def _run(
         if mark:
             writer.checkpoint()
 
-    spans = [(i, min(i + cfg.batch, n)) for i in range(start, n, cfg.batch)]
+    batches = [(start + a, start + b) for a, b in spans(n - start, cfg.batch)]
     # Whole batches are read ahead, each by one thread: decoding overlaps the model.
     reads = prefetch(
-        spans, _batch_reader(plan, cfg.decode), workers=cfg.readers, depth=cfg.readers + 1
+        batches, _batch_reader(plan, cfg.decode), workers=cfg.readers, depth=cfg.readers + 1
     )
     with BackgroundWriter[tuple[np.ndarray, np.ndarray, bool]](write, depth=2) as out:
         try:

@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         bu.write_json(args.out, results)
     print(
-        "; ".join(
+        "bench_embed: "
+        + "; ".join(
             f"{r['encoder']}: tilenet {r['patches_per_s']['tilenet']} patches/s, loop "
             f"{r['patches_per_s']['loop']} ({r['speedup']}x), forward "
             f"{r['patches_per_s']['forward']} ({r['of_forward']:.0%} of it); per CPU-s "

@@ -4,14 +4,14 @@
 encoder's; :mod:`tilenet.io.resolution`), into a grid of ``patch`` x ``patch`` windows
 stepping ``patch - overlap`` (whole patches only; the < step pixels at the right and bottom
 edge are left out), keeps those ``keep`` accepts, and runs them in batches through the
-encoder. Reading is the engine's: reader threads ahead of the model
-(:func:`tilenet.engine.pipeline.prefetch`); where the pixel size is a pyramid level as it is
-(within the tolerance), threads fetch the stored JPEG tiles only and the decoder
-(:mod:`tilenet.engine.decode`) decodes each batch, each tile once. On the device a uint8
-(B, 3, P, P) batch goes through ``transform`` (e.g. stain normalisation), is resized and
-centre-cropped to the encoder's input as its spec says, scaled and normalised, encoded
-under the encoder's precision (autocast on a GPU; fp32 on a CPU unless asked), and its rows
-go to one writer thread (:mod:`tilenet.outputs.embeddings`).
+encoder. Reading is the engine's: whole batches are read ahead, each by one reader thread
+(:func:`tilenet.engine.pipeline.prefetch`), so decoding overlaps the model; where the pixel
+size is a pyramid level as it is (within the tolerance), a batch fetches the stored JPEG
+tiles only and the ``cpu`` decoder (:mod:`tilenet.engine.decode`) decodes each tile the
+batch touches once. On the device a uint8 (B, 3, P, P) batch goes through ``transform``
+(e.g. stain normalisation), is resized and centre-cropped to the encoder's input as its spec
+says, scaled and normalised, encoded under the encoder's precision (autocast on a GPU; fp32
+on a CPU unless asked), and its rows go to one writer thread (:mod:`tilenet.outputs.embeddings`).
 
 Resume: every ``checkpoint_every`` batches the rows written are flushed and marked; a rerun
 with the same key (input fingerprint, encoder, weights, options) continues after the

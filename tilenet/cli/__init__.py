@@ -17,6 +17,7 @@ from typing import Any
 from tilenet.cli._common import Handler
 from tilenet.cli.convert import _add_convert
 from tilenet.cli.demo import _add_demo
+from tilenet.cli.embed import _add_embed
 from tilenet.cli.export import _add_export
 from tilenet.cli.infer import INFER_FLAGS, _add_infer
 from tilenet.cli.info import _add_info
@@ -51,6 +52,7 @@ examples:
   tilenet tissue slides/ --out tissue/                # tissue masks + QuPath polygons
   tilenet infer slides/ --model best.pt --out results --workers 2   # batch, resumable
   tilenet export best.pt --out model.onnx              # then: infer --model model.onnx
+  tilenet embed slides/ --encoder uni2-h --weights uni2h/ --out emb   # patch embeddings (.h5)
 config: tile, infer and info also take conf=FILE and section.key=value items (as training
 does); flags given on the command line win over them, and they over the defaults
 (python -m tilenet.train --print-config lists every key).
@@ -69,6 +71,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     _add_tissue,
     _add_train,
     _add_infer,
+    _add_embed,
     _add_plan,
     _add_demo,
     _add_export,

@@ -1,0 +1,370 @@
+"""Patch encoders: any timm model by name, and presets that rebuild pathology foundation
+models as their authors define them (architecture, input, mean/std, pooling, precision).
+
+``build_encoder("timm:resnet50")`` builds a plain timm model with ``num_classes=0`` (its
+pooled pre-logits) and the model's own data config; ``build_encoder("uni2-h")`` builds the
+UNI2-h architecture with the kwargs its model card gives. Both return an :class:`Encoder`:
+a module mapping a normalised (B, 3, S, S) batch to (B, D) features, and its
+:class:`EncoderSpec` (input size, mean/std, resize, pooling, precision, recommended patch).
+
+Pooling, exactly (timm's ViTs put ``1 + reg_tokens`` prefix tokens in front of the patch
+tokens, ``num_prefix_tokens``):
+
+* ``token``: the CLS token of the final-normed tokens (UNI, UNI2-h, Prov-GigaPath,
+  H-optimus, Phikon);
+* ``cls+mean``: CLS concatenated with the mean of the *patch* tokens, register tokens
+  skipped (Virchow, Virchow2: 2 x 1280 = 2560);
+* ``pre-logits``: the model's own head without its classifier (any timm model);
+* ``gap-stage3``: global average of ResNet-50's third stage (CLAM's ``resnet50_trunc``).
+
+Weights are not read here (models read no files): the engine loads them
+(:mod:`tilenet.engine.weights`). ``tiny=True`` builds the same family with small widths and
+depths through the same code path, for tests without weights or network.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from tilenet.errors import ConfigError
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PRESETS",
+    "Encoder",
+    "EncoderSpec",
+    "Pooling",
+    "build_encoder",
+    "encoder_spec",
+    "list_encoders",
+]
+
+Pooling = Literal["token", "cls+mean", "pre-logits", "gap-stage3"]
+Precision = Literal["fp32", "fp16", "bf16"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
+_HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+
+#: Small widths for ``tiny=True`` ViTs (any family member keeps its registers and layout).
+_TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What an encoder needs of its input and what it gives back.
+
+    The engine turns a (B, 3, P, P) uint8 patch batch into the model's input: resize to
+    ``resize`` (when not None and not already that size; ``interpolation``, antialiased),
+    centre-crop to ``input_size``, scale to [0, 1], subtract ``mean``, divide by ``std``.
+    """
+
+    name: str
+    #: The timm architecture (or ``hub`` id) it is built from.
+    arch: str
+    dim: int
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pooling: Pooling
+    precision: Precision = "fp32"
+    resize: int | None = None
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    #: Recommended patch side (pixels) and pixel size (µm) to read at.
+    patch: int = 224
+    mpp: float = 0.5
+    #: ``hf-hub:owner/name`` of the published weights, where there are any.
+    hub: str | None = None
+    #: One line: how to get the weights (gated models).
+    access: str = ""
+    #: Architecture kwargs given to ``timm.create_model`` (plain data).
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for output attributes."""
+        return {
+            "name": self.name,
+            "arch": self.arch,
+            "dim": self.dim,
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "pooling": self.pooling,
+            "precision": self.precision,
+            "resize": self.resize,
+            "interpolation": self.interpolation,
+            "hub": self.hub,
+        }
+
+
+def _vit(
+    name: str,
+    arch: str,
+    dim: int,
+    *,
+    hub: str,
+    access: str,
+    kwargs: dict[str, Any],
+    pooling: Pooling = "token",
+    precision: Precision = "fp16",
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    patch: int = 224,
+    resize: int | None = None,
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear",
+) -> EncoderSpec:
+    return EncoderSpec(
+        name, arch, dim, 224, mean, std, pooling, precision, resize, interpolation, patch,
+        0.5, hub, access, {"img_size": 224, **kwargs},
+    )  # fmt: skip
+
+
+_MAHMOOD = "gated: request access at https://huggingface.co/{} (institutional e-mail), then `hf auth login` or --weights DIR"
+_GATED = "gated: accept the conditions at https://huggingface.co/{}, then `hf auth login` or --weights DIR"
+
+#: Foundation-model presets (model cards and TRIDENT's loaders; see docs/embeddings).
+PRESETS: dict[str, EncoderSpec] = {
+    p.name: p
+    for p in (
+        _vit(
+            "uni",
+            "vit_large_patch16_224",
+            1024,
+            hub="hf-hub:MahmoodLab/uni",
+            access=_MAHMOOD.format("MahmoodLab/uni"),
+            kwargs={"patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
+            patch=256,
+            resize=224,
+        ),
+        _vit(
+            "uni2-h",
+            "vit_giant_patch14_224",
+            1536,
+            hub="hf-hub:MahmoodLab/UNI2-h",
+            access=_MAHMOOD.format("MahmoodLab/UNI2-h"),
+            kwargs={
+                "patch_size": 14,
+                "depth": 24,
+                "num_heads": 24,
+                "embed_dim": 1536,
+                "init_values": 1e-5,
+                "mlp_ratio": 2.66667 * 2,
+                "mlp_layer": "SwiGLUPacked",
+                "act_layer": "SiLU",
+                "reg_tokens": 8,
+                "no_embed_class": True,
+                "dynamic_img_size": True,
+            },
+            precision="bf16",
+            patch=256,
+            resize=224,
+        ),
+        _vit(
+            "virchow",
+            "vit_huge_patch14_224",
+            2560,
+            hub="hf-hub:paige-ai/Virchow",
+            access=_GATED.format("paige-ai/Virchow"),
+            kwargs={
+                "init_values": 1e-5,
+                "mlp_ratio": 5.3375,
+                "global_pool": "",
+                "mlp_layer": "SwiGLUPacked",
+                "act_layer": "SiLU",
+                "dynamic_img_size": True,
+            },
+            pooling="cls+mean",
+            interpolation="bicubic",
+        ),
+        _vit(
+            "virchow2",
+            "vit_huge_patch14_224",
+            2560,
+            hub="hf-hub:paige-ai/Virchow2",
+            access=_GATED.format("paige-ai/Virchow2"),
+            kwargs={
+                "init_values": 1e-5,
+                "mlp_ratio": 5.3375,
+                "global_pool": "",
+                "mlp_layer": "SwiGLUPacked",
+                "act_layer": "SiLU",
+                "reg_tokens": 4,
+                "dynamic_img_size": True,
+            },
+            pooling="cls+mean",
+            interpolation="bicubic",
+        ),
+        _vit(
+            "gigapath",
+            "vit_giant_patch14_dinov2",
+            1536,
+            hub="hf-hub:prov-gigapath/prov-gigapath",
+            access=_GATED.format("prov-gigapath/prov-gigapath"),
+            kwargs={
+                "patch_size": 16,
+                "embed_dim": 1536,
+                "depth": 40,
+                "num_heads": 24,
+                "init_values": 1e-5,
+                "mlp_ratio": 5.33334,
+            },
+            patch=256,
+            resize=256,
+            interpolation="bicubic",
+        ),
+        _vit(
+            "h-optimus-0",
+            "vit_giant_patch14_reg4_dinov2",
+            1536,
+            hub="hf-hub:bioptimus/H-optimus-0",
+            access="open (Apache-2.0): downloaded from https://huggingface.co/bioptimus/H-optimus-0",
+            kwargs={"init_values": 1e-5, "dynamic_img_size": False},
+            mean=_HOPTIMUS_MEAN,
+            std=_HOPTIMUS_STD,
+        ),
+        _vit(
+            "h-optimus-1",
+            "vit_giant_patch14_reg4_dinov2",
+            1536,
+            hub="hf-hub:bioptimus/H-optimus-1",
+            access=_GATED.format("bioptimus/H-optimus-1"),
+            kwargs={"init_values": 1e-5, "dynamic_img_size": False},
+            mean=_HOPTIMUS_MEAN,
+            std=_HOPTIMUS_STD,
+        ),
+        EncoderSpec(
+            "resnet50-trunc",
+            "resnet50.tv_in1k",
+            1024,
+            224,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            "gap-stage3",
+            "fp32",
+            224,
+            "bilinear",
+            256,
+            0.5,
+            "hf-hub:timm/resnet50.tv_in1k",
+            "open: torchvision ImageNet weights via timm",
+            {"features_only": True, "out_indices": [3]},
+        ),
+    )
+}
+
+#: Presets that cannot be built from timm alone, with the one line that says why.
+_NOT_BUILT = {
+    "conch": "CONCH needs the conch package (pip install git+https://github.com/mahmoodlab/CONCH) "
+    "and gated weights (https://huggingface.co/MahmoodLab/conch); not built by tilenet",
+    "phikon": "Phikon is published for transformers (owkin/phikon); not built by tilenet yet",
+    "phikon-v2": "Phikon-v2 is published for transformers (owkin/phikon-v2); not built yet",
+}
+
+
+def list_encoders() -> list[str]:
+    """Preset names (``timm:<name>`` builds any timm model besides)."""
+    return sorted(PRESETS)
+
+
+def encoder_spec(name: str) -> EncoderSpec:
+    """The spec of a preset, or of ``timm:<name>`` (built to read its data config)."""
+    if name.startswith("timm:"):
+        return build_encoder(name).spec
+    key = name.lower()
+    if key in PRESETS:
+        return PRESETS[key]
+    if key in _NOT_BUILT:
+        raise ConfigError(_NOT_BUILT[key])
+    raise ConfigError(
+        f"unknown encoder {name!r}: use timm:<timm model name> or one of {', '.join(list_encoders())}"
+    )
+
+
+def build_encoder(name: str, *, tiny: bool = False, **overrides: Any) -> Encoder:
+    """The encoder ``name`` (a preset or ``timm:<name>``) with random weights.
+
+    ``tiny``: small widths/depths of the same family (tests). ``overrides`` go to
+    ``timm.create_model`` after the preset's kwargs.
+    """
+    import timm
+
+    if name.startswith("timm:"):
+        arch = name[5:]
+        kwargs: dict[str, Any] = {"num_classes": 0, **overrides}
+        try:
+            model: Any = timm.create_model(arch, pretrained=False, **kwargs)
+        except RuntimeError as exc:  # timm: "Unknown model (x)"
+            raise ConfigError(f"encoder {name!r}: {exc}") from None
+        cfg = timm.data.resolve_data_config({}, model=model)
+        size = int(cfg["input_size"][-1])
+        spec = EncoderSpec(
+            name=name,
+            arch=arch,
+            dim=_output_dim(model, "pre-logits"),
+            input_size=size,
+            mean=tuple(float(v) for v in cfg["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in cfg["std"]),  # type: ignore[arg-type]
+            pooling="pre-logits",
+            resize=math.floor(size / float(cfg.get("crop_pct") or 1.0)),
+            interpolation="bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear",
+            patch=size,
+            kwargs=kwargs,
+        )
+        return Encoder(model, spec)
+    spec = encoder_spec(name)
+    kwargs = {**spec.kwargs, **(_TINY_VIT if tiny and spec.pooling != "gap-stage3" else {})}
+    kwargs = {**kwargs, **overrides}
+    model = timm.create_model(spec.arch, pretrained=False, **_resolve_layers(kwargs))
+    if spec.pooling != "gap-stage3":
+        model.reset_classifier(0)
+    dim = _output_dim(model, spec.pooling)
+    return Encoder(model, replace(spec, dim=dim, kwargs=kwargs))
+
+
+def _resolve_layers(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Layer names kept as plain data in presets -> the classes timm takes."""
+    import timm.layers
+
+    out = dict(kwargs)
+    if out.get("mlp_layer") == "SwiGLUPacked":
+        out["mlp_layer"] = timm.layers.SwiGLUPacked
+    if out.get("act_layer") == "SiLU":
+        out["act_layer"] = torch.nn.SiLU
+    return out
+
+
+def _output_dim(model: Any, pooling: Pooling) -> int:
+    if pooling == "cls+mean":
+        return 2 * int(model.num_features)
+    if pooling == "gap-stage3":
+        return int(model.feature_info.channels()[-1])
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+class Encoder(nn.Module):
+    """A timm model and its pooling: normalised (B, 3, S, S) -> (B, D) float features."""
+
+    def __init__(self, model: nn.Module, spec: EncoderSpec) -> None:
+        super().__init__()
+        self.model: Any = model
+        self.spec = spec
+        self.prefix = int(getattr(model, "num_prefix_tokens", 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooling = self.spec.pooling
+        if pooling == "pre-logits":
+            return self.model(x)
+        if pooling == "gap-stage3":
+            return self.model(x)[-1].mean(dim=(2, 3))
+        tokens = self.model.forward_features(x)  # (B, prefix + patches, D), final norm applied
+        if pooling == "token":
+            return tokens[:, 0]
+        # cls+mean: registers (tokens 1 .. prefix-1) are neither CLS nor patches.
+        return torch.cat([tokens[:, 0], tokens[:, self.prefix :].mean(dim=1)], dim=-1)

@@ -188,3 +188,31 @@ def test_tissue_outputs_in_a_bucket(
     capsys.readouterr()
     assert main(["tissue", str(slide[0]), "--out", out]) == 0
     assert "done already" in capsys.readouterr().out
+
+
+def test_embed_with_tissue_and_stain(
+    slide: tuple[Path, np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`embed --tissue` keeps the patches on tissue (recorded in the file); `--stain`
+    changes the features and records its reference."""
+    import h5py
+    from test_stain import synthetic_he
+
+    path, truth = slide
+    ref = tmp_path / "ref.png"
+    Image.fromarray(synthetic_he(5, h_gain=1.5)).save(ref)
+    args = ["embed", str(path), "--encoder", "timm:test_vit", "--weights", "random"]
+    args += ["--mpp", str(MPP), "--patch", "128", "--batch", "8", "--quiet", "--tissue"]
+    assert main([*args, "--out", str(tmp_path / "t")]) == 0
+    with h5py.File(tmp_path / "t" / "features" / "case_1.h5") as f:
+        got = {(int(y), int(x)) for x, y in f["coords"][:]}
+        assert json.loads(f.attrs["tilenet"])["extra"]["tissue"]["fraction"] == 0.25
+        plain = f["features"][:]
+    grid = [(y, x) for y in range(0, 1024, 128) for x in range(0, 1024, 128)]
+    on = {w for w in grid if truth[w[0] : w[0] + 128, w[1] : w[1] + 128].mean() >= 0.25}
+    assert 20 < len(on) < 50 and len(got ^ on) <= 2  # borderline patches may differ
+    assert main([*args, "--stain", str(ref), "--out", str(tmp_path / "s")]) == 0
+    with h5py.File(tmp_path / "s" / "features" / "case_1.h5") as f:
+        assert json.loads(f.attrs["tilenet"])["extra"]["stain"]["method"] == "macenko"
+        assert f["features"].shape == plain.shape
+        assert np.abs(f["features"][:] - plain).max() > 1e-3  # the stain changed the input

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from tilenet.cli._common import _add_resolution_flags
-from tilenet.errors import EXIT_OK, InputError
+from tilenet.errors import EXIT_OK, ConfigError, InputError
 
 __all__: list[str] = []
 
@@ -68,6 +69,27 @@ def _add_embed(sub: Any) -> None:
         metavar="N",
         help="batches between resume markers (8)",
     )
+    p.add_argument(
+        "--tissue",
+        type=float,
+        nargs="?",
+        const=0.25,
+        metavar="FRACTION",
+        help="embed only patches on tissue: at least FRACTION of the patch (0.25 when given "
+        "alone) on the tissue mask of `tilenet tissue`; recorded in the file; off by default",
+    )
+    p.add_argument(
+        "--stain",
+        metavar="REF_IMAGE",
+        help="normalise the stain to this RGB reference image (H&E) before encoding: fitted "
+        "once; each slide's stains are estimated once, on its tissue",
+    )
+    p.add_argument(
+        "--stain-method",
+        choices=["macenko", "reinhard"],
+        default="macenko",
+        help="stain normaliser (macenko)",
+    )
     p.add_argument("--workers", type=int, default=0, help="batch: dask worker processes (0)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="batch: an existing dask cluster")
     p.add_argument("--threads", type=int, help="torch threads per process")
@@ -78,7 +100,6 @@ def _add_embed(sub: Any) -> None:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from tilenet.config import ResolutionConfig
     from tilenet.engine.embed import EmbedConfig
@@ -102,6 +123,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         format=args.format,
         checkpoint_every=args.checkpoint_every,
     )
+    hooks = _hooks(args)
     inputs = list(args.inputs)
     batch = args.workers or args.scheduler or len(inputs) > 1 or not Path(inputs[0]).is_file()
     if batch:
@@ -121,6 +143,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             wait=args.wait,
             resolution=resolution,
             config=config,
+            **hooks,
         )
         print(format_report(report))
         return report.exit_code
@@ -140,6 +163,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             force=args.force,
             wait=args.wait,
             progress=not args.quiet,
+            **hooks,
         )
     if r.skipped:
         print(f"{r.path}: already done ({r.patches} patches)")
@@ -150,3 +174,35 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             f"({r.patches_per_s:.1f} patches/s)"
         )
     return EXIT_OK
+
+
+def _hooks(args: argparse.Namespace) -> dict[str, Any]:
+    """``--tissue`` and ``--stain`` as embed_image's per-slide hooks (partials of module
+    functions, so they pickle to dask workers) and their record in the feature file."""
+    from functools import partial
+
+    from tilenet.engine.embed import stain_transform, tissue_filter
+
+    hooks: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    if args.tissue is not None:
+        if not 0 <= args.tissue <= 1:
+            raise ConfigError(f"--tissue must be in [0, 1], got {args.tissue}")
+        hooks["keep_for"] = partial(tissue_filter, fraction=args.tissue)
+        extra["tissue"] = {"fraction": args.tissue, "method": "otsu (tilenet.tissue defaults)"}
+    if args.stain:
+        from tilenet.io.sniff import fingerprint
+
+        if not Path(args.stain).exists():
+            raise InputError(f"{args.stain}: no such file (--stain)")
+        hooks["transform_for"] = partial(
+            stain_transform, reference=args.stain, method=args.stain_method
+        )
+        extra["stain"] = {
+            "method": args.stain_method,
+            "reference": str(args.stain),
+            "reference_fingerprint": fingerprint(args.stain),
+        }
+    if extra:
+        hooks["extra_attrs"] = extra
+    return hooks

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -61,6 +61,8 @@ __all__ = [
     "embed_image",
     "encoder_input",
     "plan_patches",
+    "stain_transform",
+    "tissue_filter",
 ]
 
 log = logging.getLogger(__name__)
@@ -294,6 +296,7 @@ def embed_image(
     keep: Keep | None = None,
     keep_for: Callable[[LazyImage], Keep | None] | None = None,
     transform: Transform | None = None,
+    transform_for: Callable[[LazyImage], Transform | None] | None = None,
     extra_attrs: dict[str, Any] | None = None,
     stem: str | None = None,
     force: bool = False,
@@ -306,7 +309,7 @@ def embed_image(
     prepared in place: eval, BatchNorm folded, on the device). ``keep``: a patch filter on
     level-0 windows (tissue), or ``keep_for(image)`` making one from the opened image (a
     batch: one per slide); ``transform``: a uint8 batch transform on the device (stain
-    normalisation); describe both in ``extra_attrs`` (recorded, and part of the resume key).
+    normalisation), or ``transform_for(image)`` making one per slide; describe both in ``extra_attrs`` (recorded, and part of the resume key).
     A finished file of the same run is skipped unless ``force``. The run holds the file
     (:func:`tilenet.io.lock.hold_output`, beside it): another run on it refuses (or, with ``wait``, waits).
     """
@@ -328,6 +331,8 @@ def embed_image(
     try:
         if keep_for is not None:
             keep = keep_for(image)
+        if transform_for is not None:
+            transform = transform_for(image)
         plan = plan_patches(
             image, spec, patch=cfg.patch, overlap=cfg.overlap, resolution=resolution, keep=keep
         )
@@ -480,3 +485,36 @@ def _loop(
         out.submit((rows, plan.coords[i:j], mark))
         bar.update(j - i)
         t_wait = time.perf_counter()
+
+
+# -- tissue and stain for a slide (picklable: module-level, bound with functools.partial) ----
+def tissue_filter(image: LazyImage, *, fraction: float) -> Keep:
+    """Keep a patch whose level-0 window has at least ``fraction`` on the tissue mask of
+    ``image`` (:func:`tilenet.tissue.detect_tissue`, its default parameters; 0: any tissue)."""
+    from tilenet.tissue import detect_tissue
+
+    mask = detect_tissue(image)
+
+    def keep(w: Window) -> bool:
+        f = mask.fraction(w.y, w.x, w.h, w.w)
+        return f > 0 if fraction <= 0 else f >= fraction
+
+    return keep
+
+
+def stain_transform(image: LazyImage, *, reference: str, method: str = "macenko") -> Transform:
+    """A stain normaliser fitted once to the image at ``reference`` (an overview of it), its
+    source estimated once from ``image``'s tissue: one transform for every patch of a slide
+    (:mod:`tilenet.stain`)."""
+    from tilenet.io import open_image
+    from tilenet.stain import make_stain
+    from tilenet.tissue import overview, tissue_rgb
+
+    if np.dtype(image.dtype) != np.uint8 or image.channels != 3:
+        raise InputError(
+            f"{image.path}: --stain needs RGB uint8 images, this one is {image.channels} "
+            f"x {np.dtype(image.dtype)}"
+        )
+    with open_image(reference) as ref:
+        normaliser = make_stain(method, overview(ref))
+    return cast(Transform, normaliser.with_source(tissue_rgb(image)))

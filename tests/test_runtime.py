@@ -84,16 +84,14 @@ def test_reuse_policy_keeps_buffers_only_inside_its_block() -> None:
 def test_infer_image_leaves_the_process_heap_settings_as_they_were(tmp_path: Path) -> None:
     import numpy as np
     import tifffile
-
-    from tilenet.engine.checkpoint import save_checkpoint
-    from tilenet.models import ModelSpec, create_model
+    from builders import make_checkpoint
 
     img = tmp_path / "img.tif"
     arr = np.random.default_rng(0).integers(0, 255, (96, 80, 3), dtype=np.uint8)
     tifffile.imwrite(img, arr, tile=(32, 32), photometric="rgb")
-    model = create_model("tiny", in_channels=3, num_classes=2)
-    spec = ModelSpec.from_model(model, mean=[128.0] * 3, std=[64.0] * 3)
-    ckpt = save_checkpoint(tmp_path / "m.pt", {"spec": spec.to_dict(), "model": model.state_dict()})
+    ckpt = make_checkpoint(
+        tmp_path / "m.pt", seed=None, num_classes=2, mean=[128.0] * 3, std=[64.0] * 3
+    )
     r = _probe("trim", str(img), str(ckpt), str(tmp_path / "out"))
     assert r["settings_after_infer"] is None, r
     assert r["after_infer"] >= _FRESH, r  # freed memory no longer kept after the run

@@ -21,14 +21,14 @@ import pytest
 import tifffile
 import torch
 import zarr
+from builders import make_checkpoint, whole_image_reference
 
 from tilenet.cli import main
-from tilenet.engine.checkpoint import load_model, save_checkpoint
+from tilenet.engine.checkpoint import load_model
 from tilenet.engine.infer import infer_image
-from tilenet.engine.predictor import predict
 from tilenet.errors import CheckpointError, ConfigError, InputError
 from tilenet.geometry import ceil_to
-from tilenet.models import ModelSpec, create_model, list_models
+from tilenet.models import list_models
 
 MEAN, STD = [120.0, 110.0, 100.0], [60.0, 50.0, 70.0]
 
@@ -63,41 +63,17 @@ def _image(path: Path, h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def _checkpoint(path: Path, name: str, num_classes: int = 3, **kwargs: Any) -> Path:
-    torch.manual_seed(0)
-    model = create_model(name, in_channels=3, num_classes=num_classes, **kwargs)
-    # Non-trivial BatchNorm statistics, so eval-mode BN really is part of what is checked.
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    spec = ModelSpec.from_model(
-        model, mean=MEAN, std=STD, class_names=[f"c{i}" for i in range(num_classes)]
-    )
-    return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
-
-
-def normalize(
-    raw: np.ndarray, valid: tuple[int, int], mean: list[float], std: list[float]
-) -> np.ndarray:
-    """(h, w, C) -> float32 (raw - mean) / std, zero outside ``valid`` (after normalising)."""
-    x = raw.astype(np.float32)
-    x -= np.asarray(mean, np.float32)
-    x *= np.float32(1.0) / np.asarray(std, np.float32)
-    x[valid[0] :] = 0
-    x[:, valid[1] :] = 0
-    return x
+    """A seeded checkpoint with non-trivial BatchNorm statistics, so that eval-mode BN really
+    is part of what is checked."""
+    names = [f"c{i}" for i in range(num_classes)]
+    return make_checkpoint(
+        path, name, num_classes=num_classes, mean=MEAN, std=STD, class_names=names,
+        bn_stats=True, **kwargs,
+    )  # fmt: skip
 
 
 def _reference(ckpt: Path, arr: np.ndarray, *, tta: bool = False) -> np.ndarray:
-    """Softmax of one whole-image forward pass, padded after normalisation to the stride."""
-    model, spec = load_model(ckpt)
-    h, w = arr.shape[:2]
-    s = spec.stride
-    x = np.zeros((ceil_to(h, s), ceil_to(w, s), 3), np.float32)
-    x[:h, :w] = normalize(arr, (h, w), list(spec.mean), list(spec.std))
-    with torch.inference_mode():
-        t = torch.from_numpy(x).permute(2, 0, 1)[None].contiguous()
-        return predict(model, t, tta=tta)[0, :, :h, :w].numpy()
+    return whole_image_reference(ckpt, arr, tta=tta)
 
 
 def _probs(out: Path) -> np.ndarray:

@@ -20,6 +20,7 @@ import rasterio
 import rasterio.shutil
 import tifffile
 import zarr
+from builders import make_checkpoint
 from rasterio.enums import Resampling
 from rasterio.env import get_gdal_config
 from rasterio.errors import NotGeoreferencedWarning
@@ -188,17 +189,7 @@ def test_info_json_and_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 def _tiny_checkpoint(path: Path) -> Path:
-    import torch
-
-    from tilenet.engine.checkpoint import save_checkpoint
-    from tilenet.models import ModelSpec, create_model
-
-    torch.manual_seed(0)
-    model = create_model("tiny", in_channels=3, num_classes=3)
-    spec = ModelSpec.from_model(
-        model, mean=[120.0] * 3, std=[60.0] * 3, class_names=["bg", "a", "b"]
-    )
-    return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
+    return make_checkpoint(path, class_names=["bg", "a", "b"])
 
 
 def _infer(
@@ -342,26 +333,7 @@ def test_plain_tiff_infer_makes_no_geotiff(tmp_path: Path) -> None:
 def _stripes_checkpoint(path: Path) -> Path:
     """A tiny model set by hand: class 1 where band 1 is bright, 2 where band 2 is (a lattice
     of blobs on :func:`_raster`'s sine bands), else 0."""
-    import torch
-
-    from tilenet.engine.checkpoint import save_checkpoint
-    from tilenet.models import ModelSpec, create_model
-
-    model = create_model("tiny", in_channels=3, num_classes=3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        conv, bn, head = model.enc[0], model.enc[1], model.head
-        bn.weight.fill_(1.0)
-        conv.weight[0, 0, 1, 1] = 1.0  # e0 = relu(normalised band 1)
-        conv.weight[1, 1, 1, 1] = 1.0  # e1 = relu(normalised band 2)
-        head.weight[1, 0, 0, 0] = 1.0
-        head.weight[2, 1, 0, 0] = 1.0
-        head.bias[0] = 0.5
-    spec = ModelSpec.from_model(
-        model, mean=[128.0] * 3, std=[60.0] * 3, class_names=["bg", "a", "b"]
-    )
-    return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
+    return make_checkpoint(path, stripes=True, mean=[128.0] * 3, class_names=["bg", "a", "b"])
 
 
 def test_polygons_overlay_the_class_map_in_map_coordinates(tmp_path: Path) -> None:

@@ -13,17 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 import zarr
+from builders import make_checkpoint
 from dask.distributed import Client, LocalCluster
 
 from tilenet.cli import main
-from tilenet.engine.checkpoint import save_checkpoint
 from tilenet.engine.infer import ImagePlan, plan_image, resolve_options, run_band
 from tilenet.engine.predictor import Predictor
 from tilenet.io import open_image
 from tilenet.jobs import local_cluster, read_manifest, run_jobs, unique_stems
-from tilenet.models import ModelSpec, create_model
 from tilenet.runtime import torch_threads
 
 #: One torch thread everywhere: CPU kernels round differently with another thread count.
@@ -45,12 +43,7 @@ def _image(path: Path, h: int, w: int, seed: int = 0) -> Path:
 
 
 def _checkpoint(path: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    model = create_model("tiny", in_channels=3, num_classes=3)
-    spec = ModelSpec.from_model(
-        model, mean=[120.0] * 3, std=[60.0] * 3, class_names=["bg", "a", "b"]
-    )
-    return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
+    return make_checkpoint(path, seed=seed, class_names=["bg", "a", "b"])
 
 
 def _assert_same_outputs(a: Path, b: Path) -> None:

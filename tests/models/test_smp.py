@@ -19,6 +19,7 @@ import pytest
 import tifffile
 import torch
 import zarr
+from builders import make_checkpoint, whole_image_reference
 from torch import nn
 
 from tilenet.cli import main as cli_main
@@ -28,14 +29,13 @@ from tilenet.engine.checkpoint import (
     load_checkpoint,
     load_encoder_weights,
     load_model,
-    save_checkpoint,
 )
 from tilenet.engine.infer import infer_image
 from tilenet.engine.plan import format_plan, plan_model
 from tilenet.engine.predictor import predict
 from tilenet.errors import ConfigError, ModelError
 from tilenet.geometry import ceil_to
-from tilenet.models import ModelSpec, TileModel, analyze, create_model, exactness, list_models
+from tilenet.models import TileModel, analyze, create_model, exactness, list_models
 from tilenet.models.smp_models import ARCHITECTURES, SmpModel, encoder_normalization
 from tilenet.patches.synth import synthesize
 from tilenet.patches.tiler import tile_images
@@ -281,23 +281,7 @@ def _image(path: Path, h: int, w: int) -> np.ndarray:
 
 
 def _checkpoint(path: Path, model: TileModel) -> Path:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            assert m.running_mean is not None and m.running_var is not None
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    spec = ModelSpec.from_model(model, mean=MEAN, std=STD)
-    return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
-
-
-def _reference(model: TileModel, arr: np.ndarray) -> np.ndarray:
-    """Softmax of one whole-image pass, zero-padded after normalisation to the stride."""
-    h, w = arr.shape[:2]
-    x = np.zeros((ceil_to(h, model.stride), ceil_to(w, model.stride), 3), np.float32)
-    x[:h, :w] = (arr - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
-    with torch.inference_mode():
-        t = torch.from_numpy(x).permute(2, 0, 1)[None].contiguous()
-        return predict(model.eval(), t)[0, :, :h, :w].numpy()
+    return make_checkpoint(path, model=model, seed=None, mean=MEAN, std=STD, bn_stats=True)
 
 
 def _crop_run(
@@ -328,7 +312,7 @@ def _crop_run(
     assert summary["tiles"] >= (4 if layout == "2d" else 2)
     probs: Any = zarr.open_group(out / "probabilities.ome.zarr", mode="r")["0"]
     got = np.asarray(probs[:])
-    return summary, float(np.abs(got - _reference(model, arr)).max())
+    return summary, float(np.abs(got - whole_image_reference(model, arr, mean=MEAN, std=STD)).max())
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from builders import pyramid_tiff
 from PIL import Image
 
 from tilenet.errors import CorruptImageError, ImageTooLargeError, InputError
@@ -136,14 +137,11 @@ def case_tiff_float32(tmp: Path) -> Case:
 
 
 def case_ome_tiff_subifds(tmp: Path) -> Case:
-    data = _noise((2, H, W), np.uint16)
-    pyr = [data[:, :: 2**k, :: 2**k] for k in range(3)]
     p = tmp / "pyr.ome.tif"
-    with tifffile.TiffWriter(p, bigtiff=True) as tw:
-        meta = {"axes": "CYX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.5}
-        tw.write(pyr[0], subifds=2, tile=(32, 32), compression="zlib", metadata=meta)
-        for lv in pyr[1:]:
-            tw.write(lv, subfiletype=1, tile=(32, 32), compression="zlib")
+    meta = {"axes": "CYX", "pixel_size": (0.25, 0.5)}
+    pyr = pyramid_tiff(
+        p, _noise((2, H, W), np.uint16), levels=3, **meta, compression="zlib", bigtiff=True
+    )
     return Case(
         p,
         [np.moveaxis(lv, 0, 2) for lv in pyr],

@@ -1,5 +1,6 @@
 """Batch jobs: manifest, skip/retry/force, corrupt inputs, row-band regions, SIGKILL resume and
-dask.distributed bit-identity. Real tiled TIFFs, a real tiny checkpoint, a real LocalCluster."""
+dask.distributed bit-identity. Real tiled TIFFs, a real tiny checkpoint, a real LocalCluster.
+dask.distributed is imported by the tests that use it, not by every xdist worker."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import pytest
 import tifffile
 import zarr
 from builders import make_checkpoint
-from dask.distributed import Client, LocalCluster
 
 from tilenet.cli import main
 from tilenet.engine.infer import ImagePlan, plan_image, resolve_options, run_band
@@ -154,31 +154,48 @@ def test_regions_equal_whole_image(tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "split" / "big").iterdir() if p.name.startswith(".")]
 
 
-def test_local_cluster_bit_identical_to_serial(tmp_path: Path) -> None:
-    ckpt = _checkpoint(tmp_path / "m.pt")
+def _batch(tmp_path: Path, sizes: list[tuple[int, int]]) -> tuple[Path, Path]:
+    """A checkpoint and a folder of small images plus one split into 3 bands (30 tiles)."""
     src = tmp_path / "imgs"
     src.mkdir()
-    for i, (h, w) in enumerate([(100, 90), (64, 64), (120, 70)]):
+    for i, (h, w) in enumerate(sizes):
         _image(src / f"small{i}.tif", h, w, seed=i)
     _image(src / "split.tif", 300, 260, seed=9)  # 30 tiles -> 3 bands across the workers
+    return _checkpoint(tmp_path / "m.pt"), src
+
+
+def test_an_existing_scheduler_is_bit_identical_to_serial(tmp_path: Path) -> None:
+    """--scheduler: whole images and bands of one image as dask tasks on an existing cluster
+    (here one in-process worker, started by the test) equal the serial run bit for bit."""
+    from dask.distributed import LocalCluster
+
+    ckpt, src = _batch(tmp_path, [(100, 90)])
+    serial = run_jobs([src], ckpt, tmp_path / "serial", quiet=True, region_tiles=10, **OPTS)
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
+        sched = run_jobs(
+            [src], ckpt, tmp_path / "sched", scheduler=cluster.scheduler_address, quiet=True,
+            region_tiles=10, **OPTS,
+        )  # fmt: skip
+    assert serial.exit_code == sched.exit_code == 0 and len(sched.done) == 2
+    for stem in ("small0", "split"):
+        _assert_same_outputs(tmp_path / "serial" / stem, tmp_path / "sched" / stem)
+
+
+@pytest.mark.slow  # two worker processes import torch: ~20 s on 2 cores (.ci/run runs it)
+def test_local_cluster_bit_identical_to_serial(tmp_path: Path) -> None:
+    ckpt, src = _batch(tmp_path, [(100, 90), (64, 64), (120, 70)])
     serial = run_jobs([src], ckpt, tmp_path / "serial", quiet=True, region_tiles=10, **OPTS)
     dist = run_jobs([src], ckpt, tmp_path / "dist", workers=2, quiet=True, region_tiles=10, **OPTS)
     assert serial.exit_code == dist.exit_code == 0 and len(dist.done) == 4
     assert dist.dashboard and dist.dashboard.startswith("http")
     for stem in ("small0", "small1", "small2", "split"):
         _assert_same_outputs(tmp_path / "serial" / stem, tmp_path / "dist" / stem)
-    # --scheduler: an existing cluster (here one in-process worker, started by the test).
-    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
-        sched = run_jobs(
-            [src], ckpt, tmp_path / "sched", scheduler=cluster.scheduler_address, quiet=True,
-            region_tiles=10, **OPTS,
-        )  # fmt: skip
-    assert sched.exit_code == 0 and len(sched.done) == 4
-    _assert_same_outputs(tmp_path / "serial" / "split", tmp_path / "sched" / "split")
 
 
 def test_gpu_pinning_env_per_worker() -> None:
     """The per-GPU cluster gives worker i CUDA_VISIBLE_DEVICES=i (checked without GPUs)."""
+    from dask.distributed import Client
+
     with local_cluster(2, gpus=2) as cluster, Client(cluster) as client:
         seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
     assert sorted(seen.values()) == ["0", "1"]

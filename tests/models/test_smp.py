@@ -7,6 +7,7 @@ images stay small; the layers traced are the same as at depth 5.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -41,7 +42,10 @@ from tilenet.patches.synth import synthesize
 from tilenet.patches.tiler import tile_images
 from tilenet.train import train
 
-pytest.importorskip("segmentation_models_pytorch")
+# find_spec, not importorskip: smp (and timm) load only in the worker that runs these tests.
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("segmentation_models_pytorch") is None, reason="needs smp"
+)
 
 #: One exact encoder per family: ResNet, ConvNeXt, RegNet, EfficientNet without SE.
 EXACT = ["resnet18", "tu-convnext_atto", "tu-regnetx_002", "tu-efficientnet_lite0"]

@@ -229,7 +229,7 @@ def test_infer_writes_cog_in_input_crs(tmp_path: Path) -> None:
     img = tmp_path / "scene.tif"
     h, w = 700, 600  # above one 512 block, so GDAL's COG driver makes an overview
     _raster(img, h, w)
-    out, summary = _infer(tmp_path, img)
+    out, summary = _infer(tmp_path, img, "--tile", "256")  # 12 tiles, not 143
     cog = out / "classes.tif"
     _assert_cog(cog)
     with rasterio.open(img) as src, rasterio.open(cog) as dst:
@@ -346,7 +346,13 @@ def test_polygons_overlay_the_class_map_in_map_coordinates(tmp_path: Path) -> No
     _raster(img, 300, 340, nodata=None)
     ckpt = _stripes_checkpoint(tmp_path / "stripes.pt")
     out, summary = _infer(
-        tmp_path / "a", img, "--outputs", "classes,probabilities,geojson", ckpt=ckpt
+        tmp_path / "a",
+        img,
+        "--outputs",
+        "classes,probabilities,geojson",
+        "--tile",
+        "128",
+        ckpt=ckpt,
     )
     assert summary["outputs"]["geopackage"] == str(out / "instances.gpkg")  # type: ignore[index]
     with rasterio.open(out / "classes.tif") as cog:
@@ -397,9 +403,17 @@ def test_polygons_overlay_the_class_map_in_map_coordinates(tmp_path: Path) -> No
         assert geo["transforms"]["0"] == t0
         assert geo["transforms"]["1"] == [ORIGIN[0], 2 * GSD, 0.0, ORIGIN[1], 0.0, -2 * GSD]
     # WGS84 (RFC 7946): longitude/latitude near the scene (UTM 33N, E 500 km = 15 deg E).
-    wgs = _infer(tmp_path / "b", img, "--outputs", "geojson", "--geojson-crs", "wgs84", ckpt=ckpt)[
-        0
-    ]
+    wgs = _infer(
+        tmp_path / "b",
+        img,
+        "--outputs",
+        "geojson",
+        "--geojson-crs",
+        "wgs84",
+        "--tile",
+        "128",
+        ckpt=ckpt,
+    )[0]
     gw = json.loads((wgs / "instances.geojson").read_text())
     assert "crs" not in gw and len(gw["features"]) == len(gj["features"])
     from rasterio.warp import transform_bounds

@@ -56,6 +56,9 @@ STRIDES = {
     "unet_resnet50": 32,
 }
 HEAVY = [n for n in ALL if "resnet" in n]
+#: Run with -m slow (.ci/run runs them): the ResNet-50 models, and ResNet-34, whose layout
+#: (BasicBlocks, stride 32) ResNet-18 checks in the default run.
+SLOW = {n for n in HEAVY if "resnet50" in n} | {"unet_resnet34"}
 # Small models checked fully in 2-D: (name, kwargs).
 LIGHT = [
     ("tiny", {}),
@@ -128,7 +131,7 @@ def test_models_read_no_weight_files(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if "resnet50" in n else n for n in ALL]
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in ALL]
 )
 def test_spec_is_plain_data_and_rebuilds_the_model(name: str) -> None:
     kw = {"unet": {"depth": 3, "base": 8}, "tiny": {"width": 4}}.get(name, {})
@@ -318,7 +321,7 @@ def test_spec_from_model() -> None:
 @pytest.mark.parametrize(
     "name",
     # the ResNet-50 models (~8 s each) run with -m slow; their crop test runs them by default
-    [pytest.param(n, marks=pytest.mark.slow) if "resnet50" in n else n for n in ALL],
+    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in ALL],
 )
 def test_runs_on_cpu_at_two_sizes(name: str) -> None:
     s = STRIDES[name]
@@ -442,7 +445,7 @@ def test_crop_with_halo_reproduces_the_whole_pass_2d(name: str, kwargs: dict) ->
 @pytest.mark.parametrize(
     "name",
     # The ResNet-50 models run with -m slow (the default run's 4-minute budget).
-    ["unet", *(pytest.param(n, marks=pytest.mark.slow) if "resnet50" in n else n for n in HEAVY)],
+    ["unet", *(pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in HEAVY)],
 )
 def test_crop_with_halo_reproduces_the_whole_pass_thin(name: str) -> None:
     m = _prepared(name)

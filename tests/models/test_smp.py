@@ -53,6 +53,11 @@ SMALL: dict[str, Any] = {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}
 MEAN, STD = [120.0, 110.0, 100.0], [60.0, 50.0, 70.0]
 
 
+def _slow_after(n: int, encoder: str) -> list[pytest.MarkDecorator]:
+    """The slow mark for the encoders of EXACT after the first ``n``."""
+    return [pytest.mark.slow] if EXACT.index(encoder) >= n else []
+
+
 def _unet(encoder: str, **kwargs: Any) -> TileModel:
     return create_model("smp.Unet", num_classes=3, encoder_name=encoder, **SMALL, **kwargs)
 
@@ -321,7 +326,8 @@ def _crop_run(
 
 @pytest.mark.parametrize(
     ("encoder", "layout"),
-    [pytest.param(e, "tall", id=f"{e}-tall") for e in EXACT]
+    # ResNet and ConvNeXt by default; the others (and 2-D) with -m slow, run by .ci/run
+    [pytest.param(e, "tall", id=f"{e}-tall", marks=_slow_after(2, e)) for e in EXACT]
     + [pytest.param(e, "2d", id=f"{e}-2d", marks=pytest.mark.slow) for e in EXACT],
 )
 def test_crop_mode_equals_whole_image_pass(encoder: str, layout: str, tmp_path: Path) -> None:
@@ -330,7 +336,9 @@ def test_crop_mode_equals_whole_image_pass(encoder: str, layout: str, tmp_path: 
     assert err < 1e-4
 
 
-@pytest.mark.parametrize("encoder", ["resnet18", "tu-convnext_atto"])
+@pytest.mark.parametrize(
+    "encoder", ["resnet18", pytest.param("tu-convnext_atto", marks=pytest.mark.slow)]
+)
 def test_linknet_traces_and_tiles_exactly(encoder: str, tmp_path: Path) -> None:
     """Linknet runs with its skip test decided up front (torch.fx cannot trace smp's): the
     same output as smp's forward, also where an encoder has an empty stride-2 skip."""

@@ -291,7 +291,7 @@ def test_georeferenced_regions_and_probabilities_cog(tmp_path: Path) -> None:
     _geotiff(img, 600, 560)  # above one 512 block: the COGs get an overview
     ckpt = _stripes_checkpoint(tmp_path / "m.pt")
     out = tmp_path / "out"
-    argv = ["infer", str(img), "--model", str(ckpt), "--out", str(out), "--tile", "128"]
+    argv = ["infer", str(img), "--model", str(ckpt), "--out", str(out), "--tile", "256"]
     argv += ["--device", "cpu", "--probabilities-dtype", "float32"]
     assert main([*argv, "--outputs", "classes,probabilities,geojson,probabilities_tif"]) == 0
     summary = json.loads((out / "summary.json").read_text())

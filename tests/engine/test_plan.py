@@ -77,8 +77,8 @@ def test_max_batch_is_the_largest_that_fits() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    [  # the deeper ResNet U-Nets with -m slow (.ci/run runs them): ResNet-18 has their layout
-        pytest.param(n, marks=pytest.mark.slow) if n in ("unet_resnet34", "unet_resnet50") else n
+    [  # the ResNet-34/50 models with -m slow (.ci/run runs them); tiny, unet, ResNet-18 here
+        pytest.param(n, marks=pytest.mark.slow) if "resnet34" in n or "resnet50" in n else n
         for n in list_models()
         if not n.startswith("smp.")
     ],

@@ -134,9 +134,9 @@ def test_batch_corrupt_skip_retry_force(tmp_path: Path, capsys: pytest.CaptureFi
     assert _mtimes(out / "one") != before
 
 
-def test_regions_equal_whole_image(tmp_path: Path) -> None:
+def test_regions_equal_whole_image(tmp_path: Path, tiny_checkpoint: Path) -> None:
     """Row bands computed separately into one store equal the single-pass result exactly."""
-    ckpt = _checkpoint(tmp_path / "m.pt")
+    ckpt = tiny_checkpoint
     img = _image(tmp_path / "big.tif", 300, 260)
     whole = run_jobs([img], ckpt, tmp_path / "whole", quiet=True, **OPTS)
     split = run_jobs([img], ckpt, tmp_path / "split", quiet=True, region_tiles=10, **OPTS)
@@ -154,22 +154,24 @@ def test_regions_equal_whole_image(tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "split" / "big").iterdir() if p.name.startswith(".")]
 
 
-def _batch(tmp_path: Path, sizes: list[tuple[int, int]]) -> tuple[Path, Path]:
-    """A checkpoint and a folder of small images plus one split into 3 bands (30 tiles)."""
+def _batch(tmp_path: Path, sizes: list[tuple[int, int]]) -> Path:
+    """A folder of small images plus one split into 3 bands (30 tiles)."""
     src = tmp_path / "imgs"
     src.mkdir()
     for i, (h, w) in enumerate(sizes):
         _image(src / f"small{i}.tif", h, w, seed=i)
     _image(src / "split.tif", 300, 260, seed=9)  # 30 tiles -> 3 bands across the workers
-    return _checkpoint(tmp_path / "m.pt"), src
+    return src
 
 
-def test_an_existing_scheduler_is_bit_identical_to_serial(tmp_path: Path) -> None:
+def test_an_existing_scheduler_is_bit_identical_to_serial(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
     """--scheduler: whole images and bands of one image as dask tasks on an existing cluster
     (here one in-process worker, started by the test) equal the serial run bit for bit."""
     from dask.distributed import LocalCluster
 
-    ckpt, src = _batch(tmp_path, [(100, 90)])
+    ckpt, src = tiny_checkpoint, _batch(tmp_path, [(100, 90)])
     serial = run_jobs([src], ckpt, tmp_path / "serial", quiet=True, region_tiles=10, **OPTS)
     with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
         sched = run_jobs(
@@ -182,8 +184,8 @@ def test_an_existing_scheduler_is_bit_identical_to_serial(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow  # two worker processes import torch: ~20 s on 2 cores (.ci/run runs it)
-def test_local_cluster_bit_identical_to_serial(tmp_path: Path) -> None:
-    ckpt, src = _batch(tmp_path, [(100, 90), (64, 64), (120, 70)])
+def test_local_cluster_bit_identical_to_serial(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    ckpt, src = tiny_checkpoint, _batch(tmp_path, [(100, 90), (64, 64), (120, 70)])
     serial = run_jobs([src], ckpt, tmp_path / "serial", quiet=True, region_tiles=10, **OPTS)
     dist = run_jobs([src], ckpt, tmp_path / "dist", workers=2, quiet=True, region_tiles=10, **OPTS)
     assert serial.exit_code == dist.exit_code == 0 and len(dist.done) == 4
@@ -213,10 +215,10 @@ def _cli(src: Path, ckpt: Path, out: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_sigkill_resume_is_identical(
-    tmp_path: Path, kill_after_first_band: Callable[..., int]
+    tmp_path: Path, kill_after_first_band: Callable[..., int], tiny_checkpoint: Path
 ) -> None:
     """kill -9 after the first band is recorded; the rerun redoes only the missing bands."""
-    ckpt = _checkpoint(tmp_path / "m.pt")
+    ckpt = tiny_checkpoint
     src = tmp_path / "imgs"
     src.mkdir()
     _image(src / "huge.tif", 1064, 2048)  # 19 x 37 tiles of core 56 -> 19 bands
@@ -283,9 +285,9 @@ def _bands_run(img: Path, ckpt: Path, out: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_partial_bands_reused_only_for_the_same_input(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path
 ) -> None:
-    ckpt = _checkpoint(tmp_path / "m.pt")
+    ckpt = tiny_checkpoint
     img = _image(tmp_path / "big.tif", 300, 260, seed=0)
     _interrupted_run(img, ckpt, tmp_path / "same")
     assert _bands_run(img, ckpt, tmp_path / "same", capsys) == 2  # band 0 reused
@@ -298,10 +300,10 @@ def test_partial_bands_reused_only_for_the_same_input(
 
 
 def test_kill_during_finalize_keeps_the_bands(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path
 ) -> None:
     """Killed after the probabilities store was finalized: the rerun only finalizes."""
-    ckpt = _checkpoint(tmp_path / "m.pt")
+    ckpt = tiny_checkpoint
     img = _image(tmp_path / "big.tif", 300, 260, seed=0)
     out = tmp_path / "out"
     plan = _interrupted_run(img, ckpt, out, bands=3)

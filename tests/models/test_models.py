@@ -499,6 +499,7 @@ def test_shift_by_a_stride_shifts_the_output() -> None:
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow  # builds DeepLabV3-ResNet-50 twice (.ci/run runs it)
 def test_deeplab_has_a_local_aspp_pooling_branch() -> None:
     m = create_model("deeplabv3_resnet50", num_classes=2)
     aspp = m.net.classifier[0]

@@ -359,6 +359,7 @@ def test_manet_attention_is_reported_not_exact() -> None:
     assert any("reshape merging H, W" in op for op in m.analysis.global_ops)
 
 
+@pytest.mark.slow  # a MobileNetV3 crop run; .ci/run runs it (MAnet attention stays here)
 def test_squeeze_excite_is_reported_not_exact(tmp_path: Path) -> None:
     summary, err = _crop_run("tu-mobilenetv3_small_050", tmp_path, "tall")
     assert summary["exact"] is False

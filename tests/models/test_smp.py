@@ -459,6 +459,7 @@ def _overrides(store: Path, out: Path, **extra: Any) -> list[str]:
     return [f"{k}={v}" for k, v in overrides.items() if v is not None]
 
 
+@pytest.mark.slow  # trains smp; the frozen-encoder test trains from encoder weights too
 def test_train_from_encoder_weights_then_infer(store: Path, tmp_path: Path) -> None:
     """``model.encoder_weights=PATH`` trains; ``tilenet infer`` needs only the checkpoint."""
     state = _encoder_state("resnet18")

@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny synthetic images, made fresh in each test's tmp_path."""
+"""Shared fixtures: tiny synthetic images made fresh in each test's tmp_path, the builders of
+``tests/builders.py`` (checkpoint, whole-image reference, pyramid TIFF), one tiny checkpoint
+per session, the session's S3 server and its buckets."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import builders
 import numpy as np
 import pytest
 from s3server import moto_server
@@ -47,6 +50,33 @@ def bucket(s3_server: str) -> str:
     name = f"t-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint() -> Callable[..., Path]:
+    """``make_checkpoint(path, name="tiny", **options) -> path``: :func:`builders.make_checkpoint`."""
+    return builders.make_checkpoint
+
+
+@pytest.fixture(scope="session")
+def whole_image_reference() -> Callable[..., np.ndarray]:
+    """``whole_image_reference(checkpoint_or_model, arr) -> (K, H, W)`` softmax of one
+    whole-image pass: :func:`builders.whole_image_reference`."""
+    return builders.whole_image_reference
+
+
+@pytest.fixture(scope="session")
+def pyramid_tiff() -> Callable[..., list[np.ndarray]]:
+    """``pyramid_tiff(path, arr, levels=2, ...) -> levels``: :func:`builders.pyramid_tiff`."""
+    return builders.pyramid_tiff
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ``tiny`` checkpoint per session (seed 0, 3 classes bg/a/b, mean 120, std 60):
+    read-only, shared by the tests that only need some real model."""
+    path = tmp_path_factory.mktemp("tiny-checkpoint") / "tiny.pt"
+    return builders.make_checkpoint(path, class_names=["bg", "a", "b"])
 
 
 @pytest.fixture

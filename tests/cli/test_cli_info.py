@@ -7,18 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 import zarr
+from builders import pyramid_tiff
 
 from tilenet.cli import main
 
 
 def _pyramid_tiff(path: Path) -> None:
     data = np.random.default_rng(0).integers(0, 255, (2, 96, 128), dtype=np.uint16)
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        meta = {"axes": "CYX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25}
-        tw.write(data, subifds=1, tile=(32, 32), compression="zlib", metadata=meta)
-        tw.write(data[:, ::2, ::2], subfiletype=1, tile=(32, 32), compression="zlib")
+    meta = {"axes": "CYX", "pixel_size": (0.25, 0.25)}
+    pyramid_tiff(path, data, **meta, compression="zlib", bigtiff=True)
 
 
 def test_info_json_pyramid_tiff(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

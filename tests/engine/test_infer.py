@@ -21,28 +21,16 @@ import pytest
 import tifffile
 import torch
 import zarr
+from builders import make_checkpoint, whole_image_reference
 
 from tilenet.cli import main
-from tilenet.engine.checkpoint import load_model, save_checkpoint
+from tilenet.engine.checkpoint import load_model
 from tilenet.engine.infer import infer_image
-from tilenet.engine.predictor import predict
 from tilenet.errors import CheckpointError, ConfigError, InputError
 from tilenet.geometry import ceil_to
-from tilenet.models import ModelSpec, create_model, list_models
+from tilenet.models import list_models
 
 MEAN, STD = [120.0, 110.0, 100.0], [60.0, 50.0, 70.0]
-
-#: ResNet-50-sized backbones: exactness is checked in the slow run only.
-HEAVY = {"unet_resnet34", "unet_resnet50", "fcn_resnet50", "deeplabv3_resnet50"}
-
-MEAN, STD = [120.0, 110.0, 100.0], [60.0, 50.0, 70.0]
-
-#: ResNet-50-sized backbones: exactness is checked in the slow run only.
-HEAVY = {"unet_resnet34", "unet_resnet50", "fcn_resnet50", "deeplabv3_resnet50"}
-
-#: Options per model for the exactness test: (model kwargs, image (H, W), tile override).
-#: Heavy backbones use small widths where the model allows it, and small images.
-HEAVY = {"unet_resnet50", "fcn_resnet50", "deeplabv3_resnet50", "unet_resnet34"}
 
 
 def _image(path: Path, h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -63,41 +51,17 @@ def _image(path: Path, h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def _checkpoint(path: Path, name: str, num_classes: int = 3, **kwargs: Any) -> Path:
-    torch.manual_seed(0)
-    model = create_model(name, in_channels=3, num_classes=num_classes, **kwargs)
-    # Non-trivial BatchNorm statistics, so eval-mode BN really is part of what is checked.
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    spec = ModelSpec.from_model(
-        model, mean=MEAN, std=STD, class_names=[f"c{i}" for i in range(num_classes)]
-    )
-    return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
-
-
-def normalize(
-    raw: np.ndarray, valid: tuple[int, int], mean: list[float], std: list[float]
-) -> np.ndarray:
-    """(h, w, C) -> float32 (raw - mean) / std, zero outside ``valid`` (after normalising)."""
-    x = raw.astype(np.float32)
-    x -= np.asarray(mean, np.float32)
-    x *= np.float32(1.0) / np.asarray(std, np.float32)
-    x[valid[0] :] = 0
-    x[:, valid[1] :] = 0
-    return x
+    """A seeded checkpoint with non-trivial BatchNorm statistics, so that eval-mode BN really
+    is part of what is checked."""
+    names = [f"c{i}" for i in range(num_classes)]
+    return make_checkpoint(
+        path, name, num_classes=num_classes, mean=MEAN, std=STD, class_names=names,
+        bn_stats=True, **kwargs,
+    )  # fmt: skip
 
 
 def _reference(ckpt: Path, arr: np.ndarray, *, tta: bool = False) -> np.ndarray:
-    """Softmax of one whole-image forward pass, padded after normalisation to the stride."""
-    model, spec = load_model(ckpt)
-    h, w = arr.shape[:2]
-    s = spec.stride
-    x = np.zeros((ceil_to(h, s), ceil_to(w, s), 3), np.float32)
-    x[:h, :w] = normalize(arr, (h, w), list(spec.mean), list(spec.std))
-    with torch.inference_mode():
-        t = torch.from_numpy(x).permute(2, 0, 1)[None].contiguous()
-        return predict(model, t, tta=tta)[0, :, :h, :w].numpy()
+    return whole_image_reference(ckpt, arr, tta=tta)
 
 
 def _probs(out: Path) -> np.ndarray:
@@ -133,8 +97,9 @@ def _cases() -> list[Any]:
     cases: list[Any] = []
     for name in sorted(n for n in list_models() if not n.startswith("smp.")):  # test_smp.py
         for layout in ("tall", "wide"):
-            # Both axes for the cheap models; one axis (the other in the slow run) otherwise.
-            slow = name in HEAVY or (layout == "wide" and name not in ("tiny", "unet"))
+            # tiny on both axes and unet in 2-D by default; the other models and layouts with
+            # -m slow (.ci/run runs them): tests/models checks each model's crop exactness.
+            slow = name != "tiny"
             marks = [pytest.mark.slow] if slow else []
             cases.append(pytest.param(name, layout, {}, marks=marks, id=f"{name}-{layout}"))
     cases.append(pytest.param("tiny", "2d", {}, id="tiny-2d"))

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from builders import pyramid_tiff
 from PIL import Image
 from slidewriters import write_aperio_svs
 
@@ -42,9 +43,7 @@ def _seeds(d: Path) -> list[Path]:
     tifffile.imwrite(p, rgb, tile=(64, 64), compression="jpeg", photometric="rgb")
     out.append(p)
     p = d / "pyramid.ome.tif"
-    with tifffile.TiffWriter(p, ome=True) as tw:
-        tw.write(rgb, tile=(64, 64), compression="zlib", subifds=1, metadata={"axes": "YXS"})
-        tw.write(rgb[::2, ::2], tile=(64, 64), compression="zlib", subfiletype=1)
+    pyramid_tiff(p, rgb, tile=(64, 64), compression="zlib", ome=True)
     out.append(p)
     p = d / "lzw_strips.tif"
     tifffile.imwrite(p, gray, rowsperstrip=16, compression="lzw")

@@ -20,6 +20,7 @@ import rasterio
 import rasterio.shutil
 import tifffile
 import zarr
+from builders import make_checkpoint
 from rasterio.enums import Resampling
 from rasterio.env import get_gdal_config
 from rasterio.errors import NotGeoreferencedWarning
@@ -188,17 +189,7 @@ def test_info_json_and_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 def _tiny_checkpoint(path: Path) -> Path:
-    import torch
-
-    from tilenet.engine.checkpoint import save_checkpoint
-    from tilenet.models import ModelSpec, create_model
-
-    torch.manual_seed(0)
-    model = create_model("tiny", in_channels=3, num_classes=3)
-    spec = ModelSpec.from_model(
-        model, mean=[120.0] * 3, std=[60.0] * 3, class_names=["bg", "a", "b"]
-    )
-    return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
+    return make_checkpoint(path, class_names=["bg", "a", "b"])
 
 
 def _infer(
@@ -238,7 +229,7 @@ def test_infer_writes_cog_in_input_crs(tmp_path: Path) -> None:
     img = tmp_path / "scene.tif"
     h, w = 700, 600  # above one 512 block, so GDAL's COG driver makes an overview
     _raster(img, h, w)
-    out, summary = _infer(tmp_path, img)
+    out, summary = _infer(tmp_path, img, "--tile", "256")  # 12 tiles, not 143
     cog = out / "classes.tif"
     _assert_cog(cog)
     with rasterio.open(img) as src, rasterio.open(cog) as dst:
@@ -343,26 +334,7 @@ def test_plain_tiff_infer_makes_no_geotiff(tmp_path: Path) -> None:
 def _stripes_checkpoint(path: Path) -> Path:
     """A tiny model set by hand: class 1 where band 1 is bright, 2 where band 2 is (a lattice
     of blobs on :func:`_raster`'s sine bands), else 0."""
-    import torch
-
-    from tilenet.engine.checkpoint import save_checkpoint
-    from tilenet.models import ModelSpec, create_model
-
-    model = create_model("tiny", in_channels=3, num_classes=3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        conv, bn, head = model.enc[0], model.enc[1], model.head
-        bn.weight.fill_(1.0)
-        conv.weight[0, 0, 1, 1] = 1.0  # e0 = relu(normalised band 1)
-        conv.weight[1, 1, 1, 1] = 1.0  # e1 = relu(normalised band 2)
-        head.weight[1, 0, 0, 0] = 1.0
-        head.weight[2, 1, 0, 0] = 1.0
-        head.bias[0] = 0.5
-    spec = ModelSpec.from_model(
-        model, mean=[128.0] * 3, std=[60.0] * 3, class_names=["bg", "a", "b"]
-    )
-    return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
+    return make_checkpoint(path, stripes=True, mean=[128.0] * 3, class_names=["bg", "a", "b"])
 
 
 def test_polygons_overlay_the_class_map_in_map_coordinates(tmp_path: Path) -> None:
@@ -375,7 +347,13 @@ def test_polygons_overlay_the_class_map_in_map_coordinates(tmp_path: Path) -> No
     _raster(img, 300, 340, nodata=None)
     ckpt = _stripes_checkpoint(tmp_path / "stripes.pt")
     out, summary = _infer(
-        tmp_path / "a", img, "--outputs", "classes,probabilities,geojson", ckpt=ckpt
+        tmp_path / "a",
+        img,
+        "--outputs",
+        "classes,probabilities,geojson",
+        "--tile",
+        "128",
+        ckpt=ckpt,
     )
     assert summary["outputs"]["geopackage"] == str(out / "instances.gpkg")  # type: ignore[index]
     with rasterio.open(out / "classes.tif") as cog:
@@ -426,9 +404,17 @@ def test_polygons_overlay_the_class_map_in_map_coordinates(tmp_path: Path) -> No
         assert geo["transforms"]["0"] == t0
         assert geo["transforms"]["1"] == [ORIGIN[0], 2 * GSD, 0.0, ORIGIN[1], 0.0, -2 * GSD]
     # WGS84 (RFC 7946): longitude/latitude near the scene (UTM 33N, E 500 km = 15 deg E).
-    wgs = _infer(tmp_path / "b", img, "--outputs", "geojson", "--geojson-crs", "wgs84", ckpt=ckpt)[
-        0
-    ]
+    wgs = _infer(
+        tmp_path / "b",
+        img,
+        "--outputs",
+        "geojson",
+        "--geojson-crs",
+        "wgs84",
+        "--tile",
+        "128",
+        ckpt=ckpt,
+    )[0]
     gw = json.loads((wgs / "instances.geojson").read_text())
     assert "crs" not in gw and len(gw["features"]) == len(gj["features"])
     from rasterio.warp import transform_bounds

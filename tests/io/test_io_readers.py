@@ -1,4 +1,5 @@
-"""Readers: one shared test class runs against every format tilenet reads.
+"""Readers: one shared test class runs against every format tilenet reads (TIFF layouts,
+GeoTIFF through GDAL, slides through tifffile and OpenSlide, zarr, OME-Zarr, PNG, JPEG).
 
 Each case writes a small image (with tifffile, zarr or Pillow) in tmp_path and records the
 pixels it wrote, per pyramid level, so every read can be compared with the source.
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from builders import pyramid_tiff
 from PIL import Image
 
 from tilenet.errors import CorruptImageError, ImageTooLargeError, InputError
@@ -136,14 +138,11 @@ def case_tiff_float32(tmp: Path) -> Case:
 
 
 def case_ome_tiff_subifds(tmp: Path) -> Case:
-    data = _noise((2, H, W), np.uint16)
-    pyr = [data[:, :: 2**k, :: 2**k] for k in range(3)]
     p = tmp / "pyr.ome.tif"
-    with tifffile.TiffWriter(p, bigtiff=True) as tw:
-        meta = {"axes": "CYX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.5}
-        tw.write(pyr[0], subifds=2, tile=(32, 32), compression="zlib", metadata=meta)
-        for lv in pyr[1:]:
-            tw.write(lv, subfiletype=1, tile=(32, 32), compression="zlib")
+    meta = {"axes": "CYX", "pixel_size": (0.25, 0.5)}
+    pyr = pyramid_tiff(
+        p, _noise((2, H, W), np.uint16), levels=3, **meta, compression="zlib", bigtiff=True
+    )
     return Case(
         p,
         [np.moveaxis(lv, 0, 2) for lv in pyr],
@@ -282,6 +281,49 @@ def case_jpeg(tmp: Path) -> Case:
     p = tmp / "img.jpg"
     Image.fromarray(data).save(p, quality=95)
     return Case(p, [data], [(1.0, 1.0)], "jpeg", exact=False, chunks=None)
+
+
+def case_geotiff_overviews(tmp: Path) -> Case:
+    """A tiled GeoTIFF with internal overviews, written (and read) by GDAL through rasterio;
+    a map CRS, so no pixel size in micrometres."""
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.transform import from_origin
+
+    data = _noise((3, H, W), np.uint8)
+    p = tmp / "geo.tif"
+    opts: dict[str, Any] = {"driver": "GTiff", "width": W, "height": H, "count": 3}
+    opts.update(dtype="uint8", crs="EPSG:32633", transform=from_origin(5e5, 4.6e6, 0.5, 0.5))
+    opts.update(tiled=True, blockxsize=32, blockysize=32, compress="deflate")
+    with rasterio.open(p, "w", **opts) as dst:
+        dst.write(data)
+        dst.build_overviews([2, 4], Resampling.nearest)
+    pyr = _pyr(np.moveaxis(data, 0, 2))
+    return Case(p, pyr, [(1.0, 1.0), (2.0, 2.0), (4.0, 4.0)], "deflate")
+
+
+def case_svs_aperio(tmp: Path) -> Case:
+    """An Aperio-layout SVS (tests/slidewriters.py): JPEG tiles, a reduced level every 4 px."""
+    from slidewriters import write_aperio_svs
+
+    data = _smooth_rgb()
+    p = write_aperio_svs(tmp / "slide.svs", data, mpp=0.5, levels=(4,))
+    pyr = [data, data[::4, ::4]]
+    return Case(
+        p, pyr, [(1.0, 1.0), (4.0, 4.0)], "jpeg", exact=False, chunks=(256, 256),
+        pixel_size=(0.5, 0.5),
+    )  # fmt: skip
+
+
+def case_slide_openslide(tmp: Path) -> Case:
+    """A Philips-like JPEG TIFF read through OpenSlide (its tiles are the vendor's)."""
+    pytest.importorskip("openslide")
+    from slidewriters import write_philips_tiff
+
+    data = _smooth_rgb()
+    pyr = [data, data[::2, ::2]]
+    p = write_philips_tiff(tmp / "slide.tiff", pyr, mpp_mm=0.0005, factors=(1, 2), tile=32)
+    return Case(p, pyr, [(1.0, 1.0), (2.0, 2.0)], "vendor", exact=False, pixel_size=(0.5, 0.5))
 
 
 CASES: dict[str, Callable[[Path], Case]] = {

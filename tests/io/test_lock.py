@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from builders import make_checkpoint
 from s3server import SECRET
 
 from tilenet.errors import OutputBusyError
@@ -73,17 +74,7 @@ def holders() -> Iterator[list[_Holder]]:
 
 
 def _checkpoint(path: Path) -> Path:
-    import torch
-
-    from tilenet.engine.checkpoint import save_checkpoint
-    from tilenet.models import ModelSpec, create_model
-
-    torch.manual_seed(0)
-    model = create_model("tiny", in_channels=3, num_classes=3)
-    spec = ModelSpec.from_model(
-        model, mean=[120.0] * 3, std=[60.0] * 3, class_names=["a", "b", "c"]
-    )
-    return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
+    return make_checkpoint(path, class_names=["a", "b", "c"])
 
 
 def _image(path: Path, h: int = 64, w: int = 64) -> Path:
@@ -101,23 +92,30 @@ def _infer_cli(img: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
 
 # -- local folders ----------------------------------------------------------------------------
 def test_infer_into_an_output_another_run_holds_exits_2_at_once(
-    tmp_path: Path, holders: list[_Holder]
+    tmp_path: Path, holders: list[_Holder], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The CLI refuses in one line naming the output and the holder (pid, host, its command
-    line without credentials), writes nothing, and leaves the holder's lock alone."""
+    line without credentials), writes nothing, and leaves the holder's lock alone.
+
+    The CLI runs in this process (a second ``python -m tilenet`` process would only add the
+    import of torch); ``test_two_infers_into_one_output`` (slow, run by .ci/run) starts two
+    real CLI runs."""
+    from tilenet.cli import main
+
     ckpt, img, out = _checkpoint(tmp_path / "m.pt"), _image(tmp_path / "a.tif"), tmp_path / "o"
     secret_url = f"https://ann:{SECRET}@host/x.tif?X-Amz-Signature={SECRET}"
     holders.append(holder := _Holder(out, secret_url))
+    capsys.readouterr()
     t0 = time.monotonic()
-    run = subprocess.run(_infer_cli(img, ckpt, out), capture_output=True, text=True)
+    code = main(_infer_cli(img, ckpt, out)[3:])
     elapsed = time.monotonic() - t0
-    assert run.returncode == 2, run.stderr
-    assert run.stderr.count("\n") == 1, run.stderr
-    line = run.stderr
+    line = capsys.readouterr().err
+    assert code == 2, line
+    assert line.count("\n") == 1, line
     assert line.startswith(f"tilenet: error: {out}: another run (pid {holder.pid} on ")
     assert socket.gethostname() in line and "https://host/x.tif?..." in line
     assert "is writing this output" in line and "--wait" in line and SECRET not in line
-    assert elapsed < 30  # at once: the import of torch, not a wait
+    assert elapsed < 30  # at once, not a wait
     assert sorted(p.name for p in out.iterdir()) == [LOCK_DIR]  # nothing written
     assert json.loads((out / LOCK_DIR / "lock").read_text())["pid"] == holder.pid
     holder.release()

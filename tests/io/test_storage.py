@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tifffile
+from builders import make_checkpoint, pyramid_tiff
 from s3server import SECRET
 
 
@@ -38,16 +39,8 @@ def _rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
 def _pyramid_tiff(path: Path, h: int = 300, w: int = 420) -> np.ndarray:
     """A tiled, zlib-compressed pyramidal OME-TIFF (SubIFDs) with a pixel size."""
     arr = _rgb(h, w)
-    with tifffile.TiffWriter(path, ome=True) as tf:
-        opts: dict[str, Any] = {"tile": (64, 64), "compression": "zlib", "photometric": "rgb"}
-        tf.write(
-            arr,
-            subifds=2,
-            metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5},
-            **opts,
-        )
-        tf.write(arr[::2, ::2], subfiletype=1, **opts)
-        tf.write(arr[::4, ::4], subfiletype=1, **opts)
+    opts: dict[str, Any] = {"tile": (64, 64), "compression": "zlib", "ome": True}
+    pyramid_tiff(path, arr, levels=3, pixel_size=(0.5, 0.5), **opts)
     return arr
 
 
@@ -390,15 +383,7 @@ def test_a_location_behaves_the_same_in_a_folder_and_a_bucket(
 
 # -- infer and tile -----------------------------------------------------------------------------
 def _checkpoint(path: Path) -> Path:
-    import torch
-
-    from tilenet.engine.checkpoint import save_checkpoint
-    from tilenet.models import ModelSpec, create_model
-
-    torch.manual_seed(0)
-    model = create_model("tiny", in_channels=3, num_classes=3)
-    spec = ModelSpec.from_model(model, mean=[0.5] * 3, std=[0.25] * 3, class_names=["bg", "a", "b"])
-    return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
+    return make_checkpoint(path, mean=[0.5] * 3, std=[0.25] * 3, class_names=["bg", "a", "b"])
 
 
 _INFER = ("--tile", "64", "--device", "cpu", "--quiet", "--probabilities-dtype", "float32")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from builders import pyramid_tiff
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -108,9 +109,7 @@ def slide(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("slide")
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (*SLIDE_HW, 3), dtype=np.uint8)
-    with tifffile.TiffWriter(root / "slide.tif") as tw:
-        tw.write(img, tile=(64, 64), subifds=1, photometric="rgb")
-        tw.write(img[::2, ::2], tile=(64, 64), subfiletype=1, photometric="rgb")
+    pyramid_tiff(root / "slide.tif", img, tile=(64, 64))
     ann = root / "ann"
     ann.mkdir()
     (ann / "slide.geojson").write_text(json.dumps(_qupath_features()))

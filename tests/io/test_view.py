@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
+from builders import pyramid_tiff
 
 from tilenet.config import ResolutionConfig
 from tilenet.errors import InputError
@@ -22,10 +22,7 @@ def pyramid(tmp_path: Path) -> Path:
     """A 3-band 64x96 OME-TIFF at 0.5 um/px with a level downsampled by 2."""
     arr = np.arange(64 * 96 * 3, dtype=np.uint32).reshape(64, 96, 3).astype(np.uint16)
     path = tmp_path / "p.ome.tif"
-    meta = {"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}
-    with tifffile.TiffWriter(path) as tw:
-        tw.write(arr, subifds=1, tile=(16, 16), metadata=meta)
-        tw.write(arr[::2, ::2], subfiletype=1, tile=(16, 16))
+    pyramid_tiff(path, arr, tile=(16, 16), pixel_size=(0.5, 0.5))
     return path
 
 

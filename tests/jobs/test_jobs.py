@@ -1,5 +1,6 @@
 """Batch jobs: manifest, skip/retry/force, corrupt inputs, row-band regions, SIGKILL resume and
-dask.distributed bit-identity. Real tiled TIFFs, a real tiny checkpoint, a real LocalCluster."""
+dask.distributed bit-identity. Real tiled TIFFs, a real tiny checkpoint, a real LocalCluster.
+dask.distributed is imported by the tests that use it, not by every xdist worker."""
 
 from __future__ import annotations
 
@@ -13,17 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 import zarr
-from dask.distributed import Client, LocalCluster
+from builders import make_checkpoint
 
 from tilenet.cli import main
-from tilenet.engine.checkpoint import save_checkpoint
 from tilenet.engine.infer import ImagePlan, plan_image, resolve_options, run_band
 from tilenet.engine.predictor import Predictor
 from tilenet.io import open_image
 from tilenet.jobs import local_cluster, read_manifest, run_jobs, unique_stems
-from tilenet.models import ModelSpec, create_model
 from tilenet.runtime import torch_threads
 
 #: One torch thread everywhere: CPU kernels round differently with another thread count.
@@ -45,12 +43,7 @@ def _image(path: Path, h: int, w: int, seed: int = 0) -> Path:
 
 
 def _checkpoint(path: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    model = create_model("tiny", in_channels=3, num_classes=3)
-    spec = ModelSpec.from_model(
-        model, mean=[120.0] * 3, std=[60.0] * 3, class_names=["bg", "a", "b"]
-    )
-    return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
+    return make_checkpoint(path, seed=seed, class_names=["bg", "a", "b"])
 
 
 def _assert_same_outputs(a: Path, b: Path) -> None:
@@ -141,9 +134,9 @@ def test_batch_corrupt_skip_retry_force(tmp_path: Path, capsys: pytest.CaptureFi
     assert _mtimes(out / "one") != before
 
 
-def test_regions_equal_whole_image(tmp_path: Path) -> None:
+def test_regions_equal_whole_image(tmp_path: Path, tiny_checkpoint: Path) -> None:
     """Row bands computed separately into one store equal the single-pass result exactly."""
-    ckpt = _checkpoint(tmp_path / "m.pt")
+    ckpt = tiny_checkpoint
     img = _image(tmp_path / "big.tif", 300, 260)
     whole = run_jobs([img], ckpt, tmp_path / "whole", quiet=True, **OPTS)
     split = run_jobs([img], ckpt, tmp_path / "split", quiet=True, region_tiles=10, **OPTS)
@@ -161,31 +154,50 @@ def test_regions_equal_whole_image(tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "split" / "big").iterdir() if p.name.startswith(".")]
 
 
-def test_local_cluster_bit_identical_to_serial(tmp_path: Path) -> None:
-    ckpt = _checkpoint(tmp_path / "m.pt")
+def _batch(tmp_path: Path, sizes: list[tuple[int, int]]) -> Path:
+    """A folder of small images plus one split into 3 bands (30 tiles)."""
     src = tmp_path / "imgs"
     src.mkdir()
-    for i, (h, w) in enumerate([(100, 90), (64, 64), (120, 70)]):
+    for i, (h, w) in enumerate(sizes):
         _image(src / f"small{i}.tif", h, w, seed=i)
     _image(src / "split.tif", 300, 260, seed=9)  # 30 tiles -> 3 bands across the workers
+    return src
+
+
+def test_an_existing_scheduler_is_bit_identical_to_serial(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """--scheduler: whole images and bands of one image as dask tasks on an existing cluster
+    (here one in-process worker, started by the test) equal the serial run bit for bit."""
+    from dask.distributed import LocalCluster
+
+    ckpt, src = tiny_checkpoint, _batch(tmp_path, [(100, 90)])
+    serial = run_jobs([src], ckpt, tmp_path / "serial", quiet=True, region_tiles=10, **OPTS)
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
+        sched = run_jobs(
+            [src], ckpt, tmp_path / "sched", scheduler=cluster.scheduler_address, quiet=True,
+            region_tiles=10, **OPTS,
+        )  # fmt: skip
+    assert serial.exit_code == sched.exit_code == 0 and len(sched.done) == 2
+    for stem in ("small0", "split"):
+        _assert_same_outputs(tmp_path / "serial" / stem, tmp_path / "sched" / stem)
+
+
+@pytest.mark.slow  # two worker processes import torch: ~20 s on 2 cores (.ci/run runs it)
+def test_local_cluster_bit_identical_to_serial(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    ckpt, src = tiny_checkpoint, _batch(tmp_path, [(100, 90), (64, 64), (120, 70)])
     serial = run_jobs([src], ckpt, tmp_path / "serial", quiet=True, region_tiles=10, **OPTS)
     dist = run_jobs([src], ckpt, tmp_path / "dist", workers=2, quiet=True, region_tiles=10, **OPTS)
     assert serial.exit_code == dist.exit_code == 0 and len(dist.done) == 4
     assert dist.dashboard and dist.dashboard.startswith("http")
     for stem in ("small0", "small1", "small2", "split"):
         _assert_same_outputs(tmp_path / "serial" / stem, tmp_path / "dist" / stem)
-    # --scheduler: an existing cluster (here one in-process worker, started by the test).
-    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
-        sched = run_jobs(
-            [src], ckpt, tmp_path / "sched", scheduler=cluster.scheduler_address, quiet=True,
-            region_tiles=10, **OPTS,
-        )  # fmt: skip
-    assert sched.exit_code == 0 and len(sched.done) == 4
-    _assert_same_outputs(tmp_path / "serial" / "split", tmp_path / "sched" / "split")
 
 
 def test_gpu_pinning_env_per_worker() -> None:
     """The per-GPU cluster gives worker i CUDA_VISIBLE_DEVICES=i (checked without GPUs)."""
+    from dask.distributed import Client
+
     with local_cluster(2, gpus=2) as cluster, Client(cluster) as client:
         seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
     assert sorted(seen.values()) == ["0", "1"]
@@ -203,10 +215,10 @@ def _cli(src: Path, ckpt: Path, out: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_sigkill_resume_is_identical(
-    tmp_path: Path, kill_after_first_band: Callable[..., int]
+    tmp_path: Path, kill_after_first_band: Callable[..., int], tiny_checkpoint: Path
 ) -> None:
     """kill -9 after the first band is recorded; the rerun redoes only the missing bands."""
-    ckpt = _checkpoint(tmp_path / "m.pt")
+    ckpt = tiny_checkpoint
     src = tmp_path / "imgs"
     src.mkdir()
     _image(src / "huge.tif", 1064, 2048)  # 19 x 37 tiles of core 56 -> 19 bands
@@ -273,9 +285,9 @@ def _bands_run(img: Path, ckpt: Path, out: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_partial_bands_reused_only_for_the_same_input(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path
 ) -> None:
-    ckpt = _checkpoint(tmp_path / "m.pt")
+    ckpt = tiny_checkpoint
     img = _image(tmp_path / "big.tif", 300, 260, seed=0)
     _interrupted_run(img, ckpt, tmp_path / "same")
     assert _bands_run(img, ckpt, tmp_path / "same", capsys) == 2  # band 0 reused
@@ -288,10 +300,10 @@ def test_partial_bands_reused_only_for_the_same_input(
 
 
 def test_kill_during_finalize_keeps_the_bands(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path
 ) -> None:
     """Killed after the probabilities store was finalized: the rerun only finalizes."""
-    ckpt = _checkpoint(tmp_path / "m.pt")
+    ckpt = tiny_checkpoint
     img = _image(tmp_path / "big.tif", 300, 260, seed=0)
     out = tmp_path / "out"
     plan = _interrupted_run(img, ckpt, out, bands=3)

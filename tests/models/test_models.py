@@ -56,6 +56,12 @@ STRIDES = {
     "unet_resnet50": 32,
 }
 HEAVY = [n for n in ALL if "resnet" in n]
+#: Run with -m slow (.ci/run runs them): the ResNet-50 models, and ResNet-34, whose layout
+#: (BasicBlocks, stride 32) ResNet-18 checks in the default run.
+SLOW = {n for n in HEAVY if "resnet50" in n} | {"unet_resnet34"}
+#: Also slow in the spec and two-sizes tests: the ResNet-18 U-Net (its crops, gradient and
+#: fusion tests stay in the default run).
+SLOW_PLAIN = SLOW | {"unet_resnet18"}
 # Small models checked fully in 2-D: (name, kwargs).
 LIGHT = [
     ("tiny", {}),
@@ -128,7 +134,7 @@ def test_models_read_no_weight_files(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if "resnet50" in n else n for n in ALL]
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_PLAIN else n for n in ALL]
 )
 def test_spec_is_plain_data_and_rebuilds_the_model(name: str) -> None:
     kw = {"unet": {"depth": 3, "base": 8}, "tiny": {"width": 4}}.get(name, {})
@@ -318,7 +324,7 @@ def test_spec_from_model() -> None:
 @pytest.mark.parametrize(
     "name",
     # the ResNet-50 models (~8 s each) run with -m slow; their crop test runs them by default
-    [pytest.param(n, marks=pytest.mark.slow) if "resnet50" in n else n for n in ALL],
+    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_PLAIN else n for n in ALL],
 )
 def test_runs_on_cpu_at_two_sizes(name: str) -> None:
     s = STRIDES[name]
@@ -383,7 +389,10 @@ def _grad_support(model: TileModel, x: torch.Tensor, cy: int, cx: int) -> tuple[
     return (int(ys.min()) - cy, int(ys.max()) - cy, int(xs.min()) - cx, int(xs.max()) - cx)
 
 
-@pytest.mark.parametrize(("name", "kwargs"), LIGHT)
+# the two narrower U-Net variants with -m slow (.ci/run runs them); their crops stay here
+@pytest.mark.parametrize(
+    ("name", "kwargs"), [*LIGHT[:2], *(pytest.param(*v, marks=pytest.mark.slow) for v in LIGHT[2:])]
+)
 def test_receptive_field_bounds_the_gradient_2d(name: str, kwargs: dict) -> None:
     m = _prepared(name, json.dumps(kwargs))
     s, rf = m.stride, m.receptive_field
@@ -442,7 +451,7 @@ def test_crop_with_halo_reproduces_the_whole_pass_2d(name: str, kwargs: dict) ->
 @pytest.mark.parametrize(
     "name",
     # The ResNet-50 models run with -m slow (the default run's 4-minute budget).
-    ["unet", *(pytest.param(n, marks=pytest.mark.slow) if "resnet50" in n else n for n in HEAVY)],
+    ["unet", *(pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in HEAVY)],
 )
 def test_crop_with_halo_reproduces_the_whole_pass_thin(name: str) -> None:
     m = _prepared(name)
@@ -496,6 +505,7 @@ def test_shift_by_a_stride_shifts_the_output() -> None:
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow  # builds DeepLabV3-ResNet-50 twice (.ci/run runs it)
 def test_deeplab_has_a_local_aspp_pooling_branch() -> None:
     m = create_model("deeplabv3_resnet50", num_classes=2)
     aspp = m.net.classifier[0]

@@ -7,6 +7,7 @@ images stay small; the layers traced are the same as at depth 5.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 import tifffile
 import torch
 import zarr
+from builders import make_checkpoint, whole_image_reference
 from torch import nn
 
 from tilenet.cli import main as cli_main
@@ -28,25 +30,32 @@ from tilenet.engine.checkpoint import (
     load_checkpoint,
     load_encoder_weights,
     load_model,
-    save_checkpoint,
 )
 from tilenet.engine.infer import infer_image
 from tilenet.engine.plan import format_plan, plan_model
 from tilenet.engine.predictor import predict
 from tilenet.errors import ConfigError, ModelError
 from tilenet.geometry import ceil_to
-from tilenet.models import ModelSpec, TileModel, analyze, create_model, exactness, list_models
+from tilenet.models import TileModel, analyze, create_model, exactness, list_models
 from tilenet.models.smp_models import ARCHITECTURES, SmpModel, encoder_normalization
 from tilenet.patches.synth import synthesize
 from tilenet.patches.tiler import tile_images
 from tilenet.train import train
 
-pytest.importorskip("segmentation_models_pytorch")
+# find_spec, not importorskip: smp (and timm) load only in the worker that runs these tests.
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("segmentation_models_pytorch") is None, reason="needs smp"
+)
 
 #: One exact encoder per family: ResNet, ConvNeXt, RegNet, EfficientNet without SE.
 EXACT = ["resnet18", "tu-convnext_atto", "tu-regnetx_002", "tu-efficientnet_lite0"]
 SMALL: dict[str, Any] = {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}
 MEAN, STD = [120.0, 110.0, 100.0], [60.0, 50.0, 70.0]
+
+
+def _slow_after(n: int, encoder: str) -> list[pytest.MarkDecorator]:
+    """The slow mark for the encoders of EXACT after the first ``n``."""
+    return [pytest.mark.slow] if EXACT.index(encoder) >= n else []
 
 
 def _unet(encoder: str, **kwargs: Any) -> TileModel:
@@ -281,23 +290,7 @@ def _image(path: Path, h: int, w: int) -> np.ndarray:
 
 
 def _checkpoint(path: Path, model: TileModel) -> Path:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            assert m.running_mean is not None and m.running_var is not None
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    spec = ModelSpec.from_model(model, mean=MEAN, std=STD)
-    return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
-
-
-def _reference(model: TileModel, arr: np.ndarray) -> np.ndarray:
-    """Softmax of one whole-image pass, zero-padded after normalisation to the stride."""
-    h, w = arr.shape[:2]
-    x = np.zeros((ceil_to(h, model.stride), ceil_to(w, model.stride), 3), np.float32)
-    x[:h, :w] = (arr - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
-    with torch.inference_mode():
-        t = torch.from_numpy(x).permute(2, 0, 1)[None].contiguous()
-        return predict(model.eval(), t)[0, :, :h, :w].numpy()
+    return make_checkpoint(path, model=model, seed=None, mean=MEAN, std=STD, bn_stats=True)
 
 
 def _crop_run(
@@ -328,12 +321,13 @@ def _crop_run(
     assert summary["tiles"] >= (4 if layout == "2d" else 2)
     probs: Any = zarr.open_group(out / "probabilities.ome.zarr", mode="r")["0"]
     got = np.asarray(probs[:])
-    return summary, float(np.abs(got - _reference(model, arr)).max())
+    return summary, float(np.abs(got - whole_image_reference(model, arr, mean=MEAN, std=STD)).max())
 
 
 @pytest.mark.parametrize(
     ("encoder", "layout"),
-    [pytest.param(e, "tall", id=f"{e}-tall") for e in EXACT]
+    # ResNet and ConvNeXt by default; the others (and 2-D) with -m slow, run by .ci/run
+    [pytest.param(e, "tall", id=f"{e}-tall", marks=_slow_after(2, e)) for e in EXACT]
     + [pytest.param(e, "2d", id=f"{e}-2d", marks=pytest.mark.slow) for e in EXACT],
 )
 def test_crop_mode_equals_whole_image_pass(encoder: str, layout: str, tmp_path: Path) -> None:
@@ -342,7 +336,9 @@ def test_crop_mode_equals_whole_image_pass(encoder: str, layout: str, tmp_path: 
     assert err < 1e-4
 
 
-@pytest.mark.parametrize("encoder", ["resnet18", "tu-convnext_atto"])
+@pytest.mark.parametrize(
+    "encoder", ["resnet18", pytest.param("tu-convnext_atto", marks=pytest.mark.slow)]
+)
 def test_linknet_traces_and_tiles_exactly(encoder: str, tmp_path: Path) -> None:
     """Linknet runs with its skip test decided up front (torch.fx cannot trace smp's): the
     same output as smp's forward, also where an encoder has an empty stride-2 skip."""
@@ -363,6 +359,7 @@ def test_manet_attention_is_reported_not_exact() -> None:
     assert any("reshape merging H, W" in op for op in m.analysis.global_ops)
 
 
+@pytest.mark.slow  # a MobileNetV3 crop run; .ci/run runs it (MAnet attention stays here)
 def test_squeeze_excite_is_reported_not_exact(tmp_path: Path) -> None:
     summary, err = _crop_run("tu-mobilenetv3_small_050", tmp_path, "tall")
     assert summary["exact"] is False
@@ -462,6 +459,7 @@ def _overrides(store: Path, out: Path, **extra: Any) -> list[str]:
     return [f"{k}={v}" for k, v in overrides.items() if v is not None]
 
 
+@pytest.mark.slow  # trains smp; the frozen-encoder test trains from encoder weights too
 def test_train_from_encoder_weights_then_infer(store: Path, tmp_path: Path) -> None:
     """``model.encoder_weights=PATH`` trains; ``tilenet infer`` needs only the checkpoint."""
     state = _encoder_state("resnet18")

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tifffile
+from builders import make_checkpoint
 
 from tilenet.engine.infer import infer_image, plan_image, resolve_options, run_band
 from tilenet.engine.predictor import Predictor
@@ -48,16 +49,9 @@ OPTS: dict[str, Any] = {"tile": 64, "device": "cpu", "probabilities_dtype": "flo
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny model (3 classes) and a 150 x 100 RGB TIFF (3 x 2 tiles of 64)."""
-    import torch
-
-    from tilenet.engine.checkpoint import save_checkpoint
-    from tilenet.models import ModelSpec, create_model
-
     d = tmp_path_factory.mktemp("formats")
-    torch.manual_seed(0)
-    model = create_model("tiny", in_channels=3, num_classes=3)
-    spec = ModelSpec.from_model(model, mean=[0.5] * 3, std=[0.25] * 3, class_names=["bg", "a", "b"])
-    ckpt = save_checkpoint(d / "m.pt", {"spec": spec, "model": model.state_dict()})
+    names = ["bg", "a", "b"]
+    ckpt = make_checkpoint(d / "m.pt", mean=[0.5] * 3, std=[0.25] * 3, class_names=names)
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[0:150, 0:100]
     base = np.stack([yy * 2 + xx, xx * 3, (yy * xx) // 7], axis=-1) + rng.integers(

@@ -24,6 +24,7 @@ import scipy.ndimage as ndi
 import shapely
 import tifffile
 import zarr
+from builders import make_checkpoint
 from rasterio.enums import Resampling
 from rasterio.features import rasterize
 from rasterio.transform import from_origin
@@ -39,24 +40,7 @@ NAMES = ["bg", "a", "b"]
 
 def _stripes_checkpoint(path: Path) -> Path:
     """A hand-set tiny model: class 1 where band 1 is bright, 2 where band 2 is, else 0."""
-    import torch
-
-    from tilenet.engine.checkpoint import save_checkpoint
-    from tilenet.models import ModelSpec, create_model
-
-    model = create_model("tiny", in_channels=3, num_classes=3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        conv, bn, head = model.enc[0], model.enc[1], model.head
-        bn.weight.fill_(1.0)
-        conv.weight[0, 0, 1, 1] = 1.0
-        conv.weight[1, 1, 1, 1] = 1.0
-        head.weight[1, 0, 0, 0] = 1.0
-        head.weight[2, 1, 0, 0] = 1.0
-        head.bias[0] = 0.5
-    spec = ModelSpec.from_model(model, mean=[128.0] * 3, std=[60.0] * 3, class_names=NAMES)
-    return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
+    return make_checkpoint(path, stripes=True, mean=[128.0] * 3, class_names=NAMES)
 
 
 def _bands(h: int, w: int) -> np.ndarray:
@@ -307,7 +291,7 @@ def test_georeferenced_regions_and_probabilities_cog(tmp_path: Path) -> None:
     _geotiff(img, 600, 560)  # above one 512 block: the COGs get an overview
     ckpt = _stripes_checkpoint(tmp_path / "m.pt")
     out = tmp_path / "out"
-    argv = ["infer", str(img), "--model", str(ckpt), "--out", str(out), "--tile", "128"]
+    argv = ["infer", str(img), "--model", str(ckpt), "--out", str(out), "--tile", "256"]
     argv += ["--device", "cpu", "--probabilities-dtype", "float32"]
     assert main([*argv, "--outputs", "classes,probabilities,geojson,probabilities_tif"]) == 0
     summary = json.loads((out / "summary.json").read_text())

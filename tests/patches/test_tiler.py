@@ -9,23 +9,13 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from builders import pyramid_tiff
 
 from tilenet.config import TilingConfig
 from tilenet.errors import ImageNotFoundError, InputError, ShapeMismatchError, TilenetError
 from tilenet.geometry import TileGrid
 from tilenet.io.foreground import otsu_threshold
 from tilenet.patches.tiler import tile_images
-
-
-def _write_pyramid(path: Path, data: np.ndarray, *, levels: int = 2, **kw: object) -> None:
-    """A tiled pyramidal TIFF (SubIFDs), downsampled by 2 with nearest neighbour."""
-    with tifffile.TiffWriter(path) as tw:
-        opts = {"tile": (32, 32), **kw}
-        if data.ndim == 3:
-            opts["photometric"] = "rgb"
-        tw.write(data, subifds=levels - 1, **opts)
-        for k in range(1, levels):
-            tw.write(data[:: 2**k, :: 2**k], subfiletype=1, **opts)
 
 
 def _image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -45,8 +35,8 @@ def dataset(
         img = _image(rng, h, w)
         lab = rng.integers(0, 3, (h, w)).astype(np.uint8)
         p = tmp_path / "images" / f"img_{i}.tif"
-        _write_pyramid(p, img, compression="zlib")
-        _write_pyramid(tmp_path / "labels" / f"img_{i}.tif", lab, compression="zlib")
+        pyramid_tiff(p, img, compression="zlib")
+        pyramid_tiff(tmp_path / "labels" / f"img_{i}.tif", lab, compression="zlib")
         imgs.append(img)
         labs.append(lab)
         paths.append(p)
@@ -126,7 +116,7 @@ def test_pixel_exact_with_labels(tmp_path: Path, dataset: tuple) -> None:
 def test_level_one_and_jpeg_pyramid(tmp_path: Path, rng: np.random.Generator) -> None:
     img = _image(rng, 256, 192)
     p = tmp_path / "scan.tif"
-    _write_pyramid(p, img, levels=3, compression="jpeg")
+    pyramid_tiff(p, img, levels=3, compression="jpeg")
     decoded = [tifffile.imread(p, series=0, level=k) for k in range(3)]
     for level in (0, 1):
         out = tile_images(
@@ -151,7 +141,7 @@ def test_min_foreground_drops_background(tmp_path: Path) -> None:
     img = np.full((256, 256, 3), 235, np.uint8)
     img[40:110, 150:230] = 60  # "tissue": dark on a bright slide
     p = tmp_path / "slide.tif"
-    _write_pyramid(p, img, levels=3, compression="zlib")
+    pyramid_tiff(p, img, levels=3, compression="zlib")
     kw = {"patch": 64, "overlap": 0, "workers": 1, "progress": False}
     all_ = tile_images([p], out=tmp_path / "all.zarr", **kw)
     fg = tile_images([p], out=tmp_path / "fg.zarr", min_foreground=0.25, mask_max_side=64, **kw)
@@ -229,7 +219,7 @@ def test_label_errors(tmp_path: Path, dataset: tuple, rng: np.random.Generator) 
     paths, _, _, _ = dataset
     bad = tmp_path / "bad"
     bad.mkdir()
-    _write_pyramid(bad / "img_0.tif", rng.integers(0, 3, (10, 10)).astype(np.uint8))
+    pyramid_tiff(bad / "img_0.tif", rng.integers(0, 3, (10, 10)).astype(np.uint8))
     with pytest.raises(ShapeMismatchError, match=r"img_0\.tif: label image is 10x10"):
         tile_images([paths[0]], labels=bad, out=tmp_path / "x.zarr", progress=False)
     with pytest.raises(ImageNotFoundError, match="no label image named img_1"):
@@ -366,7 +356,7 @@ def test_cli_tile_conf_file_then_overrides_then_flags(
 
     img = _image(rng, 200, 300)
     p = tmp_path / "scan.tif"
-    _write_pyramid(p, img, compression="zlib")
+    pyramid_tiff(p, img, compression="zlib")
     conf = tmp_path / "tiling.yaml"
     conf.write_text("tiling:\n  patch: 128\n  overlap: 0\n  chunk_patches: 2\n")
     base = ["tile", str(p), "--quiet", f"conf={conf}"]
@@ -403,7 +393,7 @@ def test_cli_tile_foreground_keys_reach_the_mask(tmp_path: Path) -> None:
     img = np.full((256, 256, 3), 235, np.uint8)
     img[40:110, 150:230] = 60  # "tissue": dark on a bright slide
     p = tmp_path / "slide.tif"
-    _write_pyramid(p, img, levels=3, compression="zlib")
+    pyramid_tiff(p, img, levels=3, compression="zlib")
     args = ["tile", str(p), "--quiet", "tiling.patch=64", "tiling.overlap=0"]
     fg = tmp_path / "fg.zarr"
     assert main([*args, "tiling.min_foreground=0.25", "--out", str(fg)]) == 0
@@ -429,7 +419,7 @@ def test_cli_tile_reader_limits_reach_the_readers(
 
     img = _image(rng, 40, 50)
     tif, png = tmp_path / "a.tif", tmp_path / "b.png"
-    _write_pyramid(tif, img, levels=1)
+    pyramid_tiff(tif, img, levels=1)
     Image.fromarray(img).save(png)
     conf = tmp_path / "reader.yaml"
 
@@ -459,8 +449,8 @@ def test_same_pixels_with_other_labels_are_another_source(
     paths = []
     for name, value in (("a", 1), ("b", 2)):
         p = tmp_path / "images" / f"{name}.tif"
-        _write_pyramid(p, img, levels=1)
-        _write_pyramid(tmp_path / "labels" / f"{name}.tif", np.full((64, 64), value, np.uint8))
+        pyramid_tiff(p, img, levels=1)
+        pyramid_tiff(tmp_path / "labels" / f"{name}.tif", np.full((64, 64), value, np.uint8))
         paths.append(p)
     out = tmp_path / "s.zarr"
     kw: dict[str, Any] = {"labels": tmp_path / "labels", "out": out, "patch": 32}

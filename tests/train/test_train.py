@@ -243,7 +243,8 @@ def test_run_directory_contract(
         assert curves.info["Software"].startswith("Matplotlib version")
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+# With a DataLoader worker process: slow (.ci/run runs it); in-process loading stays fast.
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_exact_resume_matches_uninterrupted_run(stores, tmp_path: Path, workers: int) -> None:
     """Killed after step 3 and resumed == never interrupted (deterministic CPU).
 
@@ -481,6 +482,7 @@ def _torchrun(conf: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+@pytest.mark.slow  # three processes import torch: ~20 s on 2 cores (.ci/run runs it)
 def test_torchrun_two_gloo_processes(stores, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     conf = tmp_path / "ddp.yaml"

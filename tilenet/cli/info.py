@@ -15,6 +15,7 @@ from tilenet.errors import (
     EXIT_USAGE,
     InputError,
     TilenetError,
+    first_line,
     one_line,
 )
 
@@ -95,7 +96,7 @@ def _show(info: dict[str, Any], *, as_json: bool) -> None:
     if info["objective_power"]:
         print(f"objective:   {info['objective_power']:g}x")
     if info["crs"] or info["transform"]:
-        crs = f"EPSG:{info['epsg']}" if info["epsg"] else (info["crs"] or "none").splitlines()[0]
+        crs = f"EPSG:{info['epsg']}" if info["epsg"] else first_line(info["crs"] or "none")
         print(f"crs:         {crs[:100]}")
         coefs = ", ".join(f"{v:.10g}" for v in info["transform"] or [])
         print(f"transform:   {coefs}  (GDAL order)")

@@ -225,7 +225,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     cfg, inputs = _config(args.inputs, args, INFER_FLAGS)
     if not inputs:
         raise InputError("no INPUT image given (only conf=FILE / key=value items)")
-    options = asdict(_section(cfg, "infer"))
+    infer: InferConfig = _section(cfg, "infer")
     jobs: JobsConfig = _section(cfg, "jobs")
     reader: ReaderConfig = _section(cfg, "reader")
     if args.level is not None:  # an explicit level: not the checkpoint's pixel size
@@ -243,8 +243,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             args.out,
             reader=reader,
             resolution=resolution,
+            config=infer,
             **asdict(jobs),
-            **options,
         )
         print(format_report(report))
         return report.exit_code
@@ -260,7 +260,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             reader=reader,
             resolution=resolution,
             wait=jobs.wait,
-            **options,
+            config=infer,
         )
     for name, path in summary["outputs"].items():
         print(f"{name}: {path}")

@@ -1,8 +1,9 @@
 """Tiled inference of one image: plan, run bands of tiles, finish; resumable after a kill.
 
-``infer_image(input, model, out_dir, **options)`` is what ``tilenet infer`` runs; the options
-are the fields of :class:`tilenet.config.InferConfig`. It is three public steps, which batch
-jobs (:mod:`tilenet.jobs`) run the same way, on dask workers when asked:
+``infer_image(input, model, out_dir, config=InferConfig(...))`` is what ``tilenet infer``
+runs; keyword options (the fields of :class:`tilenet.config.InferConfig`) work too. It is
+three public steps, which batch jobs (:mod:`tilenet.jobs`) run the same way, on dask workers
+when asked:
 
 1. :func:`plan_image` plans the tile grid (:func:`tilenet.engine.predictor.plan_grid`), splits it
    into bands of whole grid rows (crop mode; blend modes are one band), and prepares the
@@ -101,8 +102,15 @@ def choose_bands(image: Any, spec: ModelSpec, cfg: InferConfig) -> tuple[InferCo
 
 
 # -- options --------------------------------------------------------------------------------
-def resolve_options(options: dict[str, Any] | InferConfig | None = None) -> InferConfig:
-    """Validate keyword options against :class:`InferConfig` (types, choices, unknown keys)."""
+def resolve_options(
+    options: dict[str, Any] | InferConfig | None = None, *, config: InferConfig | None = None
+) -> InferConfig:
+    """Validate keyword options against :class:`InferConfig` (types, choices, unknown keys).
+
+    ``config`` is a typed config to start from (the defaults when None); ``options`` are
+    merged onto it. A ``config`` with no options is checked and comes back as it is, the same
+    object, when its values are already clean (a loose ``tile="12"`` comes back coerced).
+    """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -114,7 +122,8 @@ def resolve_options(options: dict[str, Any] | InferConfig | None = None) -> Infe
     if unknown:
         raise ConfigError(f"unknown infer option {unknown[0]!r}; valid: {', '.join(valid)}")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(InferConfig), options)
+        base = OmegaConf.structured(config if config is not None else InferConfig)
+        merged = OmegaConf.merge(base, options)
         cfg: InferConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
@@ -128,7 +137,7 @@ def resolve_options(options: dict[str, Any] | InferConfig | None = None) -> Infe
         raise ConfigError(f"tile and batch must be positive, got {cfg.tile!r}, {cfg.batch!r}")
     if not 0 <= cfg.min_foreground <= 1:
         raise ConfigError(f"min_foreground must be in [0, 1], got {cfg.min_foreground!r}")
-    return cfg
+    return config if config is not None and cfg == config else cfg
 
 
 def resume_key(
@@ -572,20 +581,22 @@ def infer_image(
     region_tiles: int = REGION_TILES,
     reader: ReaderConfig | None = None,
     resolution: ResolutionConfig | None = None,
+    config: InferConfig | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Run tiled inference of ``model`` on ``input`` and write the outputs to ``out_dir``.
 
     ``input`` is a path (or an open :class:`~tilenet.io.base.LazyImage`); ``model`` a
     checkpoint path, a ``(module, spec)`` pair or a :class:`~tilenet.engine.predictor.Predictor`;
-    ``options`` are :class:`InferConfig` fields. Crop-mode images are run in bands of about
-    ``region_tiles`` tiles; when a run over a checkpoint is interrupted, the same call again
-    keeps the finished bands. ``reader`` sets the input's reader limits, ``resolution`` the
-    pixel size to run at (:func:`plan_image`). Returns the summary
-    also written to ``out_dir/summary.json``.
+    ``config`` the typed :class:`InferConfig` (the defaults when None), used as it is;
+    ``options`` are :class:`InferConfig` fields, merged onto it (:func:`resolve_options`).
+    Crop-mode images are run in bands of about ``region_tiles`` tiles; when a run over a
+    checkpoint is interrupted, the same call again keeps the finished bands. ``reader`` sets
+    the input's reader limits, ``resolution`` the pixel size to run at (:func:`plan_image`).
+    Returns the summary also written to ``out_dir/summary.json``.
     """
     t_start = time.perf_counter()
-    cfg = resolve_options(options)
+    cfg = resolve_options(options, config=config)
     reader = reader if reader is not None else ReaderConfig()
     if isinstance(input, str | os.PathLike):
         from tilenet.io import open_image

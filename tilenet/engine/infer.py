@@ -75,9 +75,9 @@ def select_input_bands(image: Any, cfg: InferConfig) -> Any:
 
     (Spectral bands of the input, not the row bands a plan is run in.)
     """
-    if cfg.bands and image.metadata.get("bands") == list(cfg.bands):
-        return image
-    return image.select_bands(cfg.bands)
+    from tilenet.io.view import view
+
+    return view(image, bands=cfg.bands).image
 
 
 def choose_bands(image: Any, spec: ModelSpec, cfg: InferConfig) -> tuple[InferConfig, str | None]:
@@ -210,13 +210,12 @@ class ImagePlan:
         return self.view(open_image(self.input, **asdict(self.reader)))
 
     def view(self, image: Any) -> Any:
-        """``image`` as the plan runs it: input bands picked, at the plan's pixel size."""
-        image = select_input_bands(image, self.config)
-        if self.resolution is None or "resolution" in image.metadata:
-            return image
-        from tilenet.io.resolution import at_resolution
+        """``image`` as the plan runs it (:func:`tilenet.io.view.view`): input bands picked,
+        at the plan's pixel size; an image already so is returned as it is."""
+        from tilenet.io.view import view
 
-        return at_resolution(image, self.resolution, level=self.config.level)[0]
+        cfg = self.config
+        return view(image, bands=cfg.bands, resolution=self.resolution, level=cfg.level).image
 
     @property
     def pending(self) -> list[int]:
@@ -257,19 +256,13 @@ def plan_image(
     t0 = time.time()
     spec = ModelSpec.coerce(spec)
     cfg, bands_from = choose_bands(image, spec, cfg)
-    image = select_input_bands(image, cfg)
     target, res_info = choose_resolution(image, spec, cfg, resolution or ResolutionConfig())
-    if target is not None:
-        from tilenet.io.resolution import at_resolution
+    from tilenet.io.view import view
 
-        image, res = at_resolution(image, target, level=cfg.level)
-        assert res is not None
-        res_info = {**res_info, **res.to_dict()}
-    if not 0 <= cfg.level < len(image.levels):
-        raise InputError(
-            f"{image.path}: level {cfg.level} does not exist; the image has levels "
-            f"0..{len(image.levels) - 1}"
-        )
+    viewed = view(image, bands=cfg.bands, resolution=target, level=cfg.level)
+    image = viewed.image
+    if viewed.resolution is not None:
+        res_info = {**res_info, **viewed.resolution.to_dict()}
     if spec.in_channels != image.channels:
         raise InputError(
             f"{image.path}: image has {image.channels} channels but the model expects "

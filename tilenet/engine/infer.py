@@ -39,7 +39,7 @@ from tilenet.config import InferConfig, JobsConfig, ReaderConfig, ResolutionConf
 from tilenet.engine.predictor import BLEND_STRIP_PX, Predictor, RunStats, plan_grid, tile_order
 from tilenet.engine.stitch import STITCHERS
 from tilenet.errors import ConfigError, InputError, one_line
-from tilenet.geometry import Tile, TileGrid, spans
+from tilenet.geometry import GeoTransform, Tile, TileGrid, spans
 from tilenet.io.location import location
 from tilenet.io.lock import exclusive_output
 from tilenet.io.storage import redact
@@ -550,16 +550,16 @@ def _georef(image: Any, downsample: tuple[float, float]) -> dict[str, Any] | Non
     transform = getattr(image, "transform", None)
     if transform is None:
         return None
-    from tilenet.io.raster import describe_georef, scaled_transform
+    from tilenet.io.crs import describe_georef
 
-    t = scaled_transform(transform, downsample)
+    t = GeoTransform(*transform).scaled(downsample)
     info = describe_georef(image.crs, t)
     return {
         "crs": image.crs,
         "epsg": info["epsg"],
         "crs_units": info["crs_units"],
         "transform": list(t),
-        "pixel_area": abs(t[1] * t[5] - t[2] * t[4]),
+        "pixel_area": t.pixel_area,
     }
 
 

@@ -24,18 +24,18 @@ from tilenet.io.view import view
 from tilenet.patches.augment import build_augment
 from tilenet.patches.stats import store_stats
 from tilenet.patches.stream import (
+    BatchEmitter,
+    EpochMixin,
+    PatchNormalize,
     PathLike,
-    _Emitter,
-    _EpochMixin,
-    _Normalize,
-    _seed_worker_rng,
-    _shard,
+    seed_worker_rng,
+    shard,
 )
 
 __all__ = ["RandomCropDataset"]
 
 
-class RandomCropDataset(_EpochMixin, IterableDataset):
+class RandomCropDataset(EpochMixin, IterableDataset):
     """Random ``patch`` x ``patch`` crops read lazily from large images; no store needed.
 
     Crops are drawn uniformly over each image (images chosen in proportion to their area),
@@ -191,11 +191,11 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
         return out
 
     def __iter__(self) -> Iterator[Any]:
-        mine = _shard(self.windows(), self.rank, self.world_size)
-        _seed_worker_rng(self.seed, self.epoch, self.rank)
-        emit = _Emitter(
+        mine = shard(self.windows(), self.rank, self.world_size)
+        seed_worker_rng(self.seed, self.epoch, self.rank)
+        emit = BatchEmitter(
             self.batch_size,
-            _Normalize(self.mean, self.std),
+            PatchNormalize(self.mean, self.std),
             build_augment(self.augment_cfg, channels=self.channels),
         )
         step = self.batch_size or 16

@@ -35,6 +35,7 @@ __all__ = [
     "TilenetError",
     "UnsupportedFormatError",
     "credentials_scrubbed",
+    "first_line",
     "one_line",
     "run_guarded",
     "scrub_credentials",
@@ -115,6 +116,17 @@ def scrub_credentials(text: str) -> str:
     return _QUERY.sub(r"\1?...", _USERINFO.sub(r"\1", text))
 
 
+def first_line(text: str) -> str:
+    """The first line of ``text``, or ``""`` when it has none; the one place a message, a
+    CRS's WKT or a library's log record is cut to a line (:func:`one_line` builds on it).
+
+    >>> first_line("PROJCS[...]\\nGEOGCS[...]"), first_line("")
+    ('PROJCS[...]', '')
+    """
+    lines = text.splitlines()
+    return lines[0] if lines else ""
+
+
 def one_line(exc: BaseException, *, typed: bool = True) -> str:
     """The first line of ``exc``'s message, credentials scrubbed (:func:`scrub_credentials`).
 
@@ -132,8 +144,7 @@ def one_line(exc: BaseException, *, typed: bool = True) -> str:
     >>> one_line(RuntimeError()), one_line(RuntimeError(), typed=False)
     ('RuntimeError', 'RuntimeError')
     """
-    lines = str(exc).strip().splitlines()
-    first = scrub_credentials(lines[0]) if lines else ""
+    first = scrub_credentials(first_line(str(exc).strip()))
     if isinstance(exc, TilenetError) or not typed:
         return first or type(exc).__name__
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

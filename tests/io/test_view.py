@@ -61,3 +61,16 @@ def test_replace_carries_every_header_field(pyramid: Path) -> None:
         sel.metadata["note"] = "changed"
         sel.levels.append(sel.levels[0])
         assert img.metadata["note"] == "kept" and len(img.levels) == 2  # copies, not aliases
+
+
+def test_an_image_derived_once_is_not_derived_again(pyramid: Path) -> None:
+    """A stage may hand on the image it opened or the one it derived: the same view."""
+    with open_image(pyramid) as img:
+        once = view(img, bands=[3, 1], resolution=ResolutionConfig(mpp=1.0))
+        again = view(once.image, bands=[3, 1], resolution=ResolutionConfig(mpp=1.0))
+        assert again.image is once.image and again.level == 0
+        assert again.resolution == once.resolution
+        picked = view(img, bands=[3]).image
+        assert picked.channels == 1 and view(picked, bands=[3]).image is picked
+        with pytest.raises(InputError, match=r"bands \[2\] do not exist"):
+            view(picked, bands=[2])  # other bands: picked from the view, which has one

@@ -15,17 +15,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tilenet.cli._common import Handler
-from tilenet.cli.convert import _add_convert
-from tilenet.cli.demo import _add_demo
-from tilenet.cli.embed import _add_embed
-from tilenet.cli.export import _add_export
-from tilenet.cli.infer import INFER_FLAGS, _add_infer
-from tilenet.cli.info import _add_info
-from tilenet.cli.plan import _add_plan
-from tilenet.cli.synth import _add_synth
-from tilenet.cli.tile import TILE_FLAGS, _add_tile
-from tilenet.cli.tissue import _add_tissue
-from tilenet.cli.train import _add_train
+from tilenet.cli.convert import add_convert
+from tilenet.cli.demo import add_demo
+from tilenet.cli.embed import add_embed
+from tilenet.cli.export import add_export
+from tilenet.cli.infer import INFER_FLAGS, add_infer
+from tilenet.cli.info import add_info
+from tilenet.cli.plan import add_plan
+from tilenet.cli.synth import add_synth
+from tilenet.cli.tile import TILE_FLAGS, add_tile
+from tilenet.cli.tissue import add_tissue
+from tilenet.cli.train import add_train
 from tilenet.errors import EXIT_USAGE, credentials_scrubbed, run_guarded, scrub_credentials
 
 __all__ = ["INFER_FLAGS", "TILE_FLAGS", "build_parser", "main"]
@@ -64,17 +64,17 @@ resumes); 141 the output pipe closed (e.g. piped into head).
 
 #: Subcommands in the order --help lists them.
 COMMANDS: list[Callable[[Any], None]] = [
-    _add_info,
-    _add_convert,
-    _add_synth,
-    _add_tile,
-    _add_tissue,
-    _add_train,
-    _add_infer,
-    _add_embed,
-    _add_plan,
-    _add_demo,
-    _add_export,
+    add_info,
+    add_convert,
+    add_synth,
+    add_tile,
+    add_tissue,
+    add_train,
+    add_infer,
+    add_embed,
+    add_plan,
+    add_demo,
+    add_export,
 ]
 
 

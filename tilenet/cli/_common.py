@@ -6,7 +6,16 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["CONFIG_ITEMS", "Handler"]
+__all__ = [
+    "CONFIG_ITEMS",
+    "Handler",
+    "add_resolution_flags",
+    "cli_config",
+    "comma_list",
+    "config_section",
+    "help_default",
+    "int_list",
+]
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -14,7 +23,7 @@ Handler = Callable[[argparse.Namespace], int]
 CONFIG_ITEMS = "conf=FILE and section.key=value items (e.g. {example}) configure it as in training"
 
 
-def _default(section: type, key: str) -> str:
+def help_default(section: type, key: str) -> str:
     """``default X`` for a help text, X read from the config dataclass (defaults live there)."""
     value = getattr(section(), key)
     if isinstance(value, list):
@@ -22,7 +31,9 @@ def _default(section: type, key: str) -> str:
     return f"default {value}"
 
 
-def _config(items: Sequence[str], args: argparse.Namespace, flags: dict[str, Sequence[str]]) -> Any:
+def cli_config(
+    items: Sequence[str], args: argparse.Namespace, flags: dict[str, Sequence[str]]
+) -> Any:
     """The config from ``items`` (conf=FILE, key=value) and the flags given; and the rest.
 
     Precedence: dataclass defaults < conf file < key=value < flags given on the command line
@@ -50,14 +61,14 @@ def _config(items: Sequence[str], args: argparse.Namespace, flags: dict[str, Seq
     return cfg, rest
 
 
-def _section(cfg: Any, name: str) -> Any:
+def config_section(cfg: Any, name: str) -> Any:
     """Section ``name`` of a loaded config as its dataclass instance."""
     from omegaconf import OmegaConf
 
     return OmegaConf.to_object(cfg[name])
 
 
-def _add_resolution_flags(p: Any, *, infer: bool = False) -> None:
+def add_resolution_flags(p: Any, *, infer: bool = False) -> None:
     """--mpp, --gsd, --magnification, --assume-mpp (the ``resolution`` config section)."""
     p.add_argument(
         "--mpp",
@@ -98,13 +109,13 @@ def _add_resolution_flags(p: Any, *, infer: bool = False) -> None:
     )
 
 
-def _comma_list(text: str) -> list[str]:
+def comma_list(text: str) -> list[str]:
     return [o.strip() for o in text.split(",") if o.strip()]
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
     try:
-        return [int(o) for o in _comma_list(text)]
+        return [int(o) for o in comma_list(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated band numbers, got {text!r}"

@@ -7,10 +7,10 @@ from typing import Any
 
 from tilenet.errors import EXIT_OK, scrub_credentials
 
-__all__: list[str] = []
+__all__ = ["add_convert"]
 
 
-def _add_convert(sub: Any) -> None:
+def add_convert(sub: Any) -> None:
     p = sub.add_parser(
         "convert",
         help="convert any readable image to a tiled pyramidal OME-TIFF or OME-Zarr (streamed)",

@@ -19,7 +19,7 @@ from typing import Any
 from tilenet.errors import EXIT_OK, ConfigError
 from tilenet.fsutil import write_text_atomic
 
-__all__ = ["demo_config_path", "run_demo"]
+__all__ = ["add_demo", "demo_config_path", "run_demo"]
 
 
 def demo_config_path() -> Path:
@@ -111,7 +111,7 @@ def run_demo(
     return result
 
 
-def _add_demo(sub: Any) -> None:
+def add_demo(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
         help="the whole pipeline on synthetic data: synth, tile, train, infer, score (minutes)",

@@ -6,10 +6,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from tilenet.cli._common import _add_resolution_flags
+from tilenet.cli._common import add_resolution_flags
 from tilenet.errors import EXIT_OK, ConfigError, InputError
 
-__all__: list[str] = []
+__all__ = ["add_embed"]
 
 _ENCODER_HELP = (
     "a preset (uni, uni2-h, virchow, virchow2, gigapath, h-optimus-0, h-optimus-1, "
@@ -18,7 +18,7 @@ _ENCODER_HELP = (
 )
 
 
-def _add_embed(sub: Any) -> None:
+def add_embed(sub: Any) -> None:
     p = sub.add_parser(
         "embed",
         help="patch embeddings of slides (foundation models, timm): TRIDENT-compatible .h5",
@@ -46,7 +46,7 @@ def _add_embed(sub: Any) -> None:
         "holding model.safetensors / pytorch_model.bin; 'random' for a smoke test; default: "
         "the published weights from the Hugging Face hub (gated models say how to get access)",
     )
-    _add_resolution_flags(p)
+    add_resolution_flags(p)
     p.add_argument(
         "--patch",
         type=int,

@@ -7,10 +7,10 @@ from typing import Any
 
 from tilenet.errors import EXIT_OK
 
-__all__: list[str] = []
+__all__ = ["add_export"]
 
 
-def _add_export(sub: Any) -> None:
+def add_export(sub: Any) -> None:
     p = sub.add_parser(
         "export",
         help="export a checkpoint's model to ONNX or TorchScript (dynamic batch, height, width)",

@@ -10,24 +10,24 @@ from typing import Any
 
 from tilenet.cli._common import (
     CONFIG_ITEMS,
-    _add_resolution_flags,
-    _comma_list,
-    _config,
-    _default,
-    _int_list,
-    _section,
+    add_resolution_flags,
+    cli_config,
+    comma_list,
+    config_section,
+    help_default,
+    int_list,
 )
 from tilenet.config import InferConfig, JobsConfig, ReaderConfig
 from tilenet.errors import EXIT_OK, InputError
 from tilenet.outputs.formats import FORMATS, formats_help
 
-__all__ = ["INFER_FLAGS", "TISSUE_ANY"]
+__all__ = ["INFER_FLAGS", "TISSUE_ANY", "add_infer"]
 
 #: The tissue fraction ``--tissue`` alone asks of a tile: any tissue at all keeps it.
 TISSUE_ANY = 1e-6
 
 
-def _add_infer(sub: Any) -> None:
+def add_infer(sub: Any) -> None:
     p = sub.add_parser(
         "infer",
         help="tiled inference of a checkpoint on a (huge) image: OME-Zarr/OME-TIFF/PNG outputs",
@@ -61,49 +61,49 @@ def _add_infer(sub: Any) -> None:
     p.add_argument(
         "--tile",
         type=int,
-        help=f"tile (read window) side in pixels ({_default(InferConfig, 'tile')})",
+        help=f"tile (read window) side in pixels ({help_default(InferConfig, 'tile')})",
     )
     p.add_argument(
         "--mode",
         choices=["crop", "gaussian", "linear"],
         help="crop: keep cores, exact; gaussian/linear: weighted blend of overlaps "
-        f"({_default(InferConfig, 'mode')})",
+        f"({help_default(InferConfig, 'mode')})",
     )
     p.add_argument(
         "--overlap",
         type=float,
-        help=f"blend overlap as a fraction of the tile ({_default(InferConfig, 'overlap')})",
+        help=f"blend overlap as a fraction of the tile ({help_default(InferConfig, 'overlap')})",
     )
     p.add_argument(
         "--halo", type=int, help="crop-mode halo in pixels (default: the receptive field)"
     )
     p.add_argument(
-        "--level", type=int, help=f"pyramid level to run on ({_default(InferConfig, 'level')})"
+        "--level", type=int, help=f"pyramid level to run on ({help_default(InferConfig, 'level')})"
     )
-    _add_resolution_flags(p, infer=True)
+    add_resolution_flags(p, infer=True)
     p.add_argument(
         "--bands",
-        type=_int_list,
+        type=int_list,
         help="input bands for the model, 1-based, in the model's order, e.g. 4,3,2 (all)",
     )
     p.add_argument(
-        "--batch", type=int, help=f"tiles per forward pass ({_default(InferConfig, 'batch')})"
+        "--batch", type=int, help=f"tiles per forward pass ({help_default(InferConfig, 'batch')})"
     )
     p.add_argument(
-        "--device", help=f"cpu, cuda, cuda:N or auto ({_default(InferConfig, 'device')})"
+        "--device", help=f"cpu, cuda, cuda:N or auto ({help_default(InferConfig, 'device')})"
     )
     p.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16", "fp16"],
         help="auto: bf16 on a GPU that has it, else fp16 there; fp32 on the CPU "
-        f"({_default(InferConfig, 'precision')})",
+        f"({help_default(InferConfig, 'precision')})",
     )
     p.add_argument(
         "--decode",
         choices=["auto", "cpu", "gpu"],
         help="where JPEG tiles are decoded: auto = on the GPU (nvJPEG, batched) for 8-bit "
         "JPEG when the model runs there, else by the reader; cpu = the reader; gpu = the GPU "
-        f"(an error without CUDA) ({_default(InferConfig, 'decode')})",
+        f"(an error without CUDA) ({help_default(InferConfig, 'decode')})",
     )
     p.add_argument("--tta", action="store_true", default=None, help="average over 4 flips")
     p.add_argument(
@@ -118,7 +118,7 @@ def _add_infer(sub: Any) -> None:
         "--min-foreground",
         type=float,
         help="skip tiles whose low-resolution foreground fraction is below this "
-        f"({_default(InferConfig, 'min_foreground')})",
+        f"({help_default(InferConfig, 'min_foreground')})",
     )
     p.add_argument(
         "--tissue",
@@ -128,7 +128,7 @@ def _add_infer(sub: Any) -> None:
         metavar="FRACTION",
         help="skip tiles off tissue (written as class 0): those whose tissue fraction on the "
         "mask of `tilenet tissue` is below FRACTION; alone: tiles with no tissue at all "
-        f"({_default(InferConfig, 'tissue')}: off)",
+        f"({help_default(InferConfig, 'tissue')}: off)",
     )
     p.add_argument(
         "--stain",
@@ -139,10 +139,10 @@ def _add_infer(sub: Any) -> None:
     p.add_argument(
         "--stain-method",
         choices=("macenko", "reinhard"),
-        help=f"stain normaliser ({_default(InferConfig, 'stain_method')})",
+        help=f"stain normaliser ({help_default(InferConfig, 'stain_method')})",
     )
     p.add_argument(
-        "--readers", type=int, help=f"tile reader threads ({_default(InferConfig, 'readers')})"
+        "--readers", type=int, help=f"tile reader threads ({help_default(InferConfig, 'readers')})"
     )
     p.add_argument(
         "--heap",
@@ -152,7 +152,7 @@ def _add_infer(sub: Any) -> None:
         "passes twice the first batch's working set; flat returns every large buffer at "
         "once, for the lowest peak RSS at 1.2-1.8x slower CPU forward passes; trim and "
         "system leave glibc's settings alone (trim still hands free memory back every 8 "
-        f"batches) ({_default(InferConfig, 'heap')})",
+        f"batches) ({help_default(InferConfig, 'heap')})",
     )
     _add_job_flags(p)
     p.set_defaults(handler=_cmd_infer, items_dest="inputs")
@@ -162,21 +162,21 @@ def _add_output_flags(p: Any) -> None:
     """--outputs, --geojson-crs, --probabilities-dtype: what a run writes."""
     p.add_argument(
         "--outputs",
-        type=_comma_list,
+        type=comma_list,
         help=f"comma-separated subset of {','.join(FORMATS)} ({formats_help()}) "
-        f"({_default(InferConfig, 'outputs')})",
+        f"({help_default(InferConfig, 'outputs')})",
     )
     p.add_argument(
         "--geojson-crs",
         choices=["input", "wgs84"],
         help="georeferenced inputs: instances.geojson and classes.geojson in the input's CRS "
-        f"or in lon/lat (RFC 7946) ({_default(InferConfig, 'geojson_crs')})",
+        f"or in lon/lat (RFC 7946) ({help_default(InferConfig, 'geojson_crs')})",
     )
     p.add_argument(
         "--probabilities-dtype",
         choices=["float16", "uint8", "float32"],
         help="storage of probabilities, uint8 = p*255 "
-        f"({_default(InferConfig, 'probabilities_dtype')})",
+        f"({help_default(InferConfig, 'probabilities_dtype')})",
     )
 
 
@@ -187,7 +187,7 @@ def _add_job_flags(p: Any) -> None:
         "--workers",
         type=int,
         help="batch on a dask LocalCluster of N worker processes (one per GPU with CUDA); "
-        f"0 = in this process ({_default(JobsConfig, 'workers')})",
+        f"0 = in this process ({help_default(JobsConfig, 'workers')})",
     )
     p.add_argument("--scheduler", metavar="ADDRESS", help="batch on an existing dask cluster")
     p.add_argument(
@@ -208,7 +208,7 @@ def _add_job_flags(p: Any) -> None:
         type=int,
         help="crop mode: run images with more tiles in row bands of about this many tiles; "
         "a rerun after an interruption keeps the finished bands, and a batch runs the bands "
-        f"of one image in parallel ({_default(JobsConfig, 'region_tiles')})",
+        f"of one image in parallel ({help_default(JobsConfig, 'region_tiles')})",
     )
     p.add_argument(
         "--threads",
@@ -271,15 +271,15 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from tilenet.engine.infer import infer_image
     from tilenet.io.storage import is_image_url
 
-    cfg, inputs = _config(args.inputs, args, INFER_FLAGS)
+    cfg, inputs = cli_config(args.inputs, args, INFER_FLAGS)
     if not inputs:
         raise InputError("no INPUT image given (only conf=FILE / key=value items)")
-    options = asdict(_section(cfg, "infer"))
-    jobs: JobsConfig = _section(cfg, "jobs")
-    reader: ReaderConfig = _section(cfg, "reader")
+    infer: InferConfig = config_section(cfg, "infer")
+    jobs: JobsConfig = config_section(cfg, "jobs")
+    reader: ReaderConfig = config_section(cfg, "reader")
     if args.level is not None:  # an explicit level: not the checkpoint's pixel size
         cfg.resolution.from_checkpoint = False
-    resolution = _section(cfg, "resolution")
+    resolution = config_section(cfg, "resolution")
     # A batch job (manifest, per-image directories) when asked for one by a job option.
     batch = any((jobs.workers, jobs.scheduler, jobs.retry_failed, jobs.force, jobs.log_json))
     single = len(inputs) == 1 and (Path(inputs[0]).is_file() or is_image_url(inputs[0]))
@@ -292,8 +292,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             args.out,
             reader=reader,
             resolution=resolution,
+            config=infer,
             **asdict(jobs),
-            **options,
         )
         print(format_report(report))
         return report.exit_code
@@ -309,7 +309,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             reader=reader,
             resolution=resolution,
             wait=jobs.wait,
-            **options,
+            config=infer,
         )
     for name, path in summary["outputs"].items():
         print(f"{name}: {path}")

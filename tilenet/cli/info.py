@@ -8,20 +8,21 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from tilenet.cli._common import CONFIG_ITEMS, _config, _section
+from tilenet.cli._common import CONFIG_ITEMS, cli_config, config_section
 from tilenet.errors import (
     EXIT_OK,
     EXIT_PARTIAL,
     EXIT_USAGE,
     InputError,
     TilenetError,
+    first_line,
     one_line,
 )
 
-__all__: list[str] = []
+__all__ = ["add_info"]
 
 
-def _add_info(sub: Any) -> None:
+def add_info(sub: Any) -> None:
     p = sub.add_parser(
         "info",
         help="describe an image: format, shape, dtype, levels, chunking, compression, MPP",
@@ -49,10 +50,10 @@ def _add_info(sub: Any) -> None:
 def _cmd_info(args: argparse.Namespace) -> int:
     from tilenet.io import open_image
 
-    cfg, paths = _config(args.items, args, {})
+    cfg, paths = cli_config(args.items, args, {})
     if not paths:
         raise InputError("give an image path")
-    reader = asdict(_section(cfg, "reader"))
+    reader = asdict(config_section(cfg, "reader"))
     if len(paths) == 1:  # one image: its error is the run's (one line, exit 2)
         with open_image(paths[0], **reader) as img:
             _show(img.info(), as_json=args.json)
@@ -95,7 +96,7 @@ def _show(info: dict[str, Any], *, as_json: bool) -> None:
     if info["objective_power"]:
         print(f"objective:   {info['objective_power']:g}x")
     if info["crs"] or info["transform"]:
-        crs = f"EPSG:{info['epsg']}" if info["epsg"] else (info["crs"] or "none").splitlines()[0]
+        crs = f"EPSG:{info['epsg']}" if info["epsg"] else first_line(info["crs"] or "none")
         print(f"crs:         {crs[:100]}")
         coefs = ", ".join(f"{v:.10g}" for v in info["transform"] or [])
         print(f"transform:   {coefs}  (GDAL order)")

@@ -6,13 +6,13 @@ import argparse
 import json
 from typing import Any
 
-from tilenet.cli._common import _config
+from tilenet.cli._common import cli_config
 from tilenet.errors import EXIT_OK
 
-__all__: list[str] = []
+__all__ = ["add_plan"]
 
 
-def _add_plan(sub: Any) -> None:
+def add_plan(sub: Any) -> None:
     p = sub.add_parser(
         "plan",
         help="parameters, receptive field, halo and memory of a model; the batch that fits",
@@ -55,7 +55,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from tilenet.engine.plan import format_plan, plan_model
     from tilenet.errors import ConfigError
 
-    cfg, rest = _config(args.overrides, args, {})
+    cfg, rest = cli_config(args.overrides, args, {})
     if rest:
         raise ConfigError(
             f"{rest[0]!r} is not conf=FILE or section.key=value (e.g. model.name=unet)"

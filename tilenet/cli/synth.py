@@ -7,10 +7,10 @@ from typing import Any
 
 from tilenet.errors import EXIT_OK
 
-__all__: list[str] = []
+__all__ = ["add_synth"]
 
 
-def _add_synth(sub: Any) -> None:
+def add_synth(sub: Any) -> None:
     p = sub.add_parser(
         "synth",
         help="make a deterministic synthetic dataset (images + label maps)",

@@ -9,22 +9,22 @@ from typing import Any
 
 from tilenet.cli._common import (
     CONFIG_ITEMS,
-    _add_resolution_flags,
-    _config,
-    _default,
-    _int_list,
-    _section,
+    add_resolution_flags,
+    cli_config,
+    config_section,
+    help_default,
+    int_list,
 )
 from tilenet.config import TilingConfig
 from tilenet.errors import scrub_credentials
 
-__all__ = ["TILE_FLAGS", "TISSUE_FRACTION"]
+__all__ = ["TILE_FLAGS", "TISSUE_FRACTION", "add_tile"]
 
 #: The tissue fraction a patch needs with ``--tissue`` given alone.
 TISSUE_FRACTION = 0.25
 
 
-def _add_tile(sub: Any) -> None:
+def add_tile(sub: Any) -> None:
     p = sub.add_parser(
         "tile",
         help="cut images (+ label images) into a chunked zarr patch store for training",
@@ -52,22 +52,22 @@ def _add_tile(sub: Any) -> None:
         "store is tiled in a local stage and uploaded when complete",
     )
     p.add_argument(
-        "--patch", type=int, help=f"patch side in pixels ({_default(TilingConfig, 'patch')})"
+        "--patch", type=int, help=f"patch side in pixels ({help_default(TilingConfig, 'patch')})"
     )
     p.add_argument(
         "--overlap",
         type=int,
-        help=f"overlap of neighbouring patches, even ({_default(TilingConfig, 'overlap')})",
+        help=f"overlap of neighbouring patches, even ({help_default(TilingConfig, 'overlap')})",
     )
     p.add_argument(
-        "--level", type=int, help=f"pyramid level to cut ({_default(TilingConfig, 'level')})"
+        "--level", type=int, help=f"pyramid level to cut ({help_default(TilingConfig, 'level')})"
     )
-    _add_resolution_flags(p)
+    add_resolution_flags(p)
     p.add_argument(
         "--min-foreground",
         type=float,
         help="drop patches whose foreground fraction (Otsu on a low-resolution level) is "
-        f"below this, 0..1 ({_default(TilingConfig, 'min_foreground')}: keep all)",
+        f"below this, 0..1 ({help_default(TilingConfig, 'min_foreground')}: keep all)",
     )
     p.add_argument(
         "--tissue",
@@ -81,7 +81,7 @@ def _add_tile(sub: Any) -> None:
     )
     p.add_argument(
         "--bands",
-        type=_int_list,
+        type=int_list,
         help="bands to keep, 1-based, in the model's order, e.g. 4,3,2 (all)",
     )
     p.add_argument(
@@ -92,7 +92,7 @@ def _add_tile(sub: Any) -> None:
         metavar="N",
         help="threads reading and writing patches in this process; --workers is the old name "
         "(infer's --workers are worker processes) "
-        f"({_default(TilingConfig, 'workers')})",
+        f"({help_default(TilingConfig, 'workers')})",
     )
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
     p.add_argument(
@@ -145,13 +145,13 @@ def _add_label_flags(p: Any) -> None:
         choices=("ignore", "background"),
         default=None,
         help="pixels outside every polygon: ignored by the loss (255) or class 0 "
-        f"'background' ({_default(TilingConfig, 'outside')}); nodata pixels are always ignored",
+        f"'background' ({help_default(TilingConfig, 'outside')}); nodata pixels are always ignored",
     )
     p.add_argument(
         "--min-annotated",
         type=float,
         help="keep only patches with at least this fraction annotated, 0..1 "
-        f"({_default(TilingConfig, 'min_annotated')})",
+        f"({help_default(TilingConfig, 'min_annotated')})",
     )
 
 
@@ -179,7 +179,7 @@ TILE_FLAGS: dict[str, Sequence[str]] = {
 def _cmd_tile(args: argparse.Namespace) -> int:
     from tilenet.jobs import format_report, tile_jobs
 
-    cfg, images = _config(args.images, args, TILE_FLAGS)
+    cfg, images = cli_config(args.images, args, TILE_FLAGS)
     report = tile_jobs(
         images,
         labels=args.labels,
@@ -187,9 +187,9 @@ def _cmd_tile(args: argparse.Namespace) -> int:
         quiet=cfg.jobs.quiet,
         log_json=cfg.jobs.log_json,
         wait=cfg.jobs.wait,
-        reader=_section(cfg, "reader"),
-        resolution=_section(cfg, "resolution"),
-        **asdict(_section(cfg, "tiling")),
+        reader=config_section(cfg, "reader"),
+        resolution=config_section(cfg, "resolution"),
+        **asdict(config_section(cfg, "tiling")),
     )
     if report.done:
         print(scrub_credentials(f"wrote {args.out}"))

@@ -9,7 +9,7 @@ from typing import Any
 
 from tilenet.errors import EXIT_OK, EXIT_PARTIAL, one_line, scrub_credentials
 
-__all__: list[str] = []
+__all__ = ["add_tissue"]
 
 #: What one image's folder holds (``OUT/<stem>/``); ``tissue.json`` is written last.
 FILES = ("mask.ome.zarr", "overlay.png", "tissue.geojson", "tissue.json")
@@ -35,7 +35,7 @@ examples:
 """
 
 
-def _add_tissue(sub: Any) -> None:
+def add_tissue(sub: Any) -> None:
     from tilenet.tissue import DEFAULT_MPP
 
     p = sub.add_parser(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-__all__: list[str] = []
+__all__ = ["add_train"]
 
 TRAIN_EPILOG = """\
 examples:
@@ -20,7 +20,7 @@ printed is `run_dir: DIR`. Exit codes: 0 ok, 2 bad input or config.
 """
 
 
-def _add_train(sub: Any) -> None:
+def add_train(sub: Any) -> None:
     # tilenet.train imports no torch until it trains: the parser stays cheap.
     from tilenet.train import HELP, add_arguments
 

@@ -1,8 +1,9 @@
 """Tiled inference of one image: plan, run bands of tiles, finish; resumable after a kill.
 
-``infer_image(input, model, out_dir, **options)`` is what ``tilenet infer`` runs; the options
-are the fields of :class:`tilenet.config.InferConfig`. It is three public steps, which batch
-jobs (:mod:`tilenet.jobs`) run the same way, on dask workers when asked:
+``infer_image(input, model, out_dir, config=InferConfig(...))`` is what ``tilenet infer``
+runs; keyword options (the fields of :class:`tilenet.config.InferConfig`) work too. It is
+three public steps, which batch jobs (:mod:`tilenet.jobs`) run the same way, on dask workers
+when asked:
 
 1. :func:`plan_image` plans the tile grid (:func:`tilenet.engine.predictor.plan_grid`), splits it
    into bands of whole grid rows (crop mode; blend modes are one band), and prepares the
@@ -38,7 +39,7 @@ from tilenet.config import InferConfig, JobsConfig, ReaderConfig, ResolutionConf
 from tilenet.engine.predictor import BLEND_STRIP_PX, Predictor, RunStats, plan_grid, tile_order
 from tilenet.engine.stitch import STITCHERS
 from tilenet.errors import ConfigError, InputError, one_line
-from tilenet.geometry import Tile, TileGrid, spans
+from tilenet.geometry import GeoTransform, Tile, TileGrid, spans
 from tilenet.io.location import location
 from tilenet.io.lock import exclusive_output
 from tilenet.io.storage import redact
@@ -74,9 +75,9 @@ def select_input_bands(image: Any, cfg: InferConfig) -> Any:
 
     (Spectral bands of the input, not the row bands a plan is run in.)
     """
-    if cfg.bands and image.metadata.get("bands") == list(cfg.bands):
-        return image
-    return image.select_bands(cfg.bands)
+    from tilenet.io.view import view
+
+    return view(image, bands=cfg.bands).image
 
 
 def choose_bands(image: Any, spec: ModelSpec, cfg: InferConfig) -> tuple[InferConfig, str | None]:
@@ -101,8 +102,15 @@ def choose_bands(image: Any, spec: ModelSpec, cfg: InferConfig) -> tuple[InferCo
 
 
 # -- options --------------------------------------------------------------------------------
-def resolve_options(options: dict[str, Any] | InferConfig | None = None) -> InferConfig:
-    """Validate keyword options against :class:`InferConfig` (types, choices, unknown keys)."""
+def resolve_options(
+    options: dict[str, Any] | InferConfig | None = None, *, config: InferConfig | None = None
+) -> InferConfig:
+    """Validate keyword options against :class:`InferConfig` (types, choices, unknown keys).
+
+    ``config`` is a typed config to start from (the defaults when None); ``options`` are
+    merged onto it. A ``config`` with no options is checked and comes back as it is, the same
+    object, when its values are already clean (a loose ``tile="12"`` comes back coerced).
+    """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -114,7 +122,8 @@ def resolve_options(options: dict[str, Any] | InferConfig | None = None) -> Infe
     if unknown:
         raise ConfigError(f"unknown infer option {unknown[0]!r}; valid: {', '.join(valid)}")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(InferConfig), options)
+        base = OmegaConf.structured(config if config is not None else InferConfig)
+        merged = OmegaConf.merge(base, options)
         cfg: InferConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
@@ -130,7 +139,7 @@ def resolve_options(options: dict[str, Any] | InferConfig | None = None) -> Infe
         raise ConfigError(f"min_foreground must be in [0, 1], got {cfg.min_foreground!r}")
     if not 0 <= cfg.tissue <= 1:
         raise ConfigError(f"tissue must be in [0, 1], got {cfg.tissue!r}")
-    return cfg
+    return config if config is not None and cfg == config else cfg
 
 
 def resume_key(
@@ -203,13 +212,12 @@ class ImagePlan:
         return self.view(open_image(self.input, **asdict(self.reader)))
 
     def view(self, image: Any) -> Any:
-        """``image`` as the plan runs it: input bands picked, at the plan's pixel size."""
-        image = select_input_bands(image, self.config)
-        if self.resolution is None or "resolution" in image.metadata:
-            return image
-        from tilenet.io.resolution import at_resolution
+        """``image`` as the plan runs it (:func:`tilenet.io.view.view`): input bands picked,
+        at the plan's pixel size; an image already so is returned as it is."""
+        from tilenet.io.view import view
 
-        return at_resolution(image, self.resolution, level=self.config.level)[0]
+        cfg = self.config
+        return view(image, bands=cfg.bands, resolution=self.resolution, level=cfg.level).image
 
     @property
     def pending(self) -> list[int]:
@@ -250,19 +258,13 @@ def plan_image(
     t0 = time.time()
     spec = ModelSpec.coerce(spec)
     cfg, bands_from = choose_bands(image, spec, cfg)
-    image = select_input_bands(image, cfg)
     target, res_info = choose_resolution(image, spec, cfg, resolution or ResolutionConfig())
-    if target is not None:
-        from tilenet.io.resolution import at_resolution
+    from tilenet.io.view import view
 
-        image, res = at_resolution(image, target, level=cfg.level)
-        assert res is not None
-        res_info = {**res_info, **res.to_dict()}
-    if not 0 <= cfg.level < len(image.levels):
-        raise InputError(
-            f"{image.path}: level {cfg.level} does not exist; the image has levels "
-            f"0..{len(image.levels) - 1}"
-        )
+    viewed = view(image, bands=cfg.bands, resolution=target, level=cfg.level)
+    image = viewed.image
+    if viewed.resolution is not None:
+        res_info = {**res_info, **viewed.resolution.to_dict()}
     if spec.in_channels != image.channels:
         raise InputError(
             f"{image.path}: image has {image.channels} channels but the model expects "
@@ -618,16 +620,16 @@ def _georef(image: Any, downsample: tuple[float, float]) -> dict[str, Any] | Non
     transform = getattr(image, "transform", None)
     if transform is None:
         return None
-    from tilenet.io.raster import describe_georef, scaled_transform
+    from tilenet.io.crs import describe_georef
 
-    t = scaled_transform(transform, downsample)
+    t = GeoTransform(*transform).scaled(downsample)
     info = describe_georef(image.crs, t)
     return {
         "crs": image.crs,
         "epsg": info["epsg"],
         "crs_units": info["crs_units"],
         "transform": list(t),
-        "pixel_area": abs(t[1] * t[5] - t[2] * t[4]),
+        "pixel_area": t.pixel_area,
     }
 
 
@@ -642,20 +644,22 @@ def infer_image(
     region_tiles: int = REGION_TILES,
     reader: ReaderConfig | None = None,
     resolution: ResolutionConfig | None = None,
+    config: InferConfig | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Run tiled inference of ``model`` on ``input`` and write the outputs to ``out_dir``.
 
     ``input`` is a path (or an open :class:`~tilenet.io.base.LazyImage`); ``model`` a
     checkpoint path, a ``(module, spec)`` pair or a :class:`~tilenet.engine.predictor.Predictor`;
-    ``options`` are :class:`InferConfig` fields. Crop-mode images are run in bands of about
-    ``region_tiles`` tiles; when a run over a checkpoint is interrupted, the same call again
-    keeps the finished bands. ``reader`` sets the input's reader limits, ``resolution`` the
-    pixel size to run at (:func:`plan_image`). Returns the summary
-    also written to ``out_dir/summary.json``.
+    ``config`` the typed :class:`InferConfig` (the defaults when None), used as it is;
+    ``options`` are :class:`InferConfig` fields, merged onto it (:func:`resolve_options`).
+    Crop-mode images are run in bands of about ``region_tiles`` tiles; when a run over a
+    checkpoint is interrupted, the same call again keeps the finished bands. ``reader`` sets
+    the input's reader limits, ``resolution`` the pixel size to run at (:func:`plan_image`).
+    Returns the summary also written to ``out_dir/summary.json``.
     """
     t_start = time.perf_counter()
-    cfg = resolve_options(options)
+    cfg = resolve_options(options, config=config)
     reader = reader if reader is not None else ReaderConfig()
     if isinstance(input, str | os.PathLike):
         from tilenet.io import open_image

@@ -32,6 +32,7 @@ from tilenet.errors import (
     InputError,
     TilenetError,
     UnsupportedFormatError,
+    first_line,
     one_line,
 )
 from tilenet.geometry import Window
@@ -507,7 +508,7 @@ def open_tiff(
                 f"{name}: corrupt TIFF structure: {one_line(exc, typed=False)}"
             ) from exc
     if messages:
-        img.metadata["warnings"] = [m.splitlines()[0] for m in messages]
+        img.metadata["warnings"] = [first_line(m) for m in messages]
     return img
 
 

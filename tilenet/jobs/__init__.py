@@ -1,10 +1,11 @@
 """Batch inference over many images, serially or on dask.distributed, with lossless resume.
 
-``run_jobs(inputs, model, out_dir, **options)`` is what ``tilenet infer DIR|GLOB|FILE...``
-runs. Each image's outputs go to ``out_dir/<stem>/`` (:func:`tilenet.fsutil.safe_stem`, made
-unique when two inputs collide). ``out_dir/manifest.jsonl`` gets one line per image and run:
-status (done / failed / skipped), outputs, input fingerprint, tilenet version, model checksum,
-options hash, timings and the one-line error of a failure. Only the client writes it.
+``run_jobs(inputs, model, out_dir, config=InferConfig(...))`` (or keyword options, its fields)
+is what ``tilenet infer DIR|GLOB|FILE...`` runs. Each image's outputs go to ``out_dir/<stem>/``
+(:func:`tilenet.fsutil.safe_stem`, made unique when two inputs collide).
+``out_dir/manifest.jsonl`` gets one line per image and run: status (done / failed / skipped),
+outputs, input fingerprint, tilenet version, model checksum, options hash, timings and the
+one-line error of a failure. Only the client writes it.
 
 Rerunning skips images whose last record is done/skipped with the same fingerprint, model and
 options and whose outputs all exist; failures stay failed unless ``retry_failed``; ``force``

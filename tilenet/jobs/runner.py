@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tilenet.config import JobsConfig, ReaderConfig, ResolutionConfig
+from tilenet.config import InferConfig, JobsConfig, ReaderConfig, ResolutionConfig
 from tilenet.errors import EXIT_OK, EXIT_PARTIAL, TilenetError, one_line, scrub_credentials
 from tilenet.io.location import location
 from tilenet.io.lock import exclusive_output
@@ -158,27 +158,29 @@ def run_jobs(
     threads: int | None = JobsConfig.threads,
     reader: ReaderConfig | None = None,
     resolution: ResolutionConfig | None = None,
+    config: InferConfig | None = None,
     **options: Any,
 ) -> JobReport:
     """Infer every image of ``inputs`` (files, directories, globs) into ``out_dir/<stem>/``.
 
     ``workers`` = 0 runs in this process; N > 0 starts a LocalCluster of N processes (one per
     GPU with CUDA); ``scheduler`` submits to an existing dask cluster (which must see the same
-    file system). ``options`` are :class:`tilenet.config.InferConfig` fields. Crop-mode images
-    with more than ``region_tiles`` tiles are split into row bands (see the module doc).
-    ``threads`` is torch's intra-op threads per process (this one when serial, else each
-    worker); by default torch's own in serial and ``cores // workers`` on a LocalCluster.
-    Outputs are bit-identical across serial and distributed runs at equal ``threads``: CPU
-    kernels round differently with another thread count (last float bit). ``reader`` sets
-    the reader limits every image is opened with, ``resolution`` the pixel size each image
-    runs at (:func:`tilenet.engine.infer.plan_image`).
+    file system). ``config`` is the typed :class:`tilenet.config.InferConfig`, used as it is;
+    ``options`` are its fields, merged onto it (:func:`tilenet.engine.infer.resolve_options`).
+    Crop-mode images with more than ``region_tiles`` tiles are split into row bands (see the
+    module doc). ``threads`` is torch's intra-op threads per process (this one when serial,
+    else each worker); by default torch's own in serial and ``cores // workers`` on a
+    LocalCluster. Outputs are bit-identical across serial and distributed runs at equal
+    ``threads``: CPU kernels round differently with another thread count (last float bit).
+    ``reader`` sets the reader limits every image is opened with, ``resolution`` the pixel size
+    each image runs at (:func:`tilenet.engine.infer.plan_image`).
     """
     from tilenet.engine.checkpoint import file_checksum, load_spec
     from tilenet.engine.infer import resolve_options
     from tilenet.io.paths import resolve_images
 
     t0 = time.time()
-    cfg = resolve_options(options)
+    cfg = resolve_options(options, config=config)
     reader = reader if reader is not None else ReaderConfig()
     spec = load_spec(model)  # a bad checkpoint (.pt or exported .onnx): exit 2
     model = str(Path(model).resolve())

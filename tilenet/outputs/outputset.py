@@ -31,6 +31,7 @@ from typing import Any
 from tilenet.config import InferConfig, to_yaml
 from tilenet.errors import InputError, scrub_credentials
 from tilenet.fsutil import remove_path
+from tilenet.geometry import GeoTransform
 from tilenet.io.location import Location
 from tilenet.io.lock import HOLDER_FILES
 from tilenet.outputs.formats import (
@@ -257,9 +258,7 @@ class OutputSet:
         """
         transform = None
         if getattr(image, "transform", None) is not None:
-            from tilenet.io.raster import scaled_transform
-
-            transform = scaled_transform(image.transform, downsample)
+            transform = GeoTransform(*image.transform).scaled(downsample)
         crs = getattr(image, "crs", None)
         outputs: dict[str, str] = {}
         for name in self.stores:

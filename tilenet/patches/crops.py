@@ -15,27 +15,27 @@ from tilenet.errors import InputError
 from tilenet.geometry import GeoTransform, Window
 from tilenet.io.base import IGNORE_INDEX
 from tilenet.io.resolution import (
-    at_resolution,
     check_resolution,
     label_view,
     pixel_record,
     training_resolution,
 )
+from tilenet.io.view import view
 from tilenet.patches.augment import build_augment
 from tilenet.patches.stats import store_stats
 from tilenet.patches.stream import (
+    BatchEmitter,
+    EpochMixin,
+    PatchNormalize,
     PathLike,
-    _Emitter,
-    _EpochMixin,
-    _Normalize,
-    _seed_worker_rng,
-    _shard,
+    seed_worker_rng,
+    shard,
 )
 
 __all__ = ["RandomCropDataset"]
 
 
-class RandomCropDataset(_EpochMixin, IterableDataset):
+class RandomCropDataset(EpochMixin, IterableDataset):
     """Random ``patch`` x ``patch`` crops read lazily from large images; no store needed.
 
     Crops are drawn uniformly over each image (images chosen in proportion to their area),
@@ -103,9 +103,7 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
         pixels = []
         for i, p in enumerate(self.images):
             img, lv = self._open_at(open_image(p))
-            with img:
-                if lv >= len(img.levels):
-                    raise InputError(f"{p}: has no pyramid level {lv}")
+            with img:  # the level exists: view checked it
                 self.shapes.append(img.levels[lv].shape)
                 self._levels.append(lv)
                 self.channels = img.channels
@@ -130,11 +128,12 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
     def _open_at(self, img: Any) -> tuple[Any, int]:
         """``img`` (its ``bands``) at the target pixel size (a resampled view) and the level
         to read."""
-        img = img.select_bands(self.bands)
-        if self.target is None:
-            return img, self.level
-        view, res = at_resolution(img, self.target, level=self.level)
-        return view, self.level if res is None else 0
+        try:
+            v = view(img, bands=self.bands, resolution=self.target, level=self.level)
+        except BaseException:
+            img.close()
+            raise
+        return v.image, v.level
 
     def __len__(self) -> int:
         n = len(range(self.rank, self.samples_per_epoch, self.world_size))
@@ -192,11 +191,11 @@ class RandomCropDataset(_EpochMixin, IterableDataset):
         return out
 
     def __iter__(self) -> Iterator[Any]:
-        mine = _shard(self.windows(), self.rank, self.world_size)
-        _seed_worker_rng(self.seed, self.epoch, self.rank)
-        emit = _Emitter(
+        mine = shard(self.windows(), self.rank, self.world_size)
+        seed_worker_rng(self.seed, self.epoch, self.rank)
+        emit = BatchEmitter(
             self.batch_size,
-            _Normalize(self.mean, self.std),
+            PatchNormalize(self.mean, self.std),
             build_augment(self.augment_cfg, channels=self.channels),
             self.stain,
         )

@@ -116,7 +116,7 @@ def build_loader(
         num_workers=cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if cfg.num_workers > 0 else None,
-        # set_epoch reaches persistent workers through shared memory (see _EpochMixin)
+        # set_epoch reaches persistent workers through shared memory (see EpochMixin)
         persistent_workers=cfg.num_workers > 0,
     )
 

@@ -15,13 +15,13 @@ from tilenet.errors import InputError
 from tilenet.geometry import iter_bands
 from tilenet.normalize import channel_stats
 from tilenet.patches.patchstore import read_attrs
-from tilenet.patches.stream import PathLike, _as_list
+from tilenet.patches.stream import PathLike, as_paths
 
 __all__ = ["repeat_factors", "store_stats"]
 
 
 def _store_attrs(path: Any) -> dict[str, Any] | None:
-    """A patch store's attributes (``path`` from :func:`_as_list`: a URL is a str), or None."""
+    """A patch store's attributes (``path`` from :func:`as_paths`: a URL is a str), or None."""
     if isinstance(path, Path) and not (path / "zarr.json").is_file():
         return None  # an image or a directory of images: no zarr open attempted
     return read_attrs(path)
@@ -37,7 +37,7 @@ def store_stats(
     level, so this stays cheap for gigapixel images, over ``bands`` (1-based; all when None)
     and leaving out nodata pixels.
     """
-    paths = _as_list(stores)
+    paths = as_paths(stores)
     if not paths:
         raise InputError("no patch stores or images given")
     found = [_store_attrs(p) for p in paths]  # read once: a URL's costs a request

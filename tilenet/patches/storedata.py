@@ -18,20 +18,20 @@ from tilenet.patches.augment import build_augment
 from tilenet.patches.patchstore import IMAGES, LABELS, open_store
 from tilenet.patches.stats import repeat_factors, store_stats
 from tilenet.patches.stream import (
+    BatchEmitter,
+    EpochMixin,
+    PatchNormalize,
     PathLike,
-    _as_list,
-    _Emitter,
-    _EpochMixin,
-    _Normalize,
-    _seed_worker_rng,
-    _shard,
-    _worker_id,
+    as_paths,
+    seed_worker_rng,
+    shard,
+    worker_id,
 )
 
 __all__ = ["PatchStoreDataset"]
 
 
-class PatchStoreDataset(_EpochMixin, IterableDataset):
+class PatchStoreDataset(EpochMixin, IterableDataset):
     """Stream patches from one or more stores written by :func:`tilenet.patches.tiler.tile_images`.
 
     Each epoch the chunks of all stores are shuffled with ``(seed, epoch)`` (the same order
@@ -69,7 +69,7 @@ class PatchStoreDataset(_EpochMixin, IterableDataset):
         if output not in ("float", "uint8"):
             raise InputError(f"output must be 'float' or 'uint8', got {output!r}")
         self.output = output
-        self.paths = _as_list(stores)
+        self.paths = as_paths(stores)
         if not self.paths:
             raise InputError("PatchStoreDataset needs at least one patch store")
         if batch_size is not None and batch_size < 1:
@@ -148,10 +148,10 @@ class PatchStoreDataset(_EpochMixin, IterableDataset):
         return images, masks
 
     def __iter__(self) -> Iterator[Any]:
-        mine = _shard(self._order(), self.rank, self.world_size)
-        rng = np.random.default_rng([self.seed, self.epoch, _worker_id(self.rank), 1])
-        _seed_worker_rng(self.seed, self.epoch, self.rank)
-        emit = _Emitter(
+        mine = shard(self._order(), self.rank, self.world_size)
+        rng = np.random.default_rng([self.seed, self.epoch, worker_id(self.rank), 1])
+        seed_worker_rng(self.seed, self.epoch, self.rank)
+        emit = BatchEmitter(
             self.batch_size,
             self._norm(),
             build_augment(self.augment_cfg, channels=self.channels),
@@ -176,10 +176,10 @@ class PatchStoreDataset(_EpochMixin, IterableDataset):
             yield from emit.feed(images, masks, order)
         yield from emit.flush()
 
-    def _norm(self) -> _Normalize | None:
+    def _norm(self) -> PatchNormalize | None:
         if self.output == "uint8":
             return None
-        return _Normalize(self.mean, self.std) if self.normalize else _Normalize(None, None)
+        return PatchNormalize(self.mean, self.std) if self.normalize else PatchNormalize(None, None)
 
     def _balanced(self, masks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Indices with each patch repeated by its stochastically rounded repeat factor."""

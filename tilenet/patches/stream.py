@@ -19,20 +19,31 @@ from torch.utils.data import get_worker_info
 from tilenet.io.location import location
 from tilenet.normalize import Normalizer, normalize_
 
-__all__ = ["Batch", "PathLike", "normalize_batch"]
+__all__ = [
+    "Batch",
+    "BatchEmitter",
+    "EpochMixin",
+    "PatchNormalize",
+    "PathLike",
+    "as_paths",
+    "normalize_batch",
+    "seed_worker_rng",
+    "shard",
+    "worker_id",
+]
 
 PathLike = str | os.PathLike[str]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def _as_list(paths: PathLike | Sequence[PathLike]) -> list[Any]:
+def as_paths(paths: PathLike | Sequence[PathLike]) -> list[Any]:
     """Paths as ``Path``; URLs (patch stores or images in object storage) stay strings."""
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
     return [location(p).local or str(p) for p in paths]
 
 
-def _shard(items: list[Any], rank: int, world_size: int) -> list[Any]:
+def shard(items: list[Any], rank: int, world_size: int) -> list[Any]:
     """This (rank, DataLoader worker)'s share of ``items``: disjoint, together complete.
 
     Rank ``r`` owns every ``world_size``-th item from ``r``; its workers deal those out again.
@@ -42,12 +53,12 @@ def _shard(items: list[Any], rank: int, world_size: int) -> list[Any]:
     return items[rank::world_size][wid::nw]
 
 
-def _worker_id(rank: int) -> int:
+def worker_id(rank: int) -> int:
     info = get_worker_info()
     return rank * (info.num_workers if info else 1) + (info.id if info else 0)
 
 
-def _seed_worker_rng(seed: int, epoch: int, rank: int) -> None:
+def seed_worker_rng(seed: int, epoch: int, rank: int) -> None:
     """In a DataLoader worker, reseed torch's RNG (augmentation) from (seed, epoch, worker).
 
     Persistent workers keep their RNG from epoch to epoch, so without this an epoch's
@@ -55,11 +66,11 @@ def _seed_worker_rng(seed: int, epoch: int, rank: int) -> None:
     it. In the main process (``num_workers=0``) the RNG belongs to the trainer: untouched.
     """
     if get_worker_info() is not None:
-        ss = np.random.SeedSequence([seed, epoch, _worker_id(rank), 2])
+        ss = np.random.SeedSequence([seed, epoch, worker_id(rank), 2])
         torch.manual_seed(int(ss.generate_state(1, np.uint64)[0] >> 1))
 
 
-class _EpochMixin:
+class EpochMixin:
     """An epoch counter shared with DataLoader worker processes.
 
     It lives in shared memory created before the workers start, so :meth:`set_epoch` in the
@@ -116,7 +127,7 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return proto.new(storage).resize_(*shape)
 
 
-class _Normalize:
+class PatchNormalize:
     """uint8 (B, C, P, P) tensor -> float32 (B, C, P, P), (x - mean) / std (or raw values)."""
 
     def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
@@ -128,7 +139,7 @@ class _Normalize:
         return out if self.norm is None else self.norm(out)
 
 
-class _Emitter:
+class BatchEmitter:
     """Turns buffers (images (n,P,P,C), masks (n,P,P), order) into samples or batches.
 
     A batch is gathered straight from the buffer in the shuffled order (one copy), so
@@ -136,7 +147,7 @@ class _Emitter:
     """
 
     def __init__(
-        self, batch_size: int | None, norm: _Normalize | None, augment: Any, stain: Any = None
+        self, batch_size: int | None, norm: PatchNormalize | None, augment: Any, stain: Any = None
     ) -> None:
         self.batch_size = batch_size
         self.norm = norm  # None: raw uint8 images and uint8 masks

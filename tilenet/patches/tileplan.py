@@ -58,17 +58,15 @@ def open_at(
     :mod:`tilenet.io.resolution`) and the level to read it at: ``level`` without a target,
     else the view's level 0."""
     from tilenet.io import open_image
-    from tilenet.io.resolution import at_resolution
+    from tilenet.io.view import view
 
-    img = open_image(path, **limits).select_bands(bands)
-    if resolution is None:
-        return img, level
+    img = open_image(path, **limits)
     try:
-        view, res = at_resolution(img, resolution, level=level)
+        v = view(img, bands=bands, resolution=resolution, level=level)
     except BaseException:
         img.close()
         raise
-    return view, level if res is None else 0
+    return v.image, v.level
 
 
 def plan_or_reason(*args: Any, **kwargs: Any) -> ImagePlan | str:
@@ -105,13 +103,8 @@ def plan_image(
     from tilenet.io import open_image
     from tilenet.io.resolution import ResampledImage, label_view, pixel_record
 
-    img, level = open_at(path, limits, resolution, level, bands)
+    img, level = open_at(path, limits, resolution, level, bands)  # the level exists
     with img:
-        if not 0 <= level < len(img.levels):
-            raise InputError(
-                f"{path}: has no pyramid level {level} (levels 0..{len(img.levels) - 1}); "
-                "use a smaller --level"
-            )
         lh, lw = img.levels[level].shape
         if label is not None:
             with open_image(label, **limits) as lab:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from tilenet.config import InferConfig
 from tilenet.errors import ConfigError
+from tilenet.geometry import GeoTransform
 from tilenet.io.crs import GEOREF_KEY
 from tilenet.outputs.sink import NODATA_CLASS
 
@@ -175,7 +176,7 @@ def tag_georef(store: Any, crs: str | None, transform: Sequence[float]) -> None:
     """
     import zarr
 
-    from tilenet.io.raster import describe_georef, scaled_transform
+    from tilenet.io.crs import describe_georef
 
     if isinstance(store, str | os.PathLike):
         store = os.fspath(store)
@@ -187,13 +188,11 @@ def tag_georef(store: Any, crs: str | None, transform: Sequence[float]) -> None:
         ct = d.get("coordinateTransformations") or [{"scale": [1.0, 1.0]}]
         return [float(v) for v in ct[0].get("scale", [1.0, 1.0])[-2:]]
 
-    base = scale(datasets[0])
+    base, gt = scale(datasets[0]), GeoTransform(*transform)
     levels = {}
     for d in datasets:
         sy, sx = scale(d)
-        levels[str(d["path"])] = list(
-            scaled_transform(tuple(transform), (sy / base[0], sx / base[1]))
-        )
+        levels[str(d["path"])] = list(gt.scaled((sy / base[0], sx / base[1])))
     group.attrs[GEOREF_KEY] = {
         "crs": crs,
         "epsg": describe_georef(crs, None)["epsg"],

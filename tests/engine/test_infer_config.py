@@ -1,0 +1,67 @@
+"""A typed InferConfig goes through ``infer_image``/``run_jobs`` as it is; options merge onto it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import yaml
+import zarr
+
+from tilenet.config import InferConfig
+from tilenet.engine.checkpoint import save_checkpoint
+from tilenet.engine.infer import infer_image, resolve_options
+from tilenet.errors import ConfigError
+from tilenet.models import ModelSpec, create_model
+
+
+def test_a_clean_config_comes_back_as_it_is() -> None:
+    cfg = InferConfig(tile=128, mode="gaussian", outputs=["classes"])
+    assert resolve_options(config=cfg) is cfg
+    assert resolve_options({}, config=cfg) is cfg
+
+
+def test_options_merge_onto_the_config() -> None:
+    cfg = InferConfig(tile=128, mode="gaussian", outputs=["classes"])
+    got = resolve_options({"batch": 7, "tile": 64}, config=cfg)
+    assert got == dataclasses.replace(cfg, batch=7, tile=64)
+    assert cfg.tile == 128 and cfg.batch == 4  # the caller's config is not changed
+
+
+def test_a_config_is_checked_and_loose_values_coerced() -> None:
+    with pytest.raises(ConfigError, match="'mode'"):
+        resolve_options(config=InferConfig(mode="sideways"))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="unknown output 'nope'"):
+        resolve_options(config=InferConfig(outputs=["nope"]))
+    with pytest.raises(ConfigError, match="overlap"):
+        resolve_options({"overlap": 1.5}, config=InferConfig())
+    loose = InferConfig(tile="96")  # type: ignore[arg-type]
+    assert resolve_options(config=loose).tile == 96
+
+
+def test_config_and_options_give_the_same_bytes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("tiny", in_channels=3, num_classes=3)
+    spec = ModelSpec.from_model(
+        model, mean=[120.0] * 3, std=[60.0] * 3, class_names=["a", "b", "c"]
+    )
+    ckpt = save_checkpoint(tmp_path / "m.pt", {"spec": spec, "model": model.state_dict()})
+    img = tmp_path / "img.tif"
+    arr = np.random.default_rng(0).integers(0, 255, (90, 70, 3), dtype=np.uint8)
+    tifffile.imwrite(img, arr, tile=(32, 32), photometric="rgb")
+    outs = ["probabilities", "classes"]
+    a = infer_image(img, ckpt, tmp_path / "a", tile=64, outputs=outs, batch=2)
+    cfg = InferConfig(tile=64, outputs=outs, batch=9)
+    b = infer_image(img, ckpt, tmp_path / "b", config=cfg, batch=2)  # batch merged onto cfg
+    assert a["tiles"] == b["tiles"] > 1  # tile=64 was used, not the default 1024
+    for run in (tmp_path / "a", tmp_path / "b"):
+        saved = yaml.safe_load((run / "config.yaml").read_text())["infer"]
+        assert (saved["tile"], saved["batch"], saved["outputs"]) == (64, 2, outs)
+    for name in ("probabilities", "classes"):
+        ref = zarr.open_group(tmp_path / "a" / f"{name}.ome.zarr", mode="r")["0"][:]
+        got = zarr.open_group(tmp_path / "b" / f"{name}.ome.zarr", mode="r")["0"][:]
+        assert got.dtype == ref.dtype and np.array_equal(got, ref)

@@ -503,18 +503,9 @@ def tissue_filter(image: LazyImage, *, fraction: float) -> Keep:
 
 
 def stain_transform(image: LazyImage, *, reference: str, method: str = "macenko") -> Transform:
-    """A stain normaliser fitted once to the image at ``reference`` (an overview of it), its
-    source estimated once from ``image``'s tissue: one transform for every patch of a slide
-    (:mod:`tilenet.stain`)."""
-    from tilenet.io import open_image
-    from tilenet.stain import make_stain
-    from tilenet.tissue import overview, tissue_rgb
+    """A stain normaliser fitted once to the image at ``reference``, its source estimated
+    once from ``image``'s tissue: one transform for every patch of a slide
+    (:func:`tilenet.engine.perimage.slide_stain`)."""
+    from tilenet.engine.perimage import slide_stain
 
-    if np.dtype(image.dtype) != np.uint8 or image.channels != 3:
-        raise InputError(
-            f"{image.path}: --stain needs RGB uint8 images, this one is {image.channels} "
-            f"x {np.dtype(image.dtype)}"
-        )
-    with open_image(reference) as ref:
-        normaliser = make_stain(method, overview(ref))
-    return cast(Transform, normaliser.with_source(tissue_rgb(image)))
+    return cast(Transform, slide_stain(image, reference, method))

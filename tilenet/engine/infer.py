@@ -33,9 +33,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-import numpy as np
-
 from tilenet.config import InferConfig, JobsConfig, ReaderConfig, ResolutionConfig
+from tilenet.engine.perimage import skip_mask, stain_for
 from tilenet.engine.predictor import BLEND_STRIP_PX, Predictor, RunStats, plan_grid, tile_order
 from tilenet.engine.stitch import STITCHERS
 from tilenet.errors import ConfigError, InputError, one_line
@@ -362,78 +361,9 @@ def choose_resolution(
     return None, {"chosen_by": "level", "level": 0, "warning": why}
 
 
-#: The last image's masks: [(input, fingerprint, bands, ...), (foreground, tissue)].
-_MASK: list[Any] = [None, None]
-
-
-def _skip_mask(plan: ImagePlan, image: Any, tiles: list[Tile]) -> np.ndarray | None:
-    """Tiles whose low-resolution foreground fraction is below ``min_foreground`` or whose
-    tissue fraction (:func:`tilenet.tissue.detect_tissue`) is below ``tissue``."""
-    cfg = plan.config
-    if cfg.min_foreground <= 0 and cfg.tissue <= 0:
-        return None
-    from tilenet.io.foreground import foreground_fractions, foreground_mask
-    from tilenet.tissue import detect_tissue
-
-    # One mask per image and process: the bands of a plan (run here, or on a dask worker)
-    # share it instead of reading the low-resolution level again for each band.
-    key = (
-        plan.input,
-        plan.outputs.key.fingerprint,
-        str(cfg.bands),
-        str(plan.resolution),
-        cfg.min_foreground > 0,
-        cfg.tissue > 0,
-    )
-    if _MASK[0] != key:
-        fg = foreground_mask(image) if cfg.min_foreground > 0 else None
-        _MASK[:] = [key, (fg, detect_tissue(image) if cfg.tissue > 0 else None)]
-    fg, tissue = _MASK[1]
-    ds = image.levels[cfg.level].downsample
-    cores = [t.core for t in tiles]
-    skip = np.zeros(len(tiles), dtype=bool)
-    if fg is not None:
-        skip |= foreground_fractions(cores, fg[0], fg[1], ds) < cfg.min_foreground
-    if tissue is not None:
-        skip |= tissue.fractions(cores, ds) < cfg.tissue
-    return skip
-
-
-#: The last image's stain normaliser: [(input, fingerprint, bands, ...), normaliser].
-_STAIN: list[Any] = [None, None]
-
-
-def _stain(plan: ImagePlan, image: Any) -> Any:
-    """The stain normaliser of ``config.stain`` (None: off): fitted to the reference, its
-    source estimated once per image from the tissue of its thumbnail (one transform for
-    every tile: no seams)."""
-    cfg = plan.config
-    if not cfg.stain:
-        return None
-    from tilenet.io.sniff import fingerprint
-
-    key = (
-        plan.input,
-        plan.outputs.key.fingerprint,
-        str(cfg.bands),
-        str(plan.resolution),
-        fingerprint(cfg.stain),  # the reference's content, not only its name
-        cfg.stain_method,
-    )
-    if np.dtype(image.dtype) != np.uint8 or image.channels != 3:
-        raise InputError(
-            f"{plan.input}: --stain needs RGB uint8 images, this one is {image.channels} "
-            f"x {np.dtype(image.dtype)}"
-        )
-    if _STAIN[0] != key:
-        from tilenet.io import open_image
-        from tilenet.stain import make_stain
-        from tilenet.tissue import overview, tissue_rgb
-
-        with open_image(cfg.stain) as ref:
-            normaliser = make_stain(cfg.stain_method, overview(ref))
-        _STAIN[:] = [key, normaliser.with_source(tissue_rgb(image))]
-    return _STAIN[1]
+def _image_key(plan: ImagePlan) -> tuple[Any, ...]:
+    """What identifies the image a band of ``plan`` runs on (for the per-image caches)."""
+    return (plan.input, plan.outputs.key.fingerprint, str(plan.config.bands), str(plan.resolution))
 
 
 def run_band(
@@ -457,9 +387,9 @@ def run_band(
         tiles,
         stitcher,
         grid=plan.grid,
-        skip=_skip_mask(plan, image, tiles),
+        skip=skip_mask(_image_key(plan), plan.config, image, tiles),
         on_tiles=on_tiles,
-        stain=_stain(plan, image),
+        stain=stain_for(_image_key(plan), plan.config, image),
     )
     record = {
         "rows": list(plan.bands[band]),

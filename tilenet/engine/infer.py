@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from tilenet.config import InferConfig, JobsConfig, ReaderConfig, ResolutionConfig
+from tilenet.engine.pace import CHECKPOINT_S, Pace, add_step, timings
 from tilenet.engine.predictor import BLEND_STRIP_PX, Predictor, RunStats, plan_grid, tile_order
 from tilenet.engine.stitch import STITCHERS
 from tilenet.errors import ConfigError, InputError, one_line
@@ -214,11 +215,12 @@ class ImagePlan:
         """Indices of the bands still to run (finished ones of an earlier run are kept)."""
         return [i for i in range(len(self.bands)) if i not in self.outputs.resumed]
 
-    def tiles(self, band: int) -> list[Tile]:
-        """The tiles of ``band`` in the order the engine runs them."""
+    def tiles(self, band: int, *, rows: tuple[int, int] | None = None) -> list[Tile]:
+        """The tiles of ``band`` (of its grid ``rows`` only, in crop mode) in the order the
+        engine runs them."""
         if self.config.mode != "crop":
             return tile_order(self.grid, self.config.mode)
-        r0, r1 = self.bands[band]
+        r0, r1 = rows if rows is not None else self.bands[band]
         return [t for r in range(r0, r1) for t in self.grid.row(r)]
 
 
@@ -391,10 +393,41 @@ def run_band(
     image: Any,
     *,
     on_tiles: Callable[[int], None] | None = None,
+    pace: Pace | None = None,
 ) -> dict[str, Any]:
-    """Run band ``band`` of ``plan`` into its partial stores; record and return it as done."""
+    """Run band ``band`` of ``plan`` into its partial stores; record and return it as done.
+
+    Crop mode runs the band in steps of whole grid rows sized by ``pace`` (about
+    :data:`~tilenet.engine.pace.CHECKPOINT_S` of work each) and records each step when it is
+    on disk, so a rerun after a kill goes on from the next row; blend modes run it whole.
+    """
     image = plan.view(image)
-    tiles = plan.tiles(band)
+    pace = pace if pace is not None else Pace()
+    r0, r1 = plan.bands[band]
+    record = plan.outputs.band_progress(band, (r0, r1))
+    row = record["done"] if record is not None else r0
+    while row < r1:
+        n = pace.rows(plan.grid.counts[1], r1 - row) if plan.config.mode == "crop" else r1 - row
+        step = _run_step(plan, predictor, image, plan.tiles(band, rows=(row, row + n)), on_tiles)
+        pace.add(step["tiles"], step["seconds"])
+        row += n
+        record = add_step(record, step) | {"rows": [r0, r1], "done": row}
+        if row < r1:
+            plan.outputs.mark_progress(band, record)
+    assert record is not None
+    # Written only now, when every chunk of the band is on disk: the marker is the proof.
+    plan.outputs.mark_band(band, record)
+    return record
+
+
+def _run_step(
+    plan: ImagePlan,
+    predictor: Predictor,
+    image: Any,
+    tiles: list[Tile],
+    on_tiles: Callable[[int], None] | None,
+) -> dict[str, Any]:
+    """Run ``tiles`` into the plan's stores; what it did, as a band record's fields."""
     sink = plan.outputs.sink()
     strip = max(1, BLEND_STRIP_PX // plan.grid.core[1])
     stitcher = STITCHERS[plan.config.mode](
@@ -408,8 +441,7 @@ def run_band(
         skip=_skip_mask(plan, image, tiles),
         on_tiles=on_tiles,
     )
-    record = {
-        "rows": list(plan.bands[band]),
+    return {
         "tiles": stats.tiles,
         "tiles_run": stats.tiles_run,
         "area": [int(a) for a in sink.area],
@@ -422,9 +454,6 @@ def run_band(
         "device": str(predictor.device),
         "exact": predictor.run_is_exact,
     }
-    # Written only now, when every chunk of the band is on disk: the marker is the proof.
-    plan.outputs.mark_band(band, record)
-    return record
 
 
 def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict[str, Any]:
@@ -473,6 +502,8 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
         "tiles_skipped": n_tiles - n_run,
         "regions": len(records),
         "regions_resumed": len(plan.outputs.resumed),
+        # Resume points: steps of grid rows recorded as they ended (tilenet.engine.pace).
+        "steps": sum(int(r.get("steps", 1)) for r in records),
         "device": ",".join(devices),
         "precision": cfg.precision,
         "class_names": names,
@@ -504,7 +535,9 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
                 names[int(c)]: int(n) for c, n in n_inst.get("per_class_counts", {}).items()
             },
         },
-        "timings": _timings(plan, records, setup_s, finalize_s, made.cog_s),
+        "timings": timings(
+            records, t0=plan.t0, setup_s=setup_s, finalize_s=finalize_s, cog_s=made.cog_s
+        ),
         "tiles_per_s": round(n_tiles / max(tiles_s, 1e-9), 3),
         "outputs": dict(made.outputs),
     }
@@ -512,35 +545,6 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
     # config.yaml runs at it again.
     resolution = plan.resolution or ResolutionConfig(from_checkpoint=False)
     return plan.outputs.publish(summary, cfg, {"reader": plan.reader, "resolution": resolution})
-
-
-def _timings(
-    plan: ImagePlan,
-    records: list[dict[str, Any]],
-    setup_s: float | None,
-    finalize_s: float,
-    cog_s: float,
-) -> dict[str, Any]:
-    """The summary's ``timings``: the bands' sums (of every run that contributed one, when
-    resumed), finalize and the whole run."""
-
-    def total(key: str) -> float:
-        return round(sum(float(r.get(key, 0.0)) for r in records), 3)
-
-    return {
-        **({"setup_s": round(setup_s, 3)} if setup_s is not None else {}),
-        "tiles_s": total("seconds"),
-        # CPU seconds of all threads in the tile phase (robust to a busy machine).
-        "tiles_cpu_s": total("cpu_s"),
-        "model_s": total("model_s"),
-        "read_wait_s": total("read_wait_s"),
-        "heap_trims": int(total("heap_trims")),
-        # Bands whose reuse heap reached its ceiling and finished flat (tilenet.runtime).
-        "heap_went_flat": sum(r.get("heap_flat_after") is not None for r in records),
-        "finalize_s": round(finalize_s, 3),
-        "cog_s": round(cog_s, 3),  # classes.tif and probabilities.tif, in finalize
-        "total_s": round(time.time() - plan.t0, 3),
-    }
 
 
 def _georef(image: Any, downsample: tuple[float, float]) -> dict[str, Any] | None:
@@ -572,6 +576,7 @@ def infer_image(
     region_tiles: int = REGION_TILES,
     reader: ReaderConfig | None = None,
     resolution: ResolutionConfig | None = None,
+    checkpoint_s: float = CHECKPOINT_S,
     **options: Any,
 ) -> dict[str, Any]:
     """Run tiled inference of ``model`` on ``input`` and write the outputs to ``out_dir``.
@@ -579,8 +584,9 @@ def infer_image(
     ``input`` is a path (or an open :class:`~tilenet.io.base.LazyImage`); ``model`` a
     checkpoint path, a ``(module, spec)`` pair or a :class:`~tilenet.engine.predictor.Predictor`;
     ``options`` are :class:`InferConfig` fields. Crop-mode images are run in bands of about
-    ``region_tiles`` tiles; when a run over a checkpoint is interrupted, the same call again
-    keeps the finished bands. ``reader`` sets the input's reader limits, ``resolution`` the
+    ``region_tiles`` tiles, each in steps of about ``checkpoint_s`` seconds of work
+    (:mod:`tilenet.engine.pace`); when a run over a checkpoint is interrupted, the same call
+    again keeps the finished bands and steps. ``reader`` sets the input's reader limits, ``resolution`` the
     pixel size to run at (:func:`plan_image`). Returns the summary
     also written to ``out_dir/summary.json``.
     """
@@ -612,8 +618,9 @@ def infer_image(
         with progress_bar(
             len(plan.grid), desc="infer", unit="tile", enabled=progress, initial=resumed
         ) as bar:
+            pace = Pace(checkpoint_s)
             for band in plan.pending:
-                run_band(plan, band, predictor, image, on_tiles=bar.update)
+                run_band(plan, band, predictor, image, on_tiles=bar.update, pace=pace)
         if plan.outputs.resumed:
             log.info("%s: kept %d finished bands", image.path, len(plan.outputs.resumed))
         return finish(plan, image, setup_s=setup_s)

@@ -8,7 +8,9 @@ folder and for a bucket prefix (:class:`~tilenet.io.location.Location`):
   chunk by chunk; their pyramid and OME metadata come last, in finalize;
 * the resume state in ``.tilenet/``: ``key.json`` (what the stores are computed from,
   :class:`~tilenet.outputs.resume.ResumeKey`) and one marker per finished band of grid rows
-  (``region-NNNNN.json``), each written whole only after all of the band's chunks are;
+  (``region-NNNNN.json``), each written whole only after all of the band's chunks are, and
+  for a band under way the rows written so far (``progress-NNNNN.json``,
+  :mod:`tilenet.engine.pace`);
 * finalize: each store's pyramid and metadata (and georeferencing), then every asked-for
   format's files (:class:`~tilenet.outputs.formats.Finished`);
 * publish: ``config.yaml``, then ``summary.json`` last, then the resume state removed.
@@ -217,7 +219,25 @@ class OutputSet:
     def mark_band(self, band: int, record: dict[str, Any]) -> None:
         """Record a finished band; call only when all of its chunks are written."""
         data = json.dumps({**record, "key": self.key.to_dict()}).encode()
-        self.out.child(STATE_DIR).write_bytes(_marker(band), data)
+        state = self.out.child(STATE_DIR)
+        state.write_bytes(_marker(band), data)
+        if int(record.get("steps", 1)) > 1:  # run in steps: its progress marker goes
+            state.remove(_progress(band))
+
+    def band_progress(self, band: int, rows: tuple[int, int]) -> dict[str, Any] | None:
+        """The record of the rows of an unfinished band written so far under this set's key
+        (``done``: the next row to run), or None."""
+        rec = self.out.child(STATE_DIR).read_json(_progress(band))
+        if rec is None or not self.key.matches(rec.get("key")) or rec.get("rows") != list(rows):
+            return None
+        done = rec.get("done")
+        return rec if isinstance(done, int) and rows[0] < done < rows[1] else None
+
+    def mark_progress(self, band: int, record: dict[str, Any]) -> None:
+        """Record the rows of band ``band`` written so far (``record["done"]``: the next row
+        to run); call only when all of their chunks are written."""
+        data = json.dumps({**record, "key": self.key.to_dict()}).encode()
+        self.out.child(STATE_DIR).write_bytes(_progress(band), data)
 
     def band_records(self, bands: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
         """The records of all ``bands``; an error when one is missing."""
@@ -316,6 +336,10 @@ def _drop_state(out: Location) -> None:
 
 def _marker(band: int) -> str:
     return f"region-{band:05d}.json"
+
+
+def _progress(band: int) -> str:
+    return f"progress-{band:05d}.json"
 
 
 def _start_over(

@@ -95,6 +95,10 @@ def test_an_interrupted_band_keeps_its_finished_rows(tmp_path: Path) -> None:
     _same_stores(out, tmp_path / "fresh")
     assert summary["class_area_px"] == fresh["class_area_px"]
     assert summary["tiles"] == fresh["tiles"] == rows * cols
+    # This run's tiles and those kept: tiles = run + skipped + resumed.
+    assert summary["tiles_resumed"] == 2 * cols and fresh["tiles_resumed"] == 0
+    assert summary["tiles_run"] + summary["tiles_skipped"] == (rows - 2) * cols
+    assert fresh["tiles_run"] + fresh["tiles_skipped"] == rows * cols
     # Two rows kept, then one row measures the rate, then the rest in one step.
     assert summary["steps"] == 4 and fresh["steps"] == 2
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
@@ -146,4 +150,6 @@ def test_sigkill_in_a_one_band_image_keeps_its_steps(tmp_path: Path) -> None:
     _same_stores(out, tmp_path / "ref")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["regions"] == 1 and summary["steps"] == 19
+    assert summary["tiles_resumed"] == 11 * done
+    assert summary["tiles_run"] + summary["tiles_skipped"] == 11 * (19 - done)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from tilenet.config import InferConfig, JobsConfig, ReaderConfig, ResolutionConfig
-from tilenet.engine.pace import CHECKPOINT_S, Pace, add_step, timings
+from tilenet.engine.pace import CHECKPOINT_S, Pace, add_step, tiles_here, timings
 from tilenet.engine.predictor import BLEND_STRIP_PX, Predictor, RunStats, plan_grid, tile_order
 from tilenet.engine.stitch import STITCHERS
 from tilenet.errors import ConfigError, InputError, one_line
@@ -400,12 +400,18 @@ def run_band(
     Crop mode runs the band in steps of whole grid rows sized by ``pace`` (about
     :data:`~tilenet.engine.pace.CHECKPOINT_S` of work each) and records each step when it is
     on disk, so a rerun after a kill goes on from the next row; blend modes run it whole.
+    ``on_tiles(n)`` reports tiles done (first those kept from an earlier run, if any).
     """
     image = plan.view(image)
     pace = pace if pace is not None else Pace()
     r0, r1 = plan.bands[band]
     record = plan.outputs.band_progress(band, (r0, r1))
-    row = record["done"] if record is not None else r0
+    row = r0
+    if record is not None:  # rows kept from an earlier run
+        row = record["done"]
+        record |= {"tiles_kept": record["tiles"], "tiles_run_kept": record["tiles_run"]}
+        if on_tiles is not None:
+            on_tiles(record["tiles"])
     while row < r1:
         n = pace.rows(plan.grid.counts[1], r1 - row) if plan.config.mode == "crop" else r1 - row
         step = _run_step(plan, predictor, image, plan.tiles(band, rows=(row, row + n)), on_tiles)
@@ -473,7 +479,7 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
     geo_area = [int(n) for n in hist[: spec.num_classes]] if hist is not None else area
     geo_nodata = int(hist[CLASSES_NODATA]) if hist is not None else 0
     n_tiles = sum(int(r["tiles"]) for r in records)
-    n_run = sum(int(r["tiles_run"]) for r in records)
+    n_run, n_kept = tiles_here(records, plan.outputs.resumed)
     tiles_s = sum(float(r["seconds"]) for r in records)
     # µm² only for a real pixel size (not one assumed with --assume-mpp).
     assumed = bool((plan.resolution_info or {}).get("pixel_size_assumed"))
@@ -497,9 +503,12 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
         "halo": plan.halo,
         "stride": spec.stride,
         "receptive_field": spec.receptive_field,
+        # tiles = tiles_run + tiles_skipped + tiles_resumed: run through the model by this
+        # run, written as background by it (no foreground), kept from an interrupted run.
         "tiles": n_tiles,
         "tiles_run": n_run,
-        "tiles_skipped": n_tiles - n_run,
+        "tiles_skipped": n_tiles - n_run - n_kept,
+        "tiles_resumed": n_kept,
         "regions": len(records),
         "regions_resumed": len(plan.outputs.resumed),
         # Resume points: steps of grid rows recorded as they ended (tilenet.engine.pace).

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CHECKPOINT_S", "SUMMED", "Pace", "add_step", "timings"]
+__all__ = ["CHECKPOINT_S", "SUMMED", "Pace", "add_step", "tiles_here", "timings"]
 
 #: Seconds of work between two resume points: half a minute at the measured rate, so that a
 #: kill loses at most about a minute even where the rate halves within a step.
@@ -116,3 +116,22 @@ def timings(
         "cog_s": round(cog_s, 3),  # classes.tif and probabilities.tif, in finalize
         "total_s": round(time.time() - t0, 3),
     }
+
+
+def tiles_here(records: list[dict[str, Any]], resumed: list[int]) -> tuple[int, int]:
+    """Tiles this run put through the model, and tiles it kept from an interrupted run:
+    bands ``resumed`` whole, and the rows of others kept from their progress
+    (``tiles_kept``, of which ``tiles_run_kept`` went through the model).
+
+    >>> tiles_here([{"tiles": 4, "tiles_run": 4}, {"tiles": 6, "tiles_run": 5,
+    ...     "tiles_kept": 2, "tiles_run_kept": 2}], resumed=[0])
+    (3, 6)
+    """
+    run = kept = 0
+    for i, r in enumerate(records):
+        if i in resumed:
+            kept += int(r["tiles"])
+        else:
+            kept += int(r.get("tiles_kept", 0))
+            run += int(r["tiles_run"]) - int(r.get("tiles_run_kept", 0))
+    return run, kept

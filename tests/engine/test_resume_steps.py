@@ -153,3 +153,52 @@ def test_sigkill_in_a_one_band_image_keeps_its_steps(tmp_path: Path) -> None:
     assert summary["tiles_resumed"] == 11 * done
     assert summary["tiles_run"] + summary["tiles_skipped"] == 11 * (19 - done)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def _corrupt_tile(img: Path, index: int) -> None:
+    """Zero the compressed bytes of tile ``index`` (from the end when negative) of ``img``:
+    reading it fails (zlib)."""
+    with tifffile.TiffFile(img) as tf:
+        page = tf.pages[0]
+        off, n = page.dataoffsets[index], page.databytecounts[index]  # type: ignore[union-attr]
+    data = bytearray(img.read_bytes())
+    data[off : off + n] = bytes(n)
+    img.write_bytes(bytes(data))
+
+
+def _zlib_inputs(tmp_path: Path, h: int, w: int) -> tuple[Path, Path]:
+    img, ckpt = _inputs(tmp_path, h, w)
+    arr = tifffile.imread(img)
+    tifffile.imwrite(img, arr, tile=(64, 64), photometric="rgb", compression="zlib")
+    return img, ckpt
+
+
+def test_a_failed_run_with_nothing_finished_leaves_nothing(tmp_path: Path) -> None:
+    """A corrupt tile in the only band: the error, and no stores or resume state behind
+    (they were left, looking like outputs, though a rerun had nothing to keep)."""
+    from tilenet.errors import CorruptImageError
+
+    img, ckpt = _zlib_inputs(tmp_path, 300, 300)
+    _corrupt_tile(img, 2)
+    out = tmp_path / "out"
+    with pytest.raises(CorruptImageError):
+        infer_image(img, ckpt, out, **OPTS)
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
+
+
+def test_a_failed_run_keeps_its_finished_bands_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A corrupt tile in the last band: the finished bands' stores and markers stay for the
+    rerun (said in a line); nothing of this process's scratch or partial files."""
+    from tilenet.errors import CorruptImageError
+
+    img, ckpt = _zlib_inputs(tmp_path, 300, 300)
+    _corrupt_tile(img, -1)
+    out = tmp_path / "out"
+    with pytest.raises(CorruptImageError):
+        infer_image(img, ckpt, out, region_tiles=6, **OPTS)  # 6 x 6 tiles: a band a row
+    assert "finished work kept; the same command resumes it" in caplog.text
+    assert len(list((out / ".tilenet").glob("region-*.json"))) == 5
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [".tilenet", "classes.ome.zarr", "probabilities.ome.zarr"]

@@ -624,15 +624,19 @@ def infer_image(
         setup_s = time.perf_counter() - t_start
 
         resumed = sum(len(plan.tiles(i)) for i in plan.outputs.resumed)
-        with progress_bar(
-            len(plan.grid), desc="infer", unit="tile", enabled=progress, initial=resumed
-        ) as bar:
-            pace = Pace(checkpoint_s)
-            for band in plan.pending:
-                run_band(plan, band, predictor, image, on_tiles=bar.update, pace=pace)
-        if plan.outputs.resumed:
-            log.info("%s: kept %d finished bands", image.path, len(plan.outputs.resumed))
-        return finish(plan, image, setup_s=setup_s)
+        try:
+            with progress_bar(
+                len(plan.grid), desc="infer", unit="tile", enabled=progress, initial=resumed
+            ) as bar:
+                pace = Pace(checkpoint_s)
+                for band in plan.pending:
+                    run_band(plan, band, predictor, image, on_tiles=bar.update, pace=pace)
+            if plan.outputs.resumed:
+                log.info("%s: kept %d finished bands", image.path, len(plan.outputs.resumed))
+            return finish(plan, image, setup_s=setup_s)
+        except BaseException:
+            plan.outputs.abandon()  # nothing half-written left; recorded work kept
+            raise
     finally:
         if image is not input:
             image.close()

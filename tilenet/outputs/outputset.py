@@ -26,12 +26,14 @@ with the same key keeps them and only the missing bands run again.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tilenet.config import InferConfig, to_yaml
-from tilenet.errors import InputError, scrub_credentials
+from tilenet.errors import InputError, one_line, scrub_credentials
 from tilenet.fsutil import remove_path
 from tilenet.io.location import Location
 from tilenet.io.lock import HOLDER_FILES
@@ -56,6 +58,8 @@ __all__ = [
     "stores_for",
     "tag_georef",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Resume state beside the outputs (removed when the outputs are complete).
 STATE_DIR = ".tilenet"
@@ -248,6 +252,32 @@ class OutputSet:
                 raise InputError(f"{self.url}: band {i} (rows {rows}) is not finished; rerun")
             records.append(rec)
         return records
+
+    def abandon(self) -> int:
+        """After a failed run (an exception; a SIGKILL leaves all to the next prepare):
+        remove this process's temporaries (scratch, ``.partial-PID`` files), and the stores
+        and resume state too when no band or step was recorded, so nothing is left that a
+        rerun would keep. Returns the number of bands and steps kept for a rerun (said in a
+        log line). Never raises: a failure here is logged, not put over the run's own error.
+        """
+        try:
+            remove_path(self.out.scratch())
+            mine = f".partial-{os.getpid()}"
+            for name in self.out.names():
+                if mine in name:
+                    self.out.remove(name)
+            state = self.out.child(STATE_DIR)
+            kept = sum(n.startswith(("region-", "progress-")) for n in state.names())
+            if not kept:
+                for name in self.stores:
+                    _store(self.out, name).remove()
+                _drop_state(self.out)
+        except Exception as exc:
+            log.warning("%s: could not clean up after the failure: %s", self.url, one_line(exc))
+            return 0
+        if kept:
+            log.warning("%s: finished work kept; the same command resumes it", self.url)
+        return kept
 
     # -- finalize and publish ---------------------------------------------------------------
     def finalize_store(self, name: str) -> Any:

@@ -90,6 +90,13 @@ def _add_infer(sub: Any) -> None:
         help=_default(InferConfig, "precision"),
     )
     p.add_argument("--tta", action="store_true", default=None, help="average over 4 flips")
+    p.add_argument(
+        "--no-disk-check",
+        dest="disk_check",
+        action="store_false",
+        default=None,
+        help="write even where the outputs (uncompressed) exceed the disk's free space",
+    )
     _add_output_flags(p)
     p.add_argument(
         "--min-foreground",
@@ -200,6 +207,7 @@ INFER_FLAGS: dict[str, Sequence[str]] = {
         "min_foreground",
         "readers",
         "heap",
+        "disk_check",
     ),
     "resolution": ("mpp", "gsd", "magnification", "assume_mpp", "max_upsample"),
     "jobs": (

@@ -36,6 +36,7 @@ import numpy as np
 
 from tilenet.config import InferConfig, JobsConfig, ReaderConfig, ResolutionConfig
 from tilenet.engine.pace import CHECKPOINT_S, Pace, add_step, tiles_here, timings
+from tilenet.engine.plan import check_disk, output_bytes
 from tilenet.engine.predictor import BLEND_STRIP_PX, Predictor, RunStats, plan_grid, tile_order
 from tilenet.engine.stitch import STITCHERS
 from tilenet.errors import ConfigError, InputError, one_line
@@ -45,7 +46,7 @@ from tilenet.io.lock import exclusive_output
 from tilenet.io.storage import redact
 from tilenet.models.spec import ModelSpec
 from tilenet.outputs.formats import FORMATS
-from tilenet.outputs.outputset import CLASSES_NODATA, OutputSet
+from tilenet.outputs.outputset import CLASSES_NODATA, OutputSet, stores_for
 from tilenet.outputs.resume import ResumeKey
 from tilenet.progress import progress_bar
 
@@ -284,8 +285,13 @@ def plan_image(
     pixel_size = None
     if image.pixel_size:
         pixel_size = (image.pixel_size[0] * ds[0], image.pixel_size[1] * ds[1])
+    loc = location(out)
+    if cfg.disk_check and loc.local is not None:  # refused before anything is written
+        k, dtype = spec.num_classes, cfg.probabilities_dtype
+        need = output_bytes(shape, k, stores_for(cfg.outputs), dtype)
+        check_disk(loc.local, need, what=str(image.path))
     outputs = OutputSet.prepare(
-        location(out),
+        loc,
         key=key,
         shape=shape,
         chunk=grid.core[0],  # output chunk = tile core: one writer per chunk

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from tilenet.config import InferConfig, JobsConfig, ReaderConfig, ResolutionConfig
+from tilenet.engine.checkpoint import check_input_range
 from tilenet.engine.pace import CHECKPOINT_S, Pace, add_step, tiles_here, timings
 from tilenet.engine.plan import check_disk, output_bytes
 from tilenet.engine.predictor import BLEND_STRIP_PX, Predictor, RunStats, plan_grid, tile_order
@@ -269,6 +270,7 @@ def plan_image(
             f"{image.path}: image has {image.channels} channels but the model expects "
             f"{spec.in_channels}"
         )
+    check_input_range(image, spec)  # a warning, where the image is on another scale
     shape = image.levels[cfg.level].shape
     grid, halo = plan_grid(shape, spec, cfg)
     rows, cols = grid.counts

@@ -239,7 +239,10 @@ def test_an_input_on_another_scale_than_the_training_data_warns(
     ramp = np.linspace(0, top, 40 * 40 * 3).reshape(40, 40, 3).astype(dtype)
     tifffile.imwrite(img, ramp, photometric="rgb")
     cfg = resolve_options({"tile": 64, "device": "cpu"})
-    with open_image(img) as image:
+    with (
+        caplog.at_level("WARNING", logger="tilenet.engine.checkpoint"),
+        open_image(img) as image,
+    ):
         plan_image(image, spec, cfg, tmp_path / "out", model=ckpt)
     lines = [r.getMessage() for r in caplog.records if "trained on values" in r.getMessage()]
     assert len(lines) == (1 if warns else 0), lines

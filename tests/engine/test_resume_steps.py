@@ -196,7 +196,10 @@ def test_a_failed_run_keeps_its_finished_bands_only(
     img, ckpt = _zlib_inputs(tmp_path, 300, 300)
     _corrupt_tile(img, -1)
     out = tmp_path / "out"
-    with pytest.raises(CorruptImageError):
+    with (
+        caplog.at_level("WARNING", logger="tilenet.outputs.outputset"),
+        pytest.raises(CorruptImageError),
+    ):
         infer_image(img, ckpt, out, region_tiles=6, **OPTS)  # 6 x 6 tiles: a band a row
     assert "finished work kept; the same command resumes it" in caplog.text
     assert len(list((out / ".tilenet").glob("region-*.json"))) == 5

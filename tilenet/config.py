@@ -309,6 +309,9 @@ class InferConfig:
     #: forward passes 1.2-1.8x slower). "trim": glibc's settings plus the periodic trim;
     #: "system": nothing changed.
     heap: Literal["reuse", "flat", "trim", "system"] = "reuse"
+    #: Refuse a local output whose stores (uncompressed, with pyramids) exceed the free
+    #: space of its disk (``--no-disk-check``: write anyway; tilenet.engine.plan.check_disk).
+    disk_check: bool = True
 
 
 @dataclass

@@ -5,6 +5,7 @@ import pickle
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -202,3 +203,48 @@ def test_torchvision_resnet_weights_fill_the_encoder(tmp_path: Path) -> None:
     torch.save({**ref.state_dict(), "layer1.0.conv1.weight": torch.zeros(1)}, tmp_path / "bad.pt")
     with pytest.raises(ModelError, match=r"bad\.pt: weights do not fit the unet_resnet18 encoder"):
         load_weights(create_model("unet_resnet18"), tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "top", "mean", "std", "warns"),
+    [
+        ("uint16", 40000, 120.0, 60.0, True),  # 16-bit data to a model trained on 8-bit data
+        ("uint8", 250, 120.0, 60.0, False),
+        ("uint8", 250, 2000.0, 800.0, True),  # 8-bit data to a model trained on 16-bit data
+        ("uint16", 4000, 2000.0, 800.0, False),  # 12-bit data in uint16: the same scale
+        ("float32", 1.0, 120.0, 60.0, True),  # 0..1 to a model trained on 0..255
+        ("uint16", 40000, 0.0, 1.0, False),  # default statistics: nothing known
+    ],
+)
+def test_an_input_on_another_scale_than_the_training_data_warns(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    dtype: str,
+    top: float,
+    mean: float,
+    std: float,
+    warns: bool,
+) -> None:
+    """The checkpoint's normalisation statistics tell the scale of its training data: an
+    image whose values lie on another scale gets one warning line, naming both."""
+    import tifffile
+
+    from tilenet.engine.infer import plan_image, resolve_options
+    from tilenet.io import open_image
+
+    model = create_model("tiny", in_channels=3, num_classes=2)
+    spec = ModelSpec.from_model(model, mean=[mean] * 3, std=[std] * 3)
+    ckpt = save_checkpoint(tmp_path / "m.pt", {"spec": spec, "model": model.state_dict()})
+    img = tmp_path / "img.tif"
+    ramp = np.linspace(0, top, 40 * 40 * 3).reshape(40, 40, 3).astype(dtype)
+    tifffile.imwrite(img, ramp, photometric="rgb")
+    cfg = resolve_options({"tile": 64, "device": "cpu"})
+    with (
+        caplog.at_level("WARNING", logger="tilenet.engine.checkpoint"),
+        open_image(img) as image,
+    ):
+        plan_image(image, spec, cfg, tmp_path / "out", model=ckpt)
+    lines = [r.getMessage() for r in caplog.records if "trained on values" in r.getMessage()]
+    assert len(lines) == (1 if warns else 0), lines
+    if warns:
+        assert str(img) in lines[0] and f"is {dtype}" in lines[0] and "\n" not in lines[0]

@@ -513,6 +513,9 @@ def test_sigkill_plain_infer_resumes_identically(
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["regions"] == 19 and summary["regions_resumed"] == kept
+    # Tiles run by this process vs kept from the killed one (11 tiles a band).
+    assert summary["tiles_resumed"] == 11 * kept
+    assert summary["tiles_run"] + summary["tiles_skipped"] == 11 * (19 - kept)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no orphans
 
     ref = subprocess.run(

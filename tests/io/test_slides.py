@@ -231,7 +231,10 @@ def test_svs_reads_through_tifffile_like_openslide(slides: dict[str, Path]) -> N
             "label": (100, 120),
             "macro": (150, 400),
         }
-        assert [lv.downsample for lv in img.levels] == [(1.0, 1.0), (4.0, 4.0), (16.0, 16.0)]
+        # As OpenSlide reports them (1, 3.99.., 15.9..), not rounded to 1/4/16.
+        with openslide.OpenSlide(slides["svs"]) as ref:
+            want = [(d, d) for d in ref.level_downsamples]
+        assert [lv.downsample for lv in img.levels] == want and want[2][0] != 16.0
         # Levels 0 and 1 (integer downsamples): the same pixels as OpenSlide.
         _assert_reads_like_openslide(img, slides["svs"], levels=[0, 1])
         # Level 2 (downsample 15.9 to OpenSlide): tilenet gives the stored pixels, where
@@ -260,7 +263,10 @@ def test_dicom_series_reads_like_openslide(slides: dict[str, Path]) -> None:
             assert img.format == "openslide-dicom" and img.compression == "jpeg"
             assert img.shape == (*DICOM_SHAPE, 3)
             assert img.pixel_size == (DICOM_MPP, DICOM_MPP)
-            assert [lv.downsample for lv in img.levels] == [(1.0, 1.0), (4.0, 4.0)]
+            with openslide.OpenSlide(folder / "level0.dcm") as ref:
+                assert [lv.downsample for lv in img.levels] == [
+                    (d, d) for d in ref.level_downsamples
+                ]
     with open_image(folder) as img:
         _assert_reads_like_openslide(img, folder / "level0.dcm", levels=[0, 1])
 
@@ -282,6 +288,23 @@ def test_dicom_series_without_file_extensions(slides: dict[str, Path], tmp_path:
         (folder / f"1.2.3.{i}").write_bytes(f.read_bytes())
     with open_image(folder) as img:
         assert img.vendor == "dicom" and img.shape == (*DICOM_SHAPE, 3)
+
+
+def test_level_downsamples_are_openslides(slides: dict[str, Path]) -> None:
+    """Every level's downsample is OpenSlide's ``level_downsamples`` (the mean of the height
+    and width ratios), through tifffile and through OpenSlide alike, on pyramids whose levels
+    are not exact divisions of level 0; reading a level is unchanged."""
+    for name in ("svs", "generic"):
+        with openslide.OpenSlide(slides[name]) as ref:
+            want = [(d, d) for d in ref.level_downsamples]
+        with open_image(slides[name]) as img, open_slide(slides[name]) as via_openslide:
+            assert isinstance(img, TiffImage)
+            assert [lv.downsample for lv in img.levels] == want, name
+            assert [lv.downsample for lv in via_openslide.levels] == want, name
+            assert not all(d.is_integer() for d, _ in want[1:]), name
+    with open_image(slides["generic"]) as img, tifffile.TiffFile(slides["generic"]) as tf:
+        h, w = img.levels[1].shape
+        np.testing.assert_array_equal(img.read(Window(0, 0, h, w), 1), tf.pages[1].asarray())
 
 
 def test_non_integer_level_pixels_do_not_depend_on_the_window(slides: dict[str, Path]) -> None:
@@ -321,7 +344,8 @@ def test_info_json_and_text(slides: dict[str, Path], capsys: pytest.CaptureFixtu
     info = json.loads(capsys.readouterr().out)
     assert info["vendor"] == "aperio" and info["objective_power"] == 20.0
     assert info["mpp"] == [0.499, 0.499]
-    assert info["level_mpp"] == [[0.499, 0.499], [1.996, 1.996], [7.984, 7.984]]
+    with openslide.OpenSlide(slides["svs"]) as ref:  # level 2: 15.9x to OpenSlide, not 16x
+        assert info["level_mpp"] == [[0.499 * d, 0.499 * d] for d in ref.level_downsamples]
     assert info["associated_images"] == {
         "thumbnail": [125, 188],
         "label": [100, 120],

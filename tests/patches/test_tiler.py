@@ -464,3 +464,41 @@ def test_same_pixels_with_other_labels_are_another_source(
     assert sorted(np.unique(g["labels"][:n]).tolist()) == [1, 2]
     tile_images(paths, overlap=0, progress=False, **kw)
     assert zarr.open_group(out, mode="r").attrs["count"] == n
+
+
+def test_labels_that_overlap_no_image_say_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A vector file whose polygons all lie off the raster: no patch, a warning for the store
+    and "nothing written" (it said "wrote STORE" and "1 done" over 0 patches, silently)."""
+    import json
+
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from tilenet.cli import main
+
+    scene = tmp_path / "scene.tif"
+    arr = np.random.default_rng(0).integers(0, 256, (3, 200, 240), dtype=np.uint8)
+    profile = {"driver": "GTiff", "width": 240, "height": 200, "count": 3, "dtype": "uint8"}
+    transform = from_origin(600000, 5100000, 10, 10)
+    with rasterio.open(scene, "w", crs="EPSG:32632", transform=transform, **profile) as ds:
+        ds.write(arr)
+    x0, y0 = 700000, 5200000  # 100 km off
+    ring = [[x0, y0], [x0 + 500, y0], [x0 + 500, y0 - 500], [x0, y0 - 500], [x0, y0]]
+    crs = {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::32632"}}
+    feature = {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "properties": {"class": "wheat"},
+    }
+    fields = tmp_path / "fields.geojson"
+    fields.write_text(json.dumps({"type": "FeatureCollection", "crs": crs, "features": [feature]}))
+    out = tmp_path / "p.zarr"
+    argv = ["tile", str(scene), "--vector-labels", str(fields), "--label-field", "class"]
+    with pytest.warns(UserWarning) as caught:
+        assert main([*argv, "--out", str(out), "--patch", "64", "--quiet"]) == 0
+    said = [str(w.message) for w in caught]
+    assert any(f"{out}: no patch to cut from 1 image(s)" in m for m in said), said
+    printed = capsys.readouterr().out
+    assert f"nothing written to {out}" in printed and "wrote" not in printed

@@ -113,6 +113,13 @@ def add_infer(sub: Any) -> None:
         help="run the model through torch.compile (compiled at the first batch: worth it on "
         "long runs; outputs equal eager's to float rounding) (off)",
     )
+    p.add_argument(
+        "--no-disk-check",
+        dest="disk_check",
+        action="store_false",
+        default=None,
+        help="write even where the outputs (uncompressed) exceed the disk's free space",
+    )
     _add_output_flags(p)
     p.add_argument(
         "--min-foreground",
@@ -249,6 +256,7 @@ INFER_FLAGS: dict[str, Sequence[str]] = {
         "stain_method",
         "readers",
         "heap",
+        "disk_check",
     ),
     "resolution": ("mpp", "gsd", "magnification", "assume_mpp", "max_upsample"),
     "jobs": (

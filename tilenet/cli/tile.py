@@ -178,8 +178,10 @@ TILE_FLAGS: dict[str, Sequence[str]] = {
 
 def _cmd_tile(args: argparse.Namespace) -> int:
     from tilenet.jobs import format_report, tile_jobs
+    from tilenet.patches.patchstore import read_attrs
 
     cfg, images = cli_config(args.images, args, TILE_FLAGS)
+    before = int((read_attrs(args.out) or {}).get("count", 0))
     report = tile_jobs(
         images,
         labels=args.labels,
@@ -191,8 +193,9 @@ def _cmd_tile(args: argparse.Namespace) -> int:
         resolution=config_section(cfg, "resolution"),
         **asdict(config_section(cfg, "tiling")),
     )
-    if report.done:
-        print(scrub_credentials(f"wrote {args.out}"))
+    added = int((read_attrs(args.out) or {}).get("count", 0)) - before
+    if report.done and added:
+        print(scrub_credentials(f"wrote {args.out} ({added} patches)"))
     elif report.skipped and not report.failed:
         print(scrub_credentials(f"{args.out}: nothing new, every image is already in the store"))
     else:

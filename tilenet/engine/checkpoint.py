@@ -26,6 +26,7 @@ Checkpoints written before ``exact`` and ``exact_reason`` existed load too (they
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CHECKPOINT_FORMAT",
     "HUB_PREFIX",
+    "RANGE_STDS",
+    "check_input_range",
     "file_checksum",
     "is_pretrained_name",
     "load_checkpoint",
@@ -373,3 +376,56 @@ def file_checksum(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+#: How many standard deviations above the mean the training data's values reached, as far
+#: as a checkpoint's statistics tell (its normalisation mean and std, raw pixel units).
+RANGE_STDS = 4.0
+#: Pixels of the coarsest level read whole to see an image's values (else a window of it).
+_SAMPLE_PX = 1024 * 1024
+
+
+def _sample_top(image: Any) -> float:
+    """The 99.9th percentile of ``image``'s values on its coarsest level (all of it, or its
+    middle 1024² where larger): the top of its range, with hot pixels left out."""
+    import numpy as np
+
+    from tilenet.geometry import Window
+
+    level = len(image.levels) - 1
+    h, w = image.levels[level].shape
+    sh, sw = (h, w) if h * w <= _SAMPLE_PX else (min(h, 1024), min(w, 1024))
+    pixels = image.read(Window((h - sh) // 2, (w - sw) // 2, sh, sw), level)
+    return float(np.percentile(pixels, 99.9))
+
+
+def check_input_range(image: Any, spec: ModelSpec) -> str | None:
+    """Warn in one line (and return it) where ``image``'s values lie on another scale than
+    the model's training data, as its checkpoint's normalisation statistics tell; None when
+    they agree or cannot tell (the default statistics: mean 0, std 1).
+
+    The training data reached about ``mean + RANGE_STDS * std`` per channel: an image whose
+    values (:func:`_sample_top`, its coarsest level) go over 4x that (a 16-bit image to a
+    model trained on 8-bit data) or stay under a quarter of the training mean (8-bit or
+    0..1 to a model trained on 16-bit or 0..255 data) is on another scale.
+    """
+    import numpy as np
+
+    if not any(spec.mean) and all(s == 1 for s in spec.std):
+        return None
+    trained = max(m + RANGE_STDS * s for m, s in zip(spec.mean, spec.std, strict=True))
+    mean = max(spec.mean)
+    try:
+        top = _sample_top(image)
+    except Exception:  # a check only: an unreadable sample fails where the run reads it
+        return None
+    if top <= 4 * trained and 4 * top >= mean:
+        return None
+    line = (
+        f"{image.path}: the image is {np.dtype(image.dtype).name} with values up to about "
+        f"{top:g} but model {spec.name} was trained on values of about "
+        f"{min(spec.mean):g}..{trained:g} (its checkpoint's mean + {RANGE_STDS:g} std): its "
+        "results may be meaningless; rescale the image or use a model trained on such data"
+    )
+    logging.getLogger(__name__).warning("%s", line)
+    return line

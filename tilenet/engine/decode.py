@@ -48,6 +48,7 @@ __all__ = [
     "DeviceJpegDecoder",
     "choose_decoder",
     "decode_jpegs",
+    "decode_summary",
     "decoder_for",
     "jpeg_frame",
     "jpeg_stream",
@@ -372,3 +373,16 @@ def _check_batch(batch: Sequence[EncodedWindow], codecs: frozenset[str]) -> Enco
                 f"{first.shape} {first.dtype}"
             )
     return first
+
+
+def decode_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summary's ``decode``: the band records' decoders (usually one) with the first band's reason and tiles summed."""
+    infos = [r["decode"] for r in records if r.get("decode")]
+    if not infos:
+        return {"decoder": "read", "reason": "unrecorded"}
+    tiles: dict[str, int] = {}
+    for info in infos:
+        for path, n in info.get("tiles", {}).items():
+            tiles[path] = tiles.get(path, 0) + int(n)
+    names = sorted({str(i["decoder"]) for i in infos})
+    return {"decoder": ",".join(names), "reason": infos[0]["reason"], "tiles": tiles}

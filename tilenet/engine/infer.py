@@ -34,7 +34,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from tilenet.config import InferConfig, JobsConfig, ReaderConfig, ResolutionConfig
+from tilenet.engine.checkpoint import check_input_range
+from tilenet.engine.decode import decode_summary
+from tilenet.engine.pace import CHECKPOINT_S, Pace, add_step, tiles_here, timings
 from tilenet.engine.perimage import skip_mask, stain_for
+from tilenet.engine.plan import check_disk, output_bytes
 from tilenet.engine.predictor import BLEND_STRIP_PX, Predictor, RunStats, plan_grid, tile_order
 from tilenet.engine.stitch import STITCHERS
 from tilenet.errors import ConfigError, InputError, one_line
@@ -44,7 +48,7 @@ from tilenet.io.lock import exclusive_output
 from tilenet.io.storage import redact
 from tilenet.models.spec import ModelSpec
 from tilenet.outputs.formats import FORMATS
-from tilenet.outputs.outputset import CLASSES_NODATA, OutputSet
+from tilenet.outputs.outputset import CLASSES_NODATA, OutputSet, stores_for
 from tilenet.outputs.resume import ResumeKey
 from tilenet.progress import progress_bar
 
@@ -223,11 +227,12 @@ class ImagePlan:
         """Indices of the bands still to run (finished ones of an earlier run are kept)."""
         return [i for i in range(len(self.bands)) if i not in self.outputs.resumed]
 
-    def tiles(self, band: int) -> list[Tile]:
-        """The tiles of ``band`` in the order the engine runs them."""
+    def tiles(self, band: int, *, rows: tuple[int, int] | None = None) -> list[Tile]:
+        """The tiles of ``band`` (of its grid ``rows`` only, in crop mode) in the order the
+        engine runs them."""
         if self.config.mode != "crop":
             return tile_order(self.grid, self.config.mode)
-        r0, r1 = self.bands[band]
+        r0, r1 = rows if rows is not None else self.bands[band]
         return [t for r in range(r0, r1) for t in self.grid.row(r)]
 
 
@@ -269,6 +274,7 @@ def plan_image(
             f"{image.path}: image has {image.channels} channels but the model expects "
             f"{spec.in_channels}"
         )
+    check_input_range(image, spec)  # a warning, where the image is on another scale
     shape = image.levels[cfg.level].shape
     grid, halo = plan_grid(shape, spec, cfg)
     rows, cols = grid.counts
@@ -285,8 +291,13 @@ def plan_image(
     pixel_size = None
     if image.pixel_size:
         pixel_size = (image.pixel_size[0] * ds[0], image.pixel_size[1] * ds[1])
+    loc = location(out)
+    if cfg.disk_check and loc.local is not None:  # refused before anything is written
+        k, dtype = spec.num_classes, cfg.probabilities_dtype
+        need = output_bytes(shape, k, stores_for(cfg.outputs), dtype)
+        check_disk(loc.local, need, what=str(image.path))
     outputs = OutputSet.prepare(
-        location(out),
+        loc,
         key=key,
         shape=shape,
         chunk=grid.core[0],  # output chunk = tile core: one writer per chunk
@@ -373,10 +384,47 @@ def run_band(
     image: Any,
     *,
     on_tiles: Callable[[int], None] | None = None,
+    pace: Pace | None = None,
 ) -> dict[str, Any]:
-    """Run band ``band`` of ``plan`` into its partial stores; record and return it as done."""
+    """Run band ``band`` of ``plan`` into its partial stores; record and return it as done.
+
+    Crop mode runs the band in steps of whole grid rows sized by ``pace`` (about
+    :data:`~tilenet.engine.pace.CHECKPOINT_S` of work each) and records each step when it is
+    on disk, so a rerun after a kill goes on from the next row; blend modes run it whole.
+    ``on_tiles(n)`` reports tiles done (first those kept from an earlier run, if any).
+    """
     image = plan.view(image)
-    tiles = plan.tiles(band)
+    pace = pace if pace is not None else Pace()
+    r0, r1 = plan.bands[band]
+    record = plan.outputs.band_progress(band, (r0, r1))
+    row = r0
+    if record is not None:  # rows kept from an earlier run
+        row = record["done"]
+        record |= {"tiles_kept": record["tiles"], "tiles_run_kept": record["tiles_run"]}
+        if on_tiles is not None:
+            on_tiles(record["tiles"])
+    while row < r1:
+        n = pace.rows(plan.grid.counts[1], r1 - row) if plan.config.mode == "crop" else r1 - row
+        step = _run_step(plan, predictor, image, plan.tiles(band, rows=(row, row + n)), on_tiles)
+        pace.add(step["tiles"], step["seconds"])
+        row += n
+        record = add_step(record, step) | {"rows": [r0, r1], "done": row}
+        if row < r1:
+            plan.outputs.mark_progress(band, record)
+    assert record is not None
+    # Written only now, when every chunk of the band is on disk: the marker is the proof.
+    plan.outputs.mark_band(band, record)
+    return record
+
+
+def _run_step(
+    plan: ImagePlan,
+    predictor: Predictor,
+    image: Any,
+    tiles: list[Tile],
+    on_tiles: Callable[[int], None] | None,
+) -> dict[str, Any]:
+    """Run ``tiles`` into the plan's stores; what it did, as a band record's fields."""
     sink = plan.outputs.sink()
     strip = max(1, BLEND_STRIP_PX // plan.grid.core[1])
     stitcher = STITCHERS[plan.config.mode](
@@ -391,8 +439,7 @@ def run_band(
         on_tiles=on_tiles,
         stain=stain_for(_image_key(plan), plan.config, image),
     )
-    record = {
-        "rows": list(plan.bands[band]),
+    return {
         "tiles": stats.tiles,
         "tiles_run": stats.tiles_run,
         "area": [int(a) for a in sink.area],
@@ -408,9 +455,6 @@ def run_band(
         "decode": stats.decode,
         "device_s": round(stats.device_s, 3),
     }
-    # Written only now, when every chunk of the band is on disk: the marker is the proof.
-    plan.outputs.mark_band(band, record)
-    return record
 
 
 def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict[str, Any]:
@@ -430,7 +474,7 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
     geo_area = [int(n) for n in hist[: spec.num_classes]] if hist is not None else area
     geo_nodata = int(hist[CLASSES_NODATA]) if hist is not None else 0
     n_tiles = sum(int(r["tiles"]) for r in records)
-    n_run = sum(int(r["tiles_run"]) for r in records)
+    n_run, n_kept = tiles_here(records, plan.outputs.resumed)
     tiles_s = sum(float(r["seconds"]) for r in records)
     # µm² only for a real pixel size (not one assumed with --assume-mpp).
     assumed = bool((plan.resolution_info or {}).get("pixel_size_assumed"))
@@ -454,15 +498,20 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
         "halo": plan.halo,
         "stride": spec.stride,
         "receptive_field": spec.receptive_field,
+        # tiles = tiles_run + tiles_skipped + tiles_resumed: run through the model by this
+        # run, written as background by it (no foreground), kept from an interrupted run.
         "tiles": n_tiles,
         "tiles_run": n_run,
-        "tiles_skipped": n_tiles - n_run,
+        "tiles_skipped": n_tiles - n_run - n_kept,
+        "tiles_resumed": n_kept,
         "regions": len(records),
         "regions_resumed": len(plan.outputs.resumed),
+        # Resume points: steps of grid rows recorded as they ended (tilenet.engine.pace).
+        "steps": sum(int(r.get("steps", 1)) for r in records),
         "device": ",".join(devices),
         # As run (auto resolved per device), and which decoder ran and why (engine.decode).
         "precision": ",".join(sorted({str(r.get("precision", cfg.precision)) for r in records})),
-        "decode": _decode_summary(records),
+        "decode": decode_summary(records),
         "class_names": names,
         "class_area_px": dict(zip(names, area, strict=True)),
         "class_area_um2": (
@@ -492,7 +541,9 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
                 names[int(c)]: int(n) for c, n in n_inst.get("per_class_counts", {}).items()
             },
         },
-        "timings": _timings(plan, records, setup_s, finalize_s, made.cog_s),
+        "timings": timings(
+            records, t0=plan.t0, setup_s=setup_s, finalize_s=finalize_s, cog_s=made.cog_s
+        ),
         "tiles_per_s": round(n_tiles / max(tiles_s, 1e-9), 3),
         "outputs": dict(made.outputs),
     }
@@ -500,49 +551,6 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
     # config.yaml runs at it again.
     resolution = plan.resolution or ResolutionConfig(from_checkpoint=False)
     return plan.outputs.publish(summary, cfg, {"reader": plan.reader, "resolution": resolution})
-
-
-def _timings(
-    plan: ImagePlan,
-    records: list[dict[str, Any]],
-    setup_s: float | None,
-    finalize_s: float,
-    cog_s: float,
-) -> dict[str, Any]:
-    """The summary's ``timings``: the bands' sums (of every run that contributed one, when
-    resumed), finalize and the whole run."""
-
-    def total(key: str) -> float:
-        return round(sum(float(r.get(key, 0.0)) for r in records), 3)
-
-    return {
-        **({"setup_s": round(setup_s, 3)} if setup_s is not None else {}),
-        "tiles_s": total("seconds"),
-        # CPU seconds of all threads in the tile phase (robust to a busy machine).
-        "tiles_cpu_s": total("cpu_s"),
-        "model_s": total("model_s"),
-        "read_wait_s": total("read_wait_s"),
-        "device_s": total("device_s"),  # GPU time in the model (CUDA events); 0 on the CPU
-        "heap_trims": int(total("heap_trims")),
-        # Bands whose reuse heap reached its ceiling and finished flat (tilenet.runtime).
-        "heap_went_flat": sum(r.get("heap_flat_after") is not None for r in records),
-        "finalize_s": round(finalize_s, 3),
-        "cog_s": round(cog_s, 3),  # classes.tif and probabilities.tif, in finalize
-        "total_s": round(time.time() - plan.t0, 3),
-    }
-
-
-def _decode_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The bands' decoders (usually one) with the first band's reason and tiles summed."""
-    infos = [r["decode"] for r in records if r.get("decode")]
-    if not infos:
-        return {"decoder": "read", "reason": "unrecorded"}
-    tiles: dict[str, int] = {}
-    for info in infos:
-        for path, n in info.get("tiles", {}).items():
-            tiles[path] = tiles.get(path, 0) + int(n)
-    names = sorted({str(i["decoder"]) for i in infos})
-    return {"decoder": ",".join(names), "reason": infos[0]["reason"], "tiles": tiles}
 
 
 def _georef(image: Any, downsample: tuple[float, float]) -> dict[str, Any] | None:
@@ -575,6 +583,7 @@ def infer_image(
     reader: ReaderConfig | None = None,
     resolution: ResolutionConfig | None = None,
     config: InferConfig | None = None,
+    checkpoint_s: float = CHECKPOINT_S,
     **options: Any,
 ) -> dict[str, Any]:
     """Run tiled inference of ``model`` on ``input`` and write the outputs to ``out_dir``.
@@ -583,10 +592,11 @@ def infer_image(
     checkpoint path, a ``(module, spec)`` pair or a :class:`~tilenet.engine.predictor.Predictor`;
     ``config`` the typed :class:`InferConfig` (the defaults when None), used as it is;
     ``options`` are :class:`InferConfig` fields, merged onto it (:func:`resolve_options`).
-    Crop-mode images are run in bands of about ``region_tiles`` tiles; when a run over a
-    checkpoint is interrupted, the same call again keeps the finished bands. ``reader`` sets
-    the input's reader limits, ``resolution`` the pixel size to run at (:func:`plan_image`).
-    Returns the summary also written to ``out_dir/summary.json``.
+    Crop-mode images are run in bands of about ``region_tiles`` tiles, each in steps of about
+    ``checkpoint_s`` seconds of work (:mod:`tilenet.engine.pace`); when a run over a
+    checkpoint is interrupted, the same call again keeps the finished bands and steps.
+    ``reader`` sets the input's reader limits, ``resolution`` the pixel size to run at
+    (:func:`plan_image`). Returns the summary also written to ``out_dir/summary.json``.
     """
     t_start = time.perf_counter()
     cfg = resolve_options(options, config=config)
@@ -613,14 +623,19 @@ def infer_image(
         setup_s = time.perf_counter() - t_start
 
         resumed = sum(len(plan.tiles(i)) for i in plan.outputs.resumed)
-        with progress_bar(
-            len(plan.grid), desc="infer", unit="tile", enabled=progress, initial=resumed
-        ) as bar:
-            for band in plan.pending:
-                run_band(plan, band, predictor, image, on_tiles=bar.update)
-        if plan.outputs.resumed:
-            log.info("%s: kept %d finished bands", image.path, len(plan.outputs.resumed))
-        return finish(plan, image, setup_s=setup_s)
+        try:
+            with progress_bar(
+                len(plan.grid), desc="infer", unit="tile", enabled=progress, initial=resumed
+            ) as bar:
+                pace = Pace(checkpoint_s)
+                for band in plan.pending:
+                    run_band(plan, band, predictor, image, on_tiles=bar.update, pace=pace)
+            if plan.outputs.resumed:
+                log.info("%s: kept %d finished bands", image.path, len(plan.outputs.resumed))
+            return finish(plan, image, setup_s=setup_s)
+        except BaseException:
+            plan.outputs.abandon()  # nothing half-written left; recorded work kept
+            raise
     finally:
         if image is not input:
             image.close()

@@ -1,5 +1,8 @@
 """``tilenet plan``: what a model costs, and what fits, before anything runs.
 
+What an inference's outputs take on disk is here too (:func:`output_bytes`,
+:func:`check_disk`): ``tilenet infer`` refuses a local output its disk has no room for.
+
 The seeds' arithmetic, kept as small functions (their doctests are the seeds' examples):
 a dense first layer on a 1000x1000x3 image with 1000 units needs 3x10^9 weights; a 3x3
 conv from 3 to 32 channels needs 896 parameters at any image size; activations take about
@@ -14,20 +17,26 @@ CUDA the measured peak next to the estimate.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from tilenet.errors import InputError
 from tilenet.geometry import ceil_to
 
 __all__ = [
+    "PYRAMID_FACTOR",
     "activation_bytes",
+    "check_disk",
     "conv_params",
     "dense_weights",
     "format_plan",
     "max_batch",
     "measure_cuda",
+    "output_bytes",
     "parse_memory",
     "plan_model",
 ]
@@ -435,3 +444,43 @@ def format_plan(plan: dict[str, Any]) -> str:
         lines.append("")
         lines.append("measured     no CUDA device: estimates only")
     return "\n".join(lines)
+
+
+#: Pyramid levels add at most a third to a store's level 0 (each level a quarter of the last).
+PYRAMID_FACTOR = 4 / 3
+
+
+def output_bytes(
+    shape: tuple[int, int], num_classes: int, stores: Sequence[str], probabilities_dtype: str
+) -> int:
+    """Uncompressed bytes of an inference's level-0 stores and their pyramids: the class map
+    (uint8) and, when written, the probabilities (one plane per class). An upper bound on
+    the stores (they are compressed), not counting the formats' other files.
+
+    >>> output_bytes((1000, 1000), 3, ["classes"], "float16")
+    1333333
+    >>> output_bytes((1000, 1000), 3, ["probabilities", "classes"], "float16")
+    9333333
+    """
+    import numpy as np
+
+    px = int(shape[0]) * int(shape[1])
+    per_px = 1 + (
+        num_classes * np.dtype(probabilities_dtype).itemsize if "probabilities" in stores else 0
+    )
+    return int(px * per_px * PYRAMID_FACTOR)
+
+
+def check_disk(out: str | os.PathLike[str], need: int, *, what: str) -> None:
+    """Refuse, in one line, an output of ``need`` bytes that the disk holding ``out`` (its
+    nearest existing folder) has no room for; ``what`` names the input in the message."""
+    where = Path(out).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise InputError(
+            f"{what}: the outputs in {out} take up to {_fmt_bytes(need)} uncompressed but "
+            f"{where} has {_fmt_bytes(free)} free; free some space, write elsewhere (--out) "
+            "or give --no-disk-check (infer.disk_check=false) to write anyway"
+        )

@@ -41,7 +41,7 @@ from tilenet.config import ReaderConfig
 from tilenet.errors import CorruptImageError, ImageNotFoundError, UnsupportedFormatError, one_line
 from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
-from tilenet.io.sniff import check_pixels, level_downsample
+from tilenet.io.sniff import check_pixels
 
 __all__ = ["BLOCK_CACHE_BYTES", "SlideImage", "open_slide"]
 
@@ -234,7 +234,8 @@ def _describe(p: Path, slide: Any, *, max_pixels: int | None) -> SlideImage:
         tile_h = props.get(f"openslide.level[{i}].tile-height")
         tile_w = props.get(f"openslide.level[{i}].tile-width")
         chunks = (int(tile_h), int(tile_w)) if tile_h and tile_w else None
-        levels.append(Level((int(h), int(w)), level_downsample((h0, w0), (int(h), int(w))), chunks))
+        ds = float(slide.level_downsamples[i])  # OpenSlide's own: the mean of the two ratios
+        levels.append(Level((int(h), int(w)), (ds, ds), chunks))
     mpp_y, mpp_x = _float(props, "openslide.mpp-y"), _float(props, "openslide.mpp-x")
     assoc = {}
     for name in sorted(slide.associated_images.keys()):

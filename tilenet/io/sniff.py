@@ -29,6 +29,7 @@ __all__ = [
     "check_pixels",
     "fingerprint",
     "level_downsample",
+    "slide_downsample",
     "sniff",
 ]
 
@@ -231,6 +232,18 @@ def fingerprint(path: str | os.PathLike[str]) -> str:
             fh.seek(max(_MiB, size - _MiB))
             digest.update(fh.read(_MiB))
     return digest.hexdigest()
+
+
+def slide_downsample(shape0: tuple[int, int], shape: tuple[int, int]) -> tuple[float, float]:
+    """A slide level's downsample as OpenSlide reports it (``level_downsamples``): the mean of
+    the height and width ratios of level 0 to the level, on both axes. A scanner's level of
+    ``ceil(H / 4)`` rows is not exactly a quarter, and OpenSlide says so.
+
+    >>> slide_downsample((1001, 700), (251, 175))
+    (3.99402390438247, 3.99402390438247)
+    """
+    d = (shape0[0] / shape[0] + shape0[1] / shape[1]) / 2
+    return (d, d)
 
 
 def level_downsample(shape0: tuple[int, int], shape: tuple[int, int]) -> tuple[float, float]:

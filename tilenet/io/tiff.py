@@ -38,7 +38,7 @@ from tilenet.errors import (
 from tilenet.geometry import Window
 from tilenet.io.base import LazyImage, Level
 from tilenet.io.raster import is_geotiff
-from tilenet.io.sniff import check_chunk, check_pixels, level_downsample
+from tilenet.io.sniff import check_chunk, check_pixels, slide_downsample
 from tilenet.io.source import EncodedTile, EncodedWindow
 from tilenet.io.storage import is_url, open_file, read_range, redact
 from tilenet.io.tiffmeta import pixel_size, svs_extras
@@ -564,7 +564,7 @@ def _describe(p: Any, name: Any, tf: Any, *, max_pixels: int | None) -> TiffImag
         shape = (lay.height, lay.width)
         chunks = (int(page.tilelength), int(page.tilewidth)) if page.is_tiled else None
         out_levels.append(
-            Level(shape, level_downsample((layouts[0].height, layouts[0].width), shape), chunks)
+            Level(shape, slide_downsample((layouts[0].height, layouts[0].width), shape), chunks)
         )
     page0 = s0.keyframe
     comp = _COMPRESSION_NAMES.get(page0.compression.name, page0.compression.name.lower())

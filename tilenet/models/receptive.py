@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import copy
 import io
 import math
 import operator
@@ -75,10 +76,12 @@ from tilenet.models.intervals import (
 
 __all__ = [
     "BYTES_PER_ELEMENT",
+    "MEASURE_MAX",
     "Analysis",
     "TraceRoot",
     "analyze",
     "exactness",
+    "measure",
     "model_memory",
 ]
 
@@ -149,6 +152,8 @@ def exactness(module: nn.Module) -> tuple[bool, str | None]:
     ]
     if not found and an is not None and an.global_ops:
         more = f" (and {len(an.global_ops) - 1} more)" if len(an.global_ops) > 1 else ""
+        if an.global_ops[0].startswith("not traced"):  # measured (see measure)
+            return False, an.global_ops[0]
         return False, f"{an.global_ops[0]}{more}: global over the input"
     if found:
         path, m = found[0]
@@ -212,6 +217,73 @@ def analyze(model: nn.Module, *, size: int | None = None) -> Analysis:
     for node in gm.graph.nodes:
         walk.visit(node)
     return _result(walk, gm, size, in_ch)
+
+
+#: Largest input side :func:`measure` tries; a support reaching its border is taken as global.
+MEASURE_MAX = 512
+
+
+def measure(model: nn.Module, *, reason: str, max_size: int = MEASURE_MAX) -> Analysis:
+    """The receptive field of a model :func:`analyze` cannot follow, measured, not traced.
+
+    The centre output pixel's gradient with respect to a random input (a float64 copy of the
+    model in eval mode, float32 where a layer stays float32) is nonzero on the input pixels
+    it depends on, except where a ReLU happens to be off: the union over three random inputs
+    is taken, plus one stride of margin. The input side doubles from ``max(64, 4 * stride)``
+    until the support stays a stride off the border (up to ``max_size``: a support still at
+    the border is the whole input, global). The result is reported not exact, with
+    ``reason`` (why it was not traced) in :attr:`Analysis.global_ops`, so crop mode is not
+    promised to be exact and blend modes use the measured field. Activation sizes are not
+    known.
+    """
+    stride = int(getattr(model, "_stride_hint", 32))
+    size = -(-max(64, 4 * stride) // stride) * stride
+    probe = copy.deepcopy(model).eval()
+    dtype = torch.float64
+    while True:
+        try:
+            lo, hi = _support(probe.to(dtype), int(model.in_channels), size, dtype)  # type: ignore[arg-type]
+        except RuntimeError:  # a layer outside the module tree keeps float32
+            if dtype == torch.float32:
+                raise
+            dtype = torch.float32
+            continue
+        radius = max(-lo[0], hi[0], -lo[1], hi[1])
+        if radius < size // 2 - stride or 2 * size > max_size:
+            break
+        size *= 2
+    del probe
+    lo = (lo[0] - stride, lo[1] - stride)
+    hi = (hi[0] + stride, hi[1] + stride)
+    radius += stride
+    why = f"not traced ({reason}); receptive field {radius} px measured from gradients"
+    return Analysis(
+        stride=stride,
+        receptive_field=radius,
+        interval=((lo[0], hi[0]), (lo[1], hi[1])),
+        activations=(),
+        output_per_pixel=float(getattr(model, "num_classes", 1)),
+        input_per_pixel=float(model.in_channels),  # type: ignore[arg-type]
+        global_ops=(why,),
+    )
+
+
+def _support(
+    model: nn.Module, in_ch: int, size: int, dtype: torch.dtype
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Offsets (y, x) of the first and last input pixels the centre output pixel of a
+    ``size``² input depends on (its gradient is nonzero there), over three random inputs."""
+    gen = torch.Generator().manual_seed(0)
+    c = size // 2
+    total = torch.zeros(size, size, dtype=dtype)
+    for _ in range(3):
+        x = torch.randn(1, in_ch, size, size, generator=gen, dtype=dtype, requires_grad=True)
+        (grad,) = torch.autograd.grad(model(x)[0, :, c, c].sum(), x)
+        total += grad.abs().sum((0, 1))
+    ys, xs = torch.nonzero(total, as_tuple=True)
+    if not len(ys):
+        return (0, 0), (0, 0)
+    return (int(ys.min()) - c, int(xs.min()) - c), (int(ys.max()) - c, int(xs.max()) - c)
 
 
 def _trace(model: nn.Module, in_ch: int, size: int) -> fx.GraphModule:

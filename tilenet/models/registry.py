@@ -8,7 +8,11 @@ returning a :class:`TileModel`. :func:`create_model` builds it, then analyses it
     Total downsampling; inputs must have H and W multiples of it.
 ``receptive_field``
     Radius in input pixels, analytic, zero padding included: crop-mode tiling with
-    ``halo = ceil_to(receptive_field, stride)`` reproduces a whole-image pass exactly.
+    ``halo = ceil_to(receptive_field, stride)`` reproduces a whole-image pass exactly. A
+    model the analysis cannot follow (smp's ``dpn68``: layers outside the module tree) is
+    not refused: its field is measured from gradients
+    (:func:`tilenet.models.receptive.measure`) and it is reported not exact, with the
+    reason, so it runs in the blend modes.
 ``spec``
     A :class:`~tilenet.models.ModelSpec` that rebuilds the model (name, channels, classes,
     kwargs as plain data), with its stride, receptive field and exactness.
@@ -138,7 +142,7 @@ def create_model(
     :class:`~tilenet.errors.ModelError`.
     """
     from tilenet._version import __version__
-    from tilenet.models.receptive import analyze, exactness
+    from tilenet.models.receptive import analyze, exactness, measure
 
     if name not in _REGISTRY:
         raise ModelError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
@@ -164,7 +168,13 @@ def create_model(
         if isinstance(exc, ModelError):
             raise
         raise ModelError(f"model {name!r}: bad option: {exc}") from None
-    an = analyze(model)
+    try:
+        an = analyze(model)
+    except ModelError as exc:  # not traceable: measured, and reported not exact
+        try:
+            an = measure(model, reason=str(exc).removeprefix("receptive field: "))
+        except Exception:
+            raise exc from None
     if an.stride != model._stride_hint:
         raise ModelError(
             f"model {name!r}: layers give stride {an.stride}, builder declared {model._stride_hint}"

@@ -8,7 +8,9 @@ folder and for a bucket prefix (:class:`~tilenet.io.location.Location`):
   chunk by chunk; their pyramid and OME metadata come last, in finalize;
 * the resume state in ``.tilenet/``: ``key.json`` (what the stores are computed from,
   :class:`~tilenet.outputs.resume.ResumeKey`) and one marker per finished band of grid rows
-  (``region-NNNNN.json``), each written whole only after all of the band's chunks are;
+  (``region-NNNNN.json``), each written whole only after all of the band's chunks are, and
+  for a band under way the rows written so far (``progress-NNNNN.json``,
+  :mod:`tilenet.engine.pace`);
 * finalize: each store's pyramid and metadata (and georeferencing), then every asked-for
   format's files (:class:`~tilenet.outputs.formats.Finished`);
 * publish: ``config.yaml``, then ``summary.json`` last, then the resume state removed.
@@ -24,12 +26,14 @@ with the same key keeps them and only the missing bands run again.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tilenet.config import InferConfig, to_yaml
-from tilenet.errors import InputError, scrub_credentials
+from tilenet.errors import InputError, one_line, scrub_credentials
 from tilenet.fsutil import remove_path
 from tilenet.geometry import GeoTransform
 from tilenet.io.location import Location
@@ -55,6 +59,8 @@ __all__ = [
     "stores_for",
     "tag_georef",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Resume state beside the outputs (removed when the outputs are complete).
 STATE_DIR = ".tilenet"
@@ -218,7 +224,25 @@ class OutputSet:
     def mark_band(self, band: int, record: dict[str, Any]) -> None:
         """Record a finished band; call only when all of its chunks are written."""
         data = json.dumps({**record, "key": self.key.to_dict()}).encode()
-        self.out.child(STATE_DIR).write_bytes(_marker(band), data)
+        state = self.out.child(STATE_DIR)
+        state.write_bytes(_marker(band), data)
+        if int(record.get("steps", 1)) > 1:  # run in steps: its progress marker goes
+            state.remove(_progress(band))
+
+    def band_progress(self, band: int, rows: tuple[int, int]) -> dict[str, Any] | None:
+        """The record of the rows of an unfinished band written so far under this set's key
+        (``done``: the next row to run), or None."""
+        rec = self.out.child(STATE_DIR).read_json(_progress(band))
+        if rec is None or not self.key.matches(rec.get("key")) or rec.get("rows") != list(rows):
+            return None
+        done = rec.get("done")
+        return rec if isinstance(done, int) and rows[0] < done < rows[1] else None
+
+    def mark_progress(self, band: int, record: dict[str, Any]) -> None:
+        """Record the rows of band ``band`` written so far (``record["done"]``: the next row
+        to run); call only when all of their chunks are written."""
+        data = json.dumps({**record, "key": self.key.to_dict()}).encode()
+        self.out.child(STATE_DIR).write_bytes(_progress(band), data)
 
     def band_records(self, bands: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
         """The records of all ``bands``; an error when one is missing."""
@@ -229,6 +253,32 @@ class OutputSet:
                 raise InputError(f"{self.url}: band {i} (rows {rows}) is not finished; rerun")
             records.append(rec)
         return records
+
+    def abandon(self) -> int:
+        """After a failed run (an exception; a SIGKILL leaves all to the next prepare):
+        remove this process's temporaries (scratch, ``.partial-PID`` files), and the stores
+        and resume state too when no band or step was recorded, so nothing is left that a
+        rerun would keep. Returns the number of bands and steps kept for a rerun (said in a
+        log line). Never raises: a failure here is logged, not put over the run's own error.
+        """
+        try:
+            remove_path(self.out.scratch())
+            mine = f".partial-{os.getpid()}"
+            for name in self.out.names():
+                if mine in name:
+                    self.out.remove(name)
+            state = self.out.child(STATE_DIR)
+            kept = sum(n.startswith(("region-", "progress-")) for n in state.names())
+            if not kept:
+                for name in self.stores:
+                    _store(self.out, name).remove()
+                _drop_state(self.out)
+        except Exception as exc:
+            log.warning("%s: could not clean up after the failure: %s", self.url, one_line(exc))
+            return 0
+        if kept:
+            log.warning("%s: finished work kept; the same command resumes it", self.url)
+        return kept
 
     # -- finalize and publish ---------------------------------------------------------------
     def finalize_store(self, name: str) -> Any:
@@ -327,6 +377,10 @@ def _drop_state(out: Location) -> None:
 
 def _marker(band: int) -> str:
     return f"region-{band:05d}.json"
+
+
+def _progress(band: int) -> str:
+    return f"progress-{band:05d}.json"
 
 
 def _start_over(

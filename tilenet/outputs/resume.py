@@ -19,7 +19,7 @@ from tilenet.config import InferConfig
 __all__ = ["NOT_HASHED", "ResumeKey", "options_hash"]
 
 #: Options that change how fast, not what is computed (left out of the key).
-NOT_HASHED = ("readers", "device", "heap", "decode")
+NOT_HASHED = ("readers", "device", "heap", "decode", "disk_check")
 
 
 def options_hash(cfg: InferConfig) -> str:

@@ -17,6 +17,7 @@ A local run checks its options and inputs, then an existing store against them
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -488,6 +489,14 @@ def _write_phases(
     sources: list[dict[str, Any]] = list(store_attrs["sources"])
     count = int(store_attrs["count"])
     total = sum(len(p.windows) for p in plans)
+    if plans and not total:  # said once for the store: each image may have said why too
+        warnings.warn(
+            f"{run.out}: no patch to cut from {len(plans)} image(s): no window meets the "
+            "labels (labels that overlap no image, or --min-annotated / --min-foreground "
+            "leaving none); the store gets none",
+            UserWarning,
+            stacklevel=2,
+        )
     workers = run.workers
     bar = progress_bar(total, unit="patch", desc=f"tile {run.out.name}", enabled=run.progress)
     try:

@@ -320,6 +320,7 @@ def test_geojson_huge_object_is_traced_strided(tmp_path: Path) -> None:
     assert abs(min(xs) - 5) <= 16 and abs(max(xs) - 305) <= 16
 
 
+@pytest.mark.slow  # ~10-20 s; default: test_geojson_polygons_are_the_objects, test_geo's map coordinates
 def test_geojson_and_geopackage_through_a_geotransform(tmp_path: Path, blobs: np.ndarray) -> None:
     import pyogrio.raw
     import shapely

@@ -172,6 +172,7 @@ def test_bad_input(tmp_path: Path) -> None:
     assert not (tmp_path / "g.geojson").exists()
 
 
+@pytest.mark.slow  # ~7 s; a bound, not a result: the object tests stay
 def test_memory_is_bounded_by_the_block(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     big = (1024, 1536)

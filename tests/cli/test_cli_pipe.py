@@ -37,13 +37,14 @@ def tiff(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+@pytest.mark.parametrize("json_flag", [[], pytest.param(["--json"], marks=pytest.mark.slow)])
 def test_info_into_closed_pipe_is_quiet(tiff: Path, json_flag: list[str]) -> None:
     proc = _run_into_closed_pipe(["tilenet", "info", str(tiff), *json_flag])
     assert proc.stderr == ""
     assert proc.returncode == EXIT_BROKEN_PIPE == 141
 
 
+@pytest.mark.slow  # ~12 s (imports torch); default: info into a closed pipe
 def test_train_print_config_into_closed_pipe_is_quiet() -> None:
     proc = _run_into_closed_pipe(["tilenet.train", "--print-config"])
     assert proc.stderr == ""

@@ -103,7 +103,8 @@ def _cases() -> list[Any]:
             marks = [pytest.mark.slow] if slow else []
             cases.append(pytest.param(name, layout, {}, marks=marks, id=f"{name}-{layout}"))
     cases.append(pytest.param("tiny", "2d", {}, id="tiny-2d"))
-    cases.append(pytest.param("unet", "2d", {"base": 4}, id="unet-2d"))
+    # ~14 s: slow; tests/models checks the U-Net's crop exactness by default
+    cases.append(pytest.param("unet", "2d", {"base": 4}, marks=pytest.mark.slow, id="unet-2d"))
     return cases
 
 

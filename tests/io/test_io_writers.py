@@ -295,6 +295,7 @@ class _Ramp(LazyImage):
         return np.broadcast_to(v[:, :, None], (window.h, window.w, 3))
 
 
+@pytest.mark.slow  # ~7-13 s; default: the OME-TIFF round trips
 def test_ome_tiff_memory_is_bounded_by_the_tile(tmp_path: Path) -> None:
     """A 4096^2 RGB image is 48 MiB; writing it with 256-px tiles must peak far below."""
     img = _Ramp(

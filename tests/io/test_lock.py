@@ -122,6 +122,7 @@ def test_infer_into_an_output_another_run_holds_exits_2_at_once(
     assert not out.exists()  # the holder made the folder, and removed it empty
 
 
+@pytest.mark.slow  # ~4 s; default: test_infer_into_an_output_another_run_holds_...
 def test_wait_runs_when_the_holder_ends(
     tmp_path: Path, holders: list[_Holder], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -177,6 +178,7 @@ def test_a_second_hold_refuses_in_the_same_process_too(tmp_path: Path) -> None:
         pass
 
 
+@pytest.mark.slow  # ~4 s; default: test_infer_into_an_output_another_run_holds_...
 def test_batch_job_refuses_a_held_root(tmp_path: Path, holders: list[_Holder]) -> None:
     """``run_jobs`` holds the job's root (workers take no lock): held by another run, it
     refuses before it writes a manifest; with ``wait`` it runs once the other has ended."""
@@ -197,6 +199,7 @@ def test_batch_job_refuses_a_held_root(tmp_path: Path, holders: list[_Holder]) -
     assert not (out / LOCK_DIR).exists() and not (out / "a" / LOCK_DIR).exists()
 
 
+@pytest.mark.slow  # ~3 s; default: test_infer_into_an_output_another_run_holds_...
 def test_tiling_into_a_store_another_run_holds_refuses(
     tmp_path: Path, holders: list[_Holder]
 ) -> None:
@@ -269,6 +272,7 @@ def test_lease_of_a_killed_run_on_this_host_is_taken_over_at_once(
     assert _lease(out) is None
 
 
+@pytest.mark.slow  # ~7 s; default: the killed run on this host
 def test_lease_of_a_run_on_another_host_is_waited_out(
     bucket: str, holders: list[_Holder], caplog: pytest.LogCaptureFixture
 ) -> None:

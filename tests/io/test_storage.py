@@ -59,6 +59,7 @@ def _ome_zarr(path: Path, arr: np.ndarray) -> Path:
 
 
 # -- reading ------------------------------------------------------------------------------------
+@pytest.mark.slow  # ~10 s; default: test_source's TIFF in a bucket, test_geotiff_from_a_bucket_...
 def test_tiff_pyramid_and_ome_zarr_read_from_bucket_equal_local(
     tmp_path: Path, bucket: str
 ) -> None:
@@ -419,6 +420,7 @@ def _same_outputs(a: dict[str, bytes], b: dict[str, bytes]) -> None:
         assert a[name] == b[name], name
 
 
+@pytest.mark.slow  # ~15 s; default: test_infer_to_a_bucket_with_probabilities_tif_alone
 def test_infer_url_in_and_out_equals_local(
     tmp_path: Path, bucket: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -723,11 +725,14 @@ def test_bench_s3_quick(tmp_path: Path) -> None:
 
 
 def test_credentials_in_a_url_never_reach_an_error_line(
-    tmp_path: Path, bucket: str, s3_server: str
+    tmp_path: Path, bucket: str, s3_server: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """A URL given with ``user:password@`` and a presigned query names a damaged TIFF: the
-    one-line error names the object, and shows neither secret."""
+    one-line error names the object, and shows neither secret (in this process, with every
+    write to the file descriptors captured: a subprocess per URL cost seconds)."""
     import boto3
+
+    from tilenet.cli import main
 
     _pyramid_tiff(tmp_path / "p.tif", 128, 192)
     data = (tmp_path / "p.tif").read_bytes()
@@ -736,15 +741,12 @@ def test_credentials_in_a_url_never_reach_an_error_line(
     for key, body in (("cut.tif", data[: len(data) // 3]), ("junk.tif", b"II*\x00\x08\0\0\0xx")):
         s3.put_object(Bucket=name, Key=f"pub/{key}", Body=body, ACL="public-read")
         url = f"{s3_server}/{name}/pub/{key}".replace("://", f"://ann:{SECRET}@", 1)
-        res = subprocess.run(
-            [sys.executable, "-m", "tilenet", "info", f"{url}?X-Amz-Signature={SECRET}"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert res.returncode == 2, res.stderr
-        assert res.stderr.count("\n") == 1 and f"/pub/{key}?...: " in res.stderr, res.stderr
-        assert SECRET not in res.stderr + res.stdout, res.stderr
+        capfd.readouterr()
+        code = main(["info", f"{url}?X-Amz-Signature={SECRET}"])
+        out, err = capfd.readouterr()
+        assert code == 2, err
+        assert err.count("\n") == 1 and f"/pub/{key}?...: " in err, err
+        assert SECRET not in err + out, err
 
 
 @pytest.mark.slow  # .ci/run runs the slow storage tests too

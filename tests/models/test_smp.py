@@ -393,6 +393,7 @@ def test_encoder_weights_load_from_a_local_file(encoder: str, prefix: str, tmp_p
         torch.testing.assert_close(v, state[k])
 
 
+@pytest.mark.slow  # ~6 s; default: test_checkpoint's weights that do not fit
 def test_encoder_weights_that_do_not_fit_say_what_matched(tmp_path: Path) -> None:
     state = _encoder_state("resnet18")
     part = {k: v for k, v in state.items() if not k.startswith("layer4.")}

@@ -114,8 +114,19 @@ def test_every_format_has_a_row() -> None:
     assert set(FILES) == set(FORMATS)
 
 
-@pytest.mark.parametrize("kind", ["local", "bucket"])
-@pytest.mark.parametrize("name", sorted(FILES))
+def _format_cases() -> list[Any]:
+    """Every format in a folder; in a bucket classes by default, the rest with -m slow
+    (3-7 s each; .ci/run runs them)."""
+    return [
+        pytest.param(
+            name, kind, marks=[pytest.mark.slow] if kind == "bucket" and name != "classes" else []
+        )
+        for name in sorted(FILES)
+        for kind in ("local", "bucket")
+    ]
+
+
+@pytest.mark.parametrize(("name", "kind"), _format_cases())
 def test_format_writes_the_same_files_in_a_folder_and_a_bucket(
     name: str, kind: str, files: tuple[Path, Path], tmp_path: Path, s3_server: str
 ) -> None:

@@ -172,6 +172,7 @@ def test_bad_input(tmp_path: Path) -> None:
     assert not (tmp_path / "g.geojson").exists()
 
 
+@pytest.mark.slow  # ~7 s; a bound, not a result: the object tests stay
 def test_memory_is_bounded_by_the_block(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     big = (1024, 1536)
@@ -320,6 +321,7 @@ def test_geojson_huge_object_is_traced_strided(tmp_path: Path) -> None:
     assert abs(min(xs) - 5) <= 16 and abs(max(xs) - 305) <= 16
 
 
+@pytest.mark.slow  # ~10-20 s; default: test_geojson_polygons_are_the_objects, test_geo's map coordinates
 def test_geojson_and_geopackage_through_a_geotransform(tmp_path: Path, blobs: np.ndarray) -> None:
     import pyogrio.raw
     import shapely

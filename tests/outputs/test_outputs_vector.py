@@ -284,6 +284,7 @@ def _assert_cog(path: Path) -> None:
     assert valid, errors
 
 
+@pytest.mark.slow  # ~12 s; default: test_geo's COG in the input CRS
 def test_georeferenced_regions_and_probabilities_cog(tmp_path: Path) -> None:
     import pyogrio
 

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_gpu.py"
 
 
+@pytest.mark.slow  # ~11 s; for the script, not the package
 def test_bench_gpu_dry_run_writes_every_part(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])}

@@ -451,6 +451,7 @@ def test_infer_url_in_and_out_equals_local(
     assert f"{bucket}/run/summary.json" in printed.out
 
 
+@pytest.mark.slow  # the slow step runs this file; the default run keeps test_formats' bucket case
 def test_infer_to_a_bucket_with_probabilities_tif_alone(tmp_path: Path, bucket: str) -> None:
     """``--outputs classes,probabilities_tif`` to a bucket (it failed with KeyError
     'probabilities': the bucket path made that store only for ``probabilities``): the same

@@ -452,7 +452,8 @@ def test_crop_with_halo_reproduces_the_whole_pass_2d(name: str, kwargs: dict) ->
 @pytest.mark.parametrize(
     "name",
     # The ResNet-50 models run with -m slow (the default run's 4-minute budget).
-    ["unet", *(pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in HEAVY)],
+    # ResNet-18 U-Net too (its BasicBlock layout: smp's resnet18 crop-mode test in the default run)
+    ["unet", *(pytest.param(n, marks=pytest.mark.slow) if n in SLOW_PLAIN else n for n in HEAVY)],
 )
 def test_crop_with_halo_reproduces_the_whole_pass_thin(name: str) -> None:
     m = _prepared(name)

@@ -206,6 +206,7 @@ def test_checkpoint_records_store_bands_and_infer_uses_them(
     assert code == 2
 
 
+@pytest.mark.slow  # recorded bands: test_checkpoint_records_store_bands_... stays in the default run
 def test_checkpoint_records_data_bands(
     scene: tuple[Path, Path, np.ndarray, np.ndarray], tmp_path: Path
 ) -> None:

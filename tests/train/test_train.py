@@ -291,7 +291,10 @@ def test_exact_resume_matches_uninterrupted_run(stores, tmp_path: Path, workers:
     "opts",
     [
         {"train.precision": "bf16", "train.optimizer": "sgd", "train.schedule": "onecycle"},
-        {"train.precision": "fp16", "train.loss": "dice", "train.channels_last": False},
+        pytest.param(  # slow: the bf16 case above keeps the option matrix in the default run
+            {"train.precision": "fp16", "train.loss": "dice", "train.channels_last": False},
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_precisions_optimizers_schedules(stores, tmp_path: Path, opts: dict) -> None:
@@ -305,6 +308,7 @@ def test_precisions_optimizers_schedules(stores, tmp_path: Path, opts: dict) -> 
         assert "scale" in ckpt["scaler"]  # the GradScaler state is saved
 
 
+@pytest.mark.slow  # exact resume stays in the default run: test_exact_resume_matches_...[0]
 def test_trains_on_random_crops_of_images_and_resumes_exactly(stores, tmp_path: Path) -> None:
     """No patch store: crops read lazily from image + label directories."""
     common = {

@@ -4,7 +4,7 @@ tiled pyramidal TIFF. torch is imported only when a checkpoint or reference is b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +14,7 @@ import tifffile
 if TYPE_CHECKING:
     from tilenet.models import TileModel
 
-__all__ = ["make_checkpoint", "normalized", "pyramid_tiff", "whole_image_reference"]
+__all__ = ["kill_when", "make_checkpoint", "normalized", "pyramid_tiff", "whole_image_reference"]
 
 
 def _stripes(model: Any) -> None:
@@ -161,3 +161,27 @@ def pyramid_tiff(
                 tw.write(level, subfiletype=1, tile=tiles[k], **options)
             out.append(level)
     return out
+
+
+def kill_when(cmd: list[str], ready: Callable[[], bool], *, timeout: float = 120) -> None:
+    """Run ``cmd`` (one thread) and SIGKILL it once ``ready()`` holds (a marker on disk): a
+    real kill in the middle of a run. Fails if the run ends first or ``timeout`` passes."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()

@@ -5,9 +5,6 @@ per session, the session's S3 server and its buckets."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -96,20 +93,7 @@ def rgb64(rng: np.random.Generator) -> np.ndarray:
 def _kill_after_first_band(cmd: list[str], markers: Path, *, timeout: float = 120) -> int:
     """Start ``cmd`` (one thread), SIGKILL it once a band marker appears in ``markers``;
     return how many markers the killed run left."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
-    try:
-        while not list(markers.glob("region-*.json")):
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+    builders.kill_when(cmd, lambda: bool(list(markers.glob("region-*.json"))), timeout=timeout)
     return len(list(markers.glob("region-*.json")))
 
 

@@ -21,6 +21,7 @@ from tilenet.geometry import Window
 from tilenet.models.encoders import Encoder, build_encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from builders import kill_when
 from slidewriters import write_aperio_svs
 
 P = 64  # patch side of the tests (a tiny ViT at a 64 px input)
@@ -258,9 +259,7 @@ def _cli(slide: Path, out: Path, weights: Path, *extra: str) -> list[str]:
 @pytest.mark.slow  # ~3 CLI processes of several seconds each on a shared machine
 def test_sigkill_then_rerun_gives_identical_features(tmp_path: Path) -> None:
     import os
-    import signal
     import subprocess
-    import time
 
     import timm
     from safetensors.torch import save_file
@@ -272,19 +271,7 @@ def test_sigkill_then_rerun_gives_identical_features(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "out"
     marker = out / "features" / "k.h5.partial.json"
-    proc = subprocess.Popen(_cli(slide, out, weights), env=env, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    try:
-        while not marker.exists():
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+    kill_when(_cli(slide, out, weights), marker.exists)
     kept = json.loads(marker.read_text())["rows"]
     assert 0 < kept < 20 and not (out / "features" / "k.h5").exists()
     rerun = subprocess.run(_cli(slide, out, weights), env=env, capture_output=True, text=True)

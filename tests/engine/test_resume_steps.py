@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import pytest
 import tifffile
 import torch
 import zarr
+from builders import kill_when
 
 from tilenet.engine.checkpoint import save_checkpoint
 from tilenet.engine.infer import infer_image, plan_image, resolve_options, run_band
@@ -132,17 +131,9 @@ def test_sigkill_in_a_one_band_image_keeps_its_steps(tmp_path: Path) -> None:
     img, ckpt = _inputs(tmp_path, 1064, 600)  # 19 x 11 tiles: one band of 209 tiles
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_run(img, ckpt, out, 0.0), env=env, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    try:
-        while not list((out / ".tilenet").glob("progress-*.json")):
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_when(
+        _run(img, ckpt, out, 0.0), lambda: bool(list((out / ".tilenet").glob("progress-*.json")))
+    )
     done = json.loads((out / ".tilenet" / "progress-00000.json").read_text())["done"]
     assert 1 <= done < 19
     for cmd in (_run(img, ckpt, out, 0.0), _run(img, ckpt, tmp_path / "ref", 0.0)):

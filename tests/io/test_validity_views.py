@@ -12,9 +12,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import rasterio
 import tifffile
 import zarr
 from PIL import Image
+from rasterio.transform import from_origin
 
 from tilenet.config import ResolutionConfig
 from tilenet.engine.infer import infer_image
@@ -77,3 +79,90 @@ def test_png_without_alpha_has_no_mask(tmp_path: Path) -> None:
     Image.fromarray(_rgba()[0][:, :, :3], "RGB").save(p)
     with open_image(p) as image:
         assert not image.masked and image.valid(Window(0, 0, H, W)) is None
+
+
+def _area_cover(valid: np.ndarray, f: float, shape: tuple[int, int]) -> np.ndarray:
+    """The fraction (float64) of each view pixel ``[i*f, (i+1)*f)`` that ``valid`` covers."""
+
+    def weights(n_out: int, n_in: int) -> np.ndarray:
+        m = np.zeros((n_out, n_in))
+        for i in range(n_out):
+            lo, hi = i * f, (i + 1) * f
+            for j in range(int(lo), min(n_in, int(np.ceil(hi)))):
+                m[i, j] = min(hi, j + 1) - max(lo, j)
+        return m / m.sum(1, keepdims=True)
+
+    wy, wx = weights(shape[0], valid.shape[0]), weights(shape[1], valid.shape[1])
+    return np.asarray(wy @ valid.astype(np.float64) @ wx.T)
+
+
+def _gdal_masked(path: Path, hidden: int, kind: str) -> np.ndarray:
+    """An RGB scene written by GDAL with an alpha band or an internal mask where ``_rgba``
+    has no data; ``hidden`` is what the pixels without data hold. Returns the invalid mask."""
+    rgba, invalid = _rgba()
+    rgb = np.moveaxis(rgba[:, :, :3], -1, 0).copy()
+    rgb[:, invalid] = hidden
+    profile: dict[str, Any] = {
+        "driver": "GTiff", "height": H, "width": W, "dtype": "uint8", "tiled": True,
+        "blockxsize": 16, "blockysize": 16, "crs": "EPSG:32633",
+        "transform": from_origin(500_000.0, 4_600_000.0, 10.0, 10.0),
+    }  # fmt: skip
+    if kind == "alpha":
+        with rasterio.open(path, "w", count=4, photometric="rgb", alpha="YES", **profile) as ds:
+            ds.write(np.concatenate([rgb, rgba[None, :, :, 3]]))
+    else:
+        with (
+            rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True),
+            rasterio.open(path, "w", count=3, **profile) as ds,
+        ):
+            ds.write(rgb)
+            ds.write_mask(rgba[:, :, 3])
+    return invalid
+
+
+@pytest.mark.parametrize(("kind", "gsd"), [("alpha", 20.0), ("mask", 15.0), ("mask", 20.0)])
+def test_resampled_view_carries_the_dataset_mask(tmp_path: Path, kind: str, gsd: float) -> None:
+    """A view at another pixel size (``--gsd``) has the source's mask: a view pixel has no
+    data where valid pixels cover less than half of it; what hides under the mask gets no
+    weight; pixels and mask are the same whatever window they are read in."""
+    f = gsd / 10.0
+    views = []
+    for hidden in (0, 250):
+        path = tmp_path / f"{kind}-{hidden}.tif"
+        invalid = _gdal_masked(path, hidden, kind)
+        image = open_image(path)
+        v = view(image, bands=[1, 2, 3], resolution=ResolutionConfig(gsd=gsd)).image
+        shape = v.levels[0].shape
+        assert v.masked and shape == (int(H / f), int(W / f))
+        whole, valid = v.read_masked(Window(0, 0, *shape))
+        assert valid is not None
+        cover = _area_cover(~invalid, f, shape)
+        np.testing.assert_array_equal(valid, cover >= 0.5)
+        assert 0 < (~valid).sum() < valid.size
+        # seam-free: the same pixels and mask read in odd windows, some reaching outside
+        for y, x, h, w in [(-2, -3, 9, 11), (5, 7, 13, 9), (shape[0] - 4, shape[1] - 5, 8, 9)]:
+            px, ok = v.read_masked(Window(y, x, h, w))
+            inside = Window(y, x, h, w).clip(*shape)
+            rel = inside.relative_to(Window(y, x, h, w)).slices
+            assert ok is not None and not ok.sum() > ok[rel].sum()
+            np.testing.assert_array_equal(px[rel], whole[inside.slices])
+            np.testing.assert_array_equal(ok[rel], valid[inside.slices])
+        views.append((whole, valid))
+        image.close()
+    (a, va), (b, vb) = views
+    np.testing.assert_array_equal(va, vb)
+    np.testing.assert_array_equal(a[va], b[va])  # the hidden values never reach valid pixels
+
+
+def test_infer_at_gsd_marks_the_resampled_mask(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """``infer --gsd`` on a masked raster: classes are the nodata class exactly where the
+    resampled view has no data, and the class areas count the valid view pixels only."""
+    path = tmp_path / "scene.tif"
+    invalid = _gdal_masked(path, 250, "mask")
+    out = tmp_path / "out"
+    opts: dict[str, Any] = {"tile": 16, "device": "cpu", "outputs": ["classes"]}
+    summary = infer_image(path, tiny_checkpoint, out, resolution=ResolutionConfig(gsd=20.0), **opts)
+    classes = _classes(out)
+    want = _area_cover(~invalid, 2.0, classes.shape) < 0.5
+    np.testing.assert_array_equal(classes == 255, want)
+    assert sum(summary["class_area_px"].values()) == int((~want).sum())

@@ -166,3 +166,44 @@ def test_infer_at_gsd_marks_the_resampled_mask(tmp_path: Path, tiny_checkpoint: 
     want = _area_cover(~invalid, 2.0, classes.shape) < 0.5
     np.testing.assert_array_equal(classes == 255, want)
     assert sum(summary["class_area_px"].values()) == int((~want).sum())
+
+
+def _drop_tile(path: Path, page: int, tile: int) -> None:
+    """Make tile ``tile`` of ``page`` missing, as sparse slides store it: byte count 0."""
+    with tifffile.TiffFile(path) as tf:
+        tag = tf.pages[page].tags["TileByteCounts"]
+        size = {3: 2, 4: 4, 16: 8}[int(tag.dtype)]
+        at, order = tag.valueoffset + tile * size, tf.byteorder
+    with path.open("r+b") as f:
+        f.seek(at)
+        f.write((0).to_bytes(size, "little" if order == "<" else "big"))
+
+
+def test_openslide_transparent_areas_are_masked(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """A sparse Philips TIFF (tifffile writes it, one tile's byte count set to 0): OpenSlide
+    reads the missing tile as transparent; tilenet still shows it as background (white) and
+    masks exactly those pixels, at every level and in the outputs."""
+    from slidewriters import write_philips_tiff
+
+    rng = np.random.default_rng(2)
+    img = rng.integers(40, 200, (128, 192, 3), dtype=np.uint8)
+    path = write_philips_tiff(
+        tmp_path / "sparse.tiff", [img, img[::2, ::2]], mpp_mm=0.00025, factors=(1, 2), tile=32
+    )
+    _drop_tile(path, 0, 7)  # row 1, column 1 of 6 columns: pixels 32:64, 32:64
+    _drop_tile(path, 1, 0)  # level 1: the first tile (level-0 pixels 0:64, 0:64)
+    invalid = np.zeros((128, 192), bool)
+    invalid[32:64, 32:64] = True
+    with open_image(path) as image:
+        assert type(image).__name__ == "SlideImage" and image.masked
+        pixels, valid = image.read_masked(Window(0, 0, 128, 192))
+        assert valid is not None
+        np.testing.assert_array_equal(~valid, invalid)
+        assert (pixels[invalid] == 255).all()  # composited on white, as before
+        lv1 = image.valid(Window(0, 0, 64, 96), 1)
+        assert lv1 is not None and int((~lv1).sum()) == 32 * 32 and not lv1[:32, :32].any()
+    out = tmp_path / "out"
+    opts: dict[str, Any] = {"tile": 32, "device": "cpu", "outputs": ["classes"]}
+    summary = infer_image(path, tiny_checkpoint, out, **opts)
+    np.testing.assert_array_equal(_classes(out) == 255, invalid)
+    assert sum(summary["class_area_px"].values()) == int((~invalid).sum())

@@ -62,6 +62,7 @@ def test_png_alpha_masks_like_tiff_alpha(tmp_path: Path, tiny_checkpoint: Path) 
         opts: dict[str, Any] = {"tile": 32, "device": "cpu", "bands": [1, 2, 3]}
         summary = infer_image(path, tiny_checkpoint, out, outputs=["classes"], **opts)
         assert sum(summary["class_area_px"].values()) == int((~invalid).sum())
+        assert summary["nodata_px"] == int(invalid.sum())  # not georeferenced: counted too
         results.append(_classes(out))
     np.testing.assert_array_equal(results[0], results[1])
     np.testing.assert_array_equal(results[0] == 255, invalid)
@@ -166,6 +167,7 @@ def test_infer_at_gsd_marks_the_resampled_mask(tmp_path: Path, tiny_checkpoint: 
     want = _area_cover(~invalid, 2.0, classes.shape) < 0.5
     np.testing.assert_array_equal(classes == 255, want)
     assert sum(summary["class_area_px"].values()) == int((~want).sum())
+    assert summary["nodata_px"] == int(want.sum())
 
 
 def _drop_tile(path: Path, page: int, tile: int) -> None:
@@ -207,3 +209,5 @@ def test_openslide_transparent_areas_are_masked(tmp_path: Path, tiny_checkpoint:
     summary = infer_image(path, tiny_checkpoint, out, **opts)
     np.testing.assert_array_equal(_classes(out) == 255, invalid)
     assert sum(summary["class_area_px"].values()) == int((~invalid).sum())
+    assert summary["nodata_px"] == 32 * 32
+    assert summary["nodata_area_um2"] == pytest.approx(32 * 32 * 0.25 * 0.25)

@@ -395,6 +395,7 @@ class ResampledImage(LazyImage):
         least half of a view pixel, else 0 (made by the read of ``pixels``)."""
         if self._passes_through(level):
             valid = self.read_masked(window, level)[1]
+            assert valid is not None
             return np.where(valid, 255, 0).astype(np.uint8)
         last = self._last_mask
         if last is not None and last[0] == window and last[1] == level:

@@ -211,3 +211,32 @@ def test_openslide_transparent_areas_are_masked(tmp_path: Path, tiny_checkpoint:
     assert sum(summary["class_area_px"].values()) == int((~invalid).sum())
     assert summary["nodata_px"] == 32 * 32
     assert summary["nodata_area_um2"] == pytest.approx(32 * 32 * 0.25 * 0.25)
+
+
+def test_sparse_svs_read_by_tifffile_masks_what_openslide_leaves_transparent(
+    tmp_path: Path,
+) -> None:
+    """An Aperio SVS (tifffile reads it) with a tile left out (byte count 0): the missing
+    tile has no data exactly where OpenSlide's own read of the file is transparent; the same
+    file with every tile is not masked."""
+    import openslide
+    from slidewriters import write_aperio_svs
+
+    img = np.random.default_rng(4).integers(40, 200, (512, 768, 3), dtype=np.uint8)
+    full = write_aperio_svs(tmp_path / "full.svs", img, mpp=0.5, levels=(4,))
+    with open_image(full) as image:
+        assert type(image).__name__ == "TiffImage" and not image.masked
+    sparse = write_aperio_svs(tmp_path / "sparse.svs", img, mpp=0.5, levels=(4,))
+    _drop_tile(sparse, 0, 4)  # row 1, column 1 of 3 columns: pixels 256:512, 256:512
+    with openslide.OpenSlide(str(sparse)) as slide:
+        transparent = np.asarray(slide.read_region((0, 0), 0, (768, 512)))[:, :, 3] == 0
+    assert int(transparent.sum()) == 256 * 256 and transparent[256:, 256:512].all()
+    with open_image(sparse) as image:
+        assert type(image).__name__ == "TiffImage" and image.masked
+        valid = image.valid(Window(-8, 0, 520, 768))
+        assert valid is not None and not valid[:8].any()
+        np.testing.assert_array_equal(~valid[8:], transparent)
+        # the level-1 page has every tile: its pixels have data (OpenSlide 4.0.1 shows the
+        # level-0 hole there too, but the file holds those pixels)
+        lv1 = image.valid(Window(0, 0, 128, 192), 1)
+        assert lv1 is not None and lv1.all()

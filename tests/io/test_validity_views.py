@@ -240,3 +240,28 @@ def test_sparse_svs_read_by_tifffile_masks_what_openslide_leaves_transparent(
         # level-0 hole there too, but the file holds those pixels)
         lv1 = image.valid(Window(0, 0, 128, 192), 1)
         assert lv1 is not None and lv1.all()
+
+
+def test_masked_view_read_from_threads(tmp_path: Path) -> None:
+    """Reader threads sharing one resampled masked view get each window's own mask."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "scene.tif"
+    _gdal_masked(path, 0, "alpha")
+    with open_image(path) as image:
+        v = view(image, bands=[1, 2, 3], resolution=ResolutionConfig(gsd=15.0)).image
+        shape = v.levels[0].shape
+        whole, valid = v.read_masked(Window(0, 0, *shape))
+        assert valid is not None
+        rng = np.random.default_rng(0)
+        wins = [
+            Window(int(y), int(x), 6, 7)
+            for y, x in zip(
+                rng.integers(0, shape[0] - 6, 60), rng.integers(0, shape[1] - 7, 60), strict=True
+            )
+        ]
+        with ThreadPoolExecutor(4) as ex:
+            got = list(ex.map(v.read_masked, wins))
+    for win, (px, ok) in zip(wins, got, strict=True):
+        np.testing.assert_array_equal(px, whole[win.slices])
+        np.testing.assert_array_equal(ok, valid[win.slices])

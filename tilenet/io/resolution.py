@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -301,10 +302,9 @@ class ResampledImage(LazyImage):
     kind: Kind = "image"
     #: Source level of each view level.
     source_levels: list[int] = field(default_factory=list)
-    #: The dataset mask the last resampled read made: (window, level, mask).
-    _last_mask: tuple[Window, int, np.ndarray] | None = field(
-        default=None, repr=False, compare=False
-    )
+    #: Per reader thread: the dataset mask its last resampled read made, (window, level,
+    #: mask), so the mask of a read costs no second read.
+    _masks: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
     @classmethod
     def of(cls, source: LazyImage, res: Resolution, kind: Kind = "image") -> ResampledImage:
@@ -340,7 +340,7 @@ class ResampledImage(LazyImage):
             return self.source.read(window, self.source_levels[level])
         pixels, mask = self._resampled(window, level)
         if mask is not None:
-            self._last_mask = (window, level, mask)
+            self._masks.last = (window, level, mask)
         return pixels
 
     def _resampled(self, window: Window, level: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -397,10 +397,10 @@ class ResampledImage(LazyImage):
             valid = self.read_masked(window, level)[1]
             assert valid is not None
             return np.where(valid, 255, 0).astype(np.uint8)
-        last = self._last_mask
+        last = getattr(self._masks, "last", None)
         if last is not None and last[0] == window and last[1] == level:
-            return last[2]
-        mask = self._resampled(window, level)[1]  # another read came between: again
+            return np.asarray(last[2])
+        mask = self._resampled(window, level)[1]  # not this thread's last read: again
         assert mask is not None
         return mask
 

@@ -182,13 +182,20 @@ def _drop_tile(path: Path, page: int, tile: int) -> None:
 
 
 def test_openslide_transparent_areas_are_masked(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    """A sparse Philips TIFF (tifffile writes it, one tile's byte count set to 0): OpenSlide
-    reads the missing tile as transparent; tilenet still shows it as background (white) and
-    masks exactly those pixels, at every level and in the outputs."""
+    """A sparse Philips TIFF (tifffile writes it, a tile of each level with byte count 0):
+    OpenSlide reads the missing tiles as transparent; tilenet still shows them as background
+    (white) and masks exactly those pixels, at every level and in the outputs. The same slide
+    with every tile is not masked."""
     from slidewriters import write_philips_tiff
 
     rng = np.random.default_rng(2)
     img = rng.integers(40, 200, (128, 192, 3), dtype=np.uint8)
+    full = write_philips_tiff(
+        tmp_path / "full.tiff", [img, img[::2, ::2]], mpp_mm=0.00025, factors=(1, 2), tile=32
+    )
+    with open_image(full) as image:  # fully scanned: not masked, read as before
+        assert type(image).__name__ == "SlideImage" and not image.masked
+        assert image.read_masked(Window(0, 0, 128, 192))[1] is None
     path = write_philips_tiff(
         tmp_path / "sparse.tiff", [img, img[::2, ::2]], mpp_mm=0.00025, factors=(1, 2), tile=32
     )

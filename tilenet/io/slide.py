@@ -15,9 +15,13 @@ Pixels and their edge rules:
   and QuPath show them): an unscanned area looks like empty glass, not like black tissue.
   The alpha is also the slide's dataset mask (:meth:`~tilenet.io.base.LazyImage.read_masked`):
   a fully transparent pixel (a missing tile of a sparse slide, the space between the regions
-  of a multi-region scan) has no data, as alpha 0 of an RGBA TIFF or PNG has. Every slide is
-  therefore :attr:`~tilenet.io.base.LazyImage.masked` (a file does not say up front whether
-  it is sparse); a fully scanned slide's mask is all valid.
+  of a multi-region scan) has no data, as alpha 0 of an RGBA TIFF or PNG has. A file does
+  not say up front whether it is sparse, so the first time a stage asks
+  (:attr:`~tilenet.io.base.LazyImage.masked`) the coarsest level is read once: a slide
+  with no transparent pixel there is not masked and reads exactly as before (no mask, no
+  nodata tag, skipped tiles read nothing); one with some is masked at every level. A hole
+  too small to leave a transparent pixel at the coarsest level is not seen (its pixels stay
+  composited background, as before).
 * ``read_region`` takes the location in level-0 pixels and divides it by the level's
   downsample; where that downsample is not an integer, OpenSlide shifts the level by the
   fraction (a sub-pixel resampling) and the shift depends on where a read starts. To keep a
@@ -53,6 +57,8 @@ __all__ = ["BLOCK_CACHE_BYTES", "SlideImage", "open_slide"]
 #: Budget of each slide's cache of decoded blocks (levels with a non-integer downsample).
 BLOCK_CACHE_BYTES = 32 * 2**20
 _BLOCK = 512
+#: The largest coarsest level read whole to find whether a slide is sparse.
+_PROBE_PIXELS = 4096 * 4096
 _WHITE = (255, 255, 255)
 # DICOM transfer syntaxes of tiled slides -> the compression names tilenet reports.
 _DICOM_COMPRESSION = {
@@ -115,8 +121,23 @@ class SlideImage(LazyImage):
         rgb = np.rint(rgba[:, :, :3] * a + bg * (1.0 - a)).astype(np.uint8)
         return np.dstack([rgb, alpha])
 
+    #: Whether the coarsest level has a transparent pixel (None: not probed yet).
+    _sparse: bool | None = field(default=None, repr=False)
+
     def _has_dataset_mask(self) -> bool:
-        return True
+        if self._sparse is None:
+            self._sparse = self._probe_sparse()
+        return self._sparse
+
+    def _probe_sparse(self) -> bool:
+        """Whether OpenSlide's coarsest level has a fully transparent pixel (read once; a
+        level too large to read whole counts as sparse)."""
+        level = len(self.levels) - 1
+        h, w = self.levels[level].shape
+        if h * w > _PROBE_PIXELS:
+            return True
+        rgba = np.asarray(self._slide.read_region((0, 0), level, (w, h)))
+        return bool((rgba[:, :, 3] == 0).any())
 
     def _dataset_mask(self, window: Window, level: int, pixels: np.ndarray) -> np.ndarray:
         """OpenSlide's alpha of the window read: 0 where the slide has no scanned data."""

@@ -121,7 +121,9 @@ def _gdal_masked(path: Path, hidden: int, kind: str) -> np.ndarray:
     return invalid
 
 
-@pytest.mark.parametrize(("kind", "gsd"), [("alpha", 20.0), ("mask", 15.0), ("mask", 20.0)])
+@pytest.mark.parametrize(
+    ("kind", "gsd"), [("alpha", 20.0), ("mask", 15.0), ("mask", 20.0), ("alpha", 10.0)]
+)
 def test_resampled_view_carries_the_dataset_mask(tmp_path: Path, kind: str, gsd: float) -> None:
     """A view at another pixel size (``--gsd``) has the source's mask: a view pixel has no
     data where valid pixels cover less than half of it; what hides under the mask gets no

@@ -443,6 +443,7 @@ def _run_step(
         "tiles": stats.tiles,
         "tiles_run": stats.tiles_run,
         "area": [int(a) for a in sink.area],
+        "nodata_px": int(sink.nodata),
         "seconds": round(stats.seconds, 3),
         "cpu_s": round(stats.cpu_s, 3),
         "model_s": round(stats.model_s, 3),
@@ -473,6 +474,7 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
     # From classes.tif where it was written: the input's nodata area left out.
     geo_area = [int(n) for n in hist[: spec.num_classes]] if hist is not None else area
     geo_nodata = int(hist[CLASSES_NODATA]) if hist is not None else 0
+    nodata_px = sum(int(r.get("nodata_px", 0)) for r in records)
     n_tiles = sum(int(r["tiles"]) for r in records)
     n_run, n_kept = tiles_here(records, plan.outputs.resumed)
     tiles_s = sum(float(r["seconds"]) for r in records)
@@ -517,6 +519,9 @@ def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict
         "class_area_um2": (
             {n: float(a * px_area) for n, a in zip(names, area, strict=True)} if px_area else None
         ),
+        # Pixels without data in the input (nodata, alpha 0, a dataset mask), any input.
+        "nodata_px": nodata_px,
+        "nodata_area_um2": float(nodata_px * px_area) if px_area else None,
         **(
             {
                 "crs": geo["crs"],

@@ -26,6 +26,7 @@ CHECKPOINT_S = 30.0
 #: Fields of a band record that are sums over its steps.
 SUMMED = (
     "tiles",
+    "nodata_px",
     "tiles_run",
     "seconds",
     "cpu_s",

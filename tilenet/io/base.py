@@ -382,6 +382,9 @@ class BandSelection(LazyImage):
     def masked(self) -> bool:
         return self.source is not None and self.source.masked
 
+    def _has_dataset_mask(self) -> bool:
+        return self.source is not None and self.source._has_dataset_mask()
+
     def read_masked(
         self, window: Window, level: int = 0, *, fill: float = 0
     ) -> tuple[np.ndarray, np.ndarray | None]:

@@ -5,6 +5,11 @@ decodes the image once, on the first read, and keeps the array. The size is chec
 header first (``Image.open`` does not decode): above ``max_pixels_eager`` the image is refused
 with a pointer to ``tilenet convert``, which opens with ``max_pixels_eager=None``. Pillow's own
 decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``) still applies in every case.
+
+An alpha channel (modes ``RGBA``, ``RGBa``, ``LA``, ``La``, ``PA``) is the image's dataset
+mask, as a TIFF's ExtraSamples alpha is (:mod:`tilenet.io.tiff`): alpha 0 marks a pixel
+without data (:func:`~tilenet.io.base.valid_mask`). The alpha stays a channel of the pixels;
+pick the colour bands (``--bands 1,2,3``) to leave it out of a model's input, as for a TIFF.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ _MODES: dict[str, tuple[str, int]] = {
     "I": ("int32", 1),
     "F": ("float32", 1),
 }
+#: Pillow mode -> the channel holding alpha, for modes that have one.
+_ALPHA: dict[str, int] = {"LA": 1, "La": 1, "PA": 1, "RGBA": 3, "RGBa": 3}
 _COMPRESSION = {"PNG": "deflate", "JPEG": "jpeg", "WEBP": "webp", "GIF": "lzw"}
 
 
@@ -57,6 +64,16 @@ class PilImage(LazyImage):
 
     _data: np.ndarray | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: The channel holding alpha (an RGBA or LA image), if any.
+    _alpha: int | None = field(default=None, repr=False)
+
+    def _has_dataset_mask(self) -> bool:
+        return self._alpha is not None
+
+    def _dataset_mask(self, window: Window, level: int, pixels: np.ndarray) -> np.ndarray:
+        """The alpha channel of the pixels read: 0 where there is no data."""
+        assert self._alpha is not None
+        return pixels[:, :, self._alpha]
 
     def _decoded(self) -> np.ndarray:
         with self._lock:
@@ -134,4 +151,5 @@ def open_pil(
         compression=_COMPRESSION.get(fmt),
         pixel_size=None,
         metadata={"mode": mode},
+        _alpha=_ALPHA.get(mode),
     )

@@ -27,6 +27,13 @@ value bit for bit whatever window it is read in.
 * Nodata: where the image declares ``nodata``, nodata samples get no weight; a view sample
   is the weighted mean of the valid samples under it, or nodata when they cover less than
   half of it. Nodata never bleeds into valid values, and nodata areas keep their outline.
+* Dataset masks (an alpha band, a GDAL mask, OpenSlide's unscanned areas: the source's
+  :meth:`~tilenet.io.base.LazyImage.read_masked` mask): the same rule. Samples without data
+  get no weight in the pixels; the view has a dataset mask of its own, and a view pixel has
+  no data when the source's pixels with data cover less than half of it (its value there is
+  nodata where the image declares one, else the plain mean of what the file holds, e.g. a
+  slide's background). Mask and pixels come from the same taps, so they are seam-free too.
+  A view of an image without a dataset mask reads exactly as before (no mask is computed).
 
 A read decodes the source window under the view window (about ``f``² times its pixels).
 """
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -294,6 +302,9 @@ class ResampledImage(LazyImage):
     kind: Kind = "image"
     #: Source level of each view level.
     source_levels: list[int] = field(default_factory=list)
+    #: Per reader thread: the dataset mask its last resampled read made, (window, level,
+    #: mask), so the mask of a read costs no second read.
+    _masks: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
     @classmethod
     def of(cls, source: LazyImage, res: Resolution, kind: Kind = "image") -> ResampledImage:
@@ -324,11 +335,19 @@ class ResampledImage(LazyImage):
         )
 
     def _read(self, window: Window, level: int) -> np.ndarray:
+        assert self.source is not None
+        if self._passes_through(level):
+            return self.source.read(window, self.source_levels[level])
+        pixels, mask = self._resampled(window, level)
+        if mask is not None:
+            self._masks.last = (window, level, mask)
+        return pixels
+
+    def _resampled(self, window: Window, level: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """``window`` of the resampled level 0, and its dataset mask (None without one)."""
         assert self.source is not None and self.resolution is not None
         src_level = self.source_levels[level]
         res = self.resolution
-        if level > 0 or (res.used_as_is and self.kind == "image"):
-            return self.source.read(window, src_level)
         h, w = self.source.levels[src_level].shape
         if self.kind == "labels":
             # The view's scale relative to the source: labels come from its level 0.
@@ -342,11 +361,48 @@ class ResampledImage(LazyImage):
             ix, wx = _taps(np.arange(window.x, window.x1), fx, w, "area" if fx >= 1 else "linear")
         y0, y1 = int(iy.min()), int(iy.max()) + 1
         x0, x1 = int(ix.min()), int(ix.max()) + 1
-        src = self.source.read(Window(y0, x0, y1 - y0, x1 - x0), src_level)
+        under = Window(y0, x0, y1 - y0, x1 - x0)
         iy, ix = iy - y0, ix - x0
+        if self._has_dataset_mask():
+            src, valid = self.source.read_masked(under, src_level)
+            assert valid is not None
+            return _resample_masked(src, valid, (iy, wy, ix, wx), self.nodata)
+        src = self.source.read(under, src_level)
         if self.kind == "labels":
-            return src[iy[:, 0]][:, ix[:, 0]]
-        return _resample(src, iy, wy, ix, wx, self.nodata)
+            return src[iy[:, 0]][:, ix[:, 0]], None
+        return _resample(src, iy, wy, ix, wx, self.nodata), None
+
+    def _passes_through(self, level: int) -> bool:
+        """Whether ``level`` is the source's level as it is (not resampled)."""
+        assert self.resolution is not None
+        return level > 0 or (self.resolution.used_as_is and self.kind == "image")
+
+    def _has_dataset_mask(self) -> bool:
+        """Whether the source has a mask beyond ``nodata`` (alpha, GDAL mask); label views
+        have none."""
+        return self.kind == "image" and self.source is not None and self.source._has_dataset_mask()
+
+    def read_masked(
+        self, window: Window, level: int = 0, *, fill: float = 0
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`LazyImage.read_masked`; a level used as is is the source's, mask included."""
+        if self.source is not None and self._has_dataset_mask() and self._passes_through(level):
+            return self.source.read_masked(window, self.source_levels[level], fill=fill)
+        return super().read_masked(window, level, fill=fill)
+
+    def _dataset_mask(self, window: Window, level: int, pixels: np.ndarray) -> np.ndarray:
+        """The view's mask of ``window``: 255 where the source's pixels with data cover at
+        least half of a view pixel, else 0 (made by the read of ``pixels``)."""
+        if self._passes_through(level):
+            valid = self.read_masked(window, level)[1]
+            assert valid is not None
+            return np.where(valid, 255, 0).astype(np.uint8)
+        last = getattr(self._masks, "last", None)
+        if last is not None and last[0] == window and last[1] == level:
+            return np.asarray(last[2])
+        mask = self._resampled(window, level)[1]  # not this thread's last read: again
+        assert mask is not None
+        return mask
 
     def close(self) -> None:
         if self.source is not None:
@@ -492,3 +548,38 @@ def _resample(
         assert nodata is not None
         out[~keep] = nodata
     return out
+
+
+def _resample_masked(
+    src: np.ndarray, valid: np.ndarray, taps: tuple[np.ndarray, ...], nodata: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``src`` (h, w, C) resampled with the samples where ``valid`` (h, w) is False (and, with
+    ``nodata``, nodata samples) given no weight; and the view's mask (uint8, 255: has data)
+    where the valid pixels cover at least half of a view pixel (the module's rule)."""
+    iy, wy, ix, wx = taps
+    dtype = src.dtype
+    ft: Any = np.float32 if dtype.itemsize <= 2 or dtype == np.float32 else np.float64
+
+    def apply(a: np.ndarray) -> np.ndarray:
+        return _apply(_apply(a, iy, wy, 0, ft), ix, wx, 1, ft)
+
+    sample = np.broadcast_to(valid[:, :, None], src.shape)
+    if nodata is not None:
+        with np.errstate(invalid="ignore"):
+            sample = sample & (~np.isnan(src) if np.isnan(nodata) else src != nodata)
+    cover = apply(sample.astype(ft))
+    keep = cover >= 0.5
+    out = apply(np.where(sample, src, 0)) / np.where(keep, cover, 1)
+    if not keep.all():
+        # no data here: nodata where declared (set below), else what the file holds
+        out = np.where(keep, out, 0 if nodata is not None else apply(src))
+    if dtype.kind in "iub":
+        out = np.rint(out)
+        if dtype.kind != "b":
+            info = np.iinfo(dtype)
+            out = np.clip(out, info.min, info.max)
+    out = out.astype(dtype)
+    if nodata is not None:
+        out[~keep] = nodata
+    mask = np.where(apply(valid[:, :, None].astype(ft))[:, :, 0] >= 0.5, 255, 0)
+    return out, mask.astype(np.uint8)

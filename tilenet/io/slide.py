@@ -13,6 +13,15 @@ Pixels and their edge rules:
   transparent. tilenet returns RGB and composites such pixels onto the slide's
   ``openslide.background-color`` where the file declares one, else onto white (as TIAToolbox
   and QuPath show them): an unscanned area looks like empty glass, not like black tissue.
+  The alpha is also the slide's dataset mask (:meth:`~tilenet.io.base.LazyImage.read_masked`):
+  a fully transparent pixel (a missing tile of a sparse slide, the space between the regions
+  of a multi-region scan) has no data, as alpha 0 of an RGBA TIFF or PNG has. A file does
+  not say up front whether it is sparse, so the first time a stage asks
+  (:attr:`~tilenet.io.base.LazyImage.masked`) the coarsest level is read once: a slide
+  with no transparent pixel there is not masked and reads exactly as before (no mask, no
+  nodata tag, skipped tiles read nothing); one with some is masked at every level. A hole
+  too small to leave a transparent pixel at the coarsest level is not seen (its pixels stay
+  composited background, as before).
 * ``read_region`` takes the location in level-0 pixels and divides it by the level's
   downsample; where that downsample is not an integer, OpenSlide shifts the level by the
   fraction (a sub-pixel resampling) and the shift depends on where a read starts. To keep a
@@ -48,6 +57,8 @@ __all__ = ["BLOCK_CACHE_BYTES", "SlideImage", "open_slide"]
 #: Budget of each slide's cache of decoded blocks (levels with a non-integer downsample).
 BLOCK_CACHE_BYTES = 32 * 2**20
 _BLOCK = 512
+#: The largest coarsest level read whole to find whether a slide is sparse.
+_PROBE_PIXELS = 4096 * 4096
 _WHITE = (255, 255, 255)
 # DICOM transfer syntaxes of tiled slides -> the compression names tilenet reports.
 _DICOM_COMPRESSION = {
@@ -92,25 +103,59 @@ class SlideImage(LazyImage):
         default_factory=OrderedDict, repr=False
     )
     _block_bytes: int = field(default=0, repr=False)
+    #: Per reader thread: the alpha of its last read, (window, level, alpha).
+    _alphas: threading.local = field(default_factory=threading.local, repr=False)
 
     def _region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """``read_region`` of a (h, w) area at level pixel (y, x), as RGB."""
+        """``read_region`` of a (h, w) area at level pixel (y, x), as RGB composited on the
+        background, and the alpha: (h, w, 4) uint8."""
         ds = self._os_downsamples[level]
         loc = (round(x * ds), round(y * ds))
         rgba = np.asarray(self._slide.read_region(loc, level, (w, h)))
-        rgb = rgba[:, :, :3]
         alpha = rgba[:, :, 3]
         if alpha.min() == 255:
-            return rgb
+            return rgba
         # openslide-python un-premultiplies; composite the (partly) transparent pixels.
         a = alpha[:, :, None].astype(np.float32) / 255.0
         bg = np.asarray(self._background, np.float32)
-        return np.rint(rgb * a + bg * (1.0 - a)).astype(np.uint8)
+        rgb = np.rint(rgba[:, :, :3] * a + bg * (1.0 - a)).astype(np.uint8)
+        return np.dstack([rgb, alpha])
+
+    #: Whether the coarsest level has a transparent pixel (None: not probed yet).
+    _sparse: bool | None = field(default=None, repr=False)
+
+    def _has_dataset_mask(self) -> bool:
+        if self._sparse is None:
+            self._sparse = self._probe_sparse()
+        return self._sparse
+
+    def _probe_sparse(self) -> bool:
+        """Whether OpenSlide's coarsest level has a fully transparent pixel (read once; a
+        level too large to read whole counts as sparse)."""
+        level = len(self.levels) - 1
+        h, w = self.levels[level].shape
+        if h * w > _PROBE_PIXELS:
+            return True
+        rgba = np.asarray(self._slide.read_region((0, 0), level, (w, h)))
+        return bool((rgba[:, :, 3] == 0).any())
+
+    def _dataset_mask(self, window: Window, level: int, pixels: np.ndarray) -> np.ndarray:
+        """OpenSlide's alpha of the window read: 0 where the slide has no scanned data."""
+        last = getattr(self._alphas, "last", None)
+        if last is not None and last[0] == window and last[1] == level:
+            return np.asarray(last[2])
+        return self._rgba(window, level)[:, :, 3]
 
     def _read(self, window: Window, level: int) -> np.ndarray:
+        rgba = self._rgba(window, level)
+        self._alphas.last = (window, level, rgba[:, :, 3])
+        return rgba[:, :, :3]
+
+    def _rgba(self, window: Window, level: int) -> np.ndarray:
+        """``window`` of ``level`` as composited RGB and alpha (h, w, 4)."""
         if float(self._os_downsamples[level]).is_integer():
             return self._region(level, window.y, window.x, window.h, window.w)
-        out = np.empty((window.h, window.w, 3), np.uint8)
+        out = np.empty((window.h, window.w, 4), np.uint8)
         lh, lw = self.levels[level].shape
         for by in range(window.y // _BLOCK, (window.y1 - 1) // _BLOCK + 1):
             for bx in range(window.x // _BLOCK, (window.x1 - 1) // _BLOCK + 1):

@@ -290,14 +290,28 @@ class TiffImage(LazyImage):
     _raw: dict[int, tuple[str, str] | None] = field(default_factory=dict, repr=False)
     #: The channel holding alpha (ExtraSamples: associated or unassociated), if any.
     _alpha: int | None = field(default=None, repr=False)
+    #: Per level with missing tiles (byte count 0, a sparse slide): (tile size, missing grid).
+    _missing: dict[int, tuple[tuple[int, int], np.ndarray]] = field(
+        default_factory=dict, repr=False
+    )
 
     def _has_dataset_mask(self) -> bool:
-        return self._alpha is not None
+        return self._alpha is not None or bool(self._missing)
 
     def _dataset_mask(self, window: Window, level: int, pixels: np.ndarray) -> np.ndarray:
-        """The alpha channel of the pixels read: 0 where there is no data."""
-        assert self._alpha is not None
-        return pixels[:, :, self._alpha]
+        """0 where there is no data: the alpha channel of the pixels read, and the tiles the
+        file leaves out (byte count 0: OpenSlide shows them transparent), else 255."""
+        if self._alpha is not None:
+            mask = pixels[:, :, self._alpha]
+        else:
+            mask = np.full(window.shape, 255, np.uint8)
+        missing = self._missing.get(level)
+        if missing is not None:
+            (th, tw), grid = missing
+            ty = np.arange(window.y, window.y1) // th
+            tx = np.arange(window.x, window.x1) // tw
+            mask = np.where(grid[ty][:, tx], 0, mask)
+        return mask
 
     def _array(self, level: int) -> Any:
         """The level as an indexable array: a read-only memmap or a zarr view of the tiles."""
@@ -523,6 +537,24 @@ def _gdal_nodata(page: Any) -> float | None:
         return None
 
 
+def _missing_tiles(levels: list[Any]) -> dict[int, tuple[tuple[int, int], np.ndarray]]:
+    """Per single-page tiled level: its tile size and the (ny, nx) grid of tiles whose byte
+    count is 0 in every plane (left out of a sparse slide), where there are any."""
+    out = {}
+    for i, lv in enumerate(levels):
+        page = lv.keyframe
+        if len(lv.pages) != 1 or not page.is_tiled:
+            continue
+        counts = np.asarray(lv.pages[0].databytecounts)
+        if counts.all():
+            continue
+        th, tw = int(page.tilelength), int(page.tilewidth)
+        ny, nx = -(-int(page.imagelength) // th), -(-int(page.imagewidth) // tw)
+        if counts.size % (ny * nx) == 0 and int(page.tiledepth) == 1:
+            out[i] = ((th, tw), (counts.reshape(-1, ny, nx) == 0).all(0))
+    return out
+
+
 def _alpha_channel(page: Any, channels: int) -> int | None:
     """The channel of an interleaved page's alpha sample (ExtraSamples 1 or 2), if any."""
     extra = [int(e) for e in np.atleast_1d(getattr(page, "extrasamples", None) or ())]
@@ -584,6 +616,7 @@ def _describe(p: Any, name: Any, tf: Any, *, max_pixels: int | None) -> TiffImag
         nodata=_gdal_nodata(page0),
         **svs_extras(tf),
         _alpha=_alpha_channel(page0, layouts[0].channels),
+        _missing=_missing_tiles(levels),
         _tf=tf,
         _series=levels,
         _layouts=layouts,

@@ -22,6 +22,7 @@ from tilenet.io.resolution import (
 )
 from tilenet.io.view import view
 from tilenet.patches.augment import build_augment
+from tilenet.patches.patchstore import NODATA_FILL
 from tilenet.patches.stats import store_stats
 from tilenet.patches.stream import (
     BatchEmitter,
@@ -46,7 +47,8 @@ class RandomCropDataset(EpochMixin, IterableDataset):
     vector file) the masks are the polygons rasterized per crop, and crops are centred on
     points drawn uniformly inside the annotated regions (images in proportion to their
     annotated area); images the polygons miss are left out (with a warning). Pixels outside
-    every polygon are 255 or 0 (``vector.outside``), nodata pixels 255.
+    every polygon are 255 or 0 (``vector.outside``), nodata pixels 255 (their pixels are
+    :data:`~tilenet.patches.patchstore.NODATA_FILL`, as in a patch store).
     """
 
     def __init__(
@@ -206,13 +208,15 @@ class RandomCropDataset(EpochMixin, IterableDataset):
                 img, lab = self._handles(i)
                 lv = self._levels[i]
                 pixels, valid = img.read_masked(win, lv)
-                crops.append(pixels)
                 if self.vector_labels is not None:
                     masks[j] = self.vector_labels[i].read(win, lv, fill=IGNORE_INDEX)[..., 0]
                 elif lab is not None:
                     masks[j] = lab.read(win, lv)[..., 0]
                 if valid is not None:  # no data (nodata, alpha 0, masked): ignored by the loss
                     masks[j][~valid] = IGNORE_INDEX
+                    fill = np.asarray(NODATA_FILL, pixels.dtype)  # as a stored patch holds
+                    pixels = np.where(valid[..., None], pixels, fill)
+                crops.append(pixels)
             yield from emit.feed(np.stack(crops), masks, np.arange(len(crops)))
         yield from emit.flush()
 

@@ -4,6 +4,13 @@
 the store's ``count``, writes one shard per dask task (each reads its windows and returns
 partial statistics) and then commits the group: its ``sources`` entries, ``count`` and the
 store statistics, written only after every shard is on disk.
+
+Pixels without data (the image's validity mask: nodata, alpha 0, a dataset mask; see
+:meth:`~tilenet.io.base.LazyImage.read_masked`) are stored as
+:data:`~tilenet.patches.patchstore.NODATA_FILL` (0), as the part of a patch past the image's
+edge is, whatever value the file uses for them: two files differing only in their nodata
+value give identical patches. Their label is 255 (ignored by the loss) and they are left out
+of the store's statistics.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import numpy as np
 
 from tilenet.config import ResolutionConfig
 from tilenet.io.base import IGNORE_INDEX
-from tilenet.patches.patchstore import ARRAYS, COORDS, IMAGES, LABELS, stats_attrs
+from tilenet.patches.patchstore import ARRAYS, COORDS, IMAGES, LABELS, NODATA_FILL, stats_attrs
 from tilenet.patches.tileplan import ImagePlan, open_at
 
 __all__ = ["write_batch"]
@@ -69,6 +76,8 @@ def _write_range(
                 i = g - lo
                 data, valid = img.read_masked(win, level)
                 imgs[i] = data
+                if valid is not None:
+                    imgs[i][~valid] = NODATA_FILL
                 coords[i] = (src_index[k], level, win.y, win.x)
                 # stats over the part inside the image only (zero padding is not data)
                 inside = win.clip(*img.levels[level].shape).relative_to(win)

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from tilenet.errors import CheckpointError, ConfigError, one_line
-from tilenet.models.encoders import Encoder, build_encoder, encoder_spec
+from tilenet.models.encoders import (
+    Encoder,
+    EncoderSpec,
+    build_encoder,
+    encoder_spec,
+    is_hf_vit,
+    timm_keys_from_hf,
+)
 
 __all__ = ["LoadedEncoder", "load_encoder", "read_state_dict", "sha256_file"]
 
@@ -79,9 +86,35 @@ def read_state_dict(path: Path) -> dict[str, Any]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
+def _check_hf_config(spec: EncoderSpec, path: Path) -> None:
+    """A transformers ``config.json`` beside the weights must describe the preset's model:
+    its type, and what the tensors' shapes do not show (activation, LayerNorm eps, MLP)."""
+    import json
+
+    cfg_path = path.parent / "config.json"
+    if spec.hf is None or not cfg_path.is_file():
+        return
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{cfg_path}: cannot read: {one_line(exc, typed=False)}") from None
+    eps = float(spec.kwargs.get("layer_norm_eps", 1e-6))
+    want = {"model_type": spec.hf, "hidden_act": "gelu", "layer_norm_eps": eps}
+    if spec.hf == "dinov2":
+        want |= {"use_swiglu_ffn": False, "num_register_tokens": 0}
+    have = {k: cfg.get(k, v if k in ("use_swiglu_ffn", "num_register_tokens") else None)
+            for k, v in want.items()}  # fmt: skip
+    wrong = [f"{k}={have[k]!r} (expected {v!r})" for k, v in want.items() if have[k] != v]
+    if wrong:
+        raise CheckpointError(f"{cfg_path}: not a {spec.name!r} checkpoint: {', '.join(wrong)}")
+
+
 def _load_into(encoder: Encoder, sd: dict[str, Any], path: Path) -> None:
     model = encoder.model
     sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    if is_hf_vit(sd):  # transformers ViT/DINOv2 (Phikon): renamed to timm's ViT
+        _check_hf_config(encoder.spec, path)
+        sd = timm_keys_from_hf(sd)
     own = model.state_dict()
     if encoder.spec.pooling == "gap-stage3":  # a truncated ResNet: layer4 and fc are unused
         sd = {k: v for k, v in sd.items() if k in own}

@@ -11,11 +11,15 @@ Pooling, exactly (timm's ViTs put ``1 + reg_tokens`` prefix tokens in front of t
 tokens, ``num_prefix_tokens``):
 
 * ``token``: the CLS token of the final-normed tokens (UNI, UNI2-h, Prov-GigaPath,
-  H-optimus, Phikon);
+  H-optimus, Phikon, Phikon-v2: ``last_hidden_state[:, 0]`` of transformers' ViT/DINOv2);
 * ``cls+mean``: CLS concatenated with the mean of the *patch* tokens, register tokens
   skipped (Virchow, Virchow2: 2 x 1280 = 2560);
 * ``pre-logits``: the model's own head without its classifier (any timm model);
 * ``gap-stage3``: global average of ResNet-50's third stage (CLAM's ``resnet50_trunc``).
+
+Phikon and Phikon-v2 are published as transformers ``ViTModel`` / ``Dinov2Model``
+checkpoints; they are built as the same timm ViT, and :func:`timm_keys_from_hf` renames the
+checkpoint's tensors (fusing query/key/value), so no transformers is needed to run them.
 
 Weights are not read here (models read no files): the engine loads them
 (:mod:`tilenet.engine.weights`). ``tiny=True`` builds the same family with small widths and
@@ -25,7 +29,9 @@ depths through the same code path, for tests without weights or network.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -42,7 +48,9 @@ __all__ = [
     "Pooling",
     "build_encoder",
     "encoder_spec",
+    "is_hf_vit",
     "list_encoders",
+    "timm_keys_from_hf",
 ]
 
 Pooling = Literal["token", "cls+mean", "pre-logits", "gap-stage3"]
@@ -86,6 +94,9 @@ class EncoderSpec:
     access: str = ""
     #: Architecture kwargs given to ``timm.create_model`` (plain data).
     kwargs: dict[str, Any] = field(default_factory=dict)
+    #: transformers ``model_type`` of the published checkpoint (``vit``, ``dinov2``) when it
+    #: is not a timm one: its tensors are renamed by :func:`timm_keys_from_hf` on load.
+    hf: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for output attributes."""
@@ -101,6 +112,8 @@ class EncoderSpec:
             "resize": self.resize,
             "interpolation": self.interpolation,
             "hub": self.hub,
+            # only where set: the attributes (and resume keys) of the timm presets stay as they were
+            **({"hf": self.hf} if self.hf else {}),
         }
 
 
@@ -119,14 +132,16 @@ def _vit(
     patch: int = 224,
     resize: int | None = None,
     interpolation: Literal["bilinear", "bicubic"] = "bilinear",
+    hf: str | None = None,
 ) -> EncoderSpec:
     return EncoderSpec(
         name, arch, dim, 224, mean, std, pooling, precision, resize, interpolation, patch,
-        0.5, hub, access, {"img_size": 224, **kwargs},
+        0.5, hub, access, {"img_size": 224, **kwargs}, hf,
     )  # fmt: skip
 
 
 _MAHMOOD = "gated: request access at https://huggingface.co/{} (institutional e-mail), then `hf auth login` or --weights DIR"
+_OWKIN = "open (Owkin non-commercial licence): https://huggingface.co/{}; offline: --weights DIR"
 _GATED = "gated: accept the conditions at https://huggingface.co/{}, then `hf auth login` or --weights DIR"
 
 #: Foundation-model presets (model cards and TRIDENT's loaders; see docs/embeddings).
@@ -239,6 +254,31 @@ PRESETS: dict[str, EncoderSpec] = {
             mean=_HOPTIMUS_MEAN,
             std=_HOPTIMUS_STD,
         ),
+        # transformers ViTModel (iBOT ViT-B/16): LayerNorm eps 1e-12 (ViTConfig), exact GELU;
+        # TRIDENT: Resize(224, bilinear, antialias), ImageNet mean/std, fp32.
+        _vit(
+            "phikon",
+            "vit_base_patch16_224",
+            768,
+            hub="hf-hub:owkin/phikon",
+            access=_OWKIN.format("owkin/phikon"),
+            kwargs={"layer_norm_eps": 1e-12},
+            precision="fp32",
+            hf="vit",
+        ),
+        # transformers Dinov2Model (ViT-L/16, LayerScale, eps 1e-6); TRIDENT: Resize(224) +
+        # CenterCrop(224), ImageNet mean/std, fp32.
+        _vit(
+            "phikon-v2",
+            "vit_large_patch16_224",
+            1024,
+            hub="hf-hub:owkin/phikon-v2",
+            access=_OWKIN.format("owkin/phikon-v2"),
+            kwargs={"init_values": 1.0},
+            precision="fp32",
+            resize=224,
+            hf="dinov2",
+        ),
         EncoderSpec(
             "resnet50-trunc",
             "resnet50.tv_in1k",
@@ -263,8 +303,6 @@ PRESETS: dict[str, EncoderSpec] = {
 _NOT_BUILT = {
     "conch": "CONCH needs the conch package (pip install git+https://github.com/mahmoodlab/CONCH) "
     "and gated weights (https://huggingface.co/MahmoodLab/conch); not built by tilenet",
-    "phikon": "Phikon is published for transformers (owkin/phikon); not built by tilenet yet",
-    "phikon-v2": "Phikon-v2 is published for transformers (owkin/phikon-v2); not built yet",
 }
 
 
@@ -337,6 +375,8 @@ def _resolve_layers(kwargs: dict[str, Any]) -> dict[str, Any]:
         out["mlp_layer"] = timm.layers.SwiGLUPacked
     if out.get("act_layer") == "SiLU":
         out["act_layer"] = torch.nn.SiLU
+    if "layer_norm_eps" in out:  # transformers' ViT: LayerNorm eps 1e-12, not timm's 1e-6
+        out["norm_layer"] = partial(nn.LayerNorm, eps=float(out.pop("layer_norm_eps")))
     return out
 
 
@@ -346,6 +386,86 @@ def _output_dim(model: Any, pooling: Pooling) -> int:
     if pooling == "gap-stage3":
         return int(model.feature_info.channels()[-1])
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+#: transformers ViT / DINOv2 tensor names (as ``save_pretrained`` writes them, and as
+#: transformers 5 names them in memory) -> timm's, per block and at the top.
+_HF_BLOCK = {
+    "layernorm_before": "norm1",  # ViT
+    "layernorm_after": "norm2",
+    "norm1": "norm1",  # DINOv2
+    "norm2": "norm2",
+    "attention.output.dense": "attn.proj",
+    "attention.o_proj": "attn.proj",
+    "intermediate.dense": "mlp.fc1",  # ViT
+    "output.dense": "mlp.fc2",
+    "mlp.fc1": "mlp.fc1",  # DINOv2 (and transformers 5's ViT)
+    "mlp.fc2": "mlp.fc2",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "layer_scale2.lambda1": "ls2.gamma",
+}
+_HF_QKV = {
+    "attention.attention.query": "q",
+    "attention.attention.key": "k",
+    "attention.attention.value": "v",
+    "attention.q_proj": "q",
+    "attention.k_proj": "k",
+    "attention.v_proj": "v",
+}
+_HF_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+#: Tensors a feature extractor does not use: DINOv2's mask token, ViT's pooler.
+_HF_UNUSED = ("embeddings.mask_token", "pooler.")
+_HF_PREFIX = re.compile(r"^(vit|dinov2)\.")
+_HF_LAYER = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
+
+
+def is_hf_vit(sd: dict[str, Any]) -> bool:
+    """Whether a state dict is a transformers ViT/DINOv2 one (``embeddings.patch_embeddings``)."""
+    return any(_HF_PREFIX.sub("", k).startswith("embeddings.patch_embeddings.") for k in sd)
+
+
+def timm_keys_from_hf(sd: dict[str, Any]) -> dict[str, Any]:
+    """A transformers ``ViTModel``/``Dinov2Model`` state dict renamed to timm's ViT.
+
+    Query, key and value are concatenated into timm's fused ``qkv`` (that order); a leading
+    ``vit.``/``dinov2.`` is dropped; the mask token and pooler are left out. Names that map to
+    nothing are kept as they are, so the loader reports them as unexpected.
+    """
+    sd = {_HF_PREFIX.sub("", k): v for k, v in sd.items()}
+    out: dict[str, Any] = {}
+    qkv: dict[tuple[int, str], dict[str, Any]] = {}
+    for key, value in sd.items():
+        if key.startswith(_HF_UNUSED):
+            continue
+        if key in _HF_TOP:
+            out[_HF_TOP[key]] = value
+            continue
+        m = _HF_LAYER.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        block, name, kind = int(m[1]), m[2], m[3]
+        if name in _HF_QKV:
+            qkv.setdefault((block, kind), {})[_HF_QKV[name]] = value
+        elif kind == "lambda1" and f"{name}.lambda1" in _HF_BLOCK:
+            out[f"blocks.{block}.{_HF_BLOCK[name + '.lambda1']}"] = value
+        elif name in _HF_BLOCK:
+            out[f"blocks.{block}.{_HF_BLOCK[name]}.{kind}"] = value
+        else:
+            out[key] = value
+    for (block, kind), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            out.update({f"encoder.layer.{block}.{p}.{kind}": t for p, t in parts.items()})
+            continue
+        out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
 
 
 class Encoder(nn.Module):

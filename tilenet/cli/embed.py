@@ -12,8 +12,8 @@ from tilenet.errors import EXIT_OK, ConfigError, InputError
 __all__ = ["add_embed"]
 
 _ENCODER_HELP = (
-    "a preset (uni, uni2-h, virchow, virchow2, gigapath, h-optimus-0, h-optimus-1, "
-    "resnet50-trunc: architecture, input, mean/std, pooling and precision as their authors "
+    "a preset (uni, uni2-h, virchow, virchow2, gigapath, h-optimus-0, h-optimus-1, phikon, "
+    "phikon-v2, conch, resnet50-trunc: architecture, input, mean/std, pooling and precision as their authors "
     "define them) or timm:<any timm model name> (its own data config, pooled pre-logits)"
 )
 

@@ -109,9 +109,23 @@ def _check_hf_config(spec: EncoderSpec, path: Path) -> None:
         raise CheckpointError(f"{cfg_path}: not a {spec.name!r} checkpoint: {', '.join(wrong)}")
 
 
+#: CoCa image-tower tensors the contrastive embedding before projection does not use.
+_COCA_UNUSED = ("proj_contrast", "attn_pool_caption.", "ln_caption.")
+
+
+def _coca_image_tower(sd: dict[str, Any]) -> dict[str, Any]:
+    """A CoCa checkpoint's ``visual.`` tensors (text towers, logit scale, the contrastive
+    projection and the caption pooler left out); a bare image tower is kept as it is."""
+    if any(k.startswith("visual.") for k in sd):
+        sd = {k[7:]: v for k, v in sd.items() if k.startswith("visual.")}
+    return {k: v for k, v in sd.items() if not k.startswith(_COCA_UNUSED)}
+
+
 def _load_into(encoder: Encoder, sd: dict[str, Any], path: Path) -> None:
     model = encoder.model
     sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    if encoder.spec.pooling == "attn-pool":  # CONCH: the whole CoCa; its image tower's pooled path
+        sd = _coca_image_tower(sd)
     if is_hf_vit(sd):  # transformers ViT/DINOv2 (Phikon): renamed to timm's ViT
         _check_hf_config(encoder.spec, path)
         sd = timm_keys_from_hf(sd)

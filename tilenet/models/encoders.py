@@ -15,7 +15,9 @@ tokens, ``num_prefix_tokens``):
 * ``cls+mean``: CLS concatenated with the mean of the *patch* tokens, register tokens
   skipped (Virchow, Virchow2: 2 x 1280 = 2560);
 * ``pre-logits``: the model's own head without its classifier (any timm model);
-* ``gap-stage3``: global average of ResNet-50's third stage (CLAM's ``resnet50_trunc``).
+* ``gap-stage3``: global average of ResNet-50's third stage (CLAM's ``resnet50_trunc``);
+* ``attn-pool``: CoCa's contrastive attentional pooler before its projection (CONCH's
+  ``encode_image(x, proj_contrast=False, normalize=False)``, :mod:`tilenet.models.coca`).
 
 Phikon and Phikon-v2 are published as transformers ``ViTModel`` / ``Dinov2Model``
 checkpoints; they are built as the same timm ViT, and :func:`timm_keys_from_hf` renames the
@@ -53,16 +55,22 @@ __all__ = [
     "timm_keys_from_hf",
 ]
 
-Pooling = Literal["token", "cls+mean", "pre-logits", "gap-stage3"]
+Pooling = Literal["token", "cls+mean", "pre-logits", "gap-stage3", "attn-pool"]
 Precision = Literal["fp32", "fp16", "bf16"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 _HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+#: OpenAI CLIP's, which CONCH's factory sets on its image tower (not ImageNet's).
+_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 #: Small widths for ``tiny=True`` ViTs (any family member keeps its registers and layout).
 _TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+#: ...and for CoCa's pooler (``coca_*`` kwargs are the pooler's, not timm's; CONCH always
+#: builds it with 8 heads: its _build_vision_tower does not pass attn_pooler_heads on).
+_TINY_COCA = {"coca_embed_dim": 16, "coca_heads": 8}
 
 
 @dataclass(frozen=True)
@@ -279,6 +287,32 @@ PRESETS: dict[str, EncoderSpec] = {
             resize=224,
             hf="dinov2",
         ),
+        # CONCH (conch_ViT-B-16.json): timm ViT-B/16 trunk at 448, CoCa attentional pooler
+        # (512-d, 8 heads, 1 query) + ln_contrast, no projection; CONCH's transform: Resize(448,
+        # bicubic) + CenterCrop(448), OpenAI mean/std; TRIDENT: 512 px at 20x, fp32.
+        EncoderSpec(
+            "conch",
+            "vit_base_patch16_224",
+            512,
+            448,
+            _OPENAI_MEAN,
+            _OPENAI_STD,
+            "attn-pool",
+            "fp32",
+            448,
+            "bicubic",
+            512,
+            0.5,
+            "hf-hub:MahmoodLab/conch",
+            _MAHMOOD.format("MahmoodLab/conch"),
+            {
+                "img_size": 448,
+                "patch_size": 16,
+                "dynamic_img_size": True,
+                "coca_embed_dim": 512,
+                "coca_heads": 8,
+            },
+        ),
         EncoderSpec(
             "resnet50-trunc",
             "resnet50.tv_in1k",
@@ -301,8 +335,13 @@ PRESETS: dict[str, EncoderSpec] = {
 
 #: Presets that cannot be built from timm alone, with the one line that says why.
 _NOT_BUILT = {
-    "conch": "CONCH needs the conch package (pip install git+https://github.com/mahmoodlab/CONCH) "
-    "and gated weights (https://huggingface.co/MahmoodLab/conch); not built by tilenet",
+    name: "CONCH v1.5 (MahmoodLab/conchv1_5) is not supported: its image tower is defined only in "
+    "TRIDENT's model zoo and has not been reproduced and tested against it here; use conch "
+    "(v1) or run TRIDENT"
+    for name in ("conch-v1.5", "conch_v15", "conchv1_5", "conch-v15")
+} | {
+    "ctranspath": "CTransPath is not supported: it needs timm-ctp (a fork of timm 0.5) for its "
+    "Swin + ConvStem, which tilenet does not reproduce; use TRIDENT for it",
 }
 
 
@@ -358,10 +397,16 @@ def build_encoder(name: str, *, tiny: bool = False, **overrides: Any) -> Encoder
         return Encoder(model, spec)
     spec = encoder_spec(name)
     kwargs = {**spec.kwargs, **(_TINY_VIT if tiny and spec.pooling != "gap-stage3" else {})}
+    kwargs = {**kwargs, **(_TINY_COCA if tiny and spec.pooling == "attn-pool" else {})}
     kwargs = {**kwargs, **overrides}
-    model = timm.create_model(spec.arch, pretrained=False, **_resolve_layers(kwargs))
+    timm_kwargs = {k: v for k, v in _resolve_layers(kwargs).items() if not k.startswith("coca_")}
+    model = timm.create_model(spec.arch, pretrained=False, **timm_kwargs)
     if spec.pooling != "gap-stage3":
         model.reset_classifier(0)
+    if spec.pooling == "attn-pool":
+        from tilenet.models.coca import CoCaVision
+
+        model = CoCaVision(model, int(kwargs["coca_embed_dim"]), int(kwargs["coca_heads"]))
     dim = _output_dim(model, spec.pooling)
     return Encoder(model, replace(spec, dim=dim, kwargs=kwargs))
 
@@ -479,7 +524,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooling = self.spec.pooling
-        if pooling == "pre-logits":
+        if pooling in ("pre-logits", "attn-pool"):
             return self.model(x)
         if pooling == "gap-stage3":
             return self.model(x)[-1].mean(dim=(2, 3))

@@ -34,7 +34,7 @@ def _hf_model(kind: str, **config: Any) -> Any:
         cfg = ViTConfig(intermediate_size=128, **{**TINY, **config})
         model = ViTModel(cfg, add_pooling_layer=False)
     else:
-        model = Dinov2Model(Dinov2Config(mlp_ratio=4, **TINY, **config))
+        model = Dinov2Model(Dinov2Config(mlp_ratio=4, **{**TINY, **config}))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -106,3 +106,16 @@ def test_key_mapping_fuses_qkv_and_drops_what_a_feature_extractor_does_not_use()
     torch.testing.assert_close(out["blocks.1.attn.qkv.weight"][64:], v)
     assert "blocks.0.ls2.gamma" in out and "cls_token" in out
     assert not any("mask_token" in k or "pooler" in k or k.startswith("dinov2.") for k in out)
+
+
+def test_a_checkpoint_for_another_input_size_is_resampled_as_transformers_does(
+    tmp_path: Path,
+) -> None:
+    """Position embeddings saved for 160 px (10 x 10 patches) and run at 112 (7 x 7):
+    transformers resamples them at every forward; tilenet once, on load, to the same values."""
+    hf = _hf_model("dinov2", image_size=160)
+    hf.save_pretrained(tmp_path)
+    enc = load_encoder("phikon-v2", tmp_path, tiny=True, img_size=112).encoder.eval()
+    with torch.no_grad():
+        want = hf(pixel_values=X).last_hidden_state[:, 0]
+        torch.testing.assert_close(enc(X), want, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ names the exact weights that made it.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,15 +122,36 @@ def _coca_image_tower(sd: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in sd.items() if not k.startswith(_COCA_UNUSED)}
 
 
+def _resample_pos_embed(pos: Any, shape: tuple[int, ...]) -> Any:
+    """A transformers checkpoint's (1, 1 + g * g, D) position embeddings for a model built
+    for another square grid, resampled as transformers' DINOv2/ViT ``interpolate_pos_encoding``
+    does at every forward (float32 bicubic to the new grid size, no antialiasing; the CLS
+    position kept): done once here, the timm model then gives the same tokens."""
+    import torch
+
+    if tuple(pos.shape) == shape or pos.ndim != 3 or pos.shape[-1] != shape[-1]:
+        return pos  # equal, or not a case of grid size: the shape check reports it
+    old, new = math.isqrt(pos.shape[1] - 1), math.isqrt(shape[1] - 1)
+    if old * old != pos.shape[1] - 1 or new * new != shape[1] - 1:
+        return pos
+    grid = pos[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).to(torch.float32)
+    grid = torch.nn.functional.interpolate(
+        grid, size=(new, new), mode="bicubic", align_corners=False
+    ).to(pos.dtype)
+    return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)], dim=1)
+
+
 def _load_into(encoder: Encoder, sd: dict[str, Any], path: Path) -> None:
     model = encoder.model
     sd = {k.removeprefix("model."): v for k, v in sd.items()}
     if encoder.spec.pooling == "attn-pool":  # CONCH: the whole CoCa; its image tower's pooled path
         sd = _coca_image_tower(sd)
+    own = model.state_dict()
     if is_hf_vit(sd):  # transformers ViT/DINOv2 (Phikon): renamed to timm's ViT
         _check_hf_config(encoder.spec, path)
         sd = timm_keys_from_hf(sd)
-    own = model.state_dict()
+        if "pos_embed" in sd and "pos_embed" in own:
+            sd["pos_embed"] = _resample_pos_embed(sd["pos_embed"], tuple(own["pos_embed"].shape))
     if encoder.spec.pooling == "gap-stage3":  # a truncated ResNet: layer4 and fc are unused
         sd = {k: v for k, v in sd.items() if k in own}
     missing = sorted(set(own) - set(sd))

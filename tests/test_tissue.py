@@ -222,3 +222,17 @@ def test_rgb_to_hsv_matches_scikit_image() -> None:
     assert np.minimum(dh, 1 - dh).max() < 1e-5
     assert np.abs(sat / 255 - ref[..., 1]).max() <= 0.5 / 255 + 1e-9
     assert np.array_equal(val, rgb.max(-1))
+
+
+def test_mask_polygons_are_level0_rings_with_holes_ending_at_the_image_edge() -> None:
+    m = np.zeros((6, 6), bool)
+    m[0:3, 0:3] = True
+    m[1, 1] = False  # a hole
+    m[4:6, 5] = True  # a piece in the last column, which reaches past the image's edge
+    from tilenet.outputs.polygons import mask_polygons
+
+    mask = TissueMask(m, (4.0, 4.0), (22, 22), (2.0, 2.0))
+    square, edge = list(mask_polygons(mask.mask, mask.scale, mask.shape))
+    assert square[0] == [[0, 0], [12, 0], [12, 12], [0, 12], [0, 0]]
+    assert square[1] == [[4, 4], [4, 8], [8, 8], [8, 4], [4, 4]]  # its hole, 4 px a mask pixel
+    assert edge == [[[20, 16], [22, 16], [22, 22], [20, 22], [20, 16]]]  # clipped at 22

@@ -198,6 +198,8 @@ def test_embed_with_tissue_and_stain(
     import h5py
     from test_stain import synthetic_he
 
+    from tilenet.stain import make_stain, plain_state
+
     path, truth = slide
     ref = tmp_path / "ref.png"
     Image.fromarray(synthetic_he(5, h_gain=1.5)).save(ref)
@@ -213,6 +215,9 @@ def test_embed_with_tissue_and_stain(
     assert 20 < len(on) < 50 and len(got ^ on) <= 2  # borderline patches may differ
     assert main([*args, "--stain", str(ref), "--out", str(tmp_path / "s")]) == 0
     with h5py.File(tmp_path / "s" / "features" / "case_1.h5") as f:
-        assert json.loads(f.attrs["tilenet"])["extra"]["stain"]["method"] == "macenko"
+        stain = json.loads(f.attrs["tilenet"])["extra"]["stain"]
+        assert stain["method"] == "macenko"
+        # the fitted normaliser is stored with the features (tilenet.stain.stain_from_state)
+        assert stain["state"] == plain_state(make_stain("macenko", np.array(Image.open(ref))))
         assert f["features"].shape == plain.shape
         assert np.abs(f["features"][:] - plain).max() > 1e-3  # the stain changed the input

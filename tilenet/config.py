@@ -295,7 +295,8 @@ class InferConfig:
     #: class 0); 0: off.
     tissue: float = 0.0
     #: An RGB reference image (or region) to normalise the stain to (tilenet.stain): fitted
-    #: once; each input's stains are estimated once, on its tissue; null: off.
+    #: once; each input's stains are estimated once, on its tissue; null: the normaliser the
+    #: model stores (trained with data.stain), else off; "none": off.
     stain: str | None = None
     stain_method: Literal["macenko", "reinhard"] = "macenko"
     readers: int = 2

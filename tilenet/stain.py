@@ -30,7 +30,15 @@ from tilenet.errors import InputError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["METHODS", "Macenko", "Reinhard", "StainNormalizer", "make_stain", "stain_from_state"]
+__all__ = [
+    "METHODS",
+    "Macenko",
+    "Reinhard",
+    "StainNormalizer",
+    "make_stain",
+    "plain_state",
+    "stain_from_state",
+]
 
 
 def _torch() -> Any:
@@ -382,6 +390,15 @@ def make_stain(method: str, ref: Any) -> Macenko | Reinhard:
     if method not in _METHODS:
         raise InputError(f"stain method must be one of {sorted(_METHODS)}, got {method!r}")
     return _METHODS[method]().fit(ref)
+
+
+def plain_state(normaliser: StainNormalizer) -> dict[str, Any]:
+    """A fitted normaliser's :meth:`~StainNormalizer.state_dict` as plain data (tensors as
+    nested lists of their float32 values): for a model spec, JSON or HDF5 attributes.
+    :func:`stain_from_state` reads it back to the same normaliser."""
+    return {
+        k: v.tolist() if hasattr(v, "tolist") else v for k, v in normaliser.state_dict().items()
+    }
 
 
 def stain_from_state(state: dict[str, Any]) -> Macenko | Reinhard:

@@ -67,6 +67,9 @@ FULL_SIZE = {
     "virchow2": (2560, 5, 631),
     "gigapath": (1536, 1, 1134),
     "h-optimus-0": (1536, 5, 1134),
+    "phikon": (768, 1, 86),
+    "phikon-v2": (1024, 1, 303),
+    "conch": (512, 1, 87.6),  # image tower to ln_contrast (checked against conch's CoCa too)
 }
 
 
@@ -79,7 +82,7 @@ def test_full_size_presets_match_their_published_architectures() -> None:
     _check_full_size(FULL_SIZE)
 
 
-def _check_full_size(expected: dict[str, tuple[int, int, int]]) -> None:
+def _check_full_size(expected: dict[str, tuple[int, int, float]]) -> None:
     """Widths, registers and parameter counts of the real models, built without memory."""
     for name, (dim, prefix, mparams) in expected.items():
         with torch.device("meta"):
@@ -169,10 +172,20 @@ def test_names_and_errors() -> None:
     assert {"uni", "uni2-h", "virchow2", "gigapath", "h-optimus-1"} <= set(list_encoders())
     with pytest.raises(ConfigError, match=r"unknown encoder 'nope'.*timm:"):
         encoder_spec("nope")
-    with pytest.raises(ConfigError, match="pip install git"):
-        encoder_spec("conch")
+    with pytest.raises(ConfigError, match=r"CONCH v1\.5 .* is not supported: .*TRIDENT"):
+        encoder_spec("conch_v15")
+    with pytest.raises(ConfigError, match="CTransPath is not supported: it needs timm-ctp"):
+        encoder_spec("ctranspath")
     with pytest.raises(ConfigError, match="timm:not_a_model"):
         build_encoder("timm:not_a_model")
     assert "huggingface.co/MahmoodLab/UNI2-h" in PRESETS["uni2-h"].access
     assert PRESETS["uni2-h"].precision == "bf16" and PRESETS["virchow2"].pooling == "cls+mean"
     assert PRESETS["h-optimus-0"].mean[0] == pytest.approx(0.707223)
+    conch = PRESETS["conch"]  # CONCH's own transform: 448 bicubic, OpenAI CLIP mean/std
+    assert (conch.input_size, conch.resize, conch.interpolation, conch.patch) == (
+        448,
+        448,
+        "bicubic",
+        512,
+    )
+    assert conch.mean[0] == pytest.approx(0.48145466) and conch.std[2] == pytest.approx(0.27577711)

@@ -12,8 +12,8 @@ from tilenet.errors import EXIT_OK, ConfigError, InputError
 __all__ = ["add_embed"]
 
 _ENCODER_HELP = (
-    "a preset (uni, uni2-h, virchow, virchow2, gigapath, h-optimus-0, h-optimus-1, "
-    "resnet50-trunc: architecture, input, mean/std, pooling and precision as their authors "
+    "a preset (uni, uni2-h, virchow, virchow2, gigapath, h-optimus-0, h-optimus-1, phikon, "
+    "phikon-v2, conch, resnet50-trunc: architecture, input, mean/std, pooling and precision as their authors "
     "define them) or timm:<any timm model name> (its own data config, pooled pre-logits)"
 )
 
@@ -191,17 +191,22 @@ def _hooks(args: argparse.Namespace) -> dict[str, Any]:
         hooks["keep_for"] = partial(tissue_filter, fraction=args.tissue)
         extra["tissue"] = {"fraction": args.tissue, "method": "otsu (tilenet.tissue defaults)"}
     if args.stain:
+        from tilenet.io import open_image
         from tilenet.io.sniff import fingerprint
+        from tilenet.stain import make_stain, plain_state
+        from tilenet.tissue import overview
 
         if not Path(args.stain).exists():
             raise InputError(f"{args.stain}: no such file (--stain)")
-        hooks["transform_for"] = partial(
-            stain_transform, reference=args.stain, method=args.stain_method
-        )
+        # fitted once, here: every slide (and worker) gets the same state, and the file keeps it
+        with open_image(args.stain) as ref:
+            state = plain_state(make_stain(args.stain_method, overview(ref)))
+        hooks["transform_for"] = partial(stain_transform, state=state, method=args.stain_method)
         extra["stain"] = {
             "method": args.stain_method,
             "reference": str(args.stain),
             "reference_fingerprint": fingerprint(args.stain),
+            "state": state,
         }
     if extra:
         hooks["extra_attrs"] = extra

@@ -141,7 +141,8 @@ def add_infer(sub: Any) -> None:
         "--stain",
         metavar="REF_IMAGE",
         help="normalise the stain to this RGB reference image or region (H&E): fitted once; "
-        "each input's stains are estimated once, on its tissue, so tiles meet without seams",
+        "each input's stains are estimated once, on its tissue, so tiles meet without seams. "
+        "Default: the normaliser a model trained with data.stain stores; 'none': off",
     )
     p.add_argument(
         "--stain-method",

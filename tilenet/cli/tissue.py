@@ -166,30 +166,22 @@ def _write_overlay(path: Path, mask: Any) -> None:
 
 
 def _write_polygons(path: Path, mask: Any) -> int:
-    """QuPath annotations, one per tissue piece, in level-0 pixels; how many."""
-    import numpy as np
+    """QuPath annotations, one per tissue piece (level-0 pixels:
+    :func:`tilenet.outputs.polygons.mask_polygons`); how many."""
+    from tilenet.outputs.polygons import GeoJSONStream, mask_polygons
 
-    from tilenet.geometry import GeoTransform
-    from tilenet.outputs.polygons import GeoJSONStream, trace
-
-    sy, sx = mask.scale
-    h, w = mask.shape
-    to_level0 = GeoTransform(0.0, float(sx), 0.0, 0.0, 0.0, float(sy))
     n = 0
     with GeoJSONStream(path) as out:
-        for _, polygons in trace(mask.mask.astype(np.uint8), np.array([1]), affine=to_level0):
-            for poly in polygons:
-                n += 1
-                # the last mask row/column reaches past the image: end it at the image's edge
-                rings = [[[min(x, w), min(y, h)] for x, y in ring] for ring in poly]
-                out.write(
-                    {
-                        "type": "Feature",
-                        "geometry": {"type": "Polygon", "coordinates": rings},
-                        "properties": {
-                            "objectType": "annotation",
-                            "classification": {"name": "Tissue", "color": [40, 170, 60]},
-                        },
-                    }
-                )
+        for rings in mask_polygons(mask.mask, mask.scale, mask.shape):
+            n += 1
+            out.write(
+                {
+                    "type": "Feature",
+                    "geometry": {"type": "Polygon", "coordinates": rings},
+                    "properties": {
+                        "objectType": "annotation",
+                        "classification": {"name": "Tissue", "color": [40, 170, 60]},
+                    },
+                }
+            )
     return n

@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -502,10 +502,17 @@ def tissue_filter(image: LazyImage, *, fraction: float) -> Keep:
     return keep
 
 
-def stain_transform(image: LazyImage, *, reference: str, method: str = "macenko") -> Transform:
-    """A stain normaliser fitted once to the image at ``reference``, its source estimated
-    once from ``image``'s tissue: one transform for every patch of a slide
+def stain_transform(
+    image: LazyImage,
+    *,
+    reference: str | None = None,
+    method: str = "macenko",
+    state: Mapping[str, Any] | None = None,
+) -> Transform:
+    """A stain normaliser fitted once to the image at ``reference`` (or the fitted one
+    ``state`` describes: :func:`tilenet.stain.plain_state`), its source estimated once from
+    ``image``'s tissue: one transform for every patch of a slide
     (:func:`tilenet.engine.perimage.slide_stain`)."""
     from tilenet.engine.perimage import slide_stain
 
-    return cast(Transform, slide_stain(image, reference, method))
+    return cast(Transform, slide_stain(image, reference, method, state=state))

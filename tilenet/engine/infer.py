@@ -437,7 +437,7 @@ def _run_step(
         grid=plan.grid,
         skip=skip_mask(_image_key(plan), plan.config, image, tiles),
         on_tiles=on_tiles,
-        stain=stain_for(_image_key(plan), plan.config, image),
+        stain=stain_for(_image_key(plan), plan.config, image, predictor.spec.stain),
     )
     return {
         "tiles": stats.tiles,

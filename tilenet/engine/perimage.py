@@ -7,6 +7,8 @@ low-resolution level again for each band; a new image (``key``) replaces them.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -49,32 +51,48 @@ def skip_mask(
     return skip
 
 
-def slide_stain(image: Any, reference: str, method: str) -> Any:
+def slide_stain(
+    image: Any, reference: str | None, method: str, *, state: Mapping[str, Any] | None = None
+) -> Any:
     """A stain normaliser (:mod:`tilenet.stain`) fitted once to the image at ``reference``
-    (an overview of it), its source estimated once from ``image``'s tissue: one transform for
-    every tile or patch of a slide, so tiles meet without seams."""
+    (an overview of it), or the fitted one ``state`` describes (a model's or an embedding's:
+    :func:`tilenet.stain.stain_from_state`), its source estimated once from ``image``'s
+    tissue: one transform for every tile or patch of a slide, so tiles meet without seams."""
     if np.dtype(image.dtype) != np.uint8 or image.channels != 3:
         raise InputError(
-            f"{image.path}: --stain needs RGB uint8 images, this one is {image.channels} "
-            f"x {np.dtype(image.dtype)}"
+            f"{image.path}: stain normalisation needs RGB uint8 images, this one is "
+            f"{image.channels} x {np.dtype(image.dtype)}"
+            + ("" if reference else " (the model was trained with data.stain; --stain none)")
         )
     from tilenet.io import open_image
-    from tilenet.stain import make_stain
+    from tilenet.stain import make_stain, stain_from_state
     from tilenet.tissue import overview, tissue_rgb
 
-    with open_image(reference) as ref:
-        normaliser = make_stain(method, overview(ref))
+    if reference:
+        with open_image(reference) as ref:
+            normaliser = make_stain(method, overview(ref))
+    elif state is not None:
+        normaliser = stain_from_state(dict(state))
+    else:
+        raise InputError("slide_stain: give a reference image or a fitted state")
     return normaliser.with_source(tissue_rgb(image))
 
 
-def stain_for(key: tuple[Any, ...], cfg: InferConfig, image: Any) -> Any:
-    """The stain normaliser of ``cfg.stain`` for the image of ``key`` (None: off)."""
-    if not cfg.stain:
+def stain_for(
+    key: tuple[Any, ...], cfg: InferConfig, image: Any, state: Mapping[str, Any] | None = None
+) -> Any:
+    """The stain normaliser for the image of ``key``: ``cfg.stain``'s reference when one is
+    named, else the model's fitted one (``state``: ``spec.stain``, stored by training with
+    ``data.stain``); None: off (neither, or ``cfg.stain`` is ``"none"``)."""
+    if cfg.stain == "none" or not (cfg.stain or state):
         return None
-    from tilenet.io.sniff import fingerprint
+    if cfg.stain:
+        from tilenet.io.sniff import fingerprint
 
-    # the reference's content, not only its name
-    full = (*key, fingerprint(cfg.stain), cfg.stain_method)
+        # the reference's content, not only its name
+        full: tuple[Any, ...] = (*key, fingerprint(cfg.stain), cfg.stain_method)
+    else:
+        full = (*key, "model", json.dumps(state, sort_keys=True))
     if _STAIN[0] != full:
-        _STAIN[:] = [full, slide_stain(image, cfg.stain, cfg.stain_method)]
+        _STAIN[:] = [full, slide_stain(image, cfg.stain, cfg.stain_method, state=state)]
     return _STAIN[1]

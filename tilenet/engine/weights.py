@@ -8,12 +8,20 @@ names the exact weights that made it.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tilenet.errors import CheckpointError, ConfigError, one_line
-from tilenet.models.encoders import Encoder, build_encoder, encoder_spec
+from tilenet.models.encoders import (
+    Encoder,
+    EncoderSpec,
+    build_encoder,
+    encoder_spec,
+    is_hf_vit,
+    timm_keys_from_hf,
+)
 
 __all__ = ["LoadedEncoder", "load_encoder", "read_state_dict", "sha256_file"]
 
@@ -79,10 +87,71 @@ def read_state_dict(path: Path) -> dict[str, Any]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
+def _check_hf_config(spec: EncoderSpec, path: Path) -> None:
+    """A transformers ``config.json`` beside the weights must describe the preset's model:
+    its type, and what the tensors' shapes do not show (activation, LayerNorm eps, MLP)."""
+    import json
+
+    cfg_path = path.parent / "config.json"
+    if spec.hf is None or not cfg_path.is_file():
+        return
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{cfg_path}: cannot read: {one_line(exc, typed=False)}") from None
+    eps = float(spec.kwargs.get("layer_norm_eps", 1e-6))
+    want = {"model_type": spec.hf, "hidden_act": "gelu", "layer_norm_eps": eps}
+    if spec.hf == "dinov2":
+        want |= {"use_swiglu_ffn": False, "num_register_tokens": 0}
+    have = {k: cfg.get(k, v if k in ("use_swiglu_ffn", "num_register_tokens") else None)
+            for k, v in want.items()}  # fmt: skip
+    wrong = [f"{k}={have[k]!r} (expected {v!r})" for k, v in want.items() if have[k] != v]
+    if wrong:
+        raise CheckpointError(f"{cfg_path}: not a {spec.name!r} checkpoint: {', '.join(wrong)}")
+
+
+#: CoCa image-tower tensors the contrastive embedding before projection does not use.
+_COCA_UNUSED = ("proj_contrast", "attn_pool_caption.", "ln_caption.")
+
+
+def _coca_image_tower(sd: dict[str, Any]) -> dict[str, Any]:
+    """A CoCa checkpoint's ``visual.`` tensors (text towers, logit scale, the contrastive
+    projection and the caption pooler left out); a bare image tower is kept as it is."""
+    if any(k.startswith("visual.") for k in sd):
+        sd = {k[7:]: v for k, v in sd.items() if k.startswith("visual.")}
+    return {k: v for k, v in sd.items() if not k.startswith(_COCA_UNUSED)}
+
+
+def _resample_pos_embed(pos: Any, shape: tuple[int, ...]) -> Any:
+    """A transformers checkpoint's (1, 1 + g * g, D) position embeddings for a model built
+    for another square grid, resampled as transformers' DINOv2/ViT ``interpolate_pos_encoding``
+    does at every forward (float32 bicubic to the new grid size, no antialiasing; the CLS
+    position kept): done once here, the timm model then gives the same tokens."""
+    import torch
+
+    if tuple(pos.shape) == shape or pos.ndim != 3 or pos.shape[-1] != shape[-1]:
+        return pos  # equal, or not a case of grid size: the shape check reports it
+    old, new = math.isqrt(pos.shape[1] - 1), math.isqrt(shape[1] - 1)
+    if old * old != pos.shape[1] - 1 or new * new != shape[1] - 1:
+        return pos
+    grid = pos[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).to(torch.float32)
+    grid = torch.nn.functional.interpolate(
+        grid, size=(new, new), mode="bicubic", align_corners=False
+    ).to(pos.dtype)
+    return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)], dim=1)
+
+
 def _load_into(encoder: Encoder, sd: dict[str, Any], path: Path) -> None:
     model = encoder.model
     sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    if encoder.spec.pooling == "attn-pool":  # CONCH: the whole CoCa; its image tower's pooled path
+        sd = _coca_image_tower(sd)
     own = model.state_dict()
+    if is_hf_vit(sd):  # transformers ViT/DINOv2 (Phikon): renamed to timm's ViT
+        _check_hf_config(encoder.spec, path)
+        sd = timm_keys_from_hf(sd)
+        if "pos_embed" in sd and "pos_embed" in own:
+            sd["pos_embed"] = _resample_pos_embed(sd["pos_embed"], tuple(own["pos_embed"].shape))
     if encoder.spec.pooling == "gap-stage3":  # a truncated ResNet: layer4 and fc are unused
         sd = {k: v for k, v in sd.items() if k in own}
     missing = sorted(set(own) - set(sd))

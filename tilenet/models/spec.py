@@ -54,6 +54,10 @@ class ModelSpec:
     #: The input bands the model was trained on (1-based, in the model's order), where a
     #: subset was picked; inference picks them by default (tilenet.engine.infer).
     bands: tuple[int, ...] | None = None
+    #: The stain normaliser the training data was normalised with (``data.stain``): its
+    #: fitted state as plain data (tilenet.stain ``state_dict``, tensors as lists); inference
+    #: applies it by default (tilenet.engine.perimage).
+    stain: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -103,6 +107,12 @@ class ModelSpec:
                     f"model spec: bands {list(bands)} are {len(bands)} for {n} input channels"
                 )
             self._set("bands", bands)
+        if self.stain is not None:
+            if not isinstance(self.stain, Mapping) or not isinstance(self.stain.get("method"), str):
+                raise ModelError(
+                    f"model spec: stain must be a mapping naming its method, got {self.stain!r}"
+                )
+            self._set("stain", _plain(self.stain))
 
     def _set(self, key: str, value: Any) -> None:
         object.__setattr__(self, key, value)
@@ -124,6 +134,8 @@ class ModelSpec:
             "exact_reason": self.exact_reason,
             "resolution": _plain(self.resolution) if self.resolution is not None else None,
             "bands": list(self.bands) if self.bands is not None else None,
+            # only where set: specs (and exported files) without a stain stay as they were
+            **({"stain": _plain(self.stain)} if self.stain is not None else {}),
         }
 
     @classmethod

@@ -33,7 +33,7 @@ from tilenet.fsutil import atomic_output, remove_path
 from tilenet.geometry import GeoTransform
 from tilenet.io.crs import ogc_name
 
-__all__ = ["VECTOR_DRIVERS", "GeoJSONStream", "VectorLayer", "polygonize", "trace"]
+__all__ = ["VECTOR_DRIVERS", "GeoJSONStream", "VectorLayer", "mask_polygons", "polygonize", "trace"]
 
 #: Vector layer formats by file suffix.
 VECTOR_DRIVERS = {".gpkg": "GPKG", ".fgb": "FlatGeobuf"}
@@ -197,6 +197,24 @@ def _group_min(groups: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
     res = np.full(n, np.iinfo(np.int64).max, np.int64)
     np.minimum.at(res, groups, values)
     return res
+
+
+def mask_polygons(
+    mask: np.ndarray, scale: tuple[float, float], shape: tuple[int, int]
+) -> Iterator[list[list[list[Any]]]]:
+    """The pieces of a low-resolution boolean ``mask`` as polygons in level-0 pixels, as
+    :func:`trace` gives them (one per edge-connected piece; the outline, then its holes).
+
+    Mask pixel (r, c) covers level-0 ``[r * scale[0], (r + 1) * scale[0])`` x ``[c *
+    scale[1], (c + 1) * scale[1])`` (a :class:`tilenet.tissue.TissueMask`); rings end at the
+    image's level-0 ``shape`` (H, W) where the last mask row or column reaches past it.
+    """
+    sy, sx = scale
+    h, w = shape
+    to_level0 = GeoTransform(0.0, float(sx), 0.0, 0.0, 0.0, float(sy))
+    for _, polygons in trace(np.asarray(mask).astype(np.uint8), np.array([1]), affine=to_level0):
+        for poly in polygons:
+            yield [[[min(x, w), min(y, h)] for x, y in ring] for ring in poly]
 
 
 def polygonize(

@@ -359,6 +359,10 @@ def _build_model(
         spec = dataclasses.replace(spec, resolution=ds.resolution)
     if data.train_bands:  # the bands the training data was picked from: infer's default too
         spec = dataclasses.replace(spec, bands=data.train_bands)
+    if getattr(ds, "stain", None) is not None:  # data.stain's fitted normaliser: infer's too
+        from tilenet.stain import plain_state
+
+        spec = dataclasses.replace(spec, stain=plain_state(ds.stain))
     return model, spec, fetched
 
 

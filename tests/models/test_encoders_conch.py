@@ -1,0 +1,54 @@
+"""The CONCH preset against the conch package itself: a tiny random CoCa of conch's own code
+and layout, saved as the hub's ``pytorch_model.bin`` and read back through tilenet's weights
+path, gives conch's ``encode_image(x, proj_contrast=False, normalize=False)`` (TRIDENT's
+embedding). conch is not on PyPI (``pip install git+https://github.com/mahmoodlab/CONCH``):
+skipped where it is not installed; tilenet itself never imports it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tilenet.engine.weights import load_encoder
+
+coca_model = pytest.importorskip("conch.open_clip_custom.coca_model")
+X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def _conch_tiny() -> Any:
+    """A tiny random CoCa of CONCH's own code and layout (conch_ViT-B-16.json scaled down:
+    ViT 32-wide at 64 px, pooler 16-wide; its heads are always 8: CONCH's _build_vision_tower
+    does not pass attn_pooler_heads on)."""
+    torch.manual_seed(2)
+    text = {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 2, "layers": 1,
+            "embed_cls": True, "output_tokens": True}  # fmt: skip
+    model = coca_model.CoCa(
+        embed_dim=16,
+        embed_dim_caption=32,
+        vision_cfg={"image_size": 64, "patch_size": 16, "width": 32, "layers": 2, "num_heads": 2,
+                    "attentional_pool_caption": True, "attentional_pool_contrast": True,
+                    "attn_pooler_heads": 2, "n_queries_contrast": 1, "n_queries_caption": 4,
+                    "output_tokens": True},
+        text_cfg=text,
+        multimodal_cfg={k: text[k] for k in ("context_length", "vocab_size", "width", "heads",
+                                              "layers")},
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_conch_reproduces_encode_image_without_projection(tmp_path: Path) -> None:
+    ref = _conch_tiny()
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")  # the hub's file name
+    loaded = load_encoder("conch", tmp_path, tiny=True, img_size=64)
+    x = X
+    with torch.no_grad():
+        want = ref.encode_image(x, proj_contrast=False, normalize=False)
+        got = loaded.encoder.eval()(x)
+    assert got.shape == want.shape == (2, 16)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

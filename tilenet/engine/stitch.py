@@ -14,6 +14,9 @@ counts class areas:
   O(strip x 2 tile rows), never O(image width); chunks on a strip boundary that wait for
   the next strip are spilled to a temporary zarr and read back later. Only the one writer
   thread touches the accumulators, so no chunk is read-modified-written from two places.
+  A chunk's sum takes its tiles in the order they come, so a run resumed from any position
+  at or before the first tile of every unfinished chunk (:meth:`BlendStitcher.restart`),
+  keeping the chunks finished before, sums each chunk exactly as a run from the start does.
 """
 
 from __future__ import annotations
@@ -143,6 +146,10 @@ class BlendStitcher:
     Tiles must be added in the order of :attr:`order`: vertical strips of ``strip_tiles``
     tile columns (:func:`strip_order`). ``add(tile, probs)`` takes the tile's probabilities
     over ``tile.read`` clipped to the image.
+
+    Resuming: ``kept`` tiles of the order were added by an earlier run, and the chunks they
+    finished are in the sink already; this one takes tiles from position ``start`` (at most
+    ``restart(kept)``), adds nothing more to those chunks, and finishes all the others.
     """
 
     def __init__(
@@ -153,6 +160,8 @@ class BlendStitcher:
         mode: BlendMode,
         spill_dir: str | os.PathLike[str],
         strip_tiles: int = 8,
+        kept: int = 0,
+        start: int = 0,
     ) -> None:
         self.grid = grid
         self.order = strip_order(grid, strip_tiles)
@@ -161,13 +170,20 @@ class BlendStitcher:
         self.ramp = 2 * max(grid.halo)
         self.spill_dir = Path(spill_dir)
         self.strips = [t.index[1] // max(1, strip_tiles) for t in self.order]
-        self._pos = 0
         self._weights: dict[tuple[int, int], np.ndarray] = {}
         # touches[chunk] = positions in ``order`` whose read window overlaps that chunk.
         self._touches: dict[tuple[int, int], list[int]] = {}
         for pos, tile in enumerate(self.order):
             for c in self._chunks_of(tile):
                 self._touches.setdefault(c, []).append(pos)
+        # First and last position touching each chunk (for restart points).
+        spans_ = np.array([(t[0], t[-1]) for t in self._touches.values()], np.int64)
+        self._first, self._last = spans_.reshape(-1, 2).T
+        #: Chunks an earlier run finished (all their tiles among its first ``kept``).
+        self.done = frozenset(c for c, t in self._touches.items() if t[-1] < kept)
+        if not 0 <= start <= self.restart(kept):
+            raise ValueError(f"cannot resume at tile {start}: unfinished chunks start before")
+        self._pos = start
         self._seen: dict[tuple[int, int], int] = {}
         self._open: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._spilled: set[tuple[int, int]] = set()
@@ -189,6 +205,26 @@ class BlendStitcher:
     def _chunk_window(self, c: tuple[int, int]) -> Window:
         return self.grid[c].core
 
+    @property
+    def added(self) -> int:
+        """Tiles of :attr:`order` taken so far (by this run and the earlier one it resumes)."""
+        return self._pos
+
+    def restart(self, added: int) -> int:
+        """Where a run resuming after the first ``added`` tiles must start: the first tile of
+        the first chunk those tiles leave unfinished (``len(order)`` when none is).
+
+        A tile's read window reaches the chunk rows above and below its own, so a chunk row
+        is finished once the tile row below it is, and the restart lags about two tile rows:
+
+        >>> g = TileGrid((64, 96), tile=32, halo=8)  # 4 x 6 tiles, one strip
+        >>> st = BlendStitcher(g, None, mode="linear", spill_dir="unused")  # type: ignore[arg-type]
+        >>> [st.restart(n) for n in (6, 12, 14, 15, 18, 23, 24)]
+        [0, 0, 0, 1, 6, 9, 24]
+        """
+        open_ = self._last >= added
+        return int(self._first[open_].min()) if open_.any() else len(self.order)
+
     def _weight(self, shape: tuple[int, int]) -> np.ndarray:
         if shape not in self._weights:
             self._weights[shape] = blend_weights(shape, self.mode, ramp=self.ramp)
@@ -207,6 +243,8 @@ class BlendStitcher:
         # Weights follow the full read window (the model saw all of it), clipped like probs.
         weight = self._weight(tile.read.shape)[: read.h, : read.w]
         for c in self._chunks_of(tile):
+            if c in self.done:
+                continue
             win = self._chunk_window(c)
             part = win.intersect(read)
             acc, wsum = self._get(c)

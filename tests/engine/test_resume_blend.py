@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import pytest
 import tifffile
-import zarr
 from builders import kill_when, make_checkpoint
 
 from tilenet.engine.infer import infer_image, plan_image, resolve_options, run_band
@@ -31,7 +30,6 @@ from tilenet.engine.predictor import Predictor
 from tilenet.engine.stitch import BlendStitcher
 from tilenet.geometry import TileGrid
 from tilenet.io import open_image
-from tilenet.outputs.sink import OutputSink
 
 OPTS: dict[str, Any] = {
     "tile": 64,
@@ -201,3 +199,39 @@ def test_the_stitcher_resumed_across_strips_sums_as_whole(tmp_path: Path) -> Non
             kept=n // 2,
             start=n // 2,
         )  # type: ignore[arg-type]
+
+
+_RUN = textwrap.dedent(
+    """
+    import sys
+    from tilenet.engine.infer import infer_image
+    infer_image(sys.argv[1], sys.argv[2], sys.argv[3], checkpoint_s=float(sys.argv[4]),
+                tile=64, device="cpu", probabilities_dtype="float32", mode="gaussian",
+                overlap=0.5, batch=4, outputs=["probabilities", "classes"])
+    """
+)
+
+
+def _run(img: Path, ckpt: Path, out: Path, checkpoint_s: float) -> list[str]:
+    return [sys.executable, "-c", _RUN, str(img), str(ckpt), str(out), str(checkpoint_s)]
+
+
+@pytest.mark.slow  # three processes that import torch (~10 s)
+def test_sigkill_in_a_blend_run_keeps_its_resume_point(tmp_path: Path) -> None:
+    """A real process killed with SIGKILL once a resume point is recorded: the rerun runs
+    the tiles from its restart only and ends bit-identical to an uninterrupted run."""
+    img = _image(tmp_path, 256, 320)  # 8 x 10 tiles: one band of 80
+    ckpt = make_checkpoint(tmp_path / "m.pt")
+    out = tmp_path / "out"
+    marker = out / ".tilenet" / "progress-00000.json"
+    kill_when(_run(img, ckpt, out, 0.0), marker.exists)
+    restart = json.loads(marker.read_text())["restart"]
+    assert 0 < restart < 80
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for cmd in (_run(img, ckpt, out, 0.0), _run(img, ckpt, tmp_path / "ref", 0.0)):
+        assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    assert _tree(str(out)) == _tree(str(tmp_path / "ref"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["regions"] == 1 and summary["tiles_resumed"] == restart
+    assert summary["tiles_run"] + summary["tiles_skipped"] == 80 - restart
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]

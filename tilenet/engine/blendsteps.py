@@ -101,21 +101,20 @@ class _Marking:
         self.max_gap = max(self.max_gap, time.perf_counter() - self.since)
 
 
-def _kept(
-    outputs: OutputSet, band: int, rows: tuple[int, int], starts: list[int], n: int
-) -> dict[str, Any] | None:
-    """The progress of an earlier run of ``band`` that a rerun can go on from, or None."""
-    rec = outputs.band_progress(band, rows)
-    if rec is None:
-        return None
+def _fits(rec: dict[str, Any], starts: list[int], n: int) -> bool:
+    """Whether an earlier run's progress ``rec`` fits a run of ``n`` tiles batched at
+    ``starts``: it restarts at one of them, after the first and at most where it stopped."""
     added, restart = rec.get("added"), rec.get("restart")
-    i = bisect.bisect_left(starts, restart) if isinstance(restart, int) else -1
-    if not (isinstance(added, int) and 0 < i < len(starts) and starts[i] == restart <= added < n):
-        log.warning(
-            "%s: progress of band %d does not fit this run; running it whole", outputs.url, band
-        )
-        return None
-    return rec
+    if not (isinstance(added, int) and isinstance(restart, int) and 0 < restart <= added < n):
+        return False
+    i = bisect.bisect_left(starts, restart)
+    return i < len(starts) and starts[i] == restart
+
+
+def _ignored(outputs: OutputSet, band: int) -> None:
+    log.warning(
+        "%s: progress of band %d does not fit this run; running it whole", outputs.url, band
+    )
 
 
 def run_blend(
@@ -142,7 +141,10 @@ def run_blend(
     cfg = predictor.config
     flags = np.zeros(len(tiles), bool) if skip is None else skip
     starts = batch_starts(tiles, flags, cfg.batch)
-    kept = _kept(outputs, band, rows, starts, len(tiles))
+    kept = outputs.band_progress(band, rows)
+    if kept is not None and not _fits(kept, starts, len(tiles)):
+        _ignored(outputs, band)
+        kept = None
     added, start = (int(kept["added"]), int(kept["restart"])) if kept is not None else (0, 0)
     sink = outputs.sink()
 
@@ -159,10 +161,8 @@ def run_blend(
 
     try:
         stitcher = stitcher_from(added, start)
-    except ValueError:  # a marker of another tile order: nothing of it is kept
-        log.warning(
-            "%s: progress of band %d does not fit this run; running it whole", outputs.url, band
-        )
+    except ValueError:  # chunks it left unfinished start before its restart
+        _ignored(outputs, band)
         kept, added, start = None, 0, 0
         stitcher = stitcher_from(0, 0)
     if kept is not None:  # the chunks it finished are on disk: go on from its restart

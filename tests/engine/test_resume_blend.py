@@ -119,6 +119,27 @@ def test_an_interrupted_blend_run_keeps_its_finished_rows(
     assert summary["steps"] == progress["steps"] + 1 and fresh["steps"] == 1
 
 
+@pytest.mark.slow  # three runs (~3 s)
+def test_a_resume_point_that_does_not_fit_is_run_whole(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A progress marker whose restart is not a batch start (the model would see other
+    batches) is not trusted: said in a line, the band runs whole, the outputs are the same."""
+    img = _image(tmp_path, 192, 160)
+    ckpt = make_checkpoint(tmp_path / "m.pt")
+    out = tmp_path / "out"
+    progress = _interrupted(str(out), img, ckpt, stop_after=4 * 5)
+    marker = out / ".tilenet" / "progress-00000.json"
+    marker.write_text(json.dumps({**progress, "restart": progress["restart"] + 1}))
+    with caplog.at_level("WARNING", logger="tilenet.engine.blendsteps"):
+        summary = infer_image(img, ckpt, out, **OPTS)
+    assert "progress of band 0 does not fit this run; running it whole" in caplog.text
+    assert summary["tiles_resumed"] == 0 and summary["tiles_run"] == 6 * 5
+    fresh = infer_image(img, ckpt, tmp_path / "fresh", **OPTS)
+    assert _tree(str(out)) == _tree(str(tmp_path / "fresh"))
+    assert summary["class_area_px"] == fresh["class_area_px"]
+
+
 def test_resume_points_under_a_zero_budget(tmp_path: Path) -> None:
     """Every tile that moves the restart on is a resume point; the band's marker replaces
     them at the end, and the outputs are those of a run with none."""

@@ -119,6 +119,32 @@ def test_an_interrupted_blend_run_keeps_its_finished_rows(
     assert summary["steps"] == progress["steps"] + 1 and fresh["steps"] == 1
 
 
+def test_an_interrupted_run_across_strips_takes_up_its_spilled_sums(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Vertical strips of 2 tile columns (as an image over 8192 px wide has): chunks that
+    wait for the next strip are spilled to the resume state, so the rerun starts a couple of
+    tiles back in the strip it was stopped in, not in the strip before, and ends
+    bit-identical to an uninterrupted run with the same strips."""
+    import tilenet.engine.infer as infer
+    import tilenet.engine.predictor as predictor
+
+    for module in (infer, predictor):  # 64 px: strips of 2 tiles of core 32
+        monkeypatch.setattr(module, "BLEND_STRIP_PX", 64)
+    img = _image(tmp_path, 192, 160)  # 6 x 5 tiles: strips of 2 x 6, 2 x 6, 1 x 6
+    ckpt = make_checkpoint(tmp_path / "m.pt")
+    progress = _interrupted(str(tmp_path / "out"), img, ckpt, stop_after=20)
+    added, restart = progress["added"], progress["restart"]
+    # In the second strip or later (the first has 12 tiles): its spilled chunks are kept.
+    assert 12 <= restart <= added <= restart + 2 * 2 + 1 + 3  # two strip rows (+ a batch)
+    assert (tmp_path / "out" / ".tilenet" / "spill").is_dir()
+    summary = infer_image(img, ckpt, tmp_path / "out", **OPTS)
+    infer_image(img, ckpt, tmp_path / "fresh", **OPTS)
+    assert _tree(str(tmp_path / "out")) == _tree(str(tmp_path / "fresh"))
+    assert summary["tiles_resumed"] == restart
+    assert not (tmp_path / "out" / ".tilenet").exists()
+
+
 @pytest.mark.slow  # three runs (~3 s)
 def test_a_resume_point_that_does_not_fit_is_run_whole(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -165,61 +191,47 @@ class _Arrays:
         self.probs[(slice(None), *window.slices)] = probs
 
 
-def test_the_stitcher_resumed_across_strips_sums_as_whole(tmp_path: Path) -> None:
-    """Strips of 2 tile columns (chunks spilled from one strip to the next): stopped after
-    any number of tiles and resumed from :meth:`BlendStitcher.restart`, keeping the chunks
-    it finished, the stitcher writes every pixel with the same bits as a run without a stop."""
-    grid = TileGrid((150, 170), tile=48, halo=12)
+@pytest.mark.parametrize("durable", [False, True])
+def test_the_stitcher_resumed_across_strips_sums_as_whole(tmp_path: Path, durable: bool) -> None:
+    """Strips of 2 tile columns (chunks spilled from one strip to the next): stopped and
+    resumed from :meth:`BlendStitcher.restart`, keeping the chunks it finished (and with a
+    spill store that outlives the run, its spilled sums), the stitcher writes every pixel
+    with the same bits as a run without a stop. A durable spill keeps the restart about two
+    tile rows back; without one it goes back to the previous strip."""
+    grid = TileGrid((150, 170), tile=48, halo=12)  # 7 x 8 tiles: strips of 2 x 7 = 14
+
+    def stitcher(sink: Any, name: str, **kw: Any) -> BlendStitcher:
+        where = {"spill_store" if durable else "spill_dir": str(tmp_path / name)}
+        return BlendStitcher(grid, sink, mode="gaussian", strip_tiles=2, **where, **kw)
+
     rng = np.random.default_rng(1)
-    whole = BlendStitcher(
-        grid, _Arrays(3, grid.shape), mode="gaussian", spill_dir=tmp_path / "a", strip_tiles=2
-    )  # type: ignore[arg-type]
+    whole = stitcher(_Arrays(3, grid.shape), "whole")
     probs = {}
     for t in whole.order:
         r = t.read.clip(*grid.shape)
         probs[t.index] = rng.random((3, r.h, r.w), dtype=np.float32)
         whole.add(t, probs[t.index])
     whole.close()
-    n = len(whole.order)
-    starts = []
-    for stop in (23, 35, 47, 53):
+    lags = []
+    for stop in (23, 53):  # in the second and fourth strips
         sink = _Arrays(3, grid.shape)
-        first = BlendStitcher(
-            grid, sink, mode="gaussian", spill_dir=tmp_path / f"b{stop}", strip_tiles=2
-        )  # type: ignore[arg-type]
+        first = stitcher(sink, f"s{stop}")
         for t in first.order[:stop]:
             first.add(t, probs[t.index])
         start = first.restart(stop)
-        assert 0 <= start <= stop
-        starts.append(start)
+        lags.append(stop - start)
         sink.probs[:] = np.where(np.isnan(sink.probs), -1.0, sink.probs)  # unfinished: junk
         kept = sink.probs.copy()
-        again = BlendStitcher(
-            grid,
-            sink,
-            mode="gaussian",
-            spill_dir=tmp_path / f"c{stop}",
-            strip_tiles=2,
-            kept=stop,
-            start=start,
-        )  # type: ignore[arg-type]
+        again = stitcher(sink, f"s{stop}" if durable else f"t{stop}", kept=stop, start=start)
         for t in again.order[start:]:
             again.add(t, probs[t.index])
         again.close()
         assert sink.probs.tobytes() == whole.sink.probs.tobytes()  # type: ignore[attr-defined]
         done = [grid[c].core for c in again.done]
         assert all((kept[(slice(None), *w.slices)] >= 0).all() for w in done)
-    # Resumed well inside the second and third strips (14 tiles each), not at their starts.
-    assert len(set(starts)) > 3 and max(starts) > 2 * 14
+    assert lags == ([5, 5] if durable else [18, 19])
     with pytest.raises(ValueError, match="cannot resume at tile"):
-        BlendStitcher(
-            grid,
-            _Arrays(3, grid.shape),
-            mode="gaussian",
-            spill_dir=tmp_path / "d",
-            kept=n // 2,
-            start=n // 2,
-        )  # type: ignore[arg-type]
+        stitcher(_Arrays(3, grid.shape), "x", kept=40, start=40)
 
 
 _RUN = textwrap.dedent(

@@ -8,7 +8,9 @@ marker (:meth:`tilenet.outputs.outputset.OutputSet.mark_progress`): ``added``, t
 taken so far, and ``restart``, where a rerun starts: the last batch start
 (:func:`~tilenet.engine.predictor.batch_starts`) at or before the first tile of the first
 chunk still unfinished (:meth:`~tilenet.engine.stitch.BlendStitcher.restart`), about two
-tile rows back.
+tile rows back. Chunks that wait for the next vertical strip are spilled to a store in the
+resume state (:meth:`~tilenet.outputs.outputset.OutputSet.spill_store`), so a rerun takes
+their sums up from there instead of going back a whole strip.
 
 A rerun keeps the chunks finished at ``added`` and runs the tiles from ``restart``; what
 they add to kept chunks is dropped. It ends bit-identical to an uninterrupted run: every
@@ -153,7 +155,7 @@ def run_blend(
             grid,
             sink,
             mode=cfg.mode,  # type: ignore[arg-type]
-            spill_dir=outputs.spill_dir(),
+            spill_store=outputs.spill_store(),
             strip_tiles=strip_tiles,
             kept=kept,
             start=start,

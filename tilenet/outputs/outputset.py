@@ -214,6 +214,11 @@ class OutputSet:
         """Local scratch for blend modes (removed by the next prepare or by publish)."""
         return str(self.out.scratch() / "spill")
 
+    def spill_store(self) -> Any:
+        """A zarr store for blend modes' spilled sums that outlives a kill (in ``.tilenet/``,
+        removed with the resume state)."""
+        return self.out.child(STATE_DIR, "spill").zarr_store(read_only=False)
+
     def band_record(self, band: int, rows: tuple[int, int]) -> dict[str, Any] | None:
         """The record of a finished band computed under this set's key, or None."""
         rec = self.out.child(STATE_DIR).read_json(_marker(band))

@@ -594,8 +594,9 @@ def infer_image(
     ``config`` the typed :class:`InferConfig` (the defaults when None), used as it is;
     ``options`` are :class:`InferConfig` fields, merged onto it (:func:`resolve_options`).
     Crop-mode images are run in bands of about ``region_tiles`` tiles, each in steps of about
-    ``checkpoint_s`` seconds of work (:mod:`tilenet.engine.pace`); when a run over a
-    checkpoint is interrupted, the same call again keeps the finished bands and steps.
+    ``checkpoint_s`` seconds of work (:mod:`tilenet.engine.pace`); blend modes record a
+    resume point as often (:mod:`tilenet.engine.blendsteps`); when a run over a checkpoint
+    is interrupted, the same call again keeps the finished bands, steps and resume points.
     ``reader`` sets the input's reader limits, ``resolution`` the pixel size to run at
     (:func:`plan_image`). Returns the summary also written to ``out_dir/summary.json``.
     """

@@ -221,7 +221,6 @@ class BlendStitcher:
                 self._seen[c] = sum(p < floor for p in self._touches[c])
                 self._spilled.add(c)
         self._pos = start
-        #: Most chunks open at once (a test checks it does not grow with the image).
 
     # -- geometry -------------------------------------------------------------------------
     def _read_in_image(self, tile: Tile) -> Window:
@@ -244,7 +243,8 @@ class BlendStitcher:
 
     def restart(self, added: int) -> int:
         """Where a run resuming after the first ``added`` tiles must start: the first tile of
-        the first chunk those tiles leave unfinished (``len(order)`` when none is).
+        the first chunk those tiles leave unfinished (``len(order)`` when none is); with a
+        ``spill_store``, of a spilled chunk the first tile of the strip that takes it up.
 
         A tile's read window reaches the chunk rows above and below its own, so a chunk row
         is finished once the tile row below it is, and the restart lags about two tile rows:

@@ -16,9 +16,8 @@ when asked:
 3. :func:`finish` builds the stores' pyramids, writes every asked-for format
    (:data:`tilenet.outputs.formats.FORMATS`), then ``config.yaml`` and ``summary.json``.
 
-A run killed with SIGKILL and started again with the same command keeps the bands it had
-finished and ends with outputs identical to an uninterrupted run: batches never span grid
-rows, so a band computes exactly what it computes inside a whole-grid run.
+A run killed with SIGKILL and started again with the same command keeps the bands, steps
+and resume points it had recorded and ends with outputs identical to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -34,12 +33,13 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from tilenet.config import InferConfig, JobsConfig, ReaderConfig, ResolutionConfig
+from tilenet.engine.blendsteps import run_blend, step_record
 from tilenet.engine.checkpoint import check_input_range
 from tilenet.engine.decode import decode_summary
 from tilenet.engine.pace import CHECKPOINT_S, Pace, add_step, tiles_here, timings
 from tilenet.engine.perimage import skip_mask, stain_for
 from tilenet.engine.plan import check_disk, output_bytes
-from tilenet.engine.predictor import BLEND_STRIP_PX, Predictor, RunStats, plan_grid, tile_order
+from tilenet.engine.predictor import BLEND_STRIP_PX, Predictor, plan_grid, tile_order
 from tilenet.engine.stitch import STITCHERS
 from tilenet.errors import ConfigError, InputError, one_line
 from tilenet.geometry import GeoTransform, Tile, TileGrid, spans
@@ -389,12 +389,45 @@ def run_band(
     """Run band ``band`` of ``plan`` into its partial stores; record and return it as done.
 
     Crop mode runs the band in steps of whole grid rows sized by ``pace`` (about
-    :data:`~tilenet.engine.pace.CHECKPOINT_S` of work each) and records each step when it is
-    on disk, so a rerun after a kill goes on from the next row; blend modes run it whole.
-    ``on_tiles(n)`` reports tiles done (first those kept from an earlier run, if any).
+    ``pace.budget_s`` of work each) and records each step when it is on disk, so a rerun
+    after a kill goes on from the next row; blend modes record a resume point about as often
+    (:mod:`tilenet.engine.blendsteps`). ``on_tiles(n)`` reports tiles done (first those kept
+    from an earlier run, if any).
     """
     image = plan.view(image)
     pace = pace if pace is not None else Pace()
+    if plan.config.mode == "crop":
+        record = _run_rows(plan, band, predictor, image, on_tiles, pace)
+    else:
+        tiles = plan.tiles(band)
+        record = run_blend(
+            plan.outputs,
+            band,
+            plan.bands[band],
+            plan.grid,
+            predictor,
+            image,
+            tiles,
+            strip_tiles=max(1, BLEND_STRIP_PX // plan.grid.core[1]),
+            skip=skip_mask(_image_key(plan), plan.config, image, tiles),
+            stain=stain_for(_image_key(plan), plan.config, image, predictor.spec.stain),
+            on_tiles=on_tiles,
+            budget_s=pace.budget_s,
+        )
+    # Written only now, when every chunk of the band is on disk: the marker is the proof.
+    plan.outputs.mark_band(band, record)
+    return record
+
+
+def _run_rows(
+    plan: ImagePlan,
+    band: int,
+    predictor: Predictor,
+    image: Any,
+    on_tiles: Callable[[int], None] | None,
+    pace: Pace,
+) -> dict[str, Any]:
+    """Crop mode: band ``band`` in steps of whole grid rows, each recorded when on disk."""
     r0, r1 = plan.bands[band]
     record = plan.outputs.band_progress(band, (r0, r1))
     row = r0
@@ -404,58 +437,25 @@ def run_band(
         if on_tiles is not None:
             on_tiles(record["tiles"])
     while row < r1:
-        n = pace.rows(plan.grid.counts[1], r1 - row) if plan.config.mode == "crop" else r1 - row
-        step = _run_step(plan, predictor, image, plan.tiles(band, rows=(row, row + n)), on_tiles)
+        n = pace.rows(plan.grid.counts[1], r1 - row)
+        tiles, sink = plan.tiles(band, rows=(row, row + n)), plan.outputs.sink()
+        stats = predictor.run(
+            image,
+            tiles,
+            STITCHERS["crop"](plan.grid, sink, plan.outputs.spill_dir()),
+            grid=plan.grid,
+            skip=skip_mask(_image_key(plan), plan.config, image, tiles),
+            on_tiles=on_tiles,
+            stain=stain_for(_image_key(plan), plan.config, image, predictor.spec.stain),
+        )
+        step = step_record(stats, sink, predictor)
         pace.add(step["tiles"], step["seconds"])
         row += n
         record = add_step(record, step) | {"rows": [r0, r1], "done": row}
         if row < r1:
             plan.outputs.mark_progress(band, record)
     assert record is not None
-    # Written only now, when every chunk of the band is on disk: the marker is the proof.
-    plan.outputs.mark_band(band, record)
     return record
-
-
-def _run_step(
-    plan: ImagePlan,
-    predictor: Predictor,
-    image: Any,
-    tiles: list[Tile],
-    on_tiles: Callable[[int], None] | None,
-) -> dict[str, Any]:
-    """Run ``tiles`` into the plan's stores; what it did, as a band record's fields."""
-    sink = plan.outputs.sink()
-    strip = max(1, BLEND_STRIP_PX // plan.grid.core[1])
-    stitcher = STITCHERS[plan.config.mode](
-        plan.grid, sink, plan.outputs.spill_dir(), strip_tiles=strip
-    )
-    stats: RunStats = predictor.run(
-        image,
-        tiles,
-        stitcher,
-        grid=plan.grid,
-        skip=skip_mask(_image_key(plan), plan.config, image, tiles),
-        on_tiles=on_tiles,
-        stain=stain_for(_image_key(plan), plan.config, image, predictor.spec.stain),
-    )
-    return {
-        "tiles": stats.tiles,
-        "tiles_run": stats.tiles_run,
-        "area": [int(a) for a in sink.area],
-        "nodata_px": int(sink.nodata),
-        "seconds": round(stats.seconds, 3),
-        "cpu_s": round(stats.cpu_s, 3),
-        "model_s": round(stats.model_s, 3),
-        "read_wait_s": round(stats.read_wait_s, 3),
-        "heap_trims": stats.heap_trims,
-        "heap_flat_after": stats.heap_flat_after,
-        "device": str(predictor.device),
-        "exact": predictor.run_is_exact,
-        "precision": predictor.precision,
-        "decode": stats.decode,
-        "device_s": round(stats.device_s, 3),
-    }
 
 
 def finish(plan: ImagePlan, image: Any, *, setup_s: float | None = None) -> dict[str, Any]:
@@ -598,8 +598,9 @@ def infer_image(
     ``config`` the typed :class:`InferConfig` (the defaults when None), used as it is;
     ``options`` are :class:`InferConfig` fields, merged onto it (:func:`resolve_options`).
     Crop-mode images are run in bands of about ``region_tiles`` tiles, each in steps of about
-    ``checkpoint_s`` seconds of work (:mod:`tilenet.engine.pace`); when a run over a
-    checkpoint is interrupted, the same call again keeps the finished bands and steps.
+    ``checkpoint_s`` seconds of work (:mod:`tilenet.engine.pace`); blend modes record a
+    resume point as often (:mod:`tilenet.engine.blendsteps`); when a run over a checkpoint
+    is interrupted, the same call again keeps the finished bands, steps and resume points.
     ``reader`` sets the input's reader limits, ``resolution`` the pixel size to run at
     (:func:`plan_image`). Returns the summary also written to ``out_dir/summary.json``.
     """

@@ -8,7 +8,9 @@ under way, whatever the band's size. :class:`Pace` sizes the steps by time: the 
 a process is one row, which measures the seconds per tile; later steps take as many rows as
 fit :data:`CHECKPOINT_S` at that rate. A step is never less than one row: batches never span
 grid rows, which keeps a resumed run bit-identical, so a row that alone takes longer than the
-budget is still one step. Blend modes (one band, stitched across rows) run in one step.
+budget is still one step. Blend modes (one band, stitched across rows) run in one go and
+record a resume point about every ``budget_s`` seconds instead
+(:mod:`tilenet.engine.blendsteps`): a rerun starts about two tile rows before it.
 """
 
 from __future__ import annotations

@@ -72,6 +72,7 @@ __all__ = [
     "Predictor",
     "RunStats",
     "batch_shapes",
+    "batch_starts",
     "plan_grid",
     "predict",
     "prepare_model",
@@ -156,6 +157,26 @@ def batch_shapes(grid: TileGrid, cfg: InferConfig) -> list[tuple[int, tuple[int,
     items = (((i, t, False), None) for i, t in enumerate(tiles))
     by_row = cfg.mode == "crop"
     return [(len(b), b[0][0].read.shape) for b in _batches(items, cfg.batch, by_row=by_row)]
+
+
+def batch_starts(
+    tiles: Sequence[Tile], skip: np.ndarray | None, size: int, *, by_row: bool = False
+) -> list[int]:
+    """Positions in ``tiles`` where :meth:`Predictor.run` starts a batch (``skip`` as given
+    to it). A run over ``tiles[i:]`` from one of them batches the rest exactly as the run over
+    all of ``tiles`` does: the model sees the same batches, so results agree to the bit.
+
+    >>> g = TileGrid((64, 96), tile=32, halo=8)
+    >>> batch_starts(list(g), None, 4), batch_starts(list(g), None, 4, by_row=True)[:4]
+    ([0, 4, 8, 12, 16, 20], [0, 4, 6, 10])
+    """
+    flags = np.zeros(len(tiles), bool) if skip is None else skip
+    items = (((i, t, bool(flags[i])), None) for i, t in enumerate(tiles))
+    starts, pos = [], 0
+    for batch in _batches(items, size, by_row=by_row):
+        starts.append(pos)
+        pos += len(batch)
+    return starts
 
 
 def _batches(

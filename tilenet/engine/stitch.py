@@ -14,6 +14,9 @@ counts class areas:
   O(strip x 2 tile rows), never O(image width); chunks on a strip boundary that wait for
   the next strip are spilled to a temporary zarr and read back later. Only the one writer
   thread touches the accumulators, so no chunk is read-modified-written from two places.
+  A chunk's sum takes its tiles in the order they come, so a run resumed from any position
+  at or before the first tile of every unfinished chunk (:meth:`BlendStitcher.restart`),
+  keeping the chunks finished before, sums each chunk exactly as a run from the start does.
 """
 
 from __future__ import annotations
@@ -143,6 +146,14 @@ class BlendStitcher:
     Tiles must be added in the order of :attr:`order`: vertical strips of ``strip_tiles``
     tile columns (:func:`strip_order`). ``add(tile, probs)`` takes the tile's probabilities
     over ``tile.read`` clipped to the image.
+
+    Spills go to a zarr group in the local ``spill_dir`` (removed by ``close``), or in
+    ``spill_store`` (a zarr store that outlives the run: the caller removes it).
+
+    Resuming: ``kept`` tiles of the order were added by an earlier run, and the chunks they
+    finished are in the sink already; this one takes tiles from position ``start`` (at most
+    ``restart(kept)``), adds nothing more to those chunks, and finishes all the others. With
+    a ``spill_store``, a chunk that waited for the next strip resumes from its spilled sums.
     """
 
     def __init__(
@@ -151,29 +162,65 @@ class BlendStitcher:
         sink: Sink,
         *,
         mode: BlendMode,
-        spill_dir: str | os.PathLike[str],
+        spill_dir: str | os.PathLike[str] | None = None,
+        spill_store: Any = None,
         strip_tiles: int = 8,
+        kept: int = 0,
+        start: int = 0,
     ) -> None:
         self.grid = grid
         self.order = strip_order(grid, strip_tiles)
         self.sink = sink
         self.mode = mode
         self.ramp = 2 * max(grid.halo)
-        self.spill_dir = Path(spill_dir)
+        if (spill_dir is None) == (spill_store is None):
+            raise ValueError("give one of spill_dir and spill_store")
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
+        self._store = spill_store
         self.strips = [t.index[1] // max(1, strip_tiles) for t in self.order]
-        self._pos = 0
         self._weights: dict[tuple[int, int], np.ndarray] = {}
         # touches[chunk] = positions in ``order`` whose read window overlaps that chunk.
         self._touches: dict[tuple[int, int], list[int]] = {}
         for pos, tile in enumerate(self.order):
             for c in self._chunks_of(tile):
                 self._touches.setdefault(c, []).append(pos)
+        self._chunks = list(self._touches)
+        # First and last position touching each chunk (for restart points), and where its
+        # tiles move to the next strip: (chunk, spilled after position, taken up at position).
+        spans_ = np.array([(t[0], t[-1]) for t in self._touches.values()], np.int64)
+        self._first, self._last = spans_.reshape(-1, 2).T
+        hand = [
+            (i, t[j - 1], t[j])
+            for i, t in enumerate(self._touches.values())
+            for j in range(1, len(t))
+            if self.strips[t[j]] != self.strips[t[j - 1]]
+        ]
+        self._handoff = np.array(hand, np.int64).reshape(-1, 3).T
         self._seen: dict[tuple[int, int], int] = {}
         self._open: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._spilled: set[tuple[int, int]] = set()
         self._spill: tuple[Any, Any] | None = None
+        self._resume(kept, start)
         #: Most chunks open at once (a test checks it does not grow with the image).
         self.max_open = 0
+
+    def _resume(self, kept: int, start: int) -> None:
+        """Go on after ``kept`` tiles of an earlier run, from tile ``start``."""
+        if not 0 <= start <= self.restart(kept):
+            raise ValueError(f"cannot resume at tile {start}: unfinished chunks start before")
+        floors = self._floors(kept)
+        #: Chunks an earlier run finished (all their tiles among its first ``kept``).
+        self.done = frozenset(
+            c for c, last in zip(self._chunks, self._last, strict=True) if last < kept
+        )
+        # Tiles before from_[c] are in chunk c already (on disk: finished, or spilled).
+        self._from = dict.fromkeys(self.done, len(self.order))
+        for c, first, floor in zip(self._chunks, self._first, floors, strict=True):
+            if floor > first and c not in self.done:
+                self._from[c] = int(floor)
+                self._seen[c] = sum(p < floor for p in self._touches[c])
+                self._spilled.add(c)
+        self._pos = start
 
     # -- geometry -------------------------------------------------------------------------
     def _read_in_image(self, tile: Tile) -> Window:
@@ -188,6 +235,37 @@ class BlendStitcher:
 
     def _chunk_window(self, c: tuple[int, int]) -> Window:
         return self.grid[c].core
+
+    @property
+    def added(self) -> int:
+        """Tiles of :attr:`order` taken so far (by this run and the earlier one it resumes)."""
+        return self._pos
+
+    def restart(self, added: int) -> int:
+        """Where a run resuming after the first ``added`` tiles must start: the first tile of
+        the first chunk those tiles leave unfinished (``len(order)`` when none is); with a
+        ``spill_store``, of a spilled chunk the first tile of the strip that takes it up.
+
+        A tile's read window reaches the chunk rows above and below its own, so a chunk row
+        is finished once the tile row below it is, and the restart lags about two tile rows:
+
+        >>> g = TileGrid((64, 96), tile=32, halo=8)  # 4 x 6 tiles, one strip
+        >>> st = BlendStitcher(g, None, mode="linear", spill_dir="unused")  # type: ignore[arg-type]
+        >>> [st.restart(n) for n in (6, 12, 14, 15, 18, 23, 24)]
+        [0, 0, 0, 1, 6, 9, 24]
+        """
+        open_ = self._last >= added
+        return int(self._floors(added)[open_].min()) if open_.any() else len(self.order)
+
+    def _floors(self, added: int) -> np.ndarray:
+        """Per chunk, the first tile a run resuming after ``added`` tiles must add to it: its
+        first, or with a ``spill_store`` the first of the strip after its last spill."""
+        floors = self._first.copy()
+        if self._store is not None and self._handoff.size:
+            chunk, spilled, taken = self._handoff
+            now = spilled < added
+            np.maximum.at(floors, chunk[now], taken[now])
+        return floors
 
     def _weight(self, shape: tuple[int, int]) -> np.ndarray:
         if shape not in self._weights:
@@ -207,6 +285,8 @@ class BlendStitcher:
         # Weights follow the full read window (the model saw all of it), clipped like probs.
         weight = self._weight(tile.read.shape)[: read.h, : read.w]
         for c in self._chunks_of(tile):
+            if pos < self._from.get(c, 0):
+                continue
             win = self._chunk_window(c)
             part = win.intersect(read)
             acc, wsum = self._get(c)
@@ -228,8 +308,7 @@ class BlendStitcher:
             return self._open[c]
         win = self._chunk_window(c)
         if c in self._spilled:
-            assert self._spill is not None
-            s_acc, s_w = self._spill
+            s_acc, s_w = self._spill_arrays()
             ys, xs = win.slices
             acc, wsum = np.asarray(s_acc[:, ys, xs]), np.asarray(s_w[ys, xs])
             self._spilled.discard(c)
@@ -239,21 +318,26 @@ class BlendStitcher:
         self._open[c] = (acc, wsum)
         return acc, wsum
 
-    def _spill_chunk(self, c: tuple[int, int]) -> None:
-        import zarr
-
+    def _spill_arrays(self) -> tuple[Any, Any]:
+        """The spill's (sum, weight) arrays, made or opened on first use."""
         if self._spill is None:
+            import zarr
+
             (h, w), (ch, cw) = self.grid.shape, self.grid.core
             k = self.sink.num_classes
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
-            s_acc = zarr.create_array(
-                self.spill_dir / "sum", shape=(k, h, w), chunks=(k, ch, cw), dtype="float32"
-            )
-            s_w = zarr.create_array(
-                self.spill_dir / "weight", shape=(h, w), chunks=(ch, cw), dtype="float32"
-            )
+            where = self._store
+            if where is None:
+                assert self.spill_dir is not None
+                self.spill_dir.mkdir(parents=True, exist_ok=True)
+                where = str(self.spill_dir)
+            group = zarr.open_group(where, mode="a")
+            s_acc = group.require_array("sum", shape=(k, h, w), chunks=(k, ch, cw), dtype="f4")
+            s_w = group.require_array("weight", shape=(h, w), chunks=(ch, cw), dtype="f4")
             self._spill = (s_acc, s_w)
-        s_acc, s_w = self._spill
+        return self._spill
+
+    def _spill_chunk(self, c: tuple[int, int]) -> None:
+        s_acc, s_w = self._spill_arrays()
         acc, wsum = self._open.pop(c)
         ys, xs = self._chunk_window(c).slices
         s_acc[:, ys, xs] = acc
@@ -261,10 +345,11 @@ class BlendStitcher:
         self._spilled.add(c)
 
     def close(self) -> None:
-        """Check every chunk was finalised and remove the spill store."""
+        """Check every chunk was finalised and remove the spill in ``spill_dir``."""
         from tilenet.fsutil import remove_path
 
-        remove_path(self.spill_dir)
+        if self.spill_dir is not None:
+            remove_path(self.spill_dir)
         if self._pos != len(self.order) or self._open or self._spilled:
             raise RuntimeError(
                 f"blend stitcher closed early: {self._pos}/{len(self.order)} tiles added, "

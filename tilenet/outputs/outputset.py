@@ -214,6 +214,11 @@ class OutputSet:
         """Local scratch for blend modes (removed by the next prepare or by publish)."""
         return str(self.out.scratch() / "spill")
 
+    def spill_store(self) -> Any:
+        """A zarr store for blend modes' spilled sums that outlives a kill (in ``.tilenet/``,
+        removed with the resume state)."""
+        return self.out.child(STATE_DIR, "spill").zarr_store(read_only=False)
+
     def band_record(self, band: int, rows: tuple[int, int]) -> dict[str, Any] | None:
         """The record of a finished band computed under this set's key, or None."""
         rec = self.out.child(STATE_DIR).read_json(_marker(band))
@@ -231,10 +236,12 @@ class OutputSet:
 
     def band_progress(self, band: int, rows: tuple[int, int]) -> dict[str, Any] | None:
         """The record of the rows of an unfinished band written so far under this set's key
-        (``done``: the next row to run), or None."""
+        (``done``: the next row to run; in blend modes ``added`` and ``restart``), or None."""
         rec = self.out.child(STATE_DIR).read_json(_progress(band))
         if rec is None or not self.key.matches(rec.get("key")) or rec.get("rows") != list(rows):
             return None
+        if "restart" in rec:  # blend modes: positions in the tile order (engine.blendsteps)
+            return rec
         done = rec.get("done")
         return rec if isinstance(done, int) and rows[0] < done < rows[1] else None
 

@@ -62,9 +62,13 @@ def _tree(where: str) -> dict[str, bytes]:
     return out
 
 
-def _interrupted(out: str, img: Path, ckpt: Path, stop_after: int) -> dict[str, Any]:
+def _interrupted(
+    out: str, img: Path, ckpt: Path, stop_after: int, min_restart: int = 1
+) -> dict[str, Any]:
     """Run ``img``'s one blend band, recording a resume point after every tile, and stop it
-    (KeyboardInterrupt, as Ctrl-C) after ``stop_after`` tiles; its progress marker."""
+    (KeyboardInterrupt, as Ctrl-C) after ``stop_after`` tiles, once the writer thread (which
+    adds tiles behind the model) has recorded a restart at ``min_restart`` or later (30 s at
+    most); its progress marker."""
     from tilenet.io.location import location
 
     state = location(out).child(".tilenet")
@@ -79,7 +83,10 @@ def _interrupted(out: str, img: Path, ckpt: Path, stop_after: int) -> dict[str, 
             seen.append(n)
             if sum(seen) >= stop_after:  # once the writer thread has recorded a resume point
                 deadline = time.monotonic() + 30
-                while not state.exists("progress-00000.json") and time.monotonic() < deadline:
+                while time.monotonic() < deadline:
+                    marker = state.read_json("progress-00000.json")
+                    if marker is not None and marker.get("restart", 0) >= min_restart:
+                        break
                     time.sleep(0.01)
                 raise KeyboardInterrupt
 
@@ -133,7 +140,7 @@ def test_an_interrupted_run_across_strips_takes_up_its_spilled_sums(
         monkeypatch.setattr(module, "BLEND_STRIP_PX", 64)
     img = _image(tmp_path, 192, 160)  # 6 x 5 tiles: strips of 2 x 6, 2 x 6, 1 x 6
     ckpt = make_checkpoint(tmp_path / "m.pt")
-    progress = _interrupted(str(tmp_path / "out"), img, ckpt, stop_after=20)
+    progress = _interrupted(str(tmp_path / "out"), img, ckpt, stop_after=20, min_restart=12)
     added, restart = progress["added"], progress["restart"]
     # In the second strip or later (the first has 12 tiles): its spilled chunks are kept.
     assert 12 <= restart <= added <= restart + 2 * 2 + 1 + 3  # two strip rows (+ a batch)

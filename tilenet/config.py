@@ -35,6 +35,8 @@ __all__ = [
     "TilingConfig",
     "TrainConfig",
     "load_config",
+    "merge_options",
+    "replace_typed",
     "save_config",
     "split_config_args",
     "to_yaml",
@@ -474,3 +476,82 @@ def save_config(cfg: Any, directory: str | os.PathLike[str], name: str = "config
     from tilenet.fsutil import write_text_atomic
 
     return write_text_atomic(Path(directory) / name, to_yaml(cfg))
+
+
+def merge_options(cls: type, config: Any | None, options: dict[str, Any]) -> Any:
+    """``config`` (``cls``'s defaults when None) with ``options`` merged, checked and coerced
+    by OmegaConf as a structured config (:func:`replace_typed` where nothing needs it); an
+    invalid value raises OmegaConf's error."""
+    fast = replace_typed(config if config is not None else cls(), options)
+    if fast is not None:
+        return fast
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.structured(config if config is not None else cls)
+    return OmegaConf.to_object(OmegaConf.merge(base, options))
+
+
+def replace_typed(cfg: Any, options: dict[str, Any]) -> Any | None:
+    """``dataclasses.replace(cfg, **options)`` where every field of the result already holds a
+    value of its declared type as OmegaConf would store it (an int given for a float field
+    becomes a float, a tuple for a list field a list); None where a value needs OmegaConf's
+    checking or coercion (a string for a number, an unknown choice, ...).
+
+    The fast path of validating keyword options: OmegaConf's structured merge costs tens of
+    milliseconds per call, paid by every image of a batch job.
+
+    >>> replace_typed(InferConfig(), {"tile": 256, "overlap": 0}).overlap
+    0.0
+    >>> replace_typed(InferConfig(), {"tile": "256"}) is None
+    True
+    """
+    import dataclasses
+
+    hints = _hints(type(cfg))
+    values = {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, **options}
+    clean: dict[str, Any] = {}
+    for name, value in values.items():
+        ok, value = _as_type(value, hints[name])
+        if not ok:
+            return None
+        clean[name] = value
+    return dataclasses.replace(cfg, **clean)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        import typing
+
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _as_type(value: Any, tp: Any) -> tuple[bool, Any]:
+    """``(True, value as OmegaConf stores it)`` where ``value`` is exactly of type ``tp``."""
+    import types
+    import typing
+
+    origin = typing.get_origin(tp)
+    if tp in (bool, int, str):
+        return type(value) is tp, value
+    if tp is float:
+        return type(value) in (int, float), float(value) if type(value) in (int, float) else None
+    if origin is Literal:
+        return type(value) is str and value in typing.get_args(tp), value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            return type(None) in args, None
+        arms = [a for a in args if a is not type(None)]
+        return _as_type(value, arms[0]) if len(arms) == 1 else (False, None)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            return False, None
+        items = [_as_type(v, item) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    return False, None

@@ -65,3 +65,28 @@ def test_config_and_options_give_the_same_bytes(tmp_path: Path) -> None:
         ref = zarr.open_group(tmp_path / "a" / f"{name}.ome.zarr", mode="r")["0"][:]
         got = zarr.open_group(tmp_path / "b" / f"{name}.ome.zarr", mode="r")["0"][:]
         assert got.dtype == ref.dtype and np.array_equal(got, ref)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"tile": 64, "outputs": ["classes", "probabilities"], "overlap": 0.5, "mode": "gaussian"},
+        {"overlap": 0, "bands": (1, 2), "outputs": ("classes",)},  # int for float, tuples
+        {"batch": 3, "heap": "flat", "probabilities_dtype": "float32", "stain": None},
+        {"tile": "64", "overlap": "0.25"},  # strings: OmegaConf coerces them
+    ],
+)
+def test_typed_options_resolve_as_omegaconf_resolves_them(options: dict) -> None:
+    """Options already of their field's type skip OmegaConf's merge; the result is the same
+    config, value types included, as the merge gives."""
+    from omegaconf import OmegaConf
+
+    want = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(InferConfig), options))
+    got = resolve_options(options)
+    assert got == want
+    assert [type(v) for v in dataclasses.astuple(got)] == [
+        type(v) for v in dataclasses.astuple(want)
+    ]
+    with pytest.raises(ConfigError, match="mode"):
+        resolve_options({**options, "mode": "nope"})

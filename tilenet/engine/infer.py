@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from tilenet.config import InferConfig, JobsConfig, ReaderConfig, ResolutionConfig
+from tilenet.config import InferConfig, JobsConfig, ReaderConfig, ResolutionConfig, merge_options
 from tilenet.engine.blendsteps import run_blend, step_record
 from tilenet.engine.checkpoint import check_input_range
 from tilenet.engine.decode import decode_summary
@@ -114,7 +114,6 @@ def resolve_options(
     merged onto it. A ``config`` with no options is checked and comes back as it is, the same
     object, when its values are already clean (a loose ``tile="12"`` comes back coerced).
     """
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     if isinstance(options, InferConfig):
@@ -125,9 +124,7 @@ def resolve_options(
     if unknown:
         raise ConfigError(f"unknown infer option {unknown[0]!r}; valid: {', '.join(valid)}")
     try:
-        base = OmegaConf.structured(config if config is not None else InferConfig)
-        merged = OmegaConf.merge(base, options)
-        cfg: InferConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+        cfg: InferConfig = merge_options(InferConfig, config, options)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         raise ConfigError(f"invalid infer option {key!r}: {one_line(exc, typed=False)}") from None

@@ -5,6 +5,7 @@ per session, the session's S3 server and its buckets."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +24,13 @@ def _threads_per_worker() -> str:
 
 # Set before torch is imported (it reads OMP_NUM_THREADS once); subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", _threads_per_worker())
+
+# Where the environment asks Python not to write bytecode (PYTHONDONTWRITEBYTECODE=1, as on
+# this project's CI machines), each pytest-xdist worker and each tilenet process a test starts
+# would compile tilenet and the (assertion-rewritten) tests from source again: ~4 s of CPU a
+# worker. Let the test run cache them in the checkout's __pycache__ folders (git-ignored);
+# subprocesses read them. Installed packages are compiled at install time either way.
+sys.dont_write_bytecode = False
 
 import builders  # noqa: E402
 import numpy as np  # noqa: E402

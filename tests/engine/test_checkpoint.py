@@ -189,6 +189,7 @@ def test_weights_holding_code_are_refused(tmp_path: Path) -> None:
         load_weights(create_model("tiny"), tmp_path / "list.pt")
 
 
+@pytest.mark.slow  # ~2.5 s; .ci/run runs it
 def test_torchvision_resnet_weights_fill_the_encoder(tmp_path: Path) -> None:
     from torchvision.models import resnet18
 

@@ -416,6 +416,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert Path(result["outputs"]["preview"]).is_file()
 
 
+@pytest.mark.slow  # ~2.5 s; .ci/run runs it
 def test_a_callers_module_is_left_as_it_was(tmp_path: Path) -> None:
     """The engine folds BatchNorm into a copy; the caller's module keeps its layers and mode."""
     ckpt = _checkpoint(tmp_path / "m.pt", "unet", base=4, depth=2)
@@ -457,6 +458,7 @@ def test_heap_policies_give_identical_outputs(tmp_path: Path) -> None:
         infer_image(img, ckpt, tmp_path / "bad", tile=64, heap="huge")
 
 
+@pytest.mark.slow  # ~1.2 s; .ci/run runs it
 def test_a_run_whose_heap_passes_the_ceiling_finishes_flat(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

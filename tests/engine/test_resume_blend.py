@@ -198,7 +198,7 @@ class _Arrays:
         self.probs[(slice(None), *window.slices)] = probs
 
 
-@pytest.mark.parametrize("durable", [False, True])
+@pytest.mark.parametrize("durable", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_the_stitcher_resumed_across_strips_sums_as_whole(tmp_path: Path, durable: bool) -> None:
     """Strips of 2 tile columns (chunks spilled from one strip to the next): stopped and
     resumed from :meth:`BlendStitcher.restart`, keeping the chunks it finished (and with a

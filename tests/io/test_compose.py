@@ -432,7 +432,9 @@ def _bright_model(path: Path) -> Path:
     return save_checkpoint(path, {"spec": spec, "model": model.state_dict()})
 
 
-@pytest.mark.parametrize("target", [["--mpp", "1.0"], ["--magnification", "10"]])
+@pytest.mark.parametrize(
+    "target", [["--mpp", "1.0"], pytest.param(["--magnification", "10"], marks=pytest.mark.slow)]
+)
 def test_infer_svs_at_mpp(tmp_path: Path, target: list[str]) -> None:
     """--mpp 1.0 (or 10x of the scan's 20x) on a 0.5 µm/px SVS: 2x coarser, outputs in the
     slide's frame."""

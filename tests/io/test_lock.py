@@ -226,6 +226,7 @@ def _lease(url: str) -> dict[str, object] | None:
     return json.loads(read_bytes(key)) if exists(key) else None
 
 
+@pytest.mark.slow  # ~2.5 s; .ci/run runs test_lock -m slow
 def test_bucket_lease_refuses_another_holder_and_is_deleted_on_release(bucket: str) -> None:
     out = f"{bucket}/run"
     with hold_output(out, what="first") as me:
@@ -253,6 +254,7 @@ def test_bucket_lease_is_renewed_while_held(bucket: str) -> None:
                 pass
 
 
+@pytest.mark.slow  # ~2 s; .ci/run runs test_lock -m slow
 def test_lease_of_a_killed_run_on_this_host_is_taken_over_at_once(
     bucket: str, holders: list[_Holder], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -164,6 +164,7 @@ def _batch(tmp_path: Path, sizes: list[tuple[int, int]]) -> Path:
     return src
 
 
+@pytest.mark.slow  # ~3 s; .ci/run runs it (and the LocalCluster one)
 def test_an_existing_scheduler_is_bit_identical_to_serial(
     tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
@@ -194,6 +195,7 @@ def test_local_cluster_bit_identical_to_serial(tmp_path: Path, tiny_checkpoint: 
         _assert_same_outputs(tmp_path / "serial" / stem, tmp_path / "dist" / stem)
 
 
+@pytest.mark.slow  # a 2-process dask cluster, ~3 s; .ci/run runs it
 def test_gpu_pinning_env_per_worker() -> None:
     """The per-GPU cluster gives worker i CUDA_VISIBLE_DEVICES=i (checked without GPUs)."""
     from dask.distributed import Client
@@ -284,6 +286,7 @@ def _bands_run(img: Path, ckpt: Path, out: Path, capsys: pytest.CaptureFixture[s
     return capsys.readouterr().err.count('"event": "region"')
 
 
+@pytest.mark.slow  # ~3 s; .ci/run runs it
 def test_partial_bands_reused_only_for_the_same_input(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path
 ) -> None:
@@ -299,6 +302,7 @@ def test_partial_bands_reused_only_for_the_same_input(
     _assert_same_outputs(tmp_path / "changed" / "big", tmp_path / "fresh" / "big")
 
 
+@pytest.mark.slow  # ~2 s; .ci/run runs it
 def test_kill_during_finalize_keeps_the_bands(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path
 ) -> None:

@@ -14,7 +14,6 @@ import torch
 
 from tilenet.engine.weights import load_encoder
 
-coca_model = pytest.importorskip("conch.open_clip_custom.coca_model")
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
@@ -22,6 +21,8 @@ def _conch_tiny() -> Any:
     """A tiny random CoCa of CONCH's own code and layout (conch_ViT-B-16.json scaled down:
     ViT 32-wide at 64 px, pooler 16-wide; its heads are always 8: CONCH's _build_vision_tower
     does not pass attn_pooler_heads on)."""
+    # imported here, not at collection (~3 s of CPU in every pytest-xdist worker)
+    coca_model = pytest.importorskip("conch.open_clip_custom.coca_model")
     torch.manual_seed(2)
     text = {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 2, "layers": 1,
             "embed_cls": True, "output_tokens": True}  # fmt: skip

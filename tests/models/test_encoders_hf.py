@@ -16,10 +16,6 @@ from tilenet.engine.weights import load_encoder
 from tilenet.errors import CheckpointError
 from tilenet.models.encoders import IMAGENET_MEAN, IMAGENET_STD, PRESETS, timm_keys_from_hf
 
-transformers = pytest.importorskip("transformers")
-# resolved at collection: transformers' lazy modules cost ~2 s on first use
-from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel  # noqa: E402
-
 #: The tiny widths ``tiny=True`` gives every ViT preset, at a 112 px input (7 x 7 patches of 16).
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 112,
         "patch_size": 16}  # fmt: skip
@@ -29,6 +25,10 @@ X = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
 def _hf_model(kind: str, **config: Any) -> Any:
     """A random transformers model of the preset's family, perturbed so LayerNorm affine
     parameters and LayerScale are not their identity inits (a swapped name would show)."""
+    # imported here, not at collection: transformers costs ~2.5 s of CPU to import, paid only
+    # by the pytest-xdist worker that runs these tests
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
     torch.manual_seed(1)
     if kind == "vit":
         cfg = ViTConfig(intermediate_size=128, **{**TINY, **config})

@@ -378,7 +378,10 @@ def _encoder_state(encoder: str, seed: int = 1) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in m.encoder.state_dict().items()}
 
 
-@pytest.mark.parametrize(("encoder", "prefix"), [("resnet18", "module."), ("tu-regnetx_002", "")])
+@pytest.mark.parametrize(
+    ("encoder", "prefix"),
+    [("resnet18", "module."), pytest.param("tu-regnetx_002", "", marks=pytest.mark.slow)],
+)
 def test_encoder_weights_load_from_a_local_file(encoder: str, prefix: str, tmp_path: Path) -> None:
     state = _encoder_state(encoder)
     # As torchvision and timm save them: DDP's prefix, no "model." of smp's timm wrapper, and
@@ -585,6 +588,7 @@ def test_overriding_the_model_drops_the_files_model_kwargs() -> None:
     assert dict(same.model.kwargs) == {"depth": 3, "base": 8}
 
 
+@pytest.mark.slow  # ~1.2 s; .ci/run runs it
 def test_plan_shows_an_smp_model() -> None:
     kwargs = {"encoder_name": "tu-mobilenetv3_small_050", **SMALL}
     plan = plan_model(

@@ -241,7 +241,7 @@ def _check_features(fc: dict, inst: np.ndarray, scale: float = 1, every: int = 1
         np.testing.assert_array_equal(_rasterise(shifted, crop.shape), crop)
 
 
-@pytest.mark.parametrize("connectivity", [1, 2])
+@pytest.mark.parametrize("connectivity", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_geojson_polygons_are_the_objects(
     tmp_path: Path, blobs: np.ndarray, connectivity: int
 ) -> None:

@@ -73,7 +73,7 @@ def _rings_closed(coords: list) -> bool:
 
 
 # -- the polygonizer -----------------------------------------------------------------------
-@pytest.mark.parametrize("block", [16, 23])
+@pytest.mark.parametrize("block", [16, pytest.param(23, marks=pytest.mark.slow)])
 def test_regions_are_the_connected_components_merged_across_blocks(block: int) -> None:
     cm = _class_map(70, 90)
     regions = list(iter_regions(cm, block=block))

@@ -80,7 +80,7 @@ def _collect(loader: DataLoader, batched: bool) -> list[tuple[bytes, bytes]]:
     return out
 
 
-@pytest.mark.parametrize("batch_size", [None, 7])
+@pytest.mark.parametrize("batch_size", [None, pytest.param(7, marks=pytest.mark.slow)])
 def test_exactly_once_across_two_workers_and_two_ranks(store: Path, batch_size: int | None) -> None:
     images, labels = _rows(store)
     expected = Counter((a.tobytes(), b.tobytes()) for a, b in zip(images, labels, strict=True))

@@ -85,6 +85,7 @@ def test_synthesize_writes_matching_pyramidal_pairs(tmp_path: Path) -> None:
         assert 'PhysicalSizeX="0.5"' in tif.ome_metadata
 
 
+@pytest.mark.slow  # ~2 s; .ci/run runs it
 def test_synthesize_is_deterministic_and_tile_independent(tmp_path: Path) -> None:
     a = synthesize(tmp_path / "a", size=300, count=1, seed=7, tile=64)
     b = synthesize(tmp_path / "b", size=300, count=1, seed=7, tile=128)

@@ -173,6 +173,7 @@ def test_channel_mismatch_is_a_clear_error(stores, tmp_path: Path, capsys) -> No
     assert "model.in_channels=4 but the training data has 3 channels" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~1.5 s; .ci/run runs it
 def test_starts_from_a_weights_file(stores, tmp_path: Path, capsys) -> None:
     from tilenet.models import create_model
 
@@ -333,6 +334,7 @@ def test_trains_on_random_crops_of_images_and_resumes_exactly(stores, tmp_path: 
     assert ca["spec"]["mean"] != [0.0, 0.0, 0.0]
 
 
+@pytest.mark.slow  # ~2 s; .ci/run runs it
 def test_early_stopping_and_best_by_loss(stores, tmp_path: Path) -> None:
     # lr 0: nothing changes, so the first validation stays the best and patience runs out
     over = {

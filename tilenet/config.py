@@ -464,6 +464,18 @@ def load_config(
 
 def to_yaml(cfg: Any) -> str:
     """The resolved config as YAML text."""
+    plain = _plain(cfg)
+    if plain is not None:  # typed dataclasses (in a dict): OmegaConf's own dump, without the
+        import yaml  # ~50 ms of building a structured config first
+        from omegaconf._utils import get_omega_conf_dumper
+
+        return yaml.dump(
+            plain,
+            default_flow_style=False,
+            allow_unicode=True,
+            sort_keys=False,
+            Dumper=get_omega_conf_dumper(),
+        )
     from omegaconf import OmegaConf
 
     if is_dataclass(cfg) and not isinstance(cfg, type):
@@ -555,3 +567,18 @@ def _as_type(value: Any, tp: Any) -> tuple[bool, Any]:
         items = [_as_type(v, item) for v in value]
         return all(ok for ok, _ in items), [v for _, v in items]
     return False, None
+
+
+def _plain(cfg: Any) -> Any | None:
+    """A dataclass whose every field holds a value of its type (:func:`replace_typed`), or a
+    dict of them, as the plain data OmegaConf would dump; None for anything else."""
+    import dataclasses
+
+    if isinstance(cfg, dict):
+        out = {k: _plain(v) for k, v in cfg.items()}
+        ok = all(isinstance(k, str) for k in out) and None not in out.values()
+        return out if ok else None
+    if is_dataclass(cfg) and not isinstance(cfg, type):
+        typed = replace_typed(cfg, {})
+        return None if typed is None else dataclasses.asdict(typed)
+    return None

@@ -90,3 +90,19 @@ def test_typed_options_resolve_as_omegaconf_resolves_them(options: dict) -> None
     ]
     with pytest.raises(ConfigError, match="mode"):
         resolve_options({**options, "mode": "nope"})
+
+
+def test_config_yaml_is_omegaconfs_dump() -> None:
+    """config.yaml's text (to_yaml of typed configs) is OmegaConf's own dump of them."""
+    from omegaconf import OmegaConf
+
+    from tilenet.config import ReaderConfig, ResolutionConfig, to_yaml
+
+    cfg = {
+        "reader": ReaderConfig(),
+        "resolution": ResolutionConfig(mpp=0.5),
+        "infer": resolve_options({"tile": 64, "overlap": 0, "bands": [2, 1], "stain": None}),
+    }
+    assert to_yaml(cfg) == OmegaConf.to_yaml(OmegaConf.create(cfg), resolve=True)
+    assert to_yaml(cfg["infer"]) == OmegaConf.to_yaml(OmegaConf.structured(cfg["infer"]))
+    assert "overlap: 0.0\n" in to_yaml(cfg)

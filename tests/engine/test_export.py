@@ -57,6 +57,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return ckpt, onnx_path
 
 
+@pytest.mark.slow  # the ONNX export fixture: ~8 s; .ci/run runs it
 def test_onnx_equals_torch_at_two_tile_sizes(exported: tuple[Path, Path]) -> None:
     ckpt, path = exported
     torch_model, spec = load_model(ckpt)
@@ -75,6 +76,7 @@ def test_onnx_equals_torch_at_two_tile_sizes(exported: tuple[Path, Path]) -> Non
         assert float((got - want).abs().max()) <= TOL
 
 
+@pytest.mark.slow  # the ONNX export fixture: ~8 s; .ci/run runs it
 def test_infer_onnx_through_the_tiled_engine_equals_the_checkpoint(
     exported: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -108,6 +110,7 @@ def test_infer_onnx_through_the_tiled_engine_equals_the_checkpoint(
     assert load_spec(path) == load_spec(ckpt)  # batch jobs read the spec this way
 
 
+@pytest.mark.slow  # the ONNX export fixture: ~8 s; .ci/run runs it
 def test_a_batch_job_runs_the_onnx_model(
     exported: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -124,6 +127,7 @@ def test_a_batch_job_runs_the_onnx_model(
     assert (out / "manifest.jsonl").is_file()
 
 
+@pytest.mark.slow  # torch.export capture first: ~8 s; .ci/run runs it
 def test_torchscript_export_carries_the_spec_and_is_size_generic(
     exported: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -266,6 +270,7 @@ def test_cli_refuses_a_registered_model_with_a_baked_size(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "bad.py"]
 
 
+@pytest.mark.slow  # the ONNX export fixture: ~8 s; .ci/run runs it
 def test_exporting_an_onnx_file_is_exit_2(
     exported: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -296,6 +301,7 @@ def test_without_onnxruntime_the_error_says_what_to_install(
         OnnxModel(exported[1])
 
 
+@pytest.mark.slow  # the ONNX export fixture: ~8 s; .ci/run runs it
 def test_exported_spec_is_json_in_the_metadata(exported: tuple[Path, Path]) -> None:
     import onnx
 

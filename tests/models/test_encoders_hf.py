@@ -41,6 +41,7 @@ def _hf_model(kind: str, **config: Any) -> Any:
     return model.eval()
 
 
+@pytest.mark.slow  # imports transformers (~4 s); .ci/run runs it
 @pytest.mark.parametrize(("name", "kind"), [("phikon", "vit"), ("phikon-v2", "dinov2")])
 def test_phikon_presets_reproduce_transformers_cls_token(
     tmp_path: Path, name: str, kind: str
@@ -81,6 +82,7 @@ def test_tilenet_never_imports_transformers() -> None:
     assert len(files) > 50 and not found
 
 
+@pytest.mark.slow  # imports transformers (~4 s); .ci/run runs it
 def test_a_config_of_another_model_is_refused(tmp_path: Path) -> None:
     hf = _hf_model("vit", layer_norm_eps=1e-6)
     hf.save_pretrained(tmp_path)
@@ -94,6 +96,7 @@ def test_a_config_of_another_model_is_refused(tmp_path: Path) -> None:
         load_encoder("phikon-v2", tmp_path, tiny=True, img_size=112)
 
 
+@pytest.mark.slow  # imports transformers (~4 s); .ci/run runs it
 def test_key_mapping_fuses_qkv_and_drops_what_a_feature_extractor_does_not_use() -> None:
     hf = _hf_model("dinov2")
     sd = {f"dinov2.{k}": v for k, v in hf.state_dict().items()}
@@ -108,6 +111,7 @@ def test_key_mapping_fuses_qkv_and_drops_what_a_feature_extractor_does_not_use()
     assert not any("mask_token" in k or "pooler" in k or k.startswith("dinov2.") for k in out)
 
 
+@pytest.mark.slow  # imports transformers (~4 s); .ci/run runs it
 def test_a_checkpoint_for_another_input_size_is_resampled_as_transformers_does(
     tmp_path: Path,
 ) -> None:

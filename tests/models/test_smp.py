@@ -464,7 +464,7 @@ def _overrides(store: Path, out: Path, **extra: Any) -> list[str]:
     return [f"{k}={v}" for k, v in overrides.items() if v is not None]
 
 
-@pytest.mark.slow  # trains smp; the frozen-encoder test trains from encoder weights too
+@pytest.mark.slow  # trains smp; .ci/run runs it
 def test_train_from_encoder_weights_then_infer(store: Path, tmp_path: Path) -> None:
     """``model.encoder_weights=PATH`` trains; ``tilenet infer`` needs only the checkpoint."""
     state = _encoder_state("resnet18")
@@ -551,7 +551,7 @@ def test_encoder_normalization_errors(
         _train(store, tmp_path / "run", **{"model.normalization": "encoder", **extra})
 
 
-@pytest.mark.slow  # ~18 s: two short training runs; the frozen-encoder test covers freezing
+@pytest.mark.slow  # ~18 s: two short training runs; .ci/run runs the frozen-encoder test
 def test_fine_tuning_controls(store: Path, tmp_path: Path) -> None:
     state = _encoder_state("resnet18")
     torch.save(state, tmp_path / "enc.pt")
@@ -747,6 +747,7 @@ def test_published_encoder_weights_need_the_opt_in(store: Path, tmp_path: Path) 
         )
 
 
+@pytest.mark.slow  # two short training runs, ~4 s; .ci/run runs it
 def test_frozen_encoder_computes_no_gradients_and_thaws_on_resume(
     store: Path, tmp_path: Path
 ) -> None:

@@ -641,3 +641,15 @@ def test_conv_bn_fusion_leaves_shared_modules_alone() -> None:
     assert isinstance(model.bn, nn.BatchNorm2d) and isinstance(model.bn_c, nn.BatchNorm2d)
     with pytest.raises(ValueError, match="eval mode"):
         fuse_conv_bn(model.train())
+
+
+def test_an_architecture_is_traced_once_per_process() -> None:
+    """Building the same architecture again reuses its traced analysis and exactness (tracing
+    is most of the cost of building a small model); other arguments are traced anew."""
+    a = create_model("unet", in_channels=3, num_classes=2, depth=2, base=4)
+    b = create_model("unet", in_channels=3, num_classes=2, depth=2, base=4)
+    c = create_model("unet", in_channels=3, num_classes=2, depth=3, base=4)
+    assert b.analysis is a.analysis and b.spec == a.spec
+    assert c.analysis is not a.analysis
+    assert c.receptive_field > a.receptive_field and c.stride > a.stride
+    assert b.state_dict().keys() == a.state_dict().keys()

@@ -30,6 +30,7 @@ Models read no files: weights are loaded by :func:`tilenet.engine.checkpoint.loa
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -128,6 +129,22 @@ def _check_int(value: Any, what: str) -> int:
     return value
 
 
+#: Each architecture's traced analysis and exactness, per process: tracing (torch.fx) and
+#: the exactness search are most of the cost of building a small model, and the layers they
+#: look at depend on the builder's arguments alone (weights are loaded later).
+_ANALYSES: dict[str, tuple[Any, bool, str | None]] = {}
+
+
+def _analysis_key(
+    name: str, in_channels: int, num_classes: int, kwargs: dict[str, Any]
+) -> str | None:
+    """The cache key of an architecture; None where its arguments are not plain JSON data."""
+    try:
+        return json.dumps([name, in_channels, num_classes, kwargs], sort_keys=True)
+    except (TypeError, ValueError):
+        return None
+
+
 def create_model(
     name: str,
     *,
@@ -168,13 +185,18 @@ def create_model(
         if isinstance(exc, ModelError):
             raise
         raise ModelError(f"model {name!r}: bad option: {exc}") from None
-    try:
-        an = analyze(model)
-    except ModelError as exc:  # not traceable: measured, and reported not exact
+    arch = _analysis_key(name, in_channels, num_classes, kwargs)
+    cached = _ANALYSES.get(arch) if arch is not None else None
+    if cached is not None:
+        an = cached[0]
+    else:
         try:
-            an = measure(model, reason=str(exc).removeprefix("receptive field: "))
-        except Exception:
-            raise exc from None
+            an = analyze(model)
+        except ModelError as exc:  # not traceable: measured, and reported not exact
+            try:
+                an = measure(model, reason=str(exc).removeprefix("receptive field: "))
+            except Exception:
+                raise exc from None
     if an.stride != model._stride_hint:
         raise ModelError(
             f"model {name!r}: layers give stride {an.stride}, builder declared {model._stride_hint}"
@@ -182,7 +204,9 @@ def create_model(
     model.stride = an.stride
     model.receptive_field = an.receptive_field
     model.analysis = an
-    exact, reason = exactness(model)
+    exact, reason = cached[1:] if cached is not None else exactness(model)
+    if arch is not None and cached is None:
+        _ANALYSES[arch] = (an, exact, reason)
     model.per_pixel_norm = exact
     model.spec = ModelSpec(
         name=name,

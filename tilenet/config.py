@@ -551,7 +551,8 @@ def _as_type(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp in (bool, int, str):
         return type(value) is tp, value
     if tp is float:
-        return type(value) in (int, float), float(value) if type(value) in (int, float) else None
+        ok = type(value) in (int, float)
+        return ok, float(value) if ok else value
     if origin is Literal:
         return type(value) is str and value in typing.get_args(tp), value
     if origin in (typing.Union, types.UnionType):

@@ -145,6 +145,26 @@ def _analysis_key(
         return None
 
 
+def _traced(name: str, model: TileModel) -> tuple[Any, bool, str | None]:
+    """``model``'s receptive-field analysis (traced; measured where it cannot be traced) and
+    its exactness."""
+    from tilenet.models.receptive import analyze, exactness, measure
+
+    try:
+        an = analyze(model)
+    except ModelError as exc:  # not traceable: measured, and reported not exact
+        try:
+            an = measure(model, reason=str(exc).removeprefix("receptive field: "))
+        except Exception:
+            raise exc from None
+    if an.stride != model._stride_hint:
+        raise ModelError(
+            f"model {name!r}: layers give stride {an.stride}, builder declared {model._stride_hint}"
+        )
+    model.analysis = an  # exactness reads the traced calls
+    return an, *exactness(model)
+
+
 def create_model(
     name: str,
     *,
@@ -159,7 +179,6 @@ def create_model(
     :class:`~tilenet.errors.ModelError`.
     """
     from tilenet._version import __version__
-    from tilenet.models.receptive import analyze, exactness, measure
 
     if name not in _REGISTRY:
         raise ModelError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
@@ -186,27 +205,15 @@ def create_model(
             raise
         raise ModelError(f"model {name!r}: bad option: {exc}") from None
     arch = _analysis_key(name, in_channels, num_classes, kwargs)
-    cached = _ANALYSES.get(arch) if arch is not None else None
-    if cached is not None:
-        an = cached[0]
-    else:
-        try:
-            an = analyze(model)
-        except ModelError as exc:  # not traceable: measured, and reported not exact
-            try:
-                an = measure(model, reason=str(exc).removeprefix("receptive field: "))
-            except Exception:
-                raise exc from None
-    if an.stride != model._stride_hint:
-        raise ModelError(
-            f"model {name!r}: layers give stride {an.stride}, builder declared {model._stride_hint}"
-        )
+    found = _ANALYSES.get(arch) if arch is not None else None
+    if found is None:
+        found = _traced(name, model)
+        if arch is not None:
+            _ANALYSES[arch] = found
+    an, exact, reason = found
     model.stride = an.stride
     model.receptive_field = an.receptive_field
     model.analysis = an
-    exact, reason = cached[1:] if cached is not None else exactness(model)
-    if arch is not None and cached is None:
-        _ANALYSES[arch] = (an, exact, reason)
     model.per_pixel_norm = exact
     model.spec = ModelSpec(
         name=name,

@@ -204,7 +204,7 @@ class _Bad(nn.Module):
     ids=["baked-size", "size-branch", "no-onnx-op"],
 )
 def test_a_model_that_cannot_export_is_refused_naming_the_layer(
-    odd: type[nn.Module], why: str, exported: tuple[Path, Path], tmp_path: Path
+    odd: type[nn.Module], why: str, tmp_path: Path
 ) -> None:
     spec = {"name": "bad", "in_channels": 3, "num_classes": 2, "stride": 2, "receptive_field": 4}
     with pytest.raises(ModelError) as err:
@@ -278,15 +278,20 @@ def test_exporting_an_onnx_file_is_exit_2(
     assert "already an ONNX file" in capsys.readouterr().err
 
 
-def test_an_onnx_file_without_a_spec_is_refused(tmp_path: Path) -> None:
+def _bare_onnx(path: Path) -> Path:
+    """An identity ONNX model made with onnx's own helpers, without a tilenet spec."""
     import onnx
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, "h", "w"])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3, "h", "w"])
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
-    bare = tmp_path / "bare.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), bare)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_an_onnx_file_without_a_spec_is_refused(tmp_path: Path) -> None:
+    bare = _bare_onnx(tmp_path / "bare.onnx")
     with pytest.raises(CheckpointError, match=r"bare\.onnx: ONNX file without a tilenet model"):
         load_model(bare)
     with pytest.raises(CheckpointError, match=r"missing\.onnx: ONNX model not found"):
@@ -294,11 +299,12 @@ def test_an_onnx_file_without_a_spec_is_refused(tmp_path: Path) -> None:
 
 
 def test_without_onnxruntime_the_error_says_what_to_install(
-    exported: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    bare = _bare_onnx(tmp_path / "bare.onnx")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
     with pytest.raises(ModelError, match=r'pip install "tilenet\[export\]"'):
-        OnnxModel(exported[1])
+        OnnxModel(bare)
 
 
 @pytest.mark.slow  # the ONNX export fixture: ~8 s; .ci/run runs it

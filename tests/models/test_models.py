@@ -643,6 +643,36 @@ def test_conv_bn_fusion_leaves_shared_modules_alone() -> None:
         fuse_conv_bn(model.train())
 
 
+def test_a_second_model_of_an_architecture_fuses_without_tracing_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The conv-BN pairs come from one fx trace per architecture; a second model of it (as
+    each checkpoint load builds) fuses the same pairs to the same output without a trace."""
+    from torch import fx
+
+    from tilenet.models.fuse import fuse_conv_bn
+
+    first = create_model("unet", in_channels=3, num_classes=3, depth=2, base=6).eval()
+    n = fuse_conv_bn(first)
+    second = create_model("unet", in_channels=3, num_classes=3, depth=2, base=6).eval()
+    _randomize_bn(second)
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        ref = second(x)
+
+    def no_trace(*args: object, **kwargs: object) -> None:
+        raise AssertionError("traced again")
+
+    monkeypatch.setattr(fx, "symbolic_trace", no_trace)
+    with torch.no_grad():
+        assert fuse_conv_bn(second) == n > 0
+        assert torch.allclose(second(x), ref, rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in second.modules())
+    # Another architecture is traced: here the trace fails, so nothing is fused.
+    other = create_model("unet", in_channels=3, num_classes=3, depth=2, base=5).eval()
+    assert fuse_conv_bn(other) == 0
+
+
 def test_an_architecture_is_traced_once_per_process() -> None:
     """Building the same architecture again reuses its traced analysis and exactness (tracing
     is most of the cost of building a small model); other arguments are traced anew."""

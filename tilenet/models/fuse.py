@@ -21,6 +21,8 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from tilenet.models.receptive import TraceRoot
+
 __all__ = ["fuse_conv_bn"]
 
 log = logging.getLogger(__name__)
@@ -47,40 +49,59 @@ def fuse_conv_bn(model: nn.Module) -> int:
     >>> bool(torch.allclose(m(x), ref, atol=1e-5))
     True
     """
-    from tilenet.models.receptive import TraceRoot
-
     if model.training:
         raise ValueError("fuse_conv_bn needs a model in eval mode")
-    try:
-        graph = fx.symbolic_trace(TraceRoot(model)).graph
-    except Exception as exc:  # a model fx cannot trace runs unfused
-        log.debug("conv-bn fusion skipped: cannot trace %s: %s", type(model).__name__, exc)
-        return 0
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = _candidate_pairs(model)
     body = TraceRoot(model)
     fused = 0
-    for node in graph.nodes:
-        if node.op != "call_module" or len(node.users) != 1:
-            continue
-        (user,) = node.users
-        if user.op != "call_module" or len(user.args) != 1 or user.kwargs:
-            continue
-        conv, bn = body.get_submodule(node.target), body.get_submodule(user.target)
+    for conv_name, bn_name in pairs:
+        conv, bn = body.get_submodule(conv_name), body.get_submodule(bn_name)
         if not (
             type(conv) is nn.Conv2d
             and type(bn) is nn.BatchNorm2d
-            and calls[node.target] == 1
-            and calls[user.target] == 1
             and bn.track_running_stats
             and bn.running_mean is not None
             and conv.out_channels == bn.num_features
         ):
             continue
         with torch.no_grad():
-            _set(body, node.target, fuse_conv_bn_eval(conv, bn))
-        _set(body, user.target, nn.Identity())
+            _set(body, conv_name, fuse_conv_bn_eval(conv, bn))
+        _set(body, bn_name, nn.Identity())
         fused += 1
     return fused
+
+
+#: Each architecture's candidate pairs (create_model's ``architecture`` key): the fx trace
+#: is most of the cost of loading a small model, and the graph depends on the layers and
+#: ``forward`` alone, not on the weights.
+_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {}
+
+
+def _candidate_pairs(model: nn.Module) -> tuple[tuple[str, str], ...]:
+    """(module called once, the module called once that alone takes its output) on the
+    model's fx graph, as submodule names; none when the model cannot be traced."""
+    arch = getattr(model, "architecture", None)
+    if isinstance(arch, str) and arch in _PAIRS:
+        return _PAIRS[arch]
+    try:
+        graph = fx.symbolic_trace(TraceRoot(model)).graph
+    except Exception as exc:  # a model fx cannot trace runs unfused
+        log.debug("conv-bn fusion skipped: cannot trace %s: %s", type(model).__name__, exc)
+        return ()
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        if user.op != "call_module" or len(user.args) != 1 or user.kwargs:
+            continue
+        if calls[node.target] == 1 and calls[user.target] == 1:
+            pairs.append((str(node.target), str(user.target)))
+    found = tuple(pairs)
+    if isinstance(arch, str):
+        _PAIRS[arch] = found
+    return found

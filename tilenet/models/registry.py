@@ -68,6 +68,9 @@ class TileModel(nn.Module):
     spec: ModelSpec
     per_pixel_norm: bool
     analysis: Analysis
+    #: Set by create_model: equal keys mean the same layers and the same ``forward`` (name,
+    #: channels, classes and builder arguments as JSON); None where those are not plain data.
+    architecture: str | None = None
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
         super().__init__()
@@ -211,6 +214,7 @@ def create_model(
         if arch is not None:
             _ANALYSES[arch] = found
     an, exact, reason = found
+    model.architecture = arch
     model.stride = an.stride
     model.receptive_field = an.receptive_field
     model.analysis = an

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import resnet18, resnet34, resnet50
 
 from tilenet.errors import ModelError
 from tilenet.models.registry import TileModel, register_model
@@ -24,10 +23,13 @@ from tilenet.models.unet import conv_block
 
 __all__ = ["ResNetUNet"]
 
+#: torchvision builder name and feature widths (stem, layer1..4). torchvision is imported
+#: when one is built: importing it costs ~3 s (it brings torch._dynamo), which a run of
+#: another model, and ``tilenet info``, should not pay.
 _ENCODERS = {
-    "resnet18": (resnet18, (64, 64, 128, 256, 512)),
-    "resnet34": (resnet34, (64, 64, 128, 256, 512)),
-    "resnet50": (resnet50, (64, 256, 512, 1024, 2048)),
+    "resnet18": ("resnet18", (64, 64, 128, 256, 512)),
+    "resnet34": ("resnet34", (64, 64, 128, 256, 512)),
+    "resnet50": ("resnet50", (64, 256, 512, 1024, 2048)),
 }
 
 
@@ -48,8 +50,10 @@ class ResNetUNet(TileModel):
         decoder = tuple(decoder)
         if len(decoder) != 5 or not all(isinstance(c, int) and c > 0 for c in decoder):
             raise ValueError(f"decoder must be 5 positive ints, got {decoder!r}")
+        import torchvision.models
+
         build, widths = _ENCODERS[encoder]
-        enc = build(weights=None)
+        enc = getattr(torchvision.models, build)(weights=None)
         if in_channels != 3:
             enc.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         del enc.avgpool, enc.fc  # the classifier head: global pooling and a dense layer

@@ -20,8 +20,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models.segmentation import deeplabv3_resnet50, fcn_resnet50
-from torchvision.models.segmentation.deeplabv3 import ASPP, ASPPPooling
 
 from tilenet.models.registry import TileModel, register_model
 
@@ -83,6 +81,8 @@ class TorchvisionSeg(TileModel):
 @register_model("fcn_resnet50")
 def fcn(*, in_channels: int, num_classes: int) -> TorchvisionSeg:
     """torchvision FCN-ResNet50 (output stride 8), random init."""
+    from torchvision.models.segmentation import fcn_resnet50  # ~3 s: imported when built
+
     net = fcn_resnet50(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
     return TorchvisionSeg(net, in_channels=in_channels, num_classes=num_classes)
 
@@ -95,6 +95,9 @@ def deeplab(*, in_channels: int, num_classes: int, pool_radius: int = 36) -> Tor
     """
     if isinstance(pool_radius, bool) or not isinstance(pool_radius, int) or pool_radius < 0:
         raise ValueError(f"pool_radius must be a non-negative int, got {pool_radius!r}")
+    from torchvision.models.segmentation import deeplabv3_resnet50
+    from torchvision.models.segmentation.deeplabv3 import ASPP, ASPPPooling
+
     net = deeplabv3_resnet50(
         weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False
     )

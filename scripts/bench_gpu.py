@@ -9,7 +9,7 @@ For each model (default: ``tiny`` and a small U-Net) on a synthetic JPEG slide (
   run, GPU busy fraction (CUDA events around each batch's model; NVML utilisation too when
   ``pynvml`` is importable), peak device memory;
 * ``forward``: the same prepared model on random device tensors of exactly the engine's
-  batches (:func:`tilenet.engine.predictor.batch_shapes`): the ceiling;
+  batches (:func:`tilenet.engine.tiles.batch_shapes`): the ceiling;
 * ``monai``: MONAI's ``sliding_window_inference`` over the same slide (read whole, windows
   on the GPU, output on the host), when ``monai`` is importable;
 * ``train``: bf16 (autocast) training steps/s of the model (AdamW, cross-entropy).
@@ -235,7 +235,8 @@ def forward(
     import torch
 
     from tilenet.config import InferConfig
-    from tilenet.engine.predictor import Predictor, batch_shapes
+    from tilenet.engine.predictor import Predictor
+    from tilenet.engine.tiles import batch_shapes
     from tilenet.runtime import autocast
 
     cfg = InferConfig(

@@ -91,7 +91,8 @@ def raw_forward(ckpt: Path, shape: tuple[int, int], opts: dict[str, Any]) -> dic
 
     from tilenet.engine.checkpoint import load_model
     from tilenet.engine.infer import resolve_options
-    from tilenet.engine.predictor import batch_shapes, plan_grid, prepare_model
+    from tilenet.engine.predictor import prepare_model
+    from tilenet.engine.tiles import batch_shapes, plan_grid
     from tilenet.runtime import autocast, heap_policy, resolve_device
 
     cfg = resolve_options(opts)

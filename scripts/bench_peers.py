@@ -8,7 +8,7 @@ a fresh subprocess that reports its own peak RSS. Contenders, run interleaved pe
   as the engine prepares it (``tilenet.engine.predictor.prepare_model``: BatchNorm folded into the
   convolutions, channels_last) under the engine's allocator setting
   (``tilenet.runtime.heap_policy``), on random batches shaped and grouped exactly
-  like the engine's (``tilenet.engine.predictor.batch_shapes``): the numerator of tilenet's pipeline
+  like the engine's (``tilenet.engine.tiles.batch_shapes``): the numerator of tilenet's pipeline
   efficiency;
 * ``tilenet_crop``: ``infer_image(mode="crop")`` at the default tile (1024, the largest
   read window: the engine fits the grid below it) with the automatic halo (exact);
@@ -160,7 +160,8 @@ def child_model(a: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from tilenet.engine.infer import resolve_options
-    from tilenet.engine.predictor import batch_shapes, plan_grid, prepare_model
+    from tilenet.engine.predictor import prepare_model
+    from tilenet.engine.tiles import batch_shapes, plan_grid
     from tilenet.runtime import heap_policy
 
     dev = a.get("device", "cpu")
@@ -310,7 +311,7 @@ def bench_size(
     side: int, ckpt: Path, spec: Any, work: Path, opt: argparse.Namespace
 ) -> dict[str, Any]:
     from tilenet.engine.infer import resolve_options
-    from tilenet.engine.predictor import plan_grid
+    from tilenet.engine.tiles import plan_grid
 
     img = bu.make_tiff(work / f"peers_{side}.tif", side)
     gcfg = resolve_options({"tile": opt.tile, "mode": "gaussian", "overlap": opt.overlap})

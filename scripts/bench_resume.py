@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tilenet.engine.checkpoint import load_model
     from tilenet.engine.infer import bands_of, resolve_options
-    from tilenet.engine.predictor import plan_grid
+    from tilenet.engine.tiles import plan_grid
 
     spec = load_model(ckpt)[1]
     grid, _ = plan_grid((opt.side, opt.side), spec, resolve_options({"tile": opt.tile}))

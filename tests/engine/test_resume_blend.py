@@ -133,11 +133,9 @@ def test_an_interrupted_run_across_strips_takes_up_its_spilled_sums(
     wait for the next strip are spilled to the resume state, so the rerun starts a couple of
     tiles back in the strip it was stopped in, not in the strip before, and ends
     bit-identical to an uninterrupted run with the same strips."""
-    import tilenet.engine.infer as infer
-    import tilenet.engine.predictor as predictor
+    import tilenet.engine.tiles as tiles
 
-    for module in (infer, predictor):  # 64 px: strips of 2 tiles of core 32
-        monkeypatch.setattr(module, "BLEND_STRIP_PX", 64)
+    monkeypatch.setattr(tiles, "BLEND_STRIP_PX", 64)  # 64 px: strips of 2 tiles of core 32
     img = _image(tmp_path, 192, 160)  # 6 x 5 tiles: strips of 2 x 6, 2 x 6, 1 x 6
     ckpt = make_checkpoint(tmp_path / "m.pt")
     progress = _interrupted(str(tmp_path / "out"), img, ckpt, stop_after=20, min_restart=12)

@@ -6,7 +6,7 @@ last tile is added. Every ``budget_s`` seconds of work (:data:`~tilenet.engine.p
 the writer thread, right after the chunks it finished are written, records a progress
 marker (:meth:`tilenet.outputs.outputset.OutputSet.mark_progress`): ``added``, the tiles
 taken so far, and ``restart``, where a rerun starts: the last batch start
-(:func:`~tilenet.engine.predictor.batch_starts`) at or before the first tile of the first
+(:func:`~tilenet.engine.tiles.batch_starts`) at or before the first tile of the first
 chunk still unfinished (:meth:`~tilenet.engine.stitch.BlendStitcher.restart`), about two
 tile rows back. Chunks that wait for the next vertical strip are spilled to a store in the
 resume state (:meth:`~tilenet.outputs.outputset.OutputSet.spill_store`), so a rerun takes
@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 
 from tilenet.engine.pace import add_step
-from tilenet.engine.predictor import Predictor, RunStats, batch_starts
+from tilenet.engine.predictor import Predictor, RunStats
 from tilenet.engine.stitch import BlendStitcher
+from tilenet.engine.tiles import batch_starts
 from tilenet.geometry import Tile, TileGrid
 from tilenet.outputs.outputset import OutputSet
 from tilenet.outputs.sink import OutputSink

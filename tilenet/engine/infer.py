@@ -5,7 +5,7 @@ runs; keyword options (the fields of :class:`tilenet.config.InferConfig`) work t
 three public steps, which batch jobs (:mod:`tilenet.jobs`) run the same way, on dask workers
 when asked:
 
-1. :func:`plan_image` plans the tile grid (:func:`tilenet.engine.predictor.plan_grid`), splits it
+1. :func:`plan_image` plans the tile grid (:func:`tilenet.engine.tiles.plan_grid`), splits it
    into bands of whole grid rows (crop mode; blend modes are one band), and prepares the
    outputs (:class:`tilenet.outputs.outputset.OutputSet` on a folder or a bucket prefix): the
    level-0 stores the asked-for formats read, reopened when an earlier run with the same
@@ -39,8 +39,9 @@ from tilenet.engine.decode import decode_summary
 from tilenet.engine.pace import CHECKPOINT_S, Pace, add_step, tiles_here, timings
 from tilenet.engine.perimage import skip_mask, stain_for
 from tilenet.engine.plan import check_disk, output_bytes
-from tilenet.engine.predictor import BLEND_STRIP_PX, Predictor, plan_grid, tile_order
+from tilenet.engine.predictor import Predictor
 from tilenet.engine.stitch import STITCHERS
+from tilenet.engine.tiles import plan_grid, strip_tiles, tile_order
 from tilenet.errors import ConfigError, InputError, one_line
 from tilenet.geometry import GeoTransform, Tile, TileGrid, spans
 from tilenet.io.location import location
@@ -405,7 +406,7 @@ def run_band(
             predictor,
             image,
             tiles,
-            strip_tiles=max(1, BLEND_STRIP_PX // plan.grid.core[1]),
+            strip_tiles=strip_tiles(plan.grid),
             skip=skip_mask(_image_key(plan), plan.config, image, tiles),
             stain=stain_for(_image_key(plan), plan.config, image, predictor.spec.stain),
             on_tiles=on_tiles,

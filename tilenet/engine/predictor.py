@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -56,9 +55,10 @@ from tilenet.engine.pipeline import (
     mark_invalid,
     prefetch,
 )
-from tilenet.engine.stitch import Stitcher, strip_order
+from tilenet.engine.stitch import Stitcher
+from tilenet.engine.tiles import batches, plan_grid
 from tilenet.errors import InputError
-from tilenet.geometry import Tile, TileGrid, Window, ceil_to
+from tilenet.geometry import Tile, TileGrid, Window
 from tilenet.io.source import EncodedWindow, decode_window
 from tilenet.models.spec import ModelSpec
 from tilenet.normalize import Normalizer
@@ -68,144 +68,13 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "BLEND_STRIP_PX",
     "Predictor",
     "RunStats",
-    "batch_shapes",
-    "batch_starts",
-    "plan_grid",
     "predict",
     "prepare_model",
 ]
 
 log = logging.getLogger(__name__)
-
-#: Width (pixels) of the vertical strips blend mode processes; bounds its open chunks.
-BLEND_STRIP_PX = 8192
-
-
-# -- geometry -------------------------------------------------------------------------------
-def plan_grid(
-    shape: tuple[int, int], spec: ModelSpec | dict[str, Any], cfg: InferConfig
-) -> tuple[TileGrid, int]:
-    """The tile grid for an image of ``shape`` and a model ``spec``; returns (grid, halo).
-
-    In crop mode ``cfg.tile`` is the largest read window: the tile shrinks to the smallest
-    stride multiple that still covers the image with as many tiles, so the last row and
-    column of tiles do not recompute most of their neighbours (e.g. 4096² with a 128 px halo:
-    6 x 6 tiles of 1024² = 2.25x the image at most; 944² tiles cover it in the same 36,
-    1.91x). Any stride-aligned grid is exact, so this changes the work, not the output.
-
-    >>> spec = {"name": "m", "in_channels": 3, "num_classes": 2, "stride": 16,
-    ...         "receptive_field": 40}
-    >>> g, halo = plan_grid((1000, 700), spec, InferConfig(tile=256))
-    >>> halo, g.tile, g.core, g.counts
-    (48, (240, 240), (144, 144), (7, 5))
-    >>> g, _ = plan_grid((1000, 700), spec, InferConfig(tile=256, mode="gaussian"))
-    >>> g.tile, g.counts
-    ((256, 256), (6, 4))
-    """
-    spec = ModelSpec.coerce(spec)
-    stride = max(1, spec.stride)
-    if cfg.tile % stride:
-        raise InputError(
-            f"tile {cfg.tile} must be a multiple of the model's stride {stride}; "
-            f"try --tile {ceil_to(cfg.tile, stride)}"
-        )
-    if cfg.mode == "crop":
-        halo = ceil_to(cfg.halo if cfg.halo is not None else spec.receptive_field, stride)
-    else:
-        halo = ceil_to(round(cfg.overlap * cfg.tile / 2), stride)
-    if cfg.tile < 2 * halo + stride:
-        suggest = max(ceil_to(4 * halo, stride), 2 * halo + stride)
-        why = "the model's receptive field" if cfg.mode == "crop" else "--overlap"
-        raise InputError(
-            f"tile {cfg.tile} is too small for a halo of {halo} px on each side (from {why}); "
-            f"use --tile {suggest} or larger"
-        )
-    tile = cfg.tile
-    if cfg.mode == "crop":
-        # The smallest core that keeps each axis's tile count (a stride multiple).
-        core_max, core = cfg.tile - 2 * halo, stride
-        for side in shape:
-            n = math.ceil(side / core_max)
-            core = max(core, ceil_to(math.ceil(side / n), stride))
-        tile = min(cfg.tile, core + 2 * halo)
-    return TileGrid(shape, tile, halo, align=stride, edge="clamp"), halo
-
-
-def tile_order(grid: TileGrid, mode: str) -> list[Tile]:
-    """The order the engine runs ``grid``'s tiles in: row-major (crop), strips (blend)."""
-    if mode == "crop":
-        return list(grid)
-    return strip_order(grid, max(1, BLEND_STRIP_PX // grid.core[1]))
-
-
-def batch_shapes(grid: TileGrid, cfg: InferConfig) -> list[tuple[int, tuple[int, int]]]:
-    """(batch size, read shape) of every model batch the engine runs over ``grid``.
-
-    The engine's own order and grouping (no tiles skipped), for benchmarks that time the
-    model alone on exactly the batches a :class:`Predictor` runs.
-
-    >>> spec = {"name": "m", "in_channels": 3, "num_classes": 2, "stride": 16,
-    ...         "receptive_field": 40}
-    >>> g, _ = plan_grid((1000, 700), spec, InferConfig(tile=256, batch=4))
-    >>> batch_shapes(g, InferConfig(tile=256, batch=4))[:3]
-    [(4, (240, 240)), (1, (240, 240)), (4, (240, 240))]
-    """
-    tiles = tile_order(grid, cfg.mode)
-    items = (((i, t, False), None) for i, t in enumerate(tiles))
-    by_row = cfg.mode == "crop"
-    return [(len(b), b[0][0].read.shape) for b in _batches(items, cfg.batch, by_row=by_row)]
-
-
-def batch_starts(
-    tiles: Sequence[Tile], skip: np.ndarray | None, size: int, *, by_row: bool = False
-) -> list[int]:
-    """Positions in ``tiles`` where :meth:`Predictor.run` starts a batch (``skip`` as given
-    to it). A run over ``tiles[i:]`` from one of them batches the rest exactly as the run over
-    all of ``tiles`` does: the model sees the same batches, so results agree to the bit.
-
-    >>> g = TileGrid((64, 96), tile=32, halo=8)
-    >>> batch_starts(list(g), None, 4), batch_starts(list(g), None, 4, by_row=True)[:4]
-    ([0, 4, 8, 12, 16, 20], [0, 4, 6, 10])
-    """
-    flags = np.zeros(len(tiles), bool) if skip is None else skip
-    items = (((i, t, bool(flags[i])), None) for i, t in enumerate(tiles))
-    starts, pos = [], 0
-    for batch in _batches(items, size, by_row=by_row):
-        starts.append(pos)
-        pos += len(batch)
-    return starts
-
-
-def _batches(
-    items: Iterator[tuple[tuple[int, Tile, bool], Any]],
-    size: int,
-    *,
-    by_row: bool = False,
-) -> Iterator[list[tuple[Tile, bool, Any]]]:
-    """Group consecutive tiles into batches of equal read shape (skipped tiles pass alone).
-
-    ``by_row``: a batch never spans two grid rows, so a run over a band of whole rows
-    batches its tiles exactly as a run over the whole grid does (oneDNN's results can
-    depend on the batch size in the last bit; this keeps banded runs bit-identical).
-    """
-    batch: list[tuple[Tile, bool, Any]] = []
-    for (_, tile, skipped), arr in items:
-        if batch and (
-            len(batch) >= size
-            or skipped
-            or batch[-1][1]
-            or batch[-1][0].read.shape != tile.read.shape
-            or (by_row and batch[-1][0].index[0] != tile.index[0])
-        ):
-            yield batch
-            batch = []
-        batch.append((tile, skipped, arr))
-    if batch:
-        yield batch
-
 
 # -- tensors --------------------------------------------------------------------------------
 _FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
@@ -467,7 +336,7 @@ class Predictor:
         ):
             reads = prefetch(items, reader, workers=cfg.readers, depth=depth)
             t0 = time.perf_counter()
-            for batch in _batches(reads, cfg.batch, by_row=crop):
+            for batch in batches(reads, cfg.batch, by_row=crop):
                 stats.read_wait_s += time.perf_counter() - t0
                 if batch[0][1]:
                     if pending is not None:  # the stitcher takes tiles in the run's order

@@ -38,7 +38,7 @@ from tilenet.engine.checkpoint import check_input_range
 from tilenet.engine.decode import decode_summary
 from tilenet.engine.pace import CHECKPOINT_S, Pace, add_step, tiles_here, timings
 from tilenet.engine.perimage import skip_mask, stain_for
-from tilenet.engine.plan import check_disk, output_bytes
+from tilenet.engine.plan import check_disk
 from tilenet.engine.predictor import Predictor
 from tilenet.engine.stitch import STITCHERS
 from tilenet.engine.tiles import plan_grid, strip_tiles, tile_order
@@ -49,7 +49,12 @@ from tilenet.io.lock import exclusive_output
 from tilenet.io.storage import redact
 from tilenet.models.spec import ModelSpec
 from tilenet.outputs.formats import FORMATS
-from tilenet.outputs.outputset import CLASSES_NODATA, OutputSet, stores_for
+from tilenet.outputs.outputset import (
+    CLASSES_NODATA,
+    OutputSet,
+    planned_bytes,
+    reclaimable_bytes,
+)
 from tilenet.outputs.resume import ResumeKey
 from tilenet.progress import progress_bar
 
@@ -291,9 +296,15 @@ def plan_image(
         pixel_size = (image.pixel_size[0] * ds[0], image.pixel_size[1] * ds[1])
     loc = location(out)
     if cfg.disk_check and loc.local is not None:  # refused before anything is written
-        k, dtype = spec.num_classes, cfg.probabilities_dtype
-        need = output_bytes(shape, k, stores_for(cfg.outputs), dtype)
-        check_disk(loc.local, need, what=str(image.path))
+        georeferenced = getattr(image, "transform", None) is not None
+        need = planned_bytes(
+            shape,
+            spec.num_classes,
+            cfg.outputs,
+            cfg.probabilities_dtype,
+            georeferenced=georeferenced,
+        )
+        check_disk(loc.local, need, what=str(image.path), reclaimable=reclaimable_bytes(loc))
     outputs = OutputSet.prepare(
         loc,
         key=key,

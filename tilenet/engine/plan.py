@@ -1,7 +1,8 @@
 """``tilenet plan``: what a model costs, and what fits, before anything runs.
 
-What an inference's outputs take on disk is here too (:func:`output_bytes`,
-:func:`check_disk`): ``tilenet infer`` refuses a local output its disk has no room for.
+Whether a disk can take an inference's outputs is here too (:func:`check_disk`, with
+:func:`tilenet.outputs.outputset.planned_bytes`): ``tilenet infer`` refuses a local output
+its disk has no room for.
 
 The seeds' arithmetic, kept as small functions (their doctests are the seeds' examples):
 a dense first layer on a 1000x1000x3 image with 1000 units needs 3x10^9 weights; a 3x3
@@ -28,7 +29,6 @@ from tilenet.errors import InputError
 from tilenet.geometry import ceil_to
 
 __all__ = [
-    "PYRAMID_FACTOR",
     "activation_bytes",
     "check_disk",
     "conv_params",
@@ -36,7 +36,6 @@ __all__ = [
     "format_plan",
     "max_batch",
     "measure_cuda",
-    "output_bytes",
     "parse_memory",
     "plan_model",
 ]
@@ -446,41 +445,19 @@ def format_plan(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-#: Pyramid levels add at most a third to a store's level 0 (each level a quarter of the last).
-PYRAMID_FACTOR = 4 / 3
-
-
-def output_bytes(
-    shape: tuple[int, int], num_classes: int, stores: Sequence[str], probabilities_dtype: str
-) -> int:
-    """Uncompressed bytes of an inference's level-0 stores and their pyramids: the class map
-    (uint8) and, when written, the probabilities (one plane per class). An upper bound on
-    the stores (they are compressed), not counting the formats' other files.
-
-    >>> output_bytes((1000, 1000), 3, ["classes"], "float16")
-    1333333
-    >>> output_bytes((1000, 1000), 3, ["probabilities", "classes"], "float16")
-    9333333
-    """
-    import numpy as np
-
-    px = int(shape[0]) * int(shape[1])
-    per_px = 1 + (
-        num_classes * np.dtype(probabilities_dtype).itemsize if "probabilities" in stores else 0
-    )
-    return int(px * per_px * PYRAMID_FACTOR)
-
-
-def check_disk(out: str | os.PathLike[str], need: int, *, what: str) -> None:
+def check_disk(out: str | os.PathLike[str], need: int, *, what: str, reclaimable: int = 0) -> None:
     """Refuse, in one line, an output of ``need`` bytes that the disk holding ``out`` (its
-    nearest existing folder) has no room for; ``what`` names the input in the message."""
+    nearest existing folder) has no room for; ``reclaimable`` bytes already there are the
+    output's own (work a resumed run keeps, leftovers it removes) and count as room.
+    ``what`` names the input in the message."""
     where = Path(out).absolute()
     while not where.exists() and where != where.parent:
         where = where.parent
     free = shutil.disk_usage(where).free
-    if need > free:
+    if need > free + reclaimable:
+        mine = f" (+ {_fmt_bytes(reclaimable)} its earlier run holds)" if reclaimable else ""
         raise InputError(
             f"{what}: the outputs in {out} take up to {_fmt_bytes(need)} uncompressed but "
-            f"{where} has {_fmt_bytes(free)} free; free some space, write elsewhere (--out) "
-            "or give --no-disk-check (infer.disk_check=false) to write anyway"
+            f"{where} has {_fmt_bytes(free)} free{mine}; free some space, write elsewhere "
+            "(--out) or give --no-disk-check (infer.disk_check=false) to write anyway"
         )

@@ -25,11 +25,13 @@ with the same key keeps them and only the missing bands run again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tilenet.config import InferConfig, to_yaml
@@ -42,6 +44,7 @@ from tilenet.outputs.formats import (
     CLASSES_NODATA,
     FORMATS,
     GEOREF_KEY,
+    PYRAMID_FACTOR,
     Finished,
     resolve_formats,
     tag_georef,
@@ -56,6 +59,8 @@ __all__ = [
     "STATE_DIR",
     "Finished",
     "OutputSet",
+    "planned_bytes",
+    "reclaimable_bytes",
     "stores_for",
     "tag_georef",
 ]
@@ -80,6 +85,69 @@ def stores_for(formats: Sequence[str]) -> list[str]:
     """
     need = set(BASE_STORES).union(*(FORMATS[f].needs for f in resolve_formats(formats)))
     return [n for n in _METHODS if n in need]
+
+
+def planned_bytes(
+    shape: tuple[int, int],
+    num_classes: int,
+    formats: Sequence[str],
+    probabilities_dtype: str,
+    *,
+    georeferenced: bool,
+) -> int:
+    """Uncompressed bytes of a run's outputs: its level-0 stores with their pyramids (the
+    class map as uint8, the probabilities when written) and the files of each format
+    (:meth:`~tilenet.outputs.formats.OutputFormat.bytes_per_px`). An upper bound on the
+    stores and rasters, which are compressed; vectors are not counted.
+
+    >>> planned_bytes((1000, 1000), 3, ["preview"], "float16", georeferenced=False)
+    1333333
+    >>> planned_bytes((1000, 1000), 3, ["probabilities"], "float16", georeferenced=False)
+    9333333
+    >>> planned_bytes((1000, 1000), 3, ["classes", "instances"], "float16", georeferenced=True)
+    9333333
+    """
+    import numpy as np
+
+    names = resolve_formats(formats)
+    per_px = 1.0  # the class map
+    if "probabilities" in stores_for(names):
+        per_px += num_classes * np.dtype(probabilities_dtype).itemsize
+    per_px *= PYRAMID_FACTOR
+    for name in names:
+        per_px += FORMATS[name].bytes_per_px(num_classes, georeferenced=georeferenced)
+    return int(int(shape[0]) * int(shape[1]) * per_px)
+
+
+def reclaimable_bytes(out: Location) -> int:
+    """Bytes a run into a local ``out`` may count as its own: the level-0 stores and resume
+    state (work a resumed run keeps, or a new run removes) and the leftovers of killed runs
+    (half-written files, scratch) that :meth:`OutputSet.prepare` removes. 0 in a bucket.
+    """
+    if out.local is None or not out.local.is_dir():
+        return 0
+    total = 0
+    for entry in out.local.iterdir():
+        name = entry.name
+        ours = (
+            name in {f"{s}.ome.zarr" for s in _METHODS}
+            or name == STATE_DIR
+            or ".partial-" in name
+            or name.startswith(".scratch-")
+        )
+        if ours:
+            total += _usage(entry)
+    return total
+
+
+def _usage(path: Path) -> int:
+    """Disk blocks in use under ``path`` (a file or a folder), in bytes; links not followed."""
+    files = [path] if not path.is_dir() else [Path(r, f) for r, _, fs in os.walk(path) for f in fs]
+    total = 0
+    for file in files:
+        with contextlib.suppress(OSError):  # removed meanwhile
+            total += file.lstat().st_blocks * 512
+    return total
 
 
 def _config_text(summary: dict[str, Any], cfg: InferConfig, sections: dict[str, Any] | None) -> str:

@@ -1,7 +1,7 @@
 """Output formats, one module each, found here; :data:`FORMATS` lists them in writing order.
 
 Adding a format is one module in this package (a class with ``name``, ``help``, ``needs``,
-``after``, ``uses`` and ``write``, decorated with :func:`register_format`) and its row in
+``after``, ``uses``, ``bytes_per_px`` and ``write``, decorated with :func:`register_format`) and its row in
 ``tests/outputs/test_formats.py``.
 """
 
@@ -14,6 +14,7 @@ from tilenet.outputs.formats.base import (
     CLASSES_NODATA,
     FORMATS,
     GEOREF_KEY,
+    PYRAMID_FACTOR,
     Finished,
     OutputFormat,
     order_formats,
@@ -26,6 +27,7 @@ __all__ = [
     "CLASSES_NODATA",
     "FORMATS",
     "GEOREF_KEY",
+    "PYRAMID_FACTOR",
     "Finished",
     "OutputFormat",
     "formats_help",

@@ -2,7 +2,8 @@
 
 A format (one module in this package) declares its ``name`` (what ``--outputs`` names), a
 ``help`` line (the CLI lists them), the level-0 stores it reads (``needs``: "classes",
-"probabilities") and the formats whose files it reads (``after``: asking for it asks for
+"probabilities"), an upper bound of what its files take on disk (``bytes_per_px``) and the
+formats whose files it reads (``after``: asking for it asks for
 them, and they are written first; ``uses``: read where written anyway, written first). :meth:`OutputFormat.write` makes its files from a
 :class:`Finished` run into a :class:`~tilenet.io.location.Location` and returns
 ``{output name: path or URL}`` for the summary.
@@ -32,6 +33,7 @@ __all__ = [
     "CLASSES_NODATA",
     "FORMATS",
     "GEOREF_KEY",
+    "PYRAMID_FACTOR",
     "Finished",
     "OutputFormat",
     "order_formats",
@@ -110,6 +112,15 @@ class OutputFormat(Protocol):
 
     def write(self, done: Finished, out: Location) -> dict[str, str]: ...
 
+    def bytes_per_px(self, num_classes: int, *, georeferenced: bool) -> float:
+        """An upper bound of its own files' uncompressed bytes per level-0 pixel, pyramids
+        included (the level-0 stores it reads are counted once, by the output set); 0 for
+        files that grow with the objects found (vectors) or not at all (a thumbnail)."""
+        ...
+
+
+#: Pyramid levels add at most a third to level 0 (each level a quarter of the last).
+PYRAMID_FACTOR = 4 / 3
 
 #: Every format by name, in the order they are written (:func:`order_formats`).
 FORMATS: dict[str, OutputFormat] = {}

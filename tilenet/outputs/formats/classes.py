@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from tilenet.outputs.formats.base import CLASSES_NODATA, Finished, register_format
+from tilenet.outputs.formats.base import CLASSES_NODATA, PYRAMID_FACTOR, Finished, register_format
 
 if TYPE_CHECKING:
     from tilenet.io.location import Location
@@ -32,6 +32,10 @@ class Classes:
     needs: ClassVar[frozenset[str]] = frozenset({"classes"})
     after: ClassVar[tuple[str, ...]] = ()
     uses: ClassVar[tuple[str, ...]] = ()
+
+    def bytes_per_px(self, num_classes: int, *, georeferenced: bool) -> float:
+        # classes.ome.tif, and classes.tif for a georeferenced input: uint8 pyramids
+        return (2 if georeferenced else 1) * PYRAMID_FACTOR
 
     def write(self, done: Finished, out: Location) -> dict[str, str]:
         import numpy as np

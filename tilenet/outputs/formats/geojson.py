@@ -28,6 +28,9 @@ class GeoJson:
     after: ClassVar[tuple[str, ...]] = ("instances", "regions")
     uses: ClassVar[tuple[str, ...]] = ()
 
+    def bytes_per_px(self, num_classes: int, *, georeferenced: bool) -> float:
+        return 0.0  # vectors: they grow with the objects found
+
     def write(self, done: Finished, out: Location) -> dict[str, str]:
         from tilenet.outputs import instances
 

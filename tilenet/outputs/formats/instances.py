@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from tilenet.outputs.formats.base import Finished, register_format, tag_georef
+from tilenet.outputs.formats.base import PYRAMID_FACTOR, Finished, register_format, tag_georef
 
 if TYPE_CHECKING:
     from tilenet.io.location import Location
@@ -21,6 +21,9 @@ class Instances:
     needs: ClassVar[frozenset[str]] = frozenset({"classes"})
     after: ClassVar[tuple[str, ...]] = ()
     uses: ClassVar[tuple[str, ...]] = ()
+
+    def bytes_per_px(self, num_classes: int, *, georeferenced: bool) -> float:
+        return 4 * PYRAMID_FACTOR  # uint32 ids with a pyramid
 
     def write(self, done: Finished, out: Location) -> dict[str, str]:
         from tilenet.outputs import instances

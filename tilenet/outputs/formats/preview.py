@@ -40,6 +40,9 @@ class Preview:
     after: ClassVar[tuple[str, ...]] = ()
     uses: ClassVar[tuple[str, ...]] = ()
 
+    def bytes_per_px(self, num_classes: int, *, georeferenced: bool) -> float:
+        return 0.0  # a thumbnail of bounded size
+
     def write(self, done: Finished, out: Location) -> dict[str, str]:
         from tilenet.io.writers import write_preview_png
 

@@ -24,5 +24,8 @@ class Probabilities:
     after: ClassVar[tuple[str, ...]] = ()
     uses: ClassVar[tuple[str, ...]] = ()
 
+    def bytes_per_px(self, num_classes: int, *, georeferenced: bool) -> float:
+        return 0.0  # the level-0 store itself
+
     def write(self, done: Finished, out: Location) -> dict[str, str]:
         return {"probabilities": out.join("probabilities.ome.zarr")}

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from tilenet.outputs.formats.base import CLASSES_NODATA, Finished, register_format
+from tilenet.outputs.formats.base import CLASSES_NODATA, PYRAMID_FACTOR, Finished, register_format
 
 if TYPE_CHECKING:
     from tilenet.io.location import Location
@@ -27,6 +27,9 @@ class ProbabilitiesTif:
     needs: ClassVar[frozenset[str]] = frozenset({"probabilities", "classes"})
     after: ClassVar[tuple[str, ...]] = ()
     uses: ClassVar[tuple[str, ...]] = ()
+
+    def bytes_per_px(self, num_classes: int, *, georeferenced: bool) -> float:
+        return num_classes * PYRAMID_FACTOR  # uint8 bands with overviews
 
     def write(self, done: Finished, out: Location) -> dict[str, str]:
         t0 = time.perf_counter()

@@ -28,6 +28,9 @@ class Regions:
     after: ClassVar[tuple[str, ...]] = ()
     uses: ClassVar[tuple[str, ...]] = ("classes",)
 
+    def bytes_per_px(self, num_classes: int, *, georeferenced: bool) -> float:
+        return 0.0  # vectors: they grow with the regions found
+
     def write(self, done: Finished, out: Location) -> dict[str, str]:
         from tilenet.outputs import regions
 

@@ -10,8 +10,10 @@ a patch is fed to the model bit for bit the same in training and in inference.
 
 Pixels without data (every channel equal to the image's ``nodata`` value, alpha 0, or a GDAL
 mask: :meth:`tilenet.io.base.LazyImage.read_masked`) are left out of the statistics and get
-:data:`tilenet.io.base.IGNORE_INDEX` in training labels; in inference they are 0 *after*
-normalisation (the mean), whatever value the file stores (``docs/nodata.md``).
+:data:`tilenet.io.base.IGNORE_INDEX` in training labels. The network is given
+:data:`NODATA_FILL` there, in the file's units before stain normalisation and
+normalisation, in training and in inference alike, whatever value the file stores
+(``docs/nodata.md``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["STD_FLOOR", "Normalizer", "channel_stats", "normalize_"]
+__all__ = ["NODATA_FILL", "STD_FLOOR", "Normalizer", "channel_stats", "normalize_"]
+
+#: What the network is given where an image has no data, in the file's units (before stain
+#: normalisation and normalisation): what a patch holds past an image's edge. Patch stores
+#: hold it, streamed crops are filled with it, and inference fills tiles with it, so a model
+#: sees such pixels in inference exactly as it saw them in training.
+NODATA_FILL = 0
 
 #: Smallest standard deviation a statistic reports: sqrt(1e-12). The tiler floored the std
 #: at 1e-6 and ``store_stats`` the variance at 1e-12; both give exactly this value

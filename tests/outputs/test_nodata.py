@@ -1,5 +1,6 @@
 """One validity mask: nodata values, alpha bands and GDAL dataset masks mark the same pixels
-in every output, the network sees the training mean there, and training ignores them.
+in every output, the network sees there what a training patch holds (NODATA_FILL before
+normalisation), and training ignores them.
 
 The rasters are written by GDAL (through rasterio) three ways: a nodata value (float32, as
 rasterstats' ``slope_nodata.tif``), an alpha band (RGBA, ``ALPHA=YES``) and an internal
@@ -27,6 +28,7 @@ from tilenet.geometry import Window, ceil_to
 from tilenet.io import open_image
 from tilenet.io.base import IGNORE_INDEX
 from tilenet.models import ModelSpec, create_model
+from tilenet.normalize import NODATA_FILL
 from tilenet.outputs.outputset import CLASSES_NODATA, GEOREF_KEY
 
 H, W = 72, 90
@@ -228,8 +230,8 @@ def _assert_regions_miss(regions: dict[str, Any], invalid: np.ndarray) -> None:
 def test_results_do_not_depend_on_the_nodata_value(tmp_path: Path, ckpt: Path) -> None:
     """The same scene stored with -9999 and with -32768 gives identical outputs (the raw value
     reached the network before: 161 of 6480 labels differed here), and crop mode equals one
-    whole-image pass whose pixels without data are 0 after normalisation (the training
-    mean), like the padding past the border."""
+    whole-image pass whose pixels without data hold NODATA_FILL before normalisation, as a
+    training patch of this image holds them (tests/patches/test_patch_fill.py)."""
     runs = []
     for value in (-9999.0, -32768.0):
         img = tmp_path / f"scene{int(value)}.tif"
@@ -244,10 +246,10 @@ def test_results_do_not_depend_on_the_nodata_value(tmp_path: Path, ckpt: Path) -
     model, spec = load_model(ckpt)
     data, _ = _pixels()
     x = np.zeros((3, ceil_to(H, spec.stride), ceil_to(W, spec.stride)), np.float32)
-    norm = (data.astype(np.float32) - np.float32(MEAN)[:, None, None]) * (
+    filled = np.where(invalid, np.float32(NODATA_FILL), data.astype(np.float32))
+    x[:, :H, :W] = (filled - np.float32(MEAN)[:, None, None]) * (
         np.float32(1.0) / np.float32(STD)[:, None, None]
     )
-    x[:, :H, :W] = np.where(invalid, 0, norm)
     with torch.inference_mode():
         ref = predict(model.eval(), torch.from_numpy(x)[None])[0, :, :H, :W].numpy()
     np.testing.assert_allclose(p1[:, ~invalid], ref[:, ~invalid], atol=1e-5)

@@ -12,8 +12,8 @@ import torch
 import zarr
 from rasterio.transform import from_origin
 
+from tilenet.normalize import NODATA_FILL
 from tilenet.patches.crops import RandomCropDataset
-from tilenet.patches.patchstore import NODATA_FILL
 from tilenet.patches.tiler import tile_images
 
 H, W = 40, 44

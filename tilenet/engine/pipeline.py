@@ -27,6 +27,7 @@ import numpy as np
 
 from tilenet.geometry import Tile, Window
 from tilenet.io.source import EncodedWindow
+from tilenet.normalize import NODATA_FILL
 
 __all__ = [
     "BackgroundWriter",
@@ -210,8 +211,8 @@ class HostCopy:
 @dataclass(frozen=True)
 class Masked:
     """A read tile of an image with nodata, alpha or a dataset mask: its pixels (None for a
-    skipped tile) and ``valid`` (h, w) over its read window
-    (:meth:`tilenet.io.base.LazyImage.read_masked`)."""
+    skipped tile), :data:`~tilenet.normalize.NODATA_FILL` where there is no data, and
+    ``valid`` (h, w) over its read window (:meth:`tilenet.io.base.LazyImage.read_masked`)."""
 
     pixels: np.ndarray | None
     valid: np.ndarray
@@ -250,6 +251,8 @@ class TileReader:
             return Masked(None, self.image.valid(tile.read, self.level)) if masked else None
         if masked:  # the mask comes from the decoded pixels: no raw path
             raw, valid = self.image.read_masked(tile.read, self.level)
+            if valid is not None and not valid.all():  # as training patches hold them
+                raw = np.where(valid[..., None], raw, np.asarray(NODATA_FILL, raw.dtype))
             return Masked(raw if self.keep_raw else raw.astype(np.float32), valid)
         ew = self.image.encoded(tile.read, self.level) if self.encoded else None
         if ew is not None and ew.codec in self.codecs:

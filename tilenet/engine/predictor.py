@@ -435,9 +435,10 @@ class _Inputs:
     """Raw (B, h, w, C) tiles -> normalised channels_last (B, C, h, w) on the device.
 
     Past the image of ``shape`` (alignment rows and columns) the input is zero *after*
-    normalisation, like the network's own zero padding at the image border; so are pixels
-    without data (nodata, alpha 0, masked: ``Masked`` tiles), i.e. the network sees the
-    training mean there, whatever value the file stores.
+    normalisation, like the network's own zero padding at the image border. Pixels without
+    data (nodata, alpha 0, masked: ``Masked`` tiles) come filled with
+    :data:`~tilenet.normalize.NODATA_FILL` by the reader, before stain normalisation and
+    normalisation, as training patches hold them, whatever value the file stores.
     """
 
     device: torch.device
@@ -479,7 +480,6 @@ class _Inputs:
             r = tile.read
             x[j, :, max(0, h - r.y) :, :] = 0
             x[j, :, :, max(0, w - r.x) :] = 0
-        _fill_invalid(x, [a for _, _, a in batch])
         return x
 
     def _pixels(self, item: np.ndarray | EncodedWindow) -> np.ndarray:
@@ -488,19 +488,6 @@ class _Inputs:
             return item
         raw = decode_window(item)
         return raw if self.keep_raw else raw.astype(np.float32)
-
-
-def _fill_invalid(x: torch.Tensor, items: list[Any]) -> None:
-    """Zero (after normalisation) the pixels of ``x`` (B, C, h, w) that have no data."""
-    import torch
-
-    if not any(isinstance(a, Masked) for a in items):
-        return
-    invalid = np.stack(
-        [~a.valid if isinstance(a, Masked) else np.zeros(x.shape[2:], bool) for a in items]
-    )
-    if invalid.any():
-        x.masked_fill_(torch.from_numpy(invalid).to(x.device)[:, None], 0)
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from tilenet.io.resolution import (
     training_resolution,
 )
 from tilenet.io.view import view
+from tilenet.normalize import NODATA_FILL
 from tilenet.patches.augment import build_augment
-from tilenet.patches.patchstore import NODATA_FILL
 from tilenet.patches.stats import store_stats
 from tilenet.patches.stream import (
     BatchEmitter,
@@ -48,7 +48,7 @@ class RandomCropDataset(EpochMixin, IterableDataset):
     points drawn uniformly inside the annotated regions (images in proportion to their
     annotated area); images the polygons miss are left out (with a warning). Pixels outside
     every polygon are 255 or 0 (``vector.outside``), nodata pixels 255 (their pixels are
-    :data:`~tilenet.patches.patchstore.NODATA_FILL`, as in a patch store).
+    :data:`~tilenet.normalize.NODATA_FILL`, as in a patch store).
     """
 
     def __init__(

@@ -12,7 +12,7 @@ jobs; this module is the one place that knows the layout::
                             class_names, class_pixels, class_patches, ...
 
 Pixels without data in their image (nodata, alpha 0, a dataset mask) hold
-:data:`NODATA_FILL` in ``images`` and 255 (ignored) in ``labels``. Only the first ``count``
+:data:`tilenet.normalize.NODATA_FILL` in ``images`` and 255 (ignored) in ``labels``. Only the first ``count``
 rows are valid; ``sources`` lists the complete images (path, fingerprint, start, count,
 pixel sums for the statistics).
 """
@@ -38,7 +38,6 @@ __all__ = [
     "FORMAT_VERSION",
     "IMAGES",
     "LABELS",
-    "NODATA_FILL",
     "create_store",
     "open_store",
     "read_attrs",
@@ -49,8 +48,6 @@ __all__ = [
 FORMAT = "tilenet-patch-store"
 FORMAT_VERSION = 1
 IMAGES, LABELS, COORDS = "images", "labels", "coords"
-#: What ``images`` hold where their image has no data: the read fill past an image's edge.
-NODATA_FILL = 0
 #: The arrays of a store, in the order they are written (``labels`` may be absent).
 ARRAYS = (IMAGES, LABELS, COORDS)
 #: Patches per shard = chunk_patches * this; one shard is written by exactly one task.

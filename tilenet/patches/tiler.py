@@ -146,7 +146,7 @@ def tile_images(
     threads; each task reads and writes one shard of ``4 * chunk_patches`` patches. ``bands`` (1-based) keeps those bands of every image, in
     that order. Pixels without data (nodata in every band, alpha 0, a dataset mask) are left
     out of the statistics, labelled 255 (ignored by the loss) and stored as 0
-    (:data:`~tilenet.patches.patchstore.NODATA_FILL`), whatever value the file uses.
+    (:data:`~tilenet.normalize.NODATA_FILL`), whatever value the file uses.
 
     Rerunning into an existing store skips images already complete (same content
     fingerprint) and appends new ones. Returns the store path. With a ``failures`` dict an

@@ -7,7 +7,7 @@ store statistics, written only after every shard is on disk.
 
 Pixels without data (the image's validity mask: nodata, alpha 0, a dataset mask; see
 :meth:`~tilenet.io.base.LazyImage.read_masked`) are stored as
-:data:`~tilenet.patches.patchstore.NODATA_FILL` (0), as the part of a patch past the image's
+:data:`~tilenet.normalize.NODATA_FILL` (0), as the part of a patch past the image's
 edge is, whatever value the file uses for them: two files differing only in their nodata
 value give identical patches. Their label is 255 (ignored by the loss) and they are left out
 of the store's statistics.
@@ -22,7 +22,8 @@ import numpy as np
 
 from tilenet.config import ResolutionConfig
 from tilenet.io.base import IGNORE_INDEX
-from tilenet.patches.patchstore import ARRAYS, COORDS, IMAGES, LABELS, NODATA_FILL, stats_attrs
+from tilenet.normalize import NODATA_FILL
+from tilenet.patches.patchstore import ARRAYS, COORDS, IMAGES, LABELS, stats_attrs
 from tilenet.patches.tileplan import ImagePlan, open_at
 
 __all__ = ["write_batch"]

@@ -33,12 +33,13 @@ from tilenet.errors import InputError
 from tilenet.patches.crops import RandomCropDataset
 from tilenet.patches.stats import repeat_factors, store_stats
 from tilenet.patches.storedata import PatchStoreDataset
-from tilenet.patches.stream import normalize_batch
+from tilenet.patches.stream import model_input, normalize_batch
 
 __all__ = [
     "PatchStoreDataset",
     "RandomCropDataset",
     "build_loader",
+    "model_input",
     "normalize_batch",
     "repeat_factors",
     "store_stats",

@@ -26,6 +26,7 @@ __all__ = [
     "PatchNormalize",
     "PathLike",
     "as_paths",
+    "model_input",
     "normalize_batch",
     "seed_worker_rng",
     "shard",
@@ -108,6 +109,20 @@ def normalize_batch(
     arithmetic is :func:`tilenet.normalize.normalize_`'s, as for float batches and inference.
     """
     return normalize_(x.to(torch.float32, copy=True), mean, std)
+
+
+def model_input(x: torch.Tensor, dataset: Any) -> torch.Tensor:
+    """A loader batch as the model takes it, normalised where it now is (on the device).
+
+    A ``output="uint8"`` dataset yields raw uint8 batches: they are normalised with the
+    dataset's own mean and std (as its float batches would be: :func:`normalize_batch`), or
+    made float32 where it does not normalise. A float batch is returned as it is.
+    """
+    if x.dtype != torch.uint8:
+        return x
+    if getattr(dataset, "normalize", False) and getattr(dataset, "mean", None) is not None:
+        return normalize_batch(x, dataset.mean, dataset.std)
+    return x.to(torch.float32)
 
 
 def _torch_dtype(a: np.ndarray) -> torch.dtype:

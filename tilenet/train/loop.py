@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from tilenet.patches.data import model_input
 from tilenet.runtime import autocast
 from tilenet.train.distributed import Dist, all_reduce_sum, barrier, wrap
 from tilenet.train.runlog import RunLog
@@ -160,7 +161,7 @@ def _step(run: Run, stream: BatchStream, net: torch.nn.Module, fwd: Any, window:
     opt.zero_grad(set_to_none=True)
     for micro in range(accum):
         x, y = stream.next()
-        x = x.to(device, non_blocking=True)
+        x = model_input(x.to(device, non_blocking=True), run.loader.dataset)
         if tc.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tilenet.config import InferConfig, ResolutionConfig
 from tilenet.errors import InputError
+from tilenet.patches.data import model_input
 from tilenet.runtime import autocast
 from tilenet.train.distributed import Dist, all_reduce_sum, broadcast
 from tilenet.train.setup import Run
@@ -52,7 +53,7 @@ def validate_patches(
     # Validation must not move the training RNG (iter(loader) draws a seed from it).
     with torch.random.fork_rng(devices=_fork_devices(device)):
         for x, y in loader:
-            x = x.to(device, non_blocking=True)
+            x = model_input(x.to(device, non_blocking=True), loader.dataset)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)

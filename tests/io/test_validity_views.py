@@ -222,6 +222,31 @@ def test_openslide_transparent_areas_are_masked(tmp_path: Path, tiny_checkpoint:
     assert summary["nodata_area_um2"] == pytest.approx(32 * 32 * 0.25 * 0.25)
 
 
+def test_a_hole_at_level_0_only_is_masked_too(tmp_path: Path) -> None:
+    """A Philips TIFF missing one level-0 tile whose level-1 tile is there: the coarsest
+    level shows no transparent pixel, but the tile byte counts say the slide is sparse, so
+    the hole is masked (before, it was read as white background and classified)."""
+    import openslide
+    from slidewriters import write_philips_tiff
+
+    rng = np.random.default_rng(3)
+    img = rng.integers(40, 200, (128, 192, 3), dtype=np.uint8)
+    path = write_philips_tiff(
+        tmp_path / "sparse0.tiff", [img, img[::2, ::2]], mpp_mm=0.00025, factors=(1, 2), tile=32
+    )
+    _drop_tile(path, 0, 8)  # row 1, column 2: pixels 32:64, 64:96
+    with openslide.OpenSlide(str(path)) as slide:  # the coarsest level: fully opaque
+        coarse = np.asarray(slide.read_region((0, 0), 1, (96, 64)))
+        assert (coarse[:, :, 3] == 255).all()
+    with open_image(path) as image:
+        assert type(image).__name__ == "SlideImage" and image.masked
+        _, valid = image.read_masked(Window(0, 0, 128, 192))
+        assert valid is not None
+        want = np.zeros((128, 192), bool)
+        want[32:64, 64:96] = True
+        np.testing.assert_array_equal(~valid, want)
+
+
 def test_sparse_svs_read_by_tifffile_masks_what_openslide_leaves_transparent(
     tmp_path: Path,
 ) -> None:

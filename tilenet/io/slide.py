@@ -17,11 +17,13 @@ Pixels and their edge rules:
   a fully transparent pixel (a missing tile of a sparse slide, the space between the regions
   of a multi-region scan) has no data, as alpha 0 of an RGBA TIFF or PNG has. A file does
   not say up front whether it is sparse, so the first time a stage asks
-  (:attr:`~tilenet.io.base.LazyImage.masked`) the coarsest level is read once: a slide
-  with no transparent pixel there is not masked and reads exactly as before (no mask, no
-  nodata tag, skipped tiles read nothing); one with some is masked at every level. A hole
-  too small to leave a transparent pixel at the coarsest level is not seen (its pixels stay
-  composited background, as before).
+  (:attr:`~tilenet.io.base.LazyImage.masked`): a TIFF container (Philips, Ventana, Leica,
+  generic tiled TIFF) is sparse when a tile of any level is stored with byte count 0 (its
+  tag arrays are read, no pixels); otherwise the coarsest level is read once. A slide with
+  neither is not masked and reads exactly as before (no mask, no nodata tag, skipped tiles
+  read nothing); one with either is masked at every level. In other containers (MRXS,
+  DICOM) a hole too small to leave a transparent pixel at the coarsest level is not seen
+  (its pixels stay composited background, as before).
 * ``read_region`` takes the location in level-0 pixels and divides it by the level's
   downsample; where that downsample is not an integer, OpenSlide shifts the level by the
   fraction (a sub-pixel resampling) and the shift depends on where a read starts. To keep a
@@ -130,8 +132,12 @@ class SlideImage(LazyImage):
         return self._sparse
 
     def _probe_sparse(self) -> bool:
-        """Whether OpenSlide's coarsest level has a fully transparent pixel (read once; a
-        level too large to read whole counts as sparse)."""
+        """Whether the slide has areas without data: a TIFF container (Philips, Ventana,
+        Leica, generic tiled TIFF) with a tile of byte count 0 at any level, or OpenSlide's
+        coarsest level with a fully transparent pixel (read once; a level too large to read
+        whole counts as sparse)."""
+        if _tiff_has_missing_tiles(self.path):
+            return True
         level = len(self.levels) - 1
         h, w = self.levels[level].shape
         if h * w > _PROBE_PIXELS:
@@ -223,6 +229,23 @@ def _is_dicom(f: Path) -> bool:
             return fh.read(132)[128:132] == b"DICM"
     except OSError:
         return False
+
+
+def _tiff_has_missing_tiles(path: Path) -> bool:
+    """Whether ``path`` is a TIFF with a tile or strip stored as missing (offset or byte
+    count 0) in any page: the tag arrays only, no pixel read. False for other containers
+    (MRXS, DICOM) and for a TIFF tifffile cannot parse."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            for page in tf.pages:
+                counts = getattr(page, "databytecounts", None)
+                if counts is not None and len(counts) and min(counts) == 0:
+                    return True
+    except Exception:  # not a TIFF, or one only OpenSlide makes sense of
+        return False
+    return False
 
 
 def open_slide(

@@ -26,13 +26,32 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["NODATA_FILL", "STD_FLOOR", "Normalizer", "channel_stats", "normalize_"]
+__all__ = [
+    "NODATA_FILL",
+    "STD_FLOOR",
+    "Normalizer",
+    "channel_stats",
+    "fill_nodata",
+    "normalize_",
+]
 
 #: What the network is given where an image has no data, in the file's units (before stain
 #: normalisation and normalisation): what a patch holds past an image's edge. Patch stores
 #: hold it, streamed crops are filled with it, and inference fills tiles with it, so a model
 #: sees such pixels in inference exactly as it saw them in training.
 NODATA_FILL = 0
+
+
+def fill_nodata(pixels: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    """``pixels`` (h, w, C) with :data:`NODATA_FILL` where ``valid`` (h, w) is False: what the
+    network is given there (a new array where anything changes; ``pixels`` itself else).
+
+    >>> fill_nodata(np.full((1, 2, 1), 7), np.array([[True, False]]))[..., 0].tolist()
+    [[7, 0]]
+    """
+    if valid is None or valid.all():
+        return pixels
+    return np.where(valid[..., None], pixels, np.asarray(NODATA_FILL, pixels.dtype))
 
 #: Smallest standard deviation a statistic reports: sqrt(1e-12). The tiler floored the std
 #: at 1e-6 and ``store_stats`` the variance at 1e-12; both give exactly this value

@@ -27,7 +27,7 @@ import numpy as np
 
 from tilenet.geometry import Tile, Window
 from tilenet.io.source import EncodedWindow
-from tilenet.normalize import NODATA_FILL
+from tilenet.normalize import fill_nodata
 
 __all__ = [
     "BackgroundWriter",
@@ -251,8 +251,7 @@ class TileReader:
             return Masked(None, self.image.valid(tile.read, self.level)) if masked else None
         if masked:  # the mask comes from the decoded pixels: no raw path
             raw, valid = self.image.read_masked(tile.read, self.level)
-            if valid is not None and not valid.all():  # as training patches hold them
-                raw = np.where(valid[..., None], raw, np.asarray(NODATA_FILL, raw.dtype))
+            raw = fill_nodata(raw, valid)  # as training patches hold them
             return Masked(raw if self.keep_raw else raw.astype(np.float32), valid)
         ew = self.image.encoded(tile.read, self.level) if self.encoded else None
         if ew is not None and ew.codec in self.codecs:

@@ -21,7 +21,7 @@ from tilenet.io.resolution import (
     training_resolution,
 )
 from tilenet.io.view import view
-from tilenet.normalize import NODATA_FILL
+from tilenet.normalize import fill_nodata
 from tilenet.patches.augment import build_augment
 from tilenet.patches.stats import store_stats
 from tilenet.patches.stream import (
@@ -214,9 +214,7 @@ class RandomCropDataset(EpochMixin, IterableDataset):
                     masks[j] = lab.read(win, lv)[..., 0]
                 if valid is not None:  # no data (nodata, alpha 0, masked): ignored by the loss
                     masks[j][~valid] = IGNORE_INDEX
-                    fill = np.asarray(NODATA_FILL, pixels.dtype)  # as a stored patch holds
-                    pixels = np.where(valid[..., None], pixels, fill)
-                crops.append(pixels)
+                crops.append(fill_nodata(pixels, valid))  # as a stored patch holds
             yield from emit.feed(np.stack(crops), masks, np.arange(len(crops)))
         yield from emit.flush()
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from tilenet.config import ResolutionConfig
 from tilenet.io.base import IGNORE_INDEX
-from tilenet.normalize import NODATA_FILL
+from tilenet.normalize import fill_nodata
 from tilenet.patches.patchstore import ARRAYS, COORDS, IMAGES, LABELS, stats_attrs
 from tilenet.patches.tileplan import ImagePlan, open_at
 
@@ -76,9 +76,7 @@ def _write_range(
                 win = plan.windows[g - plan.start]
                 i = g - lo
                 data, valid = img.read_masked(win, level)
-                imgs[i] = data
-                if valid is not None:
-                    imgs[i][~valid] = NODATA_FILL
+                imgs[i] = fill_nodata(data, valid)
                 coords[i] = (src_index[k], level, win.y, win.x)
                 # stats over the part inside the image only (zero padding is not data)
                 inside = win.clip(*img.levels[level].shape).relative_to(win)

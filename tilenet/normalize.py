@@ -53,6 +53,7 @@ def fill_nodata(pixels: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
         return pixels
     return np.where(valid[..., None], pixels, np.asarray(NODATA_FILL, pixels.dtype))
 
+
 #: Smallest standard deviation a statistic reports: sqrt(1e-12). The tiler floored the std
 #: at 1e-6 and ``store_stats`` the variance at 1e-12; both give exactly this value
 #: (``np.sqrt(1e-12) == 1e-6`` in float64), so stores and checkpoints keep their numbers.

@@ -664,7 +664,7 @@ def test_a_second_model_of_an_architecture_fuses_without_tracing_again(
     def no_trace(*args: object, **kwargs: object) -> None:
         raise AssertionError("traced again")
 
-    monkeypatch.setattr(fx, "symbolic_trace", no_trace)
+    monkeypatch.setattr(fx.Tracer, "trace", no_trace)
     with torch.no_grad():
         assert fuse_conv_bn(second) == n > 0
         assert torch.allclose(second(x), ref, rtol=1e-4, atol=1e-5)

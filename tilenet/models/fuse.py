@@ -37,8 +37,9 @@ def _set(root: nn.Module, target: str, module: nn.Module) -> None:
 def fuse_conv_bn(model: nn.Module) -> int:
     """Fold every eligible eval-mode Conv2d -> BatchNorm2d pair of ``model`` in place.
 
-    ``model`` must be in eval mode and define ``_forward_impl`` (as registered models do);
-    returns the number of pairs fused (0 when the model cannot be traced).
+    ``model`` must be in eval mode; its ``_forward_impl`` (registered models) or else its
+    ``forward`` (patch encoders) is traced. Returns the number of pairs fused (0 when the
+    model cannot be traced).
 
     >>> from tilenet.models import create_model
     >>> m = create_model("unet", in_channels=3, num_classes=2, depth=2, base=4).eval()
@@ -56,9 +57,10 @@ def fuse_conv_bn(model: nn.Module) -> int:
     fused = 0
     for conv_name, bn_name in pairs:
         conv, bn = body.get_submodule(conv_name), body.get_submodule(bn_name)
+        rest = _after_batchnorm(bn)
         if not (
             type(conv) is nn.Conv2d
-            and type(bn) is nn.BatchNorm2d
+            and rest is not None
             and bn.track_running_stats
             and bn.running_mean is not None
             and conv.out_channels == bn.num_features
@@ -66,15 +68,40 @@ def fuse_conv_bn(model: nn.Module) -> int:
             continue
         with torch.no_grad():
             _set(body, conv_name, fuse_conv_bn_eval(conv, bn))
-        _set(body, bn_name, nn.Identity())
+        _set(body, bn_name, rest)
         fused += 1
     return fused
+
+
+def _after_batchnorm(bn: nn.Module) -> nn.Module | None:
+    """What is left of ``bn`` once its normalisation is folded into the conv before it:
+    nothing of a BatchNorm2d; the dropout and activation of timm's ``BatchNormAct2d`` (a
+    BatchNorm2d whose forward applies ``self.drop`` then ``self.act``, as timm's MobileNetV3,
+    EfficientNet and ConvNeXt-style encoders use); None for any other module."""
+    if type(bn) is nn.BatchNorm2d:
+        return nn.Identity()
+    if (
+        type(bn).__name__ == "BatchNormAct2d"
+        and isinstance(bn, nn.BatchNorm2d)
+        and isinstance(getattr(bn, "drop", None), nn.Module)
+        and isinstance(getattr(bn, "act", None), nn.Module)
+    ):
+        return nn.Sequential(bn.drop, bn.act)  # type: ignore[arg-type]
+    return None
 
 
 #: Each architecture's candidate pairs (create_model's ``architecture`` key): the fx trace
 #: is most of the cost of loading a small model, and the graph depends on the layers and
 #: ``forward`` alone, not on the weights.
 _PAIRS: dict[str, tuple[tuple[str, str], ...]] = {}
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with timm's ``BatchNormAct2d`` kept whole (a call of the module, as
+    a BatchNorm2d is) instead of traced into its functional batch norm."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return _after_batchnorm(m) is not None or super().is_leaf_module(m, module_qualified_name)
 
 
 def _candidate_pairs(model: nn.Module) -> tuple[tuple[str, str], ...]:
@@ -84,7 +111,7 @@ def _candidate_pairs(model: nn.Module) -> tuple[tuple[str, str], ...]:
     if isinstance(arch, str) and arch in _PAIRS:
         return _PAIRS[arch]
     try:
-        graph = fx.symbolic_trace(TraceRoot(model)).graph
+        graph = _Tracer().trace(TraceRoot(model))
     except Exception as exc:  # a model fx cannot trace runs unfused
         log.debug("conv-bn fusion skipped: cannot trace %s: %s", type(model).__name__, exc)
         return ()

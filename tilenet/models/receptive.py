@@ -190,7 +190,8 @@ def _part_of(node: fx.Node) -> bool:
 
 class TraceRoot(nn.Module):
     """What :mod:`torch.fx` traces: ``model._forward_impl`` (the forward pass without input
-    checks), with the model's layers under ``m.`` (setting a layer here sets it in ``model``).
+    checks; ``model`` itself where it has none, as patch encoders), with the model's layers
+    under ``m.`` (setting a layer here sets it in ``model``).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -198,7 +199,8 @@ class TraceRoot(nn.Module):
         self.m = model
 
     def forward(self, x: torch.Tensor) -> Any:
-        return self.m._forward_impl(x)  # type: ignore[operator]
+        impl = getattr(self.m, "_forward_impl", None)
+        return impl(x) if impl is not None else self.m(x)
 
 
 def analyze(model: nn.Module, *, size: int | None = None) -> Analysis:

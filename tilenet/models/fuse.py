@@ -60,6 +60,7 @@ def fuse_conv_bn(model: nn.Module) -> int:
         rest = _after_batchnorm(bn)
         if not (
             type(conv) is nn.Conv2d
+            and isinstance(bn, nn.BatchNorm2d)
             and rest is not None
             and bn.track_running_stats
             and bn.running_mean is not None

@@ -173,26 +173,37 @@ def plan_patches(
 
 
 def encoder_input(spec: EncoderSpec, device: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 (B, 3, P, P) -> the encoder's float32 input: resize, centre crop, normalise."""
+    """uint8 (B, 3, P, P) -> the encoder's float32 input: resize, centre crop, normalise.
+
+    On the CPU a bilinear or bicubic resize runs on the uint8 pixels (torch's antialiased
+    uint8 kernels, written to match Pillow's, which the models' own eval transforms use:
+    within 1 grey level of ``PIL.Image.resize``, and ~6x faster than on floats, whose
+    bicubic differs from Pillow's by up to ~19 levels on noisy tiles); elsewhere, and for
+    other modes, on float32.
+    """
+    import torch
     import torch.nn.functional as F
 
     norm = Normalizer([m * 255 for m in spec.mean], [s * 255 for s in spec.std], device=device)
     size, resize = spec.input_size, spec.resize
+    target = resize if resize is not None else size
+    uint8_ok = spec.interpolation in ("bilinear", "bicubic")
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        if resize is not None and x.shape[-1] != resize:
+        if x.shape[-1] != target or x.shape[-2] != target:
+            if not (uint8_ok and x.dtype == torch.uint8 and x.device.type == "cpu"):
+                x = x.float()
             x = F.interpolate(
-                x, size=(resize, resize), mode=spec.interpolation, antialias=True,
-                align_corners=False,
-            ).clamp_(0, 255)  # fmt: skip
-        elif resize is None and x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode=spec.interpolation, antialias=True)
+                x.contiguous(memory_format=torch.channels_last), size=(target, target),
+                mode=spec.interpolation, antialias=True, align_corners=False,
+            )  # fmt: skip
+            if x.is_floating_point():
+                x = x.clamp_(0, 255)
         top = (x.shape[-2] - size) // 2
         left = (x.shape[-1] - size) // 2
         if top or left:
             x = x[:, :, top : top + size, left : left + size]
-        return norm(x.contiguous())
+        return norm(x.float().contiguous(memory_format=torch.channels_last))
 
     return prepare
 

@@ -673,6 +673,21 @@ def test_a_second_model_of_an_architecture_fuses_without_tracing_again(
     assert fuse_conv_bn(other) == 0
 
 
+def test_a_model_without_batch_norm_is_not_traced() -> None:
+    """Nothing to fold, nothing traced: a module wrapping another runtime (as the ONNX
+    backend does: its session crashed on a tracing proxy) is never called by the fusion."""
+    from tilenet.models.fuse import fuse_conv_bn
+
+    class Wrapper(nn.Module):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            Wrapper.calls += 1
+            return torch.from_numpy(x.numpy())  # a proxy has no numpy()
+
+    assert fuse_conv_bn(Wrapper().eval()) == 0 and Wrapper.calls == 0
+
+
 def test_an_architecture_is_traced_once_per_process() -> None:
     """Building the same architecture again reuses its traced analysis and exactness (tracing
     is most of the cost of building a small model); other arguments are traced anew."""

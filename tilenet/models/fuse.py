@@ -52,6 +52,10 @@ def fuse_conv_bn(model: nn.Module) -> int:
     """
     if model.training:
         raise ValueError("fuse_conv_bn needs a model in eval mode")
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        # Nothing to fold, so nothing to trace: a ViT, or a module that wraps another
+        # runtime (an ONNX session's forward must never see a tracing proxy).
+        return 0
     pairs = _candidate_pairs(model)
     body = TraceRoot(model)
     fused = 0

@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from typing import Any
 
 from tilenet.config import InferConfig, JobsConfig, ReaderConfig, ResolutionConfig, merge_options
@@ -304,7 +305,8 @@ def plan_image(
             cfg.probabilities_dtype,
             georeferenced=georeferenced,
         )
-        check_disk(loc.local, need, what=str(image.path), reclaimable=reclaimable_bytes(loc))
+        mine = partial(reclaimable_bytes, loc)  # walked only if the free space is too little
+        check_disk(loc.local, need, what=str(image.path), reclaimable=mine)
     outputs = OutputSet.prepare(
         loc,
         key=key,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -445,15 +445,26 @@ def format_plan(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def check_disk(out: str | os.PathLike[str], need: int, *, what: str, reclaimable: int = 0) -> None:
+def check_disk(
+    out: str | os.PathLike[str],
+    need: int,
+    *,
+    what: str,
+    reclaimable: int | Callable[[], int] = 0,
+) -> None:
     """Refuse, in one line, an output of ``need`` bytes that the disk holding ``out`` (its
     nearest existing folder) has no room for; ``reclaimable`` bytes already there are the
-    output's own (work a resumed run keeps, leftovers it removes) and count as room.
-    ``what`` names the input in the message."""
+    output's own (work a resumed run keeps, leftovers it removes) and count as room (a
+    function: asked only when the free space alone is too little). ``what`` names the input
+    in the message."""
     where = Path(out).absolute()
     while not where.exists() and where != where.parent:
         where = where.parent
     free = shutil.disk_usage(where).free
+    if need <= free:
+        return
+    if callable(reclaimable):
+        reclaimable = reclaimable()
     if need > free + reclaimable:
         mine = f" (+ {_fmt_bytes(reclaimable)} its earlier run holds)" if reclaimable else ""
         raise InputError(

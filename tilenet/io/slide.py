@@ -232,8 +232,8 @@ def _is_dicom(f: Path) -> bool:
 
 
 def _tiff_has_missing_tiles(path: Path) -> bool:
-    """Whether ``path`` is a TIFF with a tile or strip stored as missing (offset or byte
-    count 0) in any page: the tag arrays only, no pixel read. False for other containers
+    """Whether ``path`` is a TIFF with a tile or strip stored as missing (byte count 0) in
+    any page: the tag arrays only, no pixel read. False for other containers
     (MRXS, DICOM) and for a TIFF tifffile cannot parse."""
     import tifffile
 

@@ -126,18 +126,17 @@ def reclaimable_bytes(out: Location) -> int:
     """
     if out.local is None or not out.local.is_dir():
         return 0
-    total = 0
-    for entry in out.local.iterdir():
-        name = entry.name
-        ours = (
-            name in {f"{s}.ome.zarr" for s in _METHODS}
-            or name == STATE_DIR
-            or ".partial-" in name
-            or name.startswith(".scratch-")
-        )
-        if ours:
-            total += _usage(entry)
-    return total
+    stores = {f"{s}.ome.zarr" for s in _METHODS}
+    return sum(
+        _usage(entry)
+        for entry in out.local.iterdir()
+        if entry.name in stores or entry.name == STATE_DIR or _leftover(entry.name)
+    )
+
+
+def _leftover(name: str) -> bool:
+    """Whether ``name`` in an output is a killed run's half-written file or scratch."""
+    return ".partial-" in name or name.startswith(".scratch-")
 
 
 def _usage(path: Path) -> int:
@@ -244,7 +243,7 @@ class OutputSet:
             _start_over(out, stores, shapes, dtypes, chunk)
             state.write_bytes(_KEY_FILE, json.dumps(key.to_dict(), sort_keys=True).encode())
         for name in out.names():  # e.g. a half-written OME-TIFF of a finalize that was killed
-            if ".partial-" in name or name.startswith(".scratch-"):
+            if _leftover(name):
                 out.remove(name)
         outputs = cls(
             out=out,
